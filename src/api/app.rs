@@ -1,0 +1,220 @@
+//! `App`: one application in a project, with its source, registry and build strategy.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::core::Reason;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::common::{BuildResources, DNS_SUBDOMAIN_PATTERN, conditions_schema};
+
+/// Accepted git URLs: `https://host/path` or SSH (`ssh://[user@]host[:port]/path`,
+/// `user@host:path`). Everything else (`file://`, `ext::`, local paths, anything starting with
+/// `-`) is refused: git would run commands or read the agent's own files for them.
+pub const GIT_URL_PATTERN: &str = r"^(https://[A-Za-z0-9][A-Za-z0-9.-]*(:[0-9]{1,5})?/[A-Za-z0-9._~%!$&'()*+,;=:@/-]+|ssh://([A-Za-z0-9._-]+@)?[A-Za-z0-9][A-Za-z0-9.-]*(:[0-9]{1,5})?/[A-Za-z0-9._~%/-]+|[A-Za-z0-9._-]+@[A-Za-z0-9][A-Za-z0-9.-]*:[A-Za-z0-9._~%][A-Za-z0-9._~%/-]*)$";
+
+/// A git branch name that git itself accepts and that cannot be read as an option.
+pub const GIT_BRANCH_PATTERN: &str = r"^[A-Za-z0-9_][A-Za-z0-9._/-]*$";
+
+/// An image registry host, optionally with port and path prefix (no scheme).
+pub const REGISTRY_PATTERN: &str =
+    r"^[A-Za-z0-9][A-Za-z0-9.-]*(:[0-9]{1,5})?(/[a-z0-9]+([._-][a-z0-9]+)*)*$";
+
+/// A fully qualified image reference: `[registry/]repository[:tag][@digest]`.
+pub const IMAGE_PATTERN: &str = r"^[A-Za-z0-9][A-Za-z0-9._/:-]*(@sha256:[a-f0-9]{64})?$";
+
+/// An application of a project. The agent validates its source, generates an SSH deploy key
+/// for private repositories without credentials (the public half is in `status.sshPublicKey`),
+/// and records what the builds produce.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "apps.shapeblock.io",
+    doc = "A ShapeBlock application: git source, registry and build strategy.",
+    version = "v1alpha1",
+    kind = "App",
+    plural = "apps",
+    shortname = "sbapp",
+    category = "shapeblock",
+    namespaced,
+    status = "AppStatus",
+    derive = "PartialEq",
+    validation = Rule::new(super::common::SHORT_NAME_RULE).message(super::common::SHORT_NAME_MESSAGE),
+    validation = Rule::new("has(self.spec.git) || self.spec.build.type == 'image'").message("spec.git is required unless spec.build.type is image").field_path(".spec.git").reason(Reason::FieldValueRequired),
+    printcolumn(name = "Strategy", type_ = "string", json_path = ".spec.build.type"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Latest Build", type_ = "string", json_path = ".status.latestBuild"),
+    printcolumn(name = "Image", type_ = "string", json_path = ".status.currentImage", priority = 1),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(name = "Message", type_ = "string", json_path = ".status.message", priority = 1)
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AppSpec {
+    /// Human-readable name shown in the ShapeBlock UI.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub display_name: Option<String>,
+    /// Free-text description.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub description: Option<String>,
+    /// Where the source lives. Required unless the build type is `image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git: Option<GitSource>,
+    /// Where built images are pushed and pulled from.
+    pub registry: RegistrySpec,
+    /// How the source becomes an image. Defaults to a Dockerfile build.
+    #[serde(default)]
+    pub build: BuildSpec,
+}
+
+/// The git repository of an App.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GitSource {
+    /// Repository URL: `https://…` or SSH (`ssh://git@host/org/repo.git`, `git@host:org/repo.git`).
+    /// `file://`, `ext::`, local paths and option-like values are refused.
+    #[schemars(length(max = 2048), pattern(GIT_URL_PATTERN))]
+    pub url: String,
+    /// Branch built when an AppBuild names no `gitRef`.
+    #[serde(default = "default_branch")]
+    #[schemars(length(min = 1, max = 255), pattern(GIT_BRANCH_PATTERN))]
+    #[x_kube(validation = Rule::new("!self.contains('..') && !self.endsWith('/') && !self.endsWith('.lock')").message("not a valid git branch name"))]
+    pub branch: String,
+    /// Secret in the App's namespace with credentials for the clone: `ssh-privatekey` (an SSH
+    /// deploy key) or `username`/`password` (an HTTPS token). If unset and `isPrivate` is true,
+    /// the agent generates an SSH deploy key and publishes its public half in status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253), pattern(DNS_SUBDOMAIN_PATTERN))]
+    pub secret_name: Option<String>,
+    /// Whether the repository needs credentials to clone.
+    #[serde(default)]
+    pub is_private: bool,
+}
+
+fn default_branch() -> String {
+    "main".into()
+}
+
+/// The image registry of an App.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RegistrySpec {
+    /// Registry host and optional path prefix, without scheme, e.g. `registry.shapeblock.io`.
+    /// Images are pushed to `<url>/<project>/<app>:<tag>`.
+    #[schemars(length(min = 1, max = 255), pattern(REGISTRY_PATTERN))]
+    pub url: String,
+    /// Docker-config Secret (type `kubernetes.io/dockerconfigjson`) in the App's namespace used to
+    /// push and pull. Defaults to the project's copy of the cluster's registry pull secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253), pattern(DNS_SUBDOMAIN_PATTERN))]
+    pub secret_name: Option<String>,
+}
+
+/// How an App's image is produced.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum BuildType {
+    /// Build the repository's Dockerfile with kaniko.
+    #[default]
+    Dockerfile,
+    /// Build with Cloud Native Buildpacks (the lifecycle `creator` in `builderImage`).
+    Buildpack,
+    /// Deploy a prebuilt image (`image`); nothing is built.
+    Image,
+}
+
+/// Build strategy and its settings.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.type != 'image' || has(self.image)").message("build.image is required when build.type is image"),
+    validation = Rule::new("self.type == 'image' || !has(self.image)").message("build.image may only be set when build.type is image"),
+    validation = Rule::new("self.type == 'buildpack' || !has(self.builderImage)").message("build.builderImage may only be set when build.type is buildpack"),
+    validation = Rule::new("self.type == 'dockerfile' || (!has(self.dockerfile) && !has(self.contextDir))").message("build.dockerfile and build.contextDir apply to build.type dockerfile only")
+)]
+pub struct BuildSpec {
+    /// `dockerfile` (kaniko), `buildpack` (Cloud Native Buildpacks) or `image` (prebuilt).
+    #[serde(default, rename = "type")]
+    pub build_type: BuildType,
+    /// Buildpacks builder image. Defaults to the agent's configured Paketo builder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512), pattern(IMAGE_PATTERN))]
+    pub builder_image: Option<String>,
+    /// The prebuilt image to deploy (required for, and only for, type `image`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512), pattern(IMAGE_PATTERN))]
+    pub image: Option<String>,
+    /// Path of the Dockerfile relative to `contextDir`. Defaults to `Dockerfile`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255))]
+    #[x_kube(validation = Rule::new("!self.startsWith('/') && !self.split('/').exists(p, p == '..')").message("must be a relative path inside the repository"))]
+    pub dockerfile: Option<String>,
+    /// Sub-directory of the repository used as the build context. Defaults to the repository root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255))]
+    #[x_kube(validation = Rule::new("!self.startsWith('/') && !self.split('/').exists(p, p == '..')").message("must be a relative path inside the repository"))]
+    pub context_dir: Option<String>,
+    /// Resources for this App's build Jobs. Defaults to the agent's build defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<BuildResources>,
+    /// Build deadline in seconds (the Job's `activeDeadlineSeconds`). Defaults to the agent's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 60, max = 86400))]
+    pub timeout_seconds: Option<i64>,
+}
+
+/// Where an App is in its life.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum AppPhase {
+    /// Accepted; no build has been deployed yet.
+    #[default]
+    Pending,
+    /// Source and credentials are in place; ready to build.
+    Ready,
+    /// A build is running.
+    Building,
+    /// A build is being deployed.
+    Deploying,
+    /// The latest build is running.
+    Deployed,
+    /// Cannot be reconciled; see `message` and conditions.
+    Failed,
+}
+
+/// Observed state of an App.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AppStatus {
+    /// Summary of the conditions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<AppPhase>,
+    /// Human-readable explanation of the phase: what is wrong and what to do about it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Name of the most recent AppBuild of this App.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest_build: Option<String>,
+    /// Image (with digest) that is running now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_image: Option<String>,
+    /// Image that ran before the current one (the rollback target).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_image: Option<String>,
+    /// Public half of the generated SSH deploy key: add it to the repository as a read-only
+    /// deploy key. The private half stays in a Secret in the App's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_public_key: Option<String>,
+    /// Secret holding the clone credentials in use (given or generated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git_secret_name: Option<String>,
+    /// When the status last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_updated: Option<Time>,
+    /// The `metadata.generation` the status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `SourceValid`, `CredentialsReady`, `Deployed`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "conditions_schema")]
+    pub conditions: Vec<Condition>,
+}

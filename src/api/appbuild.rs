@@ -1,0 +1,168 @@
+//! `AppBuild`: one build of one App at one git ref, and its deployment.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::common::{BuildResources, DNS_LABEL_PATTERN, conditions_schema, free_form_object};
+
+/// A git ref: branch, tag or (abbreviated) commit SHA. Never option-like.
+pub const GIT_REF_PATTERN: &str = r"^[A-Za-z0-9_][A-Za-z0-9._/-]*$";
+
+/// A container image tag.
+pub const IMAGE_TAG_PATTERN: &str = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$";
+
+/// An environment variable name.
+pub const ENV_NAME_PATTERN: &str = r"^[A-Za-z_][A-Za-z0-9_]*$";
+
+/// CEL transition rule: the inputs of a build never change (an optional field may be neither
+/// added nor removed). Deploy-time `helmValues` and limits may still change.
+const IMMUTABLE_BUILD_INPUTS: &str = "self.appName == oldSelf.appName \
+    && (has(self.gitRef) ? has(oldSelf.gitRef) && self.gitRef == oldSelf.gitRef : !has(oldSelf.gitRef)) \
+    && (has(self.imageTag) ? has(oldSelf.imageTag) && self.imageTag == oldSelf.imageTag : !has(oldSelf.imageTag)) \
+    && self.buildVars == oldSelf.buildVars";
+
+/// One build of an App: the agent resolves `gitRef` to a commit, builds and pushes the image in
+/// a Job (unless the App deploys a prebuilt image), then deploys it with Helm. What to build is
+/// fixed at creation: create a new AppBuild to build something else.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "apps.shapeblock.io",
+    doc = "One build and deployment of a ShapeBlock App at one git ref.",
+    version = "v1alpha1",
+    kind = "AppBuild",
+    plural = "appbuilds",
+    shortname = "sbbuild",
+    shortname = "ab",
+    category = "shapeblock",
+    namespaced,
+    status = "AppBuildStatus",
+    derive = "PartialEq",
+    validation = Rule::new(super::common::DNS_LABEL_NAME_RULE).message(super::common::DNS_LABEL_NAME_MESSAGE),
+    selectable = ".spec.appName",
+    printcolumn(name = "App", type_ = "string", json_path = ".spec.appName"),
+    printcolumn(name = "Ref", type_ = "string", json_path = ".spec.gitRef"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Reason", type_ = "string", json_path = ".status.reason"),
+    printcolumn(name = "Commit", type_ = "string", json_path = ".status.commitSha", priority = 1),
+    printcolumn(name = "Image", type_ = "string", json_path = ".status.image", priority = 1),
+    printcolumn(name = "Started", type_ = "date", json_path = ".status.startTime"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(name = "Message", type_ = "string", json_path = ".status.message", priority = 1)
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(IMMUTABLE_BUILD_INPUTS).message("what an AppBuild builds is immutable; create a new AppBuild instead"))]
+pub struct AppBuildSpec {
+    /// The App (in the same namespace) to build.
+    #[schemars(length(min = 1, max = 40), pattern(DNS_LABEL_PATTERN))]
+    pub app_name: String,
+    /// Branch, tag or commit to build. Defaults to the App's branch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255), pattern(GIT_REF_PATTERN))]
+    #[x_kube(validation = Rule::new("!self.contains('..')").message("not a valid git ref"))]
+    pub git_ref: Option<String>,
+    /// Tag of the built image. Defaults to the short commit SHA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128))]
+    #[x_kube(validation = Rule::new(format!("self.matches('{IMAGE_TAG_PATTERN}')")).message("must be a valid image tag: letters, digits, '_', '.', '-', at most 128, not starting with '.' or '-'"))]
+    pub image_tag: Option<String>,
+    /// Build-time environment: Docker build args for `dockerfile`, build env for `buildpack`.
+    #[serde(default)]
+    #[schemars(length(max = 100))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["key".into()]))]
+    pub build_vars: Vec<BuildVar>,
+    /// Deployment values in the documented ShapeBlock shape (replicas, env, port, ingress hosts,
+    /// resources) plus allow-listed chart overrides. Unknown or unsafe keys are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "free_form_object")]
+    pub helm_values: Option<serde_json::Value>,
+    /// Resources for the build Job. Defaults to the App's, then the agent's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<BuildResources>,
+    /// Build deadline in seconds. Defaults to the App's, then the agent's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 60, max = 86400))]
+    pub timeout_seconds: Option<i64>,
+}
+
+/// One build-time variable.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct BuildVar {
+    /// Variable name.
+    #[schemars(length(min = 1, max = 255), pattern(ENV_NAME_PATTERN))]
+    pub key: String,
+    /// Variable value. Build variables end up in image metadata and logs: never put secrets here.
+    #[serde(default)]
+    #[schemars(length(max = 32768))]
+    pub value: String,
+}
+
+/// Where an AppBuild is in its life. `Completed`, `Failed` and `Cancelled` are final.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum AppBuildPhase {
+    /// Accepted; resolving the ref or waiting for its turn.
+    #[default]
+    Pending,
+    /// The build Job is running.
+    Building,
+    /// The image is being deployed and rolled out.
+    Deploying,
+    /// Rolled out: the App runs this build's image.
+    Completed,
+    /// Failed; `reason` says in which step.
+    Failed,
+    /// Cancelled on request or superseded by a newer build.
+    Cancelled,
+}
+
+impl AppBuildPhase {
+    /// Whether the build can still change.
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
+    }
+}
+
+/// Observed state of an AppBuild.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AppBuildStatus {
+    /// Summary of the conditions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<AppBuildPhase>,
+    /// Machine-readable cause of the last transition: `ResolveFailed`, `CloneFailed`,
+    /// `BuildFailed`, `PushFailed`, `Timeout`, `DeployFailed`, `InvalidSpec`, `Superseded`, ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Human-readable explanation: what happened and what to do about it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The commit `gitRef` resolved to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_sha: Option<String>,
+    /// The image deployed, `<registry>/<project>/<app>:<tag>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Digest of the pushed image (`sha256:…`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_digest: Option<String>,
+    /// The build Job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_name: Option<String>,
+    /// The build Job's pod (for `kubectl logs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_name: Option<String>,
+    /// When the build started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    /// When the build reached a final phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+    /// The `metadata.generation` the status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Built`, `Deployed`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "conditions_schema")]
+    pub conditions: Vec<Condition>,
+}

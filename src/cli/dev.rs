@@ -1,0 +1,115 @@
+//! `shapeblock-dev`: developer commands around a local control plane.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::testenv::{ControlPlane, Options};
+
+/// Local development helpers for the ShapeBlock agent: a real Kubernetes control plane on
+/// loopback (etcd, kube-apiserver, kube-controller-manager built by
+/// `tools/build-control-plane.sh`) with the ShapeBlock CRDs installed.
+#[derive(Parser, Debug)]
+#[command(name = "shapeblock-dev", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Start the local control plane, install the CRDs, print how to reach it, and keep it
+    /// running until Ctrl-C (or SIGTERM), then stop everything and remove its files.
+    Up {
+        /// Directory with etcd, kube-apiserver and kube-controller-manager.
+        #[arg(long, env = "SHAPEBLOCK_BIN_DIR", value_name = "DIR")]
+        bin_dir: Option<std::path::PathBuf>,
+        /// Also write the admin kubeconfig here (stable path for scripts and other shells).
+        #[arg(long, value_name = "FILE")]
+        kubeconfig_out: Option<std::path::PathBuf>,
+        /// Stop after this many seconds instead of waiting for a signal (for scripted runs).
+        #[arg(long, value_name = "SECONDS")]
+        exit_after: Option<u64>,
+    },
+}
+
+impl Cli {
+    pub fn run(self) -> ExitCode {
+        let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+            Ok(runtime) => runtime,
+            Err(e) => {
+                eprintln!("error: cannot start the async runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let outcome = match self.command {
+            Command::Up { bin_dir, kubeconfig_out, exit_after } => {
+                runtime.block_on(up(bin_dir, kubeconfig_out, exit_after))
+            }
+        };
+        match outcome {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+async fn up(
+    bin_dir: Option<std::path::PathBuf>,
+    kubeconfig_out: Option<std::path::PathBuf>,
+    exit_after: Option<u64>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let mut options = Options::default();
+    if let Some(dir) = bin_dir {
+        options.bin_dir = dir;
+    }
+    eprintln!("starting etcd, kube-apiserver and kube-controller-manager from {} ...", options.bin_dir.display());
+    let started = std::time::Instant::now();
+    let plane = ControlPlane::start(options).await?;
+    let mut kubeconfig = plane.kubeconfig().to_owned();
+    if let Some(out) = kubeconfig_out {
+        std::fs::copy(&kubeconfig, &out)?;
+        kubeconfig = out;
+    }
+    let client = plane.client().await?;
+    let version = client.apiserver_version().await?;
+    println!("control plane ready in {:.1}s: Kubernetes {} at {}", started.elapsed().as_secs_f64(), version.git_version, plane.server());
+    println!("component logs: {}", plane.work_dir().display());
+    println!();
+    println!("  export KUBECONFIG={}", kubeconfig.display());
+    println!("  kubectl get crd");
+    println!("  kubectl apply -f examples/");
+    println!("  kubectl get projects,apps,appbuilds,backingservices,teams -A");
+    println!();
+    println!("press Ctrl-C to stop");
+    wait_for_stop(exit_after).await;
+    eprintln!("stopping ...");
+    drop(plane);
+    Ok(())
+}
+
+async fn wait_for_stop(exit_after: Option<u64>) {
+    let timer = async {
+        match exit_after {
+            Some(seconds) => tokio::time::sleep(Duration::from_secs(seconds)).await,
+            None => std::future::pending().await,
+        }
+    };
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+        _ = timer => {}
+    }
+}

@@ -1,0 +1,4 @@
+//! Command-line front ends. Binaries stay thin: they parse arguments and call into here.
+
+pub mod agent;
+pub mod dev;

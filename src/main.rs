@@ -1,0 +1,5 @@
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    shapeblock_agent::cli::agent::Cli::parse().run()
+}

@@ -1,0 +1,117 @@
+//! Child processes of the test control plane that cannot outlive their parent.
+//!
+//! Every child gets its own process group (so a signal reaches anything it forks) and a
+//! parent-death signal, so that a test binary that panics, is killed, or simply exits with the
+//! control plane in a `static` (which is never dropped) leaves no orphans behind.
+
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{Error, Result};
+
+/// A running child whose output goes to a log file.
+#[derive(Debug)]
+pub struct ManagedProcess {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl ManagedProcess {
+    /// Starts `binary` with `args`, output appended to `log`.
+    ///
+    /// Linux delivers the parent-death signal when the *thread* that forked the child exits,
+    /// so callers must spawn from a thread that lives as long as the process should.
+    pub fn spawn(name: &str, binary: &Path, args: &[String], log: &Path) -> Result<Self> {
+        let out = File::create(log).map_err(|e| Error::io(format!("create {}", log.display()), e))?;
+        let err = out.try_clone().map_err(|e| Error::io("clone log handle", e))?;
+        let parent = std::process::id() as libc::pid_t;
+        let mut command = Command::new(binary);
+        command.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
+        // SAFETY: only async-signal-safe libc calls between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setpgid(0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The parent may have died before prctl took effect.
+                if libc::getppid() != parent {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
+        let child = command
+            .spawn()
+            .map_err(|e| Error::io(format!("start {} ({})", name, binary.display()), e))?;
+        Ok(Self { name: name.to_owned(), child, log: log.to_owned() })
+    }
+
+    /// The exit status if the process has ended.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// The last `lines` lines of the process's log, for error messages.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// SIGTERM to the process group, then SIGKILL after `grace`.
+    pub fn stop(&mut self, grace: Duration) {
+        if self.exited().is_some() {
+            return;
+        }
+        let group = -(self.child.id() as libc::pid_t);
+        // SAFETY: plain kill(2) on a process group we created.
+        unsafe { libc::kill(group, libc::SIGTERM) };
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if self.exited().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // SAFETY: as above.
+        unsafe { libc::kill(group, libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ManagedProcess {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(5));
+    }
+}
+
+/// A TCP port on loopback that was free a moment ago. Another process may take it before the
+/// child binds it, so callers retry on "address already in use".
+pub fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).map_err(|e| Error::io("find a free port", e))?;
+    Ok(listener.local_addr().map_err(|e| Error::io("find a free port", e))?.port())
+}
+
+/// Whether a log tail says a port was already taken.
+pub fn port_conflict(log_tail: &str) -> bool {
+    log_tail.contains("address already in use")
+}
