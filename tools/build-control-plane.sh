@@ -55,7 +55,7 @@ kube_ldflags="-X k8s.io/component-base/version.gitVersion=$kube_version \
  -X k8s.io/component-base/version.buildDate=1970-01-01T00:00:00Z"
 
 build "$etcd_dir" go.etcd.io/etcd/server/v3 etcd "$etcd_key"
-for cmd in kube-apiserver kube-controller-manager kube-scheduler; do
+for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
   build "$kube_dir" "k8s.io/kubernetes/cmd/$cmd" "$cmd" "$kube_key" "$kube_ldflags"
 done
 
@@ -63,7 +63,11 @@ done
 bin=$cache/bin/current
 mkdir -p "$bin"
 ln -sfn "$cache/bin/$etcd_key/etcd" "$bin/etcd"
-for cmd in kube-apiserver kube-controller-manager kube-scheduler; do
+for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
   ln -sfn "$cache/bin/$kube_key/$cmd" "$bin/$cmd"
+done
+# Binaries of older pins are dead weight (each set is ~400 MB): keep only the current keys.
+for old in "$cache"/bin/kube-* "$cache"/bin/etcd-*; do
+  [[ -d $old && $old != "$cache/bin/$kube_key" && $old != "$cache/bin/$etcd_key" ]] && rm -rf "$old"
 done
 echo "$bin"

@@ -1,7 +1,6 @@
 //! `App`: one application in a project, with its source, registry and build strategy.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::core::Reason;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -17,8 +16,7 @@ pub const GIT_URL_PATTERN: &str = r"^(https://[A-Za-z0-9][A-Za-z0-9.-]*(:[0-9]{1
 pub const GIT_BRANCH_PATTERN: &str = r"^[A-Za-z0-9_][A-Za-z0-9._/-]*$";
 
 /// An image registry host, optionally with port and path prefix (no scheme).
-pub const REGISTRY_PATTERN: &str =
-    r"^[A-Za-z0-9][A-Za-z0-9.-]*(:[0-9]{1,5})?(/[a-z0-9]+([._-][a-z0-9]+)*)*$";
+pub const REGISTRY_PATTERN: &str = r"^[A-Za-z0-9][A-Za-z0-9.-]*(:[0-9]{1,5})?(/[a-z0-9]+([._-][a-z0-9]+)*)*$";
 
 /// A fully qualified image reference: `[registry/]repository[:tag][@digest]`.
 pub const IMAGE_PATTERN: &str = r"^[A-Za-z0-9][A-Za-z0-9._/:-]*(@sha256:[a-f0-9]{64})?$";
@@ -73,12 +71,13 @@ pub struct AppSpec {
 pub struct GitSource {
     /// Repository URL: `https://…` or SSH (`ssh://git@host/org/repo.git`, `git@host:org/repo.git`).
     /// `file://`, `ext::`, local paths and option-like values are refused.
-    #[schemars(length(max = 2048), pattern(GIT_URL_PATTERN))]
+    #[schemars(length(max = 2048))]
+    #[x_kube(validation = Rule::new(format!("self.matches('{}')", cel_quote(GIT_URL_PATTERN))).message("must be an https:// URL or an SSH URL (ssh://[user@]host/path or user@host:path); file://, ext::, local paths and option-like values are refused"))]
     pub url: String,
     /// Branch built when an AppBuild names no `gitRef`.
     #[serde(default = "default_branch")]
-    #[schemars(length(min = 1, max = 255), pattern(GIT_BRANCH_PATTERN))]
-    #[x_kube(validation = Rule::new("!self.contains('..') && !self.endsWith('/') && !self.endsWith('.lock')").message("not a valid git branch name"))]
+    #[schemars(length(min = 1, max = 255))]
+    #[x_kube(validation = Rule::new(format!("self.matches('{GIT_BRANCH_PATTERN}') && !self.contains('..') && !self.endsWith('/') && !self.endsWith('.lock')")).message("must be a git branch name: letters, digits, '_', '.', '/', '-', not starting with '-' or '.'"))]
     pub branch: String,
     /// Secret in the App's namespace with credentials for the clone: `ssh-privatekey` (an SSH
     /// deploy key) or `username`/`password` (an HTTPS token). If unset and `isPrivate` is true,
@@ -89,6 +88,11 @@ pub struct GitSource {
     /// Whether the repository needs credentials to clone.
     #[serde(default)]
     pub is_private: bool,
+}
+
+/// Escapes a regular expression for a single-quoted CEL string literal.
+pub(crate) fn cel_quote(pattern: &str) -> String {
+    pattern.replace('\\', "\\\\").replace('\'', "\\'")
 }
 
 fn default_branch() -> String {

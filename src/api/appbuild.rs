@@ -59,8 +59,8 @@ pub struct AppBuildSpec {
     pub app_name: String,
     /// Branch, tag or commit to build. Defaults to the App's branch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 255), pattern(GIT_REF_PATTERN))]
-    #[x_kube(validation = Rule::new("!self.contains('..')").message("not a valid git ref"))]
+    #[schemars(length(min = 1, max = 255))]
+    #[x_kube(validation = Rule::new(format!("self.matches('{GIT_REF_PATTERN}') && !self.contains('..')")).message("must be a branch, tag or commit: letters, digits, '_', '.', '/', '-', not starting with '-' or '.'"))]
     pub git_ref: Option<String>,
     /// Tag of the built image. Defaults to the short commit SHA.
     #[serde(default, skip_serializing_if = "Option::is_none")]

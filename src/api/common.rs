@@ -10,16 +10,14 @@ use serde::{Deserialize, Serialize};
 /// CEL rule (root level) for kinds whose name becomes a namespace: a DNS-1123 label.
 pub(crate) const DNS_LABEL_NAME_RULE: &str =
     "self.metadata.name.size() <= 63 && self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')";
-pub(crate) const DNS_LABEL_NAME_MESSAGE: &str =
-    "metadata.name must be a DNS label: at most 63 lowercase letters, digits and '-', starting and ending with a letter or digit";
+pub(crate) const DNS_LABEL_NAME_MESSAGE: &str = "metadata.name must be a DNS label: at most 63 lowercase letters, digits and '-', starting and ending with a letter or digit";
 
 /// CEL rule (root level) for kinds whose name becomes a Helm release and the prefix of derived
 /// resource names (`<name>-build-<id>`, `helm-install-<project>-<name>`, ...): 40 characters keeps
 /// every derived name within the 63-character label limit.
 pub(crate) const SHORT_NAME_RULE: &str =
     "self.metadata.name.size() <= 40 && self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')";
-pub(crate) const SHORT_NAME_MESSAGE: &str =
-    "metadata.name must be a DNS label of at most 40 characters (lowercase letters, digits and '-', starting and ending with a letter or digit), so that the Helm release and derived resource names fit";
+pub(crate) const SHORT_NAME_MESSAGE: &str = "metadata.name must be a DNS label of at most 40 characters (lowercase letters, digits and '-', starting and ending with a letter or digit), so that the Helm release and derived resource names fit";
 
 /// Pattern of a DNS-1123 label (names of namespaces, apps, secrets referenced by name).
 pub(crate) const DNS_LABEL_PATTERN: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";

@@ -36,7 +36,8 @@ enum Command {
 
 impl Cli {
     pub fn run(self) -> ExitCode {
-        let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        // Current-thread: the control plane's children are tied to the thread that forks them.
+        let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(runtime) => runtime,
             Err(e) => {
                 eprintln!("error: cannot start the async runtime: {e}");
@@ -44,9 +45,11 @@ impl Cli {
             }
         };
         let outcome = match self.command {
-            Command::Up { bin_dir, kubeconfig_out, exit_after } => {
-                runtime.block_on(up(bin_dir, kubeconfig_out, exit_after))
-            }
+            Command::Up {
+                bin_dir,
+                kubeconfig_out,
+                exit_after,
+            } => runtime.block_on(up(bin_dir, kubeconfig_out, exit_after)),
         };
         match outcome {
             Ok(()) => ExitCode::SUCCESS,
@@ -67,8 +70,12 @@ async fn up(
     if let Some(dir) = bin_dir {
         options.bin_dir = dir;
     }
-    eprintln!("starting etcd, kube-apiserver and kube-controller-manager from {} ...", options.bin_dir.display());
+    eprintln!(
+        "starting etcd, kube-apiserver and kube-controller-manager from {} ...",
+        options.bin_dir.display()
+    );
     let started = std::time::Instant::now();
+    let bin_dir = options.bin_dir.clone();
     let plane = ControlPlane::start(options).await?;
     let mut kubeconfig = plane.kubeconfig().to_owned();
     if let Some(out) = kubeconfig_out {
@@ -77,16 +84,33 @@ async fn up(
     }
     let client = plane.client().await?;
     let version = client.apiserver_version().await?;
-    println!("control plane ready in {:.1}s: Kubernetes {} at {}", started.elapsed().as_secs_f64(), version.git_version, plane.server());
+    println!(
+        "control plane ready in {:.1}s: Kubernetes {} at {}",
+        started.elapsed().as_secs_f64(),
+        version.git_version,
+        plane.server()
+    );
     println!("component logs: {}", plane.work_dir().display());
     println!();
     println!("  export KUBECONFIG={}", kubeconfig.display());
+    if bin_dir.join("kubectl").is_file() {
+        // A kubectl of the same release as the apiserver, built with it.
+        println!("  export PATH={}:$PATH", bin_dir.display());
+    }
     println!("  kubectl get crd");
+    println!("  kubectl create namespace my-project   # until the agent's Project controller lands");
     println!("  kubectl apply -f examples/");
     println!("  kubectl get projects,apps,appbuilds,backingservices,teams -A");
     println!();
     println!("press Ctrl-C to stop");
     wait_for_stop(exit_after).await;
+    let peaks = plane.peak_rss_kib();
+    let total: u64 = peaks.iter().map(|(_, kib)| kib).sum();
+    let each: Vec<String> = peaks
+        .iter()
+        .map(|(name, kib)| format!("{name} {} MiB", kib / 1024))
+        .collect();
+    println!("peak RSS: {} (sum {} MiB)", each.join(", "), total / 1024);
     eprintln!("stopping ...");
     drop(plane);
     Ok(())

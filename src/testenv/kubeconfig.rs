@@ -43,8 +43,11 @@ current-context: {cluster}
 /// (etcd's `/health`). A hand-written request keeps an HTTP client out of the dependencies.
 pub async fn http_probe(address: &str, path: &str, needle: &str) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(Ok(mut stream)) =
-        tokio::time::timeout(std::time::Duration::from_secs(2), tokio::net::TcpStream::connect(address)).await
+    let Ok(Ok(mut stream)) = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        tokio::net::TcpStream::connect(address),
+    )
+    .await
     else {
         return false;
     };
@@ -53,7 +56,14 @@ pub async fn http_probe(address: &str, path: &str, needle: &str) -> bool {
         return false;
     }
     let mut response = Vec::new();
-    let read = tokio::time::timeout(std::time::Duration::from_secs(2), stream.read_to_end(&mut response)).await;
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        stream.read_to_end(&mut response),
+    )
+    .await;
     let text = String::from_utf8_lossy(&response);
-    matches!(read, Ok(Ok(_))) && text.starts_with("HTTP/1.") && text.contains(" 200 ") && text.contains(needle)
+    matches!(read, Ok(Ok(_)))
+        && text.starts_with("HTTP/1.")
+        && text.contains(" 200 ")
+        && text.contains(needle)
 }

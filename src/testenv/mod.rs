@@ -37,9 +37,19 @@ pub enum Error {
     #[error("certificate generation failed: {0}")]
     Pki(String),
     #[error("{name} exited during start-up ({status}); last log lines ({log}):\n{tail}")]
-    Exited { name: String, status: String, log: String, tail: String },
+    Exited {
+        name: String,
+        status: String,
+        log: String,
+        tail: String,
+    },
     #[error("{name} was not ready within {seconds}s; last log lines ({log}):\n{tail}")]
-    NotReady { name: String, seconds: u64, log: String, tail: String },
+    NotReady {
+        name: String,
+        seconds: u64,
+        log: String,
+        tail: String,
+    },
     #[error("kubeconfig: {0}")]
     Kubeconfig(String),
     #[error("Kubernetes API: {0}")]
@@ -52,7 +62,10 @@ pub enum Error {
 
 impl Error {
     fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        Self::Io { context: context.into(), source }
+        Self::Io {
+            context: context.into(),
+            source,
+        }
     }
 }
 
@@ -106,7 +119,11 @@ fn cache_dir() -> PathBuf {
 /// etcd's data is on tmpfs when there is one: fsync-free and fast.
 fn default_work_root() -> PathBuf {
     let shm = Path::new("/dev/shm");
-    if shm.is_dir() { shm.to_owned() } else { std::env::temp_dir() }
+    if shm.is_dir() {
+        shm.to_owned()
+    } else {
+        std::env::temp_dir()
+    }
 }
 
 const WORK_DIR_PREFIX: &str = "shapeblock-cp-";
@@ -142,17 +159,21 @@ impl ControlPlane {
             }
         }
         remove_stale_work_dirs(&options.work_root);
-        let work_dir = options
-            .work_root
-            .join(format!("{WORK_DIR_PREFIX}{}-{}", std::process::id(), unique_suffix()));
-        std::fs::create_dir_all(&work_dir).map_err(|e| Error::io(format!("create {}", work_dir.display()), e))?;
+        let work_dir = options.work_root.join(format!(
+            "{WORK_DIR_PREFIX}{}-{}",
+            std::process::id(),
+            unique_suffix()
+        ));
+        std::fs::create_dir_all(&work_dir)
+            .map_err(|e| Error::io(format!("create {}", work_dir.display()), e))?;
 
         let ca = CertificateAuthority::new("shapeblock-test-ca")?;
         let files = write_pki(&work_dir, &ca)?;
 
         let (etcd, etcd_url) = start_etcd(&options, &work_dir).await?;
         let kubeconfig = work_dir.join("admin.kubeconfig");
-        let (apiserver, server) = start_apiserver(&options, &work_dir, &files, &etcd_url, &ca, &kubeconfig).await?;
+        let (apiserver, server) =
+            start_apiserver(&options, &work_dir, &files, &etcd_url, &ca, &kubeconfig).await?;
 
         let mut plane = Self {
             controller_manager: None,
@@ -164,13 +185,19 @@ impl ControlPlane {
             ca,
         };
         let client = plane.client().await?;
-        if options.controller_manager {
-            plane.controller_manager = Some(plane.start_controller_manager(&options, &files)?);
-            wait_for_default_service_account(&client, options.ready_timeout, plane.controller_manager.as_ref())
-                .await?;
-        }
+        // CRDs first: the garbage collector and quota controllers learn new resources only on
+        // their 30-second discovery resync, as in a real cluster where CRDs predate the test.
         if let Some(dir) = &options.crds_dir {
             install_crds(&client, dir).await?;
+        }
+        if options.controller_manager {
+            plane.controller_manager = Some(plane.start_controller_manager(&options, &files)?);
+            wait_for_default_service_account(
+                &client,
+                options.ready_timeout,
+                plane.controller_manager.as_ref(),
+            )
+            .await?;
         }
         Ok(plane)
     }
@@ -197,10 +224,27 @@ impl ControlPlane {
 
     /// Process ids of the components, for measuring them.
     pub fn pids(&self) -> Vec<(String, u32)> {
-        [Some(&self.etcd), Some(&self.apiserver), self.controller_manager.as_ref()]
+        [
+            Some(&self.etcd),
+            Some(&self.apiserver),
+            self.controller_manager.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|p| (p.name().to_owned(), p.pid()))
+        .collect()
+    }
+
+    /// Peak resident memory (VmHWM) of each running component so far, in KiB.
+    pub fn peak_rss_kib(&self) -> Vec<(String, u64)> {
+        self.pids()
             .into_iter()
-            .flatten()
-            .map(|p| (p.name().to_owned(), p.pid()))
+            .filter_map(|(name, pid)| {
+                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+                let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+                let kib = line.split_whitespace().nth(1)?.parse().ok()?;
+                Some((name, kib))
+            })
             .collect()
     }
 
@@ -213,7 +257,13 @@ impl ControlPlane {
     fn start_controller_manager(&self, options: &Options, files: &PkiFiles) -> Result<ManagedProcess> {
         let kcm = self.ca.client_cert("system:kube-controller-manager", None)?;
         let kubeconfig = self.work_dir.join("controller-manager.kubeconfig");
-        kubeconfig::write(&kubeconfig, &self.server, self.ca.cert_pem(), &kcm, "shapeblock-test")?;
+        kubeconfig::write(
+            &kubeconfig,
+            &self.server,
+            self.ca.cert_pem(),
+            &kcm,
+            "shapeblock-test",
+        )?;
         let kubeconfig = kubeconfig.display().to_string();
         let args = vec![
             format!("--kubeconfig={kubeconfig}"),
@@ -333,7 +383,9 @@ fn start_on_keeper_thread() -> Result<SharedControlPlane, String> {
             }
         })
         .map_err(|e| format!("spawn control-plane thread: {e}"))?;
-    receiver.recv().map_err(|_| "control-plane thread ended without a result".to_string())?
+    receiver
+        .recv()
+        .map_err(|_| "control-plane thread ended without a result".to_string())?
 }
 
 struct PkiFiles {
@@ -393,12 +445,19 @@ async fn start_etcd(options: &Options, work_dir: &Path) -> Result<(ManagedProces
             "--quota-backend-bytes=2147483648".into(),
             "--snapshot-count=5000".into(),
         ];
-        let mut etcd = ManagedProcess::spawn("etcd", &options.bin_dir.join("etcd"), &args, &work_dir.join("etcd.log"))?;
+        let mut etcd = ManagedProcess::spawn(
+            "etcd",
+            &options.bin_dir.join("etcd"),
+            &args,
+            &work_dir.join("etcd.log"),
+        )?;
         let address = format!("127.0.0.1:{client_port}");
         let probe = || kubeconfig::http_probe(&address, "/health", "\"health\":\"true\"");
         match wait_ready(&mut etcd, options.ready_timeout, probe).await {
             Ok(()) => return Ok((etcd, client_url)),
-            Err(e @ Error::Exited { .. }) if process::port_conflict(&etcd.log_tail(50)) => last_error = Some(e),
+            Err(e @ Error::Exited { .. }) if process::port_conflict(&etcd.log_tail(50)) => {
+                last_error = Some(e)
+            }
             Err(e) => return Err(e),
         }
     }
@@ -492,7 +551,9 @@ where
 
 /// Whether the apiserver's `/readyz` (every post-start hook done) answers `ok`.
 async fn readyz(client: &Client) -> bool {
-    let Ok(request) = http::Request::get("/readyz").body(Vec::new()) else { return false };
+    let Ok(request) = http::Request::get("/readyz").body(Vec::new()) else {
+        return false;
+    };
     matches!(client.request_text(request).await, Ok(body) if body.trim() == "ok")
 }
 
@@ -533,7 +594,8 @@ pub async fn install_crds(client: &Client, dir: &Path) -> Result<()> {
     entries.sort();
     let mut names = Vec::new();
     for path in entries {
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(format!("read {}", path.display()), e))?;
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| Error::io(format!("read {}", path.display()), e))?;
         let crd: CustomResourceDefinition = serde_yaml::from_str(&text).map_err(|e| Error::Crd {
             path: path.display().to_string(),
             message: e.to_string(),
@@ -542,16 +604,26 @@ pub async fn install_crds(client: &Client, dir: &Path) -> Result<()> {
             path: path.display().to_string(),
             message: "no metadata.name".into(),
         })?;
-        api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&crd))
-            .await?;
+        api.patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&crd),
+        )
+        .await?;
         names.push(name);
     }
     for name in names {
         let established = await_condition(api.clone(), &name, conditions::is_crd_established());
         tokio::time::timeout(Duration::from_secs(30), established)
             .await
-            .map_err(|_| Error::Crd { path: name.clone(), message: "not Established within 30s".into() })?
-            .map_err(|e| Error::Crd { path: name.clone(), message: e.to_string() })?;
+            .map_err(|_| Error::Crd {
+                path: name.clone(),
+                message: "not Established within 30s".into(),
+            })?
+            .map_err(|e| Error::Crd {
+                path: name.clone(),
+                message: e.to_string(),
+            })?;
     }
     Ok(())
 }
@@ -559,11 +631,17 @@ pub async fn install_crds(client: &Client, dir: &Path) -> Result<()> {
 /// Removes work directories of control planes whose process is gone (a killed test run
 /// cannot clean up after itself; the next one does).
 fn remove_stale_work_dirs(root: &Path) {
-    let Ok(entries) = std::fs::read_dir(root) else { return };
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(WORK_DIR_PREFIX)) else { continue };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(WORK_DIR_PREFIX)) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
         if !Path::new(&format!("/proc/{pid}")).exists() {
             let _ = std::fs::remove_dir_all(entry.path());
         }
@@ -578,7 +656,11 @@ pub fn unique_suffix() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    format!("{:x}{:x}", nanos & 0xfffff, COUNTER.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{:x}{:x}",
+        nanos & 0xfffff,
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 fn write_file(path: &Path, contents: &str) -> Result<()> {
@@ -586,8 +668,8 @@ fn write_file(path: &Path, contents: &str) -> Result<()> {
 }
 
 fn write_private(path: &Path, contents: &str) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -595,5 +677,6 @@ fn write_private(path: &Path, contents: &str) -> Result<()> {
         .mode(0o600)
         .open(path)
         .map_err(|e| Error::io(format!("write {}", path.display()), e))?;
-    file.write_all(contents.as_bytes()).map_err(|e| Error::io(format!("write {}", path.display()), e))
+    file.write_all(contents.as_bytes())
+        .map_err(|e| Error::io(format!("write {}", path.display()), e))
 }

@@ -4,8 +4,8 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+    KeyPair, KeyUsagePurpose, SanType,
 };
 
 use super::{Error, Result};
@@ -36,7 +36,10 @@ impl CertificateAuthority {
             KeyUsagePurpose::DigitalSignature,
         ];
         let cert = params.self_signed(&key).map_err(pki_error)?;
-        Ok(Self { cert_pem: cert.pem(), issuer: Issuer::new(params, key) })
+        Ok(Self {
+            cert_pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        })
     }
 
     /// The CA certificate (PEM), for trust bundles and `--client-ca-file`.
@@ -45,7 +48,12 @@ impl CertificateAuthority {
     }
 
     /// A TLS server certificate for loopback and the in-cluster names of the apiserver.
-    pub fn serving_cert(&self, common_name: &str, dns_names: &[&str], ips: &[IpAddr]) -> Result<CertifiedKey> {
+    pub fn serving_cert(
+        &self,
+        common_name: &str,
+        dns_names: &[&str],
+        ips: &[IpAddr],
+    ) -> Result<CertifiedKey> {
         let mut params = CertificateParams::default();
         params.distinguished_name = name(common_name, None);
         params.subject_alt_names = dns_names
@@ -53,7 +61,10 @@ impl CertificateAuthority {
             .map(|n| Ok(SanType::DnsName((*n).try_into().map_err(pki_error)?)))
             .chain(ips.iter().map(|ip| Ok(SanType::IpAddress(*ip))))
             .collect::<Result<_>>()?;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         self.issue(params)
     }
@@ -62,7 +73,10 @@ impl CertificateAuthority {
     pub fn client_cert(&self, user: &str, group: Option<&str>) -> Result<CertifiedKey> {
         let mut params = CertificateParams::default();
         params.distinguished_name = name(user, group);
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         self.issue(params)
     }
@@ -70,7 +84,10 @@ impl CertificateAuthority {
     fn issue(&self, params: CertificateParams) -> Result<CertifiedKey> {
         let key = KeyPair::generate().map_err(pki_error)?;
         let cert = params.signed_by(&key, &self.issuer).map_err(pki_error)?;
-        Ok(CertifiedKey { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+        Ok(CertifiedKey {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
     }
 }
 

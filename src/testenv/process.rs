@@ -50,7 +50,11 @@ impl ManagedProcess {
         let child = command
             .spawn()
             .map_err(|e| Error::io(format!("start {} ({})", name, binary.display()), e))?;
-        Ok(Self { name: name.to_owned(), child, log: log.to_owned() })
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+            log: log.to_owned(),
+        })
     }
 
     /// The exit status if the process has ended.
@@ -107,8 +111,12 @@ impl Drop for ManagedProcess {
 /// A TCP port on loopback that was free a moment ago. Another process may take it before the
 /// child binds it, so callers retry on "address already in use".
 pub fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).map_err(|e| Error::io("find a free port", e))?;
-    Ok(listener.local_addr().map_err(|e| Error::io("find a free port", e))?.port())
+    let listener =
+        std::net::TcpListener::bind(("127.0.0.1", 0)).map_err(|e| Error::io("find a free port", e))?;
+    Ok(listener
+        .local_addr()
+        .map_err(|e| Error::io("find a free port", e))?
+        .port())
 }
 
 /// Whether a log tail says a port was already taken.

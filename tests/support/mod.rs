@@ -49,7 +49,11 @@ pub fn yaml_documents(path: &Path) -> Vec<serde_json::Value> {
 use serde::Deserialize;
 
 /// The API for an object's kind (found by discovery), namespaced to `namespace` if the kind is.
-pub async fn api_for(client: &Client, object: &DynamicObject, namespace: &str) -> (Api<DynamicObject>, ApiCapabilities) {
+pub async fn api_for(
+    client: &Client,
+    object: &DynamicObject,
+    namespace: &str,
+) -> (Api<DynamicObject>, ApiCapabilities) {
     let types = object.types.as_ref().expect("object has apiVersion and kind");
     let gvk = GroupVersionKind::try_from(types).expect("valid apiVersion");
     let (resource, caps): (ApiResource, ApiCapabilities) = kube::discovery::pinned_kind(client, &gvk)
@@ -64,7 +68,12 @@ pub async fn api_for(client: &Client, object: &DynamicObject, namespace: &str) -
 
 /// Turns a manifest into an object in `namespace` (if namespaced). Cluster-scoped objects get
 /// `suffix` appended to their name so that tests sharing a cluster do not collide.
-pub async fn place(client: &Client, manifest: &serde_json::Value, namespace: &str, suffix: &str) -> (Api<DynamicObject>, DynamicObject) {
+pub async fn place(
+    client: &Client,
+    manifest: &serde_json::Value,
+    namespace: &str,
+    suffix: &str,
+) -> (Api<DynamicObject>, DynamicObject) {
     let mut object: DynamicObject = serde_json::from_value(manifest.clone()).expect("manifest is an object");
     let (api, caps) = api_for(client, &object, namespace).await;
     match caps.scope {

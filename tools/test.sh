@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The project's test command (see README): builds the test control plane if it is not cached,
+# checks formatting and lints, then runs every test against real etcd, kube-apiserver and
+# kube-controller-manager. Benchmarks are not part of it.
+#
+#   SHAPEBLOCK_CACHE   cache root outside the checkout (default ~/.cache/shapeblock)
+#   CARGO_TARGET_DIR   defaults to $SHAPEBLOCK_CACHE/cargo-target, so fresh clones reuse builds
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+export SHAPEBLOCK_CACHE=${SHAPEBLOCK_CACHE:-$HOME/.cache/shapeblock}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$SHAPEBLOCK_CACHE/cargo-target}
+SHAPEBLOCK_BIN_DIR=$(tools/build-control-plane.sh)
+export SHAPEBLOCK_BIN_DIR
+"$SHAPEBLOCK_BIN_DIR/kube-apiserver" --version
+
+cargo fmt --all -- --check
+cargo clippy --locked --all-targets -- -D warnings
+cargo test --locked "$@"
