@@ -10,4 +10,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod controllers;
+pub mod rbac;
+pub mod runtime;
 pub mod testenv;

@@ -18,6 +18,10 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the agent: connect to the cluster (in-cluster config, `--kubeconfig` or
+    /// `KUBECONFIG`), reconcile the ShapeBlock resources, serve `/healthz`, `/readyz` and
+    /// `/metrics`, and stop gracefully on SIGTERM.
+    Run(RunArgs),
     /// Print the CustomResourceDefinitions of every ShapeBlock kind as YAML, or write one
     /// file per CRD into a directory (this is how `crds/` is generated).
     Crd {
@@ -27,10 +31,79 @@ enum Command {
     },
 }
 
+/// Flags of `shapeblock-agent run`; each has an environment variable for use in a Pod spec.
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Kubeconfig to use instead of the in-cluster configuration (or `KUBECONFIG`).
+    #[arg(long, env = "SHAPEBLOCK_KUBECONFIG", value_name = "FILE")]
+    kubeconfig: Option<PathBuf>,
+    /// The agent's own namespace: holds the registry pull secret it copies into projects.
+    #[arg(
+        long,
+        env = "SHAPEBLOCK_NAMESPACE",
+        default_value = "shapeblock",
+        value_name = "NAMESPACE"
+    )]
+    agent_namespace: String,
+    /// Registry pull secret (in the agent's namespace) copied into every project and kept in
+    /// sync. Empty: the registry needs no credentials, nothing is copied.
+    #[arg(
+        long,
+        env = "SHAPEBLOCK_REGISTRY_SECRET",
+        default_value = "registry-credentials",
+        value_name = "NAME"
+    )]
+    registry_secret: String,
+    /// Address of the HTTP endpoints `/healthz`, `/readyz` (ready once every cache is synced)
+    /// and `/metrics` (Prometheus text).
+    #[arg(
+        long,
+        env = "SHAPEBLOCK_HTTP_ADDR",
+        default_value = "0.0.0.0:8080",
+        value_name = "ADDR"
+    )]
+    http_addr: std::net::SocketAddr,
+    /// How often healthy objects are re-checked even when nothing changed, in seconds.
+    #[arg(
+        long,
+        env = "SHAPEBLOCK_RESYNC_SECONDS",
+        default_value_t = 1800,
+        value_name = "SECONDS"
+    )]
+    resync_seconds: u64,
+    /// How long in-flight reconciles may take to finish after SIGTERM, in seconds.
+    #[arg(
+        long,
+        env = "SHAPEBLOCK_SHUTDOWN_TIMEOUT_SECONDS",
+        default_value_t = 20,
+        value_name = "SECONDS"
+    )]
+    shutdown_timeout_seconds: u64,
+    /// Log format.
+    #[arg(long, env = "SHAPEBLOCK_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
+    log_format: LogFormat,
+    /// Log level or filter (`info`, `debug`, `shapeblock_agent=debug,kube=info`); `RUST_LOG`
+    /// overrides it.
+    #[arg(long, env = "SHAPEBLOCK_LOG", default_value = "info", value_name = "FILTER")]
+    log: String,
+    /// Name of this replica (the Pod name), recorded as the source of Events.
+    #[arg(long, env = "POD_NAME", value_name = "NAME")]
+    instance: Option<String>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum LogFormat {
+    /// Human-readable lines.
+    Plain,
+    /// One JSON object per line.
+    Json,
+}
+
 impl Cli {
     /// Runs the chosen command and maps its outcome to the process exit code.
     pub fn run(self) -> ExitCode {
         let outcome = match self.command {
+            Command::Run(args) => run(args),
             Command::Crd { out: None } => print_crds(),
             Command::Crd { out: Some(dir) } => write_crds(&dir),
         };
@@ -42,6 +115,27 @@ impl Cli {
             }
         }
     }
+}
+
+fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
+    crate::runtime::init_tracing(matches!(args.log_format, LogFormat::Json), &args.log);
+    let settings = crate::runtime::Settings {
+        kubeconfig: args.kubeconfig,
+        http_addr: args.http_addr,
+        shutdown_timeout: std::time::Duration::from_secs(args.shutdown_timeout_seconds),
+        controllers: crate::controllers::Config {
+            agent_namespace: args.agent_namespace,
+            registry_secret: (!args.registry_secret.is_empty()).then_some(args.registry_secret),
+            resync: std::time::Duration::from_secs(args.resync_seconds),
+            instance: args.instance,
+        },
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let shutdown = crate::runtime::shutdown_on_signals();
+        crate::runtime::run(settings, shutdown).await
+    })?;
+    Ok(())
 }
 
 fn print_crds() -> Result<(), Box<dyn std::error::Error>> {

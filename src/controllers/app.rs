@@ -1,0 +1,633 @@
+//! App controller: checks the source, provides clone credentials (a generated SSH deploy key
+//! for private repositories that name none), and reports both in status.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::core::{DeserializeGuard, PartialObjectMeta};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::EventType;
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+
+use super::{APP_LABEL, ConditionSet, Context, Error, FIELD_MANAGER, MANAGED_BY, MANAGED_BY_LABEL, Result};
+use crate::api::{App, AppPhase, AppStatus, GitSource};
+
+const KIND: &str = "App";
+/// Annotation on an App: set it to a new value to replace the generated deploy key.
+pub const REGENERATE_KEY_ANNOTATION: &str = "apps.shapeblock.io/regenerate-deploy-key";
+/// Annotation on the deploy-key Secret: the regenerate value it was made for.
+const GENERATED_FOR_ANNOTATION: &str = "apps.shapeblock.io/generated-for";
+/// Label on generated deploy keys, for the metadata-only watch.
+pub const DEPLOY_KEY_LABEL: &str = "apps.shapeblock.io/deploy-key";
+const PRIVATE_KEY: &str = "ssh-privatekey";
+const PUBLIC_KEY: &str = "ssh-publickey";
+
+/// Runs the App controller until `shutdown`.
+pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+    let apps = Api::<DeserializeGuard<App>>::all(ctx.client.clone());
+    let keys = watcher(
+        Api::<PartialObjectMeta<Secret>>::all(ctx.client.clone()),
+        watcher::Config::default().labels(DEPLOY_KEY_LABEL),
+    )
+    .touched_objects();
+    let controller = Controller::new(apps, watcher::Config::default()).owns_stream(keys);
+    let store = controller.store();
+    super::mark_synced_when_ready(ctx.clone(), store.clone());
+    controller
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(err) = result {
+                tracing::debug!(%err, "app reconcile ended with an error");
+            }
+        })
+        .await;
+}
+
+async fn reconcile(guard: Arc<DeserializeGuard<App>>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.reconcile(KIND);
+    let app = match &guard.0 {
+        Ok(app) => app,
+        Err(invalid) => return super::report_undecodable::<App>(&ctx, invalid).await,
+    };
+    let key = format!("{}/{}", app.namespace().unwrap_or_default(), app.name_any());
+    let action = apply(app, &ctx).await?;
+    ctx.reset_retries(&key);
+    Ok(action)
+}
+
+fn error_policy(guard: Arc<DeserializeGuard<App>>, error: &Error, ctx: Arc<Context>) -> Action {
+    let key = format!("{}/{}", guard.namespace().unwrap_or_default(), guard.name_any());
+    ctx.error_action(&key, KIND, error)
+}
+
+/// The outcome of credential handling, for status.
+struct Credentials {
+    secret_name: Option<String>,
+    public_key: Option<String>,
+}
+
+async fn apply(app: &App, ctx: &Context) -> Result<Action> {
+    let mut conditions = ConditionSet::new(
+        app.status
+            .as_ref()
+            .map(|s| s.conditions.as_slice())
+            .unwrap_or_default(),
+        app.metadata.generation,
+    );
+    if let Err(message) = validate_source(app) {
+        conditions.set("SourceValid", false, "InvalidSpec", &message);
+        conditions.set("Ready", false, "InvalidSpec", &message);
+        let newly = !matches!(condition_reason(app, "SourceValid"), Some("InvalidSpec"))
+            || observed_generation(app) != app.metadata.generation;
+        write_status(ctx, app, AppPhase::Failed, &message, None, conditions).await?;
+        if newly {
+            ctx.publish(
+                &app.object_ref(&()),
+                EventType::Warning,
+                "InvalidSpec",
+                "Validate",
+                &message,
+            )
+            .await;
+        }
+        // Nothing to retry until the spec changes; the status write above is what users see.
+        return Err(Error::InvalidSpec {
+            reason: "InvalidSpec",
+            message,
+        });
+    }
+    conditions.set(
+        "SourceValid",
+        true,
+        "Valid",
+        "git source, registry and build strategy are valid",
+    );
+
+    let credentials = match ensure_credentials(app, ctx).await {
+        Ok(credentials) => credentials,
+        Err(Error::InvalidSpec { reason, message }) => {
+            let newly = condition_reason(app, "CredentialsReady") != Some(reason);
+            conditions.set("CredentialsReady", false, reason, &message);
+            conditions.set("Ready", false, reason, &message);
+            write_status(ctx, app, AppPhase::Failed, &message, None, conditions).await?;
+            if newly {
+                ctx.publish(
+                    &app.object_ref(&()),
+                    EventType::Warning,
+                    reason,
+                    "Credentials",
+                    &message,
+                )
+                .await;
+            }
+            // The named Secret may appear later; it is not watched, so look again now and then.
+            return Ok(Action::requeue(std::time::Duration::from_secs(60)));
+        }
+        Err(err) => return Err(err),
+    };
+    let message = match &credentials.secret_name {
+        Some(secret) => format!("clones with the credentials in Secret {secret}"),
+        None => "public repository: no clone credentials needed".to_string(),
+    };
+    conditions.set("CredentialsReady", true, "Ready", &message);
+    conditions.set("Ready", true, "Reconciled", "ready to build");
+    let phase = match app.status.as_ref().and_then(|s| s.phase) {
+        // Build progress is written by the build controller; keep it.
+        Some(phase @ (AppPhase::Building | AppPhase::Deploying | AppPhase::Deployed)) => phase,
+        _ => AppPhase::Ready,
+    };
+    write_status(ctx, app, phase, "ready to build", Some(credentials), conditions).await?;
+    Ok(Action::requeue(ctx.config.resync))
+}
+
+fn condition_reason<'a>(app: &'a App, type_: &str) -> Option<&'a str> {
+    app.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| c.reason.as_str())
+}
+
+fn observed_generation(app: &App) -> Option<i64> {
+    app.status.as_ref().and_then(|s| s.observed_generation)
+}
+
+/// Finds or makes the clone credentials.
+async fn ensure_credentials(app: &App, ctx: &Context) -> Result<Credentials> {
+    let Some(git) = &app.spec.git else {
+        return Ok(Credentials {
+            secret_name: None,
+            public_key: None,
+        });
+    };
+    let namespace = app.namespace().unwrap_or_default();
+    let secrets = Api::<Secret>::namespaced(ctx.client.clone(), &namespace);
+    if let Some(name) = &git.secret_name {
+        let Some(secret) = secrets.get_opt(name).await? else {
+            return Err(Error::InvalidSpec {
+                reason: "SecretNotFound",
+                message: format!("git.secretName {name} does not exist in namespace {namespace}"),
+            });
+        };
+        check_credentials_secret(&secret, git)?;
+        return Ok(Credentials {
+            secret_name: Some(name.clone()),
+            public_key: None,
+        });
+    }
+    if !git.is_private {
+        return Ok(Credentials {
+            secret_name: None,
+            public_key: None,
+        });
+    }
+    let wanted = app
+        .annotations()
+        .get(REGENERATE_KEY_ANNOTATION)
+        .cloned()
+        .unwrap_or_default();
+    let name = deploy_key_name(app);
+    if let Some(existing) = secrets.get_opt(&name).await? {
+        let made_for = existing
+            .annotations()
+            .get(GENERATED_FOR_ANNOTATION)
+            .cloned()
+            .unwrap_or_default();
+        if made_for == wanted {
+            let public = existing
+                .data
+                .as_ref()
+                .and_then(|d| d.get(PUBLIC_KEY))
+                .map(|b| String::from_utf8_lossy(&b.0).trim().to_string());
+            return Ok(Credentials {
+                secret_name: Some(name),
+                public_key: public,
+            });
+        }
+        let key = generate_deploy_key(&comment(app))?;
+        let secret = desired_deploy_key(app, &name, &key, &wanted, &owner_reference(app));
+        secrets
+            .patch(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&secret),
+            )
+            .await?;
+        ctx.publish(
+            &app.object_ref(&()),
+            EventType::Normal,
+            "DeployKeyRegenerated",
+            "Credentials",
+            format!("replaced the SSH deploy key in Secret {name}: add the new public key (status.sshPublicKey) to the repository"),
+        )
+        .await;
+        return Ok(Credentials {
+            secret_name: Some(name),
+            public_key: Some(key.public),
+        });
+    }
+    let key = generate_deploy_key(&comment(app))?;
+    let secret = desired_deploy_key(app, &name, &key, &wanted, &owner_reference(app));
+    // Create, never overwrite: a concurrent reconcile that won the race keeps its key.
+    match secrets
+        .create(
+            &PostParams {
+                field_manager: Some(FIELD_MANAGER.into()),
+                ..Default::default()
+            },
+            &secret,
+        )
+        .await
+    {
+        Ok(_) => {
+            ctx.publish(
+                &app.object_ref(&()),
+                EventType::Normal,
+                "DeployKeyGenerated",
+                "Credentials",
+                format!("generated an SSH deploy key in Secret {name}: add status.sshPublicKey to the repository as a read-only deploy key"),
+            )
+            .await;
+            Ok(Credentials {
+                secret_name: Some(name),
+                public_key: Some(key.public),
+            })
+        }
+        Err(kube::Error::Api(status)) if status.code == 409 => Err(Error::Waiting(format!(
+            "deploy key Secret {name} was created concurrently; reading it again"
+        ))),
+        Err(err) => Err(err.into()),
+    }
+}
+
+fn comment(app: &App) -> String {
+    format!(
+        "shapeblock:{}/{}",
+        app.namespace().unwrap_or_default(),
+        app.name_any()
+    )
+}
+
+/// Name of the generated deploy-key Secret (App names are at most 40 characters).
+pub fn deploy_key_name(app: &App) -> String {
+    format!("{}-deploy-key", app.name_any())
+}
+
+fn owner_reference(app: &App) -> OwnerReference {
+    app.controller_owner_ref(&())
+        .expect("an App read from the apiserver has a name and uid")
+}
+
+/// The Secret holding a generated deploy key (`kubernetes.io/ssh-auth`).
+fn desired_deploy_key(
+    app: &App,
+    name: &str,
+    key: &DeployKey,
+    made_for: &str,
+    owner: &OwnerReference,
+) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: app.namespace(),
+            labels: Some(BTreeMap::from([
+                (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
+                (APP_LABEL.to_string(), app.name_any()),
+                (DEPLOY_KEY_LABEL.to_string(), "true".to_string()),
+            ])),
+            annotations: Some(BTreeMap::from([(
+                GENERATED_FOR_ANNOTATION.to_string(),
+                made_for.to_string(),
+            )])),
+            owner_references: Some(vec![owner.clone()]),
+            ..Default::default()
+        },
+        type_: Some("kubernetes.io/ssh-auth".into()),
+        data: Some(BTreeMap::from([
+            (
+                PRIVATE_KEY.to_string(),
+                ByteString(key.private.as_bytes().to_vec()),
+            ),
+            (PUBLIC_KEY.to_string(), ByteString(key.public.as_bytes().to_vec())),
+        ])),
+        ..Default::default()
+    }
+}
+
+/// A named credentials Secret must hold an SSH key for SSH URLs, or a username and password
+/// (token) for HTTPS URLs.
+fn check_credentials_secret(secret: &Secret, git: &GitSource) -> Result<()> {
+    let has = |key: &str| secret.data.as_ref().is_some_and(|d| d.contains_key(key));
+    let name = secret.name_any();
+    let ok = if is_ssh_url(&git.url) {
+        has(PRIVATE_KEY)
+    } else {
+        has("username") && has("password")
+    };
+    if ok {
+        Ok(())
+    } else if is_ssh_url(&git.url) {
+        Err(Error::InvalidSpec {
+            reason: "InvalidCredentials",
+            message: format!("Secret {name} has no ssh-privatekey, which an SSH git URL needs"),
+        })
+    } else {
+        Err(Error::InvalidSpec {
+            reason: "InvalidCredentials",
+            message: format!(
+                "Secret {name} needs username and password (an access token) for an https git URL"
+            ),
+        })
+    }
+}
+
+async fn write_status(
+    ctx: &Context,
+    app: &App,
+    phase: AppPhase,
+    message: &str,
+    credentials: Option<Credentials>,
+    conditions: ConditionSet,
+) -> Result<()> {
+    let previous = app.status.clone().unwrap_or_default();
+    let (git_secret_name, ssh_public_key) = match credentials {
+        Some(c) => (c.secret_name, c.public_key),
+        None => (previous.git_secret_name.clone(), previous.ssh_public_key.clone()),
+    };
+    let status = AppStatus {
+        phase: Some(phase),
+        message: Some(message.to_owned()),
+        git_secret_name,
+        ssh_public_key,
+        observed_generation: app.metadata.generation,
+        conditions: conditions.conditions,
+        last_updated: Some(Time(Timestamp::now())),
+        // Written by the build controller; carried so this apply does not drop them.
+        latest_build: previous.latest_build.clone(),
+        current_image: previous.current_image.clone(),
+        previous_image: previous.previous_image.clone(),
+    };
+    let unchanged = AppStatus {
+        last_updated: None,
+        ..status.clone()
+    } == AppStatus {
+        last_updated: None,
+        ..previous
+    };
+    if unchanged {
+        return Ok(());
+    }
+    let patch = json!({"apiVersion": App::api_version(&()), "kind": KIND, "status": status});
+    Api::<App>::namespaced(ctx.client.clone(), &app.namespace().unwrap_or_default())
+        .patch_status(
+            &app.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(patch),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Checks what the CRD schema checks (it may be older or looser than this agent) and what it
+/// cannot: where the git host points, and whether the credentials can work with the URL.
+pub fn validate_source(app: &App) -> std::result::Result<(), String> {
+    use crate::api::BuildType;
+    if let Some(git) = &app.spec.git {
+        validate_git_url(&git.url)?;
+        validate_branch(&git.branch)?;
+        if git.is_private && git.secret_name.is_none() && !is_ssh_url(&git.url) {
+            return Err(format!(
+                "git.url {} is https and private, but no git.secretName is given: a generated deploy key \
+                 works only with SSH URLs (git@host:org/repo.git); use an SSH URL, or name a Secret with \
+                 username and password (an access token)",
+                git.url
+            ));
+        }
+    } else if app.spec.build.build_type != BuildType::Image {
+        return Err("spec.git is required unless spec.build.type is image".into());
+    }
+    match (app.spec.build.build_type, &app.spec.build.image) {
+        (BuildType::Image, None) => return Err("build.image is required when build.type is image".into()),
+        (BuildType::Dockerfile | BuildType::Buildpack, Some(_)) => {
+            return Err("build.image may only be set when build.type is image".into());
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Accepts `https://host[:port]/path`, `ssh://[user@]host[:port]/path` and `user@host:path`;
+/// refuses everything git would treat as a local path, a transport helper or an option, and
+/// hosts that are loopback, link-local (cloud metadata) or unspecified addresses.
+pub fn validate_git_url(url: &str) -> std::result::Result<(), String> {
+    let refuse = |why: &str| Err(format!("git.url {url:?} is refused: {why}"));
+    if url.starts_with('-') {
+        return refuse("it would be read as a command-line option");
+    }
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return refuse("it contains whitespace or control characters");
+    }
+    let host = if let Some(rest) = url.strip_prefix("https://") {
+        let authority = rest.split('/').next().unwrap_or_default();
+        if authority.contains('@') {
+            return refuse("credentials in the URL would be logged and stored; put them in git.secretName");
+        }
+        if !rest.contains('/') {
+            return refuse("it names no repository path");
+        }
+        authority
+    } else if let Some(rest) = url.strip_prefix("ssh://") {
+        let authority = rest.split('/').next().unwrap_or_default();
+        if !rest.contains('/') {
+            return refuse("it names no repository path");
+        }
+        authority.rsplit('@').next().unwrap_or_default()
+    } else if let Some((user_host, path)) = url
+        .split_once(':')
+        .filter(|(u, _)| u.contains('@') && !u.contains('/'))
+    {
+        if path.is_empty() || path.starts_with('-') {
+            return refuse("it names no repository path");
+        }
+        user_host.rsplit('@').next().unwrap_or_default()
+    } else {
+        return refuse(
+            "only https:// and SSH URLs are accepted (file://, ext::, http:// and local paths are not)",
+        );
+    };
+    let host = strip_port(host);
+    if host.is_empty() || host.starts_with('-') {
+        return refuse("it has no host");
+    }
+    if host.eq_ignore_ascii_case("localhost") {
+        return refuse("the host is this node (localhost)");
+    }
+    if let Ok(ip) = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+    {
+        let internal = match ip {
+            IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local() || v4.is_unspecified(),
+            IpAddr::V6(v6) => {
+                v6.is_loopback() || v6.is_unspecified() || (v6.segments()[0] & 0xffc0) == 0xfe80
+            }
+        };
+        if internal {
+            return refuse("the host is a loopback, link-local (cloud metadata) or unspecified address");
+        }
+    }
+    Ok(())
+}
+
+fn strip_port(authority: &str) -> &str {
+    if authority.starts_with('[') {
+        return authority
+            .split(']')
+            .next()
+            .map(|h| &authority[..h.len() + 1])
+            .unwrap_or(authority);
+    }
+    authority.split(':').next().unwrap_or(authority)
+}
+
+/// Whether a git URL uses SSH.
+pub fn is_ssh_url(url: &str) -> bool {
+    url.starts_with("ssh://") || (!url.contains("://") && url.contains('@'))
+}
+
+/// Branch names git accepts that cannot be read as options.
+pub fn validate_branch(branch: &str) -> std::result::Result<(), String> {
+    let valid = !branch.is_empty()
+        && !branch.starts_with(['-', '.', '/'])
+        && !branch.ends_with(['/', '.'])
+        && !branch.ends_with(".lock")
+        && !branch.contains("..")
+        && !branch.contains("//")
+        && branch
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._/-".contains(c));
+    if valid {
+        Ok(())
+    } else {
+        Err(format!("git.branch {branch:?} is not a valid branch name"))
+    }
+}
+
+/// A generated Ed25519 key pair in OpenSSH encodings.
+pub struct DeployKey {
+    /// `-----BEGIN OPENSSH PRIVATE KEY-----…`: stays in the Secret; never logged.
+    pub private: String,
+    /// `ssh-ed25519 AAAA… comment`: safe to show.
+    pub public: String,
+}
+
+impl std::fmt::Debug for DeployKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeployKey")
+            .field("public", &self.public)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Generates an Ed25519 deploy key from the operating system's random source.
+pub fn generate_deploy_key(comment: &str) -> Result<DeployKey> {
+    use ring::rand::SecureRandom;
+    let mut seed = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut seed)
+        .map_err(|_| Error::Crypto("the system random source failed".into()))?;
+    let keypair = ssh_key::private::Ed25519Keypair::from_seed(&seed);
+    let mut private = ssh_key::PrivateKey::from(keypair);
+    private.set_comment(comment);
+    let public = private
+        .public_key()
+        .to_openssh()
+        .map_err(|e| Error::Crypto(e.to_string()))?;
+    let private = private
+        .to_openssh(ssh_key::LineEnding::LF)
+        .map_err(|e| Error::Crypto(e.to_string()))?;
+    Ok(DeployKey {
+        private: private.to_string(),
+        public,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepted_git_urls() {
+        for url in [
+            "https://github.com/example/app.git",
+            "https://git.example.com:8443/group/sub/app",
+            "ssh://git@github.com/example/app.git",
+            "ssh://git@[2001:db8::1]:2222/example/app.git",
+            "git@github.com:example/app.git",
+            "https://10.0.0.5/internal/app.git",
+        ] {
+            assert_eq!(validate_git_url(url), Ok(()), "{url}");
+        }
+    }
+
+    #[test]
+    fn refused_git_urls_say_why() {
+        for (url, why) in [
+            ("file:///etc/passwd", "only https:// and SSH"),
+            ("ext::sh -c touch% /tmp/pwned", "whitespace"),
+            ("ext::sh", "only https:// and SSH"),
+            ("--upload-pack=touch /tmp/x", "option"),
+            ("/srv/git/app.git", "only https:// and SSH"),
+            ("http://github.com/example/app.git", "only https:// and SSH"),
+            (
+                "https://user:token@github.com/example/app.git",
+                "credentials in the URL",
+            ),
+            ("https://169.254.169.254/latest/meta-data", "link-local"),
+            ("https://127.0.0.1/repo.git", "loopback"),
+            ("ssh://git@localhost/repo.git", "localhost"),
+            ("ssh://git@[::1]/repo.git", "loopback"),
+            ("git@github.com:-oProxyCommand=x", "no repository path"),
+            ("https://github.com", "no repository path"),
+        ] {
+            let err = validate_git_url(url).unwrap_err();
+            assert!(err.contains(why), "{url}: {err}");
+        }
+    }
+
+    #[test]
+    fn branches() {
+        for ok in ["main", "release/1.2", "feature_x-y"] {
+            assert_eq!(validate_branch(ok), Ok(()), "{ok}");
+        }
+        for bad in ["-x", "a..b", "x.lock", "", "a b", ".hidden", "x/"] {
+            assert!(validate_branch(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn deploy_keys_are_ed25519_and_distinct() {
+        let a = generate_deploy_key("shapeblock:ns/app").unwrap();
+        let b = generate_deploy_key("shapeblock:ns/app").unwrap();
+        assert!(a.public.starts_with("ssh-ed25519 AAAA"), "{}", a.public);
+        assert!(a.public.ends_with(" shapeblock:ns/app"));
+        assert!(a.private.starts_with("-----BEGIN OPENSSH PRIVATE KEY-----"));
+        assert_ne!(a.public, b.public);
+        assert!(
+            !format!("{a:?}").contains("PRIVATE"),
+            "Debug never shows the private key"
+        );
+    }
+}

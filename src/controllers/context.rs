@@ -1,0 +1,183 @@
+//! What every reconciler shares: the client, the event recorder, metrics, configuration, and
+//! per-object retry counters for backoff.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::Client;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+
+use super::Error;
+use super::metrics::Metrics;
+
+/// Agent settings the controllers need.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The agent's own namespace (source of the registry pull secret).
+    pub agent_namespace: String,
+    /// Name of the registry pull secret in the agent's namespace that every project gets a
+    /// copy of; `None` when the cluster's registry needs none.
+    pub registry_secret: Option<String>,
+    /// Periodic re-check of healthy objects, in case something changed unseen.
+    pub resync: Duration,
+    /// Pod name, to tell Event sources apart when several replicas run.
+    pub instance: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            agent_namespace: "shapeblock".into(),
+            registry_secret: Some("registry-credentials".into()),
+            resync: Duration::from_secs(30 * 60),
+            instance: None,
+        }
+    }
+}
+
+/// Shared by all reconcilers.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: std::sync::Arc<Metrics>,
+    pub config: Config,
+    retries: Mutex<HashMap<String, u32>>,
+    synced: AtomicUsize,
+}
+
+/// Number of controllers whose caches must be synced before the agent reports ready.
+pub const CONTROLLERS: usize = 3;
+
+impl Context {
+    pub fn new(client: Client, metrics: std::sync::Arc<Metrics>, config: Config) -> Self {
+        let reporter = Reporter {
+            controller: super::MANAGED_BY.into(),
+            instance: config.instance.clone(),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            config,
+            retries: Mutex::new(HashMap::new()),
+            synced: AtomicUsize::new(0),
+        }
+    }
+
+    /// Publishes an Event. Failing to record one (e.g. in a namespace being deleted) must not
+    /// fail the reconcile, so errors are logged and dropped.
+    pub async fn publish(
+        &self,
+        regarding: &ObjectReference,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: impl Into<String>,
+    ) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(truncate(note.into(), 1000)),
+            action: action.into(),
+            secondary: None,
+        };
+        if let Err(err) = self.recorder.publish(&event, regarding).await {
+            tracing::debug!(%err, reason, "could not record event");
+        }
+    }
+
+    /// What to do after a failed reconcile: wait for a change (invalid spec), retry soon
+    /// (waiting on something), or back off exponentially with jitter (transient errors).
+    pub fn error_action(&self, key: &str, kind: &str, error: &Error) -> Action {
+        self.metrics.failure(kind, error.reason());
+        match error {
+            Error::Waiting(_) => tracing::debug!(kind, object = key, %error, "waiting"),
+            Error::InvalidSpec { .. } => {
+                tracing::info!(kind, object = key, %error, "invalid spec; waiting for a change")
+            }
+            _ => tracing::warn!(kind, object = key, %error, "reconcile failed; will retry"),
+        }
+        if let Some(delay) = error.fixed_delay() {
+            return Action::requeue(delay);
+        }
+        if !error.is_retryable() {
+            return Action::await_change();
+        }
+        let attempt = {
+            let mut retries = self.retries.lock().unwrap_or_else(|p| p.into_inner());
+            let attempt = retries.entry(key.to_owned()).or_insert(0);
+            *attempt = attempt.saturating_add(1);
+            *attempt
+        };
+        Action::requeue(backoff_delay(attempt))
+    }
+
+    /// Forgets the failures of an object that reconciled successfully.
+    pub fn reset_retries(&self, key: &str) {
+        self.retries.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+    }
+
+    /// Marks one controller's cache as synced.
+    pub fn mark_synced(&self) {
+        self.synced.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Whether every controller's cache is synced.
+    pub fn is_ready(&self) -> bool {
+        self.synced_count() >= CONTROLLERS
+    }
+
+    /// How many controllers have synced their caches.
+    pub fn synced_count(&self) -> usize {
+        self.synced.load(Ordering::SeqCst)
+    }
+}
+
+/// 1 s, 2 s, 4 s, ... capped at 5 minutes, with jitter so that many objects failing together
+/// do not retry together.
+pub fn backoff_delay(attempt: u32) -> Duration {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_secs(1))
+        .with_max_delay(Duration::from_secs(300))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
+        .nth(attempt.saturating_sub(1) as usize)
+        .unwrap_or(Duration::from_secs(300))
+}
+
+fn truncate(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut cut = max;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert!(backoff_delay(1) >= Duration::from_secs(1) && backoff_delay(1) <= Duration::from_secs(2));
+        assert!(backoff_delay(3) >= Duration::from_secs(4));
+        assert!(backoff_delay(30) <= Duration::from_secs(600));
+        assert!(backoff_delay(30) >= Duration::from_secs(300));
+    }
+
+    #[test]
+    fn truncation_respects_char_boundaries() {
+        assert_eq!(truncate("héllo".into(), 2), "h");
+        assert_eq!(truncate("abc".into(), 10), "abc");
+    }
+}

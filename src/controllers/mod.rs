@@ -1,0 +1,119 @@
+//! One controller per kind. They share a [`Context`]; each `reconcile` dispatches through
+//! `kube::runtime::finalizer` (where cleanup matters) to idempotent apply / cleanup functions,
+//! writes children and status with server-side apply under [`FIELD_MANAGER`], and builds the
+//! objects it wants from pure functions that need no client.
+//!
+//! Controllers know the CRD types and kube; never the tunnel or the protocol.
+
+pub mod app;
+mod conditions;
+mod context;
+mod error;
+pub mod metrics;
+pub mod project;
+pub mod team;
+
+use std::future::Future;
+use std::sync::Arc;
+
+pub use conditions::{ConditionSet, set_condition};
+pub use context::{CONTROLLERS, Config, Context};
+pub use error::{Error, Result};
+
+/// The field manager of everything the agent writes.
+pub const FIELD_MANAGER: &str = "shapeblock-agent";
+/// Label on every object the agent creates.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY: &str = "shapeblock-agent";
+/// Label naming the Project an object belongs to (on namespaces: the Project that owns it).
+pub const PROJECT_LABEL: &str = "apps.shapeblock.io/project";
+/// Label naming the App an object belongs to.
+pub const APP_LABEL: &str = "apps.shapeblock.io/app";
+/// Label naming the Team a RoleBinding belongs to.
+pub const TEAM_LABEL: &str = "apps.shapeblock.io/team";
+
+/// Runs every controller until `shutdown` resolves, then lets in-flight reconciles finish.
+pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + Clone + 'static) {
+    tokio::join!(
+        project::run(ctx.clone(), shutdown.clone()),
+        app::run(ctx.clone(), shutdown.clone()),
+        team::run(ctx, shutdown),
+    );
+}
+
+/// Reports an object the agent cannot decode (for example written against a newer CRD): a
+/// Warning Event and a `Ready=False/InvalidObject` condition, then waits for a change. The
+/// watch keeps serving every other object.
+pub(crate) async fn report_undecodable<K>(
+    ctx: &Context,
+    invalid: &kube::core::error_boundary::InvalidObject,
+) -> Result<kube::runtime::controller::Action>
+where
+    K: kube::Resource<DynamicType = ()>,
+{
+    use k8s_openapi::api::core::v1::ObjectReference;
+    use kube::api::{Api, DynamicObject, Patch, PatchParams};
+    use kube::discovery::ApiResource;
+
+    let meta = &invalid.metadata;
+    let name = meta.name.clone().unwrap_or_default();
+    let message = format!("the agent cannot read this {}: {}", K::kind(&()), invalid.error);
+    tracing::warn!(kind = %K::kind(&()), %name, error = %invalid.error, "undecodable object");
+    let reference = ObjectReference {
+        api_version: Some(K::api_version(&()).into_owned()),
+        kind: Some(K::kind(&()).into_owned()),
+        name: meta.name.clone(),
+        namespace: meta.namespace.clone(),
+        uid: meta.uid.clone(),
+        resource_version: meta.resource_version.clone(),
+        field_path: None,
+    };
+    ctx.publish(
+        &reference,
+        kube::runtime::events::EventType::Warning,
+        "InvalidObject",
+        "Decode",
+        &message,
+    )
+    .await;
+    let resource = ApiResource::erase::<K>(&());
+    let api: Api<DynamicObject> = match &meta.namespace {
+        Some(ns) => Api::namespaced_with(ctx.client.clone(), ns, &resource),
+        None => Api::all_with(ctx.client.clone(), &resource),
+    };
+    let mut conditions = ConditionSet::new(&[], meta.generation);
+    conditions.set("Ready", false, "InvalidObject", &message);
+    let patch = serde_json::json!({
+        "apiVersion": resource.api_version,
+        "kind": resource.kind,
+        "status": {"phase": "Failed", "message": message, "conditions": conditions.conditions}
+    });
+    api.patch_status(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(patch),
+    )
+    .await?;
+    Ok(kube::runtime::controller::Action::await_change())
+}
+
+/// Marks a controller synced once its store has its initial list, for `/readyz`.
+///
+/// A store's readiness future wakes only its most recent poller, and the controller itself
+/// waits on it too, so poll with a short timeout instead of waiting once.
+pub(crate) fn mark_synced_when_ready<K>(ctx: Arc<Context>, store: kube::runtime::reflector::Store<K>)
+where
+    K: kube::Resource + Clone + Send + Sync + 'static,
+    K::DynamicType: std::hash::Hash + Eq + Clone + Send + Sync,
+{
+    tokio::spawn(async move {
+        loop {
+            match tokio::time::timeout(std::time::Duration::from_millis(200), store.wait_until_ready()).await
+            {
+                Ok(Ok(())) => return ctx.mark_synced(),
+                Ok(Err(_)) => return,
+                Err(_) => continue,
+            }
+        }
+    });
+}

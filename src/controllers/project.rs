@@ -1,0 +1,563 @@
+//! Project controller: a namespace per Project, the registry pull secret copied into it and
+//! kept in sync with its source, and the optional quota and container defaults.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{
+    LimitRange, LimitRangeItem, LimitRangeSpec, Namespace, ResourceQuota, ResourceQuotaSpec, Secret,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::core::{DeserializeGuard, PartialObjectMeta};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::EventType;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+
+use super::{
+    ConditionSet, Context, Error, FIELD_MANAGER, MANAGED_BY, MANAGED_BY_LABEL, PROJECT_LABEL, Result,
+};
+use crate::api::{Project, ProjectPhase, ProjectStatus};
+
+const KIND: &str = "Project";
+/// Finalizer that keeps a Project until its namespace is gone.
+pub const FINALIZER: &str = "apps.shapeblock.io/namespace";
+/// Label on pull-secret copies, naming their source (`<namespace>.<name>`).
+pub const COPY_OF_LABEL: &str = "apps.shapeblock.io/copy-of";
+const QUOTA_NAME: &str = "shapeblock-quota";
+const LIMIT_RANGE_NAME: &str = "shapeblock-defaults";
+/// Pod Security level of project namespaces: `baseline` forbids privileged pods, host access and
+/// added capabilities, yet lets kaniko run as root (it needs to, to unpack image layers).
+pub const POD_SECURITY_LEVEL: &str = "baseline";
+
+/// Runs the Project controller until `shutdown`.
+pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+    let client = ctx.client.clone();
+    let projects = Api::<DeserializeGuard<Project>>::all(client.clone());
+    // Children, watched by label and as metadata only: the body is never needed to notice that
+    // one changed or vanished, and an unselected Secret watch would cache every Secret.
+    let namespaces = watcher(
+        Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
+        watcher::Config::default().labels(PROJECT_LABEL),
+    )
+    .touched_objects();
+    let copies = watcher(
+        Api::<PartialObjectMeta<Secret>>::all(client.clone()),
+        watcher::Config::default().labels(COPY_OF_LABEL),
+    )
+    .touched_objects();
+
+    let controller = Controller::new(projects, watcher::Config::default())
+        .owns_stream(namespaces)
+        .owns_stream(copies);
+    let store = controller.store();
+
+    // The source pull secret, watched by name: when it changes, every project's copy follows.
+    let controller = match &ctx.config.registry_secret {
+        Some(name) => {
+            let source = watcher(
+                Api::<Secret>::namespaced(client.clone(), &ctx.config.agent_namespace),
+                watcher::Config::default().fields(&format!("metadata.name={name}")),
+            )
+            .touched_objects();
+            let all = store.clone();
+            controller.watches_stream(source, move |_| all_projects(&all))
+        }
+        None => controller,
+    };
+
+    super::mark_synced_when_ready(ctx.clone(), store.clone());
+
+    controller
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(err) = result {
+                tracing::debug!(%err, "project reconcile ended with an error");
+            }
+        })
+        .await;
+}
+
+fn all_projects(store: &Store<DeserializeGuard<Project>>) -> Vec<ObjectRef<DeserializeGuard<Project>>> {
+    store
+        .state()
+        .iter()
+        .map(|p| ObjectRef::from_obj(p.as_ref()))
+        .collect()
+}
+
+async fn reconcile(guard: Arc<DeserializeGuard<Project>>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.reconcile(KIND);
+    let project = match &guard.0 {
+        Ok(project) => Arc::new(project.clone()),
+        Err(invalid) => return super::report_undecodable::<Project>(&ctx, invalid).await,
+    };
+    let api = Api::<Project>::all(ctx.client.clone());
+    let key = project.name_any();
+    let action = finalizer(&api, FINALIZER, project, |event| async {
+        match event {
+            Finalizer::Apply(project) => apply(&project, &ctx).await,
+            Finalizer::Cleanup(project) => cleanup(&project, &ctx).await,
+        }
+    })
+    .await
+    .map_err(Error::from)?;
+    ctx.reset_retries(&key);
+    Ok(action)
+}
+
+fn error_policy(guard: Arc<DeserializeGuard<Project>>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.error_action(&guard.name_any(), KIND, error)
+}
+
+async fn apply(project: &Project, ctx: &Context) -> Result<Action> {
+    let name = project.name_any();
+    let mut conditions = ConditionSet::new(
+        project
+            .status
+            .as_ref()
+            .map(|s| s.conditions.as_slice())
+            .unwrap_or_default(),
+        project.metadata.generation,
+    );
+    let namespaces = Api::<Namespace>::all(ctx.client.clone());
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+
+    if let Some(existing) = namespaces.get_opt(&name).await? {
+        if !is_owned_by(&existing, &name) {
+            let message = format!(
+                "namespace {name} already exists and was not created for this Project; \
+                 the agent does not adopt or delete it: rename the Project or remove the namespace"
+            );
+            conditions.set("NamespaceReady", false, "NamespaceConflict", &message);
+            conditions.set("Ready", false, "NamespaceConflict", &message);
+            let newly = phase_of(project) != Some(ProjectPhase::Failed);
+            write_status(ctx, project, ProjectPhase::Failed, &message, None, conditions).await?;
+            if newly {
+                ctx.publish(
+                    &project.object_ref(&()),
+                    EventType::Warning,
+                    "NamespaceConflict",
+                    "CreateNamespace",
+                    &message,
+                )
+                .await;
+            }
+            // Not watched (it carries none of our labels): look again now and then.
+            return Ok(Action::requeue(std::time::Duration::from_secs(300)));
+        }
+        if existing.metadata.deletion_timestamp.is_some() {
+            let message = format!("waiting for namespace {name} to finish terminating");
+            conditions.set("NamespaceReady", false, "NamespaceTerminating", &message);
+            conditions.set("Ready", false, "NamespaceTerminating", &message);
+            write_status(ctx, project, ProjectPhase::Pending, &message, None, conditions).await?;
+            return Err(Error::Waiting(message));
+        }
+    }
+
+    let owner = owner_reference(project);
+    namespaces
+        .patch(&name, &params, &Patch::Apply(desired_namespace(project, &owner)))
+        .await?;
+    conditions.set(
+        "NamespaceReady",
+        true,
+        "Created",
+        format!("namespace {name} is ready"),
+    );
+
+    let pull_secret_ok = sync_pull_secret(project, ctx, &owner, &mut conditions).await?;
+
+    let quotas = Api::<ResourceQuota>::namespaced(ctx.client.clone(), &name);
+    match desired_quota(project, &owner) {
+        Some(quota) => drop(quotas.patch(QUOTA_NAME, &params, &Patch::Apply(quota)).await?),
+        None => delete_if_present(&quotas, QUOTA_NAME).await?,
+    }
+    let limits = Api::<LimitRange>::namespaced(ctx.client.clone(), &name);
+    match desired_limit_range(project, &owner) {
+        Some(range) => drop(
+            limits
+                .patch(LIMIT_RANGE_NAME, &params, &Patch::Apply(range))
+                .await?,
+        ),
+        None => delete_if_present(&limits, LIMIT_RANGE_NAME).await?,
+    }
+
+    let (phase, message) = if pull_secret_ok {
+        conditions.set("Ready", true, "Reconciled", format!("namespace {name} is ready"));
+        (ProjectPhase::Ready, format!("namespace {name} is ready"))
+    } else {
+        let message = conditions
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "PullSecretSynced")
+            .map(|c| c.message.clone())
+            .unwrap_or_default();
+        conditions.set("Ready", false, "PullSecretMissing", &message);
+        (ProjectPhase::Pending, message)
+    };
+    let became_ready = phase == ProjectPhase::Ready && phase_of(project) != Some(ProjectPhase::Ready);
+    write_status(ctx, project, phase, &message, Some(name.clone()), conditions).await?;
+    if became_ready {
+        ctx.publish(
+            &project.object_ref(&()),
+            EventType::Normal,
+            "Ready",
+            "Reconcile",
+            &message,
+        )
+        .await;
+    }
+    Ok(Action::requeue(ctx.config.resync))
+}
+
+/// Copies the source pull secret into the project. Returns whether the copy is in place
+/// (or none is configured).
+async fn sync_pull_secret(
+    project: &Project,
+    ctx: &Context,
+    owner: &OwnerReference,
+    conditions: &mut ConditionSet,
+) -> Result<bool> {
+    let Some(source_name) = &ctx.config.registry_secret else {
+        conditions.set(
+            "PullSecretSynced",
+            true,
+            "NotConfigured",
+            "no registry pull secret is configured",
+        );
+        return Ok(true);
+    };
+    let source_ns = &ctx.config.agent_namespace;
+    let source = Api::<Secret>::namespaced(ctx.client.clone(), source_ns)
+        .get_opt(source_name)
+        .await?;
+    let Some(source) = source else {
+        let message = format!(
+            "registry pull secret {source_ns}/{source_name} does not exist: create it (type \
+             kubernetes.io/dockerconfigjson) and every project gets a copy"
+        );
+        conditions.set("PullSecretSynced", false, "SourceSecretMissing", message);
+        return Ok(false);
+    };
+    let copy = desired_pull_secret(project, &source, source_ns, owner);
+    Api::<Secret>::namespaced(ctx.client.clone(), &project.name_any())
+        .patch(
+            source_name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(copy),
+        )
+        .await?;
+    conditions.set(
+        "PullSecretSynced",
+        true,
+        "Copied",
+        format!("{source_name} copied from namespace {source_ns}"),
+    );
+    Ok(true)
+}
+
+async fn cleanup(project: &Project, ctx: &Context) -> Result<Action> {
+    let name = project.name_any();
+    let namespaces = Api::<Namespace>::all(ctx.client.clone());
+    let Some(namespace) = namespaces.get_opt(&name).await? else {
+        return Ok(Action::await_change());
+    };
+    if !is_owned_by(&namespace, &name) {
+        // Somebody else's namespace: never ours to delete.
+        return Ok(Action::await_change());
+    }
+    if phase_of(project) != Some(ProjectPhase::Terminating) {
+        let message = format!("deleting namespace {name}");
+        let mut conditions = ConditionSet::new(
+            project
+                .status
+                .as_ref()
+                .map(|s| s.conditions.as_slice())
+                .unwrap_or_default(),
+            project.metadata.generation,
+        );
+        conditions.set("Ready", false, "Terminating", &message);
+        write_status(
+            ctx,
+            project,
+            ProjectPhase::Terminating,
+            &message,
+            Some(name.clone()),
+            conditions,
+        )
+        .await?;
+        ctx.publish(
+            &project.object_ref(&()),
+            EventType::Normal,
+            "DeletingNamespace",
+            "Delete",
+            &message,
+        )
+        .await;
+    }
+    if namespace.metadata.deletion_timestamp.is_none() {
+        match namespaces.delete(&name, &DeleteParams::background()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 404 => return Ok(Action::await_change()),
+            Err(err) => return Err(err.into()),
+        }
+    }
+    // The namespace watch wakes us when it is gone; the error only schedules a fallback retry.
+    Err(Error::Waiting(format!("namespace {name} is terminating")))
+}
+
+fn phase_of(project: &Project) -> Option<ProjectPhase> {
+    project.status.as_ref().and_then(|s| s.phase)
+}
+
+/// Whether a namespace was created by the agent for this Project.
+fn is_owned_by(namespace: &Namespace, project: &str) -> bool {
+    let labels = namespace.labels();
+    labels.get(PROJECT_LABEL).map(String::as_str) == Some(project)
+        && labels.get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY)
+}
+
+async fn write_status(
+    ctx: &Context,
+    project: &Project,
+    phase: ProjectPhase,
+    message: &str,
+    namespace: Option<String>,
+    conditions: ConditionSet,
+) -> Result<()> {
+    let status = ProjectStatus {
+        phase: Some(phase),
+        message: Some(message.to_owned()),
+        namespace,
+        observed_generation: project.metadata.generation,
+        conditions: conditions.conditions,
+    };
+    let patch = json!({
+        "apiVersion": Project::api_version(&()),
+        "kind": KIND,
+        "status": status,
+    });
+    Api::<Project>::all(ctx.client.clone())
+        .patch_status(
+            &project.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(patch),
+        )
+        .await?;
+    Ok(())
+}
+
+async fn delete_if_present<K>(api: &Api<K>, name: &str) -> Result<()>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// The controller owner reference children of a Project carry.
+pub fn owner_reference(project: &Project) -> OwnerReference {
+    project
+        .controller_owner_ref(&())
+        .expect("a Project read from the apiserver has a name and uid")
+}
+
+fn child_labels(project: &Project) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
+        (PROJECT_LABEL.to_string(), project.name_any()),
+    ])
+}
+
+/// The namespace of a Project: its labels (user's first, ours win), display annotations and
+/// the Pod Security level.
+pub fn desired_namespace(project: &Project, owner: &OwnerReference) -> Namespace {
+    let mut labels = project.spec.namespace_labels.clone();
+    labels.extend(child_labels(project));
+    labels.insert(
+        "pod-security.kubernetes.io/enforce".into(),
+        POD_SECURITY_LEVEL.into(),
+    );
+    let mut annotations = BTreeMap::new();
+    if let Some(display) = &project.spec.display_name {
+        annotations.insert("apps.shapeblock.io/display-name".to_string(), display.clone());
+    }
+    if let Some(description) = &project.spec.description {
+        annotations.insert("apps.shapeblock.io/description".to_string(), description.clone());
+    }
+    Namespace {
+        metadata: ObjectMeta {
+            name: Some(project.name_any()),
+            labels: Some(labels),
+            annotations: Some(annotations),
+            owner_references: Some(vec![owner.clone()]),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+/// The project's copy of the registry pull secret: same type and data as the source.
+pub fn desired_pull_secret(
+    project: &Project,
+    source: &Secret,
+    source_ns: &str,
+    owner: &OwnerReference,
+) -> Secret {
+    let mut labels = child_labels(project);
+    labels.insert(COPY_OF_LABEL.into(), format!("{source_ns}.{}", source.name_any()));
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(source.name_any()),
+            namespace: Some(project.name_any()),
+            labels: Some(labels),
+            owner_references: Some(vec![owner.clone()]),
+            ..Default::default()
+        },
+        type_: source.type_.clone(),
+        data: source.data.clone(),
+        ..Default::default()
+    }
+}
+
+/// The project's ResourceQuota, if the spec asks for one.
+pub fn desired_quota(project: &Project, owner: &OwnerReference) -> Option<ResourceQuota> {
+    (!project.spec.resource_quota.is_empty()).then(|| ResourceQuota {
+        metadata: child_meta(project, QUOTA_NAME, owner),
+        spec: Some(ResourceQuotaSpec {
+            hard: Some(project.spec.resource_quota.clone()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
+/// The project's LimitRange (container defaults), if the spec asks for one.
+pub fn desired_limit_range(project: &Project, owner: &OwnerReference) -> Option<LimitRange> {
+    let defaults = project.spec.container_defaults.as_ref()?;
+    if defaults.requests.is_empty() && defaults.limits.is_empty() {
+        return None;
+    }
+    let non_empty = |map: &BTreeMap<_, _>| (!map.is_empty()).then(|| map.clone());
+    Some(LimitRange {
+        metadata: child_meta(project, LIMIT_RANGE_NAME, owner),
+        spec: Some(LimitRangeSpec {
+            limits: vec![LimitRangeItem {
+                type_: "Container".into(),
+                default: non_empty(&defaults.limits),
+                default_request: non_empty(&defaults.requests),
+                ..Default::default()
+            }],
+        }),
+    })
+}
+
+fn child_meta(project: &Project, name: &str, owner: &OwnerReference) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.into()),
+        namespace: Some(project.name_any()),
+        labels: Some(child_labels(project)),
+        owner_references: Some(vec![owner.clone()]),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{BuildResources, ProjectSpec};
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+
+    fn project() -> Project {
+        let mut project = Project::new(
+            "shop",
+            ProjectSpec {
+                display_name: Some("Shop".into()),
+                namespace_labels: BTreeMap::from([
+                    ("team".to_string(), "web".to_string()),
+                    (PROJECT_LABEL.to_string(), "spoofed".to_string()),
+                ]),
+                ..Default::default()
+            },
+        );
+        project.metadata.uid = Some("uid-1".into());
+        project
+    }
+
+    #[test]
+    fn namespace_carries_our_labels_over_the_users() {
+        let project = project();
+        let ns = desired_namespace(&project, &owner_reference(&project));
+        let labels = ns.metadata.labels.unwrap();
+        assert_eq!(
+            labels[PROJECT_LABEL], "shop",
+            "user labels cannot spoof ownership"
+        );
+        assert_eq!(labels["team"], "web");
+        assert_eq!(labels["pod-security.kubernetes.io/enforce"], "baseline");
+        assert_eq!(
+            ns.metadata.annotations.unwrap()["apps.shapeblock.io/display-name"],
+            "Shop"
+        );
+        assert_eq!(ns.metadata.owner_references.unwrap()[0].uid, "uid-1");
+    }
+
+    #[test]
+    fn quota_and_limits_only_when_asked_for() {
+        let mut project = project();
+        let owner = owner_reference(&project);
+        assert!(desired_quota(&project, &owner).is_none());
+        assert!(desired_limit_range(&project, &owner).is_none());
+        project
+            .spec
+            .resource_quota
+            .insert("pods".into(), Quantity("10".into()));
+        project.spec.container_defaults = Some(BuildResources {
+            requests: BTreeMap::from([("cpu".to_string(), Quantity("100m".into()))]),
+            limits: BTreeMap::new(),
+        });
+        let quota = desired_quota(&project, &owner).unwrap();
+        assert_eq!(quota.spec.unwrap().hard.unwrap()["pods"], Quantity("10".into()));
+        let range = desired_limit_range(&project, &owner).unwrap().spec.unwrap();
+        assert_eq!(
+            range.limits[0].default_request.as_ref().unwrap()["cpu"],
+            Quantity("100m".into())
+        );
+        assert!(range.limits[0].default.is_none());
+    }
+
+    #[test]
+    fn pull_secret_copy_keeps_type_and_data_and_names_its_source() {
+        let project = project();
+        let source = Secret {
+            metadata: ObjectMeta {
+                name: Some("registry-credentials".into()),
+                ..Default::default()
+            },
+            type_: Some("kubernetes.io/dockerconfigjson".into()),
+            data: Some(BTreeMap::from([(
+                ".dockerconfigjson".to_string(),
+                k8s_openapi::ByteString(b"{}".to_vec()),
+            )])),
+            ..Default::default()
+        };
+        let copy = desired_pull_secret(&project, &source, "shapeblock", &owner_reference(&project));
+        assert_eq!(copy.metadata.namespace.as_deref(), Some("shop"));
+        assert_eq!(copy.type_, source.type_);
+        assert_eq!(copy.data, source.data);
+        assert_eq!(
+            copy.metadata.labels.unwrap()[COPY_OF_LABEL],
+            "shapeblock.registry-credentials"
+        );
+    }
+}

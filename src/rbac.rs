@@ -1,0 +1,292 @@
+//! RBAC in one place: the agent's own rules (each with the reason it exists) and the
+//! ClusterRoles that Teams bind to. The tests install exactly these, and run the agent with a
+//! token for its ServiceAccount, so a missing permission fails a test; the Helm chart renders
+//! the same rules.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::rbac::v1::{
+    ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use crate::api::{GROUP, TeamRole};
+
+/// Name of the agent's ServiceAccount, ClusterRole, ClusterRoleBinding, Role and RoleBinding.
+pub const AGENT_NAME: &str = "shapeblock-agent";
+
+/// One RBAC rule and why the agent needs it.
+#[derive(Clone, Debug)]
+pub struct Rule {
+    pub api_groups: &'static [&'static str],
+    pub resources: &'static [&'static str],
+    pub verbs: &'static [&'static str],
+    pub resource_names: &'static [&'static str],
+    pub why: &'static str,
+}
+
+impl Rule {
+    fn policy(&self) -> PolicyRule {
+        let strings = |items: &[&str]| items.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        PolicyRule {
+            api_groups: Some(strings(self.api_groups)),
+            resources: Some(strings(self.resources)),
+            verbs: strings(self.verbs),
+            resource_names: (!self.resource_names.is_empty()).then(|| strings(self.resource_names)),
+            non_resource_urls: None,
+        }
+    }
+}
+
+const READ_WRITE: &[&str] = &["get", "list", "watch", "create", "patch", "delete"];
+
+/// The ClusterRoles Teams bind to, by role.
+pub fn team_cluster_role_name(role: TeamRole) -> &'static str {
+    match role {
+        TeamRole::Admin => "shapeblock-admin",
+        TeamRole::Developer => "shapeblock-developer",
+        TeamRole::Viewer => "shapeblock-viewer",
+    }
+}
+
+/// Cluster-wide rules of the agent. No wildcards.
+pub const AGENT_CLUSTER_RULES: &[Rule] = &[
+    Rule {
+        api_groups: &[GROUP],
+        resources: &["projects", "apps", "appbuilds", "backingservices", "teams"],
+        verbs: &["get", "list", "watch", "patch"],
+        resource_names: &[],
+        why: "watch the ShapeBlock resources it reconciles; patch adds and removes its finalizer",
+    },
+    Rule {
+        api_groups: &[GROUP],
+        resources: &[
+            "projects/status",
+            "apps/status",
+            "appbuilds/status",
+            "backingservices/status",
+            "teams/status",
+        ],
+        verbs: &["get", "patch"],
+        resource_names: &[],
+        why: "write phase, conditions and observedGeneration (server-side apply on the status subresource)",
+    },
+    Rule {
+        api_groups: &[""],
+        resources: &["namespaces"],
+        verbs: READ_WRITE,
+        resource_names: &[],
+        why: "a Project is a namespace: create it, label it, delete it when the Project goes; watched by label, metadata only",
+    },
+    Rule {
+        api_groups: &[""],
+        resources: &["secrets"],
+        verbs: READ_WRITE,
+        resource_names: &[],
+        why: "copy the registry pull secret into project namespaces, keep App deploy keys, read the clone credentials an App names; watched by label, metadata only (RBAC cannot narrow by label)",
+    },
+    Rule {
+        api_groups: &[""],
+        resources: &["resourcequotas", "limitranges"],
+        verbs: READ_WRITE,
+        resource_names: &[],
+        why: "a Project's optional quota and container defaults",
+    },
+    Rule {
+        api_groups: &["rbac.authorization.k8s.io"],
+        resources: &["rolebindings"],
+        verbs: READ_WRITE,
+        resource_names: &[],
+        why: "a Team is RoleBindings in its projects' namespaces; listed by label to remove the ones no longer wanted",
+    },
+    Rule {
+        api_groups: &["rbac.authorization.k8s.io"],
+        resources: &["clusterroles"],
+        verbs: &["bind"],
+        resource_names: &["shapeblock-admin", "shapeblock-developer", "shapeblock-viewer"],
+        why: "bind Team members to the three ShapeBlock roles without holding their permissions itself; nothing else",
+    },
+    Rule {
+        api_groups: &["events.k8s.io"],
+        resources: &["events"],
+        verbs: &["create", "patch"],
+        resource_names: &[],
+        why: "Events on the objects it reconciles (kubectl describe shows them)",
+    },
+];
+
+/// The agent's ClusterRole.
+pub fn agent_cluster_role() -> ClusterRole {
+    ClusterRole {
+        metadata: meta(AGENT_NAME, None),
+        rules: Some(AGENT_CLUSTER_RULES.iter().map(Rule::policy).collect()),
+        ..Default::default()
+    }
+}
+
+/// Binds the agent's ClusterRole to its ServiceAccount in `namespace`.
+pub fn agent_cluster_role_binding(namespace: &str) -> ClusterRoleBinding {
+    ClusterRoleBinding {
+        metadata: meta(AGENT_NAME, None),
+        role_ref: role_ref("ClusterRole", AGENT_NAME),
+        subjects: Some(vec![service_account(namespace)]),
+    }
+}
+
+/// Rules the agent needs in its own namespace only.
+pub const AGENT_NAMESPACE_RULES: &[Rule] = &[Rule {
+    api_groups: &[""],
+    resources: &["secrets"],
+    verbs: &["get", "list", "watch"],
+    resource_names: &[],
+    why: "watch the source registry pull secret (by name) to copy it into every project",
+}];
+
+/// The agent's Role in its own namespace.
+pub fn agent_role(namespace: &str) -> Role {
+    Role {
+        metadata: meta(AGENT_NAME, Some(namespace)),
+        rules: Some(AGENT_NAMESPACE_RULES.iter().map(Rule::policy).collect()),
+    }
+}
+
+/// Binds the agent's Role to its ServiceAccount.
+pub fn agent_role_binding(namespace: &str) -> RoleBinding {
+    RoleBinding {
+        metadata: meta(AGENT_NAME, Some(namespace)),
+        role_ref: role_ref("Role", AGENT_NAME),
+        subjects: Some(vec![service_account(namespace)]),
+    }
+}
+
+const SHAPEBLOCK_KINDS: &[&str] = &["apps", "appbuilds", "backingservices"];
+const READ: &[&str] = &["get", "list", "watch"];
+const WRITE: &[&str] = &["create", "update", "patch", "delete"];
+
+/// Rules of a Team role inside a project namespace.
+///
+/// What RBAC cannot enforce: anyone who may create Pods in a namespace can mount any Secret of
+/// that namespace into them. Developers cannot create Pods directly, but the agent builds and
+/// deploys for them; their apps' pods see what the apps are bound to, by design.
+pub fn team_rules(role: TeamRole) -> Vec<PolicyRule> {
+    let rule = |groups: &[&str], resources: &[&str], verbs: &[&str]| PolicyRule {
+        api_groups: Some(groups.iter().map(|s| s.to_string()).collect()),
+        resources: Some(resources.iter().map(|s| s.to_string()).collect()),
+        verbs: verbs.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    let mut rules = vec![
+        rule(&[GROUP], SHAPEBLOCK_KINDS, READ),
+        rule(
+            &[""],
+            &[
+                "pods",
+                "pods/log",
+                "services",
+                "endpoints",
+                "configmaps",
+                "events",
+                "persistentvolumeclaims",
+                "resourcequotas",
+                "limitranges",
+            ],
+            READ,
+        ),
+        rule(&["apps"], &["deployments", "replicasets", "statefulsets"], READ),
+        rule(&["batch"], &["jobs", "cronjobs"], READ),
+        rule(&["networking.k8s.io"], &["ingresses"], READ),
+        rule(&["events.k8s.io"], &["events"], READ),
+    ];
+    if matches!(role, TeamRole::Developer | TeamRole::Admin) {
+        rules.push(rule(&[GROUP], SHAPEBLOCK_KINDS, WRITE));
+    }
+    if role == TeamRole::Admin {
+        rules.push(rule(
+            &[""],
+            &["secrets"],
+            &["get", "list", "watch", "create", "update", "patch", "delete"],
+        ));
+        rules.push(rule(&[""], &["pods"], &["delete"]));
+    }
+    rules
+}
+
+/// The three Team ClusterRoles.
+pub fn team_cluster_roles() -> Vec<ClusterRole> {
+    [TeamRole::Admin, TeamRole::Developer, TeamRole::Viewer]
+        .into_iter()
+        .map(|role| ClusterRole {
+            metadata: meta(team_cluster_role_name(role), None),
+            rules: Some(team_rules(role)),
+            ..Default::default()
+        })
+        .collect()
+}
+
+fn meta(name: &str, namespace: Option<&str>) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.into()),
+        namespace: namespace.map(Into::into),
+        labels: Some(BTreeMap::from([(
+            "app.kubernetes.io/part-of".to_string(),
+            "shapeblock".to_string(),
+        )])),
+        ..Default::default()
+    }
+}
+
+fn role_ref(kind: &str, name: &str) -> RoleRef {
+    RoleRef {
+        api_group: "rbac.authorization.k8s.io".into(),
+        kind: kind.into(),
+        name: name.into(),
+    }
+}
+
+fn service_account(namespace: &str) -> Subject {
+    Subject {
+        kind: "ServiceAccount".into(),
+        name: AGENT_NAME.into(),
+        namespace: Some(namespace.into()),
+        api_group: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_wildcards_anywhere() {
+        let roles = team_cluster_roles().into_iter().chain([agent_cluster_role()]);
+        for role in roles {
+            for rule in role.rules.unwrap() {
+                let all = rule
+                    .verbs
+                    .iter()
+                    .chain(rule.resources.iter().flatten())
+                    .chain(rule.api_groups.iter().flatten());
+                assert!(
+                    all.clone().all(|s| s != "*"),
+                    "wildcard in {:?}",
+                    role.metadata.name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn only_admins_touch_secrets() {
+        for role in [TeamRole::Developer, TeamRole::Viewer] {
+            let touches = team_rules(role)
+                .iter()
+                .any(|r| r.resources.iter().flatten().any(|s| s == "secrets"));
+            assert!(!touches, "{role:?} must not reach Secrets");
+        }
+        assert!(
+            team_rules(TeamRole::Admin)
+                .iter()
+                .any(|r| r.resources.iter().flatten().any(|s| s == "secrets"))
+        );
+    }
+}
