@@ -55,11 +55,12 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
 
 async fn reconcile(guard: Arc<DeserializeGuard<App>>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile(KIND);
+    let key = format!("{}/{}", guard.namespace().unwrap_or_default(), guard.name_any());
+    tracing::debug!(kind = KIND, object = %key, "reconciling");
     let app = match &guard.0 {
         Ok(app) => app,
         Err(invalid) => return super::report_undecodable::<App>(&ctx, invalid).await,
     };
-    let key = format!("{}/{}", app.namespace().unwrap_or_default(), app.name_any());
     let action = apply(app, &ctx).await?;
     ctx.reset_retries(&key);
     Ok(action)

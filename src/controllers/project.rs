@@ -94,6 +94,7 @@ fn all_projects(store: &Store<DeserializeGuard<Project>>) -> Vec<ObjectRef<Deser
 
 async fn reconcile(guard: Arc<DeserializeGuard<Project>>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile(KIND);
+    tracing::debug!(kind = KIND, object = %guard.name_any(), "reconciling");
     let project = match &guard.0 {
         Ok(project) => Arc::new(project.clone()),
         Err(invalid) => return super::report_undecodable::<Project>(&ctx, invalid).await,

@@ -80,6 +80,7 @@ fn teams_listing(
 
 async fn reconcile(guard: Arc<DeserializeGuard<Team>>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile(KIND);
+    tracing::debug!(kind = KIND, object = %guard.name_any(), "reconciling");
     let team = match &guard.0 {
         Ok(team) => Arc::new(team.clone()),
         Err(invalid) => return super::report_undecodable::<Team>(&ctx, invalid).await,

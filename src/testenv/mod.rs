@@ -5,6 +5,7 @@
 //!
 //! This is test support: production code never calls it.
 
+pub mod agent;
 mod kubeconfig;
 mod pki;
 mod process;

@@ -1,0 +1,205 @@
+//! The agent as the cluster would run it: under its own ServiceAccount with exactly the RBAC
+//! rules of [`crate::rbac`] (never as `system:masters`), as a separate process, so that a
+//! missing permission fails a test and restarts are real restarts.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::kubeconfig::{http_get, write_token_kubeconfig};
+use super::{Error, ManagedProcess, Result};
+use crate::rbac;
+
+const MANAGER: &str = "shapeblock-testenv";
+
+/// Installs the agent's namespace, ServiceAccount, RBAC and the Team ClusterRoles, and returns
+/// a kubeconfig (written under `dir`) with a fresh token for the ServiceAccount.
+pub async fn install_agent_identity(
+    admin: &Client,
+    admin_kubeconfig: &Path,
+    namespace: &str,
+    dir: &Path,
+) -> Result<PathBuf> {
+    let namespace_object: Namespace =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": namespace}}))
+            .expect("static namespace");
+    apply(&Api::<Namespace>::all(admin.clone()), &namespace_object).await?;
+    let account: ServiceAccount = serde_json::from_value(
+        serde_json::json!({"metadata": {"name": rbac::AGENT_NAME, "namespace": namespace}}),
+    )
+    .expect("static service account");
+    apply(
+        &Api::<ServiceAccount>::namespaced(admin.clone(), namespace),
+        &account,
+    )
+    .await?;
+    apply(
+        &Api::<ClusterRole>::all(admin.clone()),
+        &rbac::agent_cluster_role(),
+    )
+    .await?;
+    apply(
+        &Api::<ClusterRoleBinding>::all(admin.clone()),
+        &rbac::agent_cluster_role_binding(namespace),
+    )
+    .await?;
+    apply(
+        &Api::<Role>::namespaced(admin.clone(), namespace),
+        &rbac::agent_role(namespace),
+    )
+    .await?;
+    apply(
+        &Api::<RoleBinding>::namespaced(admin.clone(), namespace),
+        &rbac::agent_role_binding(namespace),
+    )
+    .await?;
+    for role in rbac::team_cluster_roles() {
+        apply(&Api::<ClusterRole>::all(admin.clone()), &role).await?;
+    }
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![],
+            expiration_seconds: Some(24 * 3600),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let token = Api::<ServiceAccount>::namespaced(admin.clone(), namespace)
+        .create_token_request(rbac::AGENT_NAME, &PostParams::default(), &request)
+        .await?
+        .status
+        .map(|s| s.token)
+        .ok_or_else(|| Error::Kubeconfig("TokenRequest returned no token".into()))?;
+    let path = dir.join(format!("agent-{namespace}.kubeconfig"));
+    write_token_kubeconfig(&path, admin_kubeconfig, &token)?;
+    Ok(path)
+}
+
+async fn apply<K>(api: &Api<K>, object: &K) -> Result<()>
+where
+    K: Resource + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+{
+    api.patch(
+        &object.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(object),
+    )
+    .await?;
+    Ok(())
+}
+
+/// A running `shapeblock-agent run`.
+pub struct AgentProcess {
+    process: ManagedProcess,
+    http: String,
+}
+
+impl AgentProcess {
+    /// Starts the agent binary with `kubeconfig` and extra flags, and waits until `/readyz`.
+    ///
+    /// As with every [`ManagedProcess`], the agent dies with the thread that starts it.
+    pub async fn start(
+        binary: &Path,
+        kubeconfig: &Path,
+        namespace: &str,
+        log: &Path,
+        extra: &[&str],
+    ) -> Result<Self> {
+        let port = std::net::TcpListener::bind(("127.0.0.1", 0))
+            .and_then(|l| l.local_addr())
+            .map_err(|e| Error::io("find a free port", e))?
+            .port();
+        let http = format!("127.0.0.1:{port}");
+        let mut args = vec![
+            "run".to_string(),
+            format!("--kubeconfig={}", kubeconfig.display()),
+            format!("--agent-namespace={namespace}"),
+            format!("--http-addr={http}"),
+            "--shutdown-timeout-seconds=10".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut process = ManagedProcess::spawn("shapeblock-agent", binary, &args, log)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = process.exited() {
+                return Err(Error::Exited {
+                    name: "shapeblock-agent".into(),
+                    status: status.to_string(),
+                    log: log.display().to_string(),
+                    tail: process.log_tail(30),
+                });
+            }
+            if matches!(http_get(&http, "/readyz").await, Some((200, _))) {
+                return Ok(Self { process, http });
+            }
+            if Instant::now() > deadline {
+                return Err(Error::NotReady {
+                    name: "shapeblock-agent".into(),
+                    seconds: 30,
+                    log: log.display().to_string(),
+                    tail: process.log_tail(30),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `GET` one of the agent's HTTP endpoints: status and body.
+    pub async fn get(&self, path: &str) -> Option<(u16, String)> {
+        http_get(&self.http, path).await
+    }
+
+    /// The value of a counter in `/metrics` (0 when absent), e.g.
+    /// `shapeblock_reconciles_total{kind="App"}`.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let Some((200, text)) = self.get("/metrics").await else {
+            return 0.0;
+        };
+        text.lines()
+            .find_map(|line| {
+                line.strip_prefix(series)
+                    .and_then(|rest| rest.trim().parse().ok())
+            })
+            .unwrap_or(0.0)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// The agent's log so far.
+    pub fn log_tail(&self, lines: usize) -> String {
+        self.process.log_tail(lines)
+    }
+
+    /// Sends SIGTERM and waits up to `grace` for the exit; the exit status, or `None` if the
+    /// agent had to be killed.
+    pub fn terminate(mut self, grace: Duration) -> Option<std::process::ExitStatus> {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.process.pid() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Some(status) = self.process.exited() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// SIGKILL: no shutdown at all, as when a node dies.
+    pub fn kill(mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.process.pid() as libc::pid_t, libc::SIGKILL) };
+        while self.process.exited().is_none() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}

@@ -1,0 +1,789 @@
+//! The agent against the real control plane, running as its own process under its own
+//! ServiceAccount token with exactly the RBAC rules of `src/rbac.rs`.
+//!
+//! Tests here run one at a time (one agent per cluster, as in production).
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
+use k8s_openapi::api::core::v1::{LimitRange, Namespace, ResourceQuota, Secret};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::rbac::v1::RoleBinding;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use shapeblock_agent::api::{App, AppPhase, Project, ProjectPhase, Team, TeamPhase};
+use shapeblock_agent::testenv::{self, agent::AgentProcess};
+use support::{eventually, unique_name};
+use tokio::sync::{Mutex, MutexGuard};
+
+static SERIAL: Mutex<()> = Mutex::const_new(());
+const AGENT_NS: &str = "shapeblock";
+const PULL_SECRET: &str = "registry-credentials";
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+struct Env {
+    client: Client,
+    kubeconfig: PathBuf,
+    dir: PathBuf,
+    _serial: MutexGuard<'static, ()>,
+}
+
+async fn env() -> Env {
+    let serial = SERIAL.lock().await;
+    let plane = testenv::shared().unwrap_or_else(|e| panic!("{e}"));
+    let client = plane.client().await.unwrap();
+    let kubeconfig =
+        testenv::agent::install_agent_identity(&client, &plane.kubeconfig, AGENT_NS, &plane.work_dir)
+            .await
+            .expect("install the agent's ServiceAccount and RBAC");
+    set_pull_secret(&client, "initial").await;
+    Env {
+        client,
+        kubeconfig,
+        dir: plane.work_dir.clone(),
+        _serial: serial,
+    }
+}
+
+impl Env {
+    async fn agent(&self, extra: &[&str]) -> AgentProcess {
+        let log = self.dir.join(format!("{}.log", unique_name("agent")));
+        let mut args = vec!["--log=shapeblock_agent=debug,info"];
+        args.extend_from_slice(extra);
+        AgentProcess::start(
+            std::path::Path::new(env!("CARGO_BIN_EXE_shapeblock-agent")),
+            &self.kubeconfig,
+            AGENT_NS,
+            &log,
+            &args,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+async fn set_pull_secret(client: &Client, password: &str) {
+    let config = json!({"auths": {"registry.example.com": {"username": "ci", "password": password}}});
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(PULL_SECRET.into()),
+            ..Default::default()
+        },
+        type_: Some("kubernetes.io/dockerconfigjson".into()),
+        data: Some(BTreeMap::from([(
+            ".dockerconfigjson".to_string(),
+            ByteString(config.to_string().into_bytes()),
+        )])),
+        ..Default::default()
+    };
+    Api::<Secret>::namespaced(client.clone(), AGENT_NS)
+        .patch(
+            PULL_SECRET,
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(&secret),
+        )
+        .await
+        .unwrap();
+}
+
+async fn create<K>(api: Api<K>, manifest: serde_json::Value) -> K
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+{
+    let object: K = serde_json::from_value(manifest).unwrap();
+    api.create(&PostParams::default(), &object).await.unwrap()
+}
+
+fn project_manifest(name: &str, spec: serde_json::Value) -> serde_json::Value {
+    json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "Project", "metadata": {"name": name}, "spec": spec})
+}
+
+fn app_manifest(name: &str, git: serde_json::Value) -> serde_json::Value {
+    json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "App", "metadata": {"name": name},
+           "spec": {"git": git, "registry": {"url": "registry.example.com"}}})
+}
+
+async fn project_phase(client: &Client, name: &str) -> Option<ProjectPhase> {
+    Api::<Project>::all(client.clone())
+        .get_opt(name)
+        .await
+        .unwrap()?
+        .status?
+        .phase
+}
+
+async fn wait_project(client: &Client, name: &str, phase: ProjectPhase) -> Project {
+    eventually(TIMEOUT, &format!("Project {name} to be {phase:?}"), || async {
+        let project = Api::<Project>::all(client.clone()).get(name).await.unwrap();
+        (project.status.as_ref().and_then(|s| s.phase) == Some(phase)).then_some(project)
+    })
+    .await
+    .0
+}
+
+async fn wait_app(client: &Client, namespace: &str, name: &str, phase: AppPhase) -> App {
+    eventually(
+        TIMEOUT,
+        &format!("App {namespace}/{name} to be {phase:?}"),
+        || async {
+            let app = Api::<App>::namespaced(client.clone(), namespace)
+                .get(name)
+                .await
+                .unwrap();
+            (app.status.as_ref().and_then(|s| s.phase) == Some(phase)).then_some(app)
+        },
+    )
+    .await
+    .0
+}
+
+/// A Ready project with a fresh name.
+async fn ready_project(client: &Client, prefix: &str) -> String {
+    let name = unique_name(prefix);
+    create(
+        Api::<Project>::all(client.clone()),
+        project_manifest(&name, json!({})),
+    )
+    .await;
+    wait_project(client, &name, ProjectPhase::Ready).await;
+    name
+}
+
+async fn events_for(client: &Client, namespace: &str, name: &str) -> Vec<Event> {
+    Api::<Event>::namespaced(client.clone(), namespace)
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .collect()
+}
+
+fn condition<'a>(
+    conditions: &'a [k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    type_: &str,
+) -> &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .unwrap_or_else(|| panic!("no {type_} condition in {conditions:?}"))
+}
+
+#[tokio::test]
+async fn a_project_gets_its_namespace_pull_secret_quota_and_defaults() {
+    let env = env().await;
+    let _agent = env.agent(&[]).await;
+    let name = unique_name("shop");
+    let spec = json!({
+        "displayName": "Shop", "description": "the shop",
+        "namespaceLabels": {"tier": "web"},
+        "resourceQuota": {"pods": "20", "requests.cpu": "2"},
+        "containerDefaults": {"requests": {"cpu": "100m"}, "limits": {"memory": "256Mi"}}
+    });
+    create(
+        Api::<Project>::all(env.client.clone()),
+        project_manifest(&name, spec),
+    )
+    .await;
+    let project = wait_project(&env.client, &name, ProjectPhase::Ready).await;
+    let status = project.status.unwrap();
+    assert_eq!(status.namespace.as_deref(), Some(name.as_str()));
+    assert_eq!(status.observed_generation, project.metadata.generation);
+    for type_ in ["Ready", "NamespaceReady", "PullSecretSynced"] {
+        assert_eq!(condition(&status.conditions, type_).status, "True", "{type_}");
+    }
+
+    let namespace = Api::<Namespace>::all(env.client.clone())
+        .get(&name)
+        .await
+        .unwrap();
+    let labels = namespace.labels();
+    assert_eq!(labels["apps.shapeblock.io/project"], name);
+    assert_eq!(labels["app.kubernetes.io/managed-by"], "shapeblock-agent");
+    assert_eq!(labels["tier"], "web");
+    assert_eq!(labels["pod-security.kubernetes.io/enforce"], "baseline");
+    assert_eq!(namespace.annotations()["apps.shapeblock.io/display-name"], "Shop");
+    assert_eq!(namespace.owner_references()[0].name, name);
+
+    let source = Api::<Secret>::namespaced(env.client.clone(), AGENT_NS)
+        .get(PULL_SECRET)
+        .await
+        .unwrap();
+    let copy = Api::<Secret>::namespaced(env.client.clone(), &name)
+        .get(PULL_SECRET)
+        .await
+        .unwrap();
+    assert_eq!(copy.data, source.data);
+    assert_eq!(copy.type_.as_deref(), Some("kubernetes.io/dockerconfigjson"));
+
+    let quota = Api::<ResourceQuota>::namespaced(env.client.clone(), &name)
+        .get("shapeblock-quota")
+        .await
+        .unwrap();
+    assert_eq!(quota.spec.unwrap().hard.unwrap()["pods"].0, "20");
+    let range = Api::<LimitRange>::namespaced(env.client.clone(), &name)
+        .get("shapeblock-defaults")
+        .await
+        .unwrap();
+    assert_eq!(
+        range.spec.unwrap().limits[0].default.as_ref().unwrap()["memory"].0,
+        "256Mi"
+    );
+
+    // Dropping the quota from the spec removes it.
+    Api::<Project>::all(env.client.clone())
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"resourceQuota": null}})),
+        )
+        .await
+        .unwrap();
+    let quotas = Api::<ResourceQuota>::namespaced(env.client.clone(), &name);
+    eventually(TIMEOUT, "the quota to be removed", || async {
+        quotas
+            .get_opt("shapeblock-quota")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let events = events_for(&env.client, "default", &name).await;
+    assert!(
+        events.iter().any(|e| e.reason.as_deref() == Some("Ready")),
+        "a Ready event: {events:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_edited_source_pull_secret_reaches_every_project_within_seconds() {
+    let env = env().await;
+    let _agent = env.agent(&[]).await;
+    let first = ready_project(&env.client, "sync-a").await;
+    let second = ready_project(&env.client, "sync-b").await;
+    set_pull_secret(&env.client, "rotated").await;
+    let expected = Api::<Secret>::namespaced(env.client.clone(), AGENT_NS)
+        .get(PULL_SECRET)
+        .await
+        .unwrap()
+        .data;
+    for project in [first, second] {
+        let copies = Api::<Secret>::namespaced(env.client.clone(), &project);
+        let (_, took) = eventually(
+            Duration::from_secs(10),
+            "the copy to follow the source",
+            || async { (copies.get(PULL_SECRET).await.unwrap().data == expected).then_some(()) },
+        )
+        .await;
+        println!("{project}: copy followed the source in {took:?}");
+    }
+}
+
+#[tokio::test]
+async fn deleting_a_project_deletes_its_namespace_and_then_the_project() {
+    let env = env().await;
+    let _agent = env.agent(&[]).await;
+    let name = ready_project(&env.client, "doomed").await;
+    let config_map: k8s_openapi::api::core::v1::ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "content"}})).unwrap();
+    Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(env.client.clone(), &name)
+        .create(&PostParams::default(), &config_map)
+        .await
+        .unwrap();
+    Api::<Project>::all(env.client.clone())
+        .delete(&name, &DeleteParams::default())
+        .await
+        .unwrap();
+    let (_, took) = eventually(
+        Duration::from_secs(60),
+        "the Project and its namespace to be gone",
+        || async {
+            let project = Api::<Project>::all(env.client.clone())
+                .get_opt(&name)
+                .await
+                .unwrap();
+            let namespace = Api::<Namespace>::all(env.client.clone())
+                .get_opt(&name)
+                .await
+                .unwrap();
+            (project.is_none() && namespace.is_none()).then_some(())
+        },
+    )
+    .await;
+    println!("project and namespace deleted in {took:?}");
+}
+
+#[tokio::test]
+async fn a_foreign_namespace_is_refused_and_never_deleted() {
+    let env = env().await;
+    let _agent = env.agent(&[]).await;
+    let name = unique_name("foreign");
+    let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+    Api::<Namespace>::all(env.client.clone())
+        .create(&PostParams::default(), &namespace)
+        .await
+        .unwrap();
+    create(
+        Api::<Project>::all(env.client.clone()),
+        project_manifest(&name, json!({})),
+    )
+    .await;
+    let project = wait_project(&env.client, &name, ProjectPhase::Failed).await;
+    let ready = condition(&project.status.as_ref().unwrap().conditions, "Ready").clone();
+    assert_eq!(ready.reason, "NamespaceConflict");
+    assert!(
+        ready
+            .message
+            .contains("already exists and was not created for this Project"),
+        "{}",
+        ready.message
+    );
+    let events = events_for(&env.client, "default", &name).await;
+    assert!(
+        events.iter().any(
+            |e| e.reason.as_deref() == Some("NamespaceConflict") && e.type_.as_deref() == Some("Warning")
+        )
+    );
+    let labels = Api::<Namespace>::all(env.client.clone())
+        .get(&name)
+        .await
+        .unwrap()
+        .labels()
+        .clone();
+    assert!(!labels.contains_key("apps.shapeblock.io/project"), "not adopted");
+
+    Api::<Project>::all(env.client.clone())
+        .delete(&name, &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(TIMEOUT, "the Project to be gone", || async {
+        project_phase(&env.client, &name).await.is_none().then_some(())
+    })
+    .await;
+    let namespace = Api::<Namespace>::all(env.client.clone())
+        .get(&name)
+        .await
+        .unwrap();
+    assert!(
+        namespace.metadata.deletion_timestamp.is_none(),
+        "somebody else's namespace is left alone"
+    );
+}
+
+#[tokio::test]
+async fn an_invalid_app_gets_a_condition_and_an_event_and_no_hot_loop() {
+    let env = env().await;
+    let agent = env.agent(&[]).await;
+    let project = ready_project(&env.client, "invalid").await;
+    let before = agent.metric("shapeblock_reconciles_total{kind=\"App\"}").await;
+    // Valid for the apiserver's schema; refused by the agent: it points at cloud metadata.
+    create(
+        Api::<App>::namespaced(env.client.clone(), &project),
+        app_manifest("meta", json!({"url": "https://169.254.169.254/latest/meta-data"})),
+    )
+    .await;
+    let app = wait_app(&env.client, &project, "meta", AppPhase::Failed).await;
+    let ready = condition(&app.status.as_ref().unwrap().conditions, "Ready").clone();
+    assert_eq!(ready.reason, "InvalidSpec");
+    assert!(ready.message.contains("link-local"), "{}", ready.message);
+    let events = events_for(&env.client, &project, "meta").await;
+    assert!(
+        events.iter().any(|e| e.reason.as_deref() == Some("InvalidSpec")),
+        "{events:?}"
+    );
+
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let key = format!("object={project}/meta");
+    let reconciles = agent
+        .log_tail(100_000)
+        .lines()
+        .filter(|l| l.contains("reconciling") && l.contains(&key))
+        .count();
+    let counted = agent.metric("shapeblock_reconciles_total{kind=\"App\"}").await - before;
+    println!(
+        "invalid App reconciled {reconciles} times in 30 s (App reconciles counted by /metrics: {counted})"
+    );
+    assert!(
+        (1..=3).contains(&reconciles),
+        "{reconciles} reconciles of an invalid App in 30 s"
+    );
+    let events = events_for(&env.client, &project, "meta").await;
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.reason.as_deref() == Some("InvalidSpec"))
+            .count(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_private_ssh_app_gets_a_deploy_key_that_survives_restarts() {
+    let env = env().await;
+    let agent = env.agent(&[]).await;
+    let project = ready_project(&env.client, "keys").await;
+    create(
+        Api::<App>::namespaced(env.client.clone(), &project),
+        app_manifest(
+            "api",
+            json!({"url": "git@github.com:example/api.git", "isPrivate": true}),
+        ),
+    )
+    .await;
+    let app = wait_app(&env.client, &project, "api", AppPhase::Ready).await;
+    let status = app.status.unwrap();
+    let public = status.ssh_public_key.clone().expect("public key in status");
+    assert!(public.starts_with("ssh-ed25519 "), "{public}");
+    assert_eq!(status.git_secret_name.as_deref(), Some("api-deploy-key"));
+    let secret = Api::<Secret>::namespaced(env.client.clone(), &project)
+        .get("api-deploy-key")
+        .await
+        .unwrap();
+    let private = String::from_utf8(secret.data.as_ref().unwrap()["ssh-privatekey"].0.clone()).unwrap();
+    assert!(private.starts_with("-----BEGIN OPENSSH PRIVATE KEY-----"));
+    assert_eq!(secret.owner_references()[0].kind, "App");
+    let everything = serde_json::to_string(
+        &Api::<App>::namespaced(env.client.clone(), &project)
+            .get("api")
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(
+        !everything.contains("PRIVATE KEY"),
+        "the private key never appears in the App"
+    );
+    assert!(
+        !agent.log_tail(100_000).contains("PRIVATE KEY"),
+        "nor in the agent's log"
+    );
+
+    // A restarted agent keeps the key.
+    assert!(
+        agent
+            .terminate(Duration::from_secs(15))
+            .is_some_and(|s| s.success())
+    );
+    let agent = env.agent(&[]).await;
+    Api::<App>::namespaced(env.client.clone(), &project)
+        .patch(
+            "api",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"displayName": "API"}})),
+        )
+        .await
+        .unwrap();
+    let apps = Api::<App>::namespaced(env.client.clone(), &project);
+    eventually(TIMEOUT, "the App to be reconciled after the restart", || async {
+        let app = apps.get("api").await.unwrap();
+        (app.status.as_ref()?.observed_generation == app.metadata.generation).then_some(())
+    })
+    .await;
+    assert_eq!(
+        apps.get("api")
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+            .ssh_public_key
+            .as_deref(),
+        Some(public.as_str())
+    );
+
+    // Regeneration only on request.
+    apps.patch(
+        "api",
+        &PatchParams::default(),
+        &Patch::Merge(
+            json!({"metadata": {"annotations": {"apps.shapeblock.io/regenerate-deploy-key": "1"}}}),
+        ),
+    )
+    .await
+    .unwrap();
+    let (new_key, _) = eventually(TIMEOUT, "a new deploy key", || async {
+        let key = apps.get("api").await.unwrap().status?.ssh_public_key?;
+        (key != public).then_some(key)
+    })
+    .await;
+    assert!(new_key.starts_with("ssh-ed25519 "));
+    drop(agent);
+}
+
+async fn can(client: &Client, user: &str, verb: &str, resource: &str, group: &str, namespace: &str) -> bool {
+    let review = SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: Some(user.into()),
+            resource_attributes: Some(ResourceAttributes {
+                namespace: Some(namespace.into()),
+                verb: Some(verb.into()),
+                group: Some(group.into()),
+                resource: Some(resource.into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Api::<SubjectAccessReview>::all(client.clone())
+        .create(&PostParams::default(), &review)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .allowed
+}
+
+#[tokio::test]
+async fn team_members_get_exactly_their_role_in_their_projects() {
+    let env = env().await;
+    let _agent = env.agent(&[]).await;
+    let dev_project = ready_project(&env.client, "team-dev").await;
+    let view_project = ready_project(&env.client, "team-view").await;
+    let other_project = ready_project(&env.client, "team-other").await;
+    let team = unique_name("backend");
+    let spec = json!({
+        "members": [{"kind": "User", "name": "alice"}, {"kind": "User", "name": "bob"}],
+        "projects": [{"project": dev_project, "role": "developer"}, {"project": view_project, "role": "viewer"},
+                     {"project": "kube-system", "role": "admin"}]
+    });
+    create(Api::<Team>::all(env.client.clone()), json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "Team", "metadata": {"name": team}, "spec": spec})).await;
+    let teams = Api::<Team>::all(env.client.clone());
+    let (status, _) = eventually(TIMEOUT, "the Team to be reconciled", || async {
+        let status = teams.get(&team).await.unwrap().status?;
+        (status.project_count == Some(2)).then_some(status)
+    })
+    .await;
+    assert_eq!(
+        status.phase,
+        Some(TeamPhase::Failed),
+        "kube-system is not a project"
+    );
+    assert!(status.message.as_deref().unwrap().contains("kube-system"));
+    assert!(
+        Api::<RoleBinding>::namespaced(env.client.clone(), "kube-system")
+            .list(&ListParams::default().labels("apps.shapeblock.io/team"))
+            .await
+            .unwrap()
+            .items
+            .is_empty(),
+        "never a binding outside the agent's namespaces"
+    );
+
+    let group = "apps.shapeblock.io";
+    assert!(can(&env.client, "alice", "create", "appbuilds", group, &dev_project).await);
+    assert!(
+        !can(&env.client, "alice", "create", "appbuilds", group, &view_project).await,
+        "viewer cannot build"
+    );
+    assert!(can(&env.client, "alice", "list", "appbuilds", group, &view_project).await);
+    assert!(
+        !can(&env.client, "alice", "create", "appbuilds", group, &other_project).await,
+        "no role elsewhere"
+    );
+    assert!(
+        !can(&env.client, "alice", "get", "secrets", "", &dev_project).await,
+        "developers cannot read Secrets"
+    );
+    assert!(
+        !can(&env.client, "alice", "get", "secrets", "", &view_project).await,
+        "viewers cannot read Secrets"
+    );
+    assert!(
+        !can(
+            &env.client,
+            "alice",
+            "create",
+            "rolebindings",
+            "rbac.authorization.k8s.io",
+            &dev_project
+        )
+        .await
+    );
+    assert!(
+        can(&env.client, "alice", "get", "pods", "", &view_project).await,
+        "viewers read workloads"
+    );
+
+    // Removing a member and a project removes exactly what the agent made.
+    let spec = json!({"spec": {"members": [{"kind": "User", "name": "alice"}], "projects": [{"project": dev_project, "role": "developer"}]}});
+    teams
+        .patch(&team, &PatchParams::default(), &Patch::Merge(spec))
+        .await
+        .unwrap();
+    let bindings = Api::<RoleBinding>::all(env.client.clone());
+    let selector = format!("apps.shapeblock.io/team={team}");
+    eventually(
+        TIMEOUT,
+        "the viewer binding to go and bob to be unbound",
+        || async {
+            let items = bindings
+                .list(&ListParams::default().labels(&selector))
+                .await
+                .unwrap()
+                .items;
+            let subjects: Vec<String> = items
+                .iter()
+                .flat_map(|b| b.subjects.iter().flatten().map(|s| s.name.clone()))
+                .collect();
+            (items.len() == 1
+                && items[0].namespace().as_deref() == Some(dev_project.as_str())
+                && subjects == ["alice"])
+            .then_some(())
+        },
+    )
+    .await;
+    assert!(!can(&env.client, "bob", "create", "appbuilds", group, &dev_project).await);
+    assert!(!can(&env.client, "alice", "list", "appbuilds", group, &view_project).await);
+
+    teams.delete(&team, &DeleteParams::default()).await.unwrap();
+    eventually(TIMEOUT, "the Team and its bindings to be gone", || async {
+        let left = bindings
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .unwrap()
+            .items
+            .len();
+        (left == 0 && teams.get_opt(&team).await.unwrap().is_none()).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_undecodable_object_does_not_stall_the_others() {
+    let env = env().await;
+    let _agent = env.agent(&[]).await;
+    let project = ready_project(&env.client, "decode").await;
+    // A newer CRD adds a build type this agent does not know.
+    let crds = Api::<CustomResourceDefinition>::all(env.client.clone());
+    let original = crds.get("apps.apps.shapeblock.io").await.unwrap();
+    let mut newer = serde_json::to_value(&original).unwrap();
+    newer["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["build"]["properties"]["type"]["enum"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!("nixpacks"));
+    newer["metadata"]["managedFields"] = serde_json::Value::Null;
+    crds.replace(
+        "apps.apps.shapeblock.io",
+        &PostParams::default(),
+        &serde_json::from_value(newer).unwrap(),
+    )
+    .await
+    .unwrap();
+
+    let future_app = json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "App", "metadata": {"name": "future"},
+        "spec": {"git": {"url": "https://github.com/example/app.git"}, "registry": {"url": "registry.example.com"}, "build": {"type": "nixpacks"}}});
+    let dynamic = Api::<kube::api::DynamicObject>::namespaced_with(
+        env.client.clone(),
+        &project,
+        &kube::discovery::ApiResource::erase::<App>(&()),
+    );
+    let created = eventually(TIMEOUT, "the newer CRD to accept nixpacks", || async {
+        dynamic
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(future_app.clone()).unwrap(),
+            )
+            .await
+            .ok()
+    })
+    .await;
+    drop(created);
+    create(
+        Api::<App>::namespaced(env.client.clone(), &project),
+        app_manifest("today", json!({"url": "https://github.com/example/app.git"})),
+    )
+    .await;
+    wait_app(&env.client, &project, "today", AppPhase::Ready).await;
+
+    let (status, _) = eventually(TIMEOUT, "the undecodable App to be reported", || async {
+        let object = dynamic.get("future").await.unwrap();
+        let status = object.data.get("status")?.clone();
+        (status["phase"] == "Failed").then_some(status)
+    })
+    .await;
+    assert_eq!(status["conditions"][0]["reason"], "InvalidObject");
+    assert!(
+        status["message"].as_str().unwrap().contains("nixpacks"),
+        "{status}"
+    );
+    let events = events_for(&env.client, &project, "future").await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("InvalidObject"))
+    );
+
+    dynamic.delete("future", &DeleteParams::default()).await.unwrap();
+    let mut restored = original.clone();
+    restored.metadata.managed_fields = None;
+    restored.metadata.resource_version = crds
+        .get("apps.apps.shapeblock.io")
+        .await
+        .unwrap()
+        .metadata
+        .resource_version;
+    crds.replace("apps.apps.shapeblock.io", &PostParams::default(), &restored)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_killed_agent_converges_when_it_comes_back() {
+    let env = env().await;
+    let agent = env.agent(&[]).await;
+    let names: Vec<String> = (0..10).map(|i| unique_name(&format!("restart{i}"))).collect();
+    for name in &names {
+        create(
+            Api::<Project>::all(env.client.clone()),
+            project_manifest(name, json!({"resourceQuota": {"pods": "5"}})),
+        )
+        .await;
+    }
+    agent.kill();
+    let _agent = env.agent(&[]).await;
+    for name in &names {
+        wait_project(&env.client, name, ProjectPhase::Ready).await;
+        assert!(
+            Api::<ResourceQuota>::namespaced(env.client.clone(), name)
+                .get_opt("shapeblock-quota")
+                .await
+                .unwrap()
+                .is_some()
+        );
+    }
+}
+
+#[tokio::test]
+async fn health_metrics_and_a_graceful_shutdown() {
+    let env = env().await;
+    let agent = env.agent(&[]).await;
+    assert_eq!(agent.get("/healthz").await.map(|(code, _)| code), Some(200));
+    assert_eq!(agent.get("/readyz").await.map(|(code, _)| code), Some(200));
+    ready_project(&env.client, "metrics").await;
+    let (_, metrics) = agent.get("/metrics").await.unwrap();
+    for series in [
+        "shapeblock_reconciles_total{kind=\"Project\"}",
+        "shapeblock_reconcile_duration_seconds_count{kind=\"Project\"}",
+    ] {
+        assert!(metrics.contains(series), "{series} missing from:\n{metrics}");
+    }
+    let started = std::time::Instant::now();
+    let status = agent
+        .terminate(Duration::from_secs(15))
+        .expect("the agent exits on SIGTERM");
+    assert!(status.success(), "clean exit: {status}");
+    println!("SIGTERM to exit: {:?}", started.elapsed());
+}
