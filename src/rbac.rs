@@ -223,6 +223,51 @@ pub fn team_cluster_roles() -> Vec<ClusterRole> {
         .collect()
 }
 
+/// The agent's rules as a Markdown table (resources, verbs, why), for the README.
+pub fn markdown_table() -> String {
+    let mut out = String::from("| scope | API group | resources | verbs | why |\n|---|---|---|---|---|\n");
+    let rows = AGENT_CLUSTER_RULES
+        .iter()
+        .map(|r| ("cluster", r))
+        .chain(AGENT_NAMESPACE_RULES.iter().map(|r| ("agent namespace", r)));
+    for (scope, rule) in rows {
+        let group = rule
+            .api_groups
+            .iter()
+            .map(|g| if g.is_empty() { "core" } else { g })
+            .collect::<Vec<_>>();
+        let mut resources = rule.resources.join(", ");
+        if !rule.resource_names.is_empty() {
+            resources = format!("{resources} (only {})", rule.resource_names.join(", "));
+        }
+        out.push_str(&format!(
+            "| {scope} | {} | {resources} | {} | {} |\n",
+            group.join(", "),
+            rule.verbs.join(", "),
+            rule.why
+        ));
+    }
+    out
+}
+
+/// Every RBAC object the agent needs, as one multi-document YAML stream.
+pub fn manifests(namespace: &str) -> Result<String, serde_yaml::Error> {
+    let mut out = String::new();
+    let mut push = |value: serde_json::Value| -> Result<(), serde_yaml::Error> {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(&value)?);
+        Ok(())
+    };
+    push(serde_json::to_value(agent_cluster_role()).expect("serializable"))?;
+    push(serde_json::to_value(agent_cluster_role_binding(namespace)).expect("serializable"))?;
+    push(serde_json::to_value(agent_role(namespace)).expect("serializable"))?;
+    push(serde_json::to_value(agent_role_binding(namespace)).expect("serializable"))?;
+    for role in team_cluster_roles() {
+        push(serde_json::to_value(role).expect("serializable"))?;
+    }
+    Ok(out)
+}
+
 fn meta(name: &str, namespace: Option<&str>) -> ObjectMeta {
     ObjectMeta {
         name: Some(name.into()),
@@ -273,6 +318,15 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn the_readme_lists_the_rules_as_they_are() {
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+        assert!(
+            readme.contains(&markdown_table()),
+            "README.md's RBAC table differs from src/rbac.rs: paste `shapeblock-agent rbac --markdown`"
+        );
     }
 
     #[test]

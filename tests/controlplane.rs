@@ -179,7 +179,7 @@ fn alive(pid: u32) -> bool {
 #[test]
 fn no_component_outlives_a_killed_parent() {
     let mut dev = Command::new(env!("CARGO_BIN_EXE_shapeblock-dev"))
-        .args(["up", "--exit-after", "600"])
+        .args(["up", "--no-agent", "--exit-after", "600"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

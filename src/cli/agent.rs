@@ -22,6 +22,16 @@ enum Command {
     /// `KUBECONFIG`), reconcile the ShapeBlock resources, serve `/healthz`, `/readyz` and
     /// `/metrics`, and stop gracefully on SIGTERM.
     Run(RunArgs),
+    /// Print the RBAC objects the agent needs (its ClusterRole, Role and bindings, and the
+    /// Team ClusterRoles) as YAML, or with `--markdown` the agent's rules and why each exists.
+    Rbac {
+        /// Namespace the agent runs in.
+        #[arg(long, default_value = "shapeblock")]
+        namespace: String,
+        /// Print the rule table instead of the objects.
+        #[arg(long)]
+        markdown: bool,
+    },
     /// Print the CustomResourceDefinitions of every ShapeBlock kind as YAML, or write one
     /// file per CRD into a directory (this is how `crds/` is generated).
     Crd {
@@ -104,6 +114,16 @@ impl Cli {
     pub fn run(self) -> ExitCode {
         let outcome = match self.command {
             Command::Run(args) => run(args),
+            Command::Rbac { markdown: true, .. } => {
+                print!("{}", crate::rbac::markdown_table());
+                Ok(())
+            }
+            Command::Rbac {
+                namespace,
+                markdown: false,
+            } => crate::rbac::manifests(&namespace)
+                .map(|yaml| print!("{yaml}"))
+                .map_err(Into::into),
             Command::Crd { out: None } => print_crds(),
             Command::Crd { out: Some(dir) } => write_crds(&dir),
         };

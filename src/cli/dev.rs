@@ -28,6 +28,9 @@ enum Command {
         /// Also write the admin kubeconfig here (stable path for scripts and other shells).
         #[arg(long, value_name = "FILE")]
         kubeconfig_out: Option<std::path::PathBuf>,
+        /// Only the control plane: no agent, no samples.
+        #[arg(long)]
+        no_agent: bool,
         /// Stop after this many seconds instead of waiting for a signal (for scripted runs).
         #[arg(long, value_name = "SECONDS")]
         exit_after: Option<u64>,
@@ -48,8 +51,9 @@ impl Cli {
             Command::Up {
                 bin_dir,
                 kubeconfig_out,
+                no_agent,
                 exit_after,
-            } => runtime.block_on(up(bin_dir, kubeconfig_out, exit_after)),
+            } => runtime.block_on(up(bin_dir, kubeconfig_out, no_agent, exit_after)),
         };
         match outcome {
             Ok(()) => ExitCode::SUCCESS,
@@ -64,6 +68,7 @@ impl Cli {
 async fn up(
     bin_dir: Option<std::path::PathBuf>,
     kubeconfig_out: Option<std::path::PathBuf>,
+    no_agent: bool,
     exit_after: Option<u64>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let mut options = Options::default();
@@ -98,12 +103,32 @@ async fn up(
         println!("  export PATH={}:$PATH", bin_dir.display());
     }
     println!("  kubectl get crd");
-    println!("  kubectl create namespace my-project   # until the agent's Project controller lands");
-    println!("  kubectl apply -f examples/");
-    println!("  kubectl get projects,apps,appbuilds,backingservices,teams -A");
+    println!("  kubectl get shapeblock -A");
+    println!("  kubectl describe app -n my-project sample-app");
+    println!();
+    let agent = if no_agent {
+        None
+    } else {
+        let agent = super::demo::start_agent(&client, plane.kubeconfig(), plane.work_dir()).await?;
+        super::demo::apply_samples(&client, std::path::Path::new(env!("CARGO_MANIFEST_DIR"))).await?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        super::demo::print_status(&client).await?;
+        println!();
+        println!("sample-app fails on purpose: it names a git Secret that does not exist. Create it and");
+        println!("watch it turn Ready (the agent looks again within a minute):");
+        println!("  kubectl -n my-project create secret generic git-credentials \\");
+        println!("      --from-literal=username=demo --from-literal=password=token");
+        println!("buildpack-app got a generated SSH deploy key; its public half is in its status:");
+        println!("  kubectl -n my-project get app buildpack-app -o jsonpath='{{.status.sshPublicKey}}'");
+        Some(agent)
+    };
     println!();
     println!("press Ctrl-C to stop");
     wait_for_stop(exit_after).await;
+    if let Some(agent) = agent {
+        println!("agent peak RSS: {} MiB", agent.peak_rss_kib() / 1024);
+        let _ = agent.terminate(Duration::from_secs(15));
+    }
     let peaks = plane.peak_rss_kib();
     let total: u64 = peaks.iter().map(|(_, kib)| kib).sum();
     let each: Vec<String> = peaks

@@ -1,4 +1,5 @@
 //! Command-line front ends. Binaries stay thin: they parse arguments and call into here.
 
 pub mod agent;
+pub mod demo;
 pub mod dev;

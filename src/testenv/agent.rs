@@ -174,6 +174,21 @@ impl AgentProcess {
         self.process.pid()
     }
 
+    /// Peak resident memory (VmHWM) so far, in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmHWM:"))?
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0)
+    }
+
     /// The agent's log so far.
     pub fn log_tail(&self, lines: usize) -> String {
         self.process.log_tail(lines)
