@@ -14,7 +14,7 @@
 //! | `FAILURE_POLICY` | release `failed`: `reinstall` uninstalls then installs; anything else (`abort`) exits 1 "waiting for operator intervention", and the pod restarts with back-off, as `restartPolicy: OnFailure` does |
 //! | `SERVER_SIDE`, `FORCE_CONFLICTS` | `--server-side`, `--force-conflicts` |
 //! | `CONFIG_HASH` | `--labels helmcharts.helm.cattle.io/configHash=<hash>`; a `deployed` release already labelled with it is left alone (no second run) |
-//! | `EXPECTED_RELEASE_REVISION` | the release must be at that revision, else exit 1 without acting (the Job is stale) |
+//! | `EXPECTED_RELEASE_REVISION` | the release must be at that revision, or at a later one made from this `CONFIG_HASH` (an earlier attempt of the same Job); else exit 1 without acting (the Job is stale) |
 //! | volume at `/config` (projected Secret `chart-values-<name>` and `valuesSecrets`) | files written from the Secrets' keys; each `*.yaml`, in name order, becomes `--values` |
 //! | volume at `/chart` (ConfigMap `chart-content-<name>`) | `<NAME>.tgz.base64` is decoded and installed instead of `CHART` |
 //! | `serviceAccountName` | TokenRequest bound to the pod; helm talks to the apiserver with it, and the cluster CA from `kube-root-ca.crt` |
@@ -255,18 +255,27 @@ impl Runner {
 
         let config_hash = var("CONFIG_HASH");
         let (revision, status) = current.clone().unwrap_or((0, String::new()));
-        if status == "deployed"
-            && !config_hash.is_empty()
-            && helm.config_hash(&release, &target).await?.as_deref() == Some(&config_hash)
-        {
-            logs().append(log, &format!("release {release} revision {revision} is deployed with config hash {config_hash}; nothing to do"));
+        let release_hash = if current.is_some() {
+            helm.config_hash(&release, &target).await?
+        } else {
+            None
+        };
+        let ours = !config_hash.is_empty() && release_hash.as_deref() == Some(config_hash.as_str());
+        if status == "deployed" && ours {
+            logs().append(
+                log,
+                &format!("release {release} revision {revision} is deployed with config hash {config_hash}; nothing to do"),
+            );
             return Ok(Exit {
                 code: 0,
                 message: "Release already deployed with this configuration".into(),
             });
         }
+        // A newer revision made from this configuration is an earlier attempt of this Job (a
+        // restart); any other newer revision means the Job is stale.
         if let Ok(expected) = var("EXPECTED_RELEASE_REVISION").parse::<i64>()
             && expected != revision
+            && !ours
         {
             let message = format!(
                 "release {release} is at revision {revision} but this job expected {expected}: the release changed since the job was made; not acting"
@@ -591,14 +600,14 @@ impl Helm<'_> {
         Ok((status.code().unwrap_or(1), text))
     }
 
-    /// The latest release's revision and status, if there is one.
+    /// The latest release's revision and status, if there is one (Helm 4 lists every state by
+    /// default; it has no `--all`).
     async fn current(&self, release: &str, namespace: &str) -> Result<Option<(i64, String)>, String> {
         let filter = format!("^{release}$");
         let (code, text) = self
             .output(
                 &[
                     "ls",
-                    "--all",
                     "--filter",
                     &filter,
                     "--namespace",
