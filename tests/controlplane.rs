@@ -195,10 +195,26 @@ fn no_component_outlives_a_killed_parent() {
     }
     assert!(ready, "shapeblock-dev up printed its ready line");
     let children = descendants(dev.id());
+    let names: BTreeSet<String> = children
+        .iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).ok())
+        .map(|name| name.trim().to_owned())
+        .collect();
+    // comm is cut to 15 bytes.
+    let expected: BTreeSet<String> = [
+        "etcd",
+        "kube-apiserver",
+        "kube-controller",
+        "kube-scheduler",
+        "kwok",
+        "helm-controller",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
     assert_eq!(
-        children.len(),
-        3,
-        "etcd, kube-apiserver and kube-controller-manager run under the parent"
+        names, expected,
+        "the control plane and its peers run under the parent"
     );
 
     // SIGKILL: no destructor, no signal handler runs. Only the parent-death signal is left.

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Builds the test control plane (etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler) from the Go modules pinned under tools/, one binary at a time,
-# into a cache folder outside the checkout. A binary is rebuilt only when its
-# key (pinned version, Go version, go.sum) changes. Prints the bin directory.
+# Builds the test cluster from the Go modules pinned under tools/, one binary at a
+# time, into a cache folder outside the checkout: the control plane (etcd,
+# kube-apiserver, kube-controller-manager, kube-scheduler, kubectl) and its
+# peers (kwok's simulated nodes, the k3s helm-controller, the helm CLI). A binary
+# is rebuilt only when its key (pinned version, Go version, go.sum) changes.
+# Prints the bin directory.
 #
 #   SHAPEBLOCK_CACHE  cache root (default: ~/.cache/shapeblock)
 set -euo pipefail
@@ -40,12 +42,7 @@ build() { # module dir, package, binary name, key, [ldflags]
 }
 
 kube_dir=$here/kube
-etcd_dir=$here/etcd
 kube_version=$(module_version "$kube_dir" k8s.io/kubernetes)
-etcd_version=$(module_version "$etcd_dir" go.etcd.io/etcd/server/v3)
-kube_key=$(key_for "$kube_dir" "kube-$kube_version")
-etcd_key=$(key_for "$etcd_dir" "etcd-$etcd_version")
-
 minor=${kube_version#v*.}; minor=${minor%%.*}
 major=${kube_version#v}; major=${major%%.*}
 kube_ldflags="-X k8s.io/component-base/version.gitVersion=$kube_version \
@@ -54,20 +51,41 @@ kube_ldflags="-X k8s.io/component-base/version.gitVersion=$kube_version \
  -X k8s.io/component-base/version.gitTreeState=clean \
  -X k8s.io/component-base/version.buildDate=1970-01-01T00:00:00Z"
 
-build "$etcd_dir" go.etcd.io/etcd/server/v3 etcd "$etcd_key"
-for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
-  build "$kube_dir" "k8s.io/kubernetes/cmd/$cmd" "$cmd" "$kube_key" "$kube_ldflags"
-done
+# name | module dir | pinned module | package | key prefix | ldflags ({v} = pinned version)
+binaries=(
+  "etcd|etcd|go.etcd.io/etcd/server/v3|go.etcd.io/etcd/server/v3|etcd|"
+  "kube-apiserver|kube|k8s.io/kubernetes|k8s.io/kubernetes/cmd/kube-apiserver|kube|$kube_ldflags"
+  "kube-controller-manager|kube|k8s.io/kubernetes|k8s.io/kubernetes/cmd/kube-controller-manager|kube|$kube_ldflags"
+  "kube-scheduler|kube|k8s.io/kubernetes|k8s.io/kubernetes/cmd/kube-scheduler|kube|$kube_ldflags"
+  "kubectl|kube|k8s.io/kubernetes|k8s.io/kubernetes/cmd/kubectl|kube|$kube_ldflags"
+  "kwok|kwok|sigs.k8s.io/kwok|sigs.k8s.io/kwok/cmd/kwok|kwok|-X sigs.k8s.io/kwok/pkg/consts.Version={v}"
+  "helm-controller|helm-controller|github.com/k3s-io/helm-controller|github.com/k3s-io/helm-controller|helm-controller|-X github.com/k3s-io/helm-controller/pkg/version.Version={v} -X github.com/k3s-io/helm-controller/pkg/version.GitCommit={v}"
+  "helm|helm|helm.sh/helm/v4|helm.sh/helm/v4/cmd/helm|helm|-X helm.sh/helm/v4/internal/version.version={v}"
+)
 
-# One stable directory of links, so callers need not know the keys.
 bin=$cache/bin/current
 mkdir -p "$bin"
-ln -sfn "$cache/bin/$etcd_key/etcd" "$bin/etcd"
-for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
-  ln -sfn "$cache/bin/$kube_key/$cmd" "$bin/$cmd"
+declare -A keep=()
+for entry in "${binaries[@]}"; do
+  IFS='|' read -r name dir module pkg prefix ldflags <<<"$entry"
+  version=$(module_version "$here/$dir" "$module")
+  key=$(key_for "$here/$dir" "$prefix-$version")
+  build "$here/$dir" "$pkg" "$name" "$key" "${ldflags//\{v\}/$version}"
+  # One stable directory of links, so callers need not know the keys.
+  ln -sfn "$cache/bin/$key/$name" "$bin/$name"
+  keep[$prefix]=$cache/bin/$key
 done
-# Binaries of older pins are dead weight (each set is ~400 MB): keep only the current keys.
-for old in "$cache"/bin/kube-* "$cache"/bin/etcd-*; do
-  [[ -d $old && $old != "$cache/bin/$kube_key" && $old != "$cache/bin/$etcd_key" ]] && rm -rf "$old"
+# kwok reads its Stages from the API (--enable-crds=Stage) but does not install the CRD: take
+# it from the pinned module, beside the binary.
+kwok_dir=$(cd "$here/kwok" && go list -m -f '{{.Dir}}' sigs.k8s.io/kwok)
+stage_crd=$(dirname "$(readlink "$bin/kwok")")/kwok.x-k8s.io_stages.yaml
+[[ -f $stage_crd ]] || install -m 0644 "$kwok_dir/kustomize/crd/bases/kwok.x-k8s.io_stages.yaml" "$stage_crd"
+ln -sfn "$stage_crd" "$bin/kwok.x-k8s.io_stages.yaml"
+# Binaries of older pins are dead weight (the Kubernetes set is ~400 MB): keep only the
+# current keys.
+for prefix in "${!keep[@]}"; do
+  for old in "$cache/bin/$prefix"-v*; do
+    [[ -d $old && $old != "${keep[$prefix]}" ]] && rm -rf "$old"
+  done
 done
 echo "$bin"

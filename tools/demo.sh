@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's main job (see README): builds what is missing, starts a real local control
-# plane (etcd, kube-apiserver, kube-controller-manager) with the ShapeBlock CRDs installed,
+# plane (etcd, kube-apiserver, kube-controller-manager) with the ShapeBlock CRDs installed and
+# the simulated cluster around it (kube-scheduler, kwok nodes, helm-controller, helm),
 # and prints how to use it. Ctrl-C stops it and removes its files.
 #
 # Extra arguments go to `shapeblock-dev up` (see `--help`).

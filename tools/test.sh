@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The project's test command (see README): builds the test control plane if it is not cached,
-# checks formatting and lints, then runs every test against real etcd, kube-apiserver and
-# kube-controller-manager. Benchmarks are not part of it.
+# The project's test command (see README): builds the test cluster's binaries if they are not
+# cached, checks formatting and lints, then runs every test against real etcd, kube-apiserver,
+# kube-controller-manager and kube-scheduler with kwok nodes, the k3s helm-controller and helm.
+# Benchmarks are not part of it.
 #
 #   SHAPEBLOCK_CACHE   cache root outside the checkout (default ~/.cache/shapeblock)
 #   CARGO_TARGET_DIR   defaults to $SHAPEBLOCK_CACHE/cargo-target, so fresh clones reuse builds

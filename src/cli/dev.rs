@@ -9,7 +9,8 @@ use crate::testenv::{ControlPlane, Options};
 
 /// Local development helpers for the ShapeBlock agent: a real Kubernetes control plane on
 /// loopback (etcd, kube-apiserver, kube-controller-manager built by
-/// `tools/build-control-plane.sh`) with the ShapeBlock CRDs installed.
+/// `tools/build-control-plane.sh`) with the ShapeBlock CRDs installed, simulated kwok nodes
+/// (kube-scheduler, pod logs), the k3s helm-controller and helm.
 #[derive(Parser, Debug)]
 #[command(name = "shapeblock-dev", version, about, long_about = None)]
 pub struct Cli {
@@ -22,7 +23,8 @@ enum Command {
     /// Start the local control plane, install the CRDs, print how to reach it, and keep it
     /// running until Ctrl-C (or SIGTERM), then stop everything and remove its files.
     Up {
-        /// Directory with etcd, kube-apiserver and kube-controller-manager.
+        /// Directory with etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok,
+        /// helm-controller and helm.
         #[arg(long, env = "SHAPEBLOCK_BIN_DIR", value_name = "DIR")]
         bin_dir: Option<std::path::PathBuf>,
         /// Also write the admin kubeconfig here (stable path for scripts and other shells).
@@ -34,6 +36,10 @@ enum Command {
         /// Stop after this many seconds instead of waiting for a signal (for scripted runs).
         #[arg(long, value_name = "SECONDS")]
         exit_after: Option<u64>,
+        /// How many simulated (kwok) nodes to run; 0 for a bare control plane (pods stay
+        /// Pending, no helm-controller).
+        #[arg(long, default_value_t = 2, value_name = "COUNT")]
+        nodes: usize,
     },
 }
 
@@ -53,7 +59,8 @@ impl Cli {
                 kubeconfig_out,
                 no_agent,
                 exit_after,
-            } => runtime.block_on(up(bin_dir, kubeconfig_out, no_agent, exit_after)),
+                nodes,
+            } => runtime.block_on(up(bin_dir, kubeconfig_out, no_agent, exit_after, nodes)),
         };
         match outcome {
             Ok(()) => ExitCode::SUCCESS,
@@ -70,13 +77,21 @@ async fn up(
     kubeconfig_out: Option<std::path::PathBuf>,
     no_agent: bool,
     exit_after: Option<u64>,
+    nodes: usize,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let mut options = Options::default();
     if let Some(dir) = bin_dir {
         options.bin_dir = dir;
     }
+    options.nodes = nodes;
+    options.helm_controller = nodes > 0;
+    let peers = if nodes > 0 {
+        format!(", kube-scheduler, kwok ({nodes} nodes), helm-controller")
+    } else {
+        String::new()
+    };
     eprintln!(
-        "starting etcd, kube-apiserver and kube-controller-manager from {} ...",
+        "starting etcd, kube-apiserver, kube-controller-manager{peers} from {} ...",
         options.bin_dir.display()
     );
     let started = std::time::Instant::now();
@@ -103,6 +118,10 @@ async fn up(
         println!("  export PATH={}:$PATH", bin_dir.display());
     }
     println!("  kubectl get crd");
+    if nodes > 0 {
+        println!("  kubectl get nodes                       # simulated by kwok: pods run, Jobs finish");
+        println!("  kubectl get helmcharts -A               # installed by the k3s helm-controller and helm");
+    }
     println!("  kubectl get shapeblock -A");
     println!("  kubectl describe app -n my-project sample-app");
     println!();

@@ -1,12 +1,18 @@
-//! A real Kubernetes control plane for integration tests and the local demo, in the spirit of
+//! A real Kubernetes cluster for integration tests and the local demo, in the spirit of
 //! controller-runtime's envtest: etcd, kube-apiserver and kube-controller-manager built from Go
 //! modules by `tools/build-control-plane.sh`, started on loopback with random ports, their own
-//! PKI and a temp directory, with the ShapeBlock CRDs installed.
+//! PKI and a temp directory, with the ShapeBlock CRDs installed. Around it, a simulated cluster:
+//! kube-scheduler and kwok nodes whose pods run and finish ([`nodes`]), their container logs
+//! through the real pod log API ([`kubelet`]), the real k3s helm-controller, and the real helm
+//! CLI running its install Jobs ([`helm_runner`]).
 //!
 //! This is test support: production code never calls it.
 
 pub mod agent;
+pub mod helm_runner;
 mod kubeconfig;
+pub mod kubelet;
+pub mod nodes;
 mod pki;
 mod process;
 
@@ -22,6 +28,8 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::wait::{await_condition, conditions};
 use kube::{Client, Config};
 
+pub use kubelet::{ContainerRef, logs};
+pub use nodes::{PodOutcome, PodSelector, StageHandle, set_pod_outcome};
 pub use pki::{CertificateAuthority, CertifiedKey};
 pub use process::ManagedProcess;
 
@@ -84,6 +92,14 @@ pub struct Options {
     /// Whether to start kube-controller-manager (namespace deletion, garbage collection, Jobs,
     /// Deployments, service-account tokens). Almost every test wants it.
     pub controller_manager: bool,
+    /// How many simulated (kwok) nodes to run, with kube-scheduler and the kubelet log
+    /// endpoint. 0 runs none: pods then stay Pending, as in a bare control plane.
+    pub nodes: usize,
+    /// Whether to run the k3s helm-controller (and the helm runner for its Jobs, which needs
+    /// nodes). Its CRDs come from `helm_crds_dir`.
+    pub helm_controller: bool,
+    /// The helm-controller CRDs (fixtures of the pinned release).
+    pub helm_crds_dir: PathBuf,
     /// How long each component may take to become ready.
     pub ready_timeout: Duration,
 }
@@ -95,6 +111,9 @@ impl Default for Options {
             crds_dir: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("crds")),
             work_root: default_work_root(),
             controller_manager: true,
+            nodes: 2,
+            helm_controller: true,
+            helm_crds_dir: Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/crds"),
             ready_timeout: Duration::from_secs(60),
         }
     }
@@ -133,9 +152,16 @@ const SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
 const PORT_ATTEMPTS: usize = 5;
 const FIELD_MANAGER: &str = "shapeblock-testenv";
 
+/// The ClusterRole the helm-controller grants its Jobs (`--job-cluster-role`).
+pub const HELM_JOB_CLUSTER_ROLE: &str = "shapeblock-helm-job";
+const HELM_JOB_CLUSTER_ROLE_YAML: &str = include_str!("helm-job-clusterrole.yaml");
+
 /// A running control plane. Dropping it stops the processes and removes its directory.
 pub struct ControlPlane {
-    // Field order is drop order: controller-manager, apiserver, then etcd.
+    // Field order is drop order: the peers, controller-manager, apiserver, then etcd.
+    helm_controller: Option<ManagedProcess>,
+    kwok: Option<ManagedProcess>,
+    scheduler: Option<ManagedProcess>,
     controller_manager: Option<ManagedProcess>,
     apiserver: ManagedProcess,
     etcd: ManagedProcess,
@@ -177,6 +203,9 @@ impl ControlPlane {
             start_apiserver(&options, &work_dir, &files, &etcd_url, &ca, &kubeconfig).await?;
 
         let mut plane = Self {
+            helm_controller: None,
+            kwok: None,
+            scheduler: None,
             controller_manager: None,
             apiserver,
             etcd,
@@ -200,7 +229,85 @@ impl ControlPlane {
             )
             .await?;
         }
+        if options.nodes > 0 {
+            plane.start_nodes(&options, &client).await?;
+        }
+        if options.helm_controller {
+            plane.start_helm_controller(&options, &client).await?;
+        }
         Ok(plane)
+    }
+
+    /// The kubelet endpoint, kube-scheduler and kwok, then waits for the nodes to be Ready.
+    async fn start_nodes(&mut self, options: &Options, client: &Client) -> Result<()> {
+        let kubelet = kubelet::KubeletServer::start(&self.ca, &self.kubeconfig).await?;
+        let processes = nodes::start(
+            client,
+            &options.bin_dir,
+            &self.work_dir,
+            &self.server,
+            &self.ca,
+            options.nodes,
+            kubelet.port(),
+        )
+        .await?;
+        self.scheduler = Some(processes.scheduler);
+        let kwok = self.kwok.insert(processes.kwok);
+        nodes::wait_ready(client, options.nodes, options.ready_timeout, kwok).await
+    }
+
+    /// The k3s helm-controller with our job ClusterRole, and the runner for its Jobs' pods.
+    async fn start_helm_controller(&mut self, options: &Options, client: &Client) -> Result<()> {
+        for binary in ["helm-controller", "helm"] {
+            if !options.bin_dir.join(binary).is_file() {
+                return Err(Error::MissingBinary {
+                    binary: binary.into(),
+                    dir: options.bin_dir.display().to_string(),
+                });
+            }
+        }
+        install_crds(client, &options.helm_crds_dir).await?;
+        let role: k8s_openapi::api::rbac::v1::ClusterRole = serde_yaml::from_str(HELM_JOB_CLUSTER_ROLE_YAML)
+            .map_err(|e| Error::Crd {
+                path: "src/testenv/helm-job-clusterrole.yaml".into(),
+                message: e.to_string(),
+            })?;
+        Api::<k8s_openapi::api::rbac::v1::ClusterRole>::all(client.clone())
+            .patch(
+                HELM_JOB_CLUSTER_ROLE,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&role),
+            )
+            .await?;
+        // It runs as an admin, as in k3s where it is part of the server.
+        let user = self
+            .ca
+            .client_cert("shapeblock-helm-controller", Some("system:masters"))?;
+        let kubeconfig = self.work_dir.join("helm-controller.kubeconfig");
+        kubeconfig::write(
+            &kubeconfig,
+            &self.server,
+            self.ca.cert_pem(),
+            &user,
+            "shapeblock-test",
+        )?;
+        self.helm_controller = Some(ManagedProcess::spawn(
+            "helm-controller",
+            &options.bin_dir.join("helm-controller"),
+            &[
+                format!("--kubeconfig={}", kubeconfig.display()),
+                format!("--job-cluster-role={HELM_JOB_CLUSTER_ROLE}"),
+            ],
+            &self.work_dir.join("helm-controller.log"),
+        )?);
+        helm_runner::start(
+            client.clone(),
+            self.server.clone(),
+            options.bin_dir.join("helm"),
+            self.work_dir.clone(),
+        )
+        .await;
+        Ok(())
     }
 
     /// The admin kubeconfig (user in `system:masters`).
@@ -229,6 +336,9 @@ impl ControlPlane {
             Some(&self.etcd),
             Some(&self.apiserver),
             self.controller_manager.as_ref(),
+            self.scheduler.as_ref(),
+            self.kwok.as_ref(),
+            self.helm_controller.as_ref(),
         ]
         .into_iter()
         .flatten()
@@ -294,8 +404,16 @@ impl ControlPlane {
 impl Drop for ControlPlane {
     fn drop(&mut self) {
         let grace = Duration::from_secs(5);
-        if let Some(kcm) = &mut self.controller_manager {
-            kcm.stop(grace);
+        for peer in [
+            &mut self.helm_controller,
+            &mut self.kwok,
+            &mut self.scheduler,
+            &mut self.controller_manager,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            peer.stop(grace);
         }
         self.apiserver.stop(grace);
         self.etcd.stop(grace);
@@ -364,24 +482,25 @@ fn start_on_keeper_thread() -> Result<SharedControlPlane, String> {
                     return;
                 }
             };
-            match runtime.block_on(ControlPlane::start(Options::default())) {
-                Ok(plane) => {
-                    let _ = sender.send(Ok(SharedControlPlane {
-                        kubeconfig: plane.kubeconfig.clone(),
-                        server: plane.server.clone(),
-                        work_dir: plane.work_dir.clone(),
-                        pids: plane.pids(),
-                    }));
-                    // Keep the forking thread, and with it the children, alive until exit.
-                    let _keep = plane;
-                    loop {
-                        std::thread::park();
+            runtime.block_on(async move {
+                match ControlPlane::start(Options::default()).await {
+                    Ok(plane) => {
+                        let _ = sender.send(Ok(SharedControlPlane {
+                            kubeconfig: plane.kubeconfig.clone(),
+                            server: plane.server.clone(),
+                            work_dir: plane.work_dir.clone(),
+                            pids: plane.pids(),
+                        }));
+                        // Keep the forking thread (and with it the children) and this runtime
+                        // (the kubelet endpoint and the helm runner run on it) until exit.
+                        let _keep = plane;
+                        std::future::pending::<()>().await;
+                    }
+                    Err(e) => {
+                        let _ = sender.send(Err(e.to_string()));
                     }
                 }
-                Err(e) => {
-                    let _ = sender.send(Err(e.to_string()));
-                }
-            }
+            });
         })
         .map_err(|e| format!("spawn control-plane thread: {e}"))?;
     receiver

@@ -26,11 +26,27 @@ impl ManagedProcess {
     /// Linux delivers the parent-death signal when the *thread* that forked the child exits,
     /// so callers must spawn from a thread that lives as long as the process should.
     pub fn spawn(name: &str, binary: &Path, args: &[String], log: &Path) -> Result<Self> {
+        Self::spawn_with_env(name, binary, args, &[], log)
+    }
+
+    /// [`ManagedProcess::spawn`] with extra environment variables.
+    pub fn spawn_with_env(
+        name: &str,
+        binary: &Path,
+        args: &[String],
+        env: &[(String, String)],
+        log: &Path,
+    ) -> Result<Self> {
         let out = File::create(log).map_err(|e| Error::io(format!("create {}", log.display()), e))?;
         let err = out.try_clone().map_err(|e| Error::io("clone log handle", e))?;
         let parent = std::process::id() as libc::pid_t;
         let mut command = Command::new(binary);
-        command.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
+        command
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
         // SAFETY: only async-signal-safe libc calls between fork and exec.
         unsafe {
             command.pre_exec(move || {
