@@ -14,7 +14,7 @@ use kube::core::{DeserializeGuard, PartialObjectMeta};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
@@ -35,15 +35,43 @@ const LIMIT_RANGE_NAME: &str = "shapeblock-defaults";
 /// added capabilities, yet lets kaniko run as root (it needs to, to unpack image layers).
 pub const POD_SECURITY_LEVEL: &str = "baseline";
 
+/// The Project controller's caches: what it owns (metadata only, selected by label) and the
+/// source pull secret. They save a GET per child per reconcile; a miss falls back to the API.
+struct State {
+    ctx: Arc<Context>,
+    namespaces: Store<PartialObjectMeta<Namespace>>,
+    quotas: Store<PartialObjectMeta<ResourceQuota>>,
+    limit_ranges: Store<PartialObjectMeta<LimitRange>>,
+    source: Store<Secret>,
+}
+
 /// Runs the Project controller until `shutdown`.
 pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
     let client = ctx.client.clone();
     let projects = Api::<DeserializeGuard<Project>>::all(client.clone());
     // Children, watched by label and as metadata only: the body is never needed to notice that
     // one changed or vanished, and an unselected Secret watch would cache every Secret.
-    let namespaces = watcher(
-        Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
-        watcher::Config::default().labels(PROJECT_LABEL),
+    let owned =
+        || watcher::Config::default().labels(&format!("{PROJECT_LABEL},{MANAGED_BY_LABEL}={MANAGED_BY}"));
+    let (namespaces, namespace_writer) = reflector::store();
+    let namespace_events = reflector(
+        namespace_writer,
+        watcher(Api::<PartialObjectMeta<Namespace>>::all(client.clone()), owned()),
+    )
+    .touched_objects();
+    let (quotas, quota_writer) = reflector::store();
+    let quota_events = reflector(
+        quota_writer,
+        watcher(
+            Api::<PartialObjectMeta<ResourceQuota>>::all(client.clone()),
+            owned(),
+        ),
+    )
+    .touched_objects();
+    let (limit_ranges, limit_writer) = reflector::store();
+    let limit_events = reflector(
+        limit_writer,
+        watcher(Api::<PartialObjectMeta<LimitRange>>::all(client.clone()), owned()),
     )
     .touched_objects();
     let copies = watcher(
@@ -53,29 +81,42 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
     .touched_objects();
 
     let controller = Controller::new(projects, watcher::Config::default())
-        .owns_stream(namespaces)
+        .owns_stream(namespace_events)
+        .owns_stream(quota_events)
+        .owns_stream(limit_events)
         .owns_stream(copies);
     let store = controller.store();
 
     // The source pull secret, watched by name: when it changes, every project's copy follows.
+    let (source, source_writer) = reflector::store();
     let controller = match &ctx.config.registry_secret {
         Some(name) => {
-            let source = watcher(
-                Api::<Secret>::namespaced(client.clone(), &ctx.config.agent_namespace),
-                watcher::Config::default().fields(&format!("metadata.name={name}")),
+            let events = reflector(
+                source_writer,
+                watcher(
+                    Api::<Secret>::namespaced(client.clone(), &ctx.config.agent_namespace),
+                    watcher::Config::default().fields(&format!("metadata.name={name}")),
+                ),
             )
             .touched_objects();
             let all = store.clone();
-            controller.watches_stream(source, move |_| all_projects(&all))
+            controller.watches_stream(events, move |_| all_projects(&all))
         }
         None => controller,
     };
 
     super::mark_synced_when_ready(ctx.clone(), store.clone());
+    let state = Arc::new(State {
+        ctx,
+        namespaces,
+        quotas,
+        limit_ranges,
+        source,
+    });
 
     controller
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
+        .run(reconcile, error_policy, state)
         .for_each(|result| async move {
             if let Err(err) = result {
                 tracing::debug!(%err, "project reconcile ended with an error");
@@ -92,19 +133,20 @@ fn all_projects(store: &Store<DeserializeGuard<Project>>) -> Vec<ObjectRef<Deser
         .collect()
 }
 
-async fn reconcile(guard: Arc<DeserializeGuard<Project>>, ctx: Arc<Context>) -> Result<Action> {
+async fn reconcile(guard: Arc<DeserializeGuard<Project>>, state: Arc<State>) -> Result<Action> {
+    let ctx = &state.ctx;
     let _timer = ctx.metrics.reconcile(KIND);
     tracing::debug!(kind = KIND, object = %guard.name_any(), "reconciling");
     let project = match &guard.0 {
         Ok(project) => Arc::new(project.clone()),
-        Err(invalid) => return super::report_undecodable::<Project>(&ctx, invalid).await,
+        Err(invalid) => return super::report_undecodable::<Project>(ctx, invalid).await,
     };
     let api = Api::<Project>::all(ctx.client.clone());
     let key = project.name_any();
     let action = finalizer(&api, FINALIZER, project, |event| async {
         match event {
-            Finalizer::Apply(project) => apply(&project, &ctx).await,
-            Finalizer::Cleanup(project) => cleanup(&project, &ctx).await,
+            Finalizer::Apply(project) => apply(&project, &state).await,
+            Finalizer::Cleanup(project) => cleanup(&project, ctx).await,
         }
     })
     .await
@@ -113,11 +155,12 @@ async fn reconcile(guard: Arc<DeserializeGuard<Project>>, ctx: Arc<Context>) -> 
     Ok(action)
 }
 
-fn error_policy(guard: Arc<DeserializeGuard<Project>>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.error_action(&guard.name_any(), KIND, error)
+fn error_policy(guard: Arc<DeserializeGuard<Project>>, error: &Error, state: Arc<State>) -> Action {
+    state.ctx.error_action(&guard.name_any(), KIND, error)
 }
 
-async fn apply(project: &Project, ctx: &Context) -> Result<Action> {
+async fn apply(project: &Project, state: &State) -> Result<Action> {
+    let ctx = &*state.ctx;
     let name = project.name_any();
     let mut conditions = ConditionSet::new(
         project
@@ -130,7 +173,14 @@ async fn apply(project: &Project, ctx: &Context) -> Result<Action> {
     let namespaces = Api::<Namespace>::all(ctx.client.clone());
     let params = PatchParams::apply(FIELD_MANAGER).force();
 
-    if let Some(existing) = namespaces.get_opt(&name).await? {
+    // Ours and cached: no need to ask. Anything else (not yet cached, or not ours) is checked
+    // against the API, so a foreign namespace is never mistaken for a free name.
+    let cached = state.namespaces.get(&ObjectRef::new(&name));
+    let existing = match cached {
+        Some(meta) if is_owned_by(&meta.metadata, &name) => Some(meta.metadata.clone()),
+        _ => namespaces.get_metadata_opt(&name).await?.map(|m| m.metadata),
+    };
+    if let Some(existing) = existing {
         if !is_owned_by(&existing, &name) {
             let message = format!(
                 "namespace {name} already exists and was not created for this Project; \
@@ -153,7 +203,7 @@ async fn apply(project: &Project, ctx: &Context) -> Result<Action> {
             // Not watched (it carries none of our labels): look again now and then.
             return Ok(Action::requeue(std::time::Duration::from_secs(300)));
         }
-        if existing.metadata.deletion_timestamp.is_some() {
+        if existing.deletion_timestamp.is_some() {
             let message = format!("waiting for namespace {name} to finish terminating");
             conditions.set("NamespaceReady", false, "NamespaceTerminating", &message);
             conditions.set("Ready", false, "NamespaceTerminating", &message);
@@ -173,12 +223,20 @@ async fn apply(project: &Project, ctx: &Context) -> Result<Action> {
         format!("namespace {name} is ready"),
     );
 
-    let pull_secret_ok = sync_pull_secret(project, ctx, &owner, &mut conditions).await?;
+    let pull_secret_ok = sync_pull_secret(project, state, &owner, &mut conditions).await?;
 
+    // Delete what the spec no longer asks for, if the (label-selected) cache says it exists.
     let quotas = Api::<ResourceQuota>::namespaced(ctx.client.clone(), &name);
     match desired_quota(project, &owner) {
         Some(quota) => drop(quotas.patch(QUOTA_NAME, &params, &Patch::Apply(quota)).await?),
-        None => delete_if_present(&quotas, QUOTA_NAME).await?,
+        None if state
+            .quotas
+            .get(&ObjectRef::new(QUOTA_NAME).within(&name))
+            .is_some() =>
+        {
+            delete_if_present(&quotas, QUOTA_NAME).await?
+        }
+        None => {}
     }
     let limits = Api::<LimitRange>::namespaced(ctx.client.clone(), &name);
     match desired_limit_range(project, &owner) {
@@ -187,7 +245,14 @@ async fn apply(project: &Project, ctx: &Context) -> Result<Action> {
                 .patch(LIMIT_RANGE_NAME, &params, &Patch::Apply(range))
                 .await?,
         ),
-        None => delete_if_present(&limits, LIMIT_RANGE_NAME).await?,
+        None if state
+            .limit_ranges
+            .get(&ObjectRef::new(LIMIT_RANGE_NAME).within(&name))
+            .is_some() =>
+        {
+            delete_if_present(&limits, LIMIT_RANGE_NAME).await?
+        }
+        None => {}
     }
 
     let (phase, message) = if pull_secret_ok {
@@ -222,10 +287,11 @@ async fn apply(project: &Project, ctx: &Context) -> Result<Action> {
 /// (or none is configured).
 async fn sync_pull_secret(
     project: &Project,
-    ctx: &Context,
+    state: &State,
     owner: &OwnerReference,
     conditions: &mut ConditionSet,
 ) -> Result<bool> {
+    let ctx = &*state.ctx;
     let Some(source_name) = &ctx.config.registry_secret else {
         conditions.set(
             "PullSecretSynced",
@@ -236,9 +302,14 @@ async fn sync_pull_secret(
         return Ok(true);
     };
     let source_ns = &ctx.config.agent_namespace;
-    let source = Api::<Secret>::namespaced(ctx.client.clone(), source_ns)
-        .get_opt(source_name)
-        .await?;
+    let source = match state.source.get(&ObjectRef::new(source_name).within(source_ns)) {
+        Some(cached) => Some((*cached).clone()),
+        None => {
+            Api::<Secret>::namespaced(ctx.client.clone(), source_ns)
+                .get_opt(source_name)
+                .await?
+        }
+    };
     let Some(source) = source else {
         let message = format!(
             "registry pull secret {source_ns}/{source_name} does not exist: create it (type \
@@ -270,7 +341,7 @@ async fn cleanup(project: &Project, ctx: &Context) -> Result<Action> {
     let Some(namespace) = namespaces.get_opt(&name).await? else {
         return Ok(Action::await_change());
     };
-    if !is_owned_by(&namespace, &name) {
+    if !is_owned_by(&namespace.metadata, &name) {
         // Somebody else's namespace: never ours to delete.
         return Ok(Action::await_change());
     }
@@ -319,8 +390,8 @@ fn phase_of(project: &Project) -> Option<ProjectPhase> {
 }
 
 /// Whether a namespace was created by the agent for this Project.
-fn is_owned_by(namespace: &Namespace, project: &str) -> bool {
-    let labels = namespace.labels();
+fn is_owned_by(namespace: &ObjectMeta, project: &str) -> bool {
+    let labels = namespace.labels.clone().unwrap_or_default();
     labels.get(PROJECT_LABEL).map(String::as_str) == Some(project)
         && labels.get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY)
 }
@@ -340,6 +411,10 @@ async fn write_status(
         observed_generation: project.metadata.generation,
         conditions: conditions.conditions,
     };
+    // An unchanged status is not written: no request, no watch event, no extra reconcile.
+    if project.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
     let patch = json!({
         "apiVersion": Project::api_version(&()),
         "kind": KIND,

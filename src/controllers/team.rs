@@ -170,10 +170,13 @@ async fn apply(team: &Team, ctx: &Context) -> Result<Action> {
         observed_generation: team.metadata.generation,
         conditions: conditions.conditions,
     };
+    let unchanged = team.status.as_ref() == Some(&status);
     let patch = json!({"apiVersion": Team::api_version(&()), "kind": KIND, "status": status});
-    Api::<Team>::all(ctx.client.clone())
-        .patch_status(&name, &params, &Patch::Apply(patch))
-        .await?;
+    if !unchanged {
+        Api::<Team>::all(ctx.client.clone())
+            .patch_status(&name, &params, &Patch::Apply(patch))
+            .await?;
+    }
     if previous_phase != Some(phase) || removed > 0 {
         let type_ = if phase == TeamPhase::Ready {
             EventType::Normal
