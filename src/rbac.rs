@@ -107,6 +107,27 @@ pub const AGENT_CLUSTER_RULES: &[Rule] = &[
         why: "bind Team members to the three ShapeBlock roles without holding their permissions itself; nothing else",
     },
     Rule {
+        api_groups: &["batch"],
+        resources: &["jobs"],
+        verbs: &["get", "list", "watch", "create", "delete"],
+        resource_names: &[],
+        why: "build and resolve Jobs in project namespaces; deleted once their result is recorded",
+    },
+    Rule {
+        api_groups: &[""],
+        resources: &["pods"],
+        verbs: &["get", "list"],
+        resource_names: &[],
+        why: "read a build pod's termination message (commit, digest) and which step failed",
+    },
+    Rule {
+        api_groups: &["apps"],
+        resources: &["deployments"],
+        verbs: &["get", "list", "watch"],
+        resource_names: &[],
+        why: "an AppBuild is Completed only when the App's Deployment has rolled out its image; watched by label, metadata only",
+    },
+    Rule {
         api_groups: &["events.k8s.io"],
         resources: &["events"],
         verbs: &["create", "patch"],
@@ -134,13 +155,22 @@ pub fn agent_cluster_role_binding(namespace: &str) -> ClusterRoleBinding {
 }
 
 /// Rules the agent needs in its own namespace only.
-pub const AGENT_NAMESPACE_RULES: &[Rule] = &[Rule {
-    api_groups: &[""],
-    resources: &["secrets"],
-    verbs: &["get", "list", "watch"],
-    resource_names: &[],
-    why: "watch the source registry pull secret (by name) to copy it into every project",
-}];
+pub const AGENT_NAMESPACE_RULES: &[Rule] = &[
+    Rule {
+        api_groups: &[""],
+        resources: &["secrets"],
+        verbs: &["get", "list", "watch"],
+        resource_names: &[],
+        why: "watch the source registry pull secret (by name) to copy it into every project",
+    },
+    Rule {
+        api_groups: &["helm.cattle.io"],
+        resources: &["helmcharts"],
+        verbs: &["get", "list", "watch", "create", "patch", "delete"],
+        resource_names: &[],
+        why: "deploy Apps as HelmCharts in the agent's own namespace (never a tenant's: see the AppBuild notes)",
+    },
+];
 
 /// The agent's Role in its own namespace.
 pub fn agent_role(namespace: &str) -> Role {

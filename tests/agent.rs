@@ -5,11 +5,8 @@
 
 mod support;
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
-use k8s_openapi::ByteString;
 use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
 use k8s_openapi::api::core::v1::{LimitRange, Namespace, ResourceQuota, Secret};
 use k8s_openapi::api::events::v1::Event;
@@ -19,146 +16,10 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use shapeblock_agent::api::{App, AppPhase, Project, ProjectPhase, Team, TeamPhase};
-use shapeblock_agent::testenv::{self, agent::AgentProcess};
+
 use support::{eventually, unique_name};
-use tokio::sync::{Mutex, MutexGuard};
 
-static SERIAL: Mutex<()> = Mutex::const_new(());
-const AGENT_NS: &str = "shapeblock";
-const PULL_SECRET: &str = "registry-credentials";
-const TIMEOUT: Duration = Duration::from_secs(30);
-
-struct Env {
-    client: Client,
-    kubeconfig: PathBuf,
-    dir: PathBuf,
-    _serial: MutexGuard<'static, ()>,
-}
-
-async fn env() -> Env {
-    let serial = SERIAL.lock().await;
-    let plane = testenv::shared().unwrap_or_else(|e| panic!("{e}"));
-    let client = plane.client().await.unwrap();
-    let kubeconfig =
-        testenv::agent::install_agent_identity(&client, &plane.kubeconfig, AGENT_NS, &plane.work_dir)
-            .await
-            .expect("install the agent's ServiceAccount and RBAC");
-    set_pull_secret(&client, "initial").await;
-    Env {
-        client,
-        kubeconfig,
-        dir: plane.work_dir.clone(),
-        _serial: serial,
-    }
-}
-
-impl Env {
-    async fn agent(&self, extra: &[&str]) -> AgentProcess {
-        let log = self.dir.join(format!("{}.log", unique_name("agent")));
-        let mut args = vec!["--log=shapeblock_agent=debug,info"];
-        args.extend_from_slice(extra);
-        AgentProcess::start(
-            std::path::Path::new(env!("CARGO_BIN_EXE_shapeblock-agent")),
-            &self.kubeconfig,
-            AGENT_NS,
-            &log,
-            &args,
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
-    }
-}
-
-async fn set_pull_secret(client: &Client, password: &str) {
-    let config = json!({"auths": {"registry.example.com": {"username": "ci", "password": password}}});
-    let secret = Secret {
-        metadata: kube::api::ObjectMeta {
-            name: Some(PULL_SECRET.into()),
-            ..Default::default()
-        },
-        type_: Some("kubernetes.io/dockerconfigjson".into()),
-        data: Some(BTreeMap::from([(
-            ".dockerconfigjson".to_string(),
-            ByteString(config.to_string().into_bytes()),
-        )])),
-        ..Default::default()
-    };
-    Api::<Secret>::namespaced(client.clone(), AGENT_NS)
-        .patch(
-            PULL_SECRET,
-            &PatchParams::apply("test").force(),
-            &Patch::Apply(&secret),
-        )
-        .await
-        .unwrap();
-}
-
-async fn create<K>(api: Api<K>, manifest: serde_json::Value) -> K
-where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + serde::Serialize
-        + std::fmt::Debug,
-{
-    let object: K = serde_json::from_value(manifest).unwrap();
-    api.create(&PostParams::default(), &object).await.unwrap()
-}
-
-fn project_manifest(name: &str, spec: serde_json::Value) -> serde_json::Value {
-    json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "Project", "metadata": {"name": name}, "spec": spec})
-}
-
-fn app_manifest(name: &str, git: serde_json::Value) -> serde_json::Value {
-    json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "App", "metadata": {"name": name},
-           "spec": {"git": git, "registry": {"url": "registry.example.com"}}})
-}
-
-async fn project_phase(client: &Client, name: &str) -> Option<ProjectPhase> {
-    Api::<Project>::all(client.clone())
-        .get_opt(name)
-        .await
-        .unwrap()?
-        .status?
-        .phase
-}
-
-async fn wait_project(client: &Client, name: &str, phase: ProjectPhase) -> Project {
-    eventually(TIMEOUT, &format!("Project {name} to be {phase:?}"), || async {
-        let project = Api::<Project>::all(client.clone()).get(name).await.unwrap();
-        (project.status.as_ref().and_then(|s| s.phase) == Some(phase)).then_some(project)
-    })
-    .await
-    .0
-}
-
-async fn wait_app(client: &Client, namespace: &str, name: &str, phase: AppPhase) -> App {
-    eventually(
-        TIMEOUT,
-        &format!("App {namespace}/{name} to be {phase:?}"),
-        || async {
-            let app = Api::<App>::namespaced(client.clone(), namespace)
-                .get(name)
-                .await
-                .unwrap();
-            (app.status.as_ref().and_then(|s| s.phase) == Some(phase)).then_some(app)
-        },
-    )
-    .await
-    .0
-}
-
-/// A Ready project with a fresh name.
-async fn ready_project(client: &Client, prefix: &str) -> String {
-    let name = unique_name(prefix);
-    create(
-        Api::<Project>::all(client.clone()),
-        project_manifest(&name, json!({})),
-    )
-    .await;
-    wait_project(client, &name, ProjectPhase::Ready).await;
-    name
-}
+use support::agent::*;
 
 async fn events_for(client: &Client, namespace: &str, name: &str) -> Vec<Event> {
     Api::<Event>::namespaced(client.clone(), namespace)

@@ -21,7 +21,7 @@ enum Command {
     /// Run the agent: connect to the cluster (in-cluster config, `--kubeconfig` or
     /// `KUBECONFIG`), reconcile the ShapeBlock resources, serve `/healthz`, `/readyz` and
     /// `/metrics`, and stop gracefully on SIGTERM.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the RBAC objects the agent needs (its ClusterRole, Role and bindings, and the
     /// Team ClusterRoles) as YAML, or with `--markdown` the agent's rules and why each exists.
     Rbac {
@@ -96,6 +96,39 @@ struct RunArgs {
     /// overrides it.
     #[arg(long, env = "SHAPEBLOCK_LOG", default_value = "info", value_name = "FILTER")]
     log: String,
+    /// Image with git and ssh, for resolving refs and cloning.
+    #[arg(
+        long,
+        env = "SHAPEBLOCK_GIT_IMAGE",
+        default_value = "alpine/git:v2.47.2",
+        value_name = "IMAGE"
+    )]
+    git_image: String,
+    /// Kaniko executor for `dockerfile` builds. Upstream kaniko was archived in 2025; point
+    /// this at the maintained fork you trust.
+    #[arg(
+        long,
+        env = "SHAPEBLOCK_KANIKO_IMAGE",
+        default_value = "gcr.io/kaniko-project/executor:v1.24.0",
+        value_name = "IMAGE"
+    )]
+    kaniko_image: String,
+    /// Buildpacks builder for `buildpack` builds whose App names none.
+    #[arg(
+        long,
+        env = "SHAPEBLOCK_BUILDER_IMAGE",
+        default_value = "paketobuildpacks/builder-jammy-base:latest",
+        value_name = "IMAGE"
+    )]
+    builder_image: String,
+    /// Build deadline (the Job's activeDeadlineSeconds) when the App and AppBuild set none.
+    #[arg(
+        long,
+        env = "SHAPEBLOCK_BUILD_TIMEOUT_SECONDS",
+        default_value_t = 1800,
+        value_name = "SECONDS"
+    )]
+    build_timeout_seconds: i64,
     /// Name of this replica (the Pod name), recorded as the source of Events.
     #[arg(long, env = "POD_NAME", value_name = "NAME")]
     instance: Option<String>,
@@ -113,7 +146,7 @@ impl Cli {
     /// Runs the chosen command and maps its outcome to the process exit code.
     pub fn run(self) -> ExitCode {
         let outcome = match self.command {
-            Command::Run(args) => run(args),
+            Command::Run(args) => run(*args),
             Command::Rbac { markdown: true, .. } => {
                 print!("{}", crate::rbac::markdown_table());
                 Ok(())
@@ -148,6 +181,13 @@ fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
             registry_secret: (!args.registry_secret.is_empty()).then_some(args.registry_secret),
             resync: std::time::Duration::from_secs(args.resync_seconds),
             instance: args.instance,
+            builds: crate::controllers::appbuild::BuildSettings {
+                git_image: args.git_image,
+                kaniko_image: args.kaniko_image,
+                builder_image: args.builder_image,
+                timeout_seconds: args.build_timeout_seconds,
+                ..Default::default()
+            },
         },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

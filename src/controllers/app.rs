@@ -142,10 +142,11 @@ async fn apply(app: &App, ctx: &Context) -> Result<Action> {
     };
     conditions.set("CredentialsReady", true, "Ready", &message);
     conditions.set("Ready", true, "Reconciled", "ready to build");
-    let phase = match app.status.as_ref().and_then(|s| s.phase) {
-        // Build progress is written by the build controller; keep it.
-        Some(phase @ (AppPhase::Building | AppPhase::Deploying | AppPhase::Deployed)) => phase,
-        _ => AppPhase::Ready,
+    let deployed = app.status.as_ref().is_some_and(|s| s.current_image.is_some());
+    let phase = if deployed {
+        AppPhase::Deployed
+    } else {
+        AppPhase::Ready
     };
     write_status(ctx, app, phase, "ready to build", Some(credentials), conditions).await?;
     Ok(Action::requeue(ctx.config.resync))
@@ -374,19 +375,20 @@ async fn write_status(
         observed_generation: app.metadata.generation,
         conditions: conditions.conditions,
         last_updated: Some(Time(Timestamp::now())),
-        // Written by the build controller; carried so this apply does not drop them.
-        latest_build: previous.latest_build.clone(),
-        current_image: previous.current_image.clone(),
-        previous_image: previous.previous_image.clone(),
+        // latestBuild and the images belong to the build controller (its own field manager):
+        // leaving them out of this apply leaves them alone.
+        latest_build: None,
+        current_image: None,
+        previous_image: None,
     };
-    let unchanged = AppStatus {
+    let comparable = |s: &AppStatus| AppStatus {
         last_updated: None,
-        ..status.clone()
-    } == AppStatus {
-        last_updated: None,
-        ..previous
+        latest_build: None,
+        current_image: None,
+        previous_image: None,
+        ..s.clone()
     };
-    if unchanged {
+    if comparable(&status) == comparable(&previous) {
         return Ok(());
     }
     let patch = json!({"apiVersion": App::api_version(&()), "kind": KIND, "status": status});

@@ -26,6 +26,8 @@ pub struct Config {
     pub resync: Duration,
     /// Pod name, to tell Event sources apart when several replicas run.
     pub instance: Option<String>,
+    /// Images and defaults of build Jobs.
+    pub builds: super::appbuild::BuildSettings,
 }
 
 impl Default for Config {
@@ -35,6 +37,7 @@ impl Default for Config {
             registry_secret: Some("registry-credentials".into()),
             resync: Duration::from_secs(30 * 60),
             instance: None,
+            builds: Default::default(),
         }
     }
 }
@@ -50,7 +53,7 @@ pub struct Context {
 }
 
 /// Number of controllers whose caches must be synced before the agent reports ready.
-pub const CONTROLLERS: usize = 3;
+pub const CONTROLLERS: usize = 4;
 
 impl Context {
     pub fn new(client: Client, metrics: std::sync::Arc<Metrics>, config: Config) -> Self {

@@ -6,6 +6,7 @@
 //! Controllers know the CRD types and kube; never the tunnel or the protocol.
 
 pub mod app;
+pub mod appbuild;
 mod conditions;
 mod context;
 mod error;
@@ -37,6 +38,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
     tokio::join!(
         project::run(ctx.clone(), shutdown.clone()),
         app::run(ctx.clone(), shutdown.clone()),
+        appbuild::run(ctx.clone(), shutdown.clone()),
         team::run(ctx, shutdown),
     );
 }

@@ -2,6 +2,8 @@
 //! named by `SHAPEBLOCK_TEST_KUBECONFIG`), a fresh namespace per test, and YAML helpers.
 #![allow(dead_code)]
 
+pub mod agent;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 

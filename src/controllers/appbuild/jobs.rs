@@ -1,0 +1,764 @@
+//! Build Jobs: resolving a git ref to a commit, and building an image with kaniko or Cloud
+//! Native Buildpacks. Pure functions of the App, the AppBuild and the agent's settings.
+//!
+//! Pod Security: project namespaces enforce `baseline`. Kaniko must run as root to unpack
+//! image layers (allowed by `baseline`, no privilege, no extra capabilities); buildpacks run as
+//! the builder image's own user (`cnb`, uid 1000), and the clone step runs as that user too so
+//! the workspace is theirs.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::core::v1::{
+    Container, EnvVar, EnvVarSource, KeyToPath, PodSecurityContext, PodSpec, PodTemplateSpec,
+    ResourceRequirements, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext, Volume,
+    VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+
+use crate::api::{App, AppBuild, BuildResources, BuildType};
+use crate::controllers::{APP_LABEL, MANAGED_BY, MANAGED_BY_LABEL};
+use kube::ResourceExt;
+
+/// Label on build Jobs (and their pods) naming the AppBuild.
+pub const BUILD_LABEL: &str = "apps.shapeblock.io/build";
+/// Label telling resolve Jobs from build Jobs.
+pub const STEP_LABEL: &str = "apps.shapeblock.io/step";
+pub const CLONE_CONTAINER: &str = "clone";
+pub const BUILD_CONTAINER: &str = "build";
+pub const RESOLVE_CONTAINER: &str = "resolve";
+const WORKSPACE: &str = "/workspace";
+const CNB_UID: i64 = 1000;
+
+/// Images and defaults for builds; set by the agent's flags.
+#[derive(Clone, Debug)]
+pub struct BuildSettings {
+    /// Image with `git` and `ssh` for the resolve and clone steps.
+    pub git_image: String,
+    /// Kaniko executor. Upstream kaniko was archived in 2025: point this at a maintained fork.
+    pub kaniko_image: String,
+    /// Buildpacks builder used when an App names none.
+    pub builder_image: String,
+    /// Build deadline when neither the AppBuild nor the App sets one.
+    pub timeout_seconds: i64,
+    /// Build resources when neither the AppBuild nor the App sets them.
+    pub resources: BuildResources,
+    /// Jobs are deleted by the agent once their result is recorded; this is only a backstop.
+    pub ttl_seconds_after_finished: i32,
+}
+
+impl Default for BuildSettings {
+    fn default() -> Self {
+        use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+        Self {
+            git_image: "alpine/git:v2.47.2".into(),
+            kaniko_image: "gcr.io/kaniko-project/executor:v1.24.0".into(),
+            builder_image: "paketobuildpacks/builder-jammy-base:latest".into(),
+            timeout_seconds: 1800,
+            resources: BuildResources {
+                requests: BTreeMap::from([
+                    ("cpu".to_string(), Quantity("500m".into())),
+                    ("memory".to_string(), Quantity("1Gi".into())),
+                ]),
+                limits: BTreeMap::from([("memory".to_string(), Quantity("2Gi".into()))]),
+            },
+            ttl_seconds_after_finished: 24 * 3600,
+        }
+    }
+}
+
+/// Where the built image goes: `<registry>/<project>/<app>:<tag>`.
+pub fn destination(app: &App, tag: &str) -> String {
+    format!(
+        "{}/{}/{}:{tag}",
+        app.spec.registry.url,
+        app.namespace().unwrap_or_default(),
+        app.name_any()
+    )
+}
+
+/// The tag of a build: `imageTag`, else the short commit.
+pub fn image_tag(build: &AppBuild, commit: &str) -> String {
+    build
+        .spec
+        .image_tag
+        .clone()
+        .unwrap_or_else(|| commit.chars().take(12).collect())
+}
+
+/// The ref to resolve: the AppBuild's, else the App's branch.
+pub fn git_ref(app: &App, build: &AppBuild) -> String {
+    build
+        .spec
+        .git_ref
+        .clone()
+        .or_else(|| app.spec.git.as_ref().map(|g| g.branch.clone()))
+        .unwrap_or_else(|| "main".into())
+}
+
+pub fn resolve_job_name(build: &AppBuild) -> String {
+    format!("{}-resolve", build.name_any())
+}
+
+pub fn build_job_name(build: &AppBuild) -> String {
+    format!("{}-build", build.name_any())
+}
+
+/// Name of the Secret with the push credentials (a docker config).
+pub fn registry_secret(app: &App, default: &str) -> String {
+    app.spec
+        .registry
+        .secret_name
+        .clone()
+        .unwrap_or_else(|| default.to_owned())
+}
+
+/// A Job that resolves the ref to a commit SHA with `git ls-remote` and reports it as its
+/// termination message.
+pub fn resolve_job(
+    app: &App,
+    build: &AppBuild,
+    git_secret: Option<&str>,
+    owner: &OwnerReference,
+    settings: &BuildSettings,
+) -> Job {
+    let script = r#"set -eu
+sha=$(git ls-remote "$GIT_URL" "$GIT_REF" "refs/tags/$GIT_REF^{}" | awk 'NR==1 {print $1}')
+case "$GIT_REF" in
+  *[!0-9a-f]*) ;;
+  *) [ -z "$sha" ] && [ ${#GIT_REF} -ge 7 ] && sha=$GIT_REF ;;
+esac
+[ -n "$sha" ] || { echo "ref $GIT_REF not found in $GIT_URL" | tee /dev/termination-log; exit 2; }
+printf '%s' "$sha" > /dev/termination-log"#;
+    let mut container = git_container(RESOLVE_CONTAINER, app, build, git_secret, settings, script);
+    container
+        .env
+        .get_or_insert_default()
+        .push(env("GIT_REF", &git_ref(app, build)));
+    job(
+        app,
+        build,
+        &resolve_job_name(build),
+        "resolve",
+        owner,
+        settings,
+        vec![],
+        container,
+        git_volumes(git_secret),
+        None,
+        300,
+    )
+}
+
+/// The build Job for the `dockerfile` and `buildpack` strategies: clone at `commit`, then
+/// build and push; the digest (and for buildpacks the process types) come back as the build
+/// container's termination message.
+pub fn build_job(
+    app: &App,
+    build: &AppBuild,
+    commit: &str,
+    git_secret: Option<&str>,
+    registry_secret: &str,
+    owner: &OwnerReference,
+    settings: &BuildSettings,
+) -> Job {
+    let clone_script = r#"set -eu
+cd /workspace
+git init -q src && cd src
+git remote add origin "$GIT_URL"
+git fetch -q --depth 1 origin "$COMMIT" || git fetch -q origin
+git checkout -q "$COMMIT"
+if [ -f Procfile ]; then head -c 2048 Procfile > /workspace/Procfile; fi"#;
+    let buildpack = app.spec.build.build_type == BuildType::Buildpack;
+    let mut clone = git_container(CLONE_CONTAINER, app, build, git_secret, settings, clone_script);
+    clone.env.get_or_insert_default().push(env("COMMIT", commit));
+    if buildpack {
+        clone.security_context = Some(non_root(CNB_UID));
+    }
+    let destination = destination(app, &image_tag(build, commit));
+    let cache = format!(
+        "{}/{}/{}/cache",
+        app.spec.registry.url,
+        app.namespace().unwrap_or_default(),
+        app.name_any()
+    );
+    let resources = build
+        .spec
+        .resources
+        .clone()
+        .or_else(|| app.spec.build.resources.clone())
+        .unwrap_or_else(|| settings.resources.clone());
+    let mut main = if buildpack {
+        buildpack_container(app, build, &destination, &cache, settings)
+    } else {
+        kaniko_container(app, build, &destination, &cache, settings)
+    };
+    main.resources = Some(ResourceRequirements {
+        requests: (!resources.requests.is_empty()).then_some(resources.requests.clone()),
+        limits: (!resources.limits.is_empty()).then_some(resources.limits.clone()),
+        ..Default::default()
+    });
+    let mut volumes = git_volumes(git_secret);
+    volumes.push(Volume {
+        name: "registry".into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(registry_secret.into()),
+            items: Some(vec![KeyToPath {
+                key: ".dockerconfigjson".into(),
+                path: "config.json".into(),
+                mode: None,
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let deadline = build
+        .spec
+        .timeout_seconds
+        .or(app.spec.build.timeout_seconds)
+        .unwrap_or(settings.timeout_seconds);
+    let fs_group = buildpack.then_some(CNB_UID);
+    job(
+        app,
+        build,
+        &build_job_name(build),
+        "build",
+        owner,
+        settings,
+        vec![clone],
+        main,
+        volumes,
+        fs_group,
+        deadline,
+    )
+}
+
+fn kaniko_container(
+    app: &App,
+    build: &AppBuild,
+    destination: &str,
+    cache: &str,
+    settings: &BuildSettings,
+) -> Container {
+    let context = app.spec.build.context_dir.as_deref().unwrap_or(".");
+    let mut args = vec![
+        format!("--context=dir://{WORKSPACE}/src/{context}"),
+        format!(
+            "--dockerfile={}",
+            app.spec.build.dockerfile.as_deref().unwrap_or("Dockerfile")
+        ),
+        format!("--destination={destination}"),
+        "--cache=true".into(),
+        format!("--cache-repo={cache}"),
+        // The digest comes back in the pod's termination message: nothing queries the registry.
+        "--digest-file=/dev/termination-log".into(),
+    ];
+    args.extend(
+        build
+            .spec
+            .build_vars
+            .iter()
+            .map(|v| format!("--build-arg={}={}", v.key, v.value)),
+    );
+    Container {
+        name: BUILD_CONTAINER.into(),
+        image: Some(settings.kaniko_image.clone()),
+        args: Some(args),
+        env: Some(vec![env("DOCKER_CONFIG", "/kaniko/.docker")]),
+        volume_mounts: Some(vec![
+            mount("workspace", WORKSPACE, false),
+            mount("registry", "/kaniko/.docker", true),
+        ]),
+        termination_message_policy: Some("File".into()),
+        security_context: Some(SecurityContext {
+            // Kaniko unpacks image layers as root; it needs no privilege and no capabilities.
+            run_as_user: Some(0),
+            allow_privilege_escalation: Some(false),
+            privileged: Some(false),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn buildpack_container(
+    app: &App,
+    build: &AppBuild,
+    destination: &str,
+    cache: &str,
+    settings: &BuildSettings,
+) -> Container {
+    // Build variables become platform env files; the report and the launch metadata give the
+    // digest and the process types, squeezed into the 4 KiB termination message.
+    let script = r#"set -eu
+mkdir -p /workspace/platform/env
+for var in $(env | sed -n 's/^BUILD_VAR_\([A-Za-z_][A-Za-z0-9_]*\)=.*/\1/p'); do
+  eval "printf '%s' \"\$BUILD_VAR_$var\"" > "/workspace/platform/env/$var"
+done
+/cnb/lifecycle/creator -app=/workspace/src -platform=/workspace/platform -layers=/workspace/layers \
+  -cache-image="$CACHE_IMAGE" -report=/workspace/report.toml "$DESTINATION"
+digest=$(sed -n 's/^ *digest *= *"\(sha256:[0-9a-f]*\)".*/\1/p' /workspace/report.toml | head -n1)
+types=$(sed -n 's/^ *type *= *"\([A-Za-z0-9_.-]*\)".*/"\1"/p' /workspace/layers/config/metadata.toml 2>/dev/null | sort -u | paste -sd, -)
+printf '{"digest":"%s","processes":[%s]}' "$digest" "$types" | head -c 4000 > /dev/termination-log"#;
+    let mut env_vars = vec![
+        env("DESTINATION", destination),
+        env("CACHE_IMAGE", cache),
+        env("DOCKER_CONFIG", "/home/cnb/.docker"),
+        env("CNB_PLATFORM_API", "0.13"),
+    ];
+    env_vars.extend(
+        build
+            .spec
+            .build_vars
+            .iter()
+            .map(|v| env(&format!("BUILD_VAR_{}", v.key), &v.value)),
+    );
+    Container {
+        name: BUILD_CONTAINER.into(),
+        image: Some(
+            app.spec
+                .build
+                .builder_image
+                .clone()
+                .unwrap_or_else(|| settings.builder_image.clone()),
+        ),
+        command: Some(vec!["/bin/sh".into(), "-c".into(), script.into()]),
+        env: Some(env_vars),
+        volume_mounts: Some(vec![
+            mount("workspace", WORKSPACE, false),
+            mount("registry", "/home/cnb/.docker", true),
+        ]),
+        termination_message_policy: Some("File".into()),
+        security_context: Some(non_root(CNB_UID)),
+        ..Default::default()
+    }
+}
+
+fn git_container(
+    name: &str,
+    app: &App,
+    _build: &AppBuild,
+    git_secret: Option<&str>,
+    settings: &BuildSettings,
+    script: &str,
+) -> Container {
+    let git = app.spec.git.as_ref();
+    let url = git.map(|g| g.url.clone()).unwrap_or_default();
+    let ssh = crate::controllers::app::is_ssh_url(&url);
+    // The URL and ref reach git as environment variables, never spliced into the script.
+    let mut env_vars = vec![
+        env("GIT_URL", &url),
+        env("HOME", "/tmp"),
+        env("GIT_TERMINAL_PROMPT", "0"),
+    ];
+    let mut mounts = vec![mount("workspace", WORKSPACE, false)];
+    if let Some(secret) = git_secret {
+        if ssh {
+            env_vars.push(env(
+                "GIT_SSH_COMMAND",
+                "ssh -i /etc/git-secret/ssh-privatekey -o IdentitiesOnly=yes -o StrictHostKeyChecking=yes -o UserKnownHostsFile=/etc/git-secret/known_hosts",
+            ));
+        } else {
+            // A credential helper reads the token from the environment: it is never in a URL,
+            // an argument or git's config on disk.
+            env_vars.push(secret_env("GIT_USERNAME", secret, "username"));
+            env_vars.push(secret_env("GIT_PASSWORD", secret, "password"));
+            env_vars.push(env("GIT_CONFIG_COUNT", "1"));
+            env_vars.push(env("GIT_CONFIG_KEY_0", "credential.helper"));
+            env_vars.push(env(
+                "GIT_CONFIG_VALUE_0",
+                "!f() { echo \"username=$GIT_USERNAME\"; echo \"password=$GIT_PASSWORD\"; }; f",
+            ));
+        }
+        mounts.push(mount("git-secret", "/etc/git-secret", true));
+    }
+    Container {
+        name: name.into(),
+        image: Some(settings.git_image.clone()),
+        command: Some(vec!["/bin/sh".into(), "-c".into(), script.into()]),
+        env: Some(env_vars),
+        volume_mounts: Some(mounts),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn git_volumes(git_secret: Option<&str>) -> Vec<Volume> {
+    let mut volumes = vec![Volume {
+        name: "workspace".into(),
+        empty_dir: Some(Default::default()),
+        ..Default::default()
+    }];
+    if let Some(secret) = git_secret {
+        volumes.push(Volume {
+            name: "git-secret".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.into()),
+                default_mode: Some(0o400),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+    volumes
+}
+
+#[allow(clippy::too_many_arguments)]
+fn job(
+    app: &App,
+    build: &AppBuild,
+    name: &str,
+    step: &str,
+    owner: &OwnerReference,
+    settings: &BuildSettings,
+    init: Vec<Container>,
+    main: Container,
+    volumes: Vec<Volume>,
+    fs_group: Option<i64>,
+    deadline: i64,
+) -> Job {
+    let labels = BTreeMap::from([
+        (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
+        (APP_LABEL.to_string(), app.name_any()),
+        (BUILD_LABEL.to_string(), build.name_any()),
+        (STEP_LABEL.to_string(), step.to_string()),
+    ]);
+    Job {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: build.namespace(),
+            labels: Some(labels.clone()),
+            owner_references: Some(vec![owner.clone()]),
+            ..Default::default()
+        },
+        spec: Some(JobSpec {
+            backoff_limit: Some(0),
+            active_deadline_seconds: Some(deadline),
+            ttl_seconds_after_finished: Some(settings.ttl_seconds_after_finished),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    restart_policy: Some("Never".into()),
+                    // Builds talk to git and the registry, never to the Kubernetes API.
+                    automount_service_account_token: Some(false),
+                    enable_service_links: Some(false),
+                    init_containers: (!init.is_empty()).then_some(init),
+                    containers: vec![main],
+                    volumes: Some(volumes),
+                    security_context: Some(PodSecurityContext {
+                        fs_group,
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn non_root(uid: i64) -> SecurityContext {
+    SecurityContext {
+        run_as_user: Some(uid),
+        run_as_group: Some(uid),
+        run_as_non_root: Some(true),
+        allow_privilege_escalation: Some(false),
+        ..Default::default()
+    }
+}
+
+fn env(name: &str, value: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        value_from: None,
+    }
+}
+
+fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.into(),
+                key: key.into(),
+                optional: Some(false),
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
+    VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only: Some(read_only),
+        ..Default::default()
+    }
+}
+
+/// The outcome a build container reports: a digest, and process types for buildpacks.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BuildReport {
+    pub digest: String,
+    pub processes: Vec<String>,
+}
+
+/// Parses a build container's termination message: kaniko writes the bare digest, the
+/// buildpack script a small JSON object.
+pub fn parse_build_report(message: &str) -> Option<BuildReport> {
+    let message = message.trim();
+    let is_digest = |d: &str| {
+        d.strip_prefix("sha256:")
+            .is_some_and(|h| h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit()))
+    };
+    if is_digest(message) {
+        return Some(BuildReport {
+            digest: message.to_owned(),
+            processes: Vec::new(),
+        });
+    }
+    let value: serde_json::Value = serde_json::from_str(message).ok()?;
+    let digest = value.get("digest")?.as_str().filter(|d| is_digest(d))?.to_owned();
+    let processes = value
+        .get("processes")
+        .and_then(|p| p.as_array())
+        .map(|p| p.iter().filter_map(|s| s.as_str().map(str::to_owned)).collect())
+        .unwrap_or_default();
+    Some(BuildReport { digest, processes })
+}
+
+/// Parses the resolve step's termination message: a full commit SHA.
+pub fn parse_commit(message: &str) -> Option<String> {
+    let sha = message.trim();
+    (sha.len() == 40 && sha.chars().all(|c| c.is_ascii_hexdigit())).then(|| sha.to_ascii_lowercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{AppBuildSpec, AppSpec, BuildSpec, BuildVar, GitSource, RegistrySpec};
+
+    fn app(build_type: BuildType) -> App {
+        let mut app = App::new(
+            "web",
+            AppSpec {
+                display_name: None,
+                description: None,
+                git: Some(GitSource {
+                    url: "https://github.com/example/web.git".into(),
+                    branch: "main".into(),
+                    secret_name: Some("git-token".into()),
+                    is_private: true,
+                }),
+                registry: RegistrySpec {
+                    url: "registry.example.com".into(),
+                    secret_name: None,
+                },
+                build: BuildSpec {
+                    build_type,
+                    context_dir: None,
+                    dockerfile: None,
+                    ..Default::default()
+                },
+            },
+        );
+        app.metadata.namespace = Some("shop".into());
+        app
+    }
+
+    fn build() -> AppBuild {
+        let mut build = AppBuild::new(
+            "web-7",
+            AppBuildSpec {
+                app_name: "web".into(),
+                git_ref: Some("main".into()),
+                image_tag: None,
+                build_vars: vec![BuildVar {
+                    key: "NODE_ENV".into(),
+                    value: "production".into(),
+                }],
+                helm_values: None,
+                resources: None,
+                timeout_seconds: Some(600),
+            },
+        );
+        build.metadata.namespace = Some("shop".into());
+        build.metadata.uid = Some("uid".into());
+        build
+    }
+
+    fn owner() -> OwnerReference {
+        use kube::Resource;
+        build().controller_owner_ref(&()).unwrap()
+    }
+
+    const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
+    #[test]
+    fn kaniko_job_fields() {
+        let mut app = app(BuildType::Dockerfile);
+        app.spec.build.context_dir = Some("services/web".into());
+        app.spec.build.dockerfile = Some("docker/Dockerfile.prod".into());
+        let job = build_job(
+            &app,
+            &build(),
+            COMMIT,
+            Some("git-token"),
+            "registry-credentials",
+            &owner(),
+            &BuildSettings::default(),
+        );
+        let spec = job.spec.as_ref().unwrap();
+        assert_eq!(spec.backoff_limit, Some(0));
+        assert_eq!(spec.active_deadline_seconds, Some(600));
+        let labels = job.metadata.labels.as_ref().unwrap();
+        assert_eq!(labels[BUILD_LABEL], "web-7");
+        assert_eq!(labels[APP_LABEL], "web");
+        assert_eq!(labels[MANAGED_BY_LABEL], "shapeblock-agent");
+        let pod = spec.template.spec.as_ref().unwrap();
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        let clone = &pod.init_containers.as_ref().unwrap()[0];
+        let env: BTreeMap<_, _> = clone.env.iter().flatten().map(|e| (e.name.as_str(), e)).collect();
+        assert_eq!(env["COMMIT"].value.as_deref(), Some(COMMIT));
+        assert_eq!(
+            env["GIT_PASSWORD"]
+                .value_from
+                .as_ref()
+                .unwrap()
+                .secret_key_ref
+                .as_ref()
+                .unwrap()
+                .name,
+            "git-token"
+        );
+        assert!(
+            !clone.command.as_ref().unwrap()[2].contains("github.com"),
+            "the URL is not in the script"
+        );
+        let main = &pod.containers[0];
+        let args = main.args.as_ref().unwrap();
+        assert!(args.contains(&"--context=dir:///workspace/src/services/web".to_string()));
+        assert!(args.contains(&"--dockerfile=docker/Dockerfile.prod".to_string()));
+        assert!(args.contains(&"--destination=registry.example.com/shop/web:0123456789ab".to_string()));
+        assert!(args.contains(&"--cache-repo=registry.example.com/shop/web/cache".to_string()));
+        assert!(args.contains(&"--digest-file=/dev/termination-log".to_string()));
+        assert!(args.contains(&"--build-arg=NODE_ENV=production".to_string()));
+        assert_eq!(main.security_context.as_ref().unwrap().run_as_user, Some(0));
+        assert_eq!(main.security_context.as_ref().unwrap().privileged, Some(false));
+        assert_eq!(
+            main.resources.as_ref().unwrap().limits.as_ref().unwrap()["memory"].0,
+            "2Gi"
+        );
+        let registry = pod
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == "registry")
+            .unwrap();
+        assert_eq!(
+            registry.secret.as_ref().unwrap().secret_name.as_deref(),
+            Some("registry-credentials")
+        );
+    }
+
+    #[test]
+    fn buildpack_job_runs_as_the_builders_user() {
+        let app = app(BuildType::Buildpack);
+        let job = build_job(
+            &app,
+            &build(),
+            COMMIT,
+            None,
+            "registry-credentials",
+            &owner(),
+            &BuildSettings::default(),
+        );
+        let pod = job.spec.unwrap().template.spec.unwrap();
+        let main = &pod.containers[0];
+        assert_eq!(
+            main.image.as_deref(),
+            Some("paketobuildpacks/builder-jammy-base:latest")
+        );
+        let context = main.security_context.as_ref().unwrap();
+        assert_eq!(
+            (context.run_as_user, context.run_as_non_root),
+            (Some(1000), Some(true))
+        );
+        assert_eq!(pod.security_context.unwrap().fs_group, Some(1000));
+        let env: BTreeMap<_, _> = main
+            .env
+            .iter()
+            .flatten()
+            .map(|e| (e.name.as_str(), e.value.clone()))
+            .collect();
+        assert_eq!(env["BUILD_VAR_NODE_ENV"].as_deref(), Some("production"));
+        assert_eq!(
+            env["DESTINATION"].as_deref(),
+            Some("registry.example.com/shop/web:0123456789ab")
+        );
+        assert_eq!(
+            pod.init_containers.unwrap()[0]
+                .security_context
+                .as_ref()
+                .unwrap()
+                .run_as_user,
+            Some(1000)
+        );
+    }
+
+    #[test]
+    fn resolve_job_reports_a_commit() {
+        let job = resolve_job(
+            &app(BuildType::Dockerfile),
+            &build(),
+            None,
+            &owner(),
+            &BuildSettings::default(),
+        );
+        let container = &job
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers[0];
+        assert_eq!(container.name, RESOLVE_CONTAINER);
+        let env: BTreeMap<_, _> = container
+            .env
+            .iter()
+            .flatten()
+            .map(|e| (e.name.as_str(), e.value.clone()))
+            .collect();
+        assert_eq!(env["GIT_REF"].as_deref(), Some("main"));
+        assert_eq!(job.metadata.labels.unwrap()[STEP_LABEL], "resolve");
+    }
+
+    #[test]
+    fn termination_messages_parse() {
+        let digest = format!("sha256:{}", "a".repeat(64));
+        assert_eq!(parse_build_report(&digest).unwrap().digest, digest);
+        let json = format!(r#"{{"digest":"{digest}","processes":["web","worker"]}}"#);
+        assert_eq!(parse_build_report(&json).unwrap().processes, ["web", "worker"]);
+        assert!(parse_build_report("error: push failed").is_none());
+        assert_eq!(parse_commit(&format!("{COMMIT}\n")).as_deref(), Some(COMMIT));
+        assert!(parse_commit("main").is_none());
+    }
+}

@@ -1,0 +1,827 @@
+//! AppBuild controller: resolve the ref, build the image in a Job (or take the prebuilt one),
+//! deploy it through a HelmChart, and call it `Completed` only once the App's Deployment runs
+//! this build's image, rolled out and available.
+
+mod helmchart;
+mod jobs;
+mod values;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::core::{DeserializeGuard, PartialObjectMeta};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+
+pub use helmchart::{UNIVERSAL_CHART, chart_name};
+pub use jobs::{BUILD_LABEL, BuildSettings, parse_build_report, parse_commit};
+pub use values::{ALLOWED_KEYS, chart_values};
+
+use super::{APP_LABEL, ConditionSet, Context, Error, FIELD_MANAGER, MANAGED_BY, MANAGED_BY_LABEL, Result};
+use crate::api::{App, AppBuild, AppBuildPhase, AppBuildStatus, BuildType};
+
+const KIND: &str = "AppBuild";
+/// Annotation on an AppBuild: set to `true` to cancel it.
+pub const CANCEL_ANNOTATION: &str = "apps.shapeblock.io/cancel";
+/// Field manager for the App status fields that builds own (`latestBuild`, images).
+const BUILD_STATUS_MANAGER: &str = "shapeblock-agent-builds";
+const POLL: Duration = Duration::from_secs(3);
+
+/// Runs the AppBuild controller until `shutdown`.
+pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+    let client = ctx.client.clone();
+    let builds = Api::<DeserializeGuard<AppBuild>>::all(client.clone());
+    let build_jobs = watcher(
+        Api::<PartialObjectMeta<Job>>::all(client.clone()),
+        watcher::Config::default().labels(BUILD_LABEL),
+    )
+    .touched_objects();
+    let managed = format!("{MANAGED_BY_LABEL}={MANAGED_BY},{APP_LABEL}");
+    // Rollouts of App Deployments wake the build that deploys them (the chart labels them).
+    let deployments = watcher(
+        Api::<PartialObjectMeta<Deployment>>::all(client.clone()),
+        watcher::Config::default().labels(APP_LABEL),
+    )
+    .touched_objects();
+    let charts = watcher(
+        Api::<DynamicObject>::namespaced_with(
+            client.clone(),
+            &ctx.config.agent_namespace,
+            &helmchart::resource(),
+        ),
+        watcher::Config::default().labels(&managed),
+    )
+    .touched_objects();
+    let controller = Controller::new(builds, watcher::Config::default()).owns_stream(build_jobs);
+    let store = controller.store();
+    let by_deployment = store.clone();
+    let by_chart = store.clone();
+    let controller = controller
+        .watches_stream(deployments, move |d: PartialObjectMeta<Deployment>| {
+            deploying_builds(
+                &by_deployment,
+                d.namespace().as_deref(),
+                d.labels().get(APP_LABEL).map(String::as_str),
+            )
+        })
+        .watches_stream_with(
+            charts,
+            move |chart: DynamicObject| {
+                let project = chart.labels().get(super::PROJECT_LABEL).cloned();
+                let app = chart.labels().get(APP_LABEL).cloned();
+                deploying_builds(&by_chart, project.as_deref(), app.as_deref())
+            },
+            helmchart::resource(),
+        );
+    super::mark_synced_when_ready(ctx.clone(), store.clone());
+    controller
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(err) = result {
+                tracing::debug!(%err, "appbuild reconcile ended with an error");
+            }
+        })
+        .await;
+}
+
+fn deploying_builds(
+    store: &Store<DeserializeGuard<AppBuild>>,
+    namespace: Option<&str>,
+    app: Option<&str>,
+) -> Vec<ObjectRef<DeserializeGuard<AppBuild>>> {
+    let (Some(namespace), Some(app)) = (namespace, app) else {
+        return Vec::new();
+    };
+    store
+        .state()
+        .iter()
+        .filter(|guard| guard.namespace().as_deref() == Some(namespace))
+        .filter(|guard| match &guard.0 {
+            Ok(build) => build.spec.app_name == app && phase(build) == Some(AppBuildPhase::Deploying),
+            Err(_) => false,
+        })
+        .map(|guard| ObjectRef::from_obj(guard.as_ref()))
+        .collect()
+}
+
+fn key(build: &impl ResourceExt) -> String {
+    format!("{}/{}", build.namespace().unwrap_or_default(), build.name_any())
+}
+
+async fn reconcile(guard: Arc<DeserializeGuard<AppBuild>>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.reconcile(KIND);
+    tracing::debug!(kind = KIND, object = %key(guard.as_ref()), "reconciling");
+    let build = match &guard.0 {
+        Ok(build) => build,
+        Err(invalid) => return super::report_undecodable::<AppBuild>(&ctx, invalid).await,
+    };
+    let action = Pipeline { ctx: &ctx, build }.step().await?;
+    ctx.reset_retries(&key(build));
+    Ok(action)
+}
+
+fn error_policy(guard: Arc<DeserializeGuard<AppBuild>>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.error_action(&key(guard.as_ref()), KIND, error)
+}
+
+fn phase(build: &AppBuild) -> Option<AppBuildPhase> {
+    build.status.as_ref().and_then(|s| s.phase)
+}
+
+/// One reconcile of one AppBuild: advances it by as many steps as are ready.
+struct Pipeline<'a> {
+    ctx: &'a Context,
+    build: &'a AppBuild,
+}
+
+/// Where a step left the build.
+enum Step {
+    /// Wait for the next event (or a short poll).
+    Wait(Action),
+    /// Moved on: write this status.
+    Status(Box<AppBuildStatus>),
+}
+
+impl Pipeline<'_> {
+    fn namespace(&self) -> String {
+        self.build.namespace().unwrap_or_default()
+    }
+
+    fn status(&self) -> AppBuildStatus {
+        self.build.status.clone().unwrap_or_default()
+    }
+
+    async fn step(&self) -> Result<Action> {
+        if phase(self.build).is_some_and(AppBuildPhase::is_final) {
+            return Ok(Action::await_change());
+        }
+        if self
+            .build
+            .annotations()
+            .get(CANCEL_ANNOTATION)
+            .map(String::as_str)
+            == Some("true")
+        {
+            return self
+                .finish(
+                    AppBuildPhase::Cancelled,
+                    "Cancelled",
+                    "cancelled on request".into(),
+                )
+                .await;
+        }
+        let apps = Api::<App>::namespaced(self.ctx.client.clone(), &self.namespace());
+        let Some(app) = apps.get_opt(&self.build.spec.app_name).await? else {
+            let message = format!(
+                "App {} does not exist in namespace {}",
+                self.build.spec.app_name,
+                self.namespace()
+            );
+            self.write(self.with(AppBuildPhase::Pending, "AppNotFound", &message))
+                .await?;
+            return Ok(Action::requeue(Duration::from_secs(15)));
+        };
+        if phase(self.build).is_none() {
+            self.supersede_older_builds().await?;
+            self.set_latest_build(&app).await?;
+        }
+        // Refuse bad deploy values before spending a build on them.
+        if let Err(refused) = chart_values(
+            &self.release(&app, "placeholder"),
+            self.build.spec.helm_values.as_ref(),
+        ) {
+            return self
+                .finish(AppBuildPhase::Failed, "InvalidSpec", refused.to_string())
+                .await;
+        }
+        if phase(self.build) == Some(AppBuildPhase::Deploying) && self.status().image.is_some() {
+            return self.deploy(&app).await;
+        }
+        let step = match app.spec.build.build_type {
+            BuildType::Image => {
+                let image = app.spec.build.image.clone().unwrap_or_default();
+                Step::Status(Box::new(self.deploying(image, None)))
+            }
+            BuildType::Dockerfile | BuildType::Buildpack => self.build_image(&app).await?,
+        };
+        match step {
+            Step::Wait(action) => Ok(action),
+            Step::Status(status) => {
+                let deploying = status.phase == Some(AppBuildPhase::Deploying);
+                let final_phase = status.phase.is_some_and(AppBuildPhase::is_final);
+                self.write(*status.clone()).await?;
+                if final_phase {
+                    self.event_for(&status).await;
+                    return Ok(Action::await_change());
+                }
+                if deploying {
+                    self.event(
+                        EventType::Normal,
+                        "Deploying",
+                        status.message.clone().unwrap_or_default(),
+                    )
+                    .await;
+                }
+                Ok(Action::requeue(Duration::from_millis(100)))
+            }
+        }
+    }
+
+    fn release<'b>(&'b self, app: &'b App, image: &'b str) -> values::Release<'b> {
+        values::Release {
+            project: app.metadata.namespace.as_deref().unwrap_or_default(),
+            app: &self.build.spec.app_name,
+            build: self.build.metadata.name.as_deref().unwrap_or_default(),
+            image,
+        }
+    }
+
+    /// Resolve, then build (or reuse); returns the next status or what to wait for.
+    async fn build_image(&self, app: &App) -> Result<Step> {
+        let owner = self
+            .build
+            .controller_owner_ref(&())
+            .expect("an AppBuild from the apiserver has a uid");
+        let settings = &self.ctx.config.builds;
+        let git_secret = app.status.as_ref().and_then(|s| s.git_secret_name.clone());
+        let jobs = Api::<Job>::namespaced(self.ctx.client.clone(), &self.namespace());
+        let Some(commit) = self.status().commit_sha else {
+            let job = jobs::resolve_job(app, self.build, git_secret.as_deref(), &owner, settings);
+            return match self.run_job(&jobs, job, jobs::RESOLVE_CONTAINER).await? {
+                JobOutcome::Running(pod) => Ok(self.pending_or_building(
+                    AppBuildPhase::Pending,
+                    "Resolving",
+                    format!("resolving {}", jobs::git_ref(app, self.build)),
+                    pod,
+                )),
+                JobOutcome::Succeeded(message) => match parse_commit(&message) {
+                    Some(commit) => {
+                        let mut status = self.with(
+                            AppBuildPhase::Pending,
+                            "Resolved",
+                            &format!("{} is {commit}", jobs::git_ref(app, self.build)),
+                        );
+                        status.commit_sha = Some(commit);
+                        self.delete_job(&jobs, &jobs::resolve_job_name(self.build)).await;
+                        Ok(Step::Status(Box::new(status)))
+                    }
+                    None => Ok(Step::Status(Box::new(self.failed(
+                        "ResolveFailed",
+                        format!("the resolve step reported no commit: {message:?}"),
+                    )))),
+                },
+                JobOutcome::Failed { message, .. } => Ok(Step::Status(Box::new(self.failed(
+                    "ResolveFailed",
+                    format!("cannot resolve {}: {message}", jobs::git_ref(app, self.build)),
+                )))),
+            };
+        };
+        if let Some(image) = self.reusable_image(app, &commit) {
+            let mut status = self.deploying(image.clone(), None);
+            status.message = Some(format!("commit {commit} was already built: reusing {image}"));
+            status.reason = Some("ImageReused".into());
+            return Ok(Step::Status(Box::new(status)));
+        }
+        let registry = jobs::registry_secret(
+            app,
+            self.ctx
+                .config
+                .registry_secret
+                .as_deref()
+                .unwrap_or("registry-credentials"),
+        );
+        let job = jobs::build_job(
+            app,
+            self.build,
+            &commit,
+            git_secret.as_deref(),
+            &registry,
+            &owner,
+            settings,
+        );
+        match self.run_job(&jobs, job, jobs::BUILD_CONTAINER).await? {
+            JobOutcome::Running(pod) => {
+                let step = self.pending_or_building(
+                    AppBuildPhase::Building,
+                    "Building",
+                    format!("building {commit}"),
+                    pod,
+                );
+                if phase(self.build) != Some(AppBuildPhase::Building) {
+                    self.event(EventType::Normal, "Building", format!("building commit {commit}"))
+                        .await;
+                }
+                Ok(step)
+            }
+            JobOutcome::Succeeded(message) => match parse_build_report(&message) {
+                Some(report) => {
+                    let destination = jobs::destination(app, &jobs::image_tag(self.build, &commit));
+                    let image = format!("{destination}@{}", report.digest);
+                    self.delete_job(&jobs, &jobs::build_job_name(self.build)).await;
+                    Ok(Step::Status(Box::new(self.deploying(image, Some(report.digest)))))
+                }
+                None => Ok(Step::Status(Box::new(self.failed(
+                    "BuildFailed",
+                    format!("the build reported no image digest: {message:?}"),
+                )))),
+            },
+            JobOutcome::Failed { reason, message } => {
+                Ok(Step::Status(Box::new(self.failed(reason, message))))
+            }
+        }
+    }
+
+    fn pending_or_building(
+        &self,
+        phase: AppBuildPhase,
+        reason: &str,
+        message: String,
+        pod: Option<String>,
+    ) -> Step {
+        let mut status = self.with(phase, reason, &message);
+        if pod.is_some() {
+            status.pod_name = pod;
+        }
+        if status == self.status() {
+            return Step::Wait(Action::requeue(Duration::from_secs(60)));
+        }
+        Step::Status(Box::new(status))
+    }
+
+    /// Another Completed build of this App from the same commit and inputs.
+    fn reusable_image(&self, _app: &App, _commit: &str) -> Option<String> {
+        None
+    }
+
+    /// Creates the Job if needed and reads where it is.
+    async fn run_job(&self, jobs: &Api<Job>, job: Job, container: &str) -> Result<JobOutcome> {
+        let name = job.name_any();
+        let current = match jobs.get_opt(&name).await? {
+            Some(current) => current,
+            None => match jobs
+                .create(
+                    &PostParams {
+                        field_manager: Some(FIELD_MANAGER.into()),
+                        ..Default::default()
+                    },
+                    &job,
+                )
+                .await
+            {
+                Ok(created) => created,
+                Err(kube::Error::Api(s)) if s.code == 409 => return Ok(JobOutcome::Running(None)),
+                Err(err) => return Err(err.into()),
+            },
+        };
+        let pods = Api::<Pod>::namespaced(self.ctx.client.clone(), &self.namespace());
+        let pod = pods
+            .list(&ListParams::default().labels(&format!("job-name={name}")))
+            .await?
+            .items
+            .into_iter()
+            .next();
+        let conditions = current
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.clone())
+            .unwrap_or_default();
+        let has = |type_: &str| conditions.iter().find(|c| c.type_ == type_ && c.status == "True");
+        if has("Complete").is_some() {
+            let message = pod
+                .as_ref()
+                .and_then(|p| terminated_message(p, container))
+                .unwrap_or_default();
+            return Ok(JobOutcome::Succeeded(message));
+        }
+        if let Some(failed) = has("Failed") {
+            if failed.reason.as_deref() == Some("DeadlineExceeded") {
+                let deadline = current
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.active_deadline_seconds)
+                    .unwrap_or_default();
+                return Ok(JobOutcome::Failed {
+                    reason: "Timeout",
+                    message: format!("the build did not finish within {deadline}s"),
+                });
+            }
+            let (reason, message) = pod
+                .as_ref()
+                .map(failure_of)
+                .unwrap_or(("BuildFailed", "the build pod failed".into()));
+            return Ok(JobOutcome::Failed { reason, message });
+        }
+        Ok(JobOutcome::Running(pod.map(|p| p.name_any())))
+    }
+
+    /// Deploys the build's image and decides when it is rolled out.
+    async fn deploy(&self, app: &App) -> Result<Action> {
+        let image = self.status().image.unwrap_or_default();
+        let values = match chart_values(&self.release(app, &image), self.build.spec.helm_values.as_ref()) {
+            Ok(values) => values,
+            Err(refused) => {
+                return self
+                    .finish(AppBuildPhase::Failed, "InvalidSpec", refused.to_string())
+                    .await;
+            }
+        };
+        let project = self.namespace();
+        let chart = helmchart::helm_chart(
+            &self.ctx.config.agent_namespace,
+            &project,
+            &self.build.spec.app_name,
+            &self.build.name_any(),
+            &values,
+        );
+        let charts = Api::<DynamicObject>::namespaced_with(
+            self.ctx.client.clone(),
+            &self.ctx.config.agent_namespace,
+            &helmchart::resource(),
+        );
+        charts
+            .patch(
+                &chart.name_any(),
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&chart),
+            )
+            .await?;
+
+        let release = chart_name(&project, &self.build.spec.app_name);
+        let deployment_name = format!("{}-{}", self.build.spec.app_name, values::WEB);
+        let deployment = Api::<Deployment>::namespaced(self.ctx.client.clone(), &project)
+            .get_opt(&deployment_name)
+            .await?;
+        let release_status = self.newest_release_status(&project, &release).await?;
+        match rollout(deployment.as_ref(), &self.build.name_any(), &image) {
+            Rollout::Failed(message) => {
+                return self.finish(AppBuildPhase::Failed, "DeployFailed", message).await;
+            }
+            Rollout::Done if release_status.as_deref() == Some("deployed") => {
+                self.record_deployed(app, &image).await?;
+                return self
+                    .finish(
+                        AppBuildPhase::Completed,
+                        "RolledOut",
+                        format!("{deployment_name} runs {image}"),
+                    )
+                    .await;
+            }
+            _ => {}
+        }
+        if release_status.as_deref() == Some("failed") {
+            return self
+                .finish(
+                    AppBuildPhase::Failed,
+                    "DeployFailed",
+                    format!("Helm release {release} failed; the previous release keeps serving"),
+                )
+                .await;
+        }
+        Ok(Action::requeue(POLL))
+    }
+
+    async fn newest_release_status(&self, namespace: &str, release: &str) -> Result<Option<String>> {
+        let secrets = Api::<Secret>::namespaced(self.ctx.client.clone(), namespace)
+            .list_metadata(&ListParams::default().labels(&format!("owner=helm,name={release}")))
+            .await?;
+        Ok(secrets
+            .items
+            .iter()
+            .filter_map(|s| {
+                Some((
+                    s.labels().get("version")?.parse::<u32>().ok()?,
+                    s.labels().get("status")?.clone(),
+                ))
+            })
+            .max_by_key(|(version, _)| *version)
+            .map(|(_, status)| status))
+    }
+
+    fn with(&self, phase: AppBuildPhase, reason: &str, message: &str) -> AppBuildStatus {
+        let mut status = self.status();
+        let mut conditions = ConditionSet::new(&status.conditions, self.build.metadata.generation);
+        conditions.set("Ready", phase == AppBuildPhase::Completed, reason, message);
+        status.phase = Some(phase);
+        status.reason = Some(reason.into());
+        status.message = Some(message.into());
+        status.observed_generation = self.build.metadata.generation;
+        status.conditions = conditions.conditions;
+        if status.start_time.is_none() {
+            status.start_time = Some(Time(Timestamp::now()));
+        }
+        status
+    }
+
+    fn deploying(&self, image: String, digest: Option<String>) -> AppBuildStatus {
+        let mut status = self.with(
+            AppBuildPhase::Deploying,
+            "Deploying",
+            &format!("deploying {image}"),
+        );
+        let mut conditions = ConditionSet::new(&status.conditions, self.build.metadata.generation);
+        conditions.set("Built", true, "Built", format!("image {image}"));
+        status.conditions = conditions.conditions;
+        status.image = Some(image);
+        status.image_digest = digest;
+        status
+    }
+
+    fn failed(&self, reason: &str, message: String) -> AppBuildStatus {
+        let mut status = self.with(AppBuildPhase::Failed, reason, &message);
+        status.completion_time = Some(Time(Timestamp::now()));
+        status
+    }
+
+    async fn finish(&self, phase: AppBuildPhase, reason: &str, message: String) -> Result<Action> {
+        let mut status = self.with(phase, reason, &message);
+        status.completion_time = Some(Time(Timestamp::now()));
+        if phase != AppBuildPhase::Completed {
+            let jobs = Api::<Job>::namespaced(self.ctx.client.clone(), &self.namespace());
+            for name in [
+                jobs::resolve_job_name(self.build),
+                jobs::build_job_name(self.build),
+            ] {
+                self.delete_job(&jobs, &name).await;
+            }
+        }
+        self.write(status.clone()).await?;
+        self.event_for(&status).await;
+        Ok(Action::await_change())
+    }
+
+    async fn event_for(&self, status: &AppBuildStatus) {
+        let type_ = if status.phase == Some(AppBuildPhase::Completed) {
+            EventType::Normal
+        } else {
+            EventType::Warning
+        };
+        let reason = status.reason.clone().unwrap_or_default();
+        self.event(type_, &reason, status.message.clone().unwrap_or_default())
+            .await;
+    }
+
+    async fn event(&self, type_: EventType, reason: &str, note: String) {
+        self.ctx
+            .publish(&self.build.object_ref(&()), type_, reason, "Build", note)
+            .await;
+    }
+
+    async fn write(&self, status: AppBuildStatus) -> Result<()> {
+        if self.build.status.as_ref() == Some(&status) {
+            return Ok(());
+        }
+        let patch = json!({"apiVersion": AppBuild::api_version(&()), "kind": KIND, "status": status});
+        Api::<AppBuild>::namespaced(self.ctx.client.clone(), &self.namespace())
+            .patch_status(
+                &self.build.name_any(),
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(patch),
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn delete_job(&self, jobs: &Api<Job>, name: &str) {
+        if let Err(err) = jobs.delete(name, &DeleteParams::background()).await
+            && !matches!(&err, kube::Error::Api(s) if s.code == 404)
+        {
+            tracing::warn!(job = name, %err, "could not delete a finished build Job; its TTL will");
+        }
+    }
+
+    /// A newer build of the same App supersedes running older ones.
+    async fn supersede_older_builds(&self) -> Result<()> {
+        let api = Api::<AppBuild>::namespaced(self.ctx.client.clone(), &self.namespace());
+        let created = self.build.metadata.creation_timestamp.clone();
+        for older in api.list(&ListParams::default()).await?.items {
+            let running = !phase(&older).is_some_and(AppBuildPhase::is_final);
+            if older.spec.app_name != self.build.spec.app_name
+                || older.name_any() == self.build.name_any()
+                || !running
+            {
+                continue;
+            }
+            if older.metadata.creation_timestamp > created {
+                continue;
+            }
+            let pipeline = Pipeline {
+                ctx: self.ctx,
+                build: &older,
+            };
+            pipeline
+                .finish(
+                    AppBuildPhase::Cancelled,
+                    "Superseded",
+                    format!("superseded by {}", self.build.name_any()),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn set_latest_build(&self, app: &App) -> Result<()> {
+        let patch = json!({"apiVersion": App::api_version(&()), "kind": "App", "status": {"latestBuild": self.build.name_any()}});
+        Api::<App>::namespaced(self.ctx.client.clone(), &self.namespace())
+            .patch_status(
+                &app.name_any(),
+                &PatchParams::apply(BUILD_STATUS_MANAGER).force(),
+                &Patch::Apply(patch),
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn record_deployed(&self, app: &App, image: &str) -> Result<()> {
+        let current = app.status.as_ref().and_then(|s| s.current_image.clone());
+        let previous = match current {
+            Some(current) if current != image => Some(current),
+            _ => app.status.as_ref().and_then(|s| s.previous_image.clone()),
+        };
+        let patch = json!({"apiVersion": App::api_version(&()), "kind": "App", "status": {
+            "latestBuild": self.build.name_any(), "currentImage": image, "previousImage": previous}});
+        Api::<App>::namespaced(self.ctx.client.clone(), &self.namespace())
+            .patch_status(
+                &app.name_any(),
+                &PatchParams::apply(BUILD_STATUS_MANAGER).force(),
+                &Patch::Apply(patch),
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+enum JobOutcome {
+    Running(Option<String>),
+    Succeeded(String),
+    Failed { reason: &'static str, message: String },
+}
+
+fn terminated_message(pod: &Pod, container: &str) -> Option<String> {
+    let status = pod.status.as_ref()?;
+    status
+        .container_statuses
+        .iter()
+        .flatten()
+        .chain(status.init_container_statuses.iter().flatten())
+        .find(|c| c.name == container)?
+        .state
+        .as_ref()?
+        .terminated
+        .as_ref()?
+        .message
+        .clone()
+}
+
+/// Which step of a failed build pod failed, and what it said.
+fn failure_of(pod: &Pod) -> (&'static str, String) {
+    let Some(status) = pod.status.as_ref() else {
+        return ("BuildFailed", "the build pod failed".into());
+    };
+    let failed = |statuses: &Option<Vec<k8s_openapi::api::core::v1::ContainerStatus>>| {
+        statuses.iter().flatten().find_map(|c| {
+            let terminated = c.state.as_ref()?.terminated.as_ref()?;
+            (terminated.exit_code != 0).then(|| {
+                (
+                    c.name.clone(),
+                    terminated.exit_code,
+                    terminated.message.clone().unwrap_or_default(),
+                )
+            })
+        })
+    };
+    if let Some((_, code, message)) = failed(&status.init_container_statuses) {
+        return (
+            "CloneFailed",
+            format!("git clone failed (exit {code}): {}", message.trim()),
+        );
+    }
+    if let Some((_, code, message)) = failed(&status.container_statuses) {
+        let lower = message.to_ascii_lowercase();
+        let push = ["push", "unauthorized", "denied", "registry"]
+            .iter()
+            .any(|w| lower.contains(w));
+        let reason = if push { "PushFailed" } else { "BuildFailed" };
+        return (
+            reason,
+            format!("the build failed (exit {code}): {}", message.trim()),
+        );
+    }
+    ("BuildFailed", "the build pod failed".into())
+}
+
+enum Rollout {
+    /// This build's template is running: updated, available, as many as wanted.
+    Done,
+    /// Not there yet.
+    Progressing,
+    /// The rollout gave up.
+    Failed(String),
+}
+
+/// Whether the Deployment runs this build (its template carries the build and the image) and
+/// has rolled out completely.
+fn rollout(deployment: Option<&Deployment>, build: &str, image: &str) -> Rollout {
+    let Some(deployment) = deployment else {
+        return Rollout::Progressing;
+    };
+    let Some(spec) = deployment.spec.as_ref() else {
+        return Rollout::Progressing;
+    };
+    let template = &spec.template;
+    let ours = template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.annotations.as_ref())
+        .and_then(|a| a.get("apps.shapeblock.io/build"))
+        .map(String::as_str)
+        == Some(build);
+    let running_image = template
+        .spec
+        .as_ref()
+        .and_then(|s| s.containers.first())
+        .and_then(|c| c.image.clone())
+        .unwrap_or_default();
+    let image_matches = {
+        let (repository, tag) = values::split_image(image);
+        running_image == format!("{repository}:{tag}")
+    };
+    if !ours || !image_matches {
+        return Rollout::Progressing;
+    }
+    let Some(status) = deployment.status.as_ref() else {
+        return Rollout::Progressing;
+    };
+    if let Some(condition) = status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "Progressing" && c.reason.as_deref() == Some("ProgressDeadlineExceeded"))
+    {
+        return Rollout::Failed(format!(
+            "{} did not become available: {}",
+            deployment.name_any(),
+            condition.message.clone().unwrap_or_default()
+        ));
+    }
+    let desired = spec.replicas.unwrap_or(1);
+    let observed = status.observed_generation.unwrap_or(0) >= deployment.metadata.generation.unwrap_or(0);
+    let settled = status.updated_replicas.unwrap_or(0) == desired
+        && status.available_replicas.unwrap_or(0) == desired
+        && status.replicas.unwrap_or(0) == desired;
+    if observed && settled {
+        Rollout::Done
+    } else {
+        Rollout::Progressing
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(init: Option<(i32, &str)>, main: Option<(i32, &str)>) -> Pod {
+        let status = |name: &str, (code, message): (i32, &str)| {
+            serde_json::json!({"name": name, "image": "x", "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"terminated": {"exitCode": code, "message": message}}})
+        };
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p"},
+            "status": {
+                "initContainerStatuses": init.map(|i| vec![status("clone", i)]).unwrap_or_default(),
+                "containerStatuses": main.map(|m| vec![status("build", m)]).unwrap_or_default(),
+            }
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn failed_steps_map_to_reasons() {
+        let (reason, message) = failure_of(&pod(Some((128, "fatal: repository not found")), None));
+        assert_eq!(reason, "CloneFailed");
+        assert!(message.contains("repository not found"));
+        assert_eq!(
+            failure_of(&pod(Some((0, "")), Some((1, "RUN make: exit status 2")))).0,
+            "BuildFailed"
+        );
+        assert_eq!(
+            failure_of(&pod(
+                Some((0, "")),
+                Some((1, "error pushing image: UNAUTHORIZED"))
+            ))
+            .0,
+            "PushFailed"
+        );
+    }
+}

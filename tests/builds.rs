@@ -1,0 +1,369 @@
+//! AppBuilds end to end on the simulated cluster: build Jobs whose pods run on kwok nodes with
+//! outcomes the test chooses, the real k3s helm-controller and real Helm installing the
+//! universal chart, and Deployments rolling out through the real controller-manager.
+
+mod support;
+
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use shapeblock_agent::api::{App, AppBuild, AppBuildPhase, AppPhase, Project};
+use shapeblock_agent::testenv::nodes::{PodOutcome, PodSelector, set_pod_outcome};
+use support::agent::*;
+use support::eventually;
+
+// Generous: CI machines have 2 cores and a whole simulated cluster on them.
+const BUILD_TIMEOUT: Duration = Duration::from_secs(180);
+const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
+fn digest() -> String {
+    format!("sha256:{}", "ab".repeat(32))
+}
+
+async fn app(
+    client: &Client,
+    project: &str,
+    name: &str,
+    build: serde_json::Value,
+    git: Option<serde_json::Value>,
+) {
+    let mut spec = json!({"registry": {"url": "registry.example.com"}, "build": build});
+    if let Some(git) = git {
+        spec["git"] = git;
+    }
+    create(
+        Api::<App>::namespaced(client.clone(), project),
+        json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "App", "metadata": {"name": name}, "spec": spec}),
+    )
+    .await;
+    wait_app(client, project, name, AppPhase::Ready).await;
+}
+
+async fn build(client: &Client, project: &str, name: &str, app: &str, extra: serde_json::Value) {
+    let mut spec = json!({"appName": app});
+    spec.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().cloned().unwrap_or_default());
+    create(
+        Api::<AppBuild>::namespaced(client.clone(), project),
+        json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "AppBuild", "metadata": {"name": name}, "spec": spec}),
+    )
+    .await;
+}
+
+async fn wait_build(client: &Client, project: &str, name: &str, phase: AppBuildPhase) -> AppBuild {
+    let builds = Api::<AppBuild>::namespaced(client.clone(), project);
+    eventually(
+        BUILD_TIMEOUT,
+        &format!("AppBuild {name} to be {phase:?}"),
+        || async {
+            let build = builds.get(name).await.unwrap();
+            let current = build.status.as_ref().and_then(|s| s.phase);
+            if current.is_some_and(AppBuildPhase::is_final) && current != Some(phase) {
+                panic!(
+                    "AppBuild {name} ended {current:?}, not {phase:?}: {:?}",
+                    build.status
+                );
+            }
+            (current == Some(phase)).then_some(build)
+        },
+    )
+    .await
+    .0
+}
+
+#[tokio::test]
+async fn a_prebuilt_image_is_deployed_by_real_helm_and_completed_once_rolled_out() {
+    let env = env().await;
+    let _agent = env.agent(&[]).await;
+    let project = ready_project(&env.client, "prebuilt").await;
+    app(
+        &env.client,
+        &project,
+        "web",
+        json!({"type": "image", "image": "registry.example.com/demo/web:1.0"}),
+        None,
+    )
+    .await;
+    build(
+        &env.client,
+        &project,
+        "web-1",
+        "web",
+        json!({"helmValues": {"replicaCount": 2, "port": 8080, "env": {"NODE_ENV": "production"}}}),
+    )
+    .await;
+    let done = wait_build(&env.client, &project, "web-1", AppBuildPhase::Completed).await;
+    let status = done.status.unwrap();
+    assert_eq!(status.image.as_deref(), Some("registry.example.com/demo/web:1.0"));
+    assert!(status.completion_time.is_some() && status.start_time.is_some());
+
+    // What Completed means: the Deployment runs this build's image, rolled out and available.
+    let deployment = Api::<Deployment>::namespaced(env.client.clone(), &project)
+        .get("web-web")
+        .await
+        .unwrap();
+    let template = deployment.spec.as_ref().unwrap().template.clone();
+    assert_eq!(
+        template.metadata.unwrap().annotations.unwrap()["apps.shapeblock.io/build"],
+        "web-1"
+    );
+    let container = &template.spec.unwrap().containers[0];
+    assert_eq!(container.name, "web");
+    assert_eq!(
+        container.image.as_deref(),
+        Some("registry.example.com/demo/web:1.0")
+    );
+    assert_eq!(container.env.as_ref().unwrap()[0].name, "NODE_ENV");
+    assert_eq!(deployment.status.unwrap().available_replicas, Some(2));
+    // The HelmChart lives in the agent's namespace, targeting the project.
+    let charts = Api::<kube::api::DynamicObject>::namespaced_with(
+        env.client.clone(),
+        AGENT_NS,
+        &kube::discovery::ApiResource::from_gvk_with_plural(
+            &kube::core::GroupVersionKind::gvk("helm.cattle.io", "v1", "HelmChart"),
+            "helmcharts",
+        ),
+    );
+    let chart = charts
+        .get(&shapeblock_agent::controllers::appbuild::chart_name(
+            &project, "web",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(chart.data["spec"]["targetNamespace"], project.as_str());
+
+    let app = Api::<App>::namespaced(env.client.clone(), &project)
+        .get("web")
+        .await
+        .unwrap();
+    let app_status = app.status.unwrap();
+    assert_eq!(
+        app_status.current_image.as_deref(),
+        Some("registry.example.com/demo/web:1.0")
+    );
+    assert_eq!(app_status.latest_build.as_deref(), Some("web-1"));
+    let app = wait_app(&env.client, &project, "web", AppPhase::Deployed).await;
+    assert!(app.status.unwrap().current_image.is_some());
+}
+
+#[tokio::test]
+async fn a_dockerfile_build_resolves_builds_pushes_and_deploys() {
+    let env = env().await;
+    let _agent = env.agent(&[]).await;
+    let project = ready_project(&env.client, "kaniko").await;
+    set_pod_outcome(
+        &env.client,
+        &PodSelector::container(&project, "resolve"),
+        &PodOutcome::Succeed {
+            after: Duration::from_millis(500),
+            message: Some(COMMIT.into()),
+        },
+    )
+    .await
+    .unwrap();
+    set_pod_outcome(
+        &env.client,
+        &PodSelector::container(&project, "build"),
+        &PodOutcome::Succeed {
+            after: Duration::from_secs(1),
+            message: Some(digest()),
+        },
+    )
+    .await
+    .unwrap();
+    app(
+        &env.client,
+        &project,
+        "api",
+        json!({"type": "dockerfile", "dockerfile": "Dockerfile.prod"}),
+        Some(json!({"url": "https://github.com/example/api.git"})),
+    )
+    .await;
+    build(
+        &env.client,
+        &project,
+        "api-1",
+        "api",
+        json!({"gitRef": "main", "buildVars": [{"key": "A", "value": "1"}]}),
+    )
+    .await;
+
+    // The build Job exists while it runs, with its labels and deadline.
+    let jobs = Api::<Job>::namespaced(env.client.clone(), &project);
+    let (job, _) = eventually(BUILD_TIMEOUT, "the build Job", || async {
+        jobs.get_opt("api-1-build").await.unwrap()
+    })
+    .await;
+    assert_eq!(job.labels()["apps.shapeblock.io/build"], "api-1");
+    assert_eq!(job.spec.as_ref().unwrap().backoff_limit, Some(0));
+    let done = wait_build(&env.client, &project, "api-1", AppBuildPhase::Completed).await;
+    let status = done.status.unwrap();
+    assert_eq!(status.commit_sha.as_deref(), Some(COMMIT));
+    assert_eq!(status.image_digest.as_deref(), Some(digest().as_str()));
+    let image = format!("registry.example.com/{project}/api:0123456789ab@{}", digest());
+    assert_eq!(status.image.as_deref(), Some(image.as_str()));
+    let deployment = Api::<Deployment>::namespaced(env.client.clone(), &project)
+        .get("api-web")
+        .await
+        .unwrap();
+    assert_eq!(
+        deployment.spec.unwrap().template.spec.unwrap().containers[0]
+            .image
+            .as_deref(),
+        Some(image.as_str()),
+        "pinned by digest"
+    );
+    // The result is recorded, so the Jobs are gone.
+    eventually(
+        Duration::from_secs(30),
+        "the build Jobs to be deleted",
+        || async {
+            let left = jobs
+                .list(&ListParams::default().labels("apps.shapeblock.io/build=api-1"))
+                .await
+                .unwrap()
+                .items;
+            left.iter()
+                .all(|j| j.metadata.deletion_timestamp.is_some())
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn failures_say_which_step_failed() {
+    let env = env().await;
+    let _agent = env.agent(&[]).await;
+    let project = ready_project(&env.client, "failing").await;
+    set_pod_outcome(
+        &env.client,
+        &PodSelector::container(&project, "resolve"),
+        &PodOutcome::Succeed {
+            after: Duration::from_millis(200),
+            message: Some(COMMIT.into()),
+        },
+    )
+    .await
+    .unwrap();
+    set_pod_outcome(
+        &env.client,
+        &PodSelector::container(&project, "build"),
+        &PodOutcome::Fail {
+            after: Duration::from_millis(500),
+            exit_code: 1,
+            message: "error building image: RUN npm ci: exit status 1".into(),
+        },
+    )
+    .await
+    .unwrap();
+    app(
+        &env.client,
+        &project,
+        "api",
+        json!({"type": "dockerfile"}),
+        Some(json!({"url": "https://github.com/example/api.git"})),
+    )
+    .await;
+    build(&env.client, &project, "api-1", "api", json!({})).await;
+    let failed = wait_build(&env.client, &project, "api-1", AppBuildPhase::Failed).await;
+    let status = failed.status.unwrap();
+    // The simulated node ran the clone step, then failed the build step with this message.
+    assert_eq!(status.reason.as_deref(), Some("BuildFailed"), "{status:?}");
+    assert!(status.message.unwrap().contains("RUN npm ci: exit status 1"));
+
+    // Unsafe deploy values are refused before anything is built.
+    build(
+        &env.client,
+        &project,
+        "api-2",
+        "api",
+        json!({"helmValues": {"extraDeploy": [{"kind": "ClusterRoleBinding"}]}}),
+    )
+    .await;
+    let refused = wait_build(&env.client, &project, "api-2", AppBuildPhase::Failed).await;
+    assert_eq!(
+        refused.status.as_ref().unwrap().reason.as_deref(),
+        Some("InvalidSpec")
+    );
+    assert!(
+        Api::<Job>::namespaced(env.client.clone(), &project)
+            .get_opt("api-2-build")
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn a_hanging_build_times_out_and_a_newer_build_supersedes_a_running_one() {
+    let env = env().await;
+    let _agent = env.agent(&[]).await;
+    let project = ready_project(&env.client, "slow").await;
+    set_pod_outcome(
+        &env.client,
+        &PodSelector::container(&project, "resolve"),
+        &PodOutcome::Succeed {
+            after: Duration::from_millis(200),
+            message: Some(COMMIT.into()),
+        },
+    )
+    .await
+    .unwrap();
+    set_pod_outcome(
+        &env.client,
+        &PodSelector::container(&project, "build"),
+        &PodOutcome::Hang,
+    )
+    .await
+    .unwrap();
+    app(
+        &env.client,
+        &project,
+        "api",
+        json!({"type": "dockerfile"}),
+        Some(json!({"url": "https://github.com/example/api.git"})),
+    )
+    .await;
+    build(
+        &env.client,
+        &project,
+        "api-1",
+        "api",
+        json!({"timeoutSeconds": 60}),
+    )
+    .await;
+    wait_build(&env.client, &project, "api-1", AppBuildPhase::Building).await;
+    build(
+        &env.client,
+        &project,
+        "api-2",
+        "api",
+        json!({"timeoutSeconds": 60}),
+    )
+    .await;
+    let superseded = wait_build(&env.client, &project, "api-1", AppBuildPhase::Cancelled).await;
+    assert_eq!(superseded.status.unwrap().reason.as_deref(), Some("Superseded"));
+    let timed_out = eventually(Duration::from_secs(120), "api-2 to time out", || async {
+        let build = Api::<AppBuild>::namespaced(env.client.clone(), &project)
+            .get("api-2")
+            .await
+            .unwrap();
+        (build.status.as_ref()?.phase == Some(AppBuildPhase::Failed)).then_some(build)
+    })
+    .await
+    .0;
+    assert_eq!(timed_out.status.unwrap().reason.as_deref(), Some("Timeout"));
+    let _ = Api::<Project>::all(env.client.clone())
+        .patch(
+            &project,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"done": "true"}}})),
+        )
+        .await;
+}
