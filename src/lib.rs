@@ -9,8 +9,12 @@
 //! Controllers (one module per kind), the bridge, the tunnel and the hub land beside these.
 
 pub mod api;
+pub mod bridge;
 pub mod cli;
 pub mod controllers;
+pub mod hub;
+pub mod proto;
 pub mod rbac;
 pub mod runtime;
 pub mod testenv;
+pub mod tunnel;

@@ -60,6 +60,20 @@ pub const AGENT_CLUSTER_RULES: &[Rule] = &[
     },
     Rule {
         api_groups: &[GROUP],
+        resources: &["projects", "apps", "appbuilds", "backingservices", "teams"],
+        verbs: &["create", "delete"],
+        resource_names: &[],
+        why: "the bridge materialises the hub's commands: server-side apply creates, delete and prune remove",
+    },
+    Rule {
+        api_groups: &[""],
+        resources: &["nodes"],
+        verbs: &["list"],
+        resource_names: &[],
+        why: "the cluster inventory in the tunnel's hello: node count, allocatable CPU and memory",
+    },
+    Rule {
+        api_groups: &[GROUP],
         resources: &[
             "projects/status",
             "apps/status",

@@ -21,6 +21,16 @@ pub struct Settings {
     pub http_addr: SocketAddr,
     pub shutdown_timeout: Duration,
     pub controllers: controllers::Config,
+    /// The tunnel to the hub; `None`: no hub configured, the agent only reconciles.
+    pub tunnel: Option<TunnelSettings>,
+}
+
+/// Settings of the tunnel (`--hub-address` and friends).
+#[derive(Clone, Debug)]
+pub struct TunnelSettings {
+    pub config: crate::tunnel::TunnelConfig,
+    /// Secret in the agent's namespace that keeps the key, certificate and CA.
+    pub identity_secret: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +80,16 @@ pub async fn run(settings: Settings, shutdown: ShutdownSignal) -> Result<(), Err
     tracing::info!(kubernetes = %version.git_version, "connected to the Kubernetes API");
 
     let metrics = Arc::new(Metrics::default());
+    let tunnel = settings.tunnel.clone().map(|tunnel| {
+        let host = crate::bridge::KubeHost::start(client.clone(), shutdown.clone());
+        let store = Arc::new(crate::bridge::identity::SecretIdentityStore::new(
+            client.clone(),
+            &settings.controllers.agent_namespace,
+            &tunnel.identity_secret,
+        ));
+        tracing::info!(hub = %tunnel.config.hub_url, "tunnel to the hub enabled");
+        tokio::spawn(crate::tunnel::run(tunnel.config, host, store, shutdown.clone()))
+    });
     let ctx = Arc::new(Context::new(client, metrics, settings.controllers.clone()));
 
     let listener = tokio::net::TcpListener::bind(settings.http_addr)
@@ -108,6 +128,9 @@ pub async fn run(settings: Settings, shutdown: ShutdownSignal) -> Result<(), Err
         ),
     }
     server.abort();
+    if let Some(tunnel) = tunnel {
+        tunnel.abort();
+    }
     Ok(())
 }
 

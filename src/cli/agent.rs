@@ -132,6 +132,47 @@ struct RunArgs {
     /// Name of this replica (the Pod name), recorded as the source of Events.
     #[arg(long, env = "POD_NAME", value_name = "NAME")]
     instance: Option<String>,
+    #[command(flatten)]
+    hub: HubArgs,
+}
+
+/// The tunnel to the ShapeBlock hub. Without `--hub-address` the agent only reconciles.
+#[derive(clap::Args, Debug)]
+struct HubArgs {
+    /// The hub to dial out to, `https://host:port`.
+    #[arg(long, env = "SHAPEBLOCK_HUB_ADDRESS", value_name = "URL")]
+    hub_address: Option<String>,
+    /// One-time enrollment token from the install line (only needed until the identity
+    /// Secret holds a certificate). Prefer the environment variable from a Secret.
+    #[arg(
+        long,
+        env = "SHAPEBLOCK_ENROLL_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    enroll_token: Option<String>,
+    /// Pin of the hub's CA from the install line, `sha256:<hex>`.
+    #[arg(long, env = "SHAPEBLOCK_CA_HASH", value_name = "HASH")]
+    ca_hash: Option<String>,
+    /// Secret (in the agent's namespace) that keeps the tunnel's key, certificate and CA.
+    #[arg(long, env = "SHAPEBLOCK_IDENTITY_SECRET", default_value = crate::bridge::identity::IDENTITY_SECRET, value_name = "NAME")]
+    identity_secret: String,
+    /// Application heartbeat interval, in seconds (the hub may ask for a shorter one).
+    #[arg(
+        long,
+        env = "SHAPEBLOCK_HEARTBEAT_SECONDS",
+        default_value_t = 10,
+        value_name = "SECONDS"
+    )]
+    heartbeat_seconds: u64,
+    /// Longest wait between reconnect attempts, in seconds (exponential backoff, full jitter).
+    #[arg(
+        long,
+        env = "SHAPEBLOCK_RECONNECT_MAX_SECONDS",
+        default_value_t = 30,
+        value_name = "SECONDS"
+    )]
+    reconnect_max_seconds: u64,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -189,6 +230,16 @@ fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
                 ..Default::default()
             },
         },
+        tunnel: args.hub.hub_address.map(|url| crate::runtime::TunnelSettings {
+            config: crate::tunnel::TunnelConfig {
+                enroll_token: args.hub.enroll_token,
+                ca_hash: args.hub.ca_hash,
+                heartbeat: std::time::Duration::from_secs(args.hub.heartbeat_seconds.max(1)),
+                backoff_max: std::time::Duration::from_secs(args.hub.reconnect_max_seconds.max(1)),
+                ..crate::tunnel::TunnelConfig::new(url)
+            },
+            identity_secret: args.hub.identity_secret,
+        }),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {

@@ -3,3 +3,4 @@
 pub mod agent;
 pub mod demo;
 pub mod dev;
+pub mod hub;

@@ -1,0 +1,628 @@
+//! The reference hub: the server side of the tunnel. It issues one-time enrollment tokens,
+//! signs CSRs with its CA, holds one session per cluster (mTLS; the cluster is the one in the
+//! client certificate), delivers commands with sequence numbers until the agent answers each,
+//! and records phase changes, command results and build logs exactly once in its store.
+//!
+//! It knows the proto, TLS, its store and its CA; it never talks to Kubernetes.
+
+pub mod pki;
+pub mod store;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::proto::v1::agent_message::Body as Up;
+use crate::proto::v1::agent_tunnel_server::{AgentTunnel, AgentTunnelServer};
+use crate::proto::v1::server_message::Body as Down;
+use crate::proto::v1::{
+    Ack, AgentMessage, Apply, Delete, EnrollRequest, EnrollResponse, Heartbeat, HelloAck, ObjectRef,
+    PhaseChange, RenewRequest, ServerMessage,
+};
+use crate::proto::{self, MAX_MESSAGE_BYTES, ca_hash, hex, now_unix, object_key};
+use store::{ObjectStatus, Store, write};
+
+/// How the hub runs.
+#[derive(Clone, Debug)]
+pub struct HubConfig {
+    /// CA, server certificate and store live here.
+    pub data_dir: PathBuf,
+    /// gRPC listen address (port 0: any free port).
+    pub listen: SocketAddr,
+    /// Names and addresses the TLS server certificate is valid for (agents dial one of them).
+    pub server_names: Vec<String>,
+    /// Lifetime of the client certificates the hub signs.
+    pub cert_lifetime: Duration,
+    /// Heartbeat interval; a session with no message for 3 intervals is closed.
+    pub heartbeat: Duration,
+}
+
+impl HubConfig {
+    pub fn new(data_dir: PathBuf) -> Self {
+        Self {
+            data_dir,
+            listen: ([127, 0, 0, 1], 0).into(),
+            server_names: vec!["localhost".into(), "127.0.0.1".into()],
+            cert_lifetime: Duration::from_secs(24 * 3600),
+            heartbeat: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error(transparent)]
+    Pki(#[from] pki::PkiError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+struct Session {
+    epoch: u64,
+    close: watch::Sender<bool>,
+}
+
+struct Inner {
+    config: HubConfig,
+    store: Store,
+    ca: pki::Ca,
+    sessions: Mutex<HashMap<String, Session>>,
+    wake: Mutex<HashMap<String, Arc<Notify>>>,
+    stopping: watch::Sender<bool>,
+}
+
+impl Inner {
+    fn wake(&self, cluster: &str) -> Arc<Notify> {
+        self.wake
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(cluster.to_string())
+            .or_default()
+            .clone()
+    }
+}
+
+/// A running hub. Dropping it does not stop it; call [`Hub::stop`].
+pub struct Hub {
+    inner: Arc<Inner>,
+    addr: SocketAddr,
+    server: tokio::task::JoinHandle<()>,
+}
+
+/// A DNS-label-like cluster id: it goes into a URI SAN and the store.
+pub fn valid_cluster_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 63
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !id.starts_with('-')
+        && !id.ends_with('-')
+}
+
+fn token_hash(token: &str) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref())
+}
+
+/// Opens the store of a hub data directory (for the CLI, which may run beside a live hub).
+pub fn open_store(data_dir: &std::path::Path) -> Result<Store, HubError> {
+    std::fs::create_dir_all(data_dir)
+        .map_err(|e| HubError::Invalid(format!("cannot create {}: {e}", data_dir.display())))?;
+    Ok(Store::open(&data_dir.join("hub.sqlite"))?)
+}
+
+/// Creates a one-time enrollment token for `cluster`, valid for `ttl`; returns the token.
+/// Only its hash is stored.
+pub fn create_token(store: &Store, cluster: &str, ttl: Duration) -> Result<String, HubError> {
+    if !valid_cluster_id(cluster) {
+        return Err(HubError::Invalid(format!(
+            "cluster id {cluster:?} must be 1-63 lower-case letters, digits and '-'"
+        )));
+    }
+    let mut bytes = [0u8; 24];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| HubError::Invalid("no system randomness".into()))?;
+    let token = format!("sbt_{}", hex(&bytes));
+    store.add_token(&token_hash(&token), cluster, now_unix() + ttl.as_secs() as i64)?;
+    Ok(token)
+}
+
+/// Parses a manifest of a ShapeBlock kind into the command that applies it; refuses what the
+/// agent would refuse anyway, so mistakes show at the hub's CLI.
+pub fn apply_command(manifest: &str) -> Result<Vec<u8>, HubError> {
+    let value: serde_json::Value = serde_yaml::from_str(manifest)
+        .map_err(|e| HubError::Invalid(format!("manifest is not YAML or JSON: {e}")))?;
+    for field in ["apiVersion", "kind"] {
+        if value.get(field).and_then(|v| v.as_str()).is_none() {
+            return Err(HubError::Invalid(format!("manifest has no {field}")));
+        }
+    }
+    Ok(Down::Apply(Apply {
+        manifest: manifest.to_string(),
+    })
+    .encode_body())
+}
+
+/// The command that deletes `object`.
+pub fn delete_command(object: ObjectRef) -> Vec<u8> {
+    Down::Delete(Delete { object: Some(object) }).encode_body()
+}
+
+trait EncodeBody {
+    fn encode_body(self) -> Vec<u8>;
+}
+
+impl EncodeBody for Down {
+    fn encode_body(self) -> Vec<u8> {
+        ServerMessage {
+            seq: 0,
+            body: Some(self),
+        }
+        .encode_to_vec()
+    }
+}
+
+impl Hub {
+    /// Loads or creates the CA and store in `config.data_dir` and starts serving.
+    pub async fn start(config: HubConfig) -> Result<Self, HubError> {
+        let store = open_store(&config.data_dir)?;
+        // A previous process's sessions are gone, whatever the store says.
+        store.mark_disconnected_all()?;
+        let ca = pki::Ca::load_or_create(&config.data_dir)?;
+        let (cert, key) = ca.server_cert(&config.server_names)?;
+        pki::Ca::save_server(&config.data_dir, &cert)?;
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| HubError::Listen {
+                addr: config.listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| HubError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+        let (stopping, _) = watch::channel(false);
+        let inner = Arc::new(Inner {
+            store,
+            sessions: Mutex::default(),
+            wake: Mutex::default(),
+            stopping,
+            config: config.clone(),
+            ca,
+        });
+        let tls = ServerTlsConfig::new()
+            .identity(Identity::from_pem(cert, key))
+            .client_ca_root(Certificate::from_pem(&inner.ca.cert_pem))
+            // Enroll has no client certificate yet; Connect and Renew insist on one.
+            .client_auth_optional(true);
+        let service = AgentTunnelServer::new(Service { inner: inner.clone() })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let router = Server::builder()
+            .tls_config(tls)
+            .map_err(|e| HubError::Invalid(format!("TLS configuration: {e}")))?
+            .http2_keepalive_interval(Some(config.heartbeat))
+            .http2_keepalive_timeout(Some(config.heartbeat * 2))
+            .add_service(service);
+        let mut stop = inner.stopping.subscribe();
+        let server = tokio::spawn(async move {
+            let incoming = TcpListenerStream::new(listener);
+            let signal = async move {
+                let _ = stop.changed().await;
+            };
+            if let Err(err) = router.serve_with_incoming_shutdown(incoming, signal).await {
+                tracing::error!(%err, "hub server failed");
+            }
+        });
+        tracing::info!(%addr, ca_hash = %ca_hash(&inner.ca.cert_der), "hub listening");
+        Ok(Self { inner, addr, server })
+    }
+
+    pub fn address(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `https://127.0.0.1:PORT` (what an agent dials).
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    pub fn ca_hash(&self) -> String {
+        ca_hash(&self.inner.ca.cert_der)
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub fn create_token(&self, cluster: &str, ttl: Duration) -> Result<String, HubError> {
+        create_token(&self.inner.store, cluster, ttl)
+    }
+
+    /// Queues a server-side apply of `manifest` on `cluster`; returns the command's seq.
+    pub fn apply(&self, cluster: &str, manifest: &str) -> Result<u64, HubError> {
+        self.queue(cluster, apply_command(manifest)?)
+    }
+
+    pub fn delete(&self, cluster: &str, object: ObjectRef) -> Result<u64, HubError> {
+        self.queue(cluster, delete_command(object))
+    }
+
+    /// Queues any encoded `ServerMessage` (tests use it for hostile input).
+    pub fn queue(&self, cluster: &str, body: Vec<u8>) -> Result<u64, HubError> {
+        let seq = self.inner.store.add_command(cluster, &body)?;
+        self.inner.wake(cluster).notify_one();
+        Ok(seq)
+    }
+
+    /// The live session's epoch of a cluster, if connected.
+    pub fn session_epoch(&self, cluster: &str) -> Option<u64> {
+        self.inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(cluster)
+            .map(|s| s.epoch)
+    }
+
+    /// Stops serving: every session ends (agents see the stream break, as when the hub
+    /// dies) and the listener closes.
+    pub async fn stop(self) {
+        let _ = self.inner.stopping.send(true);
+        let mut server = self.server;
+        if tokio::time::timeout(Duration::from_secs(5), &mut server)
+            .await
+            .is_err()
+        {
+            server.abort();
+        }
+    }
+}
+
+struct Service {
+    inner: Arc<Inner>,
+}
+
+fn cluster_of<T>(request: &Request<T>) -> Result<String, Status> {
+    let certs = request.peer_certs().ok_or_else(|| {
+        Status::unauthenticated(
+            "a client certificate is required: enroll first (shapeblock-agent gets one with the install token)",
+        )
+    })?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+    proto::cluster_of_certificate(leaf)
+        .ok_or_else(|| Status::permission_denied("the client certificate names no ShapeBlock cluster"))
+}
+
+type ConnectStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<ServerMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentTunnel for Service {
+    async fn enroll(&self, request: Request<EnrollRequest>) -> Result<Response<EnrollResponse>, Status> {
+        let req = request.into_inner();
+        let store = &self.inner.store;
+        let hash = token_hash(req.token.trim());
+        let token = store.token(&hash).map_err(internal)?.ok_or_else(|| {
+            Status::unauthenticated("unknown enrollment token: create one with `shapeblock-hub token create`")
+        })?;
+        let (cert_pem, key_hash) = self
+            .inner
+            .ca
+            .sign_client(&req.csr_pem, &token.cluster, self.inner.config.cert_lifetime)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // A used token still answers the key it was first used with: an agent that crashed
+        // after the hub signed, before it stored the certificate, retries with the same key.
+        if let Some(bound) = &token.bound_key {
+            if *bound == key_hash {
+                let cert_pem = token.cert_pem.clone().unwrap_or_default();
+                return Ok(Response::new(self.response(&token.cluster, cert_pem)));
+            }
+            return Err(Status::permission_denied(
+                "enrollment token already used (by another key): create a new one with `shapeblock-hub token create`",
+            ));
+        }
+        if token.expires_at <= now_unix() {
+            return Err(Status::unauthenticated(format!(
+                "enrollment token expired {} s ago: create a new one with `shapeblock-hub token create`",
+                now_unix() - token.expires_at
+            )));
+        }
+        if !store.bind_token(&hash, &key_hash, &cert_pem).map_err(internal)? {
+            return Err(Status::permission_denied(
+                "enrollment token already used (by another key)",
+            ));
+        }
+        tracing::info!(cluster = %token.cluster, "cluster enrolled");
+        Ok(Response::new(self.response(&token.cluster, cert_pem)))
+    }
+
+    async fn renew(&self, request: Request<RenewRequest>) -> Result<Response<EnrollResponse>, Status> {
+        let cluster = cluster_of(&request)?;
+        let (cert_pem, _) = self
+            .inner
+            .ca
+            .sign_client(
+                &request.into_inner().csr_pem,
+                &cluster,
+                self.inner.config.cert_lifetime,
+            )
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        tracing::info!(%cluster, "client certificate renewed");
+        Ok(Response::new(self.response(&cluster, cert_pem)))
+    }
+
+    type TunnelStream = ConnectStream;
+
+    async fn tunnel(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::TunnelStream>, Status> {
+        let cluster = cluster_of(&request)?;
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no hello within 10 s"))??
+            .ok_or_else(|| Status::invalid_argument("stream ended before hello"))?;
+        let Some(Up::Hello(hello)) = first.body else {
+            return Err(Status::invalid_argument("the first message must be hello"));
+        };
+        let hello_text = format!("{hello:?}");
+        let (epoch, last_agent_seq) = self
+            .inner
+            .store
+            .begin_session(&cluster, &hello_text)
+            .map_err(internal)?;
+        let (close, closed) = watch::channel(false);
+        if let Some(old) = self
+            .inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(cluster.clone(), Session { epoch, close })
+        {
+            tracing::info!(%cluster, old = old.epoch, new = epoch, "newer session replaces the older");
+            let _ = old.close.send(true);
+        }
+        tracing::info!(%cluster, epoch, last_agent_seq, agent = %hello.agent_version, "session started");
+        let (tx, rx) = mpsc::channel(64);
+        let ack = ServerMessage {
+            seq: 0,
+            body: Some(Down::HelloAck(HelloAck {
+                epoch,
+                last_agent_seq,
+                heartbeat_seconds: self.inner.config.heartbeat.as_secs().max(1) as u32,
+            })),
+        };
+        tx.send(Ok(ack)).await.map_err(|_| Status::cancelled("closed"))?;
+        tokio::spawn(session(self.inner.clone(), cluster, epoch, inbound, tx, closed));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+impl Service {
+    fn response(&self, cluster: &str, cert_pem: String) -> EnrollResponse {
+        let not_after = rustls::pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .ok()
+            .and_then(|d| proto::not_after(&d))
+            .unwrap_or(0);
+        EnrollResponse {
+            cluster_id: cluster.to_string(),
+            certificate_pem: cert_pem,
+            ca_pem: self.inner.ca.cert_pem.clone(),
+            not_after,
+        }
+    }
+}
+
+use rustls::pki_types::pem::PemObject;
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    tracing::error!(%e, "hub store failed");
+    Status::internal("hub store failed; see the hub's log")
+}
+
+/// One session: sends commands without a result (in order, after the previous session's),
+/// heartbeats, and acks; records what the agent sends.
+async fn session(
+    inner: Arc<Inner>,
+    cluster: String,
+    epoch: u64,
+    mut inbound: Streaming<AgentMessage>,
+    tx: mpsc::Sender<Result<ServerMessage, Status>>,
+    mut closed: watch::Receiver<bool>,
+) {
+    let wake = inner.wake(&cluster);
+    let mut stopping = inner.stopping.subscribe();
+    let heartbeat = inner.config.heartbeat;
+    let mut beat = tokio::time::interval(heartbeat);
+    // Commands are also polled: the CLI adds them from another process.
+    let mut poll = tokio::time::interval(Duration::from_millis(500));
+    let mut last_heard = Instant::now();
+    let mut sent_upto = 0u64;
+    let mut pending_ack: Option<ServerMessage> = None;
+    let reason: Status = loop {
+        tokio::select! {
+            _ = closed.changed() => break Status::aborted("superseded by a newer session of this cluster"),
+            _ = stopping.changed() => break Status::unavailable("hub shutting down"),
+            message = inbound.message() => match message {
+                Ok(Some(message)) => {
+                    last_heard = Instant::now();
+                    match handle(&inner, &cluster, epoch, message) {
+                        // Acks are cumulative: never wait to send one (waiting could deadlock
+                        // with an agent that waits for us to read); keep the latest instead.
+                        Ok(Some(reply)) => pending_ack = Some(reply),
+                        Ok(None) => {}
+                        Err(status) => break status,
+                    }
+                }
+                Ok(None) => break Status::cancelled("agent closed the stream"),
+                Err(status) => break status,
+            },
+            _ = wake.notified() => {}
+            _ = poll.tick() => {}
+            _ = beat.tick() => {
+                if last_heard.elapsed() > heartbeat * 3 {
+                    tracing::warn!(%cluster, epoch, "no heartbeat for 3 intervals: closing the session");
+                    break Status::unavailable("no heartbeat");
+                }
+                let hb = ServerMessage { seq: 0, body: Some(Down::Heartbeat(Heartbeat { sent_at_ms: now_ms() })) };
+                if tx.try_send(Ok(hb)).is_err() { /* full: the stream is busy, which is liveness enough */ }
+                if let Err(e) = inner.store.touch(&cluster) { tracing::warn!(%e, "touch"); }
+            }
+        }
+        if let Some(ack) = pending_ack.take()
+            && let Err(mpsc::error::TrySendError::Full(Ok(ack))) = tx.try_send(Ok(ack))
+        {
+            pending_ack = Some(ack);
+        }
+        // Send what is pending, as far as the outbound queue has room (bounded: a slow agent
+        // holds commands in the store, not in memory).
+        match inner.store.pending_commands(&cluster, sent_upto, 32) {
+            Ok(rows) => {
+                for row in rows {
+                    let Ok(permit) = tx.try_reserve() else { break };
+                    match ServerMessage::decode(row.body.as_slice()) {
+                        Ok(mut message) => {
+                            message.seq = row.seq;
+                            permit.send(Ok(message));
+                        }
+                        Err(e) => tracing::error!(%e, seq = row.seq, "undecodable stored command"),
+                    }
+                    sent_upto = row.seq;
+                }
+            }
+            Err(e) => tracing::error!(%e, "reading commands"),
+        }
+    };
+    tracing::info!(%cluster, epoch, reason = %reason.message(), "session ended");
+    let _ = tx.try_send(Err(reason));
+    {
+        let mut sessions = inner.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        if sessions.get(&cluster).is_some_and(|s| s.epoch == epoch) {
+            sessions.remove(&cluster);
+        }
+    }
+    if let Err(e) = inner.store.end_session(&cluster, epoch) {
+        tracing::warn!(%e, "end session");
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn status_of(p: &PhaseChange) -> ObjectStatus {
+    ObjectStatus {
+        key: p.object.as_ref().map(object_key).unwrap_or_default(),
+        phase: p.phase.clone(),
+        observed_generation: p.observed_generation,
+        reason: p.reason.clone(),
+        message: p.message.clone(),
+    }
+}
+
+/// Records one agent message; the reply (an ack) if any. An error ends the session.
+fn handle(
+    inner: &Inner,
+    cluster: &str,
+    epoch: u64,
+    message: AgentMessage,
+) -> Result<Option<ServerMessage>, Status> {
+    let seq = message.seq;
+    let Some(body) = message.body else {
+        return Err(Status::invalid_argument("message without a body"));
+    };
+    match body {
+        Up::Heartbeat(_) | Up::Ack(_) => return Ok(None),
+        Up::Hello(_) => return Err(Status::invalid_argument("hello twice in one session")),
+        _ if seq == 0 => return Err(Status::invalid_argument("sequenced message with seq 0")),
+        _ => {}
+    }
+    let store = &inner.store;
+    let known = store.objects(cluster).map_err(internal)?;
+    let recorded = store
+        .record(cluster, epoch, seq, |tx| {
+            match &body {
+                Up::Result(r) => {
+                    let object = r.object.as_ref().map(object_key).unwrap_or_default();
+                    write::result(tx, cluster, r.command_seq, r.ok, &r.message)?;
+                    let detail = format!(
+                        "command {} {}: {}",
+                        r.command_seq,
+                        if r.ok { "ok" } else { "failed" },
+                        r.message
+                    );
+                    write::event(tx, cluster, seq, epoch, "result", &object, &detail)?;
+                }
+                Up::Phase(p) => {
+                    let status = status_of(p);
+                    if !known.contains(&status) {
+                        write::object(tx, cluster, &status)?;
+                        write::event(tx, cluster, seq, epoch, "phase", &status.key, &status.phase)?;
+                    }
+                }
+                Up::Snapshot(s) => {
+                    // Level: whatever differs from what the hub knows becomes an event, so a
+                    // phase change lost to an agent restart still shows up once.
+                    let mut changed = Vec::new();
+                    for p in &s.objects {
+                        let status = status_of(p);
+                        if !known.contains(&status) {
+                            write::object(tx, cluster, &status)?;
+                            changed.push(format!("{}={}", status.key, status.phase));
+                        }
+                    }
+                    if !changed.is_empty() {
+                        write::event(tx, cluster, seq, epoch, "snapshot", "", &changed.join(" "))?;
+                    }
+                }
+                Up::Log(l) => {
+                    let stream = format!("{}/{}/{}", l.namespace, l.build, l.container);
+                    write::log(tx, cluster, &stream, l.offset, &l.data, l.truncated, l.eof)?;
+                }
+                Up::Hello(_) | Up::Heartbeat(_) | Up::Ack(_) => {}
+            }
+            Ok(())
+        })
+        .map_err(|e| match e {
+            store::StoreError::Invalid(m) => Status::invalid_argument(m),
+            other => internal(other),
+        })?;
+    if !recorded {
+        let current = inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(cluster)
+            .map(|s| s.epoch);
+        if current != Some(epoch) {
+            // A stale session's message: dropped, and the session ends.
+            return Err(Status::aborted("superseded by a newer session of this cluster"));
+        }
+    }
+    Ok(Some(ServerMessage {
+        seq: 0,
+        body: Some(Down::Ack(Ack { seq })),
+    }))
+}
