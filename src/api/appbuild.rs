@@ -7,6 +7,10 @@ use serde::{Deserialize, Serialize};
 
 use super::common::{BuildResources, DNS_LABEL_PATTERN, conditions_schema, free_form_object};
 
+/// Annotation that cancels an AppBuild when set to `true` (by the hub through the bridge, or by
+/// hand: `kubectl annotate appbuild NAME apps.shapeblock.io/cancel-requested=true`).
+pub const CANCEL_ANNOTATION: &str = "apps.shapeblock.io/cancel-requested";
+
 /// A git ref: branch, tag or (abbreviated) commit SHA. Never option-like.
 pub const GIT_REF_PATTERN: &str = r"^[A-Za-z0-9_][A-Za-z0-9._/-]*$";
 

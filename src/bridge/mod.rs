@@ -30,7 +30,7 @@ pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY: &str = "shapeblock-agent";
 /// Annotation the bridge sets on an AppBuild when the hub cancels it; the AppBuild controller
 /// acts on it.
-pub const CANCEL_ANNOTATION: &str = "apps.shapeblock.io/cancel-requested";
+pub use crate::api::CANCEL_ANNOTATION;
 
 /// The five kinds, with whether they are namespaced.
 fn kinds() -> Vec<(ApiResource, bool)> {

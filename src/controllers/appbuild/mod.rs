@@ -32,8 +32,7 @@ use super::{APP_LABEL, ConditionSet, Context, Error, FIELD_MANAGER, MANAGED_BY, 
 use crate::api::{App, AppBuild, AppBuildPhase, AppBuildStatus, BuildType};
 
 const KIND: &str = "AppBuild";
-/// Annotation on an AppBuild: set to `true` to cancel it.
-pub const CANCEL_ANNOTATION: &str = "apps.shapeblock.io/cancel";
+pub use crate::api::CANCEL_ANNOTATION;
 /// Field manager for the App status fields that builds own (`latestBuild`, images).
 const BUILD_STATUS_MANAGER: &str = "shapeblock-agent-builds";
 const POLL: Duration = Duration::from_secs(3);
