@@ -164,26 +164,16 @@ async fn bare_project(client: Client, name: String) -> Result<(), kube::Error> {
     Api::<Namespace>::all(client.clone())
         .create(&PostParams::default(), &namespace)
         .await?;
-    let secret = Secret {
-        metadata: ObjectMeta {
-            name: Some("registry-credentials".into()),
-            ..Default::default()
-        },
-        type_: Some("kubernetes.io/dockerconfigjson".into()),
-        data: Some(BTreeMap::from([(
-            ".dockerconfigjson".to_string(),
-            ByteString(b"{\"auths\":{}}".to_vec()),
-        )])),
-        ..Default::default()
-    };
+    let secret = registry_secret();
     Api::<Secret>::namespaced(client, &name)
         .create(&PostParams::default(), &secret)
         .await?;
     Ok(())
 }
 
-async fn pull_secret(client: &Client) {
-    let secret = Secret {
+/// The registry pull secret the agent copies into every project (and the bare client creates).
+fn registry_secret() -> Secret {
+    Secret {
         metadata: ObjectMeta {
             name: Some("registry-credentials".into()),
             ..Default::default()
@@ -194,7 +184,11 @@ async fn pull_secret(client: &Client) {
             ByteString(b"{\"auths\":{}}".to_vec()),
         )])),
         ..Default::default()
-    };
+    }
+}
+
+async fn pull_secret(client: &Client) {
+    let secret = registry_secret();
     Api::<Secret>::namespaced(client.clone(), "shapeblock")
         .patch(
             "registry-credentials",
