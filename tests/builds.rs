@@ -149,6 +149,28 @@ async fn a_prebuilt_image_is_deployed_by_real_helm_and_completed_once_rolled_out
     assert_eq!(app_status.latest_build.as_deref(), Some("web-1"));
     let app = wait_app(&env.client, &project, "web", AppPhase::Deployed).await;
     assert!(app.status.unwrap().current_image.is_some());
+
+    // Deleting the Project takes its HelmCharts (in the agent's namespace) with it.
+    let chart_name = shapeblock_agent::controllers::appbuild::chart_name(&project, "web");
+    Api::<Project>::all(env.client.clone())
+        .delete(&project, &Default::default())
+        .await
+        .unwrap();
+    eventually(
+        BUILD_TIMEOUT,
+        "the Project, and its HelmChart being deleted",
+        || async {
+            let project_gone = Api::<Project>::all(env.client.clone())
+                .get_opt(&project)
+                .await
+                .unwrap()
+                .is_none();
+            let chart = charts.get_opt(&chart_name).await.unwrap();
+            let chart_going = chart.is_none_or(|c| c.metadata.deletion_timestamp.is_some());
+            (project_gone && chart_going).then_some(())
+        },
+    )
+    .await;
 }
 
 #[tokio::test]

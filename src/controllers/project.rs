@@ -375,6 +375,7 @@ async fn cleanup(project: &Project, ctx: &Context) -> Result<Action> {
         .await;
     }
     if namespace.metadata.deletion_timestamp.is_none() {
+        delete_helm_charts(ctx, &name).await;
         match namespaces.delete(&name, &DeleteParams::background()).await {
             Ok(_) => {}
             Err(kube::Error::Api(status)) if status.code == 404 => return Ok(Action::await_change()),
@@ -383,6 +384,37 @@ async fn cleanup(project: &Project, ctx: &Context) -> Result<Action> {
     }
     // The namespace watch wakes us when it is gone; the error only schedules a fallback retry.
     Err(Error::Waiting(format!("namespace {name} is terminating")))
+}
+
+/// Deletes the HelmCharts (in the agent's namespace) that deploy into the project, so the
+/// helm-controller stops installing into a namespace that is going away. Best effort: the
+/// helm-controller's own finalizer runs the uninstall, and a failure here must not keep the
+/// namespace alive.
+async fn delete_helm_charts(ctx: &Context, project: &str) {
+    let charts = Api::<kube::api::DynamicObject>::namespaced_with(
+        ctx.client.clone(),
+        &ctx.config.agent_namespace,
+        &super::appbuild::helm_chart_resource(),
+    );
+    let selector = format!("{PROJECT_LABEL}={project},{MANAGED_BY_LABEL}={MANAGED_BY}");
+    let listed = charts
+        .list_metadata(&kube::api::ListParams::default().labels(&selector))
+        .await;
+    match listed {
+        Ok(list) => {
+            for chart in list.items {
+                if let Err(err) = charts
+                    .delete(&chart.name_any(), &DeleteParams::background())
+                    .await
+                {
+                    tracing::warn!(project, chart = %chart.name_any(), %err, "could not delete HelmChart");
+                }
+            }
+        }
+        // No HelmChart CRD (no helm-controller installed): nothing was deployed.
+        Err(kube::Error::Api(status)) if status.code == 404 => {}
+        Err(err) => tracing::warn!(project, %err, "could not list the project's HelmCharts"),
+    }
 }
 
 fn phase_of(project: &Project) -> Option<ProjectPhase> {

@@ -24,7 +24,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
-pub use helmchart::{UNIVERSAL_CHART, chart_name};
+pub use helmchart::{UNIVERSAL_CHART, chart_name, resource as helm_chart_resource};
 pub use jobs::{BUILD_LABEL, BuildSettings, parse_build_report, parse_commit};
 pub use values::{ALLOWED_KEYS, chart_values};
 
