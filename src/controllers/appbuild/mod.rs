@@ -233,7 +233,8 @@ impl Pipeline<'_> {
                     )
                     .await;
                 }
-                Ok(Action::requeue(Duration::from_millis(100)))
+                // The write's own watch event brings the next step, with fresh state.
+                Ok(Action::requeue(POLL))
             }
         }
     }
@@ -546,6 +547,9 @@ impl Pipeline<'_> {
     async fn finish(&self, phase: AppBuildPhase, reason: &str, message: String) -> Result<Action> {
         let mut status = self.with(phase, reason, &message);
         status.completion_time = Some(Time(Timestamp::now()));
+        // Status first: deleting the Jobs wakes this build again, and that reconcile must see
+        // the final phase rather than recreate a Job.
+        self.write(status.clone()).await?;
         if phase != AppBuildPhase::Completed {
             let jobs = Api::<Job>::namespaced(self.ctx.client.clone(), &self.namespace());
             for name in [
@@ -555,7 +559,6 @@ impl Pipeline<'_> {
                 self.delete_job(&jobs, &name).await;
             }
         }
-        self.write(status.clone()).await?;
         self.event_for(&status).await;
         Ok(Action::await_change())
     }
@@ -581,14 +584,28 @@ impl Pipeline<'_> {
         if self.build.status.as_ref() == Some(&status) {
             return Ok(());
         }
-        let patch = json!({"apiVersion": AppBuild::api_version(&()), "kind": KIND, "status": status});
+        // Conditional on the version this decision was made from: a reconcile working from a
+        // stale cache (say, before a newer build cancelled this one) gets a conflict and
+        // retries with fresh state instead of overwriting a final phase.
+        let patch = json!({
+            "apiVersion": AppBuild::api_version(&()),
+            "kind": KIND,
+            "metadata": {"resourceVersion": self.build.resource_version()},
+            "status": status,
+        });
         Api::<AppBuild>::namespaced(self.ctx.client.clone(), &self.namespace())
             .patch_status(
                 &self.build.name_any(),
                 &PatchParams::apply(FIELD_MANAGER).force(),
                 &Patch::Apply(patch),
             )
-            .await?;
+            .await
+            .map_err(|err| match err {
+                kube::Error::Api(status) if status.code == 409 => {
+                    Error::Waiting("the AppBuild changed since it was read; reconciling again".into())
+                }
+                err => err.into(),
+            })?;
         Ok(())
     }
 
