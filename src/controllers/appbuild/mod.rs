@@ -221,6 +221,15 @@ impl Pipeline<'_> {
                 let deploying = status.phase == Some(AppBuildPhase::Deploying);
                 let final_phase = status.phase.is_some_and(AppBuildPhase::is_final);
                 self.write(*status.clone()).await?;
+                // Only once the result is in status: deleting a Job wakes this build again, and
+                // that reconcile must find the step done rather than start it over.
+                let jobs = Api::<Job>::namespaced(self.ctx.client.clone(), &self.namespace());
+                if status.commit_sha.is_some() && self.status().commit_sha.is_none() {
+                    self.delete_job(&jobs, &jobs::resolve_job_name(self.build)).await;
+                }
+                if status.image.is_some() && self.status().image.is_none() {
+                    self.delete_job(&jobs, &jobs::build_job_name(self.build)).await;
+                }
                 if final_phase {
                     self.event_for(&status).await;
                     return Ok(Action::await_change());
@@ -274,7 +283,6 @@ impl Pipeline<'_> {
                             &format!("{} is {commit}", jobs::git_ref(app, self.build)),
                         );
                         status.commit_sha = Some(commit);
-                        self.delete_job(&jobs, &jobs::resolve_job_name(self.build)).await;
                         Ok(Step::Status(Box::new(status)))
                     }
                     None => Ok(Step::Status(Box::new(self.failed(
@@ -329,7 +337,6 @@ impl Pipeline<'_> {
                 Some(report) => {
                     let destination = jobs::destination(app, &jobs::image_tag(self.build, &commit));
                     let image = format!("{destination}@{}", report.digest);
-                    self.delete_job(&jobs, &jobs::build_job_name(self.build)).await;
                     Ok(Step::Status(Box::new(self.deploying(image, Some(report.digest)))))
                 }
                 None => Ok(Step::Status(Box::new(self.failed(
@@ -360,6 +367,14 @@ impl Pipeline<'_> {
         Step::Status(Box::new(status))
     }
 
+    /// Whether the apiserver has a newer version of this AppBuild than the one being reconciled.
+    async fn is_stale(&self) -> Result<bool> {
+        let fresh = Api::<AppBuild>::namespaced(self.ctx.client.clone(), &self.namespace())
+            .get_metadata_opt(&self.build.name_any())
+            .await?;
+        Ok(fresh.is_none_or(|f| f.metadata.resource_version != self.build.metadata.resource_version))
+    }
+
     /// Another Completed build of this App from the same commit and inputs.
     fn reusable_image(&self, _app: &App, _commit: &str) -> Option<String> {
         None
@@ -370,6 +385,9 @@ impl Pipeline<'_> {
         let name = job.name_any();
         let current = match jobs.get_opt(&name).await? {
             Some(current) => current,
+            // A missing Job may mean this step is not started, or that it finished and was
+            // deleted after a status write this (cached) object does not show yet: ask.
+            None if self.is_stale().await? => return Ok(JobOutcome::Running(None)),
             None => match jobs
                 .create(
                     &PostParams {
