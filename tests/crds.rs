@@ -65,7 +65,7 @@ async fn seed_samples_are_accepted_and_read_back_as_the_rust_types() {
             created += 1;
         }
     }
-    assert_eq!(created, 8, "every sample document was created");
+    assert_eq!(created, 9, "every sample document was created");
 
     // What the apiserver stored parses as the Rust types, with the schema's defaults applied.
     let apps = Api::<App>::namespaced(client.clone(), &namespace)

@@ -9,7 +9,7 @@ use kube::core::GroupVersionKind;
 use kube::discovery::Scope;
 use kube::{Client, ResourceExt};
 
-use crate::api::{App, Project, Team};
+use crate::api::{App, AppBuild, AppBuildPhase, Project, Team};
 use crate::testenv::agent::{AgentProcess, install_agent_identity};
 
 /// Sample manifests the demo applies (those whose controllers exist today).
@@ -17,6 +17,7 @@ const SAMPLES: &[&str] = &[
     "examples/01-project.yaml",
     "examples/02-apps.yaml",
     "examples/05-team.yaml",
+    "examples/06-prebuilt-build.yaml",
 ];
 pub const AGENT_NAMESPACE: &str = "shapeblock";
 
@@ -102,6 +103,42 @@ pub async fn apply_samples(client: &Client, root: &Path) -> Result<(), Box<dyn s
 }
 
 use serde::Deserialize;
+
+/// Follows an AppBuild through its phases, printing each change, until it ends (or `limit`).
+pub async fn follow_build(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    limit: Duration,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let builds = Api::<AppBuild>::namespaced(client.clone(), namespace);
+    let started = std::time::Instant::now();
+    let mut last = None;
+    println!();
+    println!("AppBuild {namespace}/{name}:");
+    while started.elapsed() < limit {
+        let status = builds.get(name).await?.status.unwrap_or_default();
+        let now = (status.phase, status.message.clone());
+        if last.as_ref() != Some(&now) {
+            let phase = status
+                .phase
+                .map(|p| format!("{p:?}"))
+                .unwrap_or_else(|| "-".into());
+            println!(
+                "  {:>5.1}s  {phase:<10} {}",
+                started.elapsed().as_secs_f64(),
+                status.message.unwrap_or_default()
+            );
+            last = Some(now);
+        }
+        if status.phase.is_some_and(AppBuildPhase::is_final) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    println!("  still running after {limit:?}: kubectl describe appbuild -n {namespace} {name}");
+    Ok(())
+}
 
 /// Prints what the agent made of the samples, as `kubectl get` would.
 pub async fn print_status(client: &Client) -> Result<(), Box<dyn std::error::Error>> {

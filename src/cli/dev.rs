@@ -130,7 +130,7 @@ async fn up(
     } else {
         let agent = super::demo::start_agent(&client, plane.kubeconfig(), plane.work_dir()).await?;
         super::demo::apply_samples(&client, std::path::Path::new(env!("CARGO_MANIFEST_DIR"))).await?;
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        super::demo::follow_build(&client, "my-project", "prebuilt-app-1", Duration::from_secs(90)).await?;
         super::demo::print_status(&client).await?;
         println!();
         println!("sample-app fails on purpose: it names a git Secret that does not exist. Create it and");
@@ -139,6 +139,8 @@ async fn up(
         println!("      --from-literal=username=demo --from-literal=password=token");
         println!("buildpack-app got a generated SSH deploy key; its public half is in its status:");
         println!("  kubectl -n my-project get app buildpack-app -o jsonpath='{{.status.sshPublicKey}}'");
+        println!("prebuilt-app runs on the simulated nodes, deployed by the k3s helm-controller and helm:");
+        println!("  kubectl -n my-project get deploy,pods,appbuilds");
         Some(agent)
     };
     println!();

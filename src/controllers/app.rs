@@ -141,14 +141,13 @@ async fn apply(app: &App, ctx: &Context) -> Result<Action> {
         None => "public repository: no clone credentials needed".to_string(),
     };
     conditions.set("CredentialsReady", true, "Ready", &message);
-    conditions.set("Ready", true, "Reconciled", "ready to build");
-    let deployed = app.status.as_ref().is_some_and(|s| s.current_image.is_some());
-    let phase = if deployed {
-        AppPhase::Deployed
-    } else {
-        AppPhase::Ready
+    let running = app.status.as_ref().and_then(|s| s.current_image.clone());
+    let (phase, summary) = match &running {
+        Some(image) => (AppPhase::Deployed, format!("running {image}")),
+        None => (AppPhase::Ready, "ready to build".to_string()),
     };
-    write_status(ctx, app, phase, "ready to build", Some(credentials), conditions).await?;
+    conditions.set("Ready", true, "Reconciled", &summary);
+    write_status(ctx, app, phase, &summary, Some(credentials), conditions).await?;
     Ok(Action::requeue(ctx.config.resync))
 }
 
