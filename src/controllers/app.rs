@@ -45,11 +45,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
     controller
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(err) = result {
-                tracing::debug!(%err, "app reconcile ended with an error");
-            }
-        })
+        .for_each(super::log_reconcile_end)
         .await;
 }
 

@@ -119,3 +119,11 @@ where
         }
     });
 }
+
+/// What a controller's result stream ends each reconcile with. Failures were already counted,
+/// logged and scheduled by the error policy; this only keeps a trace at debug level.
+pub(crate) async fn log_reconcile_end<T, E: std::fmt::Display>(result: Result<T, E>) {
+    if let Err(err) = result {
+        tracing::debug!(%err, "reconcile ended with an error");
+    }
+}

@@ -117,11 +117,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
     controller
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, state)
-        .for_each(|result| async move {
-            if let Err(err) = result {
-                tracing::debug!(%err, "project reconcile ended with an error");
-            }
-        })
+        .for_each(super::log_reconcile_end)
         .await;
 }
 
