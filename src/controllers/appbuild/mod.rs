@@ -292,12 +292,6 @@ impl Pipeline<'_> {
                 )))),
             };
         };
-        if let Some(image) = self.reusable_image(app, &commit) {
-            let mut status = self.deploying(image.clone(), None);
-            status.message = Some(format!("commit {commit} was already built: reusing {image}"));
-            status.reason = Some("ImageReused".into());
-            return Ok(Step::Status(Box::new(status)));
-        }
         let registry = jobs::registry_secret(
             app,
             self.ctx
@@ -369,11 +363,6 @@ impl Pipeline<'_> {
             .get_metadata_opt(&self.build.name_any())
             .await?;
         Ok(fresh.is_none_or(|f| f.metadata.resource_version != self.build.metadata.resource_version))
-    }
-
-    /// Another Completed build of this App from the same commit and inputs.
-    fn reusable_image(&self, _app: &App, _commit: &str) -> Option<String> {
-        None
     }
 
     /// Creates the Job if needed and reads where it is.
