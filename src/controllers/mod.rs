@@ -127,3 +127,19 @@ pub(crate) async fn log_reconcile_end<T, E: std::fmt::Display>(result: Result<T,
         tracing::debug!(%err, "reconcile ended with an error");
     }
 }
+
+/// Deletes an object that may already be gone. Returns whether this call deleted it.
+pub(crate) async fn delete_if_present<K>(
+    api: &kube::Api<K>,
+    name: &str,
+    params: &kube::api::DeleteParams,
+) -> Result<bool>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, params).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(false),
+        Err(err) => Err(err.into()),
+    }
+}

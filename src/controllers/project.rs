@@ -21,6 +21,7 @@ use serde_json::json;
 
 use super::{
     ConditionSet, Context, Error, FIELD_MANAGER, MANAGED_BY, MANAGED_BY_LABEL, PROJECT_LABEL, Result,
+    delete_if_present,
 };
 use crate::api::{Project, ProjectPhase, ProjectStatus};
 
@@ -230,7 +231,7 @@ async fn apply(project: &Project, state: &State) -> Result<Action> {
             .get(&ObjectRef::new(QUOTA_NAME).within(&name))
             .is_some() =>
         {
-            delete_if_present(&quotas, QUOTA_NAME).await?
+            delete_if_present(&quotas, QUOTA_NAME, &DeleteParams::default()).await?;
         }
         None => {}
     }
@@ -246,7 +247,7 @@ async fn apply(project: &Project, state: &State) -> Result<Action> {
             .get(&ObjectRef::new(LIMIT_RANGE_NAME).within(&name))
             .is_some() =>
         {
-            delete_if_present(&limits, LIMIT_RANGE_NAME).await?
+            delete_if_present(&limits, LIMIT_RANGE_NAME, &DeleteParams::default()).await?;
         }
         None => {}
     }
@@ -372,10 +373,8 @@ async fn cleanup(project: &Project, ctx: &Context) -> Result<Action> {
     }
     if namespace.metadata.deletion_timestamp.is_none() {
         delete_helm_charts(ctx, &name).await;
-        match namespaces.delete(&name, &DeleteParams::background()).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(status)) if status.code == 404 => return Ok(Action::await_change()),
-            Err(err) => return Err(err.into()),
+        if !delete_if_present(&namespaces, &name, &DeleteParams::background()).await? {
+            return Ok(Action::await_change());
         }
     }
     // The namespace watch wakes us when it is gone; the error only schedules a fallback retry.
@@ -456,17 +455,6 @@ async fn write_status(
         )
         .await?;
     Ok(())
-}
-
-async fn delete_if_present<K>(api: &Api<K>, name: &str) -> Result<()>
-where
-    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    match api.delete(name, &DeleteParams::default()).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
-        Err(err) => Err(err.into()),
-    }
 }
 
 /// The controller owner reference children of a Project carry.

@@ -208,13 +208,9 @@ async fn remove_bindings(ctx: &Context, team: &str, keep: &BTreeSet<String>) -> 
         if keep.contains(&namespace) {
             continue;
         }
-        match Api::<RoleBinding>::namespaced(ctx.client.clone(), &namespace)
-            .delete(&binding.name_any(), &DeleteParams::default())
-            .await
-        {
-            Ok(_) => removed += 1,
-            Err(kube::Error::Api(status)) if status.code == 404 => {}
-            Err(err) => return Err(err.into()),
+        let api = Api::<RoleBinding>::namespaced(ctx.client.clone(), &namespace);
+        if super::delete_if_present(&api, &binding.name_any(), &DeleteParams::default()).await? {
+            removed += 1;
         }
     }
     Ok(removed)

@@ -176,17 +176,7 @@ impl AgentProcess {
 
     /// Peak resident memory (VmHWM) so far, in KiB.
     pub fn peak_rss_kib(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("VmHWM:"))?
-                    .split_whitespace()
-                    .nth(1)?
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or(0)
+        super::process::peak_rss_kib(self.pid()).unwrap_or(0)
     }
 
     /// The agent's log so far.

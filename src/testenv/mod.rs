@@ -350,12 +350,7 @@ impl ControlPlane {
     pub fn peak_rss_kib(&self) -> Vec<(String, u64)> {
         self.pids()
             .into_iter()
-            .filter_map(|(name, pid)| {
-                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-                let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-                let kib = line.split_whitespace().nth(1)?.parse().ok()?;
-                Some((name, kib))
-            })
+            .filter_map(|(name, pid)| Some((name, process::peak_rss_kib(pid)?)))
             .collect()
     }
 

@@ -139,3 +139,15 @@ pub fn free_port() -> Result<u16> {
 pub fn port_conflict(log_tail: &str) -> bool {
     log_tail.contains("address already in use")
 }
+
+/// Peak resident memory (VmHWM) of a process so far, in KiB; `None` once it is gone.
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}

@@ -613,9 +613,7 @@ impl Pipeline<'_> {
     }
 
     async fn delete_job(&self, jobs: &Api<Job>, name: &str) {
-        if let Err(err) = jobs.delete(name, &DeleteParams::background()).await
-            && !matches!(&err, kube::Error::Api(s) if s.code == 404)
-        {
+        if let Err(err) = super::delete_if_present(jobs, name, &DeleteParams::background()).await {
             tracing::warn!(job = name, %err, "could not delete a finished build Job; its TTL will");
         }
     }
