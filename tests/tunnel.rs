@@ -571,3 +571,330 @@ async fn commands_become_resources_status_comes_back_and_nothing_is_lost_across_
     .await;
     hub.stop().await;
 }
+
+// ---- build logs ----
+
+fn manifest(kind: &str, namespace: &str, name: &str, spec: serde_json::Value) -> String {
+    serde_json::json!({
+        "apiVersion": "apps.shapeblock.io/v1alpha1",
+        "kind": kind,
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    })
+    .to_string()
+}
+
+async fn build_pod(client: &Client, namespace: &str, job: &str) -> String {
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), namespace);
+    eventually(TIMEOUT, &format!("the pod of Job {job}"), || async {
+        let list = pods
+            .list(&kube::api::ListParams::default().labels(&format!("job-name={job}")))
+            .await
+            .ok()?;
+        list.items.first().map(|p| p.name_any())
+    })
+    .await
+    .0
+}
+
+async fn hub_log(hub: &Hub, cluster: &str, stream: &str) -> (Vec<u8>, bool, bool) {
+    hub.store().log(cluster, stream).unwrap()
+}
+
+/// A build's logs go to the hub through a hub restart and an agent restart (killed) while
+/// the build runs and writes: every byte exactly once, in order, credentials scrubbed; its
+/// Jobs are kept until the hub has the logs, then deleted. A cancelled build's log ends with
+/// an explicit truncation marker.
+#[tokio::test]
+async fn build_logs_reach_the_hub_once_through_restarts_and_jobs_wait_for_them() {
+    use shapeblock_agent::api::{AppBuild, AppBuildPhase};
+    use shapeblock_agent::testenv::{ContainerRef, PodOutcome, PodSelector, logs, set_pod_outcome};
+    let env = env().await;
+    let data = tempfile::tempdir().unwrap();
+    let mut hub = hub(data.path()).await;
+    let cluster = unique_name("c");
+    let token = hub.create_token(&cluster, Duration::from_secs(300)).unwrap();
+    let (url, pin) = (hub.url(), hub.ca_hash());
+    let mut agent = env.agent(&url, &token, &pin).await;
+
+    let ns = unique_name("logs");
+    hub.apply(&cluster, &project(&ns)).unwrap();
+    let projects: Api<Project> = Api::all(env.client.clone());
+    eventually(TIMEOUT, "the Project Ready", || async {
+        let p = projects.get_opt(&ns).await.ok()??;
+        (p.status?.phase? == shapeblock_agent::api::ProjectPhase::Ready).then_some(())
+    })
+    .await;
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    set_pod_outcome(
+        &env.client,
+        &PodSelector::container(&ns, "resolve"),
+        &PodOutcome::Succeed {
+            after: Duration::from_millis(300),
+            message: Some(commit.into()),
+        },
+    )
+    .await
+    .unwrap();
+    // Long enough for a hub restart and an agent restart while it writes.
+    set_pod_outcome(
+        &env.client,
+        &PodSelector::container(&ns, "build"),
+        &PodOutcome::Succeed {
+            after: Duration::from_secs(25),
+            message: Some(format!("sha256:{}", "ab".repeat(32))),
+        },
+    )
+    .await
+    .unwrap();
+    logs().script(&ns, "resolve", &["resolving main", "resolved to 0123456"]);
+    logs().script(
+        &ns,
+        "clone",
+        &[
+            "Cloning into '/workspace/source'...",
+            "fatal: retrying https://bob:hunter2hunter2@github.com/example/api.git",
+            "HEAD is now at 0123456",
+        ],
+    );
+    hub.apply(
+        &cluster,
+        &manifest(
+            "App",
+            &ns,
+            "api",
+            serde_json::json!({"registry": {"url": "registry.example.com"}, "build": {"type": "dockerfile"}, "git": {"url": "https://github.com/example/api.git"}}),
+        ),
+    )
+    .unwrap();
+    hub.apply(
+        &cluster,
+        &manifest("AppBuild", &ns, "api-1", serde_json::json!({"appName": "api"})),
+    )
+    .unwrap();
+
+    // The build container writes ~1.5 MiB in lines while the test restarts things.
+    let pod = build_pod(&env.client, &ns, "api-1-build").await;
+    let log = ContainerRef::new(&ns, &pod, "build");
+    let writer = {
+        let log = log.clone();
+        let client = env.client.clone();
+        let namespace = ns.clone();
+        let pod = pod.clone();
+        tokio::spawn(async move {
+            let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client, &namespace);
+            let mut expected = String::new();
+            for i in 0.. {
+                let terminated = pods.get(&pod).await.ok().and_then(|p| {
+                    let statuses = p.status?.container_statuses?;
+                    statuses
+                        .iter()
+                        .find(|s| s.name == "build")?
+                        .state
+                        .as_ref()?
+                        .terminated
+                        .as_ref()?;
+                    Some(())
+                });
+                if terminated.is_some() {
+                    break;
+                }
+                for j in 0..50 {
+                    let line = format!("step {i}.{j}: {}", "x".repeat(100));
+                    logs().append(&log, &line);
+                    expected.push_str(&line);
+                    expected.push('\n');
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            expected
+        })
+    };
+
+    // Hub restart while the log streams.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let addr = hub.address();
+    hub.stop().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    hub = hub_at(data.path(), addr).await;
+    // Agent killed while the log streams, then started again with its stored identity.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    agent.kill();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    agent = env.agent(&url, "sbt_spent", &pin).await;
+
+    let expected = writer.await.unwrap();
+    assert!(
+        expected.len() > 1 << 20,
+        "the writer wrote {} bytes",
+        expected.len()
+    );
+    let stream = |c: &str| format!("{ns}/api-1/{c}");
+    let (bytes, truncated, _) = eventually(
+        Duration::from_secs(90),
+        "the whole build log at the hub",
+        || async {
+            let (bytes, truncated, eof) = hub_log(&hub, &cluster, &stream("build")).await;
+            (eof || truncated).then_some((bytes, truncated, eof))
+        },
+    )
+    .await
+    .0;
+    assert!(!truncated);
+    assert_eq!(bytes.len(), expected.len(), "no byte lost or duplicated");
+    assert!(
+        bytes == expected.as_bytes(),
+        "the hub's log is the container's log, in order"
+    );
+    let (resolve, _, eof) = hub_log(&hub, &cluster, &stream("resolve")).await;
+    assert!(eof);
+    assert_eq!(resolve, b"resolving main\nresolved to 0123456\n");
+    let (clone, _, eof) = eventually(TIMEOUT, "the clone log's end", || async {
+        let log = hub_log(&hub, &cluster, &stream("clone")).await;
+        log.2.then_some(log)
+    })
+    .await
+    .0;
+    assert!(eof);
+    let clone = String::from_utf8(clone).unwrap();
+    assert!(!clone.contains("hunter2"), "credentials scrubbed: {clone}");
+    assert!(
+        clone.contains("https://***@github.com/example/api.git"),
+        "{clone}"
+    );
+
+    // Delivery is recorded on the AppBuild, and only then are its Jobs deleted.
+    let builds: Api<AppBuild> = Api::namespaced(env.client.clone(), &ns);
+    let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(env.client.clone(), &ns);
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let logs = builds.get("api-1").await.unwrap().status.unwrap_or_default().logs;
+        let complete = logs.len() == 3 && logs.iter().all(|l| l.complete && !l.truncated);
+        let left: Vec<String> = jobs
+            .list(&kube::api::ListParams::default().labels("apps.shapeblock.io/build=api-1"))
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|j| j.metadata.deletion_timestamp.is_none())
+            .map(|j| j.name_any())
+            .collect();
+        if complete && left.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "status.logs complete and the Jobs gone: logs {logs:?}, Jobs left {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let recorded = builds.get("api-1").await.unwrap().status.unwrap().logs;
+    let build_bytes = recorded.iter().find(|l| l.container == "build").unwrap().bytes;
+    assert_eq!(build_bytes, expected.len() as u64);
+
+    // A cancelled build: what it wrote arrives, then a truncation marker (its pod is gone).
+    set_pod_outcome(
+        &env.client,
+        &PodSelector::container(&ns, "build"),
+        &PodOutcome::Hang,
+    )
+    .await
+    .unwrap();
+    hub.apply(
+        &cluster,
+        &manifest("AppBuild", &ns, "api-2", serde_json::json!({"appName": "api"})),
+    )
+    .unwrap();
+    let pod = build_pod(&env.client, &ns, "api-2-build").await;
+    let log = ContainerRef::new(&ns, &pod, "build");
+    eventually(TIMEOUT, "the build container running", || async {
+        let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(env.client.clone(), &ns);
+        let p = pods.get(&pod).await.ok()?;
+        let s = p.status?.container_statuses?;
+        s.iter()
+            .find(|s| s.name == "build")?
+            .state
+            .as_ref()?
+            .running
+            .as_ref()?;
+        Some(())
+    })
+    .await;
+    logs().append(&log, "building layer 1");
+    eventually(TIMEOUT, "the first line at the hub", || async {
+        (hub_log(&hub, &cluster, &format!("{ns}/api-2/build")).await.0 == b"building layer 1\n").then_some(())
+    })
+    .await;
+    hub.cancel(&cluster, &ns, "api-2").unwrap();
+    let (bytes, _, eof) = eventually(TIMEOUT, "the cancelled build's log to end", || async {
+        let log = hub_log(&hub, &cluster, &format!("{ns}/api-2/build")).await;
+        (log.1 || log.2).then_some(log)
+    })
+    .await
+    .0;
+    // Its pod stopped and its log was read to that point: complete, not truncated.
+    assert!(eof && bytes == b"building layer 1\n");
+    let cancelled = builds.get("api-2").await.unwrap();
+    assert_eq!(cancelled.status.unwrap().phase, Some(AppBuildPhase::Cancelled));
+
+    // A build pod deleted while the agent is down: its log is marked truncated where
+    // delivery stopped, once the agent is back.
+    hub.apply(
+        &cluster,
+        &manifest("AppBuild", &ns, "api-3", serde_json::json!({"appName": "api"})),
+    )
+    .unwrap();
+    let pod = build_pod(&env.client, &ns, "api-3-build").await;
+    let log = ContainerRef::new(&ns, &pod, "build");
+    let stream3 = format!("{ns}/api-3/build");
+    eventually(TIMEOUT, "the build container running", || async {
+        let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(env.client.clone(), &ns);
+        let p = pods.get(&pod).await.ok()?;
+        let s = p.status?.container_statuses?;
+        s.iter()
+            .find(|s| s.name == "build")?
+            .state
+            .as_ref()?
+            .running
+            .as_ref()?;
+        Some(())
+    })
+    .await;
+    logs().append(&log, "step 1 of 9");
+    eventually(TIMEOUT, "its delivery recorded on the AppBuild", || async {
+        let logs = builds.get("api-3").await.ok()?.status?.logs;
+        logs.iter()
+            .any(|l| l.container == "build" && l.bytes > 0)
+            .then_some(())
+    })
+    .await;
+    agent.kill();
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(env.client.clone(), &ns);
+    pods.delete(
+        &pod,
+        &kube::api::DeleteParams {
+            grace_period_seconds: Some(0),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    eventually(TIMEOUT, "the pod gone", || async {
+        pods.get_opt(&pod).await.ok()?.is_none().then_some(())
+    })
+    .await;
+    let agent = env.agent(&url, "sbt_spent", &pin).await;
+    let (bytes, truncated, eof) = eventually(TIMEOUT, "the truncation marker", || async {
+        let log = hub_log(&hub, &cluster, &stream3).await;
+        (log.1 || log.2).then_some(log)
+    })
+    .await
+    .0;
+    assert!(truncated && !eof, "marked truncated, not ended");
+    assert_eq!(bytes, b"step 1 of 9\n", "what was delivered stays");
+
+    agent
+        .terminate(Duration::from_secs(15))
+        .expect("agent stops on SIGTERM");
+    hub.stop().await;
+}

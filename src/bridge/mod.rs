@@ -3,6 +3,8 @@
 //! hub. It knows the proto and the CRD types; never sockets or TLS (that is the tunnel's).
 
 pub mod identity;
+pub mod logs;
+pub mod scrub;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -19,7 +21,7 @@ use tokio::sync::watch;
 use crate::api::{App, AppBuild, BackingService, GROUP, Project, Team};
 use crate::proto::object_key;
 use crate::proto::v1::server_message::Body as Down;
-use crate::proto::v1::{CommandResult, Inventory, ObjectRef, PhaseChange};
+use crate::proto::v1::{CommandResult, Inventory, LogChunk, ObjectRef, PhaseChange};
 use crate::tunnel::{Host, PhaseQueue};
 
 /// The field manager of the desired state the hub sends (the same as the controllers': one
@@ -52,6 +54,7 @@ pub struct KubeHost {
     queue: PhaseQueue,
     current: Mutex<HashMap<String, PhaseChange>>,
     synced: watch::Sender<usize>,
+    logs: Arc<logs::LogRelay>,
 }
 
 fn failed(message: impl Into<String>, object: Option<ObjectRef>) -> CommandResult {
@@ -79,6 +82,7 @@ impl KubeHost {
     ) -> Arc<Self> {
         let (synced, _) = watch::channel(0);
         let host = Arc::new(Self {
+            logs: logs::LogRelay::start(client.clone(), shutdown.clone()),
             client,
             queue: PhaseQueue::default(),
             current: Mutex::default(),
@@ -487,6 +491,14 @@ impl Host for KubeHost {
 
     fn changes(&self) -> &PhaseQueue {
         &self.queue
+    }
+
+    async fn next_log(&self) -> LogChunk {
+        self.logs.next().await
+    }
+
+    fn log_delivered(&self, chunk: &LogChunk) {
+        self.logs.delivered(chunk);
     }
 }
 

@@ -25,8 +25,8 @@ use crate::proto::v1::agent_message::Body as Up;
 use crate::proto::v1::agent_tunnel_server::{AgentTunnel, AgentTunnelServer};
 use crate::proto::v1::server_message::Body as Down;
 use crate::proto::v1::{
-    Ack, AgentMessage, Apply, Delete, EnrollRequest, EnrollResponse, Heartbeat, HelloAck, ObjectRef,
-    PhaseChange, RenewRequest, ServerMessage,
+    Ack, AgentMessage, Apply, CancelBuild, Delete, EnrollRequest, EnrollResponse, Heartbeat, HelloAck,
+    ObjectRef, PhaseChange, RenewRequest, ServerMessage,
 };
 use crate::proto::{self, MAX_MESSAGE_BYTES, ca_hash, hex, now_unix, object_key};
 use store::{ObjectStatus, Store, write};
@@ -164,6 +164,15 @@ pub fn delete_command(object: ObjectRef) -> Vec<u8> {
     Down::Delete(Delete { object: Some(object) }).encode_body()
 }
 
+/// The command that cancels a running build.
+pub fn cancel_command(namespace: &str, build: &str) -> Vec<u8> {
+    Down::CancelBuild(CancelBuild {
+        namespace: namespace.into(),
+        build: build.into(),
+    })
+    .encode_body()
+}
+
 trait EncodeBody {
     fn encode_body(self) -> Vec<u8>;
 }
@@ -262,6 +271,10 @@ impl Hub {
 
     pub fn delete(&self, cluster: &str, object: ObjectRef) -> Result<u64, HubError> {
         self.queue(cluster, delete_command(object))
+    }
+
+    pub fn cancel(&self, cluster: &str, namespace: &str, build: &str) -> Result<u64, HubError> {
+        self.queue(cluster, cancel_command(namespace, build))
     }
 
     /// Queues any encoded `ServerMessage` (tests use it for hostile input).
@@ -560,7 +573,12 @@ fn handle(
         _ => {}
     }
     let store = &inner.store;
-    let known = store.objects(cluster).map_err(internal)?;
+    // What the hub knows of the cluster's objects, for phase changes and snapshots only: a
+    // log chunk must not cost a read of every object.
+    let known = match &body {
+        Up::Phase(_) | Up::Snapshot(_) => store.objects(cluster).map_err(internal)?,
+        _ => Vec::new(),
+    };
     let recorded = store
         .record(cluster, epoch, seq, |tx| {
             match &body {
