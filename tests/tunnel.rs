@@ -898,3 +898,216 @@ async fn build_logs_reach_the_hub_once_through_restarts_and_jobs_wait_for_them()
         .expect("agent stops on SIGTERM");
     hub.stop().await;
 }
+
+// ---- liveness, renewal, hand-over, hostile input, backpressure ----
+
+async fn ready_at_hub(hub: &Hub, cluster: &str, name: &str) {
+    let key = format!("Project//{name}");
+    eventually(TIMEOUT, &format!("the hub sees {name} Ready"), || async {
+        (phase_at_hub(hub, cluster, &key).await.as_deref() == Some("Ready")).then_some(())
+    })
+    .await;
+}
+
+async fn identity_certificate(client: &Client) -> String {
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), AGENT_NS);
+    let secret = secrets.get("shapeblock-agent-identity").await.unwrap();
+    let data = secret.data.unwrap_or_default();
+    String::from_utf8(data["tls.crt"].0.clone()).unwrap()
+}
+
+/// A connection that stops carrying bytes without closing is noticed by heartbeats on both
+/// sides and replaced; a certificate with a short lifetime is renewed over the channel and
+/// used without restarting the agent, past the first certificate's expiry.
+#[tokio::test]
+async fn a_silent_cut_is_noticed_and_certificates_renew_without_a_restart() {
+    use shapeblock_agent::testenv::proxy::Proxy;
+    let env = env().await;
+    let data = tempfile::tempdir().unwrap();
+    provider();
+    let mut config = HubConfig::new(data.path().to_path_buf());
+    config.heartbeat = Duration::from_secs(2);
+    config.cert_lifetime = Duration::from_secs(30);
+    let hub = Hub::start(config).await.unwrap();
+    let proxy = Proxy::start(hub.address()).await.unwrap();
+    let cluster = unique_name("c");
+    let token = hub.create_token(&cluster, Duration::from_secs(300)).unwrap();
+    let agent = env.agent(&proxy.url(), &token, &hub.ca_hash()).await;
+    let enrolled = std::time::Instant::now();
+
+    let p1 = unique_name("cut");
+    hub.apply(&cluster, &project(&p1)).unwrap();
+    ready_at_hub(&hub, &cluster, &p1).await;
+    let first_certificate = identity_certificate(&env.client).await;
+    let epoch = hub.session_epoch(&cluster).expect("connected");
+
+    proxy.cut_silently();
+    let (_, noticed) = eventually(Duration::from_secs(30), "a new session after the cut", || async {
+        hub.session_epoch(&cluster).filter(|e| *e > epoch)
+    })
+    .await;
+    println!("silent cut replaced by a new session after {noticed:?}");
+    // 3 heartbeat intervals of 2 s, plus the reconnect backoff.
+    assert!(noticed < Duration::from_secs(20), "{noticed:?}");
+    let p2 = unique_name("cut");
+    hub.apply(&cluster, &project(&p2)).unwrap();
+    ready_at_hub(&hub, &cluster, &p2).await;
+
+    // Renewed at about 2/3 of 30 s, saved, and used by the same process.
+    eventually(
+        Duration::from_secs(40),
+        "a renewed certificate in the identity Secret",
+        || async { (identity_certificate(&env.client).await != first_certificate).then_some(()) },
+    )
+    .await;
+    let expired = Duration::from_secs(32).saturating_sub(enrolled.elapsed());
+    tokio::time::sleep(expired).await;
+    let p3 = unique_name("renewed");
+    hub.apply(&cluster, &project(&p3)).unwrap();
+    ready_at_hub(&hub, &cluster, &p3).await;
+    assert!(agent.log_tail(400).contains("client certificate renewed"));
+    agent
+        .terminate(Duration::from_secs(15))
+        .expect("the same agent process throughout");
+    hub.stop().await;
+}
+
+/// Two agents of one cluster connecting in turn (a leader hand-over): the newer session
+/// closes the older, and nothing is recorded twice.
+#[tokio::test]
+async fn a_second_agent_of_the_cluster_takes_over_without_duplicates() {
+    let env = env().await;
+    let data = tempfile::tempdir().unwrap();
+    let hub = hub(data.path()).await;
+    let cluster = unique_name("c");
+    let token = hub.create_token(&cluster, Duration::from_secs(300)).unwrap();
+    let (url, pin) = (hub.url(), hub.ca_hash());
+    let first = env.agent(&url, &token, &pin).await;
+    let p1 = unique_name("turn");
+    hub.apply(&cluster, &project(&p1)).unwrap();
+    ready_at_hub(&hub, &cluster, &p1).await;
+    let epoch = hub.session_epoch(&cluster).unwrap();
+
+    // The second shares the identity Secret (same cluster); its session supersedes.
+    let second = env.agent(&url, "sbt_spent", &pin).await;
+    eventually(TIMEOUT, "the second agent's session", || async {
+        hub.session_epoch(&cluster).filter(|e| *e > epoch)
+    })
+    .await;
+    first.kill();
+    let p2 = unique_name("turn");
+    hub.apply(&cluster, &project(&p2)).unwrap();
+    ready_at_hub(&hub, &cluster, &p2).await;
+
+    let commands = hub.store().commands(&cluster).unwrap();
+    assert!(commands.iter().all(|c| c.done));
+    let events = hub.store().events(&cluster).unwrap();
+    assert_eq!(
+        events.iter().filter(|e| e.1 == "result").count(),
+        commands.len(),
+        "one result per command: {events:#?}"
+    );
+    for p in [&p1, &p2] {
+        let ready = events
+            .iter()
+            .filter(|e| {
+                (e.1 == "phase" && e.2 == format!("Project//{p}") && e.3 == "Ready")
+                    || (e.1 == "snapshot" && e.3.contains(&format!("Project//{p}=Ready")))
+            })
+            .count();
+        assert_eq!(ready, 1, "{p} Ready once: {events:#?}");
+    }
+    second.terminate(Duration::from_secs(15)).expect("stops");
+    hub.stop().await;
+}
+
+/// Malformed and oversized messages end the offending session with a reason; the hub keeps
+/// serving; a manifest too large to ever deliver is refused when queued.
+#[tokio::test]
+async fn hostile_messages_are_refused_and_the_hub_keeps_serving() {
+    use shapeblock_agent::proto::v1::LogChunk;
+    let dir = tempfile::tempdir().unwrap();
+    let hub = hub(dir.path()).await;
+    let a = enroll_new(&hub, "hostile").await;
+    let session = || async {
+        open(channel(&hub.url(), &a.ca_pem, Some(&a)).await)
+            .await
+            .unwrap()
+    };
+    let ends_with = |mut down: tonic::Streaming<ServerMessage>| async move {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match down.message().await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => return None,
+                    Err(status) => return Some(status),
+                }
+            }
+        })
+        .await
+        .expect("the session ends")
+    };
+
+    let cases: Vec<(&str, AgentMessage, tonic::Code)> = vec![
+        (
+            "no body",
+            AgentMessage { seq: 1, body: None },
+            tonic::Code::InvalidArgument,
+        ),
+        (
+            "a sequenced message numbered 0",
+            AgentMessage {
+                seq: 0,
+                body: Some(Up::Log(LogChunk::default())),
+            },
+            tonic::Code::InvalidArgument,
+        ),
+        ("a second hello", hello(), tonic::Code::InvalidArgument),
+        (
+            "a log chunk leaving a gap",
+            AgentMessage {
+                seq: 1,
+                body: Some(Up::Log(LogChunk {
+                    build: "b".into(),
+                    namespace: "n".into(),
+                    container: "c".into(),
+                    offset: 1000,
+                    data: b"x".to_vec(),
+                    ..Default::default()
+                })),
+            },
+            tonic::Code::InvalidArgument,
+        ),
+        (
+            "5 MiB in one message",
+            AgentMessage {
+                seq: 1,
+                body: Some(Up::Log(LogChunk {
+                    data: vec![b'x'; 5 << 20],
+                    ..Default::default()
+                })),
+            },
+            tonic::Code::OutOfRange,
+        ),
+    ];
+    for (what, message, code) in cases {
+        let (up, down) = session().await;
+        up.send(message).await.unwrap();
+        let status = ends_with(down)
+            .await
+            .unwrap_or_else(|| panic!("{what}: closed without a status"));
+        assert_eq!(status.code(), code, "{what}: {status:?}");
+        println!("{what}: {:?} {}", status.code(), status.message());
+    }
+    // Still serving, with nothing recorded from those sessions.
+    let (_up, mut down) = session().await;
+    let Some(Down::HelloAck(ack)) = down.message().await.unwrap().unwrap().body else {
+        panic!("hello ack");
+    };
+    assert_eq!(ack.last_agent_seq, 0, "nothing hostile was recorded");
+    assert!(hub.store().log("hostile", "n/b/c").unwrap().0.is_empty());
+    let huge = format!("{}\n# {}", project("huge"), "x".repeat(3 << 20));
+    let refused = hub.apply("hostile", &huge).unwrap_err();
+    assert!(refused.to_string().contains("limit"), "{refused}");
+    hub.stop().await;
+}

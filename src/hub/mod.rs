@@ -146,6 +146,14 @@ pub fn create_token(store: &Store, cluster: &str, ttl: Duration) -> Result<Strin
 /// Parses a manifest of a ShapeBlock kind into the command that applies it; refuses what the
 /// agent would refuse anyway, so mistakes show at the hub's CLI.
 pub fn apply_command(manifest: &str) -> Result<Vec<u8>, HubError> {
+    // The agent refuses messages above the limit; one queued would be resent forever.
+    if manifest.len() > MAX_MESSAGE_BYTES / 2 {
+        return Err(HubError::Invalid(format!(
+            "manifest is {} bytes; the limit is {}",
+            manifest.len(),
+            MAX_MESSAGE_BYTES / 2
+        )));
+    }
     let value: serde_json::Value = serde_yaml::from_str(manifest)
         .map_err(|e| HubError::Invalid(format!("manifest is not YAML or JSON: {e}")))?;
     for field in ["apiVersion", "kind"] {
