@@ -1111,3 +1111,165 @@ async fn hostile_messages_are_refused_and_the_hub_keeps_serving() {
     assert!(refused.to_string().contains("limit"), "{refused}");
     hub.stop().await;
 }
+
+/// `Sync` converges the cluster to the hub's desired state: applies what is listed, and with
+/// `prune` deletes what the agent manages and is not listed — never what it does not manage,
+/// and nothing at all when a listed manifest fails.
+#[tokio::test]
+async fn sync_applies_the_desired_state_and_prunes_only_managed_resources() {
+    let env = env().await;
+    let data = tempfile::tempdir().unwrap();
+    let hub = hub(data.path()).await;
+    let cluster = unique_name("c");
+    let token = hub.create_token(&cluster, Duration::from_secs(300)).unwrap();
+    let agent = env.agent(&hub.url(), &token, &hub.ca_hash()).await;
+    let projects: Api<Project> = Api::all(env.client.clone());
+    let [keep, drop, add, unmanaged] = ["keep", "drop", "add", "own"].map(unique_name);
+    for p in [&keep, &drop] {
+        hub.apply(&cluster, &project(p)).unwrap();
+        ready_at_hub(&hub, &cluster, p).await;
+    }
+    let mine: Project = serde_yaml::from_str(&project(&unmanaged)).unwrap();
+    projects.create(&Default::default(), &mine).await.unwrap();
+
+    // A failing manifest in the set: applied what it could, pruned nothing.
+    let broken = project("Not_Valid");
+    let seq = hub
+        .sync(&cluster, &[project(&keep), project(&add), broken], true)
+        .unwrap();
+    let (ok, message) = eventually(TIMEOUT, "the first sync's result", || {
+        result_of(&hub, &cluster, seq)
+    })
+    .await
+    .0;
+    assert!(!ok && message.contains("nothing was pruned"), "{message}");
+    assert!(projects.get_opt(&drop).await.unwrap().is_some());
+
+    let seq = hub
+        .sync(&cluster, &[project(&keep), project(&add)], true)
+        .unwrap();
+    let (ok, message) = eventually(TIMEOUT, "the sync's result", || result_of(&hub, &cluster, seq))
+        .await
+        .0;
+    assert!(ok, "{message}");
+    ready_at_hub(&hub, &cluster, &add).await;
+    eventually(TIMEOUT, "the unlisted managed Project deleted", || async {
+        let p = projects.get_opt(&drop).await.ok()?;
+        p.is_none_or(|p| p.metadata.deletion_timestamp.is_some())
+            .then_some(())
+    })
+    .await;
+    assert!(projects.get_opt(&keep).await.unwrap().is_some());
+    assert!(
+        projects
+            .get_opt(&unmanaged)
+            .await
+            .unwrap()
+            .is_some_and(|p| p.metadata.deletion_timestamp.is_none()),
+        "a Project the agent does not manage is never pruned"
+    );
+    let _ = projects.delete(&unmanaged, &Default::default()).await;
+    agent.terminate(Duration::from_secs(15)).expect("stops");
+    hub.stop().await;
+}
+
+/// A hub that reads at most 10 MB/s and 200 MiB of build log: every byte arrives once and in
+/// order, and the agent's memory stays bounded (it reads the log only as fast as the hub
+/// takes it).
+#[tokio::test]
+async fn a_slow_hub_gets_every_byte_of_a_large_log_and_the_agent_stays_small() {
+    use shapeblock_agent::testenv::proxy::Proxy;
+    use shapeblock_agent::testenv::{PodOutcome, PodSelector, logs, set_pod_outcome};
+    const LOG_BYTES: usize = 200 << 20;
+    const LINE: usize = 1024;
+    let env = env().await;
+    let data = tempfile::tempdir().unwrap();
+    let hub = hub(data.path()).await;
+    let proxy = Proxy::start(hub.address()).await.unwrap();
+    proxy.limit_upstream(10_000_000);
+    let cluster = unique_name("c");
+    let token = hub.create_token(&cluster, Duration::from_secs(300)).unwrap();
+    let agent = env.agent(&proxy.url(), &token, &hub.ca_hash()).await;
+    let ns = unique_name("slow");
+    hub.apply(&cluster, &project(&ns)).unwrap();
+    ready_at_hub(&hub, &cluster, &ns).await;
+
+    // The build container's whole log, chosen before its pod exists.
+    let lines: Vec<String> = (0..LOG_BYTES / LINE)
+        .map(|i| format!("{i:>10} {}", "y".repeat(LINE - 12)))
+        .collect();
+    let expected_digest = {
+        let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+        for line in &lines {
+            context.update(line.as_bytes());
+            context.update(b"\n");
+        }
+        context.finish().as_ref().to_vec()
+    };
+    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+    logs().script(&ns, "build", &refs);
+    drop(refs);
+    drop(lines);
+    set_pod_outcome(
+        &env.client,
+        &PodSelector::container(&ns, "resolve"),
+        &PodOutcome::Succeed {
+            after: Duration::from_millis(300),
+            message: Some("0123456789abcdef0123456789abcdef01234567".into()),
+        },
+    )
+    .await
+    .unwrap();
+    set_pod_outcome(
+        &env.client,
+        &PodSelector::container(&ns, "build"),
+        &PodOutcome::Succeed {
+            after: Duration::from_secs(2),
+            message: Some(format!("sha256:{}", "cd".repeat(32))),
+        },
+    )
+    .await
+    .unwrap();
+    hub.apply(
+        &cluster,
+        &manifest(
+            "App",
+            &ns,
+            "big",
+            serde_json::json!({"registry": {"url": "registry.example.com"}, "build": {"type": "dockerfile"}, "git": {"url": "https://github.com/example/big.git"}}),
+        ),
+    )
+    .unwrap();
+    hub.apply(
+        &cluster,
+        &manifest("AppBuild", &ns, "big-1", serde_json::json!({"appName": "big"})),
+    )
+    .unwrap();
+    let stream = format!("{ns}/big-1/build");
+    let started = std::time::Instant::now();
+    eventually(
+        Duration::from_secs(240),
+        "the whole 200 MiB at the hub",
+        || async { hub_log(&hub, &cluster, &stream).await.2.then_some(()) },
+    )
+    .await;
+    let elapsed = started.elapsed();
+    let (bytes, truncated, _) = hub_log(&hub, &cluster, &stream).await;
+    assert!(!truncated);
+    assert_eq!(bytes.len(), LOG_BYTES / LINE * LINE, "no byte lost or duplicated");
+    assert_eq!(
+        ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref(),
+        expected_digest.as_slice(),
+        "in order"
+    );
+    let rss = agent.peak_rss_kib();
+    println!(
+        "200 MiB through a 10 MB/s hub in {elapsed:?} ({:.1} MB/s at the hub; proxy carried {} MB); agent peak RSS {:.1} MiB",
+        bytes.len() as f64 / elapsed.as_secs_f64() / 1e6,
+        proxy.upstream_bytes() / 1_000_000,
+        rss as f64 / 1024.0
+    );
+    assert!(rss < 64 * 1024, "agent peak RSS {rss} KiB");
+    agent.terminate(Duration::from_secs(15)).expect("stops");
+    hub.stop().await;
+}

@@ -319,6 +319,12 @@ impl KubeHost {
             }
         }
         let mut pruned = 0;
+        // A manifest that failed may name an object that exists: pruning now could delete a
+        // Project (and its namespace) because of a typo in its spec. Prune only a clean sync.
+        let prune = prune && failures.is_empty();
+        if !failures.is_empty() {
+            failures.push("nothing was pruned because some manifests failed".into());
+        }
         if prune {
             for (resource, namespaced) in kinds() {
                 let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &resource);

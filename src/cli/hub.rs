@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use serde::Deserialize;
 
 use crate::hub::{self, HubConfig};
 use crate::proto::v1::ObjectRef;
@@ -61,6 +62,16 @@ enum Command {
         namespace: String,
         #[arg(long)]
         name: String,
+    },
+    /// Queue the whole desired state: every manifest in the files (multi-document YAML), and
+    /// with --prune the deletion of managed resources not among them.
+    Sync {
+        #[arg(long)]
+        cluster: String,
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<PathBuf>,
+        #[arg(long)]
+        prune: bool,
     },
     /// Queue the cancellation of a running build.
     Cancel {
@@ -185,6 +196,30 @@ impl Cli {
                 });
                 let seq = store.add_command(&cluster, &body)?;
                 println!("queued command {seq} for {cluster}");
+            }
+            Command::Sync {
+                cluster,
+                files,
+                prune,
+            } => {
+                let mut manifests = Vec::new();
+                for file in &files {
+                    let text =
+                        std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+                    for document in serde_yaml::Deserializer::from_str(&text) {
+                        let value = serde_yaml::Value::deserialize(document)
+                            .map_err(|e| format!("{}: {e}", file.display()))?;
+                        if !value.is_null() {
+                            manifests.push(serde_yaml::to_string(&value)?);
+                        }
+                    }
+                }
+                let store = hub::open_store(&data)?;
+                let seq = store.add_command(&cluster, &hub::sync_command(&manifests, prune)?)?;
+                println!(
+                    "queued command {seq} for {cluster}: {} manifests, prune {prune}",
+                    manifests.len()
+                );
             }
             Command::Cancel {
                 cluster,

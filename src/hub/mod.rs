@@ -26,7 +26,7 @@ use crate::proto::v1::agent_tunnel_server::{AgentTunnel, AgentTunnelServer};
 use crate::proto::v1::server_message::Body as Down;
 use crate::proto::v1::{
     Ack, AgentMessage, Apply, CancelBuild, Delete, EnrollRequest, EnrollResponse, Heartbeat, HelloAck,
-    ObjectRef, PhaseChange, RenewRequest, ServerMessage,
+    ObjectRef, PhaseChange, RenewRequest, ServerMessage, Sync,
 };
 use crate::proto::{self, MAX_MESSAGE_BYTES, ca_hash, hex, now_unix, object_key};
 use store::{ObjectStatus, Store, write};
@@ -172,6 +172,27 @@ pub fn delete_command(object: ObjectRef) -> Vec<u8> {
     Down::Delete(Delete { object: Some(object) }).encode_body()
 }
 
+/// The command that converges the cluster to `manifests` (with `prune`, deleting the
+/// resources the agent manages that are not among them).
+pub fn sync_command(manifests: &[String], prune: bool) -> Result<Vec<u8>, HubError> {
+    for manifest in manifests {
+        apply_command(manifest)?;
+    }
+    let body = Down::Sync(Sync {
+        manifests: manifests.to_vec(),
+        prune,
+    })
+    .encode_body();
+    if body.len() > MAX_MESSAGE_BYTES / 2 {
+        return Err(HubError::Invalid(format!(
+            "the desired state is {} bytes in one message; the limit is {}",
+            body.len(),
+            MAX_MESSAGE_BYTES / 2
+        )));
+    }
+    Ok(body)
+}
+
 /// The command that cancels a running build.
 pub fn cancel_command(namespace: &str, build: &str) -> Vec<u8> {
     Down::CancelBuild(CancelBuild {
@@ -279,6 +300,10 @@ impl Hub {
 
     pub fn delete(&self, cluster: &str, object: ObjectRef) -> Result<u64, HubError> {
         self.queue(cluster, delete_command(object))
+    }
+
+    pub fn sync(&self, cluster: &str, manifests: &[String], prune: bool) -> Result<u64, HubError> {
+        self.queue(cluster, sync_command(manifests, prune)?)
     }
 
     pub fn cancel(&self, cluster: &str, namespace: &str, build: &str) -> Result<u64, HubError> {
