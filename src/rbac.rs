@@ -185,6 +185,13 @@ pub const AGENT_NAMESPACE_RULES: &[Rule] = &[
         why: "watch the source registry pull secret (by name) to copy it into every project",
     },
     Rule {
+        api_groups: &[""],
+        resources: &["configmaps"],
+        verbs: &["get"],
+        resource_names: &[],
+        why: "read the SSH known_hosts ConfigMap that generated deploy keys carry to their clones",
+    },
+    Rule {
         api_groups: &["helm.cattle.io"],
         resources: &["helmcharts"],
         verbs: &["get", "list", "watch", "create", "patch", "delete"],

@@ -304,9 +304,48 @@ async fn a_private_ssh_app_gets_a_deploy_key_that_survives_restarts() {
         ),
     )
     .await;
+    // No host keys known yet: the key is generated (so it can be added to the repository),
+    // but the App says clones cannot check the server, and how to fix it.
+    let configmaps = Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(env.client.clone(), AGENT_NS);
+    let _ = configmaps
+        .delete("shapeblock-known-hosts", &Default::default())
+        .await;
+    let blocked = wait_app(&env.client, &project, "api", AppPhase::Failed).await;
+    let blocked = blocked.status.unwrap();
+    assert!(blocked.ssh_public_key.is_some());
+    assert!(
+        blocked
+            .message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("shapeblock/shapeblock-known-hosts"),
+        "{:?}",
+        blocked.message
+    );
+    let known_hosts =
+        "github.com ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHRlc3Qta2V5LW5vdC1naXRodWJzLXJlYWwta2V5\n";
+    configmaps
+        .create(
+            &Default::default(),
+            &serde_json::from_value(
+                json!({"metadata": {"name": "shapeblock-known-hosts"}, "data": {"known_hosts": known_hosts}}),
+            )
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    Api::<App>::namespaced(env.client.clone(), &project)
+        .patch(
+            "api",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"description": "now with host keys"}})),
+        )
+        .await
+        .unwrap();
     let app = wait_app(&env.client, &project, "api", AppPhase::Ready).await;
     let status = app.status.unwrap();
     let public = status.ssh_public_key.clone().expect("public key in status");
+    assert_eq!(public, blocked.ssh_public_key.unwrap(), "the same key");
     assert!(public.starts_with("ssh-ed25519 "), "{public}");
     assert_eq!(status.git_secret_name.as_deref(), Some("api-deploy-key"));
     let secret = Api::<Secret>::namespaced(env.client.clone(), &project)
@@ -314,6 +353,10 @@ async fn a_private_ssh_app_gets_a_deploy_key_that_survives_restarts() {
         .await
         .unwrap();
     let private = String::from_utf8(secret.data.as_ref().unwrap()["ssh-privatekey"].0.clone()).unwrap();
+    assert_eq!(
+        secret.data.as_ref().unwrap()["known_hosts"].0,
+        known_hosts.as_bytes()
+    );
     assert!(private.starts_with("-----BEGIN OPENSSH PRIVATE KEY-----"));
     assert_eq!(secret.owner_references()[0].kind, "App");
     let everything = serde_json::to_string(

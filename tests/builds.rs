@@ -389,3 +389,169 @@ async fn a_hanging_build_times_out_and_a_newer_build_supersedes_a_running_one() 
         )
         .await;
 }
+
+fn condition_reason(build: &AppBuild, type_: &str) -> Option<String> {
+    build
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| c.reason.clone())
+}
+
+#[tokio::test]
+async fn an_image_built_from_the_same_inputs_is_reused_without_a_build() {
+    let env = env().await;
+    let _agent = env.agent(&[]).await;
+    let project = ready_project(&env.client, "reuse").await;
+    let outcome = |after: u64, message: &str| PodOutcome::Succeed {
+        after: Duration::from_millis(after),
+        message: Some(message.into()),
+    };
+    set_pod_outcome(
+        &env.client,
+        &PodSelector::container(&project, "resolve"),
+        &outcome(200, COMMIT),
+    )
+    .await
+    .unwrap();
+    set_pod_outcome(
+        &env.client,
+        &PodSelector::container(&project, "build"),
+        &outcome(500, &digest()),
+    )
+    .await
+    .unwrap();
+    app(
+        &env.client,
+        &project,
+        "api",
+        json!({"type": "dockerfile"}),
+        Some(json!({"url": "https://github.com/example/api.git"})),
+    )
+    .await;
+    build(&env.client, &project, "api-1", "api", json!({"gitRef": "main"})).await;
+    let first = wait_build(&env.client, &project, "api-1", AppBuildPhase::Completed).await;
+    // From now on a build would fail: the second AppBuild must not build.
+    set_pod_outcome(
+        &env.client,
+        &PodSelector::container(&project, "build"),
+        &PodOutcome::Fail {
+            after: Duration::from_millis(100),
+            exit_code: 1,
+            message: "a second build ran".into(),
+        },
+    )
+    .await
+    .unwrap();
+    build(&env.client, &project, "api-2", "api", json!({"gitRef": "main"})).await;
+    let second = wait_build(&env.client, &project, "api-2", AppBuildPhase::Completed).await;
+    let (a, b) = (first.status.clone().unwrap(), second.status.clone().unwrap());
+    assert_eq!(a.image, b.image);
+    assert_eq!(a.inputs_hash, b.inputs_hash);
+    assert!(a.inputs_hash.is_some());
+    assert_eq!(condition_reason(&second, "Built").as_deref(), Some("ImageReused"));
+    // Other inputs: a real build (which now fails, proving it ran).
+    build(
+        &env.client,
+        &project,
+        "api-3",
+        "api",
+        json!({"gitRef": "main", "buildVars": [{"key": "FLAVOUR", "value": "other"}]}),
+    )
+    .await;
+    let third = wait_build(&env.client, &project, "api-3", AppBuildPhase::Failed).await;
+    assert!(
+        third
+            .status
+            .unwrap()
+            .message
+            .unwrap()
+            .contains("a second build ran")
+    );
+}
+
+#[tokio::test]
+async fn rollback_deploys_an_earlier_image_history_is_pruned_and_a_deleted_app_takes_its_release() {
+    let env = env().await;
+    let _agent = env.agent(&["--keep-builds=2", "--keep-failed-builds=1"]).await;
+    let project = ready_project(&env.client, "rollback").await;
+    let image = |tag: &str| format!("registry.example.com/demo/web:{tag}");
+    app(
+        &env.client,
+        &project,
+        "web",
+        json!({"type": "image", "image": image("1.0")}),
+        None,
+    )
+    .await;
+    let apps = Api::<App>::namespaced(env.client.clone(), &project);
+    let deployments = Api::<Deployment>::namespaced(env.client.clone(), &project);
+    let running = || async {
+        let d = deployments.get("web-web").await.unwrap();
+        d.spec.unwrap().template.spec.unwrap().containers[0]
+            .image
+            .clone()
+            .unwrap()
+    };
+    build(&env.client, &project, "w1", "web", json!({})).await;
+    wait_build(&env.client, &project, "w1", AppBuildPhase::Completed).await;
+    apps.patch(
+        "web",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"build": {"image": image("2.0")}}})),
+    )
+    .await
+    .unwrap();
+    build(&env.client, &project, "w2", "web", json!({})).await;
+    wait_build(&env.client, &project, "w2", AppBuildPhase::Completed).await;
+    assert_eq!(running().await, image("2.0"));
+
+    // Roll back to w1: its image, no build; the App says what it ran before.
+    build(&env.client, &project, "w3", "web", json!({"rollbackTo": "w1"})).await;
+    let rolled = wait_build(&env.client, &project, "w3", AppBuildPhase::Completed).await;
+    assert_eq!(condition_reason(&rolled, "Built").as_deref(), Some("Rollback"));
+    assert_eq!(running().await, image("1.0"));
+    let status = apps.get("web").await.unwrap().status.unwrap();
+    assert_eq!(status.current_image, Some(image("1.0")));
+    assert_eq!(status.previous_image, Some(image("2.0")));
+    build(&env.client, &project, "w4", "web", json!({"rollbackTo": "nope"})).await;
+    let refused = wait_build(&env.client, &project, "w4", AppBuildPhase::Failed).await;
+    let refused = refused.status.unwrap();
+    assert_eq!(refused.reason.as_deref(), Some("InvalidSpec"));
+    assert!(
+        refused
+            .message
+            .unwrap()
+            .contains("AppBuild nope: it does not exist")
+    );
+
+    // History: 2 Completed and 1 failed kept, plus what the App runs; w1 goes.
+    build(&env.client, &project, "w5", "web", json!({})).await;
+    wait_build(&env.client, &project, "w5", AppBuildPhase::Completed).await;
+    let builds = Api::<AppBuild>::namespaced(env.client.clone(), &project);
+    eventually(Duration::from_secs(30), "w1 pruned", || async {
+        builds.get_opt("w1").await.unwrap().is_none().then_some(())
+    })
+    .await;
+    for kept in ["w2", "w3", "w4", "w5"] {
+        assert!(builds.get_opt(kept).await.unwrap().is_some(), "{kept} kept");
+    }
+
+    // Deleting the App deletes its HelmChart (the helm-controller uninstalls the release).
+    let charts = Api::<kube::api::DynamicObject>::namespaced_with(
+        env.client.clone(),
+        AGENT_NS,
+        &shapeblock_agent::controllers::appbuild::helm_chart_resource(),
+    );
+    let chart = shapeblock_agent::controllers::appbuild::chart_name(&project, "web");
+    assert!(charts.get_opt(&chart).await.unwrap().is_some());
+    apps.delete("web", &Default::default()).await.unwrap();
+    eventually(BUILD_TIMEOUT, "the App gone and its HelmChart going", || async {
+        let app_gone = apps.get_opt("web").await.unwrap().is_none();
+        let chart = charts.get_opt(&chart).await.unwrap();
+        (app_gone && chart.is_none_or(|c| c.metadata.deletion_timestamp.is_some())).then_some(())
+    })
+    .await;
+}

@@ -802,7 +802,13 @@ async fn build_logs_reach_the_hub_once_through_restarts_and_jobs_wait_for_them()
     .unwrap();
     hub.apply(
         &cluster,
-        &manifest("AppBuild", &ns, "api-2", serde_json::json!({"appName": "api"})),
+        // Other build inputs than api-1's, or its image would be reused without a build.
+        &manifest(
+            "AppBuild",
+            &ns,
+            "api-2",
+            serde_json::json!({"appName": "api", "buildVars": [{"key": "RUN", "value": "api-2"}]}),
+        ),
     )
     .unwrap();
     let pod = build_pod(&env.client, &ns, "api-2-build").await;
@@ -841,7 +847,13 @@ async fn build_logs_reach_the_hub_once_through_restarts_and_jobs_wait_for_them()
     // delivery stopped, once the agent is back.
     hub.apply(
         &cluster,
-        &manifest("AppBuild", &ns, "api-3", serde_json::json!({"appName": "api"})),
+        // Other build inputs than api-1's, or its image would be reused without a build.
+        &manifest(
+            "AppBuild",
+            &ns,
+            "api-3",
+            serde_json::json!({"appName": "api", "buildVars": [{"key": "RUN", "value": "api-3"}]}),
+        ),
     )
     .unwrap();
     let pod = build_pod(&env.client, &ns, "api-3-build").await;

@@ -25,7 +25,12 @@ pub const ENV_NAME_PATTERN: &str = r"^[A-Za-z_][A-Za-z0-9_]*$";
 const IMMUTABLE_BUILD_INPUTS: &str = "self.appName == oldSelf.appName \
     && (has(self.gitRef) ? has(oldSelf.gitRef) && self.gitRef == oldSelf.gitRef : !has(oldSelf.gitRef)) \
     && (has(self.imageTag) ? has(oldSelf.imageTag) && self.imageTag == oldSelf.imageTag : !has(oldSelf.imageTag)) \
-    && self.buildVars == oldSelf.buildVars";
+    && self.buildVars == oldSelf.buildVars \
+    && (has(self.rollbackTo) ? has(oldSelf.rollbackTo) && self.rollbackTo == oldSelf.rollbackTo : !has(oldSelf.rollbackTo))";
+
+/// A rollback deploys an earlier build's image: there is nothing to resolve or build.
+const ROLLBACK_BUILDS_NOTHING: &str =
+    "!has(self.rollbackTo) || (!has(self.gitRef) && !has(self.imageTag) && size(self.buildVars) == 0)";
 
 /// One build of an App: the agent resolves `gitRef` to a commit, builds and pushes the image in
 /// a Job (unless the App deploys a prebuilt image), then deploys it with Helm. What to build is
@@ -57,6 +62,7 @@ const IMMUTABLE_BUILD_INPUTS: &str = "self.appName == oldSelf.appName \
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new(IMMUTABLE_BUILD_INPUTS).message("what an AppBuild builds is immutable; create a new AppBuild instead"))]
+#[x_kube(validation = Rule::new(ROLLBACK_BUILDS_NOTHING).message("rollbackTo deploys an earlier build's image: gitRef, imageTag and buildVars do not apply"))]
 pub struct AppBuildSpec {
     /// The App (in the same namespace) to build.
     #[schemars(length(min = 1, max = 40), pattern(DNS_LABEL_PATTERN))]
@@ -88,6 +94,11 @@ pub struct AppBuildSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 60, max = 86400))]
     pub timeout_seconds: Option<i64>,
+    /// Roll back: deploy the image of this earlier AppBuild of the same App again, without
+    /// building (its `helmValues` are not reused: give this AppBuild the values to deploy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63), pattern(DNS_LABEL_PATTERN))]
+    pub rollback_to: Option<String>,
 }
 
 /// One build-time variable.
@@ -150,6 +161,11 @@ pub struct AppBuildStatus {
     /// Digest of the pushed image (`sha256:…`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_digest: Option<String>,
+    /// Fingerprint of everything that determines the image (strategy and its settings,
+    /// commit, build variables, destination): a later build of the App with the same
+    /// fingerprint reuses this image instead of building it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inputs_hash: Option<String>,
     /// The build Job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_name: Option<String>,

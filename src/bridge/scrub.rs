@@ -55,8 +55,27 @@ impl Scrubber {
     }
 }
 
+/// Everything the scrubbers look for, in one automaton: a line with none of these (nearly
+/// every line of a build log) is passed on after a single scan.
+fn suspects() -> &'static aho_corasick::AhoCorasick {
+    static SUSPECTS: std::sync::OnceLock<aho_corasick::AhoCorasick> = std::sync::OnceLock::new();
+    SUSPECTS.get_or_init(|| {
+        let patterns = ["://", "PRIVATE KEY-----"]
+            .iter()
+            .chain(KEYWORDS)
+            .chain(TOKEN_PREFIXES);
+        aho_corasick::AhoCorasick::builder()
+            .ascii_case_insensitive(true)
+            .build(patterns)
+            .expect("fixed patterns")
+    })
+}
+
 /// Scrubs one line (invalid UTF-8 is kept byte for byte where no secret is found).
 pub fn scrub_line(line: &[u8]) -> Vec<u8> {
+    if !suspects().is_match(line) {
+        return line.to_vec();
+    }
     let text = String::from_utf8_lossy(line);
     let mut scrubbed = text.to_string();
     scrub_url_userinfo(&mut scrubbed);
@@ -92,20 +111,38 @@ fn scrub_url_userinfo(text: &mut String) {
 
 /// Values after words that introduce secrets: `password=…`, `token: …`, `Authorization:
 /// Bearer …`, `--password …`.
+const KEYWORDS: &[&str] = &[
+    "password",
+    "passwd",
+    "secret",
+    "token",
+    "api_key",
+    "apikey",
+    "api-key",
+    "access_key",
+    "private_key",
+    "authorization",
+    "credentials",
+];
+
+/// Well-known token shapes: GitHub (`ghp_`, `gho_`, `ghs_`, `ghu_`, `ghr_`, `github_pat_`),
+/// GitLab (`glpat-`), Slack (`xox?-`), AWS access key ids (`AKIA…`, `ASIA…`).
+const TOKEN_PREFIXES: &[&str] = &[
+    "ghp_",
+    "gho_",
+    "ghs_",
+    "ghu_",
+    "ghr_",
+    "github_pat_",
+    "glpat-",
+    "xoxb-",
+    "xoxp-",
+    "xoxa-",
+    "AKIA",
+    "ASIA",
+];
+
 fn scrub_after_keywords(text: &mut String) {
-    const KEYWORDS: &[&str] = &[
-        "password",
-        "passwd",
-        "secret",
-        "token",
-        "api_key",
-        "apikey",
-        "api-key",
-        "access_key",
-        "private_key",
-        "authorization",
-        "credentials",
-    ];
     let lower = text.to_ascii_lowercase();
     let mut cuts: Vec<(usize, usize)> = Vec::new();
     for keyword in KEYWORDS {
@@ -161,25 +198,10 @@ fn scrub_private_key_blocks(text: &mut String) {
     }
 }
 
-/// Well-known token shapes, wherever they appear: GitHub (`ghp_`, `gho_`, `ghs_`, `ghu_`,
-/// `github_pat_`), GitLab (`glpat-`), Slack (`xox?-`), AWS access key ids (`AKIA…`).
+/// Well-known token shapes ([`TOKEN_PREFIXES`]), wherever they appear.
 fn scrub_token_shapes(text: &mut String) {
-    const PREFIXES: &[&str] = &[
-        "ghp_",
-        "gho_",
-        "ghs_",
-        "ghu_",
-        "ghr_",
-        "github_pat_",
-        "glpat-",
-        "xoxb-",
-        "xoxp-",
-        "xoxa-",
-        "AKIA",
-        "ASIA",
-    ];
     let mut cuts = Vec::new();
-    for prefix in PREFIXES {
+    for prefix in TOKEN_PREFIXES {
         let mut from = 0;
         while let Some(found) = text[from..].find(prefix) {
             let start = from + found;

@@ -64,6 +64,16 @@ struct RunArgs {
         value_name = "NAME"
     )]
     registry_secret: String,
+    /// ConfigMap in the agent's namespace whose `known_hosts` key lists the SSH host keys of
+    /// the git servers: clones over SSH check the server against it (never trust on first
+    /// use). Copied into every generated deploy-key Secret.
+    #[arg(
+        long,
+        env = "SHAPEBLOCK_KNOWN_HOSTS_CONFIGMAP",
+        default_value = "shapeblock-known-hosts",
+        value_name = "NAME"
+    )]
+    known_hosts_configmap: String,
     /// Address of the HTTP endpoints `/healthz`, `/readyz` (ready once every cache is synced)
     /// and `/metrics` (Prometheus text).
     #[arg(
@@ -129,6 +139,18 @@ struct RunArgs {
         value_name = "SECONDS"
     )]
     build_timeout_seconds: i64,
+    /// Finished AppBuilds kept per App after they Completed; older ones are deleted (with
+    /// their Jobs). The App's latest build and the one it runs are always kept.
+    #[arg(long, env = "SHAPEBLOCK_KEEP_BUILDS", default_value_t = 10, value_name = "N")]
+    keep_builds: usize,
+    /// Failed or cancelled AppBuilds kept per App.
+    #[arg(
+        long,
+        env = "SHAPEBLOCK_KEEP_FAILED_BUILDS",
+        default_value_t = 5,
+        value_name = "N"
+    )]
+    keep_failed_builds: usize,
     /// Name of this replica (the Pod name), recorded as the source of Events.
     #[arg(long, env = "POD_NAME", value_name = "NAME")]
     instance: Option<String>,
@@ -220,6 +242,7 @@ fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         controllers: crate::controllers::Config {
             agent_namespace: args.agent_namespace,
             registry_secret: (!args.registry_secret.is_empty()).then_some(args.registry_secret),
+            known_hosts_configmap: args.known_hosts_configmap,
             resync: std::time::Duration::from_secs(args.resync_seconds),
             instance: args.instance,
             builds: crate::controllers::appbuild::BuildSettings {
@@ -227,6 +250,8 @@ fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
                 kaniko_image: args.kaniko_image,
                 builder_image: args.builder_image,
                 timeout_seconds: args.build_timeout_seconds,
+                keep_succeeded: args.keep_builds,
+                keep_failed: args.keep_failed_builds,
                 ..Default::default()
             },
         },

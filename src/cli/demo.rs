@@ -41,6 +41,20 @@ pub async fn start_agent(
             &Patch::Apply(&secret),
         )
         .await?;
+    // SSH clones check host keys against this ConfigMap. Nothing is cloned in the demo, so
+    // the key is a stand-in generated here, said to be one, not GitHub's real key.
+    let demo_host_key = crate::controllers::app::generate_deploy_key("demo stand-in")?.public;
+    let known_hosts: k8s_openapi::api::core::v1::ConfigMap = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "shapeblock-known-hosts"},
+        "data": {"known_hosts": format!("# local demo: a generated stand-in, not github.com's real host key\ngithub.com {demo_host_key}\n")}
+    }))?;
+    Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), AGENT_NAMESPACE)
+        .patch(
+            "shapeblock-known-hosts",
+            &PatchParams::apply("shapeblock-dev").force(),
+            &Patch::Apply(&known_hosts),
+        )
+        .await?;
     let binary = agent_binary()?;
     let log = work_dir.join("agent.log");
     let agent = AgentProcess::start(&binary, &kubeconfig, AGENT_NAMESPACE, &log, &[]).await?;

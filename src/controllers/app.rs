@@ -7,13 +7,14 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::core::{DeserializeGuard, PartialObjectMeta};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
@@ -22,6 +23,8 @@ use super::{APP_LABEL, ConditionSet, Context, Error, FIELD_MANAGER, MANAGED_BY, 
 use crate::api::{App, AppPhase, AppStatus, GitSource};
 
 const KIND: &str = "App";
+/// Finalizer that removes an App's release (its HelmChart) when the App is deleted.
+pub const FINALIZER: &str = "apps.shapeblock.io/release";
 /// Annotation on an App: set it to a new value to replace the generated deploy key.
 pub const REGENERATE_KEY_ANNOTATION: &str = "apps.shapeblock.io/regenerate-deploy-key";
 /// Annotation on the deploy-key Secret: the regenerate value it was made for.
@@ -30,6 +33,8 @@ const GENERATED_FOR_ANNOTATION: &str = "apps.shapeblock.io/generated-for";
 pub const DEPLOY_KEY_LABEL: &str = "apps.shapeblock.io/deploy-key";
 const PRIVATE_KEY: &str = "ssh-privatekey";
 const PUBLIC_KEY: &str = "ssh-publickey";
+/// Key of the SSH host keys, in deploy-key Secrets and in the agent's ConfigMap.
+pub const KNOWN_HOSTS: &str = "known_hosts";
 
 /// Runs the App controller until `shutdown`.
 pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
@@ -57,9 +62,50 @@ async fn reconcile(guard: Arc<DeserializeGuard<App>>, ctx: Arc<Context>) -> Resu
         Ok(app) => app,
         Err(invalid) => return super::report_undecodable::<App>(&ctx, invalid).await,
     };
-    let action = apply(app, &ctx).await?;
+    let api = Api::<App>::namespaced(ctx.client.clone(), &app.namespace().unwrap_or_default());
+    let action = finalizer(&api, FINALIZER, Arc::new(app.clone()), |event| async {
+        match event {
+            Finalizer::Apply(app) => apply(&app, &ctx).await,
+            Finalizer::Cleanup(app) => cleanup(&app, &ctx).await,
+        }
+    })
+    .await
+    .map_err(Error::from)?;
     ctx.reset_retries(&key);
     Ok(action)
+}
+
+/// An App's release goes with it: its HelmChart (in the agent's namespace, so no owner
+/// reference can take it) is deleted, and the helm-controller's own finalizer uninstalls the
+/// release. The App does not wait for the uninstall: a broken helm-controller must not leave
+/// the App, and with it the project's namespace, stuck.
+async fn cleanup(app: &App, ctx: &Context) -> Result<Action> {
+    let project = app.namespace().unwrap_or_default();
+    let chart = super::appbuild::chart_name(&project, &app.name_any());
+    let charts = Api::<kube::api::DynamicObject>::namespaced_with(
+        ctx.client.clone(),
+        &ctx.config.agent_namespace,
+        &super::appbuild::helm_chart_resource(),
+    );
+    match super::delete_if_present(&charts, &chart, &DeleteParams::background()).await {
+        Ok(true) => {
+            ctx.publish(
+                &app.object_ref(&()),
+                EventType::Normal,
+                "Uninstalling",
+                "Delete",
+                &format!(
+                    "deleted HelmChart {}/{chart}: the helm-controller uninstalls the release",
+                    ctx.config.agent_namespace
+                ),
+            )
+            .await;
+        }
+        // Gone already, or no HelmChart CRD at all (nothing was ever deployed).
+        Ok(false) => {}
+        Err(err) => return Err(err),
+    }
+    Ok(Action::await_change())
 }
 
 fn error_policy(guard: Arc<DeserializeGuard<App>>, error: &Error, ctx: Arc<Context>) -> Action {
@@ -71,6 +117,18 @@ fn error_policy(guard: Arc<DeserializeGuard<App>>, error: &Error, ctx: Arc<Conte
 struct Credentials {
     secret_name: Option<String>,
     public_key: Option<String>,
+    /// For SSH sources: whether the clone can check the server's host key.
+    host_keys_known: bool,
+}
+
+impl Credentials {
+    fn none() -> Self {
+        Self {
+            secret_name: None,
+            public_key: None,
+            host_keys_known: true,
+        }
+    }
 }
 
 async fn apply(app: &App, ctx: &Context) -> Result<Action> {
@@ -137,6 +195,44 @@ async fn apply(app: &App, ctx: &Context) -> Result<Action> {
         None => "public repository: no clone credentials needed".to_string(),
     };
     conditions.set("CredentialsReady", true, "Ready", &message);
+    if !credentials.host_keys_known {
+        let message = format!(
+            "SSH clones check the git server's host key, and none are known: create ConfigMap {}/{} with key known_hosts (e.g. from `ssh-keyscan HOST`, checked against the host's published fingerprints); the deploy key is in status.sshPublicKey meanwhile",
+            ctx.config.agent_namespace, ctx.config.known_hosts_configmap
+        );
+        let newly = condition_reason(app, "HostKeysKnown") != Some("KnownHostsMissing");
+        conditions.set("HostKeysKnown", false, "KnownHostsMissing", &message);
+        conditions.set("Ready", false, "KnownHostsMissing", &message);
+        write_status(
+            ctx,
+            app,
+            AppPhase::Failed,
+            &message,
+            Some(credentials),
+            conditions,
+        )
+        .await?;
+        if newly {
+            ctx.publish(
+                &app.object_ref(&()),
+                EventType::Warning,
+                "KnownHostsMissing",
+                "Credentials",
+                &message,
+            )
+            .await;
+        }
+        // The ConfigMap is not watched: look again now and then.
+        return Ok(Action::requeue(std::time::Duration::from_secs(60)));
+    }
+    if app.spec.git.as_ref().is_some_and(|g| is_ssh_url(&g.url)) {
+        conditions.set(
+            "HostKeysKnown",
+            true,
+            "Known",
+            "the clone checks the git server's host key",
+        );
+    }
     let running = app.status.as_ref().and_then(|s| s.current_image.clone());
     let (phase, summary) = match &running {
         Some(image) => (AppPhase::Deployed, format!("running {image}")),
@@ -163,10 +259,7 @@ fn observed_generation(app: &App) -> Option<i64> {
 /// Finds or makes the clone credentials.
 async fn ensure_credentials(app: &App, ctx: &Context) -> Result<Credentials> {
     let Some(git) = &app.spec.git else {
-        return Ok(Credentials {
-            secret_name: None,
-            public_key: None,
-        });
+        return Ok(Credentials::none());
     };
     let namespace = app.namespace().unwrap_or_default();
     let secrets = Api::<Secret>::namespaced(ctx.client.clone(), &namespace);
@@ -181,14 +274,13 @@ async fn ensure_credentials(app: &App, ctx: &Context) -> Result<Credentials> {
         return Ok(Credentials {
             secret_name: Some(name.clone()),
             public_key: None,
+            host_keys_known: true,
         });
     }
     if !git.is_private {
-        return Ok(Credentials {
-            secret_name: None,
-            public_key: None,
-        });
+        return Ok(Credentials::none());
     }
+    let known_hosts = known_hosts(ctx).await?;
     let wanted = app
         .annotations()
         .get(REGENERATE_KEY_ANNOTATION)
@@ -202,18 +294,36 @@ async fn ensure_credentials(app: &App, ctx: &Context) -> Result<Credentials> {
             .cloned()
             .unwrap_or_default();
         if made_for == wanted {
-            let public = existing
-                .data
-                .as_ref()
-                .and_then(|d| d.get(PUBLIC_KEY))
+            let data = existing.data.clone().unwrap_or_default();
+            let public = data
+                .get(PUBLIC_KEY)
                 .map(|b| String::from_utf8_lossy(&b.0).trim().to_string());
+            // Host keys follow the ConfigMap (added, rotated or removed by the admin).
+            if data.get(KNOWN_HOSTS).map(|b| b.0.as_slice()) != known_hosts.as_deref().map(str::as_bytes) {
+                let value = known_hosts.as_deref().map(|k| ByteString(k.as_bytes().to_vec()));
+                secrets
+                    .patch(
+                        &name,
+                        &PatchParams::default(),
+                        &Patch::Merge(json!({"data": {KNOWN_HOSTS: value}})),
+                    )
+                    .await?;
+            }
             return Ok(Credentials {
                 secret_name: Some(name),
                 public_key: public,
+                host_keys_known: known_hosts.is_some(),
             });
         }
         let key = generate_deploy_key(&comment(app))?;
-        let secret = desired_deploy_key(app, &name, &key, &wanted, &owner_reference(app));
+        let secret = desired_deploy_key(
+            app,
+            &name,
+            &key,
+            known_hosts.as_deref(),
+            &wanted,
+            &owner_reference(app),
+        );
         secrets
             .patch(
                 &name,
@@ -232,10 +342,18 @@ async fn ensure_credentials(app: &App, ctx: &Context) -> Result<Credentials> {
         return Ok(Credentials {
             secret_name: Some(name),
             public_key: Some(key.public),
+            host_keys_known: known_hosts.is_some(),
         });
     }
     let key = generate_deploy_key(&comment(app))?;
-    let secret = desired_deploy_key(app, &name, &key, &wanted, &owner_reference(app));
+    let secret = desired_deploy_key(
+        app,
+        &name,
+        &key,
+        known_hosts.as_deref(),
+        &wanted,
+        &owner_reference(app),
+    );
     // Create, never overwrite: a concurrent reconcile that won the race keeps its key.
     match secrets
         .create(
@@ -259,6 +377,7 @@ async fn ensure_credentials(app: &App, ctx: &Context) -> Result<Credentials> {
             Ok(Credentials {
                 secret_name: Some(name),
                 public_key: Some(key.public),
+                host_keys_known: known_hosts.is_some(),
             })
         }
         Err(kube::Error::Api(status)) if status.code == 409 => Err(Error::Waiting(format!(
@@ -287,13 +406,37 @@ fn owner_reference(app: &App) -> OwnerReference {
 }
 
 /// The Secret holding a generated deploy key (`kubernetes.io/ssh-auth`).
+/// The SSH `known_hosts` the cluster admin provides, if any.
+async fn known_hosts(ctx: &Context) -> Result<Option<String>> {
+    let configmaps = Api::<ConfigMap>::namespaced(ctx.client.clone(), &ctx.config.agent_namespace);
+    let found = configmaps.get_opt(&ctx.config.known_hosts_configmap).await?;
+    Ok(found
+        .and_then(|c| c.data)
+        .and_then(|mut d| d.remove(KNOWN_HOSTS))
+        .filter(|k| !k.trim().is_empty()))
+}
+
 fn desired_deploy_key(
     app: &App,
     name: &str,
     key: &DeployKey,
+    known_hosts: Option<&str>,
     made_for: &str,
     owner: &OwnerReference,
 ) -> Secret {
+    let mut data = BTreeMap::from([
+        (
+            PRIVATE_KEY.to_string(),
+            ByteString(key.private.as_bytes().to_vec()),
+        ),
+        (PUBLIC_KEY.to_string(), ByteString(key.public.as_bytes().to_vec())),
+    ]);
+    if let Some(known_hosts) = known_hosts {
+        data.insert(
+            KNOWN_HOSTS.to_string(),
+            ByteString(known_hosts.as_bytes().to_vec()),
+        );
+    }
     Secret {
         metadata: ObjectMeta {
             name: Some(name.into()),
@@ -311,13 +454,7 @@ fn desired_deploy_key(
             ..Default::default()
         },
         type_: Some("kubernetes.io/ssh-auth".into()),
-        data: Some(BTreeMap::from([
-            (
-                PRIVATE_KEY.to_string(),
-                ByteString(key.private.as_bytes().to_vec()),
-            ),
-            (PUBLIC_KEY.to_string(), ByteString(key.public.as_bytes().to_vec())),
-        ])),
+        data: Some(data),
         ..Default::default()
     }
 }
@@ -327,6 +464,14 @@ fn desired_deploy_key(
 fn check_credentials_secret(secret: &Secret, git: &GitSource) -> Result<()> {
     let has = |key: &str| secret.data.as_ref().is_some_and(|d| d.contains_key(key));
     let name = secret.name_any();
+    if is_ssh_url(&git.url) && has(PRIVATE_KEY) && !has(KNOWN_HOSTS) {
+        return Err(Error::InvalidSpec {
+            reason: "KnownHostsMissing",
+            message: format!(
+                "Secret {name} has no known_hosts: SSH clones check the git server's host key and never trust it blindly; add its keys (e.g. from `ssh-keyscan HOST`, checked against the host's published fingerprints) as known_hosts"
+            ),
+        });
+    }
     let ok = if is_ssh_url(&git.url) {
         has(PRIVATE_KEY)
     } else {

@@ -330,6 +330,21 @@ impl Store {
         })
     }
 
+    /// How many bytes of a stream are stored, and whether it ended (eof or truncated),
+    /// without reading them.
+    pub fn log_end(&self, cluster: &str, stream: &str) -> Result<(u64, bool)> {
+        self.with(|c| {
+            let end = c
+                .query_row(
+                    "SELECT offset + length(data), eof OR truncated FROM logs WHERE cluster = ?1 AND stream = ?2 ORDER BY offset DESC LIMIT 1",
+                    params![cluster, stream],
+                    |r| Ok((r.get::<_, u64>(0)?, r.get::<_, i64>(1)? != 0)),
+                )
+                .optional()?;
+            Ok(end.unwrap_or((0, false)))
+        })
+    }
+
     /// Log bytes of one stream (`namespace/build/container`), concatenated in offset order,
     /// and whether a truncation marker or the end was recorded.
     pub fn log(&self, cluster: &str, stream: &str) -> Result<(Vec<u8>, bool, bool)> {

@@ -357,10 +357,8 @@ async fn stream_log<S: AsyncWrite + Unpin>(
     }
     let mut budget = options.limit_bytes.unwrap_or(usize::MAX);
     let mut sent = lines.len();
-    for line in selected {
-        if !write_limited(stream, &options.render(line), &mut budget).await? {
-            return Ok(());
-        }
+    if !write_lines(stream, options, selected, &mut budget).await? {
+        return Ok(());
     }
     stream.flush().await?;
     if !options.follow {
@@ -372,12 +370,12 @@ async fn stream_log<S: AsyncWrite + Unpin>(
         // container stopped is lost.
         let finished = container_finished(&pods, container).await;
         let (lines, total) = store.snapshot_from(container, sent);
-        for line in &lines {
-            if options.since.is_none_or(|since| line.time >= since)
-                && !write_limited(stream, &options.render(line), &mut budget).await?
-            {
-                return Ok(());
-            }
+        let selected: Vec<&Line> = lines
+            .iter()
+            .filter(|line| options.since.is_none_or(|since| line.time >= since))
+            .collect();
+        if !write_lines(stream, options, selected, &mut budget).await? {
+            return Ok(());
         }
         sent = total;
         stream.flush().await?;
@@ -386,6 +384,30 @@ async fn stream_log<S: AsyncWrite + Unpin>(
         }
         let _ = tokio::time::timeout(TERMINATION_POLL, version.changed()).await;
     }
+}
+
+/// Writes lines in HTTP chunks of up to 64 KiB (a kubelet streams a file, not a write per
+/// line), within the byte budget. False once the budget is spent.
+async fn write_lines<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    options: &LogOptions,
+    lines: Vec<&Line>,
+    budget: &mut usize,
+) -> std::io::Result<bool> {
+    let mut batch = String::new();
+    for line in lines {
+        batch.push_str(&options.render(line));
+        if batch.len() >= 64 * 1024 {
+            if !write_limited(stream, &batch, budget).await? {
+                return Ok(false);
+            }
+            batch.clear();
+        }
+    }
+    if batch.is_empty() {
+        return Ok(*budget > 0);
+    }
+    write_limited(stream, &batch, budget).await
 }
 
 /// Writes `text` as one chunk, cut to what is left of the byte budget. False once the budget is

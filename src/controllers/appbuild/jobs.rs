@@ -48,6 +48,10 @@ pub struct BuildSettings {
     /// Build logs go to the hub (the tunnel is on): a Job is kept until its pod's logs are
     /// delivered, not only until its result is recorded.
     pub relay_logs: bool,
+    /// History: Completed AppBuilds kept per App.
+    pub keep_succeeded: usize,
+    /// History: Failed and Cancelled AppBuilds kept per App.
+    pub keep_failed: usize,
 }
 
 impl Default for BuildSettings {
@@ -67,6 +71,8 @@ impl Default for BuildSettings {
             },
             ttl_seconds_after_finished: 24 * 3600,
             relay_logs: false,
+            keep_succeeded: 10,
+            keep_failed: 5,
         }
     }
 }
@@ -88,6 +94,39 @@ pub fn image_tag(build: &AppBuild, commit: &str) -> String {
         .image_tag
         .clone()
         .unwrap_or_else(|| commit.chars().take(12).collect())
+}
+
+/// Fingerprint of everything that determines a build's image: the same fingerprint means the
+/// same image, so it can be reused instead of built again. Resources and timeouts are left out
+/// (they change how a build runs, not what it makes).
+pub fn inputs_hash(app: &App, build: &AppBuild, commit: &str, settings: &BuildSettings) -> String {
+    let spec = &app.spec.build;
+    let mut vars: Vec<(&str, &str)> = build
+        .spec
+        .build_vars
+        .iter()
+        .map(|v| (v.key.as_str(), v.value.as_str()))
+        .collect();
+    vars.sort_unstable();
+    let builder = match spec.build_type {
+        BuildType::Buildpack => spec
+            .builder_image
+            .clone()
+            .unwrap_or_else(|| settings.builder_image.clone()),
+        _ => settings.kaniko_image.clone(),
+    };
+    let inputs = serde_json::json!({
+        "type": spec.build_type,
+        "git": app.spec.git.as_ref().map(|g| &g.url),
+        "commit": commit,
+        "dockerfile": spec.dockerfile,
+        "contextDir": spec.context_dir,
+        "builder": builder,
+        "buildVars": vars,
+        "destination": destination(app, &image_tag(build, commit)),
+    });
+    let digest = ring::digest::digest(&ring::digest::SHA256, inputs.to_string().as_bytes());
+    format!("sha256:{}", crate::proto::hex(digest.as_ref()))
 }
 
 /// The ref to resolve: the AppBuild's, else the App's branch.
@@ -599,6 +638,7 @@ mod tests {
                 helm_values: None,
                 resources: None,
                 timeout_seconds: Some(600),
+                rollback_to: None,
             },
         );
         build.metadata.namespace = Some("shop".into());
@@ -612,6 +652,43 @@ mod tests {
     }
 
     const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
+    #[test]
+    fn the_inputs_hash_changes_with_what_makes_the_image_and_only_with_that() {
+        let settings = BuildSettings::default();
+        let base = inputs_hash(&app(BuildType::Dockerfile), &build(), COMMIT, &settings);
+        assert!(base.starts_with("sha256:") && base.len() == 7 + 64);
+        // Same inputs, different run settings: same image.
+        let mut slower = build();
+        slower.spec.timeout_seconds = Some(3600);
+        slower.metadata.name = Some("web-8".into());
+        assert_eq!(
+            inputs_hash(&app(BuildType::Dockerfile), &slower, COMMIT, &settings),
+            base
+        );
+        // Anything that changes the image changes the hash.
+        let mut other_var = build();
+        other_var.spec.build_vars[0].value = "development".into();
+        let mut tagged = build();
+        tagged.spec.image_tag = Some("v1".into());
+        let mut dockerfile = app(BuildType::Dockerfile);
+        dockerfile.spec.build.dockerfile = Some("Dockerfile.prod".into());
+        let changed = [
+            inputs_hash(
+                &app(BuildType::Dockerfile),
+                &build(),
+                &COMMIT.replace('0', "f"),
+                &settings,
+            ),
+            inputs_hash(&app(BuildType::Dockerfile), &other_var, COMMIT, &settings),
+            inputs_hash(&app(BuildType::Dockerfile), &tagged, COMMIT, &settings),
+            inputs_hash(&dockerfile, &build(), COMMIT, &settings),
+            inputs_hash(&app(BuildType::Buildpack), &build(), COMMIT, &settings),
+        ];
+        for (i, hash) in changed.iter().enumerate() {
+            assert_ne!(*hash, base, "change {i}");
+        }
+    }
 
     #[test]
     fn kaniko_job_fields() {

@@ -205,12 +205,13 @@ impl Pipeline<'_> {
         if phase(self.build) == Some(AppBuildPhase::Deploying) && self.status().image.is_some() {
             return self.deploy(&app).await;
         }
-        let step = match app.spec.build.build_type {
-            BuildType::Image => {
+        let step = match (&self.build.spec.rollback_to, app.spec.build.build_type) {
+            (Some(target), _) => self.roll_back(target).await?,
+            (None, BuildType::Image) => {
                 let image = app.spec.build.image.clone().unwrap_or_default();
                 Step::Status(Box::new(self.deploying(image, None)))
             }
-            BuildType::Dockerfile | BuildType::Buildpack => self.build_image(&app).await?,
+            (None, BuildType::Dockerfile | BuildType::Buildpack) => self.build_image(&app).await?,
         };
         match step {
             Step::Wait(action) => Ok(action),
@@ -232,6 +233,7 @@ impl Pipeline<'_> {
                 }
                 if final_phase {
                     self.event_for(&status).await;
+                    self.prune_history(&app).await;
                     return Ok(Action::await_change());
                 }
                 if deploying {
@@ -296,6 +298,10 @@ impl Pipeline<'_> {
                 )))),
             };
         };
+        let inputs = jobs::inputs_hash(app, self.build, &commit, settings);
+        if let Some(reused) = self.reusable_image(&inputs).await? {
+            return Ok(Step::Status(Box::new(reused)));
+        }
         let registry = jobs::registry_secret(
             app,
             self.ctx
@@ -331,7 +337,9 @@ impl Pipeline<'_> {
                 Some(report) => {
                     let destination = jobs::destination(app, &jobs::image_tag(self.build, &commit));
                     let image = format!("{destination}@{}", report.digest);
-                    Ok(Step::Status(Box::new(self.deploying(image, Some(report.digest)))))
+                    let mut status = self.deploying(image, Some(report.digest));
+                    status.inputs_hash = Some(inputs);
+                    Ok(Step::Status(Box::new(status)))
                 }
                 None => Ok(Step::Status(Box::new(self.failed(
                     "BuildFailed",
@@ -342,6 +350,71 @@ impl Pipeline<'_> {
                 Ok(Step::Status(Box::new(self.failed(reason, message))))
             }
         }
+    }
+
+    /// The image of an earlier build of this App with the same inputs, as this build's
+    /// result (no build Job), if one was pushed.
+    async fn reusable_image(&self, inputs: &str) -> Result<Option<AppBuildStatus>> {
+        let siblings = Api::<AppBuild>::namespaced(self.ctx.client.clone(), &self.namespace())
+            .list(&ListParams::default().fields(&format!("spec.appName={}", self.build.spec.app_name)))
+            .await?;
+        let earlier = siblings
+            .items
+            .into_iter()
+            .filter(|b| b.name_any() != self.build.name_any())
+            .filter_map(|b| {
+                let status = b.status.clone()?;
+                (status.inputs_hash.as_deref() == Some(inputs) && status.image_digest.is_some())
+                    .then_some((b, status))
+            })
+            .max_by_key(|(b, _)| b.metadata.creation_timestamp.clone());
+        let Some((from, built)) = earlier else {
+            return Ok(None);
+        };
+        let image = built.image.unwrap_or_default();
+        let mut status = self.deploying(image.clone(), built.image_digest);
+        status.inputs_hash = Some(inputs.to_string());
+        let message = format!(
+            "reusing {image}, built by {} from the same inputs",
+            from.name_any()
+        );
+        let mut conditions = ConditionSet::new(&status.conditions, self.build.metadata.generation);
+        conditions.set("Built", true, "ImageReused", &message);
+        status.conditions = conditions.conditions;
+        self.event(EventType::Normal, "ImageReused", message).await;
+        Ok(Some(status))
+    }
+
+    /// A rollback: the image of an earlier build of this App, deployed without building.
+    async fn roll_back(&self, target: &str) -> Result<Step> {
+        let earlier = Api::<AppBuild>::namespaced(self.ctx.client.clone(), &self.namespace())
+            .get_opt(target)
+            .await?;
+        let image = earlier.as_ref().and_then(|b| {
+            let status = b.status.as_ref()?;
+            (b.spec.app_name == self.build.spec.app_name)
+                .then(|| Some((status.image.clone()?, status.image_digest.clone())))?
+        });
+        let Some((image, digest)) = image else {
+            let why = match earlier {
+                None => "does not exist".to_string(),
+                Some(b) if b.spec.app_name != self.build.spec.app_name => {
+                    format!("belongs to App {}", b.spec.app_name)
+                }
+                Some(_) => "never produced an image".to_string(),
+            };
+            return Ok(Step::Status(Box::new(self.failed(
+                "InvalidSpec",
+                format!("cannot roll back to AppBuild {target}: it {why}"),
+            ))));
+        };
+        let mut status = self.deploying(image.clone(), digest);
+        let message = format!("rolling back to {image}, built by {target}");
+        let mut conditions = ConditionSet::new(&status.conditions, self.build.metadata.generation);
+        conditions.set("Built", true, "Rollback", &message);
+        status.conditions = conditions.conditions;
+        status.message = Some(message);
+        Ok(Step::Status(Box::new(status)))
     }
 
     fn pending_or_building(
@@ -571,7 +644,43 @@ impl Pipeline<'_> {
             }
         }
         self.event_for(&status).await;
+        self.prune_history_of_app().await;
         Ok(Action::await_change())
+    }
+
+    async fn prune_history_of_app(&self) {
+        let apps = Api::<App>::namespaced(self.ctx.client.clone(), &self.namespace());
+        if let Ok(Some(app)) = apps.get_opt(&self.build.spec.app_name).await {
+            self.prune_history(&app).await;
+        }
+    }
+
+    /// Keeps the newest `keep_succeeded` Completed and `keep_failed` Failed or Cancelled
+    /// AppBuilds of the App and deletes the older ones (their Jobs go with them); never the
+    /// App's latest build or the build of the image it runs. Best effort: the next build
+    /// tries again.
+    async fn prune_history(&self, app: &App) {
+        let api = Api::<AppBuild>::namespaced(self.ctx.client.clone(), &self.namespace());
+        let siblings = match api
+            .list(&ListParams::default().fields(&format!("spec.appName={}", self.build.spec.app_name)))
+            .await
+        {
+            Ok(list) => list.items,
+            Err(err) => {
+                tracing::warn!(app = %self.build.spec.app_name, %err, "cannot list builds to prune history");
+                return;
+            }
+        };
+        let settings = &self.ctx.config.builds;
+        for name in history_to_prune(app, siblings, settings.keep_succeeded, settings.keep_failed) {
+            match super::delete_if_present(&api, &name, &DeleteParams::background()).await {
+                Ok(true) => {
+                    tracing::info!(build = %name, app = %self.build.spec.app_name, "pruned from the build history")
+                }
+                Ok(false) => {}
+                Err(err) => tracing::warn!(build = %name, %err, "cannot prune a build from the history"),
+            }
+        }
     }
 
     async fn event_for(&self, status: &AppBuildStatus) {
@@ -692,7 +801,14 @@ impl Pipeline<'_> {
     }
 
     async fn set_latest_build(&self, app: &App) -> Result<()> {
-        let patch = json!({"apiVersion": App::api_version(&()), "kind": "App", "status": {"latestBuild": self.build.name_any()}});
+        // Server-side apply drops the fields this manager owns and leaves out: the images the
+        // App runs must be applied again with it, or a new build would erase them.
+        let status = app.status.clone().unwrap_or_default();
+        let patch = json!({"apiVersion": App::api_version(&()), "kind": "App", "status": {
+            "latestBuild": self.build.name_any(),
+            "currentImage": status.current_image,
+            "previousImage": status.previous_image,
+        }});
         Api::<App>::namespaced(self.ctx.client.clone(), &self.namespace())
             .patch_status(
                 &app.name_any(),
@@ -720,6 +836,48 @@ impl Pipeline<'_> {
             .await?;
         Ok(())
     }
+}
+
+/// The AppBuilds to delete so that at most `keep_succeeded` Completed and `keep_failed`
+/// Failed/Cancelled ones remain, oldest first; builds still running, the App's latest build
+/// and the build whose image the App runs are never pruned.
+fn history_to_prune(
+    app: &App,
+    builds: Vec<AppBuild>,
+    keep_succeeded: usize,
+    keep_failed: usize,
+) -> Vec<String> {
+    let status = app.status.clone().unwrap_or_default();
+    let protected = |b: &AppBuild| {
+        status.latest_build.as_deref() == Some(b.name_any().as_str())
+            || (b.status.as_ref().and_then(|s| s.image.as_deref()).is_some()
+                && b.status.as_ref().and_then(|s| s.image.as_deref()) == status.current_image.as_deref()
+                && phase(b) == Some(AppBuildPhase::Completed))
+    };
+    let mut finished: Vec<AppBuild> = builds
+        .into_iter()
+        .filter(|b| phase(b).is_some_and(AppBuildPhase::is_final))
+        .collect();
+    // Newest first; the name breaks ties within a second.
+    finished.sort_by(|a, b| {
+        (b.metadata.creation_timestamp.as_ref().map(|t| t.0), b.name_any())
+            .cmp(&(a.metadata.creation_timestamp.as_ref().map(|t| t.0), a.name_any()))
+    });
+    let (mut succeeded, mut failed) = (0, 0);
+    let mut prune = Vec::new();
+    for build in finished {
+        let kept = if phase(&build) == Some(AppBuildPhase::Completed) {
+            succeeded += 1;
+            succeeded <= keep_succeeded
+        } else {
+            failed += 1;
+            failed <= keep_failed
+        };
+        if !kept && !protected(&build) {
+            prune.push(build.name_any());
+        }
+    }
+    prune
 }
 
 /// Whether the hub has every log of these containers (all complete in `status.logs`).
@@ -874,6 +1032,44 @@ mod tests {
             }
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn history_keeps_the_newest_per_outcome_and_never_what_the_app_runs() {
+        let build = |name: &str, second: i64, phase: AppBuildPhase, image: &str| -> AppBuild {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "AppBuild",
+                "metadata": {"name": name, "creationTimestamp": format!("2026-01-01T00:00:{second:02}Z")},
+                "spec": {"appName": "web"},
+                "status": {"phase": phase, "image": image},
+            }))
+            .unwrap()
+        };
+        use AppBuildPhase::*;
+        let builds = vec![
+            build("b1", 1, Completed, "img:1"),
+            build("b2", 2, Completed, "img:2"),
+            build("b3", 3, Failed, ""),
+            build("b4", 4, Completed, "img:4"),
+            build("b5", 5, Cancelled, ""),
+            build("b6", 6, Completed, "img:6"),
+            build("b7", 7, Failed, ""),
+            build("b8", 8, Building, ""),
+        ];
+        let mut app: App = serde_json::from_value(serde_json::json!({
+            "apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "App", "metadata": {"name": "web"},
+            "spec": {"registry": {"url": "r"}, "build": {"type": "image", "image": "img"}},
+            "status": {"latestBuild": "b8", "currentImage": "img:6"},
+        }))
+        .unwrap();
+        // Keep 2 Completed (b6, b4) and 1 failed (b7); b8 is still running.
+        assert_eq!(
+            history_to_prune(&app, builds.clone(), 2, 1),
+            ["b5", "b3", "b2", "b1"]
+        );
+        // A rollback runs an old image: its build stays whatever its age.
+        app.status.as_mut().unwrap().current_image = Some("img:1".into());
+        assert_eq!(history_to_prune(&app, builds, 2, 1), ["b5", "b3", "b2"]);
     }
 
     #[test]
