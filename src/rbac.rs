@@ -151,9 +151,9 @@ pub const AGENT_CLUSTER_RULES: &[Rule] = &[
     Rule {
         api_groups: &["apiextensions.k8s.io"],
         resources: &["customresourcedefinitions"],
-        verbs: &["get", "patch"],
+        verbs: &["get", "create", "patch"],
         resource_names: SHAPEBLOCK_CRDS,
-        why: "server-side apply of its own five CRDs at start-up: Helm never upgrades a chart's crds/; no other CRD",
+        why: "server-side apply of its own five CRDs at start-up (Helm never upgrades a chart's crds/); create by name only through apply, which recreates a deleted one; no other CRD",
     },
 ];
 

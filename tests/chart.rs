@@ -58,7 +58,13 @@ fn render(namespace: &str, values: &[&str]) -> Result<Vec<serde_json::Value>, St
 fn kinds(documents: &[serde_json::Value]) -> Vec<String> {
     let mut kinds: Vec<String> = documents
         .iter()
-        .map(|d| format!("{}/{}", d["kind"].as_str().unwrap(), d["metadata"]["name"].as_str().unwrap()))
+        .map(|d| {
+            format!(
+                "{}/{}",
+                d["kind"].as_str().unwrap(),
+                d["metadata"]["name"].as_str().unwrap()
+            )
+        })
         .collect();
     kinds.sort();
     kinds
@@ -119,7 +125,15 @@ async fn wait_pods(client: &Client, namespace: &str, app: &str, replicas: usize)
 }
 
 fn env_of(deployment: &Deployment) -> Vec<(String, serde_json::Value)> {
-    let container = &deployment.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0];
+    let container = &deployment
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0];
     container
         .env
         .clone()
@@ -165,8 +179,14 @@ fn generated_chart_files_match_the_rust_sources() {
 
 #[test]
 fn helm_lint_is_clean_and_the_schema_refuses_bad_values() {
-    let output = helm().arg("lint").arg("--strict").arg(chart_dir()).output().unwrap();
-    let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+    let output = helm()
+        .arg("lint")
+        .arg("--strict")
+        .arg(chart_dir())
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{text}");
     assert!(
         !text.contains("[WARNING]") && !text.contains("[ERROR]") && !text.contains("[INFO]"),
@@ -175,7 +195,10 @@ fn helm_lint_is_clean_and_the_schema_refuses_bad_values() {
 
     let refused = [
         (vec!["hub.address=https://hub.example.com:443"], "caHash"),
-        (vec!["hub.address=hub.example.com", "hub.caHash=sha256:00"], "address"),
+        (
+            vec!["hub.address=hub.example.com", "hub.caHash=sha256:00"],
+            "address",
+        ),
         (vec!["replicaCount=0"], "replicaCount"),
         (vec!["log.format=xml"], "format"),
         (vec!["unknownKey=1"], "unknownKey"),
@@ -255,7 +278,12 @@ async fn default_values_render_and_apply_server_side_and_the_pod_is_restricted()
     assert_eq!(policy.policy_types.as_deref(), Some(&["Ingress".to_string()][..]));
     assert!(policy.ingress.unwrap_or_default().is_empty());
     let pod_labels = pods[0].labels();
-    for (key, value) in policy.pod_selector.unwrap_or_default().match_labels.unwrap_or_default() {
+    for (key, value) in policy
+        .pod_selector
+        .unwrap_or_default()
+        .match_labels
+        .unwrap_or_default()
+    {
         assert_eq!(pod_labels.get(&key), Some(&value), "{key}");
     }
 }
@@ -335,7 +363,10 @@ async fn non_default_values_render_and_apply_server_side() {
         "ClusterRole/shapeblock-helm-controller",
         "Role/shapeblock-helm-controller",
     ] {
-        assert!(kinds.contains(&expected.to_string()), "{expected} missing from {kinds:#?}");
+        assert!(
+            kinds.contains(&expected.to_string()),
+            "{expected} missing from {kinds:#?}"
+        );
     }
     apply_all(&client, &documents, &namespace).await;
 
@@ -360,7 +391,10 @@ async fn non_default_values_render_and_apply_server_side() {
         "the token comes from the Secret, never a plain value: {token}"
     );
     let rendered = serde_json::to_string(&deployment).unwrap();
-    assert!(!rendered.contains("sbt_0123456789abcdef"), "token in the Deployment");
+    assert!(
+        !rendered.contains("sbt_0123456789abcdef"),
+        "token in the Deployment"
+    );
 
     // Both Deployments' Pods pass Pod Security `restricted`.
     wait_pods(&client, &namespace, "shapeblock-agent", 2).await;

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, ListParams};
 use kube::Client;
+use kube::api::{Api, ListParams};
 use shapeblock_agent::hub::{Hub, HubConfig};
 use shapeblock_agent::testenv::agent::AgentProcess;
 use support::agent::{AGENT_NS, env};
@@ -119,8 +119,15 @@ async fn one_replica_leads_a_killed_leader_is_replaced_within_the_lease_and_noth
     .await;
     // The standby neither reconciles nor dials the hub.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(b.metric("shapeblock_reconciles_total{kind=\"Project\"}").await, 0.0);
-    assert_eq!(hub.session_epoch(&cluster), Some(epoch_a), "only one session so far");
+    assert_eq!(
+        b.metric("shapeblock_reconciles_total{kind=\"Project\"}").await,
+        0.0
+    );
+    assert_eq!(
+        hub.session_epoch(&cluster),
+        Some(epoch_a),
+        "only one session so far"
+    );
 
     // SIGKILL: no release. The standby waits out the lease, then leads, connects with the
     // identity the first replica stored (the token is spent) and reconciles.
@@ -140,7 +147,10 @@ async fn one_replica_leads_a_killed_leader_is_replaced_within_the_lease_and_noth
         (epoch > epoch_a && hub.store().cluster(&cluster).ok()??.connected).then_some(())
     })
     .await;
-    eprintln!("new leader connected to the hub {:?} after the kill", killed.elapsed());
+    eprintln!(
+        "new leader connected to the hub {:?} after the kill",
+        killed.elapsed()
+    );
     let p2 = unique_name("lead");
     let seq2 = hub.apply(&cluster, &project(&p2)).unwrap();
     eventually(TIMEOUT, "the hub sees the second Project Ready", || {
@@ -187,7 +197,11 @@ async fn one_replica_leads_a_killed_leader_is_replaced_within_the_lease_and_noth
             })
             .count();
         assert_eq!(at_hub, 1, "{p} Ready recorded once at the hub: {events:#?}");
-        assert_eq!(ready_events(&env.client, p).await, vec![replica.to_string()], "{p}");
+        assert_eq!(
+            ready_events(&env.client, p).await,
+            vec![replica.to_string()],
+            "{p}"
+        );
     }
     c.terminate(Duration::from_secs(15)).expect("stops on SIGTERM");
     hub.stop().await;

@@ -1,0 +1,319 @@
+//! The one-line install, proven: `shapeblock-hub token create` prints a line, the line runs as
+//! printed (real `helm`, the chart from this checkout) against the real test apiserver, and
+//! the agent binary then runs out of cluster exactly as the chart's Pod would (the
+//! ServiceAccount the chart made, the environment its Deployment sets, the token from its
+//! Secret): it enrolls, connects, and reconciles under the chart's RBAC alone. The test
+//! control plane has no kubelet to run the Pod itself.
+//!
+//! Its own test binary, so its own cluster: nothing else installs RBAC objects there for Helm
+//! to collide with.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, PostParams};
+use shapeblock_agent::api::Project;
+use shapeblock_agent::hub::{Hub, HubConfig};
+use shapeblock_agent::testenv::{self, agent::AgentProcess};
+use support::{eventually, unique_name};
+
+const NAMESPACE: &str = "shapeblock";
+const TIMEOUT: Duration = Duration::from_secs(45);
+
+/// The chart's container environment, resolved as the kubelet would: plain values, Secret
+/// keys (optional ones may be missing), and the two downward-API fields it uses.
+async fn pod_environment(
+    client: &kube::Client,
+    deployment: &Deployment,
+    pod_name: &str,
+) -> Vec<(String, String)> {
+    let container = &deployment
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0];
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NAMESPACE);
+    let mut env = Vec::new();
+    for var in container.env.clone().unwrap_or_default() {
+        let value = match (var.value, var.value_from) {
+            (Some(value), _) => Some(value),
+            (None, None) => Some(String::new()),
+            (None, Some(from)) => {
+                if let Some(field) = from.field_ref {
+                    match field.field_path.as_str() {
+                        "metadata.name" => Some(pod_name.to_string()),
+                        "metadata.namespace" => Some(NAMESPACE.to_string()),
+                        other => panic!("the chart uses field {other}, which this test cannot resolve"),
+                    }
+                } else if let Some(key) = from.secret_key_ref {
+                    let secret = secrets.get_opt(&key.name).await.unwrap();
+                    let value = secret
+                        .and_then(|s| s.data)
+                        .and_then(|d| d.get(&key.key).cloned())
+                        .map(|b| String::from_utf8(b.0).unwrap());
+                    assert!(
+                        value.is_some() || key.optional == Some(true),
+                        "{} missing",
+                        key.name
+                    );
+                    value
+                } else {
+                    panic!("unexpected env source for {}", var.name)
+                }
+            }
+        };
+        if let Some(value) = value {
+            env.push((var.name, value));
+        }
+    }
+    env
+}
+
+fn helm_home(dir: &Path) -> Vec<(&'static str, String)> {
+    vec![
+        ("HELM_CACHE_HOME", dir.join("cache").display().to_string()),
+        ("HELM_CONFIG_HOME", dir.join("config").display().to_string()),
+        ("HELM_DATA_HOME", dir.join("data").display().to_string()),
+    ]
+}
+
+#[tokio::test]
+async fn the_printed_install_line_installs_an_agent_that_enrolls_and_connects() {
+    let plane = testenv::shared().unwrap_or_else(|e| panic!("{e}"));
+    let client = plane.client().await.unwrap();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let data = tempfile::tempdir().unwrap();
+    let mut config = HubConfig::new(data.path().to_path_buf());
+    config.heartbeat = Duration::from_secs(2);
+    let hub = Hub::start(config).await.unwrap();
+    let cluster = unique_name("install");
+    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/shapeblock-agent");
+
+    // The hub's CLI prints the line, working on the running hub's data directory.
+    let output = Command::new(env!("CARGO_BIN_EXE_shapeblock-hub"))
+        .arg("--data-dir")
+        .arg(data.path())
+        .args([
+            "token",
+            "create",
+            "--cluster",
+            &cluster,
+            "--hub-address",
+            &hub.url(),
+        ])
+        .arg("--chart")
+        .arg(&chart)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let printed = String::from_utf8(output.stdout).unwrap();
+    let line = printed.trim_end();
+    assert_eq!(line.lines().count(), 1, "one line: {printed}");
+    assert!(line.starts_with("helm install shapeblock-agent "), "{line}");
+    eprintln!("install line: {line}");
+
+    // Exactly that line, by a shell, with the real helm first on PATH and the test cluster as
+    // the kubeconfig (as an operator's shell would have them).
+    let helm_dir = testenv::default_bin_dir();
+    let path = format!(
+        "{}:{}",
+        helm_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let started = std::time::Instant::now();
+    let installed = Command::new("sh")
+        .args(["-c", line])
+        .env("PATH", path)
+        .env("KUBECONFIG", &plane.kubeconfig)
+        .envs(helm_home(data.path()))
+        .output()
+        .unwrap();
+    assert!(
+        installed.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&installed.stdout),
+        String::from_utf8_lossy(&installed.stderr)
+    );
+    eprintln!("helm install took {:?}", started.elapsed());
+
+    // The registry pull secret the chart's default values name, as the operator provides it.
+    let pull: Secret = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some("registry-credentials".into()),
+            ..Default::default()
+        },
+        type_: Some("kubernetes.io/dockerconfigjson".into()),
+        data: Some(BTreeMap::from([(
+            ".dockerconfigjson".to_string(),
+            ByteString(br#"{"auths":{}}"#.to_vec()),
+        )])),
+        ..Default::default()
+    };
+    Api::<Secret>::namespaced(client.clone(), NAMESPACE)
+        .create(&PostParams::default(), &pull)
+        .await
+        .unwrap();
+
+    // The agent as the chart's Pod: its ServiceAccount's token, its Deployment's environment.
+    let deployment = Api::<Deployment>::namespaced(client.clone(), NAMESPACE)
+        .get("shapeblock-agent")
+        .await
+        .unwrap();
+    let pod_name = "shapeblock-agent-install-test";
+    let env = pod_environment(&client, &deployment, pod_name).await;
+    let names: Vec<&str> = env.iter().map(|(n, _)| n.as_str()).collect();
+    for needed in [
+        "SHAPEBLOCK_HUB_ADDRESS",
+        "SHAPEBLOCK_CA_HASH",
+        "SHAPEBLOCK_ENROLL_TOKEN",
+    ] {
+        assert!(
+            names.contains(&needed),
+            "{needed} not set by the chart: {names:?}"
+        );
+    }
+    let kubeconfig = testenv::agent::service_account_kubeconfig(
+        &client,
+        &plane.kubeconfig,
+        NAMESPACE,
+        "shapeblock-agent",
+        &plane.work_dir,
+    )
+    .await
+    .unwrap();
+    // A CRD lost since the install (deleted by hand, say): the agent's start-up apply brings
+    // it back, under the chart's RBAC.
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.delete("teams.apps.shapeblock.io", &Default::default())
+        .await
+        .unwrap();
+    eventually(TIMEOUT, "the Team CRD is gone", || async {
+        crds.get_opt("teams.apps.shapeblock.io")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let log = plane
+        .work_dir
+        .join(format!("{}.log", unique_name("installed-agent")));
+    let started = std::time::Instant::now();
+    // Only the listening address differs from the Pod (the chart's port may be taken here).
+    let agent = AgentProcess::start_with_env(
+        Path::new(env!("CARGO_BIN_EXE_shapeblock-agent")),
+        &kubeconfig,
+        NAMESPACE,
+        &log,
+        &[],
+        &env,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+
+    eventually(TIMEOUT, "the hub reports the cluster connected", || async {
+        hub.store().cluster(&cluster).ok()??.connected.then_some(())
+    })
+    .await;
+    eprintln!("agent started, enrolled and connected in {:?}", started.elapsed());
+    for name in shapeblock_agent::rbac::SHAPEBLOCK_CRDS {
+        let crd = crds.get(name).await.unwrap_or_else(|e| panic!("{name}: {e}"));
+        let managers: Vec<String> = crd
+            .metadata
+            .managed_fields
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|f| f.manager)
+            .collect();
+        assert!(
+            managers.iter().any(|m| m == "shapeblock-agent"),
+            "{name} applied by the agent at start-up: {managers:?}"
+        );
+    }
+    let identity = Api::<Secret>::namespaced(client.clone(), NAMESPACE)
+        .get("shapeblock-agent-identity")
+        .await
+        .expect("the agent keeps its identity in its namespace");
+    assert!(identity.data.unwrap_or_default().contains_key("tls.crt"));
+    let lease = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), NAMESPACE)
+        .get("shapeblock-agent")
+        .await
+        .expect("the chart turns leader election on");
+    assert_eq!(lease.spec.unwrap().holder_identity.as_deref(), Some(pod_name));
+
+    // It works under the chart's RBAC alone: a Project sent through the hub becomes Ready.
+    let project = unique_name("installed");
+    hub.apply(
+        &cluster,
+        &format!("apiVersion: apps.shapeblock.io/v1alpha1\nkind: Project\nmetadata:\n  name: {project}\nspec: {{}}\n"),
+    )
+    .unwrap();
+    let key = format!("Project//{project}");
+    eventually(TIMEOUT, "the hub sees the Project Ready", || async {
+        let objects = hub.store().objects(&cluster).ok()?;
+        objects
+            .iter()
+            .any(|o| o.key == key && o.phase == "Ready")
+            .then_some(())
+    })
+    .await;
+
+    // Uninstall as the chart's README says: the agent goes, the CRDs stay, and with them the
+    // Project and its namespace.
+    agent
+        .terminate(Duration::from_secs(15))
+        .expect("the agent stops on SIGTERM");
+    let uninstalled = Command::new(helm_dir.join("helm"))
+        .args(["uninstall", "shapeblock-agent", "-n", NAMESPACE])
+        .env("KUBECONFIG", &plane.kubeconfig)
+        .envs(helm_home(data.path()))
+        .output()
+        .unwrap();
+    assert!(
+        uninstalled.status.success(),
+        "{}",
+        String::from_utf8_lossy(&uninstalled.stderr)
+    );
+    for name in shapeblock_agent::rbac::SHAPEBLOCK_CRDS {
+        let crd = crds
+            .get(name)
+            .await
+            .unwrap_or_else(|e| panic!("{name} kept: {e}"));
+        assert!(
+            crd.metadata.deletion_timestamp.is_none(),
+            "{name} is being deleted"
+        );
+    }
+    assert!(
+        Api::<Project>::all(client.clone())
+            .get_opt(&project)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        Api::<Deployment>::namespaced(client.clone(), NAMESPACE)
+            .get_opt("shapeblock-agent")
+            .await
+            .unwrap()
+            .is_none(),
+        "the agent's Deployment is gone"
+    );
+    hub.stop().await;
+}
