@@ -125,16 +125,7 @@ async fn wait_pods(client: &Client, namespace: &str, app: &str, replicas: usize)
 }
 
 fn env_of(deployment: &Deployment) -> Vec<(String, serde_json::Value)> {
-    let container = &deployment
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .as_ref()
-        .unwrap()
-        .containers[0];
-    container
+    support::first_container(deployment)
         .env
         .clone()
         .unwrap_or_default()

@@ -21,7 +21,6 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, PostParams};
 use shapeblock_agent::api::Project;
-use shapeblock_agent::hub::{Hub, HubConfig};
 use shapeblock_agent::testenv::{self, agent::AgentProcess};
 use support::{eventually, unique_name};
 
@@ -35,15 +34,7 @@ async fn pod_environment(
     deployment: &Deployment,
     pod_name: &str,
 ) -> Vec<(String, String)> {
-    let container = &deployment
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .as_ref()
-        .unwrap()
-        .containers[0];
+    let container = support::first_container(deployment);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), NAMESPACE);
     let mut env = Vec::new();
     for var in container.env.clone().unwrap_or_default() {
@@ -81,23 +72,30 @@ async fn pod_environment(
     env
 }
 
-fn helm_home(dir: &Path) -> Vec<(&'static str, String)> {
-    vec![
-        ("HELM_CACHE_HOME", dir.join("cache").display().to_string()),
-        ("HELM_CONFIG_HOME", dir.join("config").display().to_string()),
-        ("HELM_DATA_HOME", dir.join("data").display().to_string()),
-    ]
+/// Runs `command` against the test cluster with a Helm home of its own; panics with the
+/// output unless it succeeds.
+fn run_against(command: &mut Command, kubeconfig: &Path, helm_home: &Path) {
+    let output = command
+        .env("KUBECONFIG", kubeconfig)
+        .env("HELM_CACHE_HOME", helm_home.join("cache"))
+        .env("HELM_CONFIG_HOME", helm_home.join("config"))
+        .env("HELM_DATA_HOME", helm_home.join("data"))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{command:?}:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 #[tokio::test]
 async fn the_printed_install_line_installs_an_agent_that_enrolls_and_connects() {
     let plane = testenv::shared().unwrap_or_else(|e| panic!("{e}"));
     let client = plane.client().await.unwrap();
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let data = tempfile::tempdir().unwrap();
-    let mut config = HubConfig::new(data.path().to_path_buf());
-    config.heartbeat = Duration::from_secs(2);
-    let hub = Hub::start(config).await.unwrap();
+    let hub = support::hub::start(data.path()).await;
     let cluster = unique_name("install");
     let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/shapeblock-agent");
 
@@ -137,18 +135,10 @@ async fn the_printed_install_line_installs_an_agent_that_enrolls_and_connects() 
         std::env::var("PATH").unwrap_or_default()
     );
     let started = std::time::Instant::now();
-    let installed = Command::new("sh")
-        .args(["-c", line])
-        .env("PATH", path)
-        .env("KUBECONFIG", &plane.kubeconfig)
-        .envs(helm_home(data.path()))
-        .output()
-        .unwrap();
-    assert!(
-        installed.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&installed.stdout),
-        String::from_utf8_lossy(&installed.stderr)
+    run_against(
+        Command::new("sh").args(["-c", line]).env("PATH", path),
+        &plane.kubeconfig,
+        data.path(),
     );
     eprintln!("helm install took {:?}", started.elapsed());
 
@@ -259,18 +249,9 @@ async fn the_printed_install_line_installs_an_agent_that_enrolls_and_connects() 
 
     // It works under the chart's RBAC alone: a Project sent through the hub becomes Ready.
     let project = unique_name("installed");
-    hub.apply(
-        &cluster,
-        &format!("apiVersion: apps.shapeblock.io/v1alpha1\nkind: Project\nmetadata:\n  name: {project}\nspec: {{}}\n"),
-    )
-    .unwrap();
-    let key = format!("Project//{project}");
+    hub.apply(&cluster, &support::hub::project(&project)).unwrap();
     eventually(TIMEOUT, "the hub sees the Project Ready", || async {
-        let objects = hub.store().objects(&cluster).ok()?;
-        objects
-            .iter()
-            .any(|o| o.key == key && o.phase == "Ready")
-            .then_some(())
+        support::hub::project_ready(&hub, &cluster, &project)
     })
     .await;
 
@@ -279,16 +260,10 @@ async fn the_printed_install_line_installs_an_agent_that_enrolls_and_connects() 
     agent
         .terminate(Duration::from_secs(15))
         .expect("the agent stops on SIGTERM");
-    let uninstalled = Command::new(helm_dir.join("helm"))
-        .args(["uninstall", "shapeblock-agent", "-n", NAMESPACE])
-        .env("KUBECONFIG", &plane.kubeconfig)
-        .envs(helm_home(data.path()))
-        .output()
-        .unwrap();
-    assert!(
-        uninstalled.status.success(),
-        "{}",
-        String::from_utf8_lossy(&uninstalled.stderr)
+    run_against(
+        Command::new(helm_dir.join("helm")).args(["uninstall", "shapeblock-agent", "-n", NAMESPACE]),
+        &plane.kubeconfig,
+        data.path(),
     );
     for name in shapeblock_agent::rbac::SHAPEBLOCK_CRDS {
         let crd = crds

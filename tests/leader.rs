@@ -9,13 +9,12 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::api::events::v1::Event;
 use kube::Client;
-use kube::api::{Api, ListParams};
-use shapeblock_agent::hub::{Hub, HubConfig};
+use kube::api::Api;
 use shapeblock_agent::testenv::agent::AgentProcess;
 use support::agent::{AGENT_NS, env};
-use support::{eventually, unique_name};
+use support::hub::{self, project, project_ready};
+use support::{events_for, eventually, unique_name};
 
 const LEASE_SECONDS: u64 = 4;
 const TIMEOUT: Duration = Duration::from_secs(45);
@@ -29,31 +28,14 @@ async fn holder(client: &Client) -> Option<String> {
         .holder_identity
 }
 
-fn project(name: &str) -> String {
-    format!("apiVersion: apps.shapeblock.io/v1alpha1\nkind: Project\nmetadata:\n  name: {name}\nspec: {{}}\n")
-}
-
-/// `Ready` Events of a Project, by the replica that reported them.
+/// Reporting instances of a Project's `Ready` Events (cluster-scoped: they are in `default`).
 async fn ready_events(client: &Client, project: &str) -> Vec<String> {
-    Api::<Event>::namespaced(client.clone(), "default")
-        .list(&ListParams::default())
+    events_for(client, "default", project)
         .await
-        .unwrap()
-        .items
         .into_iter()
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(project))
         .filter(|e| e.reason.as_deref() == Some("Ready"))
         .map(|e| e.reporting_instance.unwrap_or_default())
         .collect()
-}
-
-async fn ready_at_hub(hub: &Hub, cluster: &str, project: &str) -> Option<()> {
-    let key = format!("Project//{project}");
-    let objects = hub.store().objects(cluster).ok()?;
-    objects
-        .iter()
-        .any(|o| o.key == key && o.phase == "Ready")
-        .then_some(())
 }
 
 #[tokio::test]
@@ -65,11 +47,8 @@ async fn one_replica_leads_a_killed_leader_is_replaced_within_the_lease_and_noth
     let _ = Api::<Secret>::namespaced(env.client.clone(), AGENT_NS)
         .delete("shapeblock-agent-identity", &Default::default())
         .await;
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let data = tempfile::tempdir().unwrap();
-    let mut config = HubConfig::new(data.path().to_path_buf());
-    config.heartbeat = Duration::from_secs(2);
-    let hub = Hub::start(config).await.unwrap();
+    let hub = hub::start(data.path()).await;
     let cluster = unique_name("le");
     let token = hub.create_token(&cluster, Duration::from_secs(300)).unwrap();
 
@@ -113,8 +92,8 @@ async fn one_replica_leads_a_killed_leader_is_replaced_within_the_lease_and_noth
 
     let p1 = unique_name("lead");
     let seq1 = hub.apply(&cluster, &project(&p1)).unwrap();
-    eventually(TIMEOUT, "the hub sees the first Project Ready", || {
-        ready_at_hub(&hub, &cluster, &p1)
+    eventually(TIMEOUT, "the hub sees the first Project Ready", || async {
+        project_ready(&hub, &cluster, &p1)
     })
     .await;
     // The standby neither reconciles nor dials the hub.
@@ -153,8 +132,8 @@ async fn one_replica_leads_a_killed_leader_is_replaced_within_the_lease_and_noth
     );
     let p2 = unique_name("lead");
     let seq2 = hub.apply(&cluster, &project(&p2)).unwrap();
-    eventually(TIMEOUT, "the hub sees the second Project Ready", || {
-        ready_at_hub(&hub, &cluster, &p2)
+    eventually(TIMEOUT, "the hub sees the second Project Ready", || async {
+        project_ready(&hub, &cluster, &p2)
     })
     .await;
     assert_eq!(b.metric("shapeblock_leader").await, 1.0);
@@ -173,8 +152,8 @@ async fn one_replica_leads_a_killed_leader_is_replaced_within_the_lease_and_noth
     assert!(graceful < Duration::from_secs(LEASE_SECONDS), "took {graceful:?}");
     let p3 = unique_name("lead");
     let seq3 = hub.apply(&cluster, &project(&p3)).unwrap();
-    eventually(TIMEOUT, "the hub sees the third Project Ready", || {
-        ready_at_hub(&hub, &cluster, &p3)
+    eventually(TIMEOUT, "the hub sees the third Project Ready", || async {
+        project_ready(&hub, &cluster, &p3)
     })
     .await;
 
@@ -189,13 +168,7 @@ async fn one_replica_leads_a_killed_leader_is_replaced_within_the_lease_and_noth
     let results = events.iter().filter(|e| e.1 == "result").count();
     assert_eq!(results, 3, "one result per command: {events:#?}");
     for (p, replica) in [(&p1, "replica-a"), (&p2, "replica-b"), (&p3, "replica-c")] {
-        let at_hub = events
-            .iter()
-            .filter(|e| {
-                (e.1 == "phase" && e.2 == format!("Project//{p}") && e.3 == "Ready")
-                    || (e.1 == "snapshot" && e.3.contains(&format!("Project//{p}=Ready")))
-            })
-            .count();
+        let at_hub = hub::times_recorded_ready(&events, p);
         assert_eq!(at_hub, 1, "{p} Ready recorded once at the hub: {events:#?}");
         assert_eq!(
             ready_events(&env.client, p).await,
