@@ -153,6 +153,7 @@ pub async fn run(settings: Settings, shutdown: ShutdownSignal) -> Result<(), Err
         }
         Ok(false) => {
             helm_charts_served.set(0);
+            ctx.set_helm_charts_served(false);
             tracing::warn!("{}", crate::startup::HELM_CONTROLLER_MISSING);
         }
         Err(err) => tracing::warn!(%err, "cannot tell whether HelmCharts are served"),
