@@ -1,22 +1,26 @@
-//! A cluster without the k3s helm-controller (EKS, GKE, AKS, DOKS without the chart's
-//! `helmController.install`): the agent says so once at start-up and in a metric, a build
-//! waits in `Deploying` with reason `HelmControllerMissing` instead of failing, and deploys as
-//! soon as the HelmChart kind appears. Its own control plane: the shared one has the kind.
+//! A cluster without the k3s helm-controller (EKS, GKE, AKS, DOKS): the agent says so once at
+//! start-up and in a metric, a build waits in `Deploying` with reason `HelmControllerMissing`
+//! instead of failing, and deploys as soon as the chart's `helmController.install` brings the
+//! controller, which then works with the chart's (non-admin) rules. Its own control plane:
+//! the shared one has the kind and an admin helm-controller.
 
 mod support;
 
 use std::path::Path;
 use std::time::Duration;
 
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
 use kube::Client;
-use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::ResourceExt;
+use kube::api::{Api, DynamicObject};
 use kube::discovery::ApiResource;
 use serde_json::json;
 use shapeblock_agent::api::{App, AppBuild, AppPhase, Project, ProjectPhase};
-use shapeblock_agent::testenv::{self, ControlPlane, Options, agent::AgentProcess};
+use shapeblock_agent::testenv::{self, ControlPlane, ManagedProcess, Options, agent::AgentProcess};
 use support::agent::{create, project_manifest, wait_app, wait_project};
-use support::{eventually, unique_name, yaml_documents};
+use support::chart::{apply_all, render};
+use support::{eventually, unique_name};
 
 const TIMEOUT: Duration = Duration::from_secs(45);
 const AGENT_NS: &str = "shapeblock";
@@ -106,22 +110,44 @@ async fn without_the_helm_chart_kind_builds_wait_with_a_clear_reason_and_deploy_
         "the message says what to do"
     );
 
-    // The helm-controller's CRDs arrive (as the chart's helmController.install would bring
-    // them): the build goes on and its HelmChart is created.
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/crds");
-    for file in [
-        "helm.cattle.io_helmcharts.yaml",
-        "helm.cattle.io_helmchartconfigs.yaml",
-    ] {
-        for document in yaml_documents(&fixtures.join(file)) {
-            let crd: CustomResourceDefinition = serde_json::from_value(document).unwrap();
-            let name = crd.metadata.name.clone().unwrap();
-            crds.patch(&name, &PatchParams::apply("test").force(), &Patch::Apply(&crd))
-                .await
-                .unwrap();
-        }
-    }
+    // The chart's helmController.install: its CRDs, RBAC and job role, applied as rendered; the
+    // controller itself runs out of cluster (no kubelet here) as the chart's ServiceAccount,
+    // with the chart's arguments.
+    let documents = render(AGENT_NS, &["helmController.install=true"]).unwrap();
+    let helm_controller: Vec<serde_json::Value> = documents
+        .into_iter()
+        .filter(|d| {
+            let name = d["metadata"]["name"].as_str().unwrap_or_default();
+            name.starts_with("shapeblock-helm") || name.ends_with(".helm.cattle.io")
+        })
+        .collect();
+    apply_all(&client, &helm_controller, AGENT_NS).await;
+    let deployment = helm_controller
+        .iter()
+        .find(|d| d["kind"] == "Deployment")
+        .expect("the helm-controller Deployment");
+    let mut args: Vec<String> =
+        serde_json::from_value(deployment["spec"]["template"]["spec"]["containers"][0]["args"].clone())
+            .unwrap();
+    let controller_kubeconfig = testenv::agent::service_account_kubeconfig(
+        &client,
+        plane.kubeconfig(),
+        AGENT_NS,
+        "shapeblock-helm-controller",
+        plane.work_dir(),
+    )
+    .await
+    .unwrap();
+    args.push(format!("--kubeconfig={}", controller_kubeconfig.display()));
+    let controller_log = plane.work_dir().join("chart-helm-controller.log");
+    let controller = ManagedProcess::spawn(
+        "helm-controller",
+        &testenv::default_bin_dir().join("helm-controller"),
+        &args,
+        &controller_log,
+    )
+    .unwrap();
+
     let resource = ApiResource {
         group: "helm.cattle.io".into(),
         version: "v1".into(),
@@ -135,11 +161,57 @@ async fn without_the_helm_chart_kind_builds_wait_with_a_clear_reason_and_deploy_
         (!list.items.is_empty()).then_some(())
     })
     .await;
-    eprintln!("HelmChart created {waited:?} after the CRDs were applied");
+    eprintln!("HelmChart created {waited:?} after the chart installed the helm-controller");
     assert_ne!(
         build_reason(&client, &project, "web-1").await.as_deref(),
         Some("HelmControllerMissing")
     );
+    // The helm-controller, with only the chart's rules, makes the install Job and binds its
+    // ServiceAccount to the job role (not cluster-admin).
+    let jobs: Api<Job> = Api::namespaced(client.clone(), AGENT_NS);
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let job = loop {
+        let list = jobs.list(&Default::default()).await.unwrap();
+        if let Some(job) = list
+            .items
+            .into_iter()
+            .find(|j| j.name_any().starts_with("helm-install-"))
+        {
+            break job;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no install Job from the chart's helm-controller; its log:\n{}",
+            controller.log_tail(60)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let account = job
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap()
+        .service_account_name
+        .unwrap();
+    let bindings = Api::<ClusterRoleBinding>::all(client.clone())
+        .list(&Default::default())
+        .await
+        .unwrap();
+    let binding = bindings
+        .items
+        .iter()
+        .find(|b| {
+            b.subjects
+                .iter()
+                .flatten()
+                .any(|s| s.name == account && s.namespace.as_deref() == Some(AGENT_NS))
+        })
+        .expect("a binding for the install Job's ServiceAccount");
+    assert_eq!(binding.role_ref.name, "shapeblock-helm-job");
+    let log = std::fs::read_to_string(&controller_log).unwrap();
+    assert!(!log.contains("forbidden"), "the chart's rules are enough:\n{log}");
+    drop(controller);
     agent
         .terminate(Duration::from_secs(15))
         .expect("stops on SIGTERM");

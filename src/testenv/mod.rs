@@ -113,7 +113,8 @@ impl Default for Options {
             controller_manager: true,
             nodes: 2,
             helm_controller: true,
-            helm_crds_dir: Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/crds"),
+            helm_crds_dir: Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("charts/shapeblock-agent/files/helm-controller-crds"),
             ready_timeout: Duration::from_secs(60),
         }
     }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod agent;
+pub mod chart;
 pub mod hub;
 
 use std::path::Path;
