@@ -257,6 +257,10 @@ async fn the_printed_install_line_installs_an_agent_that_enrolls_and_connects() 
 
     // Uninstall as the chart's README says: the agent goes, the CRDs stay, and with them the
     // Project and its namespace.
+    eprintln!(
+        "the installed agent's peak RSS: {} MiB",
+        agent.peak_rss_kib().div_ceil(1024)
+    );
     agent
         .terminate(Duration::from_secs(15))
         .expect("the agent stops on SIGTERM");
@@ -290,5 +294,58 @@ async fn the_printed_install_line_installs_an_agent_that_enrolls_and_connects() 
             .is_none(),
         "the agent's Deployment is gone"
     );
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn dev_certs_make_a_ca_that_the_hub_then_serves_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("certs-dev");
+    let dev_certs = || {
+        let output = Command::new(env!("CARGO_BIN_EXE_shapeblock-hub"))
+            .args(["dev-certs", "--out"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let text = String::from_utf8(output.stdout).unwrap();
+        assert!(
+            text.contains("shapeblock-hub --data-dir"),
+            "says how to start the hub: {text}"
+        );
+        text.lines()
+            .find_map(|l| l.strip_prefix("CA hash: "))
+            .expect("prints the CA hash")
+            .to_string()
+    };
+    let printed = dev_certs();
+    assert_eq!(dev_certs(), printed, "a second run keeps the CA");
+    use std::os::unix::fs::PermissionsExt;
+    let key_mode = std::fs::metadata(out.join("ca-key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(key_mode & 0o077, 0, "the CA key is private");
+    assert!(
+        std::fs::read_to_string(out.join("server.pem"))
+            .unwrap()
+            .contains("BEGIN CERTIFICATE")
+    );
+
+    // The hub started on that directory serves with that CA: an agent pinned to the printed
+    // hash enrolls.
+    let hub = support::hub::start(&out).await;
+    assert_eq!(hub.ca_hash(), printed);
+    let token = hub.create_token("dev", Duration::from_secs(60)).unwrap();
+    let key = shapeblock_agent::tunnel::enroll::new_key().unwrap();
+    let url = hub.url().replace("127.0.0.1", "localhost");
+    let identity = shapeblock_agent::tunnel::enroll::enroll(&url, &token, &printed, &key)
+        .await
+        .expect("enrolls against localhost with the dev CA");
+    assert_eq!(identity.cluster_id, "dev");
     hub.stop().await;
 }
