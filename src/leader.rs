@@ -92,8 +92,13 @@ impl Elector {
         &self.config.identity
     }
 
-    /// Waits until this replica holds the Lease (`true`) or `stop` resolves (`false`).
-    pub async fn acquire(&mut self, stop: impl std::future::Future<Output = ()>) -> bool {
+    /// Waits until this replica holds the Lease (`true`) or `stop` resolves (`false`);
+    /// `standing_by` runs each time the Lease was read and another replica holds it.
+    pub async fn acquire(
+        &mut self,
+        stop: impl std::future::Future<Output = ()>,
+        mut standing_by: impl FnMut(),
+    ) -> bool {
         tokio::pin!(stop);
         let mut reported = String::new();
         loop {
@@ -103,6 +108,7 @@ impl Elector {
                     return true;
                 }
                 Ok(false) => {
+                    standing_by();
                     let holder = self.holder().to_string();
                     if holder != reported {
                         tracing::info!(leader = %holder, "standing by: another replica holds the lease");

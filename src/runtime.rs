@@ -131,8 +131,8 @@ pub async fn run(settings: Settings, shutdown: ShutdownSignal) -> Result<(), Err
         None => None,
     };
     if let Some(elector) = elector.as_mut() {
-        role.store(ROLE_STANDBY, Ordering::SeqCst);
-        if !elector.acquire(shutdown.clone()).await {
+        let standing_by = || role.store(ROLE_STANDBY, Ordering::SeqCst);
+        if !elector.acquire(shutdown.clone(), standing_by).await {
             server.abort();
             return Ok(());
         }
@@ -161,12 +161,15 @@ pub async fn run(settings: Settings, shutdown: ShutdownSignal) -> Result<(), Err
 
     // Leading ends on shutdown or when the lease is lost, whichever comes first.
     let (lost_tx, lost_rx) = tokio::sync::oneshot::channel();
+    let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let holder = elector.map(|mut elector| {
         let stop = shutdown.clone();
+        let lost = lost.clone();
         tokio::spawn(async move {
             let outcome = elector.hold(stop).await;
             if let Err(err) = &outcome {
                 tracing::error!(%err, "stopping: another replica may lead now");
+                lost.store(true, Ordering::SeqCst);
                 let _ = lost_tx.send(());
             }
             (elector, outcome)
@@ -192,14 +195,20 @@ pub async fn run(settings: Settings, shutdown: ShutdownSignal) -> Result<(), Err
         tracing::info!(hub = %tunnel.config.hub_url, "tunnel to the hub enabled");
         tokio::spawn(crate::tunnel::run(tunnel.config, host, store, stop.clone()))
     });
-    let controllers = tokio::spawn(controllers::run(ctx, stop.clone()));
+    let mut controllers = tokio::spawn(controllers::run(ctx, stop.clone()));
     stop.await;
-    match tokio::time::timeout(settings.shutdown_timeout, controllers).await {
-        Ok(_) => tracing::info!("controllers stopped"),
-        Err(_) => tracing::warn!(
-            timeout = ?settings.shutdown_timeout,
-            "in-flight reconciles did not finish in time; exiting anyway (they are idempotent and resume on restart)"
-        ),
+    if lost.load(Ordering::SeqCst) {
+        // Another replica may lead within moments: stop writing at once rather than let
+        // in-flight reconciles finish (they are idempotent; the new leader redoes them).
+        controllers.abort();
+    } else {
+        match tokio::time::timeout(settings.shutdown_timeout, &mut controllers).await {
+            Ok(_) => tracing::info!("controllers stopped"),
+            Err(_) => tracing::warn!(
+                timeout = ?settings.shutdown_timeout,
+                "in-flight reconciles did not finish in time; exiting anyway (they are idempotent and resume on restart)"
+            ),
+        }
     }
     if let Some(tunnel) = tunnel {
         tunnel.abort();

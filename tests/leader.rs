@@ -157,8 +157,8 @@ async fn one_replica_leads_a_killed_leader_is_replaced_within_the_lease_and_noth
     })
     .await;
 
-    // Nothing twice: one result per command, each Project Ready once at the hub and one Ready
-    // Event each, from the replica that led at the time.
+    // Nothing twice: one result per command, each Project Ready once at the hub, and Ready
+    // Events only from the replica that led at the time.
     let commands = hub.store().commands(&cluster).unwrap();
     assert_eq!(
         commands.iter().map(|c| (c.seq, c.done)).collect::<Vec<_>>(),
@@ -170,12 +170,54 @@ async fn one_replica_leads_a_killed_leader_is_replaced_within_the_lease_and_noth
     for (p, replica) in [(&p1, "replica-a"), (&p2, "replica-b"), (&p3, "replica-c")] {
         let at_hub = hub::times_recorded_ready(&events, p);
         assert_eq!(at_hub, 1, "{p} Ready recorded once at the hub: {events:#?}");
-        assert_eq!(
-            ready_events(&env.client, p).await,
-            vec![replica.to_string()],
-            "{p}"
+        // Only the leader of the time reported it. (Not "exactly once": the Project controller
+        // can publish Ready twice when two reconciles race on a stale cache, with one replica.)
+        let reporters = ready_events(&env.client, p).await;
+        assert!(
+            !reporters.is_empty() && reporters.iter().all(|r| r == replica),
+            "{p}: {reporters:?}"
         );
     }
     c.terminate(Duration::from_secs(15)).expect("stops on SIGTERM");
     hub.stop().await;
+}
+
+#[tokio::test]
+async fn a_leader_that_finds_its_lease_taken_stops_at_once() {
+    let env = env().await;
+    let leases: Api<Lease> = Api::namespaced(env.client.clone(), AGENT_NS);
+    let _ = leases.delete("shapeblock-agent", &Default::default()).await;
+    let mut agent = env
+        .agent(&[
+            "--leader-elect",
+            "--instance=replica-x",
+            "--lease-duration-seconds=4",
+            "--renew-deadline-seconds=3",
+            "--retry-period-seconds=1",
+        ])
+        .await;
+    assert_eq!(holder(&env.client).await.as_deref(), Some("replica-x"));
+
+    // Someone else holds it now (as after a partition during which it expired and was taken).
+    let mut lease = leases.get("shapeblock-agent").await.unwrap();
+    let spec = lease.spec.as_mut().unwrap();
+    spec.holder_identity = Some("replica-elsewhere".into());
+    spec.renew_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+        k8s_openapi::jiff::Timestamp::now(),
+    ));
+    leases
+        .replace("shapeblock-agent", &Default::default(), &lease)
+        .await
+        .unwrap();
+    let status = agent
+        .wait_exit(Duration::from_secs(5))
+        .expect("the former leader exits within a retry period or two");
+    assert!(!status.success(), "a lost lease is an error: {status}");
+    assert!(
+        agent.log_tail(20).contains("lost the lease"),
+        "{}",
+        agent.log_tail(20)
+    );
+    // It did not release (or overwrite) the lease it no longer holds.
+    assert_eq!(holder(&env.client).await.as_deref(), Some("replica-elsewhere"));
 }

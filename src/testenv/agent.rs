@@ -214,14 +214,21 @@ impl AgentProcess {
     pub fn terminate(mut self, grace: Duration) -> Option<std::process::ExitStatus> {
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(self.process.pid() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + grace;
-        while Instant::now() < deadline {
+        self.wait_exit(grace)
+    }
+
+    /// Waits up to `timeout` for the agent to exit; its exit status, or `None` if it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
             if let Some(status) = self.process.exited() {
                 return Some(status);
             }
+            if Instant::now() >= deadline {
+                return None;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
-        None
     }
 
     /// SIGKILL: no shutdown at all, as when a node dies.
