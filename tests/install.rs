@@ -124,7 +124,17 @@ async fn the_printed_install_line_installs_an_agent_that_enrolls_and_connects() 
     let line = printed.trim_end();
     assert_eq!(line.lines().count(), 1, "one line: {printed}");
     assert!(line.starts_with("helm install shapeblock-agent "), "{line}");
-    eprintln!("install line: {line}");
+    let shown: Vec<&str> = line
+        .split(' ')
+        .map(|w| {
+            if w.starts_with("enrollment.token=") {
+                "enrollment.token=<redacted>"
+            } else {
+                w
+            }
+        })
+        .collect();
+    eprintln!("install line: {}", shown.join(" "));
 
     // Exactly that line, by a shell, with the real helm first on PATH and the test cluster as
     // the kubeconfig (as an operator's shell would have them).
