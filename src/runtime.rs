@@ -106,11 +106,9 @@ pub async fn run(settings: Settings, shutdown: ShutdownSignal) -> Result<(), Err
         helm_charts_served.clone(),
     );
     let metrics = Arc::new(metrics);
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        metrics,
-        settings.controllers.clone(),
-    ));
+    let mut config = settings.controllers.clone();
+    config.builds.relay_logs = settings.tunnel.is_some();
+    let ctx = Arc::new(Context::new(client.clone(), metrics, config));
     let role = Arc::new(AtomicU8::new(if settings.leader_election.is_some() {
         ROLE_WAITING
     } else {
