@@ -100,27 +100,18 @@ async fn the_printed_install_line_installs_an_agent_that_enrolls_and_connects() 
     let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/shapeblock-agent");
 
     // The hub's CLI prints the line, working on the running hub's data directory.
-    let output = Command::new(env!("CARGO_BIN_EXE_shapeblock-hub"))
-        .arg("--data-dir")
-        .arg(data.path())
-        .args([
-            "token",
-            "create",
-            "--cluster",
-            &cluster,
-            "--hub-address",
-            &hub.url(),
-        ])
-        .arg("--chart")
-        .arg(&chart)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let printed = String::from_utf8(output.stdout).unwrap();
+    let printed = support::hub::cli([
+        "--data-dir".as_ref(),
+        data.path().as_os_str(),
+        "token".as_ref(),
+        "create".as_ref(),
+        "--cluster".as_ref(),
+        cluster.as_ref(),
+        "--hub-address".as_ref(),
+        hub.url().as_ref(),
+        "--chart".as_ref(),
+        chart.as_os_str(),
+    ]);
     let line = printed.trim_end();
     assert_eq!(line.lines().count(), 1, "one line: {printed}");
     assert!(line.starts_with("helm install shapeblock-agent "), "{line}");
@@ -312,17 +303,7 @@ async fn dev_certs_make_a_ca_that_the_hub_then_serves_with() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("certs-dev");
     let dev_certs = || {
-        let output = Command::new(env!("CARGO_BIN_EXE_shapeblock-hub"))
-            .args(["dev-certs", "--out"])
-            .arg(&out)
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let text = String::from_utf8(output.stdout).unwrap();
+        let text = support::hub::cli(["dev-certs".as_ref(), "--out".as_ref(), out.as_os_str()]);
         assert!(
             text.contains("shapeblock-hub --data-dir"),
             "says how to start the hub: {text}"

@@ -41,3 +41,22 @@ pub fn times_recorded_ready(events: &[(u64, String, String, String)], name: &str
         })
         .count()
 }
+
+/// Runs the `shapeblock-hub` binary with `args`; its standard output (panics unless it
+/// succeeds).
+pub fn cli<I, S>(args: I) -> String
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_shapeblock-hub"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
