@@ -10,11 +10,14 @@
 
 pub mod api;
 pub mod bridge;
+pub mod chart;
 pub mod cli;
 pub mod controllers;
 pub mod hub;
+pub mod leader;
 pub mod proto;
 pub mod rbac;
 pub mod runtime;
+pub mod startup;
 pub mod testenv;
 pub mod tunnel;

@@ -155,7 +155,27 @@ pub const AGENT_CLUSTER_RULES: &[Rule] = &[
         resource_names: &[],
         why: "Events on the objects it reconciles (kubectl describe shows them)",
     },
+    Rule {
+        api_groups: &["apiextensions.k8s.io"],
+        resources: &["customresourcedefinitions"],
+        verbs: &["get", "create", "patch"],
+        resource_names: SHAPEBLOCK_CRDS,
+        why: "server-side apply of its own five CRDs at start-up (Helm never upgrades a chart's crds/); create by name only through apply, which recreates a deleted one; no other CRD",
+    },
 ];
+
+/// Names of the ShapeBlock CRDs, for the one rule on CRDs (a unit test keeps it equal to
+/// [`crate::api::crds`]).
+pub const SHAPEBLOCK_CRDS: &[&str] = &[
+    "projects.apps.shapeblock.io",
+    "apps.apps.shapeblock.io",
+    "appbuilds.apps.shapeblock.io",
+    "backingservices.apps.shapeblock.io",
+    "teams.apps.shapeblock.io",
+];
+
+/// The Lease replicas elect their leader with, in the agent's namespace.
+pub const LEASE_NAME: &str = AGENT_NAME;
 
 /// The agent's ClusterRole.
 pub fn agent_cluster_role() -> ClusterRole {
@@ -197,6 +217,20 @@ pub const AGENT_NAMESPACE_RULES: &[Rule] = &[
         verbs: &["get", "list", "watch", "create", "patch", "delete"],
         resource_names: &[],
         why: "deploy Apps as HelmCharts in the agent's own namespace (never a tenant's: see the AppBuild notes)",
+    },
+    Rule {
+        api_groups: &["coordination.k8s.io"],
+        resources: &["leases"],
+        verbs: &["create"],
+        resource_names: &[],
+        why: "leader election: the first replica creates the Lease (RBAC cannot narrow create by name)",
+    },
+    Rule {
+        api_groups: &["coordination.k8s.io"],
+        resources: &["leases"],
+        verbs: &["get", "update"],
+        resource_names: &[LEASE_NAME],
+        why: "leader election: read, renew, take over and release its one Lease; no other Lease",
     },
 ];
 
@@ -385,6 +419,18 @@ mod tests {
             readme.contains(&markdown_table()),
             "README.md's RBAC table differs from src/rbac.rs: paste `shapeblock-agent rbac --markdown`"
         );
+    }
+
+    #[test]
+    fn the_crd_rule_names_exactly_the_shapeblock_crds() {
+        let mut names: Vec<String> = crate::api::crds()
+            .into_iter()
+            .map(|crd| crd.metadata.name.unwrap_or_default())
+            .collect();
+        let mut listed: Vec<String> = SHAPEBLOCK_CRDS.iter().map(|s| s.to_string()).collect();
+        names.sort();
+        listed.sort();
+        assert_eq!(names, listed);
     }
 
     #[test]

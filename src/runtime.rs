@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -11,6 +12,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
+use prometheus_client::metrics::gauge::Gauge;
 
 use crate::controllers::{self, Context, metrics::Metrics};
 
@@ -23,6 +25,10 @@ pub struct Settings {
     pub controllers: controllers::Config,
     /// The tunnel to the hub; `None`: no hub configured, the agent only reconciles.
     pub tunnel: Option<TunnelSettings>,
+    /// Lease-based leader election; `None`: this process leads unconditionally.
+    pub leader_election: Option<crate::leader::LeaderConfig>,
+    /// Server-side apply the ShapeBlock CRDs on becoming leader.
+    pub apply_crds: bool,
 }
 
 /// Settings of the tunnel (`--hub-address` and friends).
@@ -39,6 +45,8 @@ pub enum Error {
     Config(String),
     #[error("cannot reach the Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+    #[error(transparent)]
+    Leadership(#[from] crate::leader::LeaderError),
     #[error("cannot serve HTTP on {addr}: {source}")]
     Http {
         addr: SocketAddr,
@@ -74,26 +82,168 @@ pub fn shutdown_on_signals() -> ShutdownSignal {
 
 /// Runs the agent until `shutdown`, then stops watches and waits (at most
 /// `settings.shutdown_timeout`) for in-flight reconciles.
+///
+/// With leader election, `/healthz` and `/readyz` are served from the start, but the CRDs,
+/// the controllers and the tunnel start only once this replica holds the Lease. Losing it ends
+/// the process with [`Error::Leadership`], so that the Pod restarts as a standby instead of
+/// running on next to a new leader.
 pub async fn run(settings: Settings, shutdown: ShutdownSignal) -> Result<(), Error> {
     let client = client(&settings).await?;
     let version = client.apiserver_version().await?;
     tracing::info!(kubernetes = %version.git_version, "connected to the Kubernetes API");
 
-    let metrics = Arc::new(Metrics::default());
+    let mut metrics = Metrics::default();
+    let leading = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+    let helm_charts_served = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+    metrics.registry.register(
+        "leader",
+        "1 while this replica holds the lease and runs the controllers and the tunnel",
+        leading.clone(),
+    );
+    metrics.registry.register(
+        "helm_chart_kind_served",
+        "1 when the apiserver serves helm.cattle.io/v1 HelmCharts (App deploys need them)",
+        helm_charts_served.clone(),
+    );
+    let metrics = Arc::new(metrics);
+    let mut config = settings.controllers.clone();
+    config.builds.relay_logs = settings.tunnel.is_some();
+    let ctx = Arc::new(Context::new(client.clone(), metrics, config));
+    let role = Arc::new(AtomicU8::new(if settings.leader_election.is_some() {
+        ROLE_WAITING
+    } else {
+        ROLE_LEADING
+    }));
+    let server = serve_http(
+        &settings,
+        HttpState {
+            ctx: ctx.clone(),
+            role: role.clone(),
+        },
+        shutdown.clone(),
+    )
+    .await?;
+
+    let mut elector = match settings.leader_election.clone() {
+        Some(config) => Some(crate::leader::Elector::new(client.clone(), config)?),
+        None => None,
+    };
+    if let Some(elector) = elector.as_mut() {
+        let standing_by = || role.store(ROLE_STANDBY, Ordering::SeqCst);
+        if !elector.acquire(shutdown.clone(), standing_by).await {
+            server.abort();
+            return Ok(());
+        }
+        role.store(ROLE_LEADING, Ordering::SeqCst);
+    }
+    leading.set(1);
+
+    if settings.apply_crds {
+        // The chart installed them once; failing here would turn a missing RBAC rule into an
+        // outage, so say what is wrong and run on the CRDs that are there.
+        if let Err(err) = crate::startup::apply_crds(&client).await {
+            tracing::error!(%err, "cannot apply the ShapeBlock CRDs; running on the installed ones");
+        }
+    }
+    match crate::startup::helm_chart_kind_served(&client).await {
+        Ok(true) => {
+            helm_charts_served.set(1);
+        }
+        Ok(false) => {
+            helm_charts_served.set(0);
+            ctx.set_helm_charts_served(false);
+            tracing::warn!("{}", crate::startup::HELM_CONTROLLER_MISSING);
+        }
+        Err(err) => tracing::warn!(%err, "cannot tell whether HelmCharts are served"),
+    }
+
+    // Leading ends on shutdown or when the lease is lost, whichever comes first.
+    let (lost_tx, lost_rx) = tokio::sync::oneshot::channel();
+    let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let holder = elector.map(|mut elector| {
+        let stop = shutdown.clone();
+        let lost = lost.clone();
+        tokio::spawn(async move {
+            let outcome = elector.hold(stop).await;
+            if let Err(err) = &outcome {
+                tracing::error!(%err, "stopping: another replica may lead now");
+                lost.store(true, Ordering::SeqCst);
+                let _ = lost_tx.send(());
+            }
+            (elector, outcome)
+        })
+    });
+    let outer = shutdown.clone();
+    let stop: ShutdownSignal = async move {
+        tokio::select! {
+            _ = outer => {}
+            Ok(()) = lost_rx => {}
+        }
+    }
+    .boxed()
+    .shared();
+
     let tunnel = settings.tunnel.clone().map(|tunnel| {
-        let host = crate::bridge::KubeHost::start(client.clone(), shutdown.clone());
+        let host = crate::bridge::KubeHost::start(client.clone(), stop.clone());
         let store = Arc::new(crate::bridge::identity::SecretIdentityStore::new(
             client.clone(),
             &settings.controllers.agent_namespace,
             &tunnel.identity_secret,
         ));
         tracing::info!(hub = %tunnel.config.hub_url, "tunnel to the hub enabled");
-        tokio::spawn(crate::tunnel::run(tunnel.config, host, store, shutdown.clone()))
+        tokio::spawn(crate::tunnel::run(tunnel.config, host, store, stop.clone()))
     });
-    let mut config = settings.controllers.clone();
-    config.builds.relay_logs = settings.tunnel.is_some();
-    let ctx = Arc::new(Context::new(client, metrics, config));
+    let mut controllers = tokio::spawn(controllers::run(ctx, stop.clone()));
+    stop.await;
+    if lost.load(Ordering::SeqCst) {
+        // Another replica may lead within moments: stop writing at once rather than let
+        // in-flight reconciles finish (they are idempotent; the new leader redoes them).
+        controllers.abort();
+    } else {
+        match tokio::time::timeout(settings.shutdown_timeout, &mut controllers).await {
+            Ok(_) => tracing::info!("controllers stopped"),
+            Err(_) => tracing::warn!(
+                timeout = ?settings.shutdown_timeout,
+                "in-flight reconciles did not finish in time; exiting anyway (they are idempotent and resume on restart)"
+            ),
+        }
+    }
+    if let Some(tunnel) = tunnel {
+        tunnel.abort();
+    }
+    leading.set(0);
+    let mut outcome = Ok(());
+    if let Some(holder) = holder {
+        match holder.await {
+            // Released only after the controllers and the tunnel stopped: the next leader
+            // must not start while this one still writes.
+            Ok((mut elector, Ok(()))) => elector.release().await,
+            Ok((_, Err(err))) => outcome = Err(err.into()),
+            Err(err) => tracing::error!(%err, "the lease holder task failed"),
+        }
+    }
+    server.abort();
+    outcome
+}
 
+/// `/readyz` of a replica that runs no election, or holds the lease.
+const ROLE_LEADING: u8 = 0;
+/// Before the first look at the lease.
+const ROLE_WAITING: u8 = 1;
+/// Another replica leads; this one is ready to take over.
+const ROLE_STANDBY: u8 = 2;
+
+#[derive(Clone)]
+struct HttpState {
+    ctx: Arc<Context>,
+    role: Arc<AtomicU8>,
+}
+
+async fn serve_http(
+    settings: &Settings,
+    state: HttpState,
+    shutdown: ShutdownSignal,
+) -> Result<tokio::task::JoinHandle<()>, Error> {
     let listener = tokio::net::TcpListener::bind(settings.http_addr)
         .await
         .map_err(|source| Error::Http {
@@ -109,31 +259,12 @@ pub async fn run(settings: Settings, shutdown: ShutdownSignal) -> Result<(), Err
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
-        .with_state(ctx.clone());
-    let server_shutdown = shutdown.clone();
-    let server = tokio::spawn(async move {
-        if let Err(err) = axum::serve(listener, app)
-            .with_graceful_shutdown(server_shutdown)
-            .await
-        {
+        .with_state(state);
+    Ok(tokio::spawn(async move {
+        if let Err(err) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
             tracing::error!(%err, "HTTP server failed");
         }
-    });
-
-    let controllers = tokio::spawn(controllers::run(ctx, shutdown.clone()));
-    shutdown.await;
-    match tokio::time::timeout(settings.shutdown_timeout, controllers).await {
-        Ok(_) => tracing::info!("controllers stopped"),
-        Err(_) => tracing::warn!(
-            timeout = ?settings.shutdown_timeout,
-            "in-flight reconciles did not finish in time; exiting anyway (they are idempotent and resume on restart)"
-        ),
-    }
-    server.abort();
-    if let Some(tunnel) = tunnel {
-        tunnel.abort();
-    }
-    Ok(())
+    }))
 }
 
 async fn client(settings: &Settings) -> Result<kube::Client, Error> {
@@ -152,7 +283,15 @@ async fn client(settings: &Settings) -> Result<kube::Client, Error> {
     Ok(kube::Client::try_from(config)?)
 }
 
-async fn readyz(State(ctx): State<Arc<Context>>) -> (StatusCode, String) {
+/// A standby is ready: it is live, has read the lease, and takes over when the leader goes.
+/// Reporting it unready would stall every rollout (and `helm install --wait`) of two replicas.
+async fn readyz(State(state): State<HttpState>) -> (StatusCode, String) {
+    let ctx = &state.ctx;
+    match state.role.load(Ordering::SeqCst) {
+        ROLE_STANDBY => return (StatusCode::OK, "standby: another replica holds the lease".into()),
+        ROLE_WAITING => return (StatusCode::SERVICE_UNAVAILABLE, "reading the lease".into()),
+        _ => {}
+    }
     if ctx.is_ready() {
         (StatusCode::OK, "ok".into())
     } else {
@@ -166,7 +305,7 @@ async fn readyz(State(ctx): State<Arc<Context>>) -> (StatusCode, String) {
 }
 
 async fn metrics_text(
-    State(ctx): State<Arc<Context>>,
+    State(HttpState { ctx, .. }): State<HttpState>,
 ) -> ([(axum::http::HeaderName, &'static str); 1], String) {
     (
         [(

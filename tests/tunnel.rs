@@ -532,13 +532,7 @@ async fn commands_become_resources_status_comes_back_and_nothing_is_lost_across_
         "one result event per command: {events:#?}"
     );
     for p in [&p1, &p2, &p3] {
-        let ready = events
-            .iter()
-            .filter(|e| {
-                (e.1 == "phase" && e.2 == format!("Project//{p}") && e.3 == "Ready")
-                    || (e.1 == "snapshot" && e.3.contains(&format!("Project//{p}=Ready")))
-            })
-            .count();
+        let ready = support::hub::times_recorded_ready(&events, p);
         assert_eq!(ready, 1, "{p} Ready recorded once: {events:#?}");
     }
 

@@ -39,6 +39,12 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
     },
+    /// Write the Helm chart's generated files (its `crds/` and `templates/rbac.yaml`, from the
+    /// Rust types and `src/rbac.rs`) into the chart directory.
+    Chart {
+        #[arg(long, value_name = "DIR", default_value = "charts/shapeblock-agent")]
+        out: PathBuf,
+    },
 }
 
 /// Flags of `shapeblock-agent run`; each has an environment variable for use in a Pod spec.
@@ -154,8 +160,49 @@ struct RunArgs {
     /// Name of this replica (the Pod name), recorded as the source of Events.
     #[arg(long, env = "POD_NAME", value_name = "NAME")]
     instance: Option<String>,
+    /// Server-side apply the ShapeBlock CRDs on start-up (Helm never upgrades a chart's
+    /// CRDs). Needs the CRD rule of `shapeblock-agent rbac`.
+    #[arg(long, env = "SHAPEBLOCK_APPLY_CRDS", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    apply_crds: bool,
     #[command(flatten)]
     hub: HubArgs,
+    #[command(flatten)]
+    leader: LeaderArgs,
+}
+
+/// Leader election: with it, only the replica holding the Lease `shapeblock-agent` in the
+/// agent's namespace runs the controllers and the tunnel; the others stand by (ready) and take
+/// over within the lease duration, or at once when the leader shuts down gracefully.
+#[derive(clap::Args, Debug)]
+struct LeaderArgs {
+    /// Elect a leader among replicas (the chart always does: a rolling update runs two Pods).
+    #[arg(long, env = "SHAPEBLOCK_LEADER_ELECT")]
+    leader_elect: bool,
+    /// How long a standby waits on a Lease its holder stopped renewing, in seconds.
+    #[arg(
+        long,
+        env = "SHAPEBLOCK_LEASE_DURATION_SECONDS",
+        default_value_t = 15,
+        value_name = "SECONDS"
+    )]
+    lease_duration_seconds: u64,
+    /// How long the leader keeps leading without a successful renewal, in seconds (shorter than
+    /// the lease duration).
+    #[arg(
+        long,
+        env = "SHAPEBLOCK_RENEW_DEADLINE_SECONDS",
+        default_value_t = 10,
+        value_name = "SECONDS"
+    )]
+    renew_deadline_seconds: u64,
+    /// How often the leader renews and a standby retries, in seconds.
+    #[arg(
+        long,
+        env = "SHAPEBLOCK_RETRY_PERIOD_SECONDS",
+        default_value_t = 2,
+        value_name = "SECONDS"
+    )]
+    retry_period_seconds: u64,
 }
 
 /// The tunnel to the ShapeBlock hub. Without `--hub-address` the agent only reconciles.
@@ -222,6 +269,9 @@ impl Cli {
                 .map_err(Into::into),
             Command::Crd { out: None } => print_crds(),
             Command::Crd { out: Some(dir) } => write_crds(&dir),
+            Command::Chart { out } => crate::chart::write(&out)
+                .map(|written| written.iter().for_each(|p| println!("wrote {}", p.display())))
+                .map_err(Into::into),
         };
         match outcome {
             Ok(()) => ExitCode::SUCCESS,
@@ -235,6 +285,14 @@ impl Cli {
 
 fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     crate::runtime::init_tracing(matches!(args.log_format, LogFormat::Json), &args.log);
+    let leader_election = args.leader.leader_elect.then(|| crate::leader::LeaderConfig {
+        namespace: args.agent_namespace.clone(),
+        lease_name: crate::rbac::LEASE_NAME.into(),
+        identity: args.instance.clone().unwrap_or_else(default_identity),
+        lease_duration: std::time::Duration::from_secs(args.leader.lease_duration_seconds),
+        renew_deadline: std::time::Duration::from_secs(args.leader.renew_deadline_seconds),
+        retry_period: std::time::Duration::from_secs(args.leader.retry_period_seconds),
+    });
     let settings = crate::runtime::Settings {
         kubeconfig: args.kubeconfig,
         http_addr: args.http_addr,
@@ -265,6 +323,8 @@ fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
             },
             identity_secret: args.hub.identity_secret,
         }),
+        leader_election,
+        apply_crds: args.apply_crds,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
@@ -272,6 +332,12 @@ fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         crate::runtime::run(settings, shutdown).await
     })?;
     Ok(())
+}
+
+/// Outside a Pod (no `POD_NAME`): the host name and process id, unique enough among replicas.
+fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{}-{}", host.trim(), std::process::id())
 }
 
 fn print_crds() -> Result<(), Box<dyn std::error::Error>> {

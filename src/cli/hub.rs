@@ -45,6 +45,16 @@ enum Command {
     },
     /// Print the CA pin agents check (`sha256:…`).
     CaHash,
+    /// Create a development CA and a server certificate for localhost in `--out`, and print how
+    /// to start the hub with them. Never for production.
+    DevCerts {
+        /// Where to write `ca.pem`, `ca-key.pem` and `server.pem` (the hub's data directory).
+        #[arg(long, default_value = "certs-dev")]
+        out: PathBuf,
+        /// Names and IPs for the server certificate (repeat).
+        #[arg(long = "name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        names: Vec<String>,
+    },
     /// Queue a server-side apply of a ShapeBlock manifest on a cluster.
     Apply {
         #[arg(long)]
@@ -104,7 +114,7 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum TokenCommand {
-    /// Create a one-time token and print the install line.
+    /// Create a one-time token and print the one-line install (`helm install …`).
     Create {
         #[arg(long)]
         cluster: String,
@@ -114,7 +124,46 @@ enum TokenCommand {
         /// The address agents dial.
         #[arg(long, default_value = "https://127.0.0.1:7443")]
         hub_address: String,
+        /// The chart in the install line: a repository reference or a path.
+        #[arg(long, default_value = INSTALL_CHART)]
+        chart: String,
+        /// The namespace in the install line.
+        #[arg(long, default_value = "shapeblock")]
+        namespace: String,
     },
+}
+
+/// The chart `token create` names unless told otherwise.
+pub const INSTALL_CHART: &str = "oci://ghcr.io/shapeblock/charts/shapeblock-agent";
+
+/// The one-line install: every value the agent needs, nothing else. Each word is quoted for a
+/// POSIX shell if it needs to be.
+pub fn install_line(chart: &str, namespace: &str, token: &str, hub_address: &str, ca_hash: &str) -> String {
+    let words = [
+        "helm".to_string(),
+        "install".into(),
+        "shapeblock-agent".into(),
+        chart.into(),
+        "-n".into(),
+        namespace.into(),
+        "--create-namespace".into(),
+        "--set".into(),
+        format!("enrollment.token={token}"),
+        "--set".into(),
+        format!("hub.address={hub_address}"),
+        "--set".into(),
+        format!("hub.caHash={ca_hash}"),
+    ];
+    words.iter().map(|w| shell_word(w)).collect::<Vec<_>>().join(" ")
+}
+
+fn shell_word(word: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_-./:=@+,".contains(c);
+    if !word.is_empty() && word.chars().all(plain) {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
 }
 
 impl Cli {
@@ -161,15 +210,37 @@ impl Cli {
                         cluster,
                         ttl,
                         hub_address,
+                        chart,
+                        namespace,
                     },
             } => {
                 let store = hub::open_store(&data)?;
                 let ca = hub::pki::Ca::load_or_create(&data)?;
                 let token = hub::create_token(&store, &cluster, Duration::from_secs(ttl))?;
-                println!(
-                    "SHAPEBLOCK_HUB_ADDRESS={hub_address} SHAPEBLOCK_ENROLL_TOKEN={token} SHAPEBLOCK_CA_HASH={} shapeblock-agent run",
-                    crate::proto::ca_hash(&ca.cert_der)
+                let line = install_line(
+                    &chart,
+                    &namespace,
+                    &token,
+                    &hub_address,
+                    &crate::proto::ca_hash(&ca.cert_der),
                 );
+                println!("{line}");
+            }
+            Command::DevCerts { out, names } => {
+                std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+                let ca = hub::pki::Ca::load_or_create(&out)?;
+                // The hub issues itself a fresh server certificate from this CA on every start;
+                // this one is for looking at (`openssl x509 -in server.pem -text`).
+                let (cert, _key) = ca.server_cert(&names)?;
+                hub::pki::Ca::save_server(&out, &cert)?;
+                let dir = out.display();
+                println!(
+                    "development CA and server certificate for {} in {dir}",
+                    names.join(", ")
+                );
+                println!("CA hash: {}", crate::proto::ca_hash(&ca.cert_der));
+                println!("start the hub:   shapeblock-hub --data-dir {dir} serve");
+                println!("install line:    shapeblock-hub --data-dir {dir} token create --cluster dev");
             }
             Command::CaHash => {
                 let ca = hub::pki::Ca::load_or_create(&data)?;
@@ -269,5 +340,28 @@ impl Cli {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_install_line_is_one_line_and_quotes_only_what_needs_it() {
+        let line = install_line(
+            "/a b/chart",
+            "shapeblock",
+            "sbt_0f",
+            "https://hub:7443",
+            "sha256:ab",
+        );
+        assert_eq!(
+            line,
+            "helm install shapeblock-agent '/a b/chart' -n shapeblock --create-namespace \
+             --set enrollment.token=sbt_0f --set hub.address=https://hub:7443 --set hub.caHash=sha256:ab"
+        );
+        assert!(!line.contains('\n'));
+        assert_eq!(shell_word("it's"), r"'it'\''s'");
     }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ObjectReference;
@@ -53,6 +53,7 @@ pub struct Context {
     pub config: Config,
     retries: Mutex<HashMap<String, u32>>,
     synced: AtomicUsize,
+    helm_charts_served: AtomicBool,
 }
 
 /// Number of controllers whose caches must be synced before the agent reports ready.
@@ -71,6 +72,7 @@ impl Context {
             config,
             retries: Mutex::new(HashMap::new()),
             synced: AtomicUsize::new(0),
+            helm_charts_served: AtomicBool::new(true),
         }
     }
 
@@ -130,6 +132,15 @@ impl Context {
     /// Marks one controller's cache as synced.
     pub fn mark_synced(&self) {
         self.synced.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Whether the apiserver serves HelmCharts (the k3s helm-controller's kind), as last seen.
+    pub fn helm_charts_served(&self) -> bool {
+        self.helm_charts_served.load(Ordering::SeqCst)
+    }
+
+    pub fn set_helm_charts_served(&self, served: bool) {
+        self.helm_charts_served.store(served, Ordering::SeqCst);
     }
 
     /// Whether every controller's cache is synced.

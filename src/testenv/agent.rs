@@ -63,6 +63,18 @@ pub async fn install_agent_identity(
     for role in rbac::team_cluster_roles() {
         apply(&Api::<ClusterRole>::all(admin.clone()), &role).await?;
     }
+    service_account_kubeconfig(admin, admin_kubeconfig, namespace, rbac::AGENT_NAME, dir).await
+}
+
+/// A kubeconfig (written under `dir`) with a fresh TokenRequest token for ServiceAccount
+/// `namespace/name`, as a Pod of that ServiceAccount would authenticate.
+pub async fn service_account_kubeconfig(
+    admin: &Client,
+    admin_kubeconfig: &Path,
+    namespace: &str,
+    name: &str,
+    dir: &Path,
+) -> Result<PathBuf> {
     let request = TokenRequest {
         spec: TokenRequestSpec {
             audiences: vec![],
@@ -72,12 +84,12 @@ pub async fn install_agent_identity(
         ..Default::default()
     };
     let token = Api::<ServiceAccount>::namespaced(admin.clone(), namespace)
-        .create_token_request(rbac::AGENT_NAME, &PostParams::default(), &request)
+        .create_token_request(name, &PostParams::default(), &request)
         .await?
         .status
         .map(|s| s.token)
         .ok_or_else(|| Error::Kubeconfig("TokenRequest returned no token".into()))?;
-    let path = dir.join(format!("agent-{namespace}.kubeconfig"));
+    let path = dir.join(format!("{name}-{namespace}.kubeconfig"));
     write_token_kubeconfig(&path, admin_kubeconfig, &token)?;
     Ok(path)
 }
@@ -112,6 +124,19 @@ impl AgentProcess {
         log: &Path,
         extra: &[&str],
     ) -> Result<Self> {
+        Self::start_with_env(binary, kubeconfig, namespace, log, extra, &[]).await
+    }
+
+    /// [`AgentProcess::start`] with environment variables (as a Pod spec sets them); the flags
+    /// given here win over them.
+    pub async fn start_with_env(
+        binary: &Path,
+        kubeconfig: &Path,
+        namespace: &str,
+        log: &Path,
+        extra: &[&str],
+        env: &[(String, String)],
+    ) -> Result<Self> {
         let port = std::net::TcpListener::bind(("127.0.0.1", 0))
             .and_then(|l| l.local_addr())
             .map_err(|e| Error::io("find a free port", e))?
@@ -125,7 +150,7 @@ impl AgentProcess {
             "--shutdown-timeout-seconds=10".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut process = ManagedProcess::spawn("shapeblock-agent", binary, &args, log)?;
+        let mut process = ManagedProcess::spawn_with_env("shapeblock-agent", binary, &args, env, log)?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = process.exited() {
@@ -189,14 +214,21 @@ impl AgentProcess {
     pub fn terminate(mut self, grace: Duration) -> Option<std::process::ExitStatus> {
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(self.process.pid() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + grace;
-        while Instant::now() < deadline {
+        self.wait_exit(grace)
+    }
+
+    /// Waits up to `timeout` for the agent to exit; its exit status, or `None` if it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
             if let Some(status) = self.process.exited() {
                 return Some(status);
             }
+            if Instant::now() >= deadline {
+                return None;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
-        None
     }
 
     /// SIGKILL: no shutdown at all, as when a node dies.

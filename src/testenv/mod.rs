@@ -114,7 +114,8 @@ impl Default for Options {
             controller_manager: true,
             nodes: 2,
             helm_controller: true,
-            helm_crds_dir: Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/crds"),
+            helm_crds_dir: Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("charts/shapeblock-agent/files/helm-controller-crds"),
             ready_timeout: Duration::from_secs(60),
         }
     }
@@ -155,7 +156,8 @@ const FIELD_MANAGER: &str = "shapeblock-testenv";
 
 /// The ClusterRole the helm-controller grants its Jobs (`--job-cluster-role`).
 pub const HELM_JOB_CLUSTER_ROLE: &str = "shapeblock-helm-job";
-const HELM_JOB_CLUSTER_ROLE_YAML: &str = include_str!("helm-job-clusterrole.yaml");
+const HELM_JOB_CLUSTER_ROLE_YAML: &str =
+    include_str!("../../charts/shapeblock-agent/files/helm-job-clusterrole.yaml");
 
 /// A running control plane. Dropping it stops the processes and removes its directory.
 pub struct ControlPlane {
@@ -270,7 +272,7 @@ impl ControlPlane {
         install_crds(client, &options.helm_crds_dir).await?;
         let role: k8s_openapi::api::rbac::v1::ClusterRole = serde_yaml::from_str(HELM_JOB_CLUSTER_ROLE_YAML)
             .map_err(|e| Error::Crd {
-                path: "src/testenv/helm-job-clusterrole.yaml".into(),
+                path: "charts/shapeblock-agent/files/helm-job-clusterrole.yaml".into(),
                 message: e.to_string(),
             })?;
         Api::<k8s_openapi::api::rbac::v1::ClusterRole>::all(client.clone())

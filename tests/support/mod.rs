@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 pub mod agent;
+pub mod chart;
+pub mod hub;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -101,4 +103,28 @@ where
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Events (events.k8s.io) in `namespace` about the object named `name`.
+pub async fn events_for(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> Vec<k8s_openapi::api::events::v1::Event> {
+    Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), namespace)
+        .list(&kube::api::ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .collect()
+}
+
+/// The first container of a Deployment's Pod template.
+pub fn first_container(
+    deployment: &k8s_openapi::api::apps::v1::Deployment,
+) -> &k8s_openapi::api::core::v1::Container {
+    let template = deployment.spec.as_ref().and_then(|s| s.template.spec.as_ref());
+    &template.expect("a Pod template").containers[0]
 }

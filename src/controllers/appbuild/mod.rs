@@ -36,6 +36,8 @@ pub use crate::api::CANCEL_ANNOTATION;
 /// Field manager for the App status fields that builds own (`latestBuild`, images).
 const BUILD_STATUS_MANAGER: &str = "shapeblock-agent-builds";
 const POLL: Duration = Duration::from_secs(3);
+/// How often a build waiting for the HelmChart kind looks again.
+const HELM_CONTROLLER_RECHECK: Duration = Duration::from_secs(10);
 
 /// Runs the AppBuild controller until `shutdown`.
 pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
@@ -53,28 +55,30 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         watcher::Config::default().labels(APP_LABEL),
     )
     .touched_objects();
-    let charts = watcher(
-        Api::<DynamicObject>::namespaced_with(
-            client.clone(),
-            &ctx.config.agent_namespace,
-            &helmchart::resource(),
-        ),
-        watcher::Config::default().labels(&managed),
-    )
-    .touched_objects();
     let controller = Controller::new(builds, watcher::Config::default()).owns_stream(build_jobs);
     let store = controller.store();
     let by_deployment = store.clone();
     let by_chart = store.clone();
-    let controller = controller
-        .watches_stream(deployments, move |d: PartialObjectMeta<Deployment>| {
-            deploying_builds(
-                &by_deployment,
-                d.namespace().as_deref(),
-                d.labels().get(APP_LABEL).map(String::as_str),
-            )
-        })
-        .watches_stream_with(
+    let mut controller = controller.watches_stream(deployments, move |d: PartialObjectMeta<Deployment>| {
+        deploying_builds(
+            &by_deployment,
+            d.namespace().as_deref(),
+            d.labels().get(APP_LABEL).map(String::as_str),
+        )
+    });
+    // Without the kind, a watch would fail and retry without end; deploys poll instead and
+    // say what is missing (see `deploy`).
+    if ctx.helm_charts_served() {
+        let charts = watcher(
+            Api::<DynamicObject>::namespaced_with(
+                client.clone(),
+                &ctx.config.agent_namespace,
+                &helmchart::resource(),
+            ),
+            watcher::Config::default().labels(&managed),
+        )
+        .touched_objects();
+        controller = controller.watches_stream_with(
             charts,
             move |chart: DynamicObject| {
                 let project = chart.labels().get(super::PROJECT_LABEL).cloned();
@@ -83,6 +87,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
             },
             helmchart::resource(),
         );
+    }
     super::mark_synced_when_ready(ctx.clone(), store.clone());
     controller
         .graceful_shutdown_on(shutdown)
@@ -508,7 +513,27 @@ impl Pipeline<'_> {
 
     /// Deploys the build's image and decides when it is rolled out.
     async fn deploy(&self, app: &App) -> Result<Action> {
+        if !self.ctx.helm_charts_served() {
+            // Looked again: the helm-controller may have been installed since.
+            if !crate::startup::helm_chart_kind_served(&self.ctx.client).await? {
+                let status = self.with(
+                    AppBuildPhase::Deploying,
+                    "HelmControllerMissing",
+                    crate::startup::HELM_CONTROLLER_MISSING,
+                );
+                if self.status().reason != status.reason {
+                    self.write(status).await?;
+                }
+                return Ok(Action::requeue(HELM_CONTROLLER_RECHECK));
+            }
+            self.ctx.set_helm_charts_served(true);
+        }
         let image = self.status().image.unwrap_or_default();
+        if self.status().reason.as_deref() == Some("HelmControllerMissing") {
+            let message = format!("deploying {image}");
+            self.write(self.with(AppBuildPhase::Deploying, "Deploying", &message))
+                .await?;
+        }
         let values = match chart_values(&self.release(app, &image), self.build.spec.helm_values.as_ref()) {
             Ok(values) => values,
             Err(refused) => {

@@ -1,0 +1,62 @@
+//! The reference hub for tests: started on loopback with a short heartbeat, and what its store
+//! says about the objects of a cluster.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use shapeblock_agent::hub::{Hub, HubConfig};
+
+/// A hub with its data in `dir`, on a free loopback port, heartbeat 2 s.
+pub async fn start(dir: &Path) -> Hub {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut config = HubConfig::new(dir.to_path_buf());
+    config.heartbeat = Duration::from_secs(2);
+    Hub::start(config).await.expect("start the hub")
+}
+
+/// A Project manifest as the hub sends it.
+pub fn project(name: &str) -> String {
+    format!("apiVersion: apps.shapeblock.io/v1alpha1\nkind: Project\nmetadata:\n  name: {name}\nspec: {{}}\n")
+}
+
+/// `Some` once the hub's store has Project `name` in phase Ready.
+pub fn project_ready(hub: &Hub, cluster: &str, name: &str) -> Option<()> {
+    let key = format!("Project//{name}");
+    let objects = hub.store().objects(cluster).ok()?;
+    objects
+        .iter()
+        .any(|o| o.key == key && o.phase == "Ready")
+        .then_some(())
+}
+
+/// How often the hub recorded Project `name` becoming Ready: as a phase change or in a
+/// snapshot after a reconnect. Once is right, however often the agent reconnected.
+pub fn times_recorded_ready(events: &[(u64, String, String, String)], name: &str) -> usize {
+    events
+        .iter()
+        .filter(|e| {
+            (e.1 == "phase" && e.2 == format!("Project//{name}") && e.3 == "Ready")
+                || (e.1 == "snapshot" && e.3.contains(&format!("Project//{name}=Ready")))
+        })
+        .count()
+}
+
+/// Runs the `shapeblock-hub` binary with `args`; its standard output (panics unless it
+/// succeeds).
+pub fn cli<I, S>(args: I) -> String
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_shapeblock-hub"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
