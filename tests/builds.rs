@@ -416,7 +416,7 @@ async fn an_image_built_from_the_same_inputs_is_reused_without_a_build() {
     )
     .await
     .unwrap();
-    set_pod_outcome(
+    let succeeds = set_pod_outcome(
         &env.client,
         &PodSelector::container(&project, "build"),
         &outcome(500, &digest()),
@@ -434,6 +434,7 @@ async fn an_image_built_from_the_same_inputs_is_reused_without_a_build() {
     build(&env.client, &project, "api-1", "api", json!({"gitRef": "main"})).await;
     let first = wait_build(&env.client, &project, "api-1", AppBuildPhase::Completed).await;
     // From now on a build would fail: the second AppBuild must not build.
+    succeeds.remove(&env.client).await.unwrap();
     set_pod_outcome(
         &env.client,
         &PodSelector::container(&project, "build"),
@@ -554,4 +555,100 @@ async fn rollback_deploys_an_earlier_image_history_is_pruned_and_a_deleted_app_t
         (app_gone && chart.is_none_or(|c| c.metadata.deletion_timestamp.is_some())).then_some(())
     })
     .await;
+}
+
+/// `failurePolicy: retry`: an upgrade the cluster refuses (here a ResourceQuota forbids the
+/// Service the new values add) fails the build with `DeployFailed` and leaves the serving
+/// release untouched; once the cause is gone, the next build deploys.
+#[tokio::test]
+async fn a_failed_upgrade_keeps_the_previous_release_serving_and_the_next_build_deploys() {
+    use k8s_openapi::api::core::v1::ResourceQuota;
+    let env = env().await;
+    let _agent = env.agent(&[]).await;
+    let project = ready_project(&env.client, "upgrade").await;
+    let image = |tag: &str| format!("registry.example.com/demo/web:{tag}");
+    app(
+        &env.client,
+        &project,
+        "web",
+        json!({"type": "image", "image": image("1.0")}),
+        None,
+    )
+    .await;
+    build(&env.client, &project, "w1", "web", json!({})).await;
+    wait_build(&env.client, &project, "w1", AppBuildPhase::Completed).await;
+
+    let quotas = Api::<ResourceQuota>::namespaced(env.client.clone(), &project);
+    quotas
+        .create(
+            &Default::default(),
+            &serde_json::from_value(
+                json!({"metadata": {"name": "no-services"}, "spec": {"hard": {"services": "0"}}}),
+            )
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    // The quota controller must have counted before the apiserver enforces it.
+    eventually(Duration::from_secs(30), "the quota counted", || async {
+        quotas.get("no-services").await.ok()?.status?.used.map(|_| ())
+    })
+    .await;
+    let apps = Api::<App>::namespaced(env.client.clone(), &project);
+    apps.patch(
+        "web",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"build": {"image": image("2.0")}}})),
+    )
+    .await
+    .unwrap();
+    build(
+        &env.client,
+        &project,
+        "w2",
+        "web",
+        json!({"helmValues": {"port": 8080}}),
+    )
+    .await;
+    let failed = wait_build(&env.client, &project, "w2", AppBuildPhase::Failed).await;
+    let failed = failed.status.unwrap();
+    assert_eq!(failed.reason.as_deref(), Some("DeployFailed"), "{failed:?}");
+    // The serving release is untouched: w1's image, available.
+    let deployments = Api::<Deployment>::namespaced(env.client.clone(), &project);
+    let serving = deployments.get("web-web").await.unwrap();
+    let template = serving.spec.unwrap().template;
+    assert_eq!(
+        template.metadata.unwrap().annotations.unwrap()["apps.shapeblock.io/build"],
+        "w1"
+    );
+    assert_eq!(template.spec.unwrap().containers[0].image, Some(image("1.0")));
+    assert_eq!(serving.status.unwrap().available_replicas, Some(1));
+    assert_eq!(
+        apps.get("web").await.unwrap().status.unwrap().current_image,
+        Some(image("1.0"))
+    );
+
+    // The cause removed, the next build deploys over the failed release.
+    quotas.delete("no-services", &Default::default()).await.unwrap();
+    build(
+        &env.client,
+        &project,
+        "w3",
+        "web",
+        json!({"helmValues": {"port": 8080}}),
+    )
+    .await;
+    wait_build(&env.client, &project, "w3", AppBuildPhase::Completed).await;
+    let deployed = deployments.get("web-web").await.unwrap();
+    assert_eq!(
+        deployed.spec.unwrap().template.spec.unwrap().containers[0].image,
+        Some(image("2.0"))
+    );
+    assert!(
+        Api::<k8s_openapi::api::core::v1::Service>::namespaced(env.client.clone(), &project)
+            .get_opt("web-web")
+            .await
+            .unwrap()
+            .is_some()
+    );
 }

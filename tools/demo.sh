@@ -12,5 +12,5 @@ export SHAPEBLOCK_CACHE=${SHAPEBLOCK_CACHE:-$HOME/.cache/shapeblock}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$SHAPEBLOCK_CACHE/cargo-target}
 SHAPEBLOCK_BIN_DIR=$(tools/build-control-plane.sh)
 export SHAPEBLOCK_BIN_DIR
-cargo build --locked --quiet --bin shapeblock-dev --bin shapeblock-agent
+cargo build --locked --quiet --bin shapeblock-dev --bin shapeblock-agent --bin shapeblock-hub
 exec "$CARGO_TARGET_DIR/debug/shapeblock-dev" up --kubeconfig-out "$PWD/dev.kubeconfig" "$@"

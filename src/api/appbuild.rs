@@ -161,6 +161,13 @@ pub struct AppBuildStatus {
     /// Digest of the pushed image (`sha256:…`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_digest: Option<String>,
+    /// The App's newest Helm release revision when this build's deploy began: revisions
+    /// above it are this build's (an older failed release says nothing about this one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release_baseline: Option<u32>,
+    /// The Helm release revision that rolled out this build.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release_revision: Option<u32>,
     /// Fingerprint of everything that determines the image (strategy and its settings,
     /// commit, build variables, destination): a later build of the App with the same
     /// fingerprint reuses this image instead of building it again.

@@ -4,12 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kube::api::{Api, DynamicObject, Patch, PatchParams};
-use kube::core::GroupVersionKind;
-use kube::discovery::Scope;
+use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 
-use crate::api::{App, AppBuild, AppBuildPhase, Project, Team};
+use crate::api::{App, AppBuild, Project, Team};
 use crate::testenv::agent::{AgentProcess, install_agent_identity};
 
 /// Sample manifests the demo applies (those whose controllers exist today).
@@ -27,6 +25,7 @@ pub async fn start_agent(
     client: &Client,
     admin_kubeconfig: &Path,
     work_dir: &Path,
+    hub: &DemoHub,
 ) -> Result<AgentProcess, Box<dyn std::error::Error>> {
     let kubeconfig = install_agent_identity(client, admin_kubeconfig, AGENT_NAMESPACE, work_dir).await?;
     let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(serde_json::json!({
@@ -57,12 +56,172 @@ pub async fn start_agent(
         .await?;
     let binary = agent_binary()?;
     let log = work_dir.join("agent.log");
-    let agent = AgentProcess::start(&binary, &kubeconfig, AGENT_NAMESPACE, &log, &[]).await?;
+    let token = hub.hub.create_token(CLUSTER, Duration::from_secs(600))?;
+    let args = [
+        format!("--hub-address={}", hub.hub.url()),
+        format!("--enroll-token={token}"),
+        format!("--ca-hash={}", hub.hub.ca_hash()),
+        "--heartbeat-seconds=5".to_string(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let agent = AgentProcess::start(&binary, &kubeconfig, AGENT_NAMESPACE, &log, &args).await?;
     println!(
-        "agent running as ServiceAccount {AGENT_NAMESPACE}/shapeblock-agent (log: {})",
+        "agent running as ServiceAccount {AGENT_NAMESPACE}/shapeblock-agent, enrolled with a one-time token (log: {})",
         log.display()
     );
     Ok(agent)
+}
+
+/// The cluster's name at the demo hub.
+pub const CLUSTER: &str = "local-demo";
+
+/// The reference hub, in this process, with its store in the work directory.
+pub struct DemoHub {
+    pub hub: crate::hub::Hub,
+    pub data_dir: PathBuf,
+}
+
+pub async fn start_hub(work_dir: &Path) -> Result<DemoHub, Box<dyn std::error::Error>> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let data_dir = work_dir.join("hub");
+    let mut config = crate::hub::HubConfig::new(data_dir.clone());
+    config.heartbeat = Duration::from_secs(5);
+    let hub = crate::hub::Hub::start(config).await?;
+    println!(
+        "hub listening on {} (CA {}, store {})",
+        hub.url(),
+        hub.ca_hash(),
+        data_dir.display()
+    );
+    Ok(DemoHub { hub, data_dir })
+}
+
+/// The sample manifests, in order, as the hub sends them.
+fn sample_manifests(root: &Path) -> Result<Vec<(String, String)>, Box<dyn std::error::Error>> {
+    let mut manifests = Vec::new();
+    for sample in SAMPLES {
+        let path = root.join(sample);
+        let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        for document in serde_yaml::Deserializer::from_str(&text) {
+            let value = serde_json::Value::deserialize(document)?;
+            if value.is_null() {
+                continue;
+            }
+            let kind = value["kind"].as_str().unwrap_or_default().to_string();
+            manifests.push((kind, serde_yaml::to_string(&value)?));
+        }
+    }
+    Ok(manifests)
+}
+
+/// Sends the samples through the hub (Projects first: the agent applies a namespaced
+/// object only once its Project's namespace exists) and shows what comes back, live, until
+/// the sample build ends (or `limit`).
+pub async fn send_samples_and_follow(
+    hub: &DemoHub,
+    root: &Path,
+    limit: Duration,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let started = std::time::Instant::now();
+    let manifests = sample_manifests(root)?;
+    let (projects, rest): (Vec<_>, Vec<_>) = manifests.into_iter().partition(|(kind, _)| kind == "Project");
+    println!();
+    println!("sending the samples through the hub; what the agent reports back:");
+    println!("  {:>6}  {:<44} WHAT", "TIME", "OBJECT");
+    let mut shown = 0;
+    for (_, manifest) in &projects {
+        hub.hub.apply(CLUSTER, manifest)?;
+    }
+    let projects_ready = |hub: &DemoHub| -> bool {
+        let objects = hub.hub.store().objects(CLUSTER).unwrap_or_default();
+        projects.iter().all(|(_, m)| {
+            let name = serde_yaml::from_str::<serde_json::Value>(m)
+                .ok()
+                .and_then(|v| v["metadata"]["name"].as_str().map(String::from))
+                .unwrap_or_default();
+            objects
+                .iter()
+                .any(|o| o.key == format!("Project//{name}") && o.phase == "Ready")
+        })
+    };
+    let mut rest_sent = false;
+    while started.elapsed() < limit {
+        shown = print_new_events(hub, started, shown)?;
+        if !rest_sent && projects_ready(hub) {
+            for (_, manifest) in &rest {
+                hub.hub.apply(CLUSTER, manifest)?;
+            }
+            rest_sent = true;
+        }
+        let build = hub
+            .hub
+            .store()
+            .objects(CLUSTER)?
+            .into_iter()
+            .find(|o| o.key == format!("AppBuild/my-project/{DEMO_BUILD}"));
+        if build.is_some_and(|b| matches!(b.phase.as_str(), "Completed" | "Failed" | "Cancelled")) {
+            print_new_events(hub, started, shown)?;
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!("  still running after {limit:?}: kubectl describe appbuild -n my-project {DEMO_BUILD}");
+    Ok(())
+}
+
+/// The sample build the demo follows.
+pub const DEMO_BUILD: &str = "prebuilt-app-1";
+
+fn print_new_events(
+    hub: &DemoHub,
+    started: std::time::Instant,
+    shown: usize,
+) -> Result<usize, Box<dyn std::error::Error>> {
+    let events = hub.hub.store().events(CLUSTER)?;
+    let objects = hub.hub.store().objects(CLUSTER)?;
+    for (_, kind, object, detail) in events.iter().skip(shown) {
+        let at = started.elapsed().as_secs_f64();
+        match kind.as_str() {
+            // An object seen before its controller wrote a status: nothing to say yet.
+            "phase" if detail.is_empty() => {}
+            "phase" => {
+                let message = objects
+                    .iter()
+                    .find(|o| &o.key == object)
+                    .map(|o| o.message.clone())
+                    .unwrap_or_default();
+                let what = if message.is_empty() {
+                    detail.clone()
+                } else {
+                    format!("{detail}: {message}")
+                };
+                println!(
+                    "  {at:>5.1}s  {:<44} {}",
+                    object.replace("//", " ").replace('/', " "),
+                    clip(&what)
+                );
+            }
+            "result" if detail.contains(" failed:") => {
+                println!("  {at:>5.1}s  {:<44} {}", "(command)", clip(detail));
+            }
+            "snapshot" => println!(
+                "  {at:>5.1}s  {:<44} {}",
+                "(agent connected: status of everything)",
+                clip(detail)
+            ),
+            _ => {}
+        }
+    }
+    Ok(events.len())
+}
+
+fn clip(text: &str) -> String {
+    const WIDTH: usize = 90;
+    if text.chars().count() <= WIDTH {
+        text.to_string()
+    } else {
+        format!("{}…", text.chars().take(WIDTH - 1).collect::<String>())
+    }
 }
 
 fn agent_binary() -> Result<PathBuf, Box<dyn std::error::Error>> {
@@ -78,81 +237,7 @@ fn agent_binary() -> Result<PathBuf, Box<dyn std::error::Error>> {
     }
 }
 
-/// Server-side applies the sample manifests (paths relative to `root`), in order.
-pub async fn apply_samples(client: &Client, root: &Path) -> Result<(), Box<dyn std::error::Error>> {
-    for sample in SAMPLES {
-        let path = root.join(sample);
-        let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        for document in serde_yaml::Deserializer::from_str(&text) {
-            let value = serde_json::Value::deserialize(document)?;
-            if value.is_null() {
-                continue;
-            }
-            let object: DynamicObject = serde_json::from_value(value)?;
-            let types = object.types.clone().ok_or("manifest without apiVersion/kind")?;
-            let gvk = GroupVersionKind::try_from(&types)?;
-            let (resource, caps) = kube::discovery::pinned_kind(client, &gvk).await?;
-            let api: Api<DynamicObject> = match (caps.scope, object.namespace()) {
-                (Scope::Namespaced, Some(ns)) => Api::namespaced_with(client.clone(), &ns, &resource),
-                _ => Api::all_with(client.clone(), &resource),
-            };
-            // Namespaced samples live in the Project's namespace, which the agent creates.
-            let name = object.name_any();
-            let apply = PatchParams::apply("shapeblock-dev").force();
-            let mut attempts = 0;
-            loop {
-                match api.patch(&name, &apply, &Patch::Apply(&object)).await {
-                    Ok(_) => break,
-                    Err(kube::Error::Api(s)) if s.code == 404 && attempts < 100 => {
-                        attempts += 1;
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                    Err(e) => return Err(format!("{}: {name}: {e}", path.display()).into()),
-                }
-            }
-            println!("applied {} {name}", gvk.kind);
-        }
-    }
-    Ok(())
-}
-
 use serde::Deserialize;
-
-/// Follows an AppBuild through its phases, printing each change, until it ends (or `limit`).
-pub async fn follow_build(
-    client: &Client,
-    namespace: &str,
-    name: &str,
-    limit: Duration,
-) -> Result<(), Box<dyn std::error::Error>> {
-    let builds = Api::<AppBuild>::namespaced(client.clone(), namespace);
-    let started = std::time::Instant::now();
-    let mut last = None;
-    println!();
-    println!("AppBuild {namespace}/{name}:");
-    while started.elapsed() < limit {
-        let status = builds.get(name).await?.status.unwrap_or_default();
-        let now = (status.phase, status.message.clone());
-        if last.as_ref() != Some(&now) {
-            let phase = status
-                .phase
-                .map(|p| format!("{p:?}"))
-                .unwrap_or_else(|| "-".into());
-            println!(
-                "  {:>5.1}s  {phase:<10} {}",
-                started.elapsed().as_secs_f64(),
-                status.message.unwrap_or_default()
-            );
-            last = Some(now);
-        }
-        if status.phase.is_some_and(AppBuildPhase::is_final) {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    println!("  still running after {limit:?}: kubectl describe appbuild -n {namespace} {name}");
-    Ok(())
-}
 
 /// Prints what the agent made of the samples, as `kubectl get` would.
 pub async fn print_status(client: &Client) -> Result<(), Box<dyn std::error::Error>> {
@@ -175,6 +260,18 @@ pub async fn print_status(client: &Client) -> Result<(), Box<dyn std::error::Err
         row(
             "App",
             &app.name_any(),
+            status.phase.map(|p| format!("{p:?}")),
+            status.message,
+        );
+    }
+    for build in Api::<AppBuild>::all(client.clone())
+        .list(&Default::default())
+        .await?
+    {
+        let status = build.status.clone().unwrap_or_default();
+        row(
+            "AppBuild",
+            &build.name_any(),
             status.phase.map(|p| format!("{p:?}")),
             status.message,
         );

@@ -125,30 +125,61 @@ async fn up(
     println!("  kubectl get shapeblock -A");
     println!("  kubectl describe app -n my-project sample-app");
     println!();
-    let agent = if no_agent {
+    let demo = if no_agent {
         None
     } else {
-        let agent = super::demo::start_agent(&client, plane.kubeconfig(), plane.work_dir()).await?;
-        super::demo::apply_samples(&client, std::path::Path::new(env!("CARGO_MANIFEST_DIR"))).await?;
-        super::demo::follow_build(&client, "my-project", "prebuilt-app-1", Duration::from_secs(90)).await?;
+        let hub = super::demo::start_hub(plane.work_dir()).await?;
+        let agent = super::demo::start_agent(&client, plane.kubeconfig(), plane.work_dir(), &hub).await?;
+        super::demo::send_samples_and_follow(
+            &hub,
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")),
+            Duration::from_secs(120),
+        )
+        .await?;
         super::demo::print_status(&client).await?;
+        let hub_cli = std::env::current_exe()?.with_file_name("shapeblock-hub");
+        let hub_cli = format!("{} --data-dir {}", hub_cli.display(), hub.data_dir.display());
         println!();
+        println!(
+            "Simulated here: the nodes (kwok: pods are scheduled and \"run\", nothing executes) and the"
+        );
+        println!(
+            "helm-controller's Job image (its pods are run by a local stand-in that calls the real helm)."
+        );
+        println!(
+            "Real: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, the k3s helm-controller,"
+        );
+        println!("helm, the agent (under its ServiceAccount), the hub, and the mTLS tunnel between them.");
+        println!();
+        println!("Look around:");
+        println!("  {hub_cli} clusters");
+        println!("  {hub_cli} events --cluster {}", super::demo::CLUSTER);
+        println!("  kubectl get apps,appbuilds -A");
+        println!("  kubectl -n my-project get deploy,pods");
+        println!("  kubectl get helmcharts -n {}", super::demo::AGENT_NAMESPACE);
         println!("sample-app fails on purpose: it names a git Secret that does not exist. Create it and");
         println!("watch it turn Ready (the agent looks again within a minute):");
         println!("  kubectl -n my-project create secret generic git-credentials \\");
         println!("      --from-literal=username=demo --from-literal=password=token");
         println!("buildpack-app got a generated SSH deploy key; its public half is in its status:");
         println!("  kubectl -n my-project get app buildpack-app -o jsonpath='{{.status.sshPublicKey}}'");
-        println!("prebuilt-app runs on the simulated nodes, deployed by the k3s helm-controller and helm:");
-        println!("  kubectl -n my-project get deploy,pods,appbuilds");
-        Some(agent)
+        println!("Send a new build through the hub (a rollback to the first one):");
+        println!(
+            "  printf 'apiVersion: apps.shapeblock.io/v1alpha1\\nkind: AppBuild\\nmetadata: {{name: prebuilt-app-2, namespace: my-project}}\\nspec: {{appName: prebuilt-app, rollbackTo: prebuilt-app-1}}\\n' > /tmp/rollback.yaml"
+        );
+        println!(
+            "  {hub_cli} apply --cluster {} -f /tmp/rollback.yaml",
+            super::demo::CLUSTER
+        );
+        Some((hub, agent))
     };
     println!();
     println!("press Ctrl-C to stop");
     wait_for_stop(exit_after).await;
-    if let Some(agent) = agent {
+    if let Some((hub, agent)) = demo {
         println!("agent peak RSS: {} MiB", agent.peak_rss_kib() / 1024);
         let _ = agent.terminate(Duration::from_secs(15));
+        hub.hub.stop().await;
     }
     let peaks = plane.peak_rss_kib();
     let total: u64 = peaks.iter().map(|(_, kib)| kib).sum();

@@ -304,7 +304,8 @@ impl Cli {
             Command::Clusters => {
                 for c in hub::open_store(&data)?.clusters()? {
                     let state = if c.connected { "connected" } else { "disconnected" };
-                    println!("{}\t{state}\tepoch {}\tlast seen {}", c.id, c.epoch, c.last_seen);
+                    let ago = crate::proto::now_unix().saturating_sub(c.last_seen);
+                    println!("{}\t{state}\tepoch {}\tlast seen {ago}s ago", c.id, c.epoch);
                 }
             }
             Command::Events { cluster } => {

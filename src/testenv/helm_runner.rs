@@ -11,7 +11,7 @@
 //! | `TARGET_NAMESPACE` | `--namespace` of every helm call |
 //! | `HELM_DRIVER` | `HELM_DRIVER` of every helm call |
 //! | `TIMEOUT` | `--timeout` |
-//! | `FAILURE_POLICY` | release `failed`: `reinstall` uninstalls then installs; anything else (`abort`) exits 1 "waiting for operator intervention", and the pod restarts with back-off, as `restartPolicy: OnFailure` does |
+//! | `FAILURE_POLICY` | release `failed`: `reinstall` uninstalls then installs; `retry` upgrades again (the CRD: "retry the install or upgrade whenever chart configuration changes"; the helm-controller starts a Job only on a change); anything else (`abort`) exits 1 "waiting for operator intervention", and the pod restarts with back-off, as `restartPolicy: OnFailure` does |
 //! | `SERVER_SIDE`, `FORCE_CONFLICTS` | `--server-side`, `--force-conflicts` |
 //! | `CONFIG_HASH` | `--labels helmcharts.helm.cattle.io/configHash=<hash>`; a `deployed` release already labelled with it is left alone (no second run) |
 //! | `EXPECTED_RELEASE_REVISION` | the release must be at that revision, or at a later one made from this `CONFIG_HASH` (an earlier attempt of the same Job); else exit 1 without acting (the Job is stale) |
@@ -338,6 +338,10 @@ impl Runner {
             }
             "deployed" | "superseded" | "pending-upgrade" => {
                 terminal.push("Upgrading helm chart".into());
+                upgrade(&flags)
+            }
+            "failed" if var("FAILURE_POLICY") == "retry" => {
+                terminal.push("Retrying upgrade of failed helm chart".into());
                 upgrade(&flags)
             }
             _ if var("FAILURE_POLICY") == "reinstall" || var("FAILURE_POLICY").is_empty() => {

@@ -543,6 +543,15 @@ impl Pipeline<'_> {
             }
         };
         let project = self.namespace();
+        let release = chart_name(&project, &self.build.spec.app_name);
+        // What was there before this build's change, recorded before the change is made.
+        let Some(baseline) = self.status().release_baseline else {
+            let newest = self.newest_release(&project, &release).await?;
+            let mut status = self.status();
+            status.release_baseline = Some(newest.map_or(0, |(version, _)| version));
+            self.write(status).await?;
+            return Ok(Action::requeue(POLL));
+        };
         let chart = helmchart::helm_chart(
             &self.ctx.config.agent_namespace,
             &project,
@@ -563,25 +572,30 @@ impl Pipeline<'_> {
             )
             .await?;
 
-        let release = chart_name(&project, &self.build.spec.app_name);
         let deployment_name = format!("{}-{}", self.build.spec.app_name, values::WEB);
         let deployment = Api::<Deployment>::namespaced(self.ctx.client.clone(), &project)
             .get_opt(&deployment_name)
             .await?;
-        let release_status = self.newest_release_status(&project, &release).await?;
+        // Only a release made after the baseline belongs to this change.
+        let ours = self
+            .newest_release(&project, &release)
+            .await?
+            .filter(|(version, _)| *version > baseline);
+        let release_status = ours.as_ref().map(|(_, status)| status.clone());
         match rollout(deployment.as_ref(), &self.build.name_any(), &image) {
             Rollout::Failed(message) => {
                 return self.finish(AppBuildPhase::Failed, "DeployFailed", message).await;
             }
             Rollout::Done if release_status.as_deref() == Some("deployed") => {
                 self.record_deployed(app, &image).await?;
-                return self
-                    .finish(
-                        AppBuildPhase::Completed,
-                        "RolledOut",
-                        format!("{deployment_name} runs {image}"),
-                    )
-                    .await;
+                let revision = ours.map(|(version, _)| version);
+                let message = match revision {
+                    Some(revision) => format!("{deployment_name} runs {image} (release revision {revision})"),
+                    None => format!("{deployment_name} runs {image}"),
+                };
+                let mut status = self.ended(AppBuildPhase::Completed, "RolledOut", &message);
+                status.release_revision = revision;
+                return self.conclude(status).await;
             }
             _ => {}
         }
@@ -597,7 +611,8 @@ impl Pipeline<'_> {
         Ok(Action::requeue(POLL))
     }
 
-    async fn newest_release_status(&self, namespace: &str, release: &str) -> Result<Option<String>> {
+    /// The newest revision of a Helm release and its status (`deployed`, `failed`, ...).
+    async fn newest_release(&self, namespace: &str, release: &str) -> Result<Option<(u32, String)>> {
         let secrets = Api::<Secret>::namespaced(self.ctx.client.clone(), namespace)
             .list_metadata(&ListParams::default().labels(&format!("owner=helm,name={release}")))
             .await?;
@@ -610,8 +625,7 @@ impl Pipeline<'_> {
                     s.labels().get("status")?.clone(),
                 ))
             })
-            .max_by_key(|(version, _)| *version)
-            .map(|(_, status)| status))
+            .max_by_key(|(version, _)| *version))
     }
 
     fn with(&self, phase: AppBuildPhase, reason: &str, message: &str) -> AppBuildStatus {
@@ -644,14 +658,24 @@ impl Pipeline<'_> {
     }
 
     fn failed(&self, reason: &str, message: String) -> AppBuildStatus {
-        let mut status = self.with(AppBuildPhase::Failed, reason, &message);
+        self.ended(AppBuildPhase::Failed, reason, &message)
+    }
+
+    async fn finish(&self, phase: AppBuildPhase, reason: &str, message: String) -> Result<Action> {
+        self.conclude(self.ended(phase, reason, &message)).await
+    }
+
+    /// A final status: `with` plus the completion time.
+    fn ended(&self, phase: AppBuildPhase, reason: &str, message: &str) -> AppBuildStatus {
+        let mut status = self.with(phase, reason, message);
         status.completion_time = Some(Time(Timestamp::now()));
         status
     }
 
-    async fn finish(&self, phase: AppBuildPhase, reason: &str, message: String) -> Result<Action> {
-        let mut status = self.with(phase, reason, &message);
-        status.completion_time = Some(Time(Timestamp::now()));
+    /// Writes a final status, then lets the build's Jobs go, publishes the Event and prunes
+    /// the history.
+    async fn conclude(&self, status: AppBuildStatus) -> Result<Action> {
+        let phase = status.phase.unwrap_or_default();
         // Status first: deleting the Jobs wakes this build again, and that reconcile must see
         // the final phase rather than recreate a Job.
         self.write(status.clone()).await?;
