@@ -53,7 +53,7 @@ pub struct Context {
 }
 
 /// Number of controllers whose caches must be synced before the agent reports ready.
-pub const CONTROLLERS: usize = 4;
+pub const CONTROLLERS: usize = 5;
 
 impl Context {
     pub fn new(client: Client, metrics: std::sync::Arc<Metrics>, config: Config) -> Self {

@@ -575,6 +575,7 @@ mod tests {
                     dockerfile: None,
                     ..Default::default()
                 },
+                services: Vec::new(),
             },
         );
         app.metadata.namespace = Some("shop".into());

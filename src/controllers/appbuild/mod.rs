@@ -12,7 +12,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
@@ -24,9 +24,13 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
-pub use helmchart::{UNIVERSAL_CHART, chart_name, resource as helm_chart_resource};
+pub(crate) use helmchart::chart_object;
+pub use helmchart::{
+    UNIVERSAL_CHART, chart_name, release_status, resource as helm_chart_resource, service_chart_name,
+};
 pub use jobs::{BUILD_LABEL, BuildSettings, parse_build_report, parse_commit};
-pub use values::{ALLOWED_KEYS, chart_values};
+pub use values::{ALLOWED_KEYS, WEB, chart_values};
+pub(crate) use values::{Refused, env_list, reject_templates};
 
 use super::{APP_LABEL, ConditionSet, Context, Error, FIELD_MANAGER, MANAGED_BY, MANAGED_BY_LABEL, Result};
 use crate::api::{App, AppBuild, AppBuildPhase, AppBuildStatus, BuildType};
@@ -432,7 +436,8 @@ impl Pipeline<'_> {
     /// Deploys the build's image and decides when it is rolled out.
     async fn deploy(&self, app: &App) -> Result<Action> {
         let image = self.status().image.unwrap_or_default();
-        let values = match chart_values(&self.release(app, &image), self.build.spec.helm_values.as_ref()) {
+        let mut values = match chart_values(&self.release(app, &image), self.build.spec.helm_values.as_ref())
+        {
             Ok(values) => values,
             Err(refused) => {
                 return self
@@ -441,6 +446,8 @@ impl Pipeline<'_> {
             }
         };
         let project = self.namespace();
+        // The App's bound services, as secretKeyRefs to their connection Secrets.
+        super::backingservice::binding::bind(self.ctx, &project, &app.spec.services, &mut values).await?;
         let chart = helmchart::helm_chart(
             &self.ctx.config.agent_namespace,
             &project,
@@ -466,7 +473,7 @@ impl Pipeline<'_> {
         let deployment = Api::<Deployment>::namespaced(self.ctx.client.clone(), &project)
             .get_opt(&deployment_name)
             .await?;
-        let release_status = self.newest_release_status(&project, &release).await?;
+        let release_status = helmchart::release_status(&self.ctx.client, &project, &release).await?;
         match rollout(deployment.as_ref(), &self.build.name_any(), &image) {
             Rollout::Failed(message) => {
                 return self.finish(AppBuildPhase::Failed, "DeployFailed", message).await;
@@ -493,23 +500,6 @@ impl Pipeline<'_> {
                 .await;
         }
         Ok(Action::requeue(POLL))
-    }
-
-    async fn newest_release_status(&self, namespace: &str, release: &str) -> Result<Option<String>> {
-        let secrets = Api::<Secret>::namespaced(self.ctx.client.clone(), namespace)
-            .list_metadata(&ListParams::default().labels(&format!("owner=helm,name={release}")))
-            .await?;
-        Ok(secrets
-            .items
-            .iter()
-            .filter_map(|s| {
-                Some((
-                    s.labels().get("version")?.parse::<u32>().ok()?,
-                    s.labels().get("status")?.clone(),
-                ))
-            })
-            .max_by_key(|(version, _)| *version)
-            .map(|(_, status)| status))
     }
 
     fn with(&self, phase: AppBuildPhase, reason: &str, message: &str) -> AppBuildStatus {
