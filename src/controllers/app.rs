@@ -224,8 +224,7 @@ async fn bind_services(app: &App, ctx: &Context, conditions: &mut ConditionSet) 
         );
     }
     if let (true, Some(values)) = (changed, values) {
-        let yaml = serde_yaml::to_string(&values).expect("JSON values serialize as YAML");
-        let patch = json!({"spec": {"valuesContent": yaml}});
+        let patch = json!({"spec": {"valuesContent": super::appbuild::values_content(&values)}});
         charts
             .patch(
                 &chart_name,

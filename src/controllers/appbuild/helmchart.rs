@@ -81,7 +81,7 @@ pub(crate) fn chart_object(
 ) -> DynamicObject {
     labels.insert(MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string());
     labels.insert(PROJECT_LABEL.to_string(), project.to_string());
-    let values = serde_yaml::to_string(values).expect("JSON values serialize as YAML");
+    let values = values_content(values);
     let object = json!({
         "apiVersion": "helm.cattle.io/v1",
         "kind": "HelmChart",
@@ -105,6 +105,14 @@ pub(crate) fn chart_object(
         },
     });
     serde_json::from_value(object).expect("a HelmChart is a valid object")
+}
+
+/// `valuesContent` as JSON, which is YAML too. Not serde_yaml's YAML: it writes YAML 1.2, where
+/// `yes`, `on` or `no` are plain strings and need no quotes, but Helm reads values as YAML 1.1,
+/// where unquoted they are booleans; an env value or argument `"yes"` would arrive as `true`
+/// and the workload be refused. JSON quotes every string.
+pub fn values_content(values: &Value) -> String {
+    serde_json::to_string_pretty(values).expect("JSON values serialize")
 }
 
 /// The status (`deployed`, `failed`, `pending-install`, ...) of the newest revision of a Helm
@@ -154,5 +162,16 @@ mod tests {
         assert_eq!(chart.data["spec"]["failurePolicy"], "retry");
         assert!(chart.data["spec"]["chartContent"].as_str().unwrap().len() > 1000);
         assert_eq!(chart.metadata.annotations.unwrap()[BUILD_ANNOTATION], "web-1");
+    }
+
+    #[test]
+    fn values_content_quotes_strings_helm_would_read_as_booleans() {
+        let values = json!({"env": [{"name": "FLAG", "value": "yes"}], "args": ["--appendonly", "on", "no"]});
+        let content = values_content(&values);
+        for word in ["yes", "on", "no"] {
+            assert!(content.contains(&format!("\"{word}\"")), "{content}");
+        }
+        let parsed: Value = serde_yaml::from_str(&content).unwrap();
+        assert_eq!(parsed, values, "YAML readers read it back unchanged");
     }
 }

@@ -24,10 +24,10 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
-pub(crate) use helmchart::chart_object;
 pub use helmchart::{
     UNIVERSAL_CHART, chart_name, release_status, resource as helm_chart_resource, service_chart_name,
 };
+pub(crate) use helmchart::{chart_object, values_content};
 pub use jobs::{BUILD_LABEL, BuildSettings, parse_build_report, parse_commit};
 pub use values::{ALLOWED_KEYS, WEB, chart_values};
 pub(crate) use values::{Refused, env_list, reject_templates};

@@ -325,7 +325,8 @@ pub fn chart_values(service: &BackingService, entry: &Entry) -> Result<Value, Re
         "releasePrefix": name,
         "generic": {
             "labels": {PROJECT_LABEL: service.namespace().unwrap_or_default(), SERVICE_LABEL: name},
-            "podLabels": {SERVICE_LABEL: name},
+            // (Pods get SERVICE_LABEL from extraSelectorLabels; repeating it in podLabels would
+            // render a duplicate key.)
             // Which generation a pod template was rendered from: how "rolled out" is decided.
             "podAnnotations": {GENERATION_ANNOTATION: service.metadata.generation.unwrap_or_default().to_string()},
             "usePredefinedAffinity": false,
@@ -382,7 +383,7 @@ mod tests {
             let service = service(kind, None);
             let credentials = Credentials::generate(entry).unwrap();
             let values = chart_values(&service, entry).unwrap();
-            let yaml = serde_yaml::to_string(&values).unwrap();
+            let yaml = crate::controllers::appbuild::values_content(&values);
             assert!(!yaml.contains(&credentials.password), "{kind}");
             assert!(!yaml.contains(&credentials.root_password), "{kind}");
             let sts = &values["statefulSets"][kind.as_str()];

@@ -304,16 +304,15 @@ async fn apply(service: &BackingService, ctx: &Context) -> Result<Action> {
         )
         .await?;
 
-    // Where the install is.
-    let job_name = applied.data["status"]["jobName"].as_str().map(str::to_owned);
-    let job = match &job_name {
-        Some(name) => {
-            Api::<Job>::namespaced(ctx.client.clone(), &ctx.config.agent_namespace)
-                .get_opt(name)
-                .await?
-        }
-        None => None,
-    };
+    // Where the install is. The helm-controller does not always get to write `status.jobName`,
+    // so the Job is found by its naming convention, `helm-install-<chart>`.
+    let job_name = applied.data["status"]["jobName"]
+        .as_str()
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("helm-install-{release}"));
+    let job = Api::<Job>::namespaced(ctx.client.clone(), &ctx.config.agent_namespace)
+        .get_opt(&job_name)
+        .await?;
     let job_state = job.as_ref().map(job_outcome);
     let release_state = release_status(&ctx.client, &namespace, &release).await?;
     let statefulset = Api::<StatefulSet>::namespaced(ctx.client.clone(), &namespace)
@@ -325,10 +324,7 @@ async fn apply(service: &BackingService, ctx: &Context) -> Result<Action> {
     if let Some(JobState::Failed(why)) = &job_state
         && !(installed && rollout.is_ok())
     {
-        let message = format!(
-            "the Helm install Job {} failed: {why}",
-            job_name.unwrap_or_default()
-        );
+        let message = format!("the Helm install Job {job_name} failed: {why}");
         report
             .conditions
             .set("Installed", false, "InstallFailed", &message);
