@@ -661,6 +661,19 @@ async fn the_catalog_is_data_an_admin_extends_and_bad_types_or_values_fail_with_
             .is_none()
     );
 
+    // An install the apiserver refuses (an invalid label key only it checks): the Helm Job
+    // fails its retries and the service says so.
+    backing_service(
+        &env.client,
+        &project,
+        "broken",
+        json!({"type": "redis", "helmValues": {"nodeSelector": {"not a label key!": "x"}}}),
+    )
+    .await;
+    let broken = wait_phase(&env.client, &project, "broken", BackingServicePhase::Failed).await;
+    assert_eq!(condition(&broken, "Ready").unwrap().reason, "InstallFailed");
+    assert_eq!(condition(&broken, "Installed").unwrap().status, "False");
+
     let catalog = r#"
 keyvalue:
   description: Valkey
