@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
 use k8s_openapi::api::core::v1::{LimitRange, Namespace, ResourceQuota, Secret};
-use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::rbac::v1::RoleBinding;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -17,20 +16,9 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 use shapeblock_agent::api::{App, AppPhase, Project, ProjectPhase, Team, TeamPhase};
 
-use support::{eventually, unique_name};
+use support::{events_for, eventually, unique_name};
 
 use support::agent::*;
-
-async fn events_for(client: &Client, namespace: &str, name: &str) -> Vec<Event> {
-    Api::<Event>::namespaced(client.clone(), namespace)
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
-        .collect()
-}
 
 fn condition<'a>(
     conditions: &'a [k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],

@@ -11,15 +11,14 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolume, PersistentVolumeClaim, Secret};
-use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use shapeblock_agent::api::{App, AppBuild, AppBuildPhase, AppPhase, BackingService, BackingServicePhase};
 use shapeblock_agent::controllers::appbuild::{chart_name, service_chart_name};
 use support::agent::*;
-use support::eventually;
+use support::{events_for, eventually};
 
 /// Generous: 2 shared cores run the whole simulated cluster and one helm process per install.
 const INSTALL_TIMEOUT: Duration = Duration::from_secs(240);
@@ -57,6 +56,22 @@ async fn volume_for(client: &Client, project: &str, name: &str, kind: &str) {
     .unwrap();
     Api::<PersistentVolume>::all(client.clone())
         .create(&PostParams::default(), &pv)
+        .await
+        .unwrap();
+}
+
+fn first_container(
+    template: &k8s_openapi::api::core::v1::PodTemplateSpec,
+) -> &k8s_openapi::api::core::v1::Container {
+    &template.spec.as_ref().unwrap().containers[0]
+}
+
+/// A JSON merge patch.
+async fn merge<K>(api: &Api<K>, name: &str, patch: serde_json::Value)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    api.patch(name, &PatchParams::default(), &Patch::Merge(patch))
         .await
         .unwrap();
 }
@@ -116,17 +131,6 @@ async fn values_content(client: &Client, chart: &str) -> String {
     })
     .await
     .0
-}
-
-async fn events_for(client: &Client, namespace: &str, name: &str) -> Vec<Event> {
-    Api::<Event>::namespaced(client.clone(), namespace)
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
-        .collect()
 }
 
 fn condition<'a>(
@@ -216,19 +220,11 @@ async fn every_catalog_entry_installs_with_real_helm_rolls_out_and_turns_ready_w
             .await
             .unwrap();
         assert_eq!(sts.status.as_ref().unwrap().available_replicas, Some(1));
-        let image = sts
-            .spec
-            .as_ref()
-            .unwrap()
-            .template
-            .spec
-            .as_ref()
-            .unwrap()
-            .containers[0]
+        let image = first_container(&sts.spec.as_ref().unwrap().template)
             .image
             .clone()
             .unwrap();
-        assert!(image.starts_with(&format!("docker.io/library/")), "{image}");
+        assert!(image.starts_with("docker.io/library/"), "{image}");
         let claim = Api::<PersistentVolumeClaim>::namespaced(env.client.clone(), &project)
             .get(&format!("data-{name}-{kind}-0"))
             .await
@@ -286,14 +282,7 @@ async fn credentials_are_generated_once_and_survive_reconciles_and_an_agent_rest
             .await;
         }
     };
-    services
-        .patch(
-            "cache",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"plan": {"memory": "192Mi"}}})),
-        )
-        .await
-        .unwrap();
+    merge(&services, "cache", json!({"spec": {"plan": {"memory": "192Mi"}}})).await;
     reconciled(2).await;
     assert!(
         agent
@@ -302,14 +291,7 @@ async fn credentials_are_generated_once_and_survive_reconciles_and_an_agent_rest
         "a clean shutdown"
     );
     let agent = env.agent(&[]).await;
-    services
-        .patch(
-            "cache",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"plan": {"memory": "256Mi"}}})),
-        )
-        .await
-        .unwrap();
+    merge(&services, "cache", json!({"spec": {"plan": {"memory": "256Mi"}}})).await;
     reconciled(3).await;
     let after = Api::<Secret>::namespaced(env.client.clone(), &project)
         .get("cache-credentials")
@@ -368,15 +350,7 @@ async fn binding_puts_secret_key_refs_into_the_running_release_and_redeploys_whe
     .await;
     let deployments = Api::<Deployment>::namespaced(env.client.clone(), &project);
     let env_of = |deployment: &Deployment| {
-        deployment
-            .spec
-            .as_ref()
-            .unwrap()
-            .template
-            .spec
-            .as_ref()
-            .unwrap()
-            .containers[0]
+        first_container(&deployment.spec.as_ref().unwrap().template)
             .env
             .clone()
             .unwrap_or_default()
@@ -413,13 +387,12 @@ async fn binding_puts_secret_key_refs_into_the_running_release_and_redeploys_whe
     // A second service bound later (and one that does not exist): the running release is
     // re-rendered without a build and the Deployment rolls out with the new references.
     backing_service(&env.client, &project, "jobs", json!({"type": "rabbitmq"})).await;
-    apps.patch(
+    merge(
+        &apps,
         "web",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"spec": {"services": ["orders-db", "jobs", "ghost"]}})),
+        json!({"spec": {"services": ["orders-db", "jobs", "ghost"]}}),
     )
-    .await
-    .unwrap();
+    .await;
     eventually(
         INSTALL_TIMEOUT,
         "the Deployment to carry the jobs binding",
@@ -456,13 +429,7 @@ async fn binding_puts_secret_key_refs_into_the_running_release_and_redeploys_whe
     );
 
     // Unbinding removes the references again.
-    apps.patch(
-        "web",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"spec": {"services": null}})),
-    )
-    .await
-    .unwrap();
+    merge(&apps, "web", json!({"spec": {"services": null}})).await;
     eventually(
         INSTALL_TIMEOUT,
         "the bindings to be gone from the Deployment",
@@ -523,13 +490,7 @@ async fn deleting_a_bound_service_is_refused_until_unbound_or_forced() {
     );
 
     // Unbinding lets `db` go; `queue` goes when forced.
-    apps.patch(
-        "api",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"spec": {"services": ["queue"]}})),
-    )
-    .await
-    .unwrap();
+    merge(&apps, "api", json!({"spec": {"services": ["queue"]}})).await;
     eventually(INSTALL_TIMEOUT, "db to be deleted once unbound", || async {
         get_service(&env.client, &project, "db")
             .await
@@ -538,14 +499,12 @@ async fn deleting_a_bound_service_is_refused_until_unbound_or_forced() {
     })
     .await;
     assert!(get_service(&env.client, &project, "queue").await.is_some());
-    services
-        .patch(
-            "queue",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"annotations": {"apps.shapeblock.io/force-delete": "true"}}})),
-        )
-        .await
-        .unwrap();
+    merge(
+        &services,
+        "queue",
+        json!({"metadata": {"annotations": {"apps.shapeblock.io/force-delete": "true"}}}),
+    )
+    .await;
     eventually(INSTALL_TIMEOUT, "queue to be deleted when forced", || async {
         get_service(&env.client, &project, "queue")
             .await
@@ -674,20 +633,7 @@ async fn the_catalog_is_data_an_admin_extends_and_bad_types_or_values_fail_with_
     assert_eq!(condition(&broken, "Ready").unwrap().reason, "InstallFailed");
     assert_eq!(condition(&broken, "Installed").unwrap().status, "False");
 
-    let catalog = r#"
-keyvalue:
-  description: Valkey
-  image: docker.io/valkey/valkey
-  defaultVersion: "8.1"
-  port: 6379
-  username: default
-  database: "0"
-  uri: "redis://{username}:{password}@{host}:{port}/{database}"
-  dataPath: /data
-  credentialEnv: {VALKEY_PASSWORD: password}
-  args: ["--requirepass", "$(VALKEY_PASSWORD)"]
-  defaults: {storage: 1Gi, cpu: 100m, memory: 64Mi}
-"#;
+    let catalog = include_str!("fixtures/catalog-keyvalue.yaml");
     let configmaps = Api::<ConfigMap>::namespaced(env.client.clone(), AGENT_NS);
     let configmap: ConfigMap = serde_json::from_value(json!({
         "metadata": {"name": "shapeblock-catalog"}, "data": {"catalog.yaml": catalog}
@@ -698,14 +644,12 @@ keyvalue:
         .await
         .unwrap();
     // Any change makes the agent look again (the ConfigMap itself is read, not watched).
-    Api::<BackingService>::namespaced(env.client.clone(), &project)
-        .patch(
-            "kv",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"annotations": {"touch": "1"}}})),
-        )
-        .await
-        .unwrap();
+    merge(
+        &Api::<BackingService>::namespaced(env.client.clone(), &project),
+        "kv",
+        json!({"metadata": {"annotations": {"touch": "1"}}}),
+    )
+    .await;
     let values = values_content(&env.client, &service_chart_name(&project, "kv")).await;
     configmaps
         .delete("shapeblock-catalog", &DeleteParams::default())

@@ -243,34 +243,15 @@ mod tests {
 
     #[test]
     fn overrides_replace_and_add_entries() {
-        let extra = r#"
-redis:
-  description: Valkey instead
-  image: docker.io/valkey/valkey
-  defaultVersion: "8.1"
-  port: 6379
-  username: default
-  database: "0"
-  uri: "redis://{username}:{password}@{host}:{port}/{database}"
-  dataPath: /data
-  credentialEnv: {VALKEY_PASSWORD: password}
-  args: ["--requirepass", "$(VALKEY_PASSWORD)"]
-  defaults: {storage: 2Gi, cpu: 100m, memory: 128Mi}
-memcached-like:
-  description: anything
-  image: example.org/store
-  defaultVersion: "1"
-  port: 1234
-  username: u
-  database: d
-  uri: "store://{host}:{port}"
-  dataPath: /data
-  credentialEnv: {STORE_PASSWORD: password}
-  defaults: {storage: 1Gi, cpu: 100m, memory: 64Mi}
-"#;
-        let catalog = merged(Some(extra)).unwrap();
+        let added = include_str!("../../../tests/fixtures/catalog-keyvalue.yaml");
+        let mut redis = parse(BUILTIN).unwrap()["redis"].clone();
+        redis.image = "docker.io/valkey/valkey".into();
+        redis.versions.clear();
+        redis.default_version = "8.1".into();
+        let replaced = serde_yaml::to_string(&BTreeMap::from([("redis", redis)])).unwrap();
+        let catalog = merged(Some(&format!("{added}\n{replaced}"))).unwrap();
         assert_eq!(catalog["redis"].image, "docker.io/valkey/valkey");
-        assert!(catalog.contains_key("memcached-like"));
+        assert_eq!(catalog["keyvalue"].port, 6379);
         assert!(catalog.contains_key("postgresql"), "other built-ins stay");
         assert_eq!(catalog["redis"].version(None).unwrap(), "8.1");
         assert_eq!(
