@@ -282,6 +282,19 @@ async fn credentials_are_generated_once_and_survive_reconciles_and_an_agent_rest
             .await;
         }
     };
+    // The claim size is fixed (a StatefulSet's claim template is immutable): refused up front.
+    let err = services
+        .patch(
+            "cache",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"plan": {"storage": "2Gi"}}})),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("plan.storage cannot be changed"),
+        "{err}"
+    );
     merge(&services, "cache", json!({"spec": {"plan": {"memory": "192Mi"}}})).await;
     reconciled(2).await;
     assert!(

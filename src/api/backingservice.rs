@@ -72,10 +72,11 @@ pub enum DeletionPolicy {
 pub const FORCE_DELETE_ANNOTATION: &str = "apps.shapeblock.io/force-delete";
 
 /// Storage, CPU and memory of a backing service. Unset fields take the catalog's defaults.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.storage) == has(oldSelf.storage) && (!has(self.storage) || string(self.storage) == string(oldSelf.storage))").message("plan.storage cannot be changed after creation: a StatefulSet's volume claim template is immutable"))]
 pub struct ServicePlan {
-    /// Size of the data volume, e.g. `1Gi`.
+    /// Size of the data volume, e.g. `1Gi`. Fixed at creation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "optional_quantity")]
     pub storage: Option<Quantity>,

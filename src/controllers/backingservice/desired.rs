@@ -202,7 +202,15 @@ pub fn connection_secret(
 /// Chart values for the service: one StatefulSet with a `data` claim and one Service, the
 /// credentials passed as `secretKeyRef`s. User values are checked against the entry's
 /// allow-list and translated; anything else is refused.
-pub fn chart_values(service: &BackingService, entry: &Entry) -> Result<Value, Refused> {
+///
+/// `installed_storage` is the claim size of the running StatefulSet, if any: without a size in
+/// the plan it wins over the catalog's default, so an admin changing that default does not
+/// make every existing service's upgrade fail on the immutable claim template.
+pub fn chart_values(
+    service: &BackingService,
+    entry: &Entry,
+    installed_storage: Option<&str>,
+) -> Result<Value, Refused> {
     let empty = Map::new();
     let user = match service.spec.helm_values.as_ref() {
         None | Some(Value::Null) => &empty,
@@ -264,7 +272,10 @@ pub fn chart_values(service: &BackingService, entry: &Entry) -> Result<Value, Re
     let quantity = |q: Option<&k8s_openapi::apimachinery::pkg::api::resource::Quantity>, default: &str| {
         q.map(|q| q.0.clone()).unwrap_or_else(|| default.to_owned())
     };
-    let storage = quantity(plan.storage.as_ref(), &entry.defaults.storage);
+    let storage = quantity(
+        plan.storage.as_ref(),
+        installed_storage.unwrap_or(&entry.defaults.storage),
+    );
     let cpu = quantity(plan.cpu.as_ref(), &entry.defaults.cpu);
     let memory = quantity(plan.memory.as_ref(), &entry.defaults.memory);
 
@@ -382,7 +393,7 @@ mod tests {
         for (kind, entry) in &catalog {
             let service = service(kind, None);
             let credentials = Credentials::generate(entry).unwrap();
-            let values = chart_values(&service, entry).unwrap();
+            let values = chart_values(&service, entry, None).unwrap();
             let yaml = crate::controllers::appbuild::values_content(&values);
             assert!(!yaml.contains(&credentials.password), "{kind}");
             assert!(!yaml.contains(&credentials.root_password), "{kind}");
@@ -432,7 +443,7 @@ mod tests {
         pg.spec.plan.storage = Some(k8s_openapi::apimachinery::pkg::api::resource::Quantity(
             "5Gi".into(),
         ));
-        let values = chart_values(&pg, &catalog["postgresql"]).unwrap();
+        let values = chart_values(&pg, &catalog["postgresql"], Some("2Gi")).unwrap();
         let sts = &values["statefulSets"]["postgresql"];
         let container = &sts["containers"][0];
         assert_eq!(container["imageTag"], "16");
@@ -449,8 +460,13 @@ mod tests {
         assert_eq!(sts["nodeSelector"]["disk"], "ssd");
         // Redis keeps its password argument ahead of the user's.
         let redis = service("redis", Some(json!({"args": ["--maxmemory", "64mb"]})));
-        let values = chart_values(&redis, &catalog["redis"]).unwrap();
+        let values = chart_values(&redis, &catalog["redis"], Some("2Gi")).unwrap();
         let args = values["statefulSets"]["redis"]["containers"][0]["args"].clone();
+        assert_eq!(
+            values["statefulSets"]["redis"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"],
+            "2Gi",
+            "without a plan size, the installed claim's size stays"
+        );
         assert_eq!(args[1], "$(REDIS_PASSWORD)");
         assert_eq!(args[5], "64mb");
     }
@@ -479,13 +495,13 @@ mod tests {
             ),
             ("mysql", json!({"nodeSelector": {"a": 1}}), "nodeSelector"),
         ] {
-            let err = chart_values(&service(kind, Some(values.clone())), &catalog[kind]).unwrap_err();
+            let err = chart_values(&service(kind, Some(values.clone())), &catalog[kind], None).unwrap_err();
             assert!(err.0.contains(why), "{kind} {values}: {err}");
         }
         let mut old = service("postgresql", None);
         old.spec.version = Some("9.6".into());
         assert!(
-            chart_values(&old, &catalog["postgresql"])
+            chart_values(&old, &catalog["postgresql"], None)
                 .unwrap_err()
                 .0
                 .contains("not offered")

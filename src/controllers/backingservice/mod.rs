@@ -241,21 +241,25 @@ async fn apply(service: &BackingService, ctx: &Context) -> Result<Action> {
             .await?;
         return Ok(Action::requeue(RECHECK));
     };
-    let values = match desired::chart_values(service, entry) {
-        Ok(values) => values,
-        Err(refused) => {
-            let message = refused.to_string();
-            report
-                .write(ctx, BackingServicePhase::Failed, "InvalidSpec", message.clone())
-                .await?;
-            return Err(Error::InvalidSpec {
-                reason: "InvalidSpec",
-                message,
-            });
-        }
-    };
     let namespace = service.namespace().unwrap_or_default();
     let names = desired::Names::of(service);
+    let statefulset = Api::<StatefulSet>::namespaced(ctx.client.clone(), &namespace)
+        .get_opt(&names.workload)
+        .await?;
+    let values =
+        match desired::chart_values(service, entry, installed_storage(statefulset.as_ref()).as_deref()) {
+            Ok(values) => values,
+            Err(refused) => {
+                let message = refused.to_string();
+                report
+                    .write(ctx, BackingServicePhase::Failed, "InvalidSpec", message.clone())
+                    .await?;
+                return Err(Error::InvalidSpec {
+                    reason: "InvalidSpec",
+                    message,
+                });
+            }
+        };
     let owner = service
         .controller_owner_ref(&())
         .expect("a BackingService from the apiserver has a uid");
@@ -315,9 +319,6 @@ async fn apply(service: &BackingService, ctx: &Context) -> Result<Action> {
         .await?;
     let job_state = job.as_ref().map(job_outcome);
     let release_state = release_status(&ctx.client, &namespace, &release).await?;
-    let statefulset = Api::<StatefulSet>::namespaced(ctx.client.clone(), &namespace)
-        .get_opt(&names.workload)
-        .await?;
     let rollout = rolled_out(statefulset.as_ref(), &generation);
 
     let installed = release_state.as_deref() == Some("deployed") && job_state != Some(JobState::Running);
@@ -483,6 +484,25 @@ fn job_outcome(job: &Job) -> JobState {
     } else {
         JobState::Running
     }
+}
+
+/// The data claim size of a running StatefulSet.
+fn installed_storage(statefulset: Option<&StatefulSet>) -> Option<String> {
+    statefulset?
+        .spec
+        .as_ref()?
+        .volume_claim_templates
+        .as_ref()?
+        .iter()
+        .find(|claim| claim.metadata.name.as_deref() == Some(desired::DATA_VOLUME))?
+        .spec
+        .as_ref()?
+        .resources
+        .as_ref()?
+        .requests
+        .as_ref()?
+        .get("storage")
+        .map(|quantity| quantity.0.clone())
 }
 
 /// Whether the StatefulSet runs the template of `generation`, every replica updated, ready
