@@ -673,3 +673,51 @@ async fn the_catalog_is_data_an_admin_extends_and_bad_types_or_values_fail_with_
     let password = secret_text(&env.client, &project, "kv-credentials", "password").await;
     assert!(!values.contains(&password));
 }
+
+#[tokio::test]
+async fn deleting_a_project_takes_its_installed_and_bound_services_with_it() {
+    let env = env().await;
+    let _agent = env.agent(&[]).await;
+    let project = ready_project(&env.client, "doomed").await;
+    volume_for(&env.client, &project, "db", "postgresql").await;
+    backing_service(&env.client, &project, "db", json!({"type": "postgresql"})).await;
+    create(
+        Api::<App>::namespaced(env.client.clone(), &project),
+        json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "App", "metadata": {"name": "api"},
+               "spec": {"registry": {"url": "registry.example.com"},
+                        "build": {"type": "image", "image": "registry.example.com/demo/api:1"},
+                        "services": ["db"]}}),
+    )
+    .await;
+    wait_phase(&env.client, &project, "db", BackingServicePhase::Ready).await;
+    // The App goes with its namespace, so its binding does not hold the service (nor the
+    // namespace) back; the release is uninstalled on the way.
+    Api::<shapeblock_agent::api::Project>::all(env.client.clone())
+        .delete(&project, &DeleteParams::default())
+        .await
+        .unwrap();
+    let (_, took) = eventually(
+        INSTALL_TIMEOUT,
+        "the Project and its namespace to be gone",
+        || async {
+            let project_left = Api::<shapeblock_agent::api::Project>::all(env.client.clone())
+                .get_opt(&project)
+                .await
+                .unwrap();
+            let namespace = Api::<k8s_openapi::api::core::v1::Namespace>::all(env.client.clone())
+                .get_opt(&project)
+                .await
+                .unwrap();
+            (project_left.is_none() && namespace.is_none()).then_some(())
+        },
+    )
+    .await;
+    eprintln!("project with an installed, bound service deleted in {took:?}");
+    assert!(
+        charts(&env.client)
+            .get_opt(&service_chart_name(&project, "db"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
