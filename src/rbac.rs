@@ -130,9 +130,16 @@ pub const AGENT_CLUSTER_RULES: &[Rule] = &[
     Rule {
         api_groups: &[""],
         resources: &["pods"],
-        verbs: &["get", "list"],
+        verbs: &["get", "list", "watch"],
         resource_names: &[],
-        why: "read a build pod's termination message (commit, digest) and which step failed",
+        why: "read a build pod's termination message (commit, digest) and which step failed; the log relay watches build pods by label",
+    },
+    Rule {
+        api_groups: &[""],
+        resources: &["pods/log"],
+        verbs: &["get"],
+        resource_names: &[],
+        why: "relay build pods' logs to the hub (with the tunnel); nothing else reads them",
     },
     Rule {
         api_groups: &["apps"],

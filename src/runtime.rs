@@ -90,7 +90,9 @@ pub async fn run(settings: Settings, shutdown: ShutdownSignal) -> Result<(), Err
         tracing::info!(hub = %tunnel.config.hub_url, "tunnel to the hub enabled");
         tokio::spawn(crate::tunnel::run(tunnel.config, host, store, shutdown.clone()))
     });
-    let ctx = Arc::new(Context::new(client, metrics, settings.controllers.clone()));
+    let mut config = settings.controllers.clone();
+    config.builds.relay_logs = settings.tunnel.is_some();
+    let ctx = Arc::new(Context::new(client, metrics, config));
 
     let listener = tokio::net::TcpListener::bind(settings.http_addr)
         .await

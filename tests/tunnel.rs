@@ -572,6 +572,708 @@ async fn commands_become_resources_status_comes_back_and_nothing_is_lost_across_
     hub.stop().await;
 }
 
+// ---- build logs ----
+
+fn manifest(kind: &str, namespace: &str, name: &str, spec: serde_json::Value) -> String {
+    serde_json::json!({
+        "apiVersion": "apps.shapeblock.io/v1alpha1",
+        "kind": kind,
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    })
+    .to_string()
+}
+
+async fn build_pod(client: &Client, namespace: &str, job: &str) -> String {
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), namespace);
+    eventually(TIMEOUT, &format!("the pod of Job {job}"), || async {
+        let list = pods
+            .list(&kube::api::ListParams::default().labels(&format!("job-name={job}")))
+            .await
+            .ok()?;
+        list.items.first().map(|p| p.name_any())
+    })
+    .await
+    .0
+}
+
+async fn hub_log(hub: &Hub, cluster: &str, stream: &str) -> (Vec<u8>, bool, bool) {
+    hub.store().log(cluster, stream).unwrap()
+}
+
+/// A build's logs go to the hub through a hub restart and an agent restart (killed) while
+/// the build runs and writes: every byte exactly once, in order, credentials scrubbed; its
+/// Jobs are kept until the hub has the logs, then deleted. A cancelled build's log ends with
+/// an explicit truncation marker.
+#[tokio::test]
+async fn build_logs_reach_the_hub_once_through_restarts_and_jobs_wait_for_them() {
+    use shapeblock_agent::api::{AppBuild, AppBuildPhase};
+    use shapeblock_agent::testenv::{ContainerRef, PodOutcome, PodSelector, logs, set_pod_outcome};
+    let env = env().await;
+    let data = tempfile::tempdir().unwrap();
+    let mut hub = hub(data.path()).await;
+    let cluster = unique_name("c");
+    let token = hub.create_token(&cluster, Duration::from_secs(300)).unwrap();
+    let (url, pin) = (hub.url(), hub.ca_hash());
+    let mut agent = env.agent(&url, &token, &pin).await;
+
+    let ns = unique_name("logs");
+    hub.apply(&cluster, &project(&ns)).unwrap();
+    let projects: Api<Project> = Api::all(env.client.clone());
+    eventually(TIMEOUT, "the Project Ready", || async {
+        let p = projects.get_opt(&ns).await.ok()??;
+        (p.status?.phase? == shapeblock_agent::api::ProjectPhase::Ready).then_some(())
+    })
+    .await;
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    set_pod_outcome(
+        &env.client,
+        &PodSelector::container(&ns, "resolve"),
+        &PodOutcome::Succeed {
+            after: Duration::from_millis(300),
+            message: Some(commit.into()),
+        },
+    )
+    .await
+    .unwrap();
+    // Long enough for a hub restart and an agent restart while it writes.
+    set_pod_outcome(
+        &env.client,
+        &PodSelector::container(&ns, "build"),
+        &PodOutcome::Succeed {
+            after: Duration::from_secs(25),
+            message: Some(format!("sha256:{}", "ab".repeat(32))),
+        },
+    )
+    .await
+    .unwrap();
+    logs().script(&ns, "resolve", &["resolving main", "resolved to 0123456"]);
+    logs().script(
+        &ns,
+        "clone",
+        &[
+            "Cloning into '/workspace/source'...",
+            "fatal: retrying https://bob:hunter2hunter2@github.com/example/api.git",
+            "HEAD is now at 0123456",
+        ],
+    );
+    hub.apply(
+        &cluster,
+        &manifest(
+            "App",
+            &ns,
+            "api",
+            serde_json::json!({"registry": {"url": "registry.example.com"}, "build": {"type": "dockerfile"}, "git": {"url": "https://github.com/example/api.git"}}),
+        ),
+    )
+    .unwrap();
+    hub.apply(
+        &cluster,
+        &manifest("AppBuild", &ns, "api-1", serde_json::json!({"appName": "api"})),
+    )
+    .unwrap();
+
+    // The build container writes ~1.5 MiB in lines while the test restarts things.
+    let pod = build_pod(&env.client, &ns, "api-1-build").await;
+    let log = ContainerRef::new(&ns, &pod, "build");
+    let writer = {
+        let log = log.clone();
+        let client = env.client.clone();
+        let namespace = ns.clone();
+        let pod = pod.clone();
+        tokio::spawn(async move {
+            let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client, &namespace);
+            let mut expected = String::new();
+            for i in 0.. {
+                let terminated = pods.get(&pod).await.ok().and_then(|p| {
+                    let statuses = p.status?.container_statuses?;
+                    statuses
+                        .iter()
+                        .find(|s| s.name == "build")?
+                        .state
+                        .as_ref()?
+                        .terminated
+                        .as_ref()?;
+                    Some(())
+                });
+                if terminated.is_some() {
+                    break;
+                }
+                for j in 0..50 {
+                    let line = format!("step {i}.{j}: {}", "x".repeat(100));
+                    logs().append(&log, &line);
+                    expected.push_str(&line);
+                    expected.push('\n');
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            expected
+        })
+    };
+
+    // Hub restart while the log streams.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let addr = hub.address();
+    hub.stop().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    hub = hub_at(data.path(), addr).await;
+    // Agent killed while the log streams, then started again with its stored identity.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    agent.kill();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    agent = env.agent(&url, "sbt_spent", &pin).await;
+
+    let expected = writer.await.unwrap();
+    assert!(
+        expected.len() > 1 << 20,
+        "the writer wrote {} bytes",
+        expected.len()
+    );
+    let stream = |c: &str| format!("{ns}/api-1/{c}");
+    let (bytes, truncated, _) = eventually(
+        Duration::from_secs(90),
+        "the whole build log at the hub",
+        || async {
+            let (bytes, truncated, eof) = hub_log(&hub, &cluster, &stream("build")).await;
+            (eof || truncated).then_some((bytes, truncated, eof))
+        },
+    )
+    .await
+    .0;
+    assert!(!truncated);
+    assert_eq!(bytes.len(), expected.len(), "no byte lost or duplicated");
+    assert!(
+        bytes == expected.as_bytes(),
+        "the hub's log is the container's log, in order"
+    );
+    let (resolve, _, eof) = hub_log(&hub, &cluster, &stream("resolve")).await;
+    assert!(eof);
+    assert_eq!(resolve, b"resolving main\nresolved to 0123456\n");
+    let (clone, _, eof) = eventually(TIMEOUT, "the clone log's end", || async {
+        let log = hub_log(&hub, &cluster, &stream("clone")).await;
+        log.2.then_some(log)
+    })
+    .await
+    .0;
+    assert!(eof);
+    let clone = String::from_utf8(clone).unwrap();
+    assert!(!clone.contains("hunter2"), "credentials scrubbed: {clone}");
+    assert!(
+        clone.contains("https://***@github.com/example/api.git"),
+        "{clone}"
+    );
+
+    // Delivery is recorded on the AppBuild, and only then are its Jobs deleted.
+    let builds: Api<AppBuild> = Api::namespaced(env.client.clone(), &ns);
+    let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(env.client.clone(), &ns);
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let logs = builds.get("api-1").await.unwrap().status.unwrap_or_default().logs;
+        let complete = logs.len() == 3 && logs.iter().all(|l| l.complete && !l.truncated);
+        let left: Vec<String> = jobs
+            .list(&kube::api::ListParams::default().labels("apps.shapeblock.io/build=api-1"))
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|j| j.metadata.deletion_timestamp.is_none())
+            .map(|j| j.name_any())
+            .collect();
+        if complete && left.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "status.logs complete and the Jobs gone: logs {logs:?}, Jobs left {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let recorded = builds.get("api-1").await.unwrap().status.unwrap().logs;
+    let build_bytes = recorded.iter().find(|l| l.container == "build").unwrap().bytes;
+    assert_eq!(build_bytes, expected.len() as u64);
+
+    // A cancelled build: what it wrote arrives, then a truncation marker (its pod is gone).
+    set_pod_outcome(
+        &env.client,
+        &PodSelector::container(&ns, "build"),
+        &PodOutcome::Hang,
+    )
+    .await
+    .unwrap();
+    hub.apply(
+        &cluster,
+        &manifest("AppBuild", &ns, "api-2", serde_json::json!({"appName": "api"})),
+    )
+    .unwrap();
+    let pod = build_pod(&env.client, &ns, "api-2-build").await;
+    let log = ContainerRef::new(&ns, &pod, "build");
+    eventually(TIMEOUT, "the build container running", || async {
+        let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(env.client.clone(), &ns);
+        let p = pods.get(&pod).await.ok()?;
+        let s = p.status?.container_statuses?;
+        s.iter()
+            .find(|s| s.name == "build")?
+            .state
+            .as_ref()?
+            .running
+            .as_ref()?;
+        Some(())
+    })
+    .await;
+    logs().append(&log, "building layer 1");
+    eventually(TIMEOUT, "the first line at the hub", || async {
+        (hub_log(&hub, &cluster, &format!("{ns}/api-2/build")).await.0 == b"building layer 1\n").then_some(())
+    })
+    .await;
+    hub.cancel(&cluster, &ns, "api-2").unwrap();
+    let (bytes, _, eof) = eventually(TIMEOUT, "the cancelled build's log to end", || async {
+        let log = hub_log(&hub, &cluster, &format!("{ns}/api-2/build")).await;
+        (log.1 || log.2).then_some(log)
+    })
+    .await
+    .0;
+    // Its pod stopped and its log was read to that point: complete, not truncated.
+    assert!(eof && bytes == b"building layer 1\n");
+    let cancelled = builds.get("api-2").await.unwrap();
+    assert_eq!(cancelled.status.unwrap().phase, Some(AppBuildPhase::Cancelled));
+
+    // A build pod deleted while the agent is down: its log is marked truncated where
+    // delivery stopped, once the agent is back.
+    hub.apply(
+        &cluster,
+        &manifest("AppBuild", &ns, "api-3", serde_json::json!({"appName": "api"})),
+    )
+    .unwrap();
+    let pod = build_pod(&env.client, &ns, "api-3-build").await;
+    let log = ContainerRef::new(&ns, &pod, "build");
+    let stream3 = format!("{ns}/api-3/build");
+    eventually(TIMEOUT, "the build container running", || async {
+        let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(env.client.clone(), &ns);
+        let p = pods.get(&pod).await.ok()?;
+        let s = p.status?.container_statuses?;
+        s.iter()
+            .find(|s| s.name == "build")?
+            .state
+            .as_ref()?
+            .running
+            .as_ref()?;
+        Some(())
+    })
+    .await;
+    logs().append(&log, "step 1 of 9");
+    eventually(TIMEOUT, "its delivery recorded on the AppBuild", || async {
+        let logs = builds.get("api-3").await.ok()?.status?.logs;
+        logs.iter()
+            .any(|l| l.container == "build" && l.bytes > 0)
+            .then_some(())
+    })
+    .await;
+    agent.kill();
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(env.client.clone(), &ns);
+    pods.delete(
+        &pod,
+        &kube::api::DeleteParams {
+            grace_period_seconds: Some(0),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    eventually(TIMEOUT, "the pod gone", || async {
+        pods.get_opt(&pod).await.ok()?.is_none().then_some(())
+    })
+    .await;
+    let agent = env.agent(&url, "sbt_spent", &pin).await;
+    let (bytes, truncated, eof) = eventually(TIMEOUT, "the truncation marker", || async {
+        let log = hub_log(&hub, &cluster, &stream3).await;
+        (log.1 || log.2).then_some(log)
+    })
+    .await
+    .0;
+    assert!(truncated && !eof, "marked truncated, not ended");
+    assert_eq!(bytes, b"step 1 of 9\n", "what was delivered stays");
+
+    agent
+        .terminate(Duration::from_secs(15))
+        .expect("agent stops on SIGTERM");
+    hub.stop().await;
+}
+
+// ---- liveness, renewal, hand-over, hostile input, backpressure ----
+
+async fn ready_at_hub(hub: &Hub, cluster: &str, name: &str) {
+    let key = format!("Project//{name}");
+    eventually(TIMEOUT, &format!("the hub sees {name} Ready"), || async {
+        (phase_at_hub(hub, cluster, &key).await.as_deref() == Some("Ready")).then_some(())
+    })
+    .await;
+}
+
+async fn identity_certificate(client: &Client) -> String {
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), AGENT_NS);
+    let secret = secrets.get("shapeblock-agent-identity").await.unwrap();
+    let data = secret.data.unwrap_or_default();
+    String::from_utf8(data["tls.crt"].0.clone()).unwrap()
+}
+
+/// A connection that stops carrying bytes without closing is noticed by heartbeats on both
+/// sides and replaced; a certificate with a short lifetime is renewed over the channel and
+/// used without restarting the agent, past the first certificate's expiry.
+#[tokio::test]
+async fn a_silent_cut_is_noticed_and_certificates_renew_without_a_restart() {
+    use shapeblock_agent::testenv::proxy::Proxy;
+    let env = env().await;
+    let data = tempfile::tempdir().unwrap();
+    provider();
+    let mut config = HubConfig::new(data.path().to_path_buf());
+    config.heartbeat = Duration::from_secs(2);
+    config.cert_lifetime = Duration::from_secs(30);
+    let hub = Hub::start(config).await.unwrap();
+    let proxy = Proxy::start(hub.address()).await.unwrap();
+    let cluster = unique_name("c");
+    let token = hub.create_token(&cluster, Duration::from_secs(300)).unwrap();
+    let agent = env.agent(&proxy.url(), &token, &hub.ca_hash()).await;
+    let enrolled = std::time::Instant::now();
+
+    let p1 = unique_name("cut");
+    hub.apply(&cluster, &project(&p1)).unwrap();
+    ready_at_hub(&hub, &cluster, &p1).await;
+    let first_certificate = identity_certificate(&env.client).await;
+    let epoch = hub.session_epoch(&cluster).expect("connected");
+
+    proxy.cut_silently();
+    let (_, noticed) = eventually(Duration::from_secs(30), "a new session after the cut", || async {
+        hub.session_epoch(&cluster).filter(|e| *e > epoch)
+    })
+    .await;
+    println!("silent cut replaced by a new session after {noticed:?}");
+    // 3 heartbeat intervals of 2 s, plus the reconnect backoff.
+    assert!(noticed < Duration::from_secs(20), "{noticed:?}");
+    let p2 = unique_name("cut");
+    hub.apply(&cluster, &project(&p2)).unwrap();
+    ready_at_hub(&hub, &cluster, &p2).await;
+
+    // Renewed at about 2/3 of 30 s, saved, and used by the same process.
+    eventually(
+        Duration::from_secs(40),
+        "a renewed certificate in the identity Secret",
+        || async { (identity_certificate(&env.client).await != first_certificate).then_some(()) },
+    )
+    .await;
+    let expired = Duration::from_secs(32).saturating_sub(enrolled.elapsed());
+    tokio::time::sleep(expired).await;
+    let p3 = unique_name("renewed");
+    hub.apply(&cluster, &project(&p3)).unwrap();
+    ready_at_hub(&hub, &cluster, &p3).await;
+    assert!(agent.log_tail(400).contains("client certificate renewed"));
+    agent
+        .terminate(Duration::from_secs(15))
+        .expect("the same agent process throughout");
+    hub.stop().await;
+}
+
+/// Two agents of one cluster connecting in turn (a leader hand-over): the newer session
+/// closes the older, and nothing is recorded twice.
+#[tokio::test]
+async fn a_second_agent_of_the_cluster_takes_over_without_duplicates() {
+    let env = env().await;
+    let data = tempfile::tempdir().unwrap();
+    let hub = hub(data.path()).await;
+    let cluster = unique_name("c");
+    let token = hub.create_token(&cluster, Duration::from_secs(300)).unwrap();
+    let (url, pin) = (hub.url(), hub.ca_hash());
+    let first = env.agent(&url, &token, &pin).await;
+    let p1 = unique_name("turn");
+    hub.apply(&cluster, &project(&p1)).unwrap();
+    ready_at_hub(&hub, &cluster, &p1).await;
+    let epoch = hub.session_epoch(&cluster).unwrap();
+
+    // The second shares the identity Secret (same cluster); its session supersedes.
+    let second = env.agent(&url, "sbt_spent", &pin).await;
+    eventually(TIMEOUT, "the second agent's session", || async {
+        hub.session_epoch(&cluster).filter(|e| *e > epoch)
+    })
+    .await;
+    first.kill();
+    let p2 = unique_name("turn");
+    hub.apply(&cluster, &project(&p2)).unwrap();
+    ready_at_hub(&hub, &cluster, &p2).await;
+
+    let commands = hub.store().commands(&cluster).unwrap();
+    assert!(commands.iter().all(|c| c.done));
+    let events = hub.store().events(&cluster).unwrap();
+    assert_eq!(
+        events.iter().filter(|e| e.1 == "result").count(),
+        commands.len(),
+        "one result per command: {events:#?}"
+    );
+    for p in [&p1, &p2] {
+        let ready = events
+            .iter()
+            .filter(|e| {
+                (e.1 == "phase" && e.2 == format!("Project//{p}") && e.3 == "Ready")
+                    || (e.1 == "snapshot" && e.3.contains(&format!("Project//{p}=Ready")))
+            })
+            .count();
+        assert_eq!(ready, 1, "{p} Ready once: {events:#?}");
+    }
+    second.terminate(Duration::from_secs(15)).expect("stops");
+    hub.stop().await;
+}
+
+/// Malformed and oversized messages end the offending session with a reason; the hub keeps
+/// serving; a manifest too large to ever deliver is refused when queued.
+#[tokio::test]
+async fn hostile_messages_are_refused_and_the_hub_keeps_serving() {
+    use shapeblock_agent::proto::v1::LogChunk;
+    let dir = tempfile::tempdir().unwrap();
+    let hub = hub(dir.path()).await;
+    let a = enroll_new(&hub, "hostile").await;
+    let session = || async {
+        open(channel(&hub.url(), &a.ca_pem, Some(&a)).await)
+            .await
+            .unwrap()
+    };
+    let ends_with = |mut down: tonic::Streaming<ServerMessage>| async move {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match down.message().await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => return None,
+                    Err(status) => return Some(status),
+                }
+            }
+        })
+        .await
+        .expect("the session ends")
+    };
+
+    let cases: Vec<(&str, AgentMessage, tonic::Code)> = vec![
+        (
+            "no body",
+            AgentMessage { seq: 1, body: None },
+            tonic::Code::InvalidArgument,
+        ),
+        (
+            "a sequenced message numbered 0",
+            AgentMessage {
+                seq: 0,
+                body: Some(Up::Log(LogChunk::default())),
+            },
+            tonic::Code::InvalidArgument,
+        ),
+        ("a second hello", hello(), tonic::Code::InvalidArgument),
+        (
+            "a log chunk leaving a gap",
+            AgentMessage {
+                seq: 1,
+                body: Some(Up::Log(LogChunk {
+                    build: "b".into(),
+                    namespace: "n".into(),
+                    container: "c".into(),
+                    offset: 1000,
+                    data: b"x".to_vec(),
+                    ..Default::default()
+                })),
+            },
+            tonic::Code::InvalidArgument,
+        ),
+        (
+            "5 MiB in one message",
+            AgentMessage {
+                seq: 1,
+                body: Some(Up::Log(LogChunk {
+                    data: vec![b'x'; 5 << 20],
+                    ..Default::default()
+                })),
+            },
+            tonic::Code::OutOfRange,
+        ),
+    ];
+    for (what, message, code) in cases {
+        let (up, down) = session().await;
+        up.send(message).await.unwrap();
+        let status = ends_with(down)
+            .await
+            .unwrap_or_else(|| panic!("{what}: closed without a status"));
+        assert_eq!(status.code(), code, "{what}: {status:?}");
+        println!("{what}: {:?} {}", status.code(), status.message());
+    }
+    // Still serving, with nothing recorded from those sessions.
+    let (_up, mut down) = session().await;
+    let Some(Down::HelloAck(ack)) = down.message().await.unwrap().unwrap().body else {
+        panic!("hello ack");
+    };
+    assert_eq!(ack.last_agent_seq, 0, "nothing hostile was recorded");
+    assert!(hub.store().log("hostile", "n/b/c").unwrap().0.is_empty());
+    let huge = format!("{}\n# {}", project("huge"), "x".repeat(3 << 20));
+    let refused = hub.apply("hostile", &huge).unwrap_err();
+    assert!(refused.to_string().contains("limit"), "{refused}");
+    hub.stop().await;
+}
+
+/// `Sync` converges the cluster to the hub's desired state: applies what is listed, and with
+/// `prune` deletes what the agent manages and is not listed — never what it does not manage,
+/// and nothing at all when a listed manifest fails.
+#[tokio::test]
+async fn sync_applies_the_desired_state_and_prunes_only_managed_resources() {
+    let env = env().await;
+    let data = tempfile::tempdir().unwrap();
+    let hub = hub(data.path()).await;
+    let cluster = unique_name("c");
+    let token = hub.create_token(&cluster, Duration::from_secs(300)).unwrap();
+    let agent = env.agent(&hub.url(), &token, &hub.ca_hash()).await;
+    let projects: Api<Project> = Api::all(env.client.clone());
+    let [keep, drop, add, unmanaged] = ["keep", "drop", "add", "own"].map(unique_name);
+    for p in [&keep, &drop] {
+        hub.apply(&cluster, &project(p)).unwrap();
+        ready_at_hub(&hub, &cluster, p).await;
+    }
+    let mine: Project = serde_yaml::from_str(&project(&unmanaged)).unwrap();
+    projects.create(&Default::default(), &mine).await.unwrap();
+
+    // A failing manifest in the set: applied what it could, pruned nothing.
+    let broken = project("Not_Valid");
+    let seq = hub
+        .sync(&cluster, &[project(&keep), project(&add), broken], true)
+        .unwrap();
+    let (ok, message) = eventually(TIMEOUT, "the first sync's result", || {
+        result_of(&hub, &cluster, seq)
+    })
+    .await
+    .0;
+    assert!(!ok && message.contains("nothing was pruned"), "{message}");
+    assert!(projects.get_opt(&drop).await.unwrap().is_some());
+
+    let seq = hub
+        .sync(&cluster, &[project(&keep), project(&add)], true)
+        .unwrap();
+    let (ok, message) = eventually(TIMEOUT, "the sync's result", || result_of(&hub, &cluster, seq))
+        .await
+        .0;
+    assert!(ok, "{message}");
+    ready_at_hub(&hub, &cluster, &add).await;
+    eventually(TIMEOUT, "the unlisted managed Project deleted", || async {
+        let p = projects.get_opt(&drop).await.ok()?;
+        p.is_none_or(|p| p.metadata.deletion_timestamp.is_some())
+            .then_some(())
+    })
+    .await;
+    assert!(projects.get_opt(&keep).await.unwrap().is_some());
+    assert!(
+        projects
+            .get_opt(&unmanaged)
+            .await
+            .unwrap()
+            .is_some_and(|p| p.metadata.deletion_timestamp.is_none()),
+        "a Project the agent does not manage is never pruned"
+    );
+    let _ = projects.delete(&unmanaged, &Default::default()).await;
+    agent.terminate(Duration::from_secs(15)).expect("stops");
+    hub.stop().await;
+}
+
+/// A hub that reads at most 10 MB/s and 200 MiB of build log: every byte arrives once and in
+/// order, and the agent's memory stays bounded (it reads the log only as fast as the hub
+/// takes it).
+#[tokio::test]
+async fn a_slow_hub_gets_every_byte_of_a_large_log_and_the_agent_stays_small() {
+    use shapeblock_agent::testenv::proxy::Proxy;
+    use shapeblock_agent::testenv::{PodOutcome, PodSelector, logs, set_pod_outcome};
+    const LOG_BYTES: usize = 200 << 20;
+    const LINE: usize = 1024;
+    let env = env().await;
+    let data = tempfile::tempdir().unwrap();
+    let hub = hub(data.path()).await;
+    let proxy = Proxy::start(hub.address()).await.unwrap();
+    proxy.limit_upstream(10_000_000);
+    let cluster = unique_name("c");
+    let token = hub.create_token(&cluster, Duration::from_secs(300)).unwrap();
+    let agent = env.agent(&proxy.url(), &token, &hub.ca_hash()).await;
+    let ns = unique_name("slow");
+    hub.apply(&cluster, &project(&ns)).unwrap();
+    ready_at_hub(&hub, &cluster, &ns).await;
+
+    // The build container's whole log, chosen before its pod exists.
+    let lines: Vec<String> = (0..LOG_BYTES / LINE)
+        .map(|i| format!("{i:>10} {}", "y".repeat(LINE - 12)))
+        .collect();
+    let expected_digest = {
+        let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+        for line in &lines {
+            context.update(line.as_bytes());
+            context.update(b"\n");
+        }
+        context.finish().as_ref().to_vec()
+    };
+    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+    logs().script(&ns, "build", &refs);
+    drop(refs);
+    drop(lines);
+    set_pod_outcome(
+        &env.client,
+        &PodSelector::container(&ns, "resolve"),
+        &PodOutcome::Succeed {
+            after: Duration::from_millis(300),
+            message: Some("0123456789abcdef0123456789abcdef01234567".into()),
+        },
+    )
+    .await
+    .unwrap();
+    set_pod_outcome(
+        &env.client,
+        &PodSelector::container(&ns, "build"),
+        &PodOutcome::Succeed {
+            after: Duration::from_secs(2),
+            message: Some(format!("sha256:{}", "cd".repeat(32))),
+        },
+    )
+    .await
+    .unwrap();
+    hub.apply(
+        &cluster,
+        &manifest(
+            "App",
+            &ns,
+            "big",
+            serde_json::json!({"registry": {"url": "registry.example.com"}, "build": {"type": "dockerfile"}, "git": {"url": "https://github.com/example/big.git"}}),
+        ),
+    )
+    .unwrap();
+    hub.apply(
+        &cluster,
+        &manifest("AppBuild", &ns, "big-1", serde_json::json!({"appName": "big"})),
+    )
+    .unwrap();
+    let stream = format!("{ns}/big-1/build");
+    let started = std::time::Instant::now();
+    eventually(
+        Duration::from_secs(240),
+        "the whole 200 MiB at the hub",
+        || async { hub_log(&hub, &cluster, &stream).await.2.then_some(()) },
+    )
+    .await;
+    let elapsed = started.elapsed();
+    let (bytes, truncated, _) = hub_log(&hub, &cluster, &stream).await;
+    assert!(!truncated);
+    assert_eq!(bytes.len(), LOG_BYTES / LINE * LINE, "no byte lost or duplicated");
+    assert_eq!(
+        ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref(),
+        expected_digest.as_slice(),
+        "in order"
+    );
+    let rss = agent.peak_rss_kib();
+    println!(
+        "200 MiB through a 10 MB/s hub in {elapsed:?} ({:.1} MB/s at the hub; proxy carried {} MB); agent peak RSS {:.1} MiB",
+        bytes.len() as f64 / elapsed.as_secs_f64() / 1e6,
+        proxy.upstream_bytes() / 1_000_000,
+        rss as f64 / 1024.0
+    );
+    assert!(rss < 64 * 1024, "agent peak RSS {rss} KiB");
+    agent.terminate(Duration::from_secs(15)).expect("stops");
+    hub.stop().await;
+}
+
 #[tokio::test]
 async fn a_backing_service_applied_through_the_hub_reports_ready_upstream_and_goes_on_delete() {
     let env = env().await;
@@ -582,11 +1284,7 @@ async fn a_backing_service_applied_through_the_hub_reports_ready_upstream_and_go
     let agent = env.agent(&hub.url(), &token, &hub.ca_hash()).await;
     let project_name = unique_name("tunsvc");
     hub.apply(&cluster, &project(&project_name)).unwrap();
-    let project_key = format!("Project//{project_name}");
-    eventually(TIMEOUT, "the hub sees the Project Ready", || async {
-        (phase_at_hub(&hub, &cluster, &project_key).await.as_deref() == Some("Ready")).then_some(())
-    })
-    .await;
+    ready_at_hub(&hub, &cluster, &project_name).await;
     // The simulated cluster has no storage provisioner: a volume for the service's claim.
     let volume: k8s_openapi::api::core::v1::PersistentVolume = serde_json::from_value(serde_json::json!({
         "metadata": {"name": format!("{project_name}-cache")},
@@ -599,10 +1297,13 @@ async fn a_backing_service_applied_through_the_hub_reports_ready_upstream_and_go
         .create(&Default::default(), &volume)
         .await
         .unwrap();
-    let manifest = format!(
-        "apiVersion: apps.shapeblock.io/v1alpha1\nkind: BackingService\nmetadata:\n  name: cache\n  namespace: {project_name}\nspec:\n  type: redis\n  deletionPolicy: Delete\n"
+    let service = manifest(
+        "BackingService",
+        &project_name,
+        "cache",
+        serde_json::json!({"type": "redis", "deletionPolicy": "Delete"}),
     );
-    let seq = hub.apply(&cluster, &manifest).unwrap();
+    let seq = hub.apply(&cluster, &service).unwrap();
     let (ok, message) = eventually(TIMEOUT, "the apply is answered", || {
         result_of(&hub, &cluster, seq)
     })

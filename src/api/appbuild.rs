@@ -128,7 +128,7 @@ impl AppBuildPhase {
 }
 
 /// Observed state of an AppBuild.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AppBuildStatus {
     /// Summary of the conditions.
@@ -169,4 +169,26 @@ pub struct AppBuildStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,
+    /// How far each build container's log has been delivered to the hub (with the tunnel
+    /// only). A build's Jobs are deleted once every log is complete; an agent that restarts
+    /// resumes each log from here. Written by the log relay under its own field manager.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["container".into()]))]
+    pub logs: Vec<LogDelivery>,
+}
+
+/// Delivery of one build container's log.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LogDelivery {
+    /// Container of a build pod (`resolve`, `clone`, `build`).
+    pub container: String,
+    /// Bytes the hub has acknowledged (after credential scrubbing).
+    pub bytes: u64,
+    /// The hub has the whole log (its end, or a truncation marker).
+    #[serde(default)]
+    pub complete: bool,
+    /// Part of the log could not be read (its pod was deleted first); the hub was told.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
 }

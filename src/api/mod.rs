@@ -12,7 +12,9 @@ mod project;
 mod team;
 
 pub use app::{App, AppPhase, AppSpec, AppStatus, BuildSpec, BuildType, GitSource, RegistrySpec};
-pub use appbuild::{AppBuild, AppBuildPhase, AppBuildSpec, AppBuildStatus, BuildVar, CANCEL_ANNOTATION};
+pub use appbuild::{
+    AppBuild, AppBuildPhase, AppBuildSpec, AppBuildStatus, BuildVar, CANCEL_ANNOTATION, LogDelivery,
+};
 pub use backingservice::{
     BackingService, BackingServicePhase, BackingServiceSpec, BackingServiceStatus, DeletionPolicy,
     FORCE_DELETE_ANNOTATION, ServicePlan,

@@ -3,6 +3,8 @@
 //! hub. It knows the proto and the CRD types; never sockets or TLS (that is the tunnel's).
 
 pub mod identity;
+pub mod logs;
+pub mod scrub;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -19,7 +21,7 @@ use tokio::sync::watch;
 use crate::api::{App, AppBuild, BackingService, GROUP, Project, Team};
 use crate::proto::object_key;
 use crate::proto::v1::server_message::Body as Down;
-use crate::proto::v1::{CommandResult, Inventory, ObjectRef, PhaseChange};
+use crate::proto::v1::{CommandResult, Inventory, LogChunk, ObjectRef, PhaseChange};
 use crate::tunnel::{Host, PhaseQueue};
 
 /// The field manager of the desired state the hub sends (the same as the controllers': one
@@ -52,6 +54,7 @@ pub struct KubeHost {
     queue: PhaseQueue,
     current: Mutex<HashMap<String, PhaseChange>>,
     synced: watch::Sender<usize>,
+    logs: Arc<logs::LogRelay>,
 }
 
 fn failed(message: impl Into<String>, object: Option<ObjectRef>) -> CommandResult {
@@ -79,6 +82,7 @@ impl KubeHost {
     ) -> Arc<Self> {
         let (synced, _) = watch::channel(0);
         let host = Arc::new(Self {
+            logs: logs::LogRelay::start(client.clone(), shutdown.clone()),
             client,
             queue: PhaseQueue::default(),
             current: Mutex::default(),
@@ -315,6 +319,12 @@ impl KubeHost {
             }
         }
         let mut pruned = 0;
+        // A manifest that failed may name an object that exists: pruning now could delete a
+        // Project (and its namespace) because of a typo in its spec. Prune only a clean sync.
+        let prune = prune && failures.is_empty();
+        if !failures.is_empty() {
+            failures.push("nothing was pruned because some manifests failed".into());
+        }
         if prune {
             for (resource, namespaced) in kinds() {
                 let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &resource);
@@ -487,6 +497,14 @@ impl Host for KubeHost {
 
     fn changes(&self) -> &PhaseQueue {
         &self.queue
+    }
+
+    async fn next_log(&self) -> LogChunk {
+        self.logs.next().await
+    }
+
+    fn log_delivered(&self, chunk: &LogChunk) {
+        self.logs.delivered(chunk);
     }
 }
 

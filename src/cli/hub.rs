@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use serde::Deserialize;
 
 use crate::hub::{self, HubConfig};
 use crate::proto::v1::ObjectRef;
@@ -62,6 +63,26 @@ enum Command {
         #[arg(long)]
         name: String,
     },
+    /// Queue the whole desired state: every manifest in the files (multi-document YAML), and
+    /// with --prune the deletion of managed resources not among them.
+    Sync {
+        #[arg(long)]
+        cluster: String,
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<PathBuf>,
+        #[arg(long)]
+        prune: bool,
+    },
+    /// Queue the cancellation of a running build.
+    Cancel {
+        #[arg(long)]
+        cluster: String,
+        #[arg(long)]
+        namespace: String,
+        /// The AppBuild's name.
+        #[arg(long)]
+        build: String,
+    },
     /// Clusters and whether they are connected.
     Clusters,
     /// Events (phase changes, command results) of a cluster.
@@ -69,12 +90,15 @@ enum Command {
         #[arg(long)]
         cluster: String,
     },
-    /// A build log (`namespace/build/container`).
+    /// A build log (`namespace/build/container`; containers are `resolve`, `clone`, `build`).
     Logs {
         #[arg(long)]
         cluster: String,
         #[arg(long)]
         stream: String,
+        /// Keep printing as the log grows, until its end.
+        #[arg(short, long)]
+        follow: bool,
     },
 }
 
@@ -173,6 +197,39 @@ impl Cli {
                 let seq = store.add_command(&cluster, &body)?;
                 println!("queued command {seq} for {cluster}");
             }
+            Command::Sync {
+                cluster,
+                files,
+                prune,
+            } => {
+                let mut manifests = Vec::new();
+                for file in &files {
+                    let text =
+                        std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+                    for document in serde_yaml::Deserializer::from_str(&text) {
+                        let value = serde_yaml::Value::deserialize(document)
+                            .map_err(|e| format!("{}: {e}", file.display()))?;
+                        if !value.is_null() {
+                            manifests.push(serde_yaml::to_string(&value)?);
+                        }
+                    }
+                }
+                let store = hub::open_store(&data)?;
+                let seq = store.add_command(&cluster, &hub::sync_command(&manifests, prune)?)?;
+                println!(
+                    "queued command {seq} for {cluster}: {} manifests, prune {prune}",
+                    manifests.len()
+                );
+            }
+            Command::Cancel {
+                cluster,
+                namespace,
+                build,
+            } => {
+                let store = hub::open_store(&data)?;
+                let seq = store.add_command(&cluster, &hub::cancel_command(&namespace, &build))?;
+                println!("queued command {seq} for {cluster}");
+            }
             Command::Clusters => {
                 for c in hub::open_store(&data)?.clusters()? {
                     let state = if c.connected { "connected" } else { "disconnected" };
@@ -184,15 +241,30 @@ impl Cli {
                     println!("{seq}\t{kind}\t{object}\t{detail}");
                 }
             }
-            Command::Logs { cluster, stream } => {
-                let (bytes, truncated, eof) = hub::open_store(&data)?.log(&cluster, &stream)?;
+            Command::Logs {
+                cluster,
+                stream,
+                follow,
+            } => {
                 use std::io::Write;
-                std::io::stdout().write_all(&bytes)?;
-                if truncated {
-                    eprintln!("[log truncated: part of it could not be read from the cluster]");
-                }
-                if eof {
-                    eprintln!("[end of log]");
+                let store = hub::open_store(&data)?;
+                let mut printed = 0;
+                loop {
+                    let (bytes, truncated, eof) = store.log(&cluster, &stream)?;
+                    let mut stdout = std::io::stdout();
+                    stdout.write_all(bytes.get(printed..).unwrap_or_default())?;
+                    stdout.flush()?;
+                    printed = printed.max(bytes.len());
+                    if truncated {
+                        eprintln!("[log truncated: its pod was gone before the rest could be read]");
+                    }
+                    if eof {
+                        eprintln!("[end of log]");
+                    }
+                    if !follow || truncated || eof {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
                 }
             }
         }

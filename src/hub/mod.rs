@@ -25,8 +25,8 @@ use crate::proto::v1::agent_message::Body as Up;
 use crate::proto::v1::agent_tunnel_server::{AgentTunnel, AgentTunnelServer};
 use crate::proto::v1::server_message::Body as Down;
 use crate::proto::v1::{
-    Ack, AgentMessage, Apply, Delete, EnrollRequest, EnrollResponse, Heartbeat, HelloAck, ObjectRef,
-    PhaseChange, RenewRequest, ServerMessage,
+    Ack, AgentMessage, Apply, CancelBuild, Delete, EnrollRequest, EnrollResponse, Heartbeat, HelloAck,
+    ObjectRef, PhaseChange, RenewRequest, ServerMessage, Sync,
 };
 use crate::proto::{self, MAX_MESSAGE_BYTES, ca_hash, hex, now_unix, object_key};
 use store::{ObjectStatus, Store, write};
@@ -146,6 +146,14 @@ pub fn create_token(store: &Store, cluster: &str, ttl: Duration) -> Result<Strin
 /// Parses a manifest of a ShapeBlock kind into the command that applies it; refuses what the
 /// agent would refuse anyway, so mistakes show at the hub's CLI.
 pub fn apply_command(manifest: &str) -> Result<Vec<u8>, HubError> {
+    // The agent refuses messages above the limit; one queued would be resent forever.
+    if manifest.len() > MAX_MESSAGE_BYTES / 2 {
+        return Err(HubError::Invalid(format!(
+            "manifest is {} bytes; the limit is {}",
+            manifest.len(),
+            MAX_MESSAGE_BYTES / 2
+        )));
+    }
     let value: serde_json::Value = serde_yaml::from_str(manifest)
         .map_err(|e| HubError::Invalid(format!("manifest is not YAML or JSON: {e}")))?;
     for field in ["apiVersion", "kind"] {
@@ -162,6 +170,36 @@ pub fn apply_command(manifest: &str) -> Result<Vec<u8>, HubError> {
 /// The command that deletes `object`.
 pub fn delete_command(object: ObjectRef) -> Vec<u8> {
     Down::Delete(Delete { object: Some(object) }).encode_body()
+}
+
+/// The command that converges the cluster to `manifests` (with `prune`, deleting the
+/// resources the agent manages that are not among them).
+pub fn sync_command(manifests: &[String], prune: bool) -> Result<Vec<u8>, HubError> {
+    for manifest in manifests {
+        apply_command(manifest)?;
+    }
+    let body = Down::Sync(Sync {
+        manifests: manifests.to_vec(),
+        prune,
+    })
+    .encode_body();
+    if body.len() > MAX_MESSAGE_BYTES / 2 {
+        return Err(HubError::Invalid(format!(
+            "the desired state is {} bytes in one message; the limit is {}",
+            body.len(),
+            MAX_MESSAGE_BYTES / 2
+        )));
+    }
+    Ok(body)
+}
+
+/// The command that cancels a running build.
+pub fn cancel_command(namespace: &str, build: &str) -> Vec<u8> {
+    Down::CancelBuild(CancelBuild {
+        namespace: namespace.into(),
+        build: build.into(),
+    })
+    .encode_body()
 }
 
 trait EncodeBody {
@@ -262,6 +300,14 @@ impl Hub {
 
     pub fn delete(&self, cluster: &str, object: ObjectRef) -> Result<u64, HubError> {
         self.queue(cluster, delete_command(object))
+    }
+
+    pub fn sync(&self, cluster: &str, manifests: &[String], prune: bool) -> Result<u64, HubError> {
+        self.queue(cluster, sync_command(manifests, prune)?)
+    }
+
+    pub fn cancel(&self, cluster: &str, namespace: &str, build: &str) -> Result<u64, HubError> {
+        self.queue(cluster, cancel_command(namespace, build))
     }
 
     /// Queues any encoded `ServerMessage` (tests use it for hostile input).
@@ -560,7 +606,12 @@ fn handle(
         _ => {}
     }
     let store = &inner.store;
-    let known = store.objects(cluster).map_err(internal)?;
+    // What the hub knows of the cluster's objects, for phase changes and snapshots only: a
+    // log chunk must not cost a read of every object.
+    let known = match &body {
+        Up::Phase(_) | Up::Snapshot(_) => store.objects(cluster).map_err(internal)?,
+        _ => Vec::new(),
+    };
     let recorded = store
         .record(cluster, epoch, seq, |tx| {
             match &body {

@@ -427,11 +427,16 @@ pub mod write {
         truncated: bool,
         eof: bool,
     ) -> Result<()> {
-        let end: u64 = tx.query_row(
-            "SELECT COALESCE(MAX(offset + length(data)), 0) FROM logs WHERE cluster = ?1 AND stream = ?2",
-            params![cluster, stream],
-            |r| r.get(0),
-        )?;
+        // Stored chunks never overlap, so the last one by offset ends the log: one index
+        // lookup, not a scan of every chunk (a 1 GiB log is 32,768 of them).
+        let end: u64 = tx
+            .query_row(
+                "SELECT offset + length(data) FROM logs WHERE cluster = ?1 AND stream = ?2 ORDER BY offset DESC LIMIT 1",
+                params![cluster, stream],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(0);
         if offset > end && !truncated {
             return Err(StoreError::Invalid(format!(
                 "log {stream}: chunk at offset {offset} leaves a gap after {end}"

@@ -142,8 +142,15 @@ impl LogStore {
     }
 
     fn snapshot(&self, container: &ContainerRef) -> Vec<Line> {
+        self.snapshot_from(container, 0).0
+    }
+
+    /// The lines from `start` on, and how many lines the log has: a follower copies only what
+    /// is new (a log of hundreds of MiB is not copied every poll).
+    fn snapshot_from(&self, container: &ContainerRef, start: usize) -> (Vec<Line>, usize) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        Self::log_of(&mut state, container, Timestamp::now()).clone()
+        let log = Self::log_of(&mut state, container, Timestamp::now());
+        (log.get(start..).unwrap_or_default().to_vec(), log.len())
     }
 }
 
@@ -364,15 +371,15 @@ async fn stream_log<S: AsyncWrite + Unpin>(
         // The final state is read before the last lines, so nothing written before the
         // container stopped is lost.
         let finished = container_finished(&pods, container).await;
-        let lines = store.snapshot(container);
-        for line in lines.iter().skip(sent) {
+        let (lines, total) = store.snapshot_from(container, sent);
+        for line in &lines {
             if options.since.is_none_or(|since| line.time >= since)
                 && !write_limited(stream, &options.render(line), &mut budget).await?
             {
                 return Ok(());
             }
         }
-        sent = lines.len();
+        sent = total;
         stream.flush().await?;
         if finished {
             return Ok(());

@@ -15,6 +15,7 @@ pub mod kubelet;
 pub mod nodes;
 mod pki;
 mod process;
+pub mod proxy;
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};

@@ -22,7 +22,7 @@ use crate::proto::v1::agent_message::Body as Up;
 use crate::proto::v1::agent_tunnel_client::AgentTunnelClient;
 use crate::proto::v1::server_message::Body as Down;
 use crate::proto::v1::{
-    Ack, AgentMessage, CommandResult, Heartbeat, Hello, Inventory, PhaseChange, StatusSnapshot,
+    Ack, AgentMessage, CommandResult, Heartbeat, Hello, Inventory, LogChunk, PhaseChange, StatusSnapshot,
 };
 use crate::proto::{MAX_MESSAGE_BYTES, now_unix};
 pub use queue::PhaseQueue;
@@ -81,6 +81,11 @@ pub trait Host: Send + Sync + 'static {
     async fn inventory(&self) -> Inventory;
     /// Phase changes, coalesced per object.
     fn changes(&self) -> &PhaseQueue;
+    /// The next build-log chunk (waits for one). Must be cancel-safe: the session polls it
+    /// beside the stream and drops the future when something else comes first.
+    async fn next_log(&self) -> LogChunk;
+    /// The hub durably recorded this chunk (it was acknowledged).
+    fn log_delivered(&self, chunk: &LogChunk);
 }
 
 /// Where the identity is kept (a Secret in the agent's namespace).
@@ -255,7 +260,9 @@ async fn session(
         seq: 0,
         body: Some(Up::Hello(Hello {
             agent_version: env!("CARGO_PKG_VERSION").into(),
-            capabilities: vec!["apply".into(), "delete".into(), "sync".into(), "snapshot".into()],
+            capabilities: ["apply", "delete", "sync", "snapshot", "cancel", "logs"]
+                .map(String::from)
+                .to_vec(),
             inventory: Some(host.inventory().await),
         })),
     };
@@ -326,6 +333,8 @@ async fn session(
     let renew_at = now_unix() + lifetime * 2 / 3;
     loop {
         let room = delivery.outbox.len() < config.outbox_limit;
+        // Logs may fill only half the outbox: results and phase changes always find room.
+        let log_room = delivery.outbox.len() < config.outbox_limit / 2;
         tokio::select! {
             message = down.message() => {
                 let message = message
@@ -335,7 +344,9 @@ async fn session(
                 match message.body {
                     Some(Down::Ack(Ack { seq })) => {
                         while delivery.outbox.front().is_some_and(|m| m.seq <= seq) {
-                            delivery.outbox.pop_front();
+                            if let Some(AgentMessage { body: Some(Up::Log(chunk)), .. }) = delivery.outbox.pop_front() {
+                                host.log_delivered(&chunk);
+                            }
                         }
                     }
                     Some(Down::Heartbeat(_)) => {}
@@ -366,6 +377,10 @@ async fn session(
             }
             change = host.changes().next(), if room => {
                 let m = sequenced(delivery, Up::Phase(change));
+                up.send(m).await.map_err(|_| TunnelError::Session("closed".into()))?;
+            }
+            chunk = host.next_log(), if log_room => {
+                let m = sequenced(delivery, Up::Log(chunk));
                 up.send(m).await.map_err(|_| TunnelError::Session("closed".into()))?;
             }
             _ = beat.tick() => {

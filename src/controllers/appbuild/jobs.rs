@@ -45,6 +45,9 @@ pub struct BuildSettings {
     pub resources: BuildResources,
     /// Jobs are deleted by the agent once their result is recorded; this is only a backstop.
     pub ttl_seconds_after_finished: i32,
+    /// Build logs go to the hub (the tunnel is on): a Job is kept until its pod's logs are
+    /// delivered, not only until its result is recorded.
+    pub relay_logs: bool,
 }
 
 impl Default for BuildSettings {
@@ -63,6 +66,7 @@ impl Default for BuildSettings {
                 limits: BTreeMap::from([("memory".to_string(), Quantity("2Gi".into()))]),
             },
             ttl_seconds_after_finished: 24 * 3600,
+            relay_logs: false,
         }
     }
 }

@@ -163,6 +163,7 @@ impl Pipeline<'_> {
     }
 
     async fn step(&self) -> Result<Action> {
+        self.release_delivered_jobs().await;
         if phase(self.build).is_some_and(AppBuildPhase::is_final) {
             return Ok(Action::await_change());
         }
@@ -222,13 +223,16 @@ impl Pipeline<'_> {
                 let final_phase = status.phase.is_some_and(AppBuildPhase::is_final);
                 self.write(*status.clone()).await?;
                 // Only once the result is in status: deleting a Job wakes this build again, and
-                // that reconcile must find the step done rather than start it over.
-                let jobs = Api::<Job>::namespaced(self.ctx.client.clone(), &self.namespace());
-                if status.commit_sha.is_some() && self.status().commit_sha.is_none() {
-                    self.delete_job(&jobs, &jobs::resolve_job_name(self.build)).await;
-                }
-                if status.image.is_some() && self.status().image.is_none() {
-                    self.delete_job(&jobs, &jobs::build_job_name(self.build)).await;
+                // that reconcile must find the step done rather than start it over. With the
+                // log relay, the Job waits for its logs too (`release_delivered_jobs`).
+                if !self.ctx.config.builds.relay_logs {
+                    let jobs = Api::<Job>::namespaced(self.ctx.client.clone(), &self.namespace());
+                    if status.commit_sha.is_some() && self.status().commit_sha.is_none() {
+                        self.delete_job(&jobs, &jobs::resolve_job_name(self.build)).await;
+                    }
+                    if status.image.is_some() && self.status().image.is_none() {
+                        self.delete_job(&jobs, &jobs::build_job_name(self.build)).await;
+                    }
                 }
                 if final_phase {
                     self.event_for(&status).await;
@@ -543,7 +547,11 @@ impl Pipeline<'_> {
         // Status first: deleting the Jobs wakes this build again, and that reconcile must see
         // the final phase rather than recreate a Job.
         self.write(status.clone()).await?;
-        if phase != AppBuildPhase::Completed {
+        // A cancelled build's pod is stopped at once (its log up to there is relayed, then
+        // marked truncated); a failed one's log explains the failure, so with the relay its
+        // Jobs wait for it like a successful one's.
+        let stop_now = phase == AppBuildPhase::Cancelled || !self.ctx.config.builds.relay_logs;
+        if phase != AppBuildPhase::Completed && stop_now {
             let jobs = Api::<Job>::namespaced(self.ctx.client.clone(), &self.namespace());
             for name in [
                 jobs::resolve_job_name(self.build),
@@ -577,6 +585,12 @@ impl Pipeline<'_> {
         if self.build.status.as_ref() == Some(&status) {
             return Ok(());
         }
+        // `status.logs` belongs to the log relay (its own field manager): leaving it out keeps
+        // this write from taking it over with a stale copy.
+        let status = AppBuildStatus {
+            logs: Vec::new(),
+            ..status
+        };
         // Conditional on the version this decision was made from: a reconcile working from a
         // stale cache (say, before a newer build cancelled this one) gets a conflict and
         // retries with fresh state instead of overwriting a final phase.
@@ -600,6 +614,35 @@ impl Pipeline<'_> {
                 err => err.into(),
             })?;
         Ok(())
+    }
+
+    /// With the log relay: deletes each step's Job once its result is recorded (or the build
+    /// ended) and the hub has every log of its pod (`status.logs`, written by the relay, whose
+    /// write wakes this build).
+    async fn release_delivered_jobs(&self) {
+        if !self.ctx.config.builds.relay_logs {
+            return;
+        }
+        let status = self.status();
+        let ended = status.phase.is_some_and(AppBuildPhase::is_final);
+        let jobs = Api::<Job>::namespaced(self.ctx.client.clone(), &self.namespace());
+        let steps = [
+            (
+                jobs::resolve_job_name(self.build),
+                status.commit_sha.is_some(),
+                &[jobs::RESOLVE_CONTAINER][..],
+            ),
+            (
+                jobs::build_job_name(self.build),
+                status.image.is_some(),
+                &[jobs::CLONE_CONTAINER, jobs::BUILD_CONTAINER][..],
+            ),
+        ];
+        for (job, recorded, containers) in steps {
+            if (recorded || ended) && logs_delivered(&status, containers) {
+                self.delete_job(&jobs, &job).await;
+            }
+        }
     }
 
     async fn delete_job(&self, jobs: &Api<Job>, name: &str) {
@@ -667,6 +710,16 @@ impl Pipeline<'_> {
             .await?;
         Ok(())
     }
+}
+
+/// Whether the hub has every log of these containers (all complete in `status.logs`).
+fn logs_delivered(status: &AppBuildStatus, containers: &[&str]) -> bool {
+    containers.iter().all(|container| {
+        status
+            .logs
+            .iter()
+            .any(|l| l.container == *container && l.complete)
+    })
 }
 
 enum JobOutcome {
