@@ -97,7 +97,7 @@ pub const AGENT_CLUSTER_RULES: &[Rule] = &[
         resources: &["secrets"],
         verbs: READ_WRITE,
         resource_names: &[],
-        why: "copy the registry pull secret into project namespaces, keep App deploy keys, read the clone credentials an App names; watched by label, metadata only (RBAC cannot narrow by label)",
+        why: "copy the registry pull secret into project namespaces, keep App deploy keys, read the clone credentials an App names, generate BackingService credentials and connection Secrets; watched by label, metadata only (RBAC cannot narrow by label)",
     },
     Rule {
         api_groups: &[""],
@@ -125,7 +125,7 @@ pub const AGENT_CLUSTER_RULES: &[Rule] = &[
         resources: &["jobs"],
         verbs: &["get", "list", "watch", "create", "delete"],
         resource_names: &[],
-        why: "build and resolve Jobs in project namespaces; deleted once their result is recorded",
+        why: "build and resolve Jobs in project namespaces, deleted once their result is recorded; read the helm-controller's install Job of a BackingService",
     },
     Rule {
         api_groups: &[""],
@@ -147,6 +147,20 @@ pub const AGENT_CLUSTER_RULES: &[Rule] = &[
         verbs: &["get", "list", "watch"],
         resource_names: &[],
         why: "an AppBuild is Completed only when the App's Deployment has rolled out its image; watched by label, metadata only",
+    },
+    Rule {
+        api_groups: &["apps"],
+        resources: &["statefulsets"],
+        verbs: &["get", "list", "watch"],
+        resource_names: &[],
+        why: "a BackingService is Ready only when its StatefulSet has rolled out; watched by label, metadata only",
+    },
+    Rule {
+        api_groups: &[""],
+        resources: &["persistentvolumeclaims"],
+        verbs: &["list", "delete"],
+        resource_names: &[],
+        why: "a deleted BackingService's data claims (helm uninstall keeps them): deleted under deletionPolicy Delete, listed and reported under Retain",
     },
     Rule {
         api_groups: &["events.k8s.io"],
@@ -208,15 +222,18 @@ pub const AGENT_NAMESPACE_RULES: &[Rule] = &[
         api_groups: &[""],
         resources: &["configmaps"],
         verbs: &["get"],
-        resource_names: &[],
-        why: "read the SSH known_hosts ConfigMap that generated deploy keys carry to their clones",
+        resource_names: &[
+            crate::controllers::backingservice::catalog::CONFIGMAP,
+            crate::controllers::app::KNOWN_HOSTS_CONFIGMAP,
+        ],
+        why: "read the cluster admin's BackingService catalog overrides and the SSH known_hosts that generated deploy keys carry to their clones; no other ConfigMap",
     },
     Rule {
         api_groups: &["helm.cattle.io"],
         resources: &["helmcharts"],
         verbs: &["get", "list", "watch", "create", "patch", "delete"],
         resource_names: &[],
-        why: "deploy Apps as HelmCharts in the agent's own namespace (never a tenant's: see the AppBuild notes)",
+        why: "deploy Apps and BackingServices as HelmCharts in the agent's own namespace (never a tenant's: see the AppBuild notes)",
     },
     Rule {
         api_groups: &["coordination.k8s.io"],

@@ -1279,3 +1279,72 @@ async fn a_slow_hub_gets_every_byte_of_a_large_log_and_the_agent_stays_small() {
     agent.terminate(Duration::from_secs(15)).expect("stops");
     hub.stop().await;
 }
+
+#[tokio::test]
+async fn a_backing_service_applied_through_the_hub_reports_ready_upstream_and_goes_on_delete() {
+    let env = env().await;
+    let data = tempfile::tempdir().unwrap();
+    let hub = hub(data.path()).await;
+    let cluster = unique_name("c");
+    let token = hub.create_token(&cluster, Duration::from_secs(300)).unwrap();
+    let agent = env.agent(&hub.url(), &token, &hub.ca_hash()).await;
+    let project_name = unique_name("tunsvc");
+    hub.apply(&cluster, &project(&project_name)).unwrap();
+    ready_at_hub(&hub, &cluster, &project_name).await;
+    // The simulated cluster has no storage provisioner: a volume for the service's claim.
+    let volume: k8s_openapi::api::core::v1::PersistentVolume = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": format!("{project_name}-cache")},
+        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+                 "hostPath": {"path": "/tmp/shapeblock-test/tunnel"},
+                 "claimRef": {"namespace": project_name, "name": "data-cache-redis-0"}},
+    }))
+    .unwrap();
+    Api::<k8s_openapi::api::core::v1::PersistentVolume>::all(env.client.clone())
+        .create(&Default::default(), &volume)
+        .await
+        .unwrap();
+    let service = manifest(
+        "BackingService",
+        &project_name,
+        "cache",
+        serde_json::json!({"type": "redis", "deletionPolicy": "Delete"}),
+    );
+    let seq = hub.apply(&cluster, &service).unwrap();
+    let (ok, message) = eventually(TIMEOUT, "the apply is answered", || {
+        result_of(&hub, &cluster, seq)
+    })
+    .await
+    .0;
+    assert!(ok, "{message}");
+    let key = format!("BackingService/{project_name}/cache");
+    eventually(
+        Duration::from_secs(120),
+        "the hub sees the BackingService Ready",
+        || async { (phase_at_hub(&hub, &cluster, &key).await.as_deref() == Some("Ready")).then_some(()) },
+    )
+    .await;
+    let delete = hub
+        .delete(
+            &cluster,
+            ObjectRef {
+                kind: "BackingService".into(),
+                namespace: project_name.clone(),
+                name: "cache".into(),
+            },
+        )
+        .unwrap();
+    eventually(TIMEOUT, "the delete is answered", || {
+        result_of(&hub, &cluster, delete)
+    })
+    .await;
+    eventually(
+        Duration::from_secs(120),
+        "the hub sees the BackingService deleted",
+        || async { (phase_at_hub(&hub, &cluster, &key).await.as_deref() == Some("Deleted")).then_some(()) },
+    )
+    .await;
+    agent
+        .terminate(Duration::from_secs(15))
+        .expect("agent stops on SIGTERM");
+    hub.stop().await;
+}

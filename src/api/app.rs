@@ -5,7 +5,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::common::{BuildResources, DNS_SUBDOMAIN_PATTERN, conditions_schema};
+use super::common::{BuildResources, DNS_LABEL_PATTERN, DNS_SUBDOMAIN_PATTERN, conditions_schema};
 
 /// Accepted git URLs: `https://host/path` or SSH (`ssh://[user@]host[:port]/path`,
 /// `user@host:path`). Everything else (`file://`, `ext::`, local paths, anything starting with
@@ -63,6 +63,17 @@ pub struct AppSpec {
     /// How the source becomes an image. Defaults to a Dockerfile build.
     #[serde(default)]
     pub build: BuildSpec,
+    /// BackingServices (in the App's namespace) the App uses. Their connection details reach
+    /// the App's containers as variables read from each service's connection Secret
+    /// (`<NAME>_HOST`, `_PORT`, `_USERNAME`, `_PASSWORD`, `_DATABASE`, `_URI`, and e.g.
+    /// `DATABASE_URL`); changing the list re-deploys the running release.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 20),
+        inner(length(min = 1, max = 40), pattern(DNS_LABEL_PATTERN))
+    )]
+    #[x_kube(validation = Rule::new("self.all(s, self.exists_one(t, t == s))").message("services must not repeat"))]
+    pub services: Vec<String>,
 }
 
 /// The git repository of an App.
@@ -217,7 +228,7 @@ pub struct AppStatus {
     /// The `metadata.generation` the status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Ready`, `SourceValid`, `CredentialsReady`, `Deployed`.
+    /// `Ready`, `SourceValid`, `CredentialsReady`, `ServicesBound`, `Deployed`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,

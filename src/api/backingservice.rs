@@ -51,13 +51,32 @@ pub struct BackingServiceSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "free_form_object")]
     pub helm_values: Option<serde_json::Value>,
+    /// What happens to the data when the BackingService is deleted: `Retain` (default) keeps
+    /// the volume claims and the credentials Secret, `Delete` removes them.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
 }
 
+/// What deleting a BackingService does to its data.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum DeletionPolicy {
+    /// Uninstall the release; keep the data volume claims and the credentials Secret (a new
+    /// BackingService of the same name and type reattaches them).
+    #[default]
+    Retain,
+    /// Uninstall the release and delete the data volume claims and Secrets.
+    Delete,
+}
+
+/// Annotation on a BackingService: `"true"` lets it be deleted while Apps still bind it.
+pub const FORCE_DELETE_ANNOTATION: &str = "apps.shapeblock.io/force-delete";
+
 /// Storage, CPU and memory of a backing service. Unset fields take the catalog's defaults.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.storage) == has(oldSelf.storage) && (!has(self.storage) || string(self.storage) == string(oldSelf.storage))").message("plan.storage cannot be changed after creation: a StatefulSet's volume claim template is immutable"))]
 pub struct ServicePlan {
-    /// Size of the data volume, e.g. `1Gi`.
+    /// Size of the data volume, e.g. `1Gi`. Fixed at creation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "optional_quantity")]
     pub storage: Option<Quantity>,
@@ -104,7 +123,7 @@ pub struct BackingServiceStatus {
     /// The `metadata.generation` the status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Ready`, `Installed`, `Available`.
+    /// `Ready`, `CredentialsReady`, `Installed`, `Available`, `DeletionBlocked`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,

@@ -16,7 +16,8 @@ pub use appbuild::{
     AppBuild, AppBuildPhase, AppBuildSpec, AppBuildStatus, BuildVar, CANCEL_ANNOTATION, LogDelivery,
 };
 pub use backingservice::{
-    BackingService, BackingServicePhase, BackingServiceSpec, BackingServiceStatus, ServicePlan,
+    BackingService, BackingServicePhase, BackingServiceSpec, BackingServiceStatus, DeletionPolicy,
+    FORCE_DELETE_ANNOTATION, ServicePlan,
 };
 pub use common::{BuildResources, conditions_schema, free_form_object};
 pub use project::{Project, ProjectPhase, ProjectSpec, ProjectStatus};

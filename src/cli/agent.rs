@@ -70,16 +70,6 @@ struct RunArgs {
         value_name = "NAME"
     )]
     registry_secret: String,
-    /// ConfigMap in the agent's namespace whose `known_hosts` key lists the SSH host keys of
-    /// the git servers: clones over SSH check the server against it (never trust on first
-    /// use). Copied into every generated deploy-key Secret.
-    #[arg(
-        long,
-        env = "SHAPEBLOCK_KNOWN_HOSTS_CONFIGMAP",
-        default_value = "shapeblock-known-hosts",
-        value_name = "NAME"
-    )]
-    known_hosts_configmap: String,
     /// Address of the HTTP endpoints `/healthz`, `/readyz` (ready once every cache is synced)
     /// and `/metrics` (Prometheus text).
     #[arg(
@@ -300,7 +290,6 @@ fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         controllers: crate::controllers::Config {
             agent_namespace: args.agent_namespace,
             registry_secret: (!args.registry_secret.is_empty()).then_some(args.registry_secret),
-            known_hosts_configmap: args.known_hosts_configmap,
             resync: std::time::Duration::from_secs(args.resync_seconds),
             instance: args.instance,
             builds: crate::controllers::appbuild::BuildSettings {

@@ -7,13 +7,14 @@ use std::time::Duration;
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 
-use crate::api::{App, AppBuild, Project, Team};
+use crate::api::{App, AppBuild, BackingService, Project, Team};
 use crate::testenv::agent::{AgentProcess, install_agent_identity};
 
 /// Sample manifests the demo applies (those whose controllers exist today).
 const SAMPLES: &[&str] = &[
     "examples/01-project.yaml",
     "examples/02-apps.yaml",
+    "examples/04-backingservice.yaml",
     "examples/05-team.yaml",
     "examples/06-prebuilt-build.yaml",
 ];
@@ -38,6 +39,25 @@ pub async fn start_agent(
             "registry-credentials",
             &PatchParams::apply("shapeblock-dev").force(),
             &Patch::Apply(&secret),
+        )
+        .await?;
+    // The simulated cluster has no storage provisioner: the sample database's claim gets a
+    // hostPath volume made for it, as a provisioner would.
+    let volume: k8s_openapi::api::core::v1::PersistentVolume = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "demo-main-db"},
+        "spec": {
+            "capacity": {"storage": "5Gi"},
+            "accessModes": ["ReadWriteOnce"],
+            "persistentVolumeReclaimPolicy": "Delete",
+            "hostPath": {"path": "/tmp/shapeblock-demo/main-db"},
+            "claimRef": {"namespace": "my-project", "name": "data-main-db-postgresql-0"},
+        }
+    }))?;
+    Api::<k8s_openapi::api::core::v1::PersistentVolume>::all(client.clone())
+        .patch(
+            "demo-main-db",
+            &PatchParams::apply("shapeblock-dev").force(),
+            &Patch::Apply(&volume),
         )
         .await?;
     // SSH clones check host keys against this ConfigMap. Nothing is cloned in the demo, so
@@ -153,13 +173,13 @@ pub async fn send_samples_and_follow(
             }
             rest_sent = true;
         }
-        let build = hub
-            .hub
-            .store()
-            .objects(CLUSTER)?
-            .into_iter()
-            .find(|o| o.key == format!("AppBuild/my-project/{DEMO_BUILD}"));
-        if build.is_some_and(|b| matches!(b.phase.as_str(), "Completed" | "Failed" | "Cancelled")) {
+        let objects = hub.hub.store().objects(CLUSTER)?;
+        let phase_of = |key: &str| objects.iter().find(|o| o.key == key).map(|o| o.phase.clone());
+        let build_done = phase_of(&format!("AppBuild/my-project/{DEMO_BUILD}"))
+            .is_some_and(|p| matches!(p.as_str(), "Completed" | "Failed" | "Cancelled"));
+        let database_done = phase_of("BackingService/my-project/main-db")
+            .is_some_and(|p| matches!(p.as_str(), "Ready" | "Failed"));
+        if build_done && database_done {
             print_new_events(hub, started, shown)?;
             return Ok(());
         }
@@ -260,6 +280,18 @@ pub async fn print_status(client: &Client) -> Result<(), Box<dyn std::error::Err
         row(
             "App",
             &app.name_any(),
+            status.phase.map(|p| format!("{p:?}")),
+            status.message,
+        );
+    }
+    for service in Api::<BackingService>::all(client.clone())
+        .list(&Default::default())
+        .await?
+    {
+        let status = service.status.clone().unwrap_or_default();
+        row(
+            "Service",
+            &service.name_any(),
             status.phase.map(|p| format!("{p:?}")),
             status.message,
         );

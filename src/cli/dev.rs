@@ -140,12 +140,11 @@ async fn up(
         let hub_cli = std::env::current_exe()?.with_file_name("shapeblock-hub");
         let hub_cli = format!("{} --data-dir {}", hub_cli.display(), hub.data_dir.display());
         println!();
+        println!("Simulated here: the nodes (kwok: pods are scheduled and \"run\", nothing executes), the");
         println!(
-            "Simulated here: the nodes (kwok: pods are scheduled and \"run\", nothing executes) and the"
+            "helm-controller's Job image (its pods are run by a local stand-in that calls the real helm),"
         );
-        println!(
-            "helm-controller's Job image (its pods are run by a local stand-in that calls the real helm)."
-        );
+        println!("and storage (the database's volume is a hostPath the demo made; no provisioner runs).");
         println!(
             "Real: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, the k3s helm-controller,"
         );

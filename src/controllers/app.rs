@@ -15,12 +15,13 @@ use kube::core::{DeserializeGuard, PartialObjectMeta};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
 use super::{APP_LABEL, ConditionSet, Context, Error, FIELD_MANAGER, MANAGED_BY, MANAGED_BY_LABEL, Result};
-use crate::api::{App, AppPhase, AppStatus, GitSource};
+use crate::api::{App, AppPhase, AppStatus, BackingService, GitSource};
 
 const KIND: &str = "App";
 /// Finalizer that removes an App's release (its HelmChart) when the App is deleted.
@@ -35,6 +36,12 @@ const PRIVATE_KEY: &str = "ssh-privatekey";
 const PUBLIC_KEY: &str = "ssh-publickey";
 /// Key of the SSH host keys, in deploy-key Secrets and in the agent's ConfigMap.
 pub const KNOWN_HOSTS: &str = "known_hosts";
+/// ConfigMap in the agent's namespace whose `known_hosts` lists the SSH host keys of the git
+/// servers: SSH clones check the server against it (never trust on first use). A fixed name,
+/// so the agent's Role can grant it and nothing else.
+pub const KNOWN_HOSTS_CONFIGMAP: &str = "shapeblock-known-hosts";
+/// Field manager of the binding variables the App controller writes into a running release.
+const BINDINGS_MANAGER: &str = "shapeblock-agent-bindings";
 
 /// Runs the App controller until `shutdown`.
 pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
@@ -44,8 +51,27 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         watcher::Config::default().labels(DEPLOY_KEY_LABEL),
     )
     .touched_objects();
+    // A BackingService appearing or going changes what the Apps listing it can bind.
+    let services = watcher(
+        Api::<PartialObjectMeta<BackingService>>::all(ctx.client.clone()),
+        watcher::Config::default(),
+    )
+    .touched_objects();
     let controller = Controller::new(apps, watcher::Config::default()).owns_stream(keys);
     let store = controller.store();
+    let by_service = store.clone();
+    let controller =
+        controller.watches_stream(services, move |service: PartialObjectMeta<BackingService>| {
+            let namespace = service.namespace();
+            let name = service.name_any();
+            by_service
+                .state()
+                .iter()
+                .filter(|guard| guard.namespace() == namespace)
+                .filter(|guard| matches!(&guard.0, Ok(app) if app.spec.services.contains(&name)))
+                .map(|guard| ObjectRef::from_obj(guard.as_ref()))
+                .collect::<Vec<_>>()
+        });
     super::mark_synced_when_ready(ctx.clone(), store.clone());
     controller
         .graceful_shutdown_on(shutdown)
@@ -198,7 +224,7 @@ async fn apply(app: &App, ctx: &Context) -> Result<Action> {
     if !credentials.host_keys_known {
         let message = format!(
             "SSH clones check the git server's host key, and none are known: create ConfigMap {}/{} with key known_hosts (e.g. from `ssh-keyscan HOST`, checked against the host's published fingerprints); the deploy key is in status.sshPublicKey meanwhile",
-            ctx.config.agent_namespace, ctx.config.known_hosts_configmap
+            ctx.config.agent_namespace, KNOWN_HOSTS_CONFIGMAP
         );
         let newly = condition_reason(app, "HostKeysKnown") != Some("KnownHostsMissing");
         conditions.set("HostKeysKnown", false, "KnownHostsMissing", &message);
@@ -233,6 +259,7 @@ async fn apply(app: &App, ctx: &Context) -> Result<Action> {
             "the clone checks the git server's host key",
         );
     }
+    bind_services(app, ctx, &mut conditions).await?;
     let running = app.status.as_ref().and_then(|s| s.current_image.clone());
     let (phase, summary) = match &running {
         Some(image) => (AppPhase::Deployed, format!("running {image}")),
@@ -241,6 +268,88 @@ async fn apply(app: &App, ctx: &Context) -> Result<Action> {
     conditions.set("Ready", true, "Reconciled", &summary);
     write_status(ctx, app, phase, &summary, Some(credentials), conditions).await?;
     Ok(Action::requeue(ctx.config.resync))
+}
+
+/// Reports the App's bindings and, when a release is running, re-renders its HelmChart values
+/// with them: the helm-controller upgrades the release and the Deployment rolls out with the
+/// new variables. Only the binding variables change (the image, the build's values and its
+/// annotation stay), so no build is needed; the next AppBuild renders the same bindings itself.
+async fn bind_services(app: &App, ctx: &Context, conditions: &mut ConditionSet) -> Result<()> {
+    use super::backingservice::binding;
+    if app.spec.services.is_empty() && condition_reason(app, "ServicesBound").is_none() {
+        return Ok(());
+    }
+    let namespace = app.namespace().unwrap_or_default();
+    let charts = Api::<kube::api::DynamicObject>::namespaced_with(
+        ctx.client.clone(),
+        &ctx.config.agent_namespace,
+        &super::appbuild::helm_chart_resource(),
+    );
+    let chart_name = super::appbuild::chart_name(&namespace, &app.name_any());
+    let chart = match charts.get_opt(&chart_name).await {
+        Ok(chart) => chart,
+        // No HelmChart CRD: nothing is deployed, nothing to re-render.
+        Err(kube::Error::Api(status)) if status.code == 404 => None,
+        Err(err) => return Err(err.into()),
+    };
+    let mut values = chart
+        .as_ref()
+        .and_then(|c| c.data["spec"]["valuesContent"].as_str())
+        .and_then(|text| serde_yaml::from_str::<serde_json::Value>(text).ok());
+    let mut scratch = serde_json::Value::Null;
+    let (resolved, changed) = binding::bind(
+        ctx,
+        &namespace,
+        &app.spec.services,
+        values.as_mut().unwrap_or(&mut scratch),
+    )
+    .await?;
+    let bound: Vec<&str> = resolved.bound.iter().map(|b| b.service.as_str()).collect();
+    if resolved.missing.is_empty() {
+        let message = if bound.is_empty() {
+            "no services bound".to_string()
+        } else {
+            format!("bound to {}", bound.join(", "))
+        };
+        conditions.set("ServicesBound", true, "Bound", message);
+    } else {
+        conditions.set(
+            "ServicesBound",
+            false,
+            "ServiceNotFound",
+            format!(
+                "BackingService(s) {} do not exist in namespace {namespace}; they are bound once they do",
+                resolved.missing.join(", ")
+            ),
+        );
+    }
+    if let (true, Some(values)) = (changed, values) {
+        let patch = json!({"spec": {"valuesContent": super::appbuild::values_content(&values)}});
+        charts
+            .patch(
+                &chart_name,
+                &PatchParams {
+                    field_manager: Some(BINDINGS_MANAGER.into()),
+                    ..Default::default()
+                },
+                &kube::api::Patch::Merge(&patch),
+            )
+            .await?;
+        let services = if bound.is_empty() {
+            "no services".to_string()
+        } else {
+            bound.join(", ")
+        };
+        ctx.publish(
+            &app.object_ref(&()),
+            EventType::Normal,
+            "BindingsChanged",
+            "Bind",
+            format!("re-deploying the running release bound to {services}"),
+        )
+        .await;
+    }
+    Ok(())
 }
 
 fn condition_reason<'a>(app: &'a App, type_: &str) -> Option<&'a str> {
@@ -409,7 +518,7 @@ fn owner_reference(app: &App) -> OwnerReference {
 /// The SSH `known_hosts` the cluster admin provides, if any.
 async fn known_hosts(ctx: &Context) -> Result<Option<String>> {
     let configmaps = Api::<ConfigMap>::namespaced(ctx.client.clone(), &ctx.config.agent_namespace);
-    let found = configmaps.get_opt(&ctx.config.known_hosts_configmap).await?;
+    let found = configmaps.get_opt(KNOWN_HOSTS_CONFIGMAP).await?;
     Ok(found
         .and_then(|c| c.data)
         .and_then(|mut d| d.remove(KNOWN_HOSTS))

@@ -22,8 +22,6 @@ pub struct Config {
     /// Name of the registry pull secret in the agent's namespace that every project gets a
     /// copy of; `None` when the cluster's registry needs none.
     pub registry_secret: Option<String>,
-    /// ConfigMap in the agent's namespace with the SSH `known_hosts` for git servers.
-    pub known_hosts_configmap: String,
     /// Periodic re-check of healthy objects, in case something changed unseen.
     pub resync: Duration,
     /// Pod name, to tell Event sources apart when several replicas run.
@@ -37,7 +35,6 @@ impl Default for Config {
         Self {
             agent_namespace: "shapeblock".into(),
             registry_secret: Some("registry-credentials".into()),
-            known_hosts_configmap: "shapeblock-known-hosts".into(),
             resync: Duration::from_secs(30 * 60),
             instance: None,
             builds: Default::default(),
@@ -57,7 +54,7 @@ pub struct Context {
 }
 
 /// Number of controllers whose caches must be synced before the agent reports ready.
-pub const CONTROLLERS: usize = 4;
+pub const CONTROLLERS: usize = 5;
 
 impl Context {
     pub fn new(client: Client, metrics: std::sync::Arc<Metrics>, config: Config) -> Self {

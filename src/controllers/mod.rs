@@ -7,6 +7,7 @@
 
 pub mod app;
 pub mod appbuild;
+pub mod backingservice;
 mod conditions;
 mod context;
 mod error;
@@ -39,6 +40,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
         project::run(ctx.clone(), shutdown.clone()),
         app::run(ctx.clone(), shutdown.clone()),
         appbuild::run(ctx.clone(), shutdown.clone()),
+        backingservice::run(ctx.clone(), shutdown.clone()),
         team::run(ctx, shutdown),
     );
 }

@@ -29,13 +29,23 @@ pub fn resource() -> ApiResource {
 /// The HelmChart's name, which is also the Helm release name: the App name and a short hash of
 /// the project, so that it is unique in the agent's namespace and stays within Helm's 53.
 pub fn chart_name(project: &str, app: &str) -> String {
+    named(project.as_bytes(), app)
+}
+
+/// The HelmChart (and release) name of a BackingService: like an App's, but hashed with a
+/// different input, so that an App and a BackingService of the same name never share one.
+pub fn service_chart_name(project: &str, service: &str) -> String {
+    named(format!("service:{project}").as_bytes(), service)
+}
+
+fn named(salt: &[u8], name: &str) -> String {
     use std::fmt::Write;
-    let digest = ring::digest::digest(&ring::digest::SHA256, project.as_bytes());
+    let digest = ring::digest::digest(&ring::digest::SHA256, salt);
     let mut hash = String::new();
     for byte in &digest.as_ref()[..4] {
         let _ = write!(hash, "{byte:02x}");
     }
-    format!("{app}-{hash}")
+    format!("{name}-{hash}")
 }
 
 /// The HelmChart for one App's release.
@@ -46,20 +56,40 @@ pub fn helm_chart(
     build: &str,
     values: &Value,
 ) -> DynamicObject {
-    let labels = BTreeMap::from([
-        (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
-        (PROJECT_LABEL.to_string(), project.to_string()),
-        (APP_LABEL.to_string(), app.to_string()),
-    ]);
-    let values = serde_yaml::to_string(values).expect("JSON values serialize as YAML");
+    let labels = BTreeMap::from([(APP_LABEL.to_string(), app.to_string())]);
+    let annotations = BTreeMap::from([(BUILD_ANNOTATION.to_string(), build.to_string())]);
+    chart_object(
+        agent_namespace,
+        &chart_name(project, app),
+        project,
+        labels,
+        annotations,
+        values,
+    )
+}
+
+/// A HelmChart of the embedded universal chart in the agent's namespace, installing into
+/// `project`. `labels` come on top of the managed-by and project labels (the project's
+/// deletion removes its charts by them).
+pub(crate) fn chart_object(
+    agent_namespace: &str,
+    name: &str,
+    project: &str,
+    mut labels: BTreeMap<String, String>,
+    annotations: BTreeMap<String, String>,
+    values: &Value,
+) -> DynamicObject {
+    labels.insert(MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string());
+    labels.insert(PROJECT_LABEL.to_string(), project.to_string());
+    let values = values_content(values);
     let object = json!({
         "apiVersion": "helm.cattle.io/v1",
         "kind": "HelmChart",
         "metadata": {
-            "name": chart_name(project, app),
+            "name": name,
             "namespace": agent_namespace,
             "labels": labels,
-            "annotations": {BUILD_ANNOTATION: build},
+            "annotations": annotations,
         },
         "spec": {
             "chartContent": base64::engine::general_purpose::STANDARD.encode(UNIVERSAL_CHART),
@@ -77,6 +107,51 @@ pub fn helm_chart(
     serde_json::from_value(object).expect("a HelmChart is a valid object")
 }
 
+/// `valuesContent` as JSON, which is YAML too. Not serde_yaml's YAML: it writes YAML 1.2, where
+/// `yes`, `on` or `no` are plain strings and need no quotes, but Helm reads values as YAML 1.1,
+/// where unquoted they are booleans; an env value or argument `"yes"` would arrive as `true`
+/// and the workload be refused. JSON quotes every string.
+pub fn values_content(values: &Value) -> String {
+    serde_json::to_string_pretty(values).expect("JSON values serialize")
+}
+
+/// The status (`deployed`, `failed`, `pending-install`, ...) of the newest revision of a Helm
+/// release, from Helm's own release Secrets (labelled `owner=helm,name=<release>`).
+pub async fn release_status(
+    client: &kube::Client,
+    namespace: &str,
+    release: &str,
+) -> Result<Option<String>, kube::Error> {
+    Ok(newest_release(client, namespace, release)
+        .await?
+        .map(|(_, status)| status))
+}
+
+/// The newest revision of a Helm release and its status (`deployed`, `failed`, ...), from
+/// the release records Helm keeps as Secrets.
+pub async fn newest_release(
+    client: &kube::Client,
+    namespace: &str,
+    release: &str,
+) -> Result<Option<(u32, String)>, kube::Error> {
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::ResourceExt;
+    use kube::api::{Api, ListParams};
+    let secrets = Api::<Secret>::namespaced(client.clone(), namespace)
+        .list_metadata(&ListParams::default().labels(&format!("owner=helm,name={release}")))
+        .await?;
+    Ok(secrets
+        .items
+        .iter()
+        .filter_map(|s| {
+            Some((
+                s.labels().get("version")?.parse::<u32>().ok()?,
+                s.labels().get("status")?.clone(),
+            ))
+        })
+        .max_by_key(|(version, _)| *version))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,6 +161,8 @@ mod tests {
         let name = chart_name(&"p".repeat(63), &"a".repeat(40));
         assert!(name.len() <= 53, "{name}");
         assert_ne!(chart_name("shop", "web"), chart_name("blog", "web"));
+        assert_ne!(chart_name("shop", "db"), service_chart_name("shop", "db"));
+        assert!(service_chart_name(&"p".repeat(63), &"a".repeat(40)).len() <= 53);
     }
 
     #[test]
@@ -96,5 +173,16 @@ mod tests {
         assert_eq!(chart.data["spec"]["failurePolicy"], "retry");
         assert!(chart.data["spec"]["chartContent"].as_str().unwrap().len() > 1000);
         assert_eq!(chart.metadata.annotations.unwrap()[BUILD_ANNOTATION], "web-1");
+    }
+
+    #[test]
+    fn values_content_quotes_strings_helm_would_read_as_booleans() {
+        let values = json!({"env": [{"name": "FLAG", "value": "yes"}], "args": ["--appendonly", "on", "no"]});
+        let content = values_content(&values);
+        for word in ["yes", "on", "no"] {
+            assert!(content.contains(&format!("\"{word}\"")), "{content}");
+        }
+        let parsed: Value = serde_yaml::from_str(&content).unwrap();
+        assert_eq!(parsed, values, "YAML readers read it back unchanged");
     }
 }

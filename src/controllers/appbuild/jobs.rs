@@ -618,6 +618,7 @@ mod tests {
                     dockerfile: None,
                     ..Default::default()
                 },
+                services: Vec::new(),
             },
         );
         app.metadata.namespace = Some("shop".into());

@@ -12,7 +12,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
@@ -24,9 +24,13 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
-pub use helmchart::{UNIVERSAL_CHART, chart_name, resource as helm_chart_resource};
+pub use helmchart::{
+    UNIVERSAL_CHART, chart_name, release_status, resource as helm_chart_resource, service_chart_name,
+};
+pub(crate) use helmchart::{chart_object, values_content};
 pub use jobs::{BUILD_LABEL, BuildSettings, parse_build_report, parse_commit};
-pub use values::{ALLOWED_KEYS, chart_values};
+pub use values::{ALLOWED_KEYS, WEB, chart_values};
+pub(crate) use values::{Refused, env_list, reject_templates};
 
 use super::{APP_LABEL, ConditionSet, Context, Error, FIELD_MANAGER, MANAGED_BY, MANAGED_BY_LABEL, Result};
 use crate::api::{App, AppBuild, AppBuildPhase, AppBuildStatus, BuildType};
@@ -534,7 +538,8 @@ impl Pipeline<'_> {
             self.write(self.with(AppBuildPhase::Deploying, "Deploying", &message))
                 .await?;
         }
-        let values = match chart_values(&self.release(app, &image), self.build.spec.helm_values.as_ref()) {
+        let mut values = match chart_values(&self.release(app, &image), self.build.spec.helm_values.as_ref())
+        {
             Ok(values) => values,
             Err(refused) => {
                 return self
@@ -552,6 +557,8 @@ impl Pipeline<'_> {
             self.write(status).await?;
             return Ok(Action::requeue(POLL));
         };
+        // The App's bound services, as secretKeyRefs to their connection Secrets.
+        super::backingservice::binding::bind(self.ctx, &project, &app.spec.services, &mut values).await?;
         let chart = helmchart::helm_chart(
             &self.ctx.config.agent_namespace,
             &project,
@@ -611,21 +618,8 @@ impl Pipeline<'_> {
         Ok(Action::requeue(POLL))
     }
 
-    /// The newest revision of a Helm release and its status (`deployed`, `failed`, ...).
     async fn newest_release(&self, namespace: &str, release: &str) -> Result<Option<(u32, String)>> {
-        let secrets = Api::<Secret>::namespaced(self.ctx.client.clone(), namespace)
-            .list_metadata(&ListParams::default().labels(&format!("owner=helm,name={release}")))
-            .await?;
-        Ok(secrets
-            .items
-            .iter()
-            .filter_map(|s| {
-                Some((
-                    s.labels().get("version")?.parse::<u32>().ok()?,
-                    s.labels().get("status")?.clone(),
-                ))
-            })
-            .max_by_key(|(version, _)| *version))
+        Ok(helmchart::newest_release(&self.ctx.client, namespace, release).await?)
     }
 
     fn with(&self, phase: AppBuildPhase, reason: &str, message: &str) -> AppBuildStatus {

@@ -140,7 +140,7 @@ pub fn split_image(image: &str) -> (String, String) {
     (repository.to_owned(), tag)
 }
 
-fn reject_templates(value: &Value, path: &str) -> Result<(), Refused> {
+pub(crate) fn reject_templates(value: &Value, path: &str) -> Result<(), Refused> {
     match value {
         Value::String(s) if s.contains("{{") => Err(Refused(format!(
             "{path} contains '{{{{': templates are not allowed in values"
@@ -168,7 +168,7 @@ fn integer(value: &Value, name: &str, min: i64, max: i64) -> Result<i64, Refused
 }
 
 /// `env` as a map (the seed's shape) or a list of `{name, value}`.
-fn env_list(value: &Value) -> Result<Vec<Value>, Refused> {
+pub(crate) fn env_list(value: &Value) -> Result<Vec<Value>, Refused> {
     let pairs: Vec<(String, Value)> = match value {
         Value::Object(map) => map.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         Value::Array(items) => items
