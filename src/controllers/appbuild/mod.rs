@@ -29,7 +29,7 @@ pub use helmchart::{
 };
 pub(crate) use helmchart::{chart_object, values_content};
 pub use jobs::{BUILD_LABEL, BuildSettings, parse_build_report, parse_commit};
-pub use values::{ALLOWED_KEYS, WEB, chart_values};
+pub use values::{ALLOWED_KEYS, Release, WEB, chart_values};
 pub(crate) use values::{Refused, env_list, reject_templates};
 
 use super::{APP_LABEL, ConditionSet, Context, Error, FIELD_MANAGER, MANAGED_BY, MANAGED_BY_LABEL, Result};
