@@ -508,6 +508,21 @@ async fn team_members_get_exactly_their_role_in_their_projects() {
         can(&env.client, "alice", "get", "pods", "", &view_project).await,
         "viewers read workloads"
     );
+    // The threat of HelmCharts (their `helm-<name>` ServiceAccount is bound cluster-wide to
+    // the job role): they live in the agent's namespace, where no tenant can run a pod, read
+    // a token or make a Job; a pod can only name a ServiceAccount of its own namespace.
+    for (verb, resource, group) in [
+        ("create", "pods", ""),
+        ("create", "jobs", "batch"),
+        ("get", "secrets", ""),
+        ("create", "helmcharts", "helm.cattle.io"),
+        ("create", "serviceaccounts", ""),
+    ] {
+        assert!(
+            !can(&env.client, "alice", verb, resource, group, AGENT_NS).await,
+            "a tenant cannot {verb} {resource} in the agent's namespace"
+        );
+    }
 
     // Removing a member and a project removes exactly what the agent made.
     let spec = json!({"spec": {"members": [{"kind": "User", "name": "alice"}], "projects": [{"project": dev_project, "role": "developer"}]}});

@@ -136,6 +136,24 @@ async fn a_prebuilt_image_is_deployed_by_real_helm_and_completed_once_rolled_out
         .await
         .unwrap();
     assert_eq!(chart.data["spec"]["targetNamespace"], project.as_str());
+    // The helm-controller's ServiceAccount for it is in the agent's namespace, never the
+    // tenant's (where any pod could name it).
+    let accounts = |namespace: &str| {
+        Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(env.client.clone(), namespace)
+    };
+    let in_tenant = accounts(&project).list(&Default::default()).await.unwrap().items;
+    assert!(
+        in_tenant.iter().all(|sa| !sa.name_any().starts_with("helm-")),
+        "{:?}",
+        in_tenant.iter().map(|sa| sa.name_any()).collect::<Vec<_>>()
+    );
+    assert!(
+        accounts(AGENT_NS)
+            .get_opt(&format!("helm-{}", chart.name_any()))
+            .await
+            .unwrap()
+            .is_some()
+    );
 
     let app = Api::<App>::namespaced(env.client.clone(), &project)
         .get("web")
