@@ -591,6 +591,22 @@ async fn build_pod(client: &Client, namespace: &str, job: &str) -> String {
     .0
 }
 
+async fn build_container_running(client: &Client, namespace: &str, pod: &str) {
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), namespace);
+    eventually(TIMEOUT, "the build container running", || async {
+        let statuses = pods.get(pod).await.ok()?.status?.container_statuses?;
+        statuses
+            .iter()
+            .find(|s| s.name == "build")?
+            .state
+            .as_ref()?
+            .running
+            .as_ref()?;
+        Some(())
+    })
+    .await;
+}
+
 async fn hub_log(hub: &Hub, cluster: &str, stream: &str) -> (Vec<u8>, bool, bool) {
     hub.store().log(cluster, stream).unwrap()
 }
@@ -807,19 +823,7 @@ async fn build_logs_reach_the_hub_once_through_restarts_and_jobs_wait_for_them()
     .unwrap();
     let pod = build_pod(&env.client, &ns, "api-2-build").await;
     let log = ContainerRef::new(&ns, &pod, "build");
-    eventually(TIMEOUT, "the build container running", || async {
-        let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(env.client.clone(), &ns);
-        let p = pods.get(&pod).await.ok()?;
-        let s = p.status?.container_statuses?;
-        s.iter()
-            .find(|s| s.name == "build")?
-            .state
-            .as_ref()?
-            .running
-            .as_ref()?;
-        Some(())
-    })
-    .await;
+    build_container_running(&env.client, &ns, &pod).await;
     logs().append(&log, "building layer 1");
     eventually(TIMEOUT, "the first line at the hub", || async {
         (hub_log(&hub, &cluster, &format!("{ns}/api-2/build")).await.0 == b"building layer 1\n").then_some(())
@@ -853,19 +857,7 @@ async fn build_logs_reach_the_hub_once_through_restarts_and_jobs_wait_for_them()
     let pod = build_pod(&env.client, &ns, "api-3-build").await;
     let log = ContainerRef::new(&ns, &pod, "build");
     let stream3 = format!("{ns}/api-3/build");
-    eventually(TIMEOUT, "the build container running", || async {
-        let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(env.client.clone(), &ns);
-        let p = pods.get(&pod).await.ok()?;
-        let s = p.status?.container_statuses?;
-        s.iter()
-            .find(|s| s.name == "build")?
-            .state
-            .as_ref()?
-            .running
-            .as_ref()?;
-        Some(())
-    })
-    .await;
+    build_container_running(&env.client, &ns, &pod).await;
     logs().append(&log, "step 1 of 9");
     eventually(TIMEOUT, "its delivery recorded on the AppBuild", || async {
         let logs = builds.get("api-3").await.ok()?.status?.logs;

@@ -171,16 +171,7 @@ async fn apply(app: &App, ctx: &Context) -> Result<Action> {
         let newly = !matches!(condition_reason(app, "SourceValid"), Some("InvalidSpec"))
             || observed_generation(app) != app.metadata.generation;
         write_status(ctx, app, AppPhase::Failed, &message, None, conditions).await?;
-        if newly {
-            ctx.publish(
-                &app.object_ref(&()),
-                EventType::Warning,
-                "InvalidSpec",
-                "Validate",
-                &message,
-            )
-            .await;
-        }
+        warn_once(ctx, app, newly, "InvalidSpec", "Validate", &message).await;
         // Nothing to retry until the spec changes; the status write above is what users see.
         return Err(Error::InvalidSpec {
             reason: "InvalidSpec",
@@ -201,16 +192,7 @@ async fn apply(app: &App, ctx: &Context) -> Result<Action> {
             conditions.set("CredentialsReady", false, reason, &message);
             conditions.set("Ready", false, reason, &message);
             write_status(ctx, app, AppPhase::Failed, &message, None, conditions).await?;
-            if newly {
-                ctx.publish(
-                    &app.object_ref(&()),
-                    EventType::Warning,
-                    reason,
-                    "Credentials",
-                    &message,
-                )
-                .await;
-            }
+            warn_once(ctx, app, newly, reason, "Credentials", &message).await;
             // The named Secret may appear later; it is not watched, so look again now and then.
             return Ok(Action::requeue(std::time::Duration::from_secs(60)));
         }
@@ -238,16 +220,7 @@ async fn apply(app: &App, ctx: &Context) -> Result<Action> {
             conditions,
         )
         .await?;
-        if newly {
-            ctx.publish(
-                &app.object_ref(&()),
-                EventType::Warning,
-                "KnownHostsMissing",
-                "Credentials",
-                &message,
-            )
-            .await;
-        }
+        warn_once(ctx, app, newly, "KnownHostsMissing", "Credentials", &message).await;
         // The ConfigMap is not watched: look again now and then.
         return Ok(Action::requeue(std::time::Duration::from_secs(60)));
     }
@@ -350,6 +323,14 @@ async fn bind_services(app: &App, ctx: &Context, conditions: &mut ConditionSet) 
         .await;
     }
     Ok(())
+}
+
+/// A Warning Event, published only when the condition is new (not on every retry).
+async fn warn_once(ctx: &Context, app: &App, newly: bool, reason: &str, action: &str, message: &str) {
+    if newly {
+        ctx.publish(&app.object_ref(&()), EventType::Warning, reason, action, message)
+            .await;
+    }
 }
 
 fn condition_reason<'a>(app: &'a App, type_: &str) -> Option<&'a str> {
