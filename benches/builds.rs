@@ -168,6 +168,13 @@ async fn bare_helm(
             async move {
                 let namespace = format!("bare-{}", a % PROJECTS);
                 let app = format!("app-{a}");
+                // The same App as the agent deploys: image strategy, one web process.
+                let spec: shapeblock_agent::api::AppSpec = serde_json::from_value(json!({
+                    "registry": {"url": "registry.example.com"},
+                    "build": {"type": "image", "image": "registry.example.com/bench/web:1"},
+                }))
+                .unwrap();
+                let no_live_replicas = std::collections::BTreeMap::new();
                 for b in 0..builds {
                     let build = format!("{app}-{b}");
                     let values = chart_values(
@@ -176,6 +183,11 @@ async fn bare_helm(
                             app: &app,
                             build: &build,
                             image: "registry.example.com/bench/web:1",
+                            runtime: &spec,
+                            config_secret: None,
+                            config_revision: 0,
+                            live_replicas: &no_live_replicas,
+                            default_issuer: "letsencrypt",
                         },
                         Some(&json!({"replicas": 1, "port": 8080})),
                     )

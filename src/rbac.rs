@@ -142,6 +142,13 @@ pub const AGENT_CLUSTER_RULES: &[Rule] = &[
         why: "relay build pods' logs to the hub (with the tunnel); nothing else reads them",
     },
     Rule {
+        api_groups: &["cert-manager.io"],
+        resources: &["certificates"],
+        verbs: &["get"],
+        resource_names: &[],
+        why: "report whether the certificates of an App's TLS domains are issued (CertificatesReady)",
+    },
+    Rule {
         api_groups: &["apps"],
         resources: &["deployments"],
         verbs: &["get", "list", "watch"],

@@ -5,7 +5,12 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use std::collections::BTreeMap;
+
 use super::common::{BuildResources, DNS_LABEL_PATTERN, DNS_SUBDOMAIN_PATTERN, conditions_schema};
+use super::runtime::{
+    ConfigVars, CronEntry, DeploySettings, Domain, PROCESS_NAME_PATTERN, Process, ReleaseRecord,
+};
 
 /// Accepted git URLs: `https://host/path` or SSH (`ssh://[user@]host[:port]/path`,
 /// `user@host:path`). Everything else (`file://`, `ext::`, local paths, anything starting with
@@ -74,6 +79,68 @@ pub struct AppSpec {
     )]
     #[x_kube(validation = Rule::new("self.all(s, self.exists_one(t, t == s))").message("services must not repeat"))]
     pub services: Vec<String>,
+    /// Config vars: plain environment of every process, release command, run and cron entry.
+    /// Secret values go in the App's config Secret (`<app>-config`, see
+    /// `status.configSecretName`) instead: pods read it, chart values never hold it. Changing
+    /// either releases the running image again, without a build.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "config_vars_schema")]
+    pub config: ConfigVars,
+    /// Process types (`web` and any workers), each a Deployment of the App's image. Without
+    /// any, the App runs one `web` process with the image's own command.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "processes_schema")]
+    pub processes: BTreeMap<String, Process>,
+    /// Command run once per release (builds, config changes, rollbacks) in the new image,
+    /// before the new release replaces the old one, e.g. database migrations. If it fails the
+    /// old release keeps serving.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(max = 4096)))]
+    pub release_command: Vec<String>,
+    /// Custom domains of the `web` process.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 50))]
+    #[x_kube(validation = Rule::new("self.all(d, self.exists_one(e, e.host == d.host))").message("domains must not repeat"))]
+    pub domains: Vec<Domain>,
+    /// Scheduled processes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20))]
+    #[x_kube(validation = Rule::new("self.all(c, self.exists_one(d, d.name == c.name))").message("cron entry names must not repeat"))]
+    pub cron: Vec<CronEntry>,
+    /// How releases roll out and how domains are served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deploy: Option<DeploySettings>,
+}
+
+fn config_vars_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "maxProperties": 200,
+        "additionalProperties": {"type": "string", "maxLength": 32768},
+        "x-kubernetes-validations": [{
+            "rule": format!("self.all(k, k.matches('{}'))", super::appbuild::ENV_NAME_PATTERN),
+            "message": "config var names are letters, digits and '_', not starting with a digit"
+        }]
+    })
+}
+
+fn processes_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let process = generator.subschema_for::<Process>();
+    schemars::json_schema!({
+        "type": "object",
+        "maxProperties": 10,
+        "additionalProperties": process,
+        "x-kubernetes-validations": [
+            {
+                "rule": format!("self.all(k, k.matches('{PROCESS_NAME_PATTERN}'))"),
+                "message": "process type names are lowercase letters, digits and '-', at most 20, starting with a letter"
+            },
+            {
+                "rule": "self.all(k, k == 'web' || (!has(self[k].port) && !has(self[k].healthCheck)))",
+                "message": "only the web process has a port and a health check"
+            }
+        ]
+    })
 }
 
 /// The git repository of an App.
@@ -228,6 +295,27 @@ pub struct AppStatus {
     /// The `metadata.generation` the status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// The AppBuild whose image is running now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_build: Option<String>,
+    /// The App's config Secret: secret config vars, read by every process as environment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_secret_name: Option<String>,
+    /// Counts config changes (plain vars or the config Secret); pods carry it as the
+    /// `apps.shapeblock.io/config-revision` annotation, so a change rolls them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_revision: Option<u32>,
+    /// What `configRevision` was counted from: a hash of the plain vars and the config
+    /// Secret's resourceVersion (never of secret values).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_fingerprint: Option<String>,
+    /// Fingerprint of the App's own release inputs (config revision, processes, domains, cron,
+    /// deploy settings, bound services) when the running image was last released.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_fingerprint: Option<String>,
+    /// The App's releases, newest last (at most 20 kept).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub releases: Vec<ReleaseRecord>,
     /// `Ready`, `SourceValid`, `CredentialsReady`, `ServicesBound`, `Deployed`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions_schema")]

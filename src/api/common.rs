@@ -90,6 +90,8 @@ pub struct BuildResources {
 pub(crate) fn resource_map(_: &mut SchemaGenerator) -> Schema {
     json_schema!({
         "type": "object",
+        // Bounds the rule's cost: it is evaluated for every process's resources too.
+        "maxProperties": 3,
         "additionalProperties": quantity_value(),
         "x-kubernetes-validations": [{
             "rule": "self.all(k, k in ['cpu', 'memory', 'ephemeral-storage'])",

@@ -9,6 +9,7 @@ mod appbuild;
 mod backingservice;
 mod common;
 mod project;
+mod runtime;
 mod team;
 
 pub use app::{App, AppPhase, AppSpec, AppStatus, BuildSpec, BuildType, GitSource, RegistrySpec};
@@ -21,6 +22,10 @@ pub use backingservice::{
 };
 pub use common::{BuildResources, conditions_schema, free_form_object};
 pub use project::{Project, ProjectPhase, ProjectSpec, ProjectStatus};
+pub use runtime::{
+    Autoscaling, ConfigVars, CronEntry, DeploySettings, Domain, HealthCheck, PROCESS_NAME_PATTERN, Process,
+    ReleaseReason, ReleaseRecord, WEB_PROCESS,
+};
 pub use team::{SubjectKind, Team, TeamMember, TeamPhase, TeamProjectRole, TeamRole, TeamSpec, TeamStatus};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

@@ -147,6 +147,14 @@ struct RunArgs {
         value_name = "N"
     )]
     keep_failed_builds: usize,
+    /// cert-manager ClusterIssuer that signs the certificates of App domains that name none.
+    #[arg(
+        long,
+        env = "SHAPEBLOCK_CERTIFICATE_ISSUER",
+        default_value = "letsencrypt",
+        value_name = "NAME"
+    )]
+    certificate_issuer: String,
     /// Name of this replica (the Pod name), recorded as the source of Events.
     #[arg(long, env = "POD_NAME", value_name = "NAME")]
     instance: Option<String>,
@@ -299,6 +307,7 @@ fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
                 timeout_seconds: args.build_timeout_seconds,
                 keep_succeeded: args.keep_builds,
                 keep_failed: args.keep_failed_builds,
+                certificate_issuer: args.certificate_issuer,
                 ..Default::default()
             },
         },

@@ -20,6 +20,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
+use super::app_runtime::{self, RuntimeStatus};
 use super::{APP_LABEL, ConditionSet, Context, Error, FIELD_MANAGER, MANAGED_BY, MANAGED_BY_LABEL, Result};
 use crate::api::{App, AppPhase, AppStatus, BackingService, GitSource};
 
@@ -40,8 +41,6 @@ pub const KNOWN_HOSTS: &str = "known_hosts";
 /// servers: SSH clones check the server against it (never trust on first use). A fixed name,
 /// so the agent's Role can grant it and nothing else.
 pub const KNOWN_HOSTS_CONFIGMAP: &str = "shapeblock-known-hosts";
-/// Field manager of the binding variables the App controller writes into a running release.
-const BINDINGS_MANAGER: &str = "shapeblock-agent-bindings";
 
 /// Runs the App controller until `shutdown`.
 pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
@@ -51,13 +50,21 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         watcher::Config::default().labels(DEPLOY_KEY_LABEL),
     )
     .touched_objects();
+    // A changed config Secret is a new config revision, released to the running image.
+    let configs = watcher(
+        Api::<PartialObjectMeta<Secret>>::all(ctx.client.clone()),
+        watcher::Config::default().labels(super::release::CONFIG_SECRET_LABEL),
+    )
+    .touched_objects();
     // A BackingService appearing or going changes what the Apps listing it can bind.
     let services = watcher(
         Api::<PartialObjectMeta<BackingService>>::all(ctx.client.clone()),
         watcher::Config::default(),
     )
     .touched_objects();
-    let controller = Controller::new(apps, watcher::Config::default()).owns_stream(keys);
+    let controller = Controller::new(apps, watcher::Config::default())
+        .owns_stream(keys)
+        .owns_stream(configs);
     let store = controller.store();
     let by_service = store.clone();
     let controller =
@@ -170,7 +177,16 @@ async fn apply(app: &App, ctx: &Context) -> Result<Action> {
         conditions.set("Ready", false, "InvalidSpec", &message);
         let newly = !matches!(condition_reason(app, "SourceValid"), Some("InvalidSpec"))
             || observed_generation(app) != app.metadata.generation;
-        write_status(ctx, app, AppPhase::Failed, &message, None, conditions).await?;
+        write_status(
+            ctx,
+            app,
+            AppPhase::Failed,
+            &message,
+            None,
+            conditions,
+            RuntimeStatus::of(app),
+        )
+        .await?;
         warn_once(ctx, app, newly, "InvalidSpec", "Validate", &message).await;
         // Nothing to retry until the spec changes; the status write above is what users see.
         return Err(Error::InvalidSpec {
@@ -191,7 +207,16 @@ async fn apply(app: &App, ctx: &Context) -> Result<Action> {
             let newly = condition_reason(app, "CredentialsReady") != Some(reason);
             conditions.set("CredentialsReady", false, reason, &message);
             conditions.set("Ready", false, reason, &message);
-            write_status(ctx, app, AppPhase::Failed, &message, None, conditions).await?;
+            write_status(
+                ctx,
+                app,
+                AppPhase::Failed,
+                &message,
+                None,
+                conditions,
+                RuntimeStatus::of(app),
+            )
+            .await?;
             warn_once(ctx, app, newly, reason, "Credentials", &message).await;
             // The named Secret may appear later; it is not watched, so look again now and then.
             return Ok(Action::requeue(std::time::Duration::from_secs(60)));
@@ -218,6 +243,7 @@ async fn apply(app: &App, ctx: &Context) -> Result<Action> {
             &message,
             Some(credentials),
             conditions,
+            RuntimeStatus::of(app),
         )
         .await?;
         warn_once(ctx, app, newly, "KnownHostsMissing", "Credentials", &message).await;
@@ -232,52 +258,48 @@ async fn apply(app: &App, ctx: &Context) -> Result<Action> {
             "the clone checks the git server's host key",
         );
     }
-    bind_services(app, ctx, &mut conditions).await?;
+    let bound = bind_services(app, ctx, &mut conditions).await?;
+    let mut runtime = RuntimeStatus::of(app);
+    app_runtime::ensure_config(app, ctx, &mut runtime).await?;
+    let waiting = app_runtime::release(app, ctx, &bound, &mut runtime).await?;
+    let issuing = app_runtime::certificates(app, ctx, &mut conditions).await?;
     let running = app.status.as_ref().and_then(|s| s.current_image.clone());
-    let (phase, summary) = match &running {
+    let (phase, mut summary) = match &running {
         Some(image) => (AppPhase::Deployed, format!("running {image}")),
         None => (AppPhase::Ready, "ready to build".to_string()),
     };
+    if let Some(version) = runtime.releases.last().map(|r| r.version) {
+        summary = format!("{summary} (release v{version})");
+    }
+    if let Some(waiting) = &waiting {
+        summary = format!("{summary}; {waiting}");
+    }
     conditions.set("Ready", true, "Reconciled", &summary);
-    write_status(ctx, app, phase, &summary, Some(credentials), conditions).await?;
+    write_status(ctx, app, phase, &summary, Some(credentials), conditions, runtime).await?;
+    if waiting.is_some() {
+        // The build's own status changes do not wake the App: look again shortly.
+        return Ok(Action::requeue(std::time::Duration::from_secs(5)));
+    }
+    if issuing {
+        return Ok(Action::requeue(std::time::Duration::from_secs(30)));
+    }
     Ok(Action::requeue(ctx.config.resync))
 }
 
-/// Reports the App's bindings and, when a release is running, re-renders its HelmChart values
-/// with them: the helm-controller upgrades the release and the Deployment rolls out with the
-/// new variables. Only the binding variables change (the image, the build's values and its
-/// annotation stay), so no build is needed; the next AppBuild renders the same bindings itself.
-async fn bind_services(app: &App, ctx: &Context, conditions: &mut ConditionSet) -> Result<()> {
+/// Resolves and reports the App's bindings; returns the bound services. Releasing them into
+/// the running image is the runtime's job (`app_runtime::release`), like any settings change.
+async fn bind_services(app: &App, ctx: &Context, conditions: &mut ConditionSet) -> Result<Vec<String>> {
     use super::backingservice::binding;
     if app.spec.services.is_empty() && condition_reason(app, "ServicesBound").is_none() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let namespace = app.namespace().unwrap_or_default();
-    let charts = Api::<kube::api::DynamicObject>::namespaced_with(
-        ctx.client.clone(),
-        &ctx.config.agent_namespace,
-        &super::appbuild::helm_chart_resource(),
-    );
-    let chart_name = super::appbuild::chart_name(&namespace, &app.name_any());
-    let chart = match charts.get_opt(&chart_name).await {
-        Ok(chart) => chart,
-        // No HelmChart CRD: nothing is deployed, nothing to re-render.
-        Err(kube::Error::Api(status)) if status.code == 404 => None,
-        Err(err) => return Err(err.into()),
+    let catalog = match super::backingservice::load_catalog(ctx).await? {
+        Ok(catalog) => catalog,
+        Err(_) => super::backingservice::catalog::merged(None).expect("the built-in catalog is valid"),
     };
-    let mut values = chart
-        .as_ref()
-        .and_then(|c| c.data["spec"]["valuesContent"].as_str())
-        .and_then(|text| serde_yaml::from_str::<serde_json::Value>(text).ok());
-    let mut scratch = serde_json::Value::Null;
-    let (resolved, changed) = binding::bind(
-        ctx,
-        &namespace,
-        &app.spec.services,
-        values.as_mut().unwrap_or(&mut scratch),
-    )
-    .await?;
-    let bound: Vec<&str> = resolved.bound.iter().map(|b| b.service.as_str()).collect();
+    let resolved = binding::resolve(&ctx.client, &namespace, &app.spec.services, &catalog).await?;
+    let bound: Vec<String> = resolved.bound.iter().map(|b| b.service.clone()).collect();
     if resolved.missing.is_empty() {
         let message = if bound.is_empty() {
             "no services bound".to_string()
@@ -296,33 +318,7 @@ async fn bind_services(app: &App, ctx: &Context, conditions: &mut ConditionSet) 
             ),
         );
     }
-    if let (true, Some(values)) = (changed, values) {
-        let patch = json!({"spec": {"valuesContent": super::appbuild::values_content(&values)}});
-        charts
-            .patch(
-                &chart_name,
-                &PatchParams {
-                    field_manager: Some(BINDINGS_MANAGER.into()),
-                    ..Default::default()
-                },
-                &kube::api::Patch::Merge(&patch),
-            )
-            .await?;
-        let services = if bound.is_empty() {
-            "no services".to_string()
-        } else {
-            bound.join(", ")
-        };
-        ctx.publish(
-            &app.object_ref(&()),
-            EventType::Normal,
-            "BindingsChanged",
-            "Bind",
-            format!("re-deploying the running release bound to {services}"),
-        )
-        .await;
-    }
-    Ok(())
+    Ok(bound)
 }
 
 /// A Warning Event, published only when the condition is new (not on every retry).
@@ -490,7 +486,7 @@ pub fn deploy_key_name(app: &App) -> String {
     format!("{}-deploy-key", app.name_any())
 }
 
-fn owner_reference(app: &App) -> OwnerReference {
+pub(crate) fn owner_reference(app: &App) -> OwnerReference {
     app.controller_owner_ref(&())
         .expect("an App read from the apiserver has a name and uid")
 }
@@ -591,6 +587,7 @@ async fn write_status(
     message: &str,
     credentials: Option<Credentials>,
     conditions: ConditionSet,
+    runtime: RuntimeStatus,
 ) -> Result<()> {
     let previous = app.status.clone().unwrap_or_default();
     let (git_secret_name, ssh_public_key) = match credentials {
@@ -610,12 +607,19 @@ async fn write_status(
         latest_build: None,
         current_image: None,
         previous_image: None,
+        current_build: None,
+        config_secret_name: runtime.config_secret_name,
+        config_revision: runtime.config_revision,
+        config_fingerprint: runtime.config_fingerprint,
+        runtime_fingerprint: runtime.runtime_fingerprint,
+        releases: runtime.releases,
     };
     let comparable = |s: &AppStatus| AppStatus {
         last_updated: None,
         latest_build: None,
         current_image: None,
         previous_image: None,
+        current_build: None,
         ..s.clone()
     };
     if comparable(&status) == comparable(&previous) {

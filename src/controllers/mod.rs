@@ -6,6 +6,7 @@
 //! Controllers know the CRD types and kube; never the tunnel or the protocol.
 
 pub mod app;
+mod app_runtime;
 pub mod appbuild;
 pub mod backingservice;
 mod conditions;
@@ -13,6 +14,7 @@ mod context;
 mod error;
 pub mod metrics;
 pub mod project;
+pub mod release;
 pub mod team;
 
 use std::future::Future;

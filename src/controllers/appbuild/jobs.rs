@@ -27,6 +27,9 @@ pub const STEP_LABEL: &str = "apps.shapeblock.io/step";
 pub const CLONE_CONTAINER: &str = "clone";
 pub const BUILD_CONTAINER: &str = "build";
 pub const RESOLVE_CONTAINER: &str = "resolve";
+pub const RELEASE_CONTAINER: &str = "release";
+/// Deadline of a release command (migrations and the like).
+pub const RELEASE_DEADLINE_SECONDS: i64 = 900;
 const WORKSPACE: &str = "/workspace";
 const CNB_UID: i64 = 1000;
 
@@ -52,6 +55,8 @@ pub struct BuildSettings {
     pub keep_succeeded: usize,
     /// History: Failed and Cancelled AppBuilds kept per App.
     pub keep_failed: usize,
+    /// cert-manager ClusterIssuer of App domains that name none.
+    pub certificate_issuer: String,
 }
 
 impl Default for BuildSettings {
@@ -73,6 +78,7 @@ impl Default for BuildSettings {
             relay_logs: false,
             keep_succeeded: 10,
             keep_failed: 5,
+            certificate_issuer: "letsencrypt".into(),
         }
     }
 }
@@ -591,6 +597,66 @@ pub fn parse_commit(message: &str) -> Option<String> {
     (sha.len() == 40 && sha.chars().all(|c| c.is_ascii_hexdigit())).then(|| sha.to_ascii_lowercase())
 }
 
+/// Name of a build's release-command Job.
+pub fn release_job_name(build: &AppBuild) -> String {
+    format!("{}-release", build.name_any())
+}
+
+/// The release command's Job: the `web` process's container as rendered for this release
+/// (image, plain and secret config vars, bound services, resources) running `command` once,
+/// before the release replaces the serving one. `web` is the container in the chart values'
+/// shape; it carries no secret value (those are references).
+pub fn release_job(
+    app: &App,
+    build: &AppBuild,
+    name: &str,
+    web: &serde_json::Value,
+    command: Vec<String>,
+    owner: &OwnerReference,
+    settings: &BuildSettings,
+) -> Job {
+    fn field<T: serde::de::DeserializeOwned>(web: &serde_json::Value, key: &str) -> Option<T> {
+        web.get(key).cloned().and_then(|v| serde_json::from_value(v).ok())
+    }
+    let image = format!(
+        "{}:{}",
+        web["image"].as_str().unwrap_or_default(),
+        web["imageTag"].as_str().unwrap_or_default()
+    );
+    let container = Container {
+        name: RELEASE_CONTAINER.into(),
+        image: Some(image),
+        command: Some(command),
+        env: field(web, "env"),
+        env_from: field(web, "envFrom"),
+        resources: field(web, "resources"),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        ..Default::default()
+    };
+    let mut job = job(
+        app,
+        build,
+        name,
+        "release",
+        owner,
+        settings,
+        vec![],
+        container,
+        vec![],
+        None,
+        RELEASE_DEADLINE_SECONDS,
+    );
+    // The app's own pods run with the namespace's default ServiceAccount and its token, like
+    // `web`; the release command is the app's code, not the builder's.
+    if let Some(pod) = job.spec.as_mut().and_then(|s| s.template.spec.as_mut()) {
+        pod.automount_service_account_token = None;
+        pod.enable_service_links = None;
+        pod.volumes = None;
+        pod.security_context = None;
+    }
+    job
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -619,6 +685,12 @@ mod tests {
                     ..Default::default()
                 },
                 services: Vec::new(),
+                config: Default::default(),
+                processes: Default::default(),
+                release_command: Vec::new(),
+                domains: Vec::new(),
+                cron: Vec::new(),
+                deploy: None,
             },
         );
         app.metadata.namespace = Some("shop".into());

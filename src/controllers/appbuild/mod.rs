@@ -24,12 +24,18 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
+pub use helmchart::values_content;
 pub use helmchart::{
     UNIVERSAL_CHART, chart_name, release_status, resource as helm_chart_resource, service_chart_name,
 };
-pub(crate) use helmchart::{chart_object, values_content};
-pub use jobs::{BUILD_LABEL, BuildSettings, parse_build_report, parse_commit};
-pub use values::{ALLOWED_KEYS, Release, WEB, chart_values};
+pub(crate) use helmchart::{chart_object, helm_chart as helm_chart_object};
+pub use jobs::{
+    BUILD_LABEL, BuildSettings, RELEASE_CONTAINER, parse_build_report, parse_commit, release_job,
+};
+pub use values::{
+    ALLOWED_KEYS, CONFIG_REVISION_ANNOTATION, PROCESS_LABEL, Release, WEB, chart_values, deployment_name,
+    launch, processes, release_container, tls_secret_name,
+};
 pub(crate) use values::{Refused, env_list, reject_templates};
 
 use super::{APP_LABEL, ConditionSet, Context, Error, FIELD_MANAGER, MANAGED_BY, MANAGED_BY_LABEL, Result};
@@ -203,8 +209,19 @@ impl Pipeline<'_> {
             self.set_latest_build(&app).await?;
         }
         // Refuse bad deploy values before spending a build on them.
+        let no_live_replicas = std::collections::BTreeMap::new();
         if let Err(refused) = chart_values(
-            &self.release(&app, "placeholder"),
+            &values::Release {
+                project: &self.namespace(),
+                app: &self.build.spec.app_name,
+                build: &self.build.name_any(),
+                image: "placeholder",
+                runtime: &app.spec,
+                config_secret: None,
+                config_revision: 0,
+                live_replicas: &no_live_replicas,
+                default_issuer: &self.ctx.config.builds.certificate_issuer,
+            },
             self.build.spec.helm_values.as_ref(),
         ) {
             return self
@@ -259,16 +276,6 @@ impl Pipeline<'_> {
         }
     }
 
-    fn release<'b>(&'b self, app: &'b App, image: &'b str) -> values::Release<'b> {
-        values::Release {
-            project: app.metadata.namespace.as_deref().unwrap_or_default(),
-            app: &self.build.spec.app_name,
-            build: self.build.metadata.name.as_deref().unwrap_or_default(),
-            image,
-        }
-    }
-
-    /// Resolve, then build (or reuse); returns the next status or what to wait for.
     async fn build_image(&self, app: &App) -> Result<Step> {
         let owner = self
             .build
@@ -538,15 +545,6 @@ impl Pipeline<'_> {
             self.write(self.with(AppBuildPhase::Deploying, "Deploying", &message))
                 .await?;
         }
-        let mut values = match chart_values(&self.release(app, &image), self.build.spec.helm_values.as_ref())
-        {
-            Ok(values) => values,
-            Err(refused) => {
-                return self
-                    .finish(AppBuildPhase::Failed, "InvalidSpec", refused.to_string())
-                    .await;
-            }
-        };
         let project = self.namespace();
         let release = chart_name(&project, &self.build.spec.app_name);
         // What was there before this build's change, recorded before the change is made.
@@ -557,43 +555,60 @@ impl Pipeline<'_> {
             self.write(status).await?;
             return Ok(Action::requeue(POLL));
         };
-        // The App's bound services, as secretKeyRefs to their connection Secrets.
-        super::backingservice::binding::bind(self.ctx, &project, &app.spec.services, &mut values).await?;
-        let chart = helmchart::helm_chart(
-            &self.ctx.config.agent_namespace,
-            &project,
-            &self.build.spec.app_name,
-            &self.build.name_any(),
-            &values,
-        );
-        let charts = Api::<DynamicObject>::namespaced_with(
-            self.ctx.client.clone(),
-            &self.ctx.config.agent_namespace,
-            &helmchart::resource(),
-        );
-        charts
-            .patch(
-                &chart.name_any(),
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&chart),
-            )
-            .await?;
-
-        let deployment_name = format!("{}-{}", self.build.spec.app_name, values::WEB);
-        let deployment = Api::<Deployment>::namespaced(self.ctx.client.clone(), &project)
-            .get_opt(&deployment_name)
-            .await?;
+        let running = crate::controllers::release::Running {
+            build: &self.build.name_any(),
+            image: &image,
+            user_values: self.build.spec.helm_values.as_ref(),
+        };
+        let values = match crate::controllers::release::render(self.ctx, app, &running).await? {
+            Ok((values, _)) => values,
+            Err(refused) => {
+                return self
+                    .finish(AppBuildPhase::Failed, "InvalidSpec", refused.to_string())
+                    .await;
+            }
+        };
+        // The release command runs (once per build) before the release replaces the serving
+        // one: if it fails, the HelmChart is not touched.
+        if !app.spec.release_command.is_empty() && !self.has_condition("ReleaseCommand") {
+            return self.run_release_command(app, &values).await;
+        }
+        crate::controllers::release::apply(self.ctx, app, &self.build.name_any(), &values).await?;
+        let deployments = Api::<Deployment>::namespaced(self.ctx.client.clone(), &project);
+        let mut rollouts = Vec::new();
+        for process in processes(&app.spec).into_keys() {
+            let name = deployment_name(&self.build.spec.app_name, &process);
+            let deployment = deployments.get_opt(&name).await?;
+            rollouts.push((name, rollout(deployment.as_ref(), &self.build.name_any(), &image)));
+        }
         // Only a release made after the baseline belongs to this change.
         let ours = self
             .newest_release(&project, &release)
             .await?
             .filter(|(version, _)| *version > baseline);
         let release_status = ours.as_ref().map(|(_, status)| status.clone());
-        match rollout(deployment.as_ref(), &self.build.name_any(), &image) {
-            Rollout::Failed(message) => {
-                return self.finish(AppBuildPhase::Failed, "DeployFailed", message).await;
-            }
-            Rollout::Done if release_status.as_deref() == Some("deployed") => {
+        if let Some((_, Rollout::Failed(message))) =
+            rollouts.iter().find(|(_, r)| matches!(r, Rollout::Failed(_)))
+        {
+            // A release that never became ready goes back to the one serving before it (whose
+            // pods never stopped: the rollout keeps every available pod until new ones are).
+            let message = match self.restore_running_release(app).await? {
+                Some(restored) => format!("{message}; rolled back to {restored}"),
+                None => format!("{message}; nothing earlier to roll back to"),
+            };
+            return self
+                .finish(AppBuildPhase::Failed, "ReleaseNotReady", message)
+                .await;
+        }
+        let deployment_name = rollouts
+            .iter()
+            .map(|(name, _)| name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        if rollouts.iter().all(|(_, r)| matches!(r, Rollout::Done))
+            && release_status.as_deref() == Some("deployed")
+        {
+            {
                 self.record_deployed(app, &image).await?;
                 let revision = ours.map(|(version, _)| version);
                 let message = match revision {
@@ -604,7 +619,6 @@ impl Pipeline<'_> {
                 status.release_revision = revision;
                 return self.conclude(status).await;
             }
-            _ => {}
         }
         if release_status.as_deref() == Some("failed") {
             return self
@@ -616,6 +630,147 @@ impl Pipeline<'_> {
                 .await;
         }
         Ok(Action::requeue(POLL))
+    }
+
+    /// Applies the App's running release again (the build it runs, with the App's settings):
+    /// what serves before this build. Returns what it restored, if anything.
+    async fn restore_running_release(&self, app: &App) -> Result<Option<String>> {
+        let status = app.status.clone().unwrap_or_default();
+        let (Some(build), Some(image)) = (status.current_build, status.current_image) else {
+            return Ok(None);
+        };
+        if build == self.build.name_any() {
+            return Ok(None);
+        }
+        let running_build = Api::<AppBuild>::namespaced(self.ctx.client.clone(), &self.namespace())
+            .get_opt(&build)
+            .await?;
+        let running = crate::controllers::release::Running {
+            build: &build,
+            image: &image,
+            user_values: running_build.as_ref().and_then(|b| b.spec.helm_values.as_ref()),
+        };
+        match crate::controllers::release::render(self.ctx, app, &running).await? {
+            Ok((values, _)) => {
+                crate::controllers::release::apply(self.ctx, app, &build, &values).await?;
+                Ok(Some(format!("{image} (AppBuild {build})")))
+            }
+            Err(_) => Ok(None),
+        }
+    }
+
+    fn has_condition(&self, type_: &str) -> bool {
+        self.status()
+            .conditions
+            .iter()
+            .any(|c| c.type_ == type_ && c.status == "True")
+    }
+
+    /// Runs the App's release command in a Job with this release's web container; on success
+    /// the deploy goes on, on failure the build fails with the command's own words.
+    async fn run_release_command(&self, app: &App, values: &serde_json::Value) -> Result<Action> {
+        let web = values::release_container(values);
+        let command = values::launch(&app.spec, jobs::RELEASE_CONTAINER, &app.spec.release_command);
+        let owner = self
+            .build
+            .controller_owner_ref(&())
+            .expect("an AppBuild from the apiserver has a name and uid");
+        let job = jobs::release_job(
+            app,
+            self.build,
+            &jobs::release_job_name(self.build),
+            &web,
+            command,
+            &owner,
+            &self.ctx.config.builds,
+        );
+        let name = job.name_any();
+        let jobs_api = Api::<Job>::namespaced(self.ctx.client.clone(), &self.namespace());
+        match self.run_job(&jobs_api, job, jobs::RELEASE_CONTAINER).await? {
+            JobOutcome::Running(pod) => {
+                let mut status = self.with(
+                    AppBuildPhase::Deploying,
+                    "ReleaseCommand",
+                    &format!("running the release command (Job {name}) before the release"),
+                );
+                if pod.is_some() {
+                    status.pod_name = pod;
+                }
+                if status != self.status() {
+                    self.write(status).await?;
+                }
+                Ok(Action::requeue(POLL))
+            }
+            JobOutcome::Succeeded(_) => {
+                let mut status = self.with(
+                    AppBuildPhase::Deploying,
+                    "Deploying",
+                    &format!("deploying {}", self.status().image.unwrap_or_default()),
+                );
+                let mut conditions = ConditionSet::new(&status.conditions, self.build.metadata.generation);
+                conditions.set(
+                    "ReleaseCommand",
+                    true,
+                    "Succeeded",
+                    format!("the release command succeeded (Job {name})"),
+                );
+                status.conditions = conditions.conditions;
+                self.write(status).await?;
+                // With the log relay, the Job waits for its log (`release_delivered_jobs`).
+                if !self.ctx.config.builds.relay_logs {
+                    self.delete_job(&jobs_api, &name).await;
+                }
+                Ok(Action::requeue(POLL))
+            }
+            JobOutcome::Failed { reason, message } => {
+                let said = self.release_command_output(&name).await.unwrap_or(message);
+                let why = if reason == "Timeout" {
+                    format!("did not finish within {}s", jobs::RELEASE_DEADLINE_SECONDS)
+                } else {
+                    said
+                };
+                self.finish(
+                    AppBuildPhase::Failed,
+                    "ReleaseCommandFailed",
+                    format!("the release command failed, so the release was not made and the previous one keeps serving (Job {name}): {why}"),
+                )
+                .await
+            }
+        }
+    }
+
+    /// The exit code and termination message of a failed release command: the command's own
+    /// message, or (`FallbackToLogsOnError`) the last lines of its log.
+    async fn release_command_output(&self, job: &str) -> Option<String> {
+        let pods = Api::<Pod>::namespaced(self.ctx.client.clone(), &self.namespace());
+        let pod = pods
+            .list(&ListParams::default().labels(&format!("job-name={job}")))
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .next()?;
+        let terminated = pod
+            .status
+            .as_ref()?
+            .container_statuses
+            .iter()
+            .flatten()
+            .find(|c| c.name == jobs::RELEASE_CONTAINER)?
+            .state
+            .as_ref()?
+            .terminated
+            .clone()?;
+        let mut said = format!("exit {}", terminated.exit_code);
+        if let Some(message) = terminated
+            .message
+            .as_deref()
+            .map(str::trim)
+            .filter(|m| !m.is_empty())
+        {
+            said.push_str(&format!(": {message}"));
+        }
+        Some(said)
     }
 
     async fn newest_release(&self, namespace: &str, release: &str) -> Result<Option<(u32, String)>> {
@@ -682,6 +837,7 @@ impl Pipeline<'_> {
             for name in [
                 jobs::resolve_job_name(self.build),
                 jobs::build_job_name(self.build),
+                jobs::release_job_name(self.build),
             ] {
                 self.delete_job(&jobs, &name).await;
             }
@@ -799,6 +955,11 @@ impl Pipeline<'_> {
                 status.image.is_some(),
                 &[jobs::CLONE_CONTAINER, jobs::BUILD_CONTAINER][..],
             ),
+            (
+                jobs::release_job_name(self.build),
+                self.has_condition("ReleaseCommand"),
+                &[jobs::RELEASE_CONTAINER][..],
+            ),
         ];
         for (job, recorded, containers) in steps {
             if (recorded || ended) && logs_delivered(&status, containers) {
@@ -851,6 +1012,7 @@ impl Pipeline<'_> {
             "latestBuild": self.build.name_any(),
             "currentImage": status.current_image,
             "previousImage": status.previous_image,
+            "currentBuild": status.current_build,
         }});
         Api::<App>::namespaced(self.ctx.client.clone(), &self.namespace())
             .patch_status(
@@ -869,7 +1031,8 @@ impl Pipeline<'_> {
             _ => app.status.as_ref().and_then(|s| s.previous_image.clone()),
         };
         let patch = json!({"apiVersion": App::api_version(&()), "kind": "App", "status": {
-            "latestBuild": self.build.name_any(), "currentImage": image, "previousImage": previous}});
+            "latestBuild": self.build.name_any(), "currentImage": image, "previousImage": previous,
+            "currentBuild": self.build.name_any()}});
         Api::<App>::namespaced(self.ctx.client.clone(), &self.namespace())
             .patch_status(
                 &app.name_any(),

@@ -10,6 +10,8 @@ use std::collections::BTreeMap;
 
 use serde_json::{Map, Value, json};
 
+use crate::api::{AppSpec, BuildResources, BuildType, Process};
+
 /// The ShapeBlock keys an AppBuild's `helmValues` may use. `replicaCount` is the seed's name
 /// for `replicas`.
 pub const ALLOWED_KEYS: &[&str] = &["replicas", "replicaCount", "port", "env", "ingress", "resources"];
@@ -25,15 +27,44 @@ pub struct Release<'a> {
     pub build: &'a str,
     /// Full image reference, pinned by digest where one is known.
     pub image: &'a str,
+    /// What the App runs: its config vars, processes, domains, cron entries.
+    pub runtime: &'a AppSpec,
+    /// The App's config Secret (secret config vars), read by every process as `envFrom`.
+    pub config_secret: Option<&'a str>,
+    /// Pods carry it as an annotation: a new revision rolls them.
+    pub config_revision: u32,
+    /// Live replica counts of autoscaled processes: an upgrade keeps what the autoscaler
+    /// chose instead of resetting it (the chart always renders `replicas`).
+    pub live_replicas: &'a BTreeMap<String, i32>,
+    /// ClusterIssuer of the domains' certificates when the App names none.
+    pub default_issuer: &'a str,
 }
+
+/// Annotation on pod templates: the config revision the pods run with.
+pub const CONFIG_REVISION_ANNOTATION: &str = "apps.shapeblock.io/config-revision";
+/// Selector label that keeps each process's Deployment and Service apart.
+pub const PROCESS_LABEL: &str = "apps.shapeblock.io/process";
+/// Default `progressDeadlineSeconds` of a release (the chart's own is 600).
+pub const DEFAULT_PROGRESS_DEADLINE: i32 = 300;
+/// Seconds a terminating web pod keeps serving, so that endpoints drop it before it stops.
+const PRE_STOP_SECONDS: i64 = 5;
 
 /// Why user values were refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("helmValues: {0}")]
 pub struct Refused(pub String);
 
-/// Checks the user's values and translates them into the chart's shape.
-pub fn chart_values(release: &Release<'_>, user: Option<&Value>) -> Result<Value, Refused> {
+/// The build's `helmValues`, checked: they adjust the `web` process.
+#[derive(Default)]
+struct WebOverrides {
+    replicas: Option<i64>,
+    port: Option<i64>,
+    env: Vec<Value>,
+    resources: Option<Value>,
+    hosts: Vec<String>,
+}
+
+fn web_overrides(user: Option<&Value>) -> Result<WebOverrides, Refused> {
     let empty = Map::new();
     let user = match user {
         None | Some(Value::Null) => &empty,
@@ -55,37 +86,163 @@ pub fn chart_values(release: &Release<'_>, user: Option<&Value>) -> Result<Value
     }
     let replicas = match (user.get("replicas"), user.get("replicaCount")) {
         (Some(_), Some(_)) => return Err(Refused("set replicas or replicaCount, not both".into())),
-        (Some(v), None) | (None, Some(v)) => integer(v, "replicas", 0, 100)?,
-        (None, None) => 1,
+        (Some(v), None) | (None, Some(v)) => Some(integer(v, "replicas", 0, 100)?),
+        (None, None) => None,
     };
-    let port = user
-        .get("port")
-        .map(|v| integer(v, "port", 1, 65535))
-        .transpose()?;
-    let env = user.get("env").map(env_list).transpose()?.unwrap_or_default();
-    let resources = user.get("resources").map(resources).transpose()?;
-    let hosts = user
-        .get("ingress")
-        .map(ingress_hosts)
-        .transpose()?
-        .unwrap_or_default();
+    Ok(WebOverrides {
+        replicas,
+        port: user
+            .get("port")
+            .map(|v| integer(v, "port", 1, 65535))
+            .transpose()?,
+        env: user.get("env").map(env_list).transpose()?.unwrap_or_default(),
+        resources: user.get("resources").map(resources).transpose()?,
+        hosts: user
+            .get("ingress")
+            .map(ingress_hosts)
+            .transpose()?
+            .unwrap_or_default(),
+    })
+}
+
+/// The App's process types; without any, one `web` process running the image's command.
+pub fn processes(spec: &AppSpec) -> BTreeMap<String, Process> {
+    if spec.processes.is_empty() {
+        BTreeMap::from([(WEB.to_owned(), Process::default())])
+    } else {
+        spec.processes.clone()
+    }
+}
+
+/// Name of a process's Deployment (and of the web Service): `<app>-<process>`.
+pub fn deployment_name(app: &str, process: &str) -> String {
+    format!("{app}-{process}")
+}
+
+/// Checks the user's values and renders the App's release in the chart's shape.
+pub fn chart_values(release: &Release<'_>, user: Option<&Value>) -> Result<Value, Refused> {
+    let web = web_overrides(user)?;
+    let spec = release.runtime;
+    let processes = processes(spec);
+    let web_process = processes.get(WEB);
+    let port = web.port.or(web_process.and_then(|p| p.port).map(i64::from));
+    let mut hosts: Vec<(String, bool)> = spec.domains.iter().map(|d| (d.host.clone(), d.tls)).collect();
+    for host in &web.hosts {
+        if !hosts.iter().any(|(h, _)| h == host) {
+            hosts.push((host.clone(), false));
+        }
+    }
     if !hosts.is_empty() && port.is_none() {
         return Err(Refused("ingress needs a port".into()));
     }
+    if !hosts.is_empty() && web_process.is_none() {
+        return Err(Refused("domains need a web process".into()));
+    }
 
     let (repository, tag) = split_image(release.image);
-    let mut container = json!({"name": WEB, "image": repository, "imageTag": tag});
-    if !env.is_empty() {
-        container["env"] = Value::Array(env);
+    // Plain config vars, then the build's web variables over them (the user's last word).
+    let config_env: Vec<Value> = spec
+        .config
+        .iter()
+        .map(|(name, value)| json!({"name": name, "value": value}))
+        .collect();
+    let container = |name: &str, command: &[String], env: Vec<Value>| {
+        let mut container = json!({"name": name, "image": repository, "imageTag": tag});
+        let command = launch(spec, name, command);
+        if !command.is_empty() {
+            // A list: the chart would split a string on spaces.
+            container["command"] = json!(command);
+        }
+        if !env.is_empty() {
+            container["env"] = Value::Array(env);
+        }
+        if let Some(secret) = release.config_secret {
+            container["envFrom"] = json!([{"secretRef": {"name": secret}}]);
+        }
+        container
+    };
+    let deadline = spec
+        .deploy
+        .as_ref()
+        .and_then(|d| d.progress_deadline_seconds)
+        .unwrap_or(DEFAULT_PROGRESS_DEADLINE);
+
+    let mut deployments = Map::new();
+    let mut hpas = Map::new();
+    for (name, process) in &processes {
+        let is_web = name == WEB;
+        let env = if is_web {
+            merge_env(&config_env, &web.env)
+        } else {
+            config_env.clone()
+        };
+        let mut c = container(name, &process.command, env);
+        let resources = if is_web { web.resources.clone() } else { None }
+            .or_else(|| process.resources.as_ref().map(quantities));
+        if let Some(resources) = resources {
+            c["resources"] = resources;
+        }
+        if is_web && let Some(port) = port {
+            c["ports"] = json!([{"name": "http", "containerPort": port}]);
+            let check = process.health_check.clone().unwrap_or_default();
+            let probe = match &check.path {
+                Some(path) => json!({"httpGet": {"path": path, "port": "http"}}),
+                None => json!({"tcpSocket": {"port": "http"}}),
+            };
+            let mut readiness = probe.clone();
+            readiness["periodSeconds"] = json!(5);
+            readiness["failureThreshold"] = json!(3);
+            if let Some(delay) = check.initial_delay_seconds {
+                readiness["initialDelaySeconds"] = json!(delay);
+            }
+            c["readinessProbe"] = readiness;
+            if check.liveness {
+                let mut liveness = probe;
+                liveness["periodSeconds"] = json!(10);
+                liveness["failureThreshold"] = json!(6);
+                liveness["initialDelaySeconds"] = json!(check.initial_delay_seconds.unwrap_or(0).max(10));
+                c["livenessProbe"] = liveness;
+            }
+            // Endpoints drop a terminating pod asynchronously: keep serving meanwhile.
+            c["lifecycle"] = json!({"preStop": {"sleep": {"seconds": PRE_STOP_SECONDS}}});
+        }
+        let asked = if is_web { web.replicas } else { None }.or(process.replicas.map(i64::from));
+        let replicas = match &process.autoscaling {
+            Some(scaling) => {
+                hpas.insert(
+                    name.clone(),
+                    json!({
+                        // The chart defaults to autoscaling/v2beta1, gone since Kubernetes 1.25.
+                        "apiVersion": "autoscaling/v2",
+                        "scaleTargetRef": {"name": name},
+                        "minReplicas": scaling.min_replicas,
+                        "maxReplicas": scaling.max_replicas,
+                        "metrics": [{"type": "Resource", "resource": {"name": "cpu",
+                            "target": {"type": "Utilization", "averageUtilization": scaling.target_cpu_percent}}}],
+                    }),
+                );
+                // The autoscaler owns the count: keep it, within the bounds.
+                let live = release.live_replicas.get(name).map(|&n| i64::from(n));
+                live.or(asked)
+                    .unwrap_or(i64::from(scaling.min_replicas))
+                    .clamp(i64::from(scaling.min_replicas), i64::from(scaling.max_replicas))
+            }
+            None => asked.unwrap_or(1),
+        };
+        deployments.insert(
+            name.clone(),
+            json!({
+                "replicas": replicas,
+                "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+                "progressDeadlineSeconds": deadline,
+                "extraSelectorLabels": {PROCESS_LABEL: name},
+                "containers": [c],
+            }),
+        );
     }
-    if let Some(port) = port {
-        container["ports"] = json!([{"name": "http", "containerPort": port}]);
-    }
-    if let Some(resources) = resources {
-        container["resources"] = resources;
-    }
+
     let mut values = json!({
-        // Deployment and Service names become `<app>-web`.
+        // Deployment and Service names become `<app>-<process>`.
         "releasePrefix": release.app,
         "generic": {
             "labels": {
@@ -93,33 +250,145 @@ pub fn chart_values(release: &Release<'_>, user: Option<&Value>) -> Result<Value
                 "apps.shapeblock.io/app": release.app,
             },
             "podLabels": {"apps.shapeblock.io/app": release.app},
-            // Which build a running pod template belongs to: how "Completed" is decided.
-            "podAnnotations": {"apps.shapeblock.io/build": release.build},
+            // Which build and config a running pod template belongs to: how "rolled out" is
+            // decided, and what makes a config change roll the pods.
+            "podAnnotations": {
+                "apps.shapeblock.io/build": release.build,
+                CONFIG_REVISION_ANNOTATION: release.config_revision.to_string(),
+            },
             "usePredefinedAffinity": false,
         },
-        "deployments": {WEB: {
-            "replicas": replicas,
-            "extraSelectorLabels": {"apps.shapeblock.io/process": WEB},
-            "containers": [container],
-        }},
+        "deployments": deployments,
     });
-    if let Some(port) = port {
+    if !hpas.is_empty() {
+        values["hpas"] = Value::Object(hpas);
+    }
+    if let (Some(port), true) = (port, web_process.is_some()) {
         values["services"] = json!({WEB: {
-            "extraSelectorLabels": {"apps.shapeblock.io/process": WEB},
+            "extraSelectorLabels": {PROCESS_LABEL: WEB},
             "ports": [{"name": "http", "port": port, "targetPort": port}],
         }});
     }
     if !hosts.is_empty() {
+        let class = spec.deploy.as_ref().and_then(|d| d.ingress_class.clone());
+        let issuer = spec
+            .deploy
+            .as_ref()
+            .and_then(|d| d.certificate_issuer.clone())
+            .unwrap_or_else(|| release.default_issuer.to_owned());
         let mut ingresses = Map::new();
-        for host in hosts {
-            ingresses.insert(
-                host.clone(),
-                json!({"hosts": [{"paths": [{"path": "/", "serviceName": WEB, "servicePort": port}]}]}),
-            );
+        let mut certificates = Map::new();
+        for (host, tls) in hosts {
+            let mut ingress =
+                json!({"hosts": [{"paths": [{"path": "/", "serviceName": WEB, "servicePort": port}]}]});
+            if let Some(class) = &class {
+                ingress["ingressClassName"] = json!(class);
+            }
+            if tls {
+                // One mechanism: the chart's Certificate (rendered only where cert-manager's
+                // API exists), not the ingress-shim annotations as well.
+                let secret = tls_secret_name(release.app, &host);
+                ingress["extraTls"] = json!([{"hosts": [host], "secretName": secret}]);
+                certificates.insert(
+                    certificate_key(&host),
+                    json!({
+                        "dnsNames": [host],
+                        "secretName": secret,
+                        "issuerRef": {"originalName": issuer, "kind": "ClusterIssuer", "group": "cert-manager.io"},
+                    }),
+                );
+            }
+            ingresses.insert(host, ingress);
         }
         values["ingresses"] = Value::Object(ingresses);
+        if !certificates.is_empty() {
+            values["certificates"] = Value::Object(certificates);
+        }
+    }
+    if !spec.cron.is_empty() {
+        let mut cron = Map::new();
+        for entry in &spec.cron {
+            cron.insert(
+                entry.name.clone(),
+                json!({
+                    "schedule": entry.schedule,
+                    // One run at a time: a slow run is not stacked on.
+                    "singleOnly": true,
+                    "backoffLimit": 0,
+                    "successfulJobsHistoryLimit": 3,
+                    "failedJobsHistoryLimit": 3,
+                    "containers": [container(&entry.name, &entry.command, config_env.clone())],
+                }),
+            );
+        }
+        values["cronJobs"] = Value::Object(cron);
     }
     Ok(values)
+}
+
+/// The container a release command (or a one-off run) copies: `web`'s as rendered, or the
+/// first process's for an App without `web`.
+pub fn release_container(values: &Value) -> Value {
+    values
+        .pointer(&format!("/deployments/{WEB}/containers/0"))
+        .or_else(|| {
+            values["deployments"]
+                .as_object()
+                .and_then(|d| d.values().next())
+                .map(|d| &d["containers"][0])
+        })
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// The command of a process or one-off run. Buildpack images run a process type as
+/// `/cnb/process/<type>` and anything else through the lifecycle's launcher (which sets up the
+/// buildpacks' environment); other images run the command as given.
+pub fn launch(spec: &AppSpec, process: &str, command: &[String]) -> Vec<String> {
+    match (spec.build.build_type, command.is_empty()) {
+        (BuildType::Buildpack, true) => vec![format!("/cnb/process/{process}")],
+        (BuildType::Buildpack, false) => std::iter::once("/cnb/lifecycle/launcher".to_string())
+            .chain(command.iter().cloned())
+            .collect(),
+        (_, _) => command.to_vec(),
+    }
+}
+
+/// `<host>` → the key of its Certificate in the chart values (`<app>-<key>` is its name).
+pub fn certificate_key(host: &str) -> String {
+    format!("tls-{}", host.replace('.', "-"))
+}
+
+/// The Secret that holds a domain's certificate.
+pub fn tls_secret_name(app: &str, host: &str) -> String {
+    format!("{app}-{}", certificate_key(host))
+}
+
+/// `base` with `over` replacing entries of the same name.
+fn merge_env(base: &[Value], over: &[Value]) -> Vec<Value> {
+    let mut merged: BTreeMap<String, Value> = BTreeMap::new();
+    for entry in base.iter().chain(over) {
+        if let Some(name) = entry["name"].as_str() {
+            merged.insert(name.to_owned(), entry.clone());
+        }
+    }
+    merged.into_values().collect()
+}
+
+fn quantities(resources: &BuildResources) -> Value {
+    let mut out = Map::new();
+    for (section, map) in [("requests", &resources.requests), ("limits", &resources.limits)] {
+        if !map.is_empty() {
+            out.insert(
+                section.into(),
+                map.iter()
+                    .map(|(k, v)| (k.clone(), json!(v.0)))
+                    .collect::<Map<_, _>>()
+                    .into(),
+            );
+        }
+    }
+    Value::Object(out)
 }
 
 /// `repo[:tag][@digest]` → (`repo`, `tag[@digest]`); the chart joins them with `:`.
@@ -291,13 +560,258 @@ fn ingress_hosts(value: &Value) -> Result<Vec<String>, Refused> {
 mod tests {
     use super::*;
 
-    fn release() -> Release<'static> {
+    static NO_LIVE_REPLICAS: BTreeMap<String, i32> = BTreeMap::new();
+
+    fn spec(runtime: Value) -> AppSpec {
+        let mut spec = json!({"registry": {"url": "registry.example.com"}, "build": {"type": "image", "image": "nginx"}});
+        spec.as_object_mut()
+            .unwrap()
+            .extend(runtime.as_object().unwrap().clone());
+        serde_json::from_value(spec).unwrap()
+    }
+
+    fn plain() -> &'static AppSpec {
+        Box::leak(Box::new(spec(json!({}))))
+    }
+
+    fn release_of(spec: &AppSpec) -> Release<'_> {
         Release {
             project: "shop",
             app: "web",
             build: "web-1",
             image: "registry.example.com/shop/web:abc1234@sha256:0123",
+            runtime: spec,
+            config_secret: Some("web-config"),
+            config_revision: 3,
+            live_replicas: &NO_LIVE_REPLICAS,
+            default_issuer: "letsencrypt",
         }
+    }
+
+    fn release() -> Release<'static> {
+        release_of(plain())
+    }
+
+    /// An App with two process types, a domain with TLS, autoscaling and a cron entry.
+    fn sample() -> AppSpec {
+        spec(json!({
+            "config": {"NODE_ENV": "production", "LOG_LEVEL": "info"},
+            "processes": {
+                "web": {"command": ["node", "server.js"], "port": 8080, "healthCheck": {"path": "/healthz"},
+                        "resources": {"requests": {"cpu": "100m"}}, "autoscaling": {"minReplicas": 2, "maxReplicas": 5, "targetCpuPercent": 70}},
+                "worker": {"command": ["node", "worker.js", "--queue=default"], "replicas": 2},
+            },
+            "domains": [{"host": "shop.example.com"}, {"host": "plain.example.com", "tls": false}],
+            "cron": [{"name": "nightly", "schedule": "0 3 * * *", "command": ["node", "report.js"]}],
+            "deploy": {"progressDeadlineSeconds": 120, "ingressClass": "nginx"},
+        }))
+    }
+
+    #[test]
+    fn every_process_gets_its_own_deployment_selector_and_the_config() {
+        let spec = sample();
+        let values = chart_values(&release_of(&spec), None).unwrap();
+        let deployments = values["deployments"].as_object().unwrap();
+        assert_eq!(deployments.keys().collect::<Vec<_>>(), ["web", "worker"]);
+        for (name, deployment) in deployments {
+            assert_eq!(deployment["extraSelectorLabels"][PROCESS_LABEL], name.as_str());
+            assert_eq!(
+                deployment["strategy"]["rollingUpdate"],
+                json!({"maxUnavailable": 0, "maxSurge": 1})
+            );
+            assert_eq!(deployment["progressDeadlineSeconds"], 120);
+            let container = &deployment["containers"][0];
+            assert_eq!(container["name"], name.as_str());
+            assert_eq!(
+                container["envFrom"],
+                json!([{"secretRef": {"name": "web-config"}}]),
+                "secret vars by reference"
+            );
+            assert_eq!(
+                container["env"],
+                json!([{"name": "LOG_LEVEL", "value": "info"}, {"name": "NODE_ENV", "value": "production"}])
+            );
+        }
+        let worker = &deployments["worker"];
+        assert_eq!(worker["replicas"], 2);
+        assert_eq!(
+            worker["containers"][0]["command"],
+            json!(["node", "worker.js", "--queue=default"])
+        );
+        assert!(
+            worker["containers"][0].get("readinessProbe").is_none(),
+            "workers serve no traffic"
+        );
+        assert_eq!(
+            values["services"].as_object().unwrap().len(),
+            1,
+            "only web has a Service"
+        );
+        assert_eq!(
+            values["services"]["web"]["extraSelectorLabels"][PROCESS_LABEL],
+            "web"
+        );
+        assert_eq!(
+            values["generic"]["podAnnotations"][CONFIG_REVISION_ANNOTATION],
+            "3"
+        );
+    }
+
+    #[test]
+    fn web_is_health_gated_and_drains_before_it_stops() {
+        let spec = sample();
+        let values = chart_values(&release_of(&spec), None).unwrap();
+        let web = &values["deployments"]["web"]["containers"][0];
+        assert_eq!(
+            web["readinessProbe"]["httpGet"],
+            json!({"path": "/healthz", "port": "http"})
+        );
+        assert!(web.get("livenessProbe").is_none(), "liveness is opt-in");
+        assert_eq!(web["lifecycle"]["preStop"]["sleep"]["seconds"], 5);
+        let tcp = spec_with_web(json!({"port": 3000, "healthCheck": {"liveness": true}}));
+        let values = chart_values(&release_of(&tcp), None).unwrap();
+        let web = &values["deployments"]["web"]["containers"][0];
+        assert_eq!(
+            web["readinessProbe"]["tcpSocket"]["port"], "http",
+            "TCP by default"
+        );
+        assert_eq!(web["livenessProbe"]["tcpSocket"]["port"], "http");
+    }
+
+    fn spec_with_web(web: Value) -> AppSpec {
+        spec(json!({"processes": {"web": web}}))
+    }
+
+    #[test]
+    fn autoscaled_processes_get_a_v2_autoscaler_and_keep_the_live_count() {
+        let spec = sample();
+        let values = chart_values(&release_of(&spec), None).unwrap();
+        let hpa = &values["hpas"]["web"];
+        assert_eq!(hpa["apiVersion"], "autoscaling/v2");
+        assert_eq!(hpa["scaleTargetRef"]["name"], "web");
+        assert_eq!(
+            hpa["metrics"][0]["resource"]["target"],
+            json!({"type": "Utilization", "averageUtilization": 70})
+        );
+        assert_eq!(
+            values["deployments"]["web"]["replicas"], 2,
+            "starts at minReplicas"
+        );
+        let live = BTreeMap::from([("web".to_string(), 4)]);
+        let mut release = release_of(&spec);
+        release.live_replicas = &live;
+        let values = chart_values(&release, None).unwrap();
+        assert_eq!(
+            values["deployments"]["web"]["replicas"], 4,
+            "an upgrade keeps what the autoscaler chose"
+        );
+        assert!(values["hpas"].get("worker").is_none());
+    }
+
+    #[test]
+    fn domains_become_ingress_rules_and_certificates_by_one_mechanism() {
+        let spec = sample();
+        let values = chart_values(&release_of(&spec), None).unwrap();
+        let tls = &values["ingresses"]["shop.example.com"];
+        assert_eq!(tls["ingressClassName"], "nginx");
+        assert_eq!(tls["hosts"][0]["paths"][0]["servicePort"], 8080);
+        assert_eq!(
+            tls["extraTls"],
+            json!([{"hosts": ["shop.example.com"], "secretName": "web-tls-shop-example-com"}])
+        );
+        assert!(
+            tls.get("certManager").is_none(),
+            "no ingress-shim annotations besides the Certificate"
+        );
+        let certificate = &values["certificates"]["tls-shop-example-com"];
+        assert_eq!(certificate["dnsNames"], json!(["shop.example.com"]));
+        assert_eq!(certificate["issuerRef"]["originalName"], "letsencrypt");
+        assert_eq!(certificate["secretName"], "web-tls-shop-example-com");
+        assert!(values["ingresses"]["plain.example.com"].get("extraTls").is_none());
+        assert_eq!(values["certificates"].as_object().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn cron_entries_run_the_image_with_the_config() {
+        let spec = sample();
+        let values = chart_values(&release_of(&spec), None).unwrap();
+        let cron = &values["cronJobs"]["nightly"];
+        assert_eq!(cron["schedule"], "0 3 * * *");
+        assert_eq!(cron["singleOnly"], true);
+        let container = &cron["containers"][0];
+        assert_eq!(container["command"], json!(["node", "report.js"]));
+        assert_eq!(container["imageTag"], "abc1234@sha256:0123");
+        assert_eq!(container["envFrom"][0]["secretRef"]["name"], "web-config");
+    }
+
+    #[test]
+    fn the_builds_values_have_the_last_word_on_web() {
+        let spec = sample();
+        let user = json!({"replicas": 3, "env": {"NODE_ENV": "staging"}, "port": 9090});
+        let values = chart_values(&release_of(&spec), Some(&user)).unwrap();
+        let web = &values["deployments"]["web"];
+        assert_eq!(web["replicas"], 3);
+        assert_eq!(
+            web["containers"][0]["env"],
+            json!([{"name": "LOG_LEVEL", "value": "info"}, {"name": "NODE_ENV", "value": "staging"}])
+        );
+        assert_eq!(values["services"]["web"]["ports"][0]["port"], 9090);
+        assert_eq!(
+            values["deployments"]["worker"]["containers"][0]["env"][1]["value"],
+            "production"
+        );
+    }
+
+    #[test]
+    fn a_worker_only_app_has_no_service_and_refuses_domains() {
+        let workers = spec(json!({"processes": {"worker": {"command": ["run"]}}}));
+        let values = chart_values(&release_of(&workers), None).unwrap();
+        assert!(values.get("services").is_none());
+        assert!(values["deployments"].get("web").is_none());
+        let with_domain = spec(json!({"processes": {"worker": {}}, "domains": [{"host": "a.example.com"}]}));
+        let err = chart_values(&release_of(&with_domain), None).unwrap_err();
+        assert!(err.0.contains("port") || err.0.contains("web process"), "{err}");
+    }
+
+    #[test]
+    fn buildpack_images_run_processes_and_commands_through_the_lifecycle() {
+        let mut buildpack = sample();
+        buildpack.build.build_type = BuildType::Buildpack;
+        buildpack.build.image = None;
+        buildpack.processes.get_mut("worker").unwrap().command.clear();
+        let values = chart_values(&release_of(&buildpack), None).unwrap();
+        assert_eq!(
+            values["deployments"]["web"]["containers"][0]["command"],
+            json!(["/cnb/lifecycle/launcher", "node", "server.js"])
+        );
+        assert_eq!(
+            values["deployments"]["worker"]["containers"][0]["command"],
+            json!(["/cnb/process/worker"])
+        );
+        assert_eq!(
+            values["cronJobs"]["nightly"]["containers"][0]["command"][0],
+            "/cnb/lifecycle/launcher"
+        );
+        let image = sample();
+        assert_eq!(
+            launch(&image, "web", &[]),
+            Vec::<String>::new(),
+            "other images keep their entrypoint"
+        );
+    }
+
+    #[test]
+    fn scale_only_changes_are_told_apart() {
+        let spec = sample();
+        let before = chart_values(&release_of(&spec), None).unwrap();
+        let live = BTreeMap::from([("web".to_string(), 5)]);
+        let mut release = release_of(&spec);
+        release.live_replicas = &live;
+        let after = chart_values(&release, None).unwrap();
+        assert!(crate::controllers::release::only_scale_differs(&before, &after));
+        release.config_revision = 4;
+        let config = chart_values(&release, None).unwrap();
+        assert!(!crate::controllers::release::only_scale_differs(&before, &config));
     }
 
     #[test]

@@ -1,0 +1,382 @@
+//! The App controller's runtime half: the App's config Secret and config revision, and new
+//! releases of the running image when config vars, processes, domains, cron entries, scaling
+//! or bound services change (no build), each recorded in `status.releases`.
+
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, PostParams};
+use kube::runtime::events::EventType;
+use kube::{Resource, ResourceExt};
+
+use super::release::{self, CONFIG_SECRET_LABEL, Running, config_secret_name};
+use super::{APP_LABEL, Context, MANAGED_BY, MANAGED_BY_LABEL, Result};
+use crate::api::{App, AppBuild, ReleaseReason, ReleaseRecord};
+
+/// Releases kept in `status.releases`.
+pub const KEEP_RELEASES: usize = 20;
+
+/// The runtime fields of App status that the App controller owns.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RuntimeStatus {
+    pub config_secret_name: Option<String>,
+    pub config_revision: Option<u32>,
+    pub config_fingerprint: Option<String>,
+    pub runtime_fingerprint: Option<String>,
+    pub releases: Vec<ReleaseRecord>,
+}
+
+impl RuntimeStatus {
+    pub fn of(app: &App) -> Self {
+        let status = app.status.clone().unwrap_or_default();
+        Self {
+            config_secret_name: status.config_secret_name,
+            config_revision: status.config_revision,
+            config_fingerprint: status.config_fingerprint,
+            runtime_fingerprint: status.runtime_fingerprint,
+            releases: status.releases,
+        }
+    }
+}
+
+/// Makes sure the App's config Secret exists (created empty, owned by the App; its values
+/// are the user's and never touched) and counts a new config revision when the plain vars or
+/// the Secret changed.
+pub async fn ensure_config(app: &App, ctx: &Context, runtime: &mut RuntimeStatus) -> Result<()> {
+    let namespace = app.namespace().unwrap_or_default();
+    let name = config_secret_name(&app.name_any());
+    let secrets = Api::<Secret>::namespaced(ctx.client.clone(), &namespace);
+    let meta = match secrets.get_metadata_opt(&name).await? {
+        Some(existing) => existing.metadata,
+        None => {
+            let secret = Secret {
+                metadata: ObjectMeta {
+                    name: Some(name.clone()),
+                    namespace: Some(namespace.clone()),
+                    labels: Some(
+                        [
+                            (CONFIG_SECRET_LABEL.to_string(), "true".to_string()),
+                            (APP_LABEL.to_string(), app.name_any()),
+                            (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
+                        ]
+                        .into(),
+                    ),
+                    owner_references: Some(vec![super::app::owner_reference(app)]),
+                    ..Default::default()
+                },
+                type_: Some("Opaque".into()),
+                ..Default::default()
+            };
+            match secrets.create(&PostParams::default(), &secret).await {
+                Ok(created) => created.metadata,
+                // Created meanwhile (another pass, or by the user first): use it as it is.
+                Err(kube::Error::Api(status)) if status.code == 409 => {
+                    secrets.get_metadata(&name).await?.metadata
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+    };
+    let fingerprint = release::config_fingerprint(
+        &app.spec.config,
+        meta.uid.as_deref().unwrap_or_default(),
+        meta.resource_version.as_deref().unwrap_or_default(),
+    );
+    if runtime.config_fingerprint.as_deref() != Some(fingerprint.as_str()) {
+        runtime.config_revision = Some(runtime.config_revision.unwrap_or(0) + 1);
+        runtime.config_fingerprint = Some(fingerprint);
+    }
+    runtime.config_secret_name = Some(name);
+    Ok(())
+}
+
+/// Records a build's release once the App runs it, and releases the running image again when
+/// what the App itself contributes changed. Returns a message for status when the release
+/// waits.
+pub async fn release(
+    app: &App,
+    ctx: &Context,
+    bound: &[String],
+    runtime: &mut RuntimeStatus,
+) -> Result<Option<String>> {
+    let status = app.status.clone().unwrap_or_default();
+    let (Some(build), Some(image)) = (status.current_build.clone(), status.current_image.clone()) else {
+        // Nothing runs yet: the first build renders the App's settings.
+        return Ok(None);
+    };
+    let namespace = app.namespace().unwrap_or_default();
+    let builds = Api::<AppBuild>::namespaced(ctx.client.clone(), &namespace);
+    let revision = runtime.config_revision.unwrap_or(0);
+    let deployed = release::deployed_values(ctx, app).await?;
+    let last = runtime.releases.last();
+    if last.map(|r| (r.build.as_deref(), r.image.as_str())) != Some((Some(build.as_str()), image.as_str())) {
+        let running = builds.get_opt(&build).await?;
+        let reason = match running.as_ref().and_then(|b| b.spec.rollback_to.as_ref()) {
+            Some(_) => ReleaseReason::Rollback,
+            None => ReleaseReason::Build,
+        };
+        // The revision the build released with is the one its pods carry.
+        let released_revision = deployed
+            .as_ref()
+            .and_then(|v| {
+                v["generic"]["podAnnotations"][super::appbuild::CONFIG_REVISION_ANNOTATION].as_str()
+            })
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(revision);
+        record(runtime, reason, &image, &build, released_revision);
+    }
+
+    // The App as it will be released: with this pass's config revision.
+    let mut view = app.clone();
+    if let Some(status) = view.status.as_mut() {
+        status.config_secret_name = runtime.config_secret_name.clone();
+        status.config_revision = runtime.config_revision;
+    }
+    let fingerprint = release::runtime_fingerprint(&view, bound);
+    if runtime.runtime_fingerprint.as_deref() == Some(fingerprint.as_str()) {
+        return Ok(None);
+    }
+    // A build on its way out renders the new settings itself; release after it.
+    if let Some(latest) = status.latest_build.as_ref().filter(|latest| **latest != build)
+        && let Some(latest) = builds.get_opt(latest).await?
+        && !latest
+            .status
+            .as_ref()
+            .and_then(|s| s.phase)
+            .is_some_and(|p| p.is_final())
+    {
+        return Ok(Some(format!(
+            "settings changed: released after AppBuild {} finishes",
+            latest.name_any()
+        )));
+    }
+    let running_build = builds.get_opt(&build).await?;
+    let running = Running {
+        build: &build,
+        image: &image,
+        user_values: running_build.as_ref().and_then(|b| b.spec.helm_values.as_ref()),
+    };
+    let values = match release::render(ctx, &view, &running).await? {
+        Ok((values, _)) => values,
+        Err(refused) => return Ok(Some(format!("cannot release the running build again: {refused}"))),
+    };
+    if deployed.as_ref() != Some(&values) {
+        let previous_revision = runtime.releases.last().map_or(0, |r| r.config_revision);
+        let reason = if previous_revision != revision {
+            ReleaseReason::ConfigChange
+        } else if deployed
+            .as_ref()
+            .is_some_and(|d| release::only_scale_differs(d, &values))
+        {
+            ReleaseReason::Scale
+        } else if deployed
+            .as_ref()
+            .is_some_and(|d| release::only_bindings_differ(d, &values))
+        {
+            ReleaseReason::Bindings
+        } else {
+            ReleaseReason::Settings
+        };
+        // Like a build's, this release runs the release command first (scaling is not a
+        // release of new code or config: it does not).
+        if reason != ReleaseReason::Scale
+            && !app.spec.release_command.is_empty()
+            && let Some(running_build) = &running_build
+        {
+            let job = format!("{}-release-{}", app.name_any(), &fingerprint[..10]);
+            if let Some(waiting) = release_command(ctx, app, running_build, &job, &values).await? {
+                return Ok(Some(waiting));
+            }
+        }
+        release::apply(ctx, app, &build, &values).await?;
+        let version = record(runtime, reason, &image, &build, revision);
+        let event = match reason {
+            ReleaseReason::Bindings => "BindingsChanged",
+            _ => "Released",
+        };
+        ctx.publish(
+            &app.object_ref(&()),
+            EventType::Normal,
+            event,
+            "Release",
+            format!(
+                "release v{version} ({reason:?}): {image} with config revision {revision}, bound to {}",
+                if bound.is_empty() {
+                    "no services".to_string()
+                } else {
+                    bound.join(", ")
+                }
+            ),
+        )
+        .await;
+    }
+    runtime.runtime_fingerprint = Some(fingerprint);
+    Ok(None)
+}
+
+fn record(
+    runtime: &mut RuntimeStatus,
+    reason: ReleaseReason,
+    image: &str,
+    build: &str,
+    config_revision: u32,
+) -> u32 {
+    let version = runtime.releases.last().map_or(1, |r| r.version + 1);
+    runtime.releases.push(ReleaseRecord {
+        version,
+        reason,
+        image: image.to_owned(),
+        build: Some(build.to_owned()),
+        config_revision,
+        time: Time(Timestamp::now()),
+    });
+    let excess = runtime.releases.len().saturating_sub(KEEP_RELEASES);
+    runtime.releases.drain(..excess);
+    version
+}
+
+/// Reports whether the certificates of the App's TLS domains are issued: `CertificatesReady`,
+/// with `CertManagerMissing` when the cluster serves no cert-manager API (the chart renders
+/// Certificates only where it does, so the domains would be served without TLS). Returns
+/// whether some are still being issued (Certificates are not watched: look again soon).
+pub async fn certificates(app: &App, ctx: &Context, conditions: &mut super::ConditionSet) -> Result<bool> {
+    let hosts: Vec<&str> = app
+        .spec
+        .domains
+        .iter()
+        .filter(|d| d.tls)
+        .map(|d| d.host.as_str())
+        .collect();
+    if hosts.is_empty() {
+        conditions.set(
+            "CertificatesReady",
+            true,
+            "NoTLSDomains",
+            "no domain asks for TLS",
+        );
+        return Ok(false);
+    }
+    let namespace = app.namespace().unwrap_or_default();
+    let certificates = Api::<kube::api::DynamicObject>::namespaced_with(
+        ctx.client.clone(),
+        &namespace,
+        &kube::api::ApiResource::from_gvk_with_plural(
+            &kube::core::GroupVersionKind::gvk("cert-manager.io", "v1", "Certificate"),
+            "certificates",
+        ),
+    );
+    let mut pending = Vec::new();
+    for host in &hosts {
+        let name = super::appbuild::tls_secret_name(&app.name_any(), host);
+        let certificate = match certificates.get_opt(&name).await {
+            Ok(certificate) => certificate,
+            Err(kube::Error::Api(status)) if status.code == 404 => {
+                conditions.set(
+                    "CertificatesReady",
+                    false,
+                    "CertManagerMissing",
+                    format!(
+                        "domains {} ask for TLS, but this cluster serves no cert-manager API (cert-manager.io/v1): install cert-manager and a ClusterIssuer, or set tls: false on the domain",
+                        hosts.join(", ")
+                    ),
+                );
+                return Ok(false);
+            }
+            Err(err) => return Err(err.into()),
+        };
+        let ready = certificate.as_ref().is_some_and(|c| {
+            c.data["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        });
+        if !ready {
+            pending.push(*host);
+        }
+    }
+    if pending.is_empty() {
+        conditions.set(
+            "CertificatesReady",
+            true,
+            "Issued",
+            format!("certificates issued for {}", hosts.join(", ")),
+        );
+        Ok(false)
+    } else {
+        conditions.set(
+            "CertificatesReady",
+            false,
+            "Issuing",
+            format!(
+                "waiting for cert-manager to issue certificates for {}",
+                pending.join(", ")
+            ),
+        );
+        Ok(true)
+    }
+}
+
+/// Runs the release command of a release the App makes (config or settings changed) in Job
+/// `name`: `None` once it succeeded, else what the release waits for (running, or failed: the
+/// running release keeps serving until the settings change again).
+async fn release_command(
+    ctx: &Context,
+    app: &App,
+    running_build: &AppBuild,
+    name: &str,
+    values: &serde_json::Value,
+) -> Result<Option<String>> {
+    use k8s_openapi::api::batch::v1::Job;
+    let jobs = Api::<Job>::namespaced(ctx.client.clone(), &app.namespace().unwrap_or_default());
+    let Some(job) = jobs.get_opt(name).await? else {
+        let command = super::appbuild::launch(
+            &app.spec,
+            super::appbuild::RELEASE_CONTAINER,
+            &app.spec.release_command,
+        );
+        let mut job = super::appbuild::release_job(
+            app,
+            running_build,
+            name,
+            &super::appbuild::release_container(values),
+            command,
+            &super::app::owner_reference(app),
+            &ctx.config.builds,
+        );
+        // Not a build's step: its log is the App's, not the running build's.
+        for labels in [
+            job.metadata.labels.as_mut(),
+            job.spec
+                .as_mut()
+                .and_then(|s| s.template.metadata.as_mut())
+                .and_then(|m| m.labels.as_mut()),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            labels.remove(super::appbuild::BUILD_LABEL);
+        }
+        match jobs.create(&PostParams::default(), &job).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 409 => {}
+            Err(err) => return Err(err.into()),
+        }
+        return Ok(Some(format!(
+            "running the release command (Job {name}) before releasing"
+        )));
+    };
+    let conditions = job.status.and_then(|s| s.conditions).unwrap_or_default();
+    let has = |type_: &str| conditions.iter().any(|c| c.type_ == type_ && c.status == "True");
+    if has("Complete") {
+        return Ok(None);
+    }
+    if has("Failed") {
+        return Ok(Some(format!(
+            "the release command failed (Job {name}; `kubectl logs job/{name}`): the running release keeps serving; change the config or settings to try again"
+        )));
+    }
+    Ok(Some(format!(
+        "running the release command (Job {name}) before releasing"
+    )))
+}
