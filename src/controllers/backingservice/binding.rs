@@ -16,7 +16,6 @@ use serde_json::{Value, json};
 use super::catalog::Catalog;
 use super::desired::connection_secret_name;
 use crate::api::BackingService;
-use crate::controllers::appbuild::WEB;
 
 /// Keys of the connection Secret, in the order the variables are listed.
 const KEYS: &[&str] = &["host", "port", "username", "password", "database", "uri"];
@@ -70,17 +69,31 @@ pub fn binding_env(bindings: &[Binding]) -> Vec<Value> {
     env
 }
 
-/// Replaces the binding variables of the web container in an App's chart values. The user's
-/// variables are `{name, value}` (the values translator allows no `valueFrom`), so every
-/// `valueFrom` entry is a binding: the function is idempotent and removes unbound services.
+/// Replaces the binding variables of every process's and cron entry's container in an App's
+/// chart values. The user's variables are `{name, value}` (the values translator allows no
+/// `valueFrom`), so every `valueFrom` entry is a binding: the function is idempotent and
+/// removes unbound services.
 /// Returns whether the values changed.
 pub fn apply_bindings(values: &mut Value, env: Vec<Value>) -> bool {
-    let Some(container) = values
-        .pointer_mut(&format!("/deployments/{WEB}/containers/0"))
-        .and_then(Value::as_object_mut)
-    else {
-        return false;
-    };
+    let mut changed = false;
+    // Every process and cron entry uses the services, not only web.
+    for section in ["deployments", "cronJobs"] {
+        let Some(workloads) = values.get_mut(section).and_then(Value::as_object_mut) else {
+            continue;
+        };
+        for workload in workloads.values_mut() {
+            if let Some(container) = workload
+                .pointer_mut("/containers/0")
+                .and_then(Value::as_object_mut)
+            {
+                changed |= bind_container(container, &env);
+            }
+        }
+    }
+    changed
+}
+
+fn bind_container(container: &mut serde_json::Map<String, Value>, env: &[Value]) -> bool {
     let before = container.get("env").cloned();
     let user: Vec<Value> = before
         .as_ref()
@@ -99,8 +112,9 @@ pub fn apply_bindings(values: &mut Value, env: Vec<Value>) -> bool {
         .collect();
     let mut merged = user;
     merged.extend(
-        env.into_iter()
-            .filter(|e| !e["name"].as_str().is_some_and(|n| taken.contains(n))),
+        env.iter()
+            .filter(|e| !e["name"].as_str().is_some_and(|n| taken.contains(n)))
+            .cloned(),
     );
     if merged.is_empty() {
         container.remove("env");
@@ -218,6 +232,26 @@ mod tests {
         ]);
         assert!(!env.iter().any(|e| e["name"] == "DATABASE_URL"));
         assert_eq!(env.len(), 12);
+    }
+
+    #[test]
+    fn workers_and_cron_entries_are_bound_too() {
+        let mut v = values(None);
+        v["deployments"]["worker"] = json!({"containers": [{"name": "worker"}]});
+        v["cronJobs"] = json!({"nightly": {"containers": [{"name": "nightly"}]}});
+        let bindings = [Binding {
+            service: "db".into(),
+            alias: Some("DATABASE_URL".into()),
+        }];
+        assert!(apply_bindings(&mut v, binding_env(&bindings)));
+        for pointer in [
+            "/deployments/web/containers/0/env",
+            "/deployments/worker/containers/0/env",
+            "/cronJobs/nightly/containers/0/env",
+        ] {
+            let env = v.pointer(pointer).and_then(Value::as_array).unwrap();
+            assert!(env.iter().any(|e| e["name"] == "DATABASE_URL"), "{pointer}");
+        }
     }
 
     #[test]
