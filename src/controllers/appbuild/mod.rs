@@ -605,6 +605,7 @@ impl Pipeline<'_> {
             .map(|(name, _)| name.as_str())
             .collect::<Vec<_>>()
             .join(", ");
+        let verb = if rollouts.len() == 1 { "runs" } else { "run" };
         if rollouts.iter().all(|(_, r)| matches!(r, Rollout::Done))
             && release_status.as_deref() == Some("deployed")
         {
@@ -612,8 +613,10 @@ impl Pipeline<'_> {
                 self.record_deployed(app, &image).await?;
                 let revision = ours.map(|(version, _)| version);
                 let message = match revision {
-                    Some(revision) => format!("{deployment_name} runs {image} (release revision {revision})"),
-                    None => format!("{deployment_name} runs {image}"),
+                    Some(revision) => {
+                        format!("{deployment_name} {verb} {image} (release revision {revision})")
+                    }
+                    None => format!("{deployment_name} {verb} {image}"),
                 };
                 let mut status = self.ended(AppBuildPhase::Completed, "RolledOut", &message);
                 status.release_revision = revision;
