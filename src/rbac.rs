@@ -97,7 +97,7 @@ pub const AGENT_CLUSTER_RULES: &[Rule] = &[
         resources: &["secrets"],
         verbs: READ_WRITE,
         resource_names: &[],
-        why: "copy the registry pull secret into project namespaces, keep App deploy keys, read the clone credentials an App names, generate BackingService credentials and connection Secrets; watched by label, metadata only (RBAC cannot narrow by label)",
+        why: "copy the registry pull secret into project namespaces, keep App deploy keys, read the clone credentials an App names, generate BackingService credentials and connection Secrets, create each App's (empty) config Secret and read its version, never its values; watched by label, metadata only (RBAC cannot narrow by label)",
     },
     Rule {
         api_groups: &[""],
@@ -311,6 +311,8 @@ pub fn team_rules(role: TeamRole) -> Vec<PolicyRule> {
         rule(&["apps"], &["deployments", "replicasets", "statefulsets"], READ),
         rule(&["batch"], &["jobs", "cronjobs"], READ),
         rule(&["networking.k8s.io"], &["ingresses"], READ),
+        rule(&["autoscaling"], &["horizontalpodautoscalers"], READ),
+        rule(&["cert-manager.io"], &["certificates"], READ),
         rule(&["events.k8s.io"], &["events"], READ),
     ];
     if matches!(role, TeamRole::Developer | TeamRole::Admin) {

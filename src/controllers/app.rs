@@ -172,6 +172,9 @@ async fn apply(app: &App, ctx: &Context) -> Result<Action> {
             .unwrap_or_default(),
         app.metadata.generation,
     );
+    // First: builds wait for the App's config Secret, whatever else is wrong with the App.
+    let mut runtime = RuntimeStatus::of(app);
+    app_runtime::ensure_config(app, ctx, &mut runtime).await?;
     if let Err(message) = validate_source(app) {
         conditions.set("SourceValid", false, "InvalidSpec", &message);
         conditions.set("Ready", false, "InvalidSpec", &message);
@@ -184,7 +187,7 @@ async fn apply(app: &App, ctx: &Context) -> Result<Action> {
             &message,
             None,
             conditions,
-            RuntimeStatus::of(app),
+            runtime.clone(),
         )
         .await?;
         warn_once(ctx, app, newly, "InvalidSpec", "Validate", &message).await;
@@ -214,7 +217,7 @@ async fn apply(app: &App, ctx: &Context) -> Result<Action> {
                 &message,
                 None,
                 conditions,
-                RuntimeStatus::of(app),
+                runtime.clone(),
             )
             .await?;
             warn_once(ctx, app, newly, reason, "Credentials", &message).await;
@@ -243,7 +246,7 @@ async fn apply(app: &App, ctx: &Context) -> Result<Action> {
             &message,
             Some(credentials),
             conditions,
-            RuntimeStatus::of(app),
+            runtime.clone(),
         )
         .await?;
         warn_once(ctx, app, newly, "KnownHostsMissing", "Credentials", &message).await;
@@ -259,8 +262,6 @@ async fn apply(app: &App, ctx: &Context) -> Result<Action> {
         );
     }
     let bound = bind_services(app, ctx, &mut conditions).await?;
-    let mut runtime = RuntimeStatus::of(app);
-    app_runtime::ensure_config(app, ctx, &mut runtime).await?;
     let waiting = app_runtime::release(app, ctx, &bound, &mut runtime).await?;
     let issuing = app_runtime::certificates(app, ctx, &mut conditions).await?;
     let running = app.status.as_ref().and_then(|s| s.current_image.clone());

@@ -107,11 +107,25 @@ pub async fn release(
     let namespace = app.namespace().unwrap_or_default();
     let builds = Api::<AppBuild>::namespaced(ctx.client.clone(), &namespace);
     let revision = runtime.config_revision.unwrap_or(0);
-    let deployed = release::deployed_values(ctx, app).await?;
+    // The App as it will be released: with this pass's config revision.
+    let mut view = app.clone();
+    if let Some(status) = view.status.as_mut() {
+        status.config_secret_name = runtime.config_secret_name.clone();
+        status.config_revision = runtime.config_revision;
+    }
+    let fingerprint = release::runtime_fingerprint(&view, bound);
     let last = runtime.releases.last();
-    if last.map(|r| (r.build.as_deref(), r.image.as_str())) != Some((Some(build.as_str()), image.as_str())) {
-        let running = builds.get_opt(&build).await?;
-        let reason = match running.as_ref().and_then(|b| b.spec.rollback_to.as_ref()) {
+    let new_build =
+        last.map(|r| (r.build.as_deref(), r.image.as_str())) != Some((Some(build.as_str()), image.as_str()));
+    let settings_changed = runtime.runtime_fingerprint.as_deref() != Some(fingerprint.as_str());
+    if !new_build && !settings_changed {
+        // The common case: nothing to record, nothing to release (no further reads).
+        return Ok(None);
+    }
+    let deployed = release::deployed_values(ctx, app).await?;
+    let running_build = builds.get_opt(&build).await?;
+    if new_build {
+        let reason = match running_build.as_ref().and_then(|b| b.spec.rollback_to.as_ref()) {
             Some(_) => ReleaseReason::Rollback,
             None => ReleaseReason::Build,
         };
@@ -125,15 +139,7 @@ pub async fn release(
             .unwrap_or(revision);
         record(runtime, reason, &image, &build, released_revision);
     }
-
-    // The App as it will be released: with this pass's config revision.
-    let mut view = app.clone();
-    if let Some(status) = view.status.as_mut() {
-        status.config_secret_name = runtime.config_secret_name.clone();
-        status.config_revision = runtime.config_revision;
-    }
-    let fingerprint = release::runtime_fingerprint(&view, bound);
-    if runtime.runtime_fingerprint.as_deref() == Some(fingerprint.as_str()) {
+    if !settings_changed {
         return Ok(None);
     }
     // A build on its way out renders the new settings itself; release after it.
@@ -150,7 +156,6 @@ pub async fn release(
             latest.name_any()
         )));
     }
-    let running_build = builds.get_opt(&build).await?;
     let running = Running {
         build: &build,
         image: &image,

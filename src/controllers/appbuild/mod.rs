@@ -555,6 +555,16 @@ impl Pipeline<'_> {
             self.write(status).await?;
             return Ok(Action::requeue(POLL));
         };
+        // The App controller sets up the App's config Secret first thing; a release rendered
+        // before that would be made again, with the Secret, right after.
+        if app
+            .status
+            .as_ref()
+            .and_then(|s| s.config_secret_name.as_ref())
+            .is_none()
+        {
+            return Ok(Action::requeue(POLL));
+        }
         let running = crate::controllers::release::Running {
             build: &self.build.name_any(),
             image: &image,
