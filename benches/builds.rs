@@ -175,6 +175,7 @@ async fn bare_helm(
                 }))
                 .unwrap();
                 let no_live_replicas = std::collections::BTreeMap::new();
+                let no_build_processes = std::collections::BTreeMap::new();
                 for b in 0..builds {
                     let build = format!("{app}-{b}");
                     let values = chart_values(
@@ -188,6 +189,7 @@ async fn bare_helm(
                             config_revision: 0,
                             live_replicas: &no_live_replicas,
                             default_issuer: "letsencrypt",
+                            build_processes: &no_build_processes,
                         },
                         Some(&json!({"replicas": 1, "port": 8080})),
                     )

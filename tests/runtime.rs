@@ -752,3 +752,57 @@ async fn a_release_that_never_becomes_ready_is_rolled_back_and_availability_neve
     let app = apps.get("shop").await.unwrap();
     assert_eq!(app.status.unwrap().current_build.as_deref(), Some("shop-1"));
 }
+
+#[tokio::test]
+async fn an_app_without_processes_runs_the_process_types_its_buildpack_build_reported() {
+    use shapeblock_agent::testenv::nodes::{PodOutcome, PodSelector, set_pod_outcome};
+    const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+    let digest = format!("sha256:{}", "cd".repeat(32));
+    let env = env().await;
+    let _agent = env.agent(&[]).await;
+    let project = ready_project(&env.client, "buildpack").await;
+    for (container, message) in [
+        ("resolve", COMMIT.to_string()),
+        (
+            "build",
+            format!(r#"{{"digest":"{digest}","processes":["web","worker"]}}"#),
+        ),
+    ] {
+        set_pod_outcome(
+            &env.client,
+            &PodSelector::container(&project, container),
+            &PodOutcome::Succeed {
+                after: Duration::from_millis(500),
+                message: Some(message),
+            },
+        )
+        .await
+        .unwrap();
+    }
+    create(
+        Api::<App>::namespaced(env.client.clone(), &project),
+        json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "App", "metadata": {"name": "shop"}, "spec": {
+            "registry": {"url": "registry.example.com"}, "build": {"type": "buildpack"},
+            "git": {"url": "https://github.com/example/shop.git"},
+        }}),
+    )
+    .await;
+    wait_app(&env.client, &project, "shop", AppPhase::Ready).await;
+    create(
+        Api::<AppBuild>::namespaced(env.client.clone(), &project),
+        json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "AppBuild", "metadata": {"name": "shop-1"},
+               "spec": {"appName": "shop", "helmValues": {"port": 8080}}}),
+    )
+    .await;
+    let done = build_phase(&env.client, &project, "shop-1", AppBuildPhase::Completed).await;
+    let found = done.status.unwrap().process_types;
+    assert_eq!(found.keys().collect::<Vec<_>>(), ["web", "worker"]);
+    for process in ["web", "worker"] {
+        let d = deployment(&env.client, &project, &format!("shop-{process}")).await;
+        assert_eq!(
+            support::first_container(&d).command.as_ref().unwrap(),
+            &vec![format!("/cnb/process/{process}")],
+            "a buildpack image runs a process type through its launcher"
+        );
+    }
+}

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use super::common::{BuildResources, DNS_LABEL_PATTERN, DNS_SUBDOMAIN_PATTERN, conditions_schema};
 use super::runtime::{
-    ConfigVars, CronEntry, DeploySettings, Domain, PROCESS_NAME_PATTERN, Process, ReleaseRecord,
+    ConfigVars, CronEntry, DeploySettings, Domain, DomainStatus, PROCESS_NAME_PATTERN, Process, ReleaseRecord,
 };
 
 /// Accepted git URLs: `https://host/path` or SSH (`ssh://[user@]host[:port]/path`,
@@ -313,6 +313,9 @@ pub struct AppStatus {
     /// deploy settings, bound services) when the running image was last released.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime_fingerprint: Option<String>,
+    /// The App's domains and whether each one's certificate is issued.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub domains: Vec<DomainStatus>,
     /// The App's releases, newest last (at most 20 kept).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub releases: Vec<ReleaseRecord>,

@@ -173,6 +173,11 @@ pub struct AppBuildStatus {
     /// fingerprint reuses this image instead of building it again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inputs_hash: Option<String>,
+    /// Process types the build found, by name: the command line of each `Procfile` entry, or
+    /// empty for a buildpack process type (run as `/cnb/process/<type>`). An App that declares
+    /// no `processes` runs these.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub process_types: std::collections::BTreeMap<String, String>,
     /// The build Job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_name: Option<String>,

@@ -23,8 +23,8 @@ pub use backingservice::{
 pub use common::{BuildResources, conditions_schema, free_form_object};
 pub use project::{Project, ProjectPhase, ProjectSpec, ProjectStatus};
 pub use runtime::{
-    Autoscaling, ConfigVars, CronEntry, DeploySettings, Domain, HealthCheck, PROCESS_NAME_PATTERN, Process,
-    ReleaseReason, ReleaseRecord, WEB_PROCESS,
+    Autoscaling, ConfigVars, CronEntry, DeploySettings, Domain, DomainStatus, HealthCheck,
+    PROCESS_NAME_PATTERN, Process, ReleaseReason, ReleaseRecord, WEB_PROCESS,
 };
 pub use team::{SubjectKind, Team, TeamMember, TeamPhase, TeamProjectRole, TeamRole, TeamSpec, TeamStatus};
 

@@ -177,5 +177,17 @@ pub struct ReleaseRecord {
     pub time: Time,
 }
 
+/// A domain of the App as served now.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DomainStatus {
+    pub host: String,
+    /// Served over HTTPS.
+    pub tls: bool,
+    /// Whether its certificate is issued (TLS domains only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_ready: Option<bool>,
+}
+
 /// Config vars: plain ones, by name. Secret ones live in the App's config Secret.
 pub type ConfigVars = BTreeMap<String, String>;

@@ -263,7 +263,7 @@ async fn apply(app: &App, ctx: &Context) -> Result<Action> {
     }
     let bound = bind_services(app, ctx, &mut conditions).await?;
     let waiting = app_runtime::release(app, ctx, &bound, &mut runtime).await?;
-    let issuing = app_runtime::certificates(app, ctx, &mut conditions).await?;
+    let issuing = app_runtime::certificates(app, ctx, &mut conditions, &mut runtime).await?;
     let running = app.status.as_ref().and_then(|s| s.current_image.clone());
     let (phase, mut summary) = match &running {
         Some(image) => (AppPhase::Deployed, format!("running {image}")),
@@ -614,6 +614,7 @@ async fn write_status(
         config_fingerprint: runtime.config_fingerprint,
         runtime_fingerprint: runtime.runtime_fingerprint,
         releases: runtime.releases,
+        domains: runtime.domains,
     };
     let comparable = |s: &AppStatus| AppStatus {
         last_updated: None,

@@ -11,7 +11,7 @@ use kube::{Resource, ResourceExt};
 
 use super::release::{self, CONFIG_SECRET_LABEL, Running, config_secret_name};
 use super::{APP_LABEL, Context, MANAGED_BY, MANAGED_BY_LABEL, Result};
-use crate::api::{App, AppBuild, ReleaseReason, ReleaseRecord};
+use crate::api::{App, AppBuild, DomainStatus, ReleaseReason, ReleaseRecord};
 
 /// Releases kept in `status.releases`.
 pub const KEEP_RELEASES: usize = 20;
@@ -24,6 +24,7 @@ pub struct RuntimeStatus {
     pub config_fingerprint: Option<String>,
     pub runtime_fingerprint: Option<String>,
     pub releases: Vec<ReleaseRecord>,
+    pub domains: Vec<DomainStatus>,
 }
 
 impl RuntimeStatus {
@@ -35,6 +36,7 @@ impl RuntimeStatus {
             config_fingerprint: status.config_fingerprint,
             runtime_fingerprint: status.runtime_fingerprint,
             releases: status.releases,
+            domains: status.domains,
         }
     }
 }
@@ -156,11 +158,7 @@ pub async fn release(
             latest.name_any()
         )));
     }
-    let running = Running {
-        build: &build,
-        image: &image,
-        user_values: running_build.as_ref().and_then(|b| b.spec.helm_values.as_ref()),
-    };
+    let running = Running::of(&build, &image, running_build.as_ref());
     let values = match release::render(ctx, &view, &running).await? {
         Ok((values, _)) => values,
         Err(refused) => return Ok(Some(format!("cannot release the running build again: {refused}"))),
@@ -244,7 +242,22 @@ fn record(
 /// with `CertManagerMissing` when the cluster serves no cert-manager API (the chart renders
 /// Certificates only where it does, so the domains would be served without TLS). Returns
 /// whether some are still being issued (Certificates are not watched: look again soon).
-pub async fn certificates(app: &App, ctx: &Context, conditions: &mut super::ConditionSet) -> Result<bool> {
+pub async fn certificates(
+    app: &App,
+    ctx: &Context,
+    conditions: &mut super::ConditionSet,
+    runtime: &mut RuntimeStatus,
+) -> Result<bool> {
+    runtime.domains = app
+        .spec
+        .domains
+        .iter()
+        .map(|d| DomainStatus {
+            host: d.host.clone(),
+            tls: d.tls,
+            certificate_ready: None,
+        })
+        .collect();
     let hosts: Vec<&str> = app
         .spec
         .domains
@@ -296,6 +309,9 @@ pub async fn certificates(app: &App, ctx: &Context, conditions: &mut super::Cond
                 .flatten()
                 .any(|c| c["type"] == "Ready" && c["status"] == "True")
         });
+        if let Some(domain) = runtime.domains.iter_mut().find(|d| d.host == *host) {
+            domain.certificate_ready = Some(ready);
+        }
         if !ready {
             pending.push(*host);
         }

@@ -13,7 +13,7 @@ use serde_json::Value;
 use super::appbuild::{Refused, chart_values, processes};
 use super::backingservice::binding::Resolved;
 use super::{Context, FIELD_MANAGER, Result};
-use crate::api::App;
+use crate::api::{App, AppBuild};
 
 /// Label on an App's config Secret (for the App controller's watch).
 pub const CONFIG_SECRET_LABEL: &str = "apps.shapeblock.io/config-secret";
@@ -28,14 +28,35 @@ pub struct Running<'a> {
     pub build: &'a str,
     pub image: &'a str,
     pub user_values: Option<&'a Value>,
+    /// The process types the build found.
+    pub processes: BTreeMap<String, String>,
+}
+
+impl<'a> Running<'a> {
+    /// Build `name` running `image`, with what its AppBuild object says (if it still exists).
+    pub fn of(name: &'a str, image: &'a str, build: Option<&'a AppBuild>) -> Self {
+        Self {
+            build: name,
+            image,
+            user_values: build.and_then(|b| b.spec.helm_values.as_ref()),
+            processes: build
+                .and_then(|b| b.status.as_ref())
+                .map(|s| s.process_types.clone())
+                .unwrap_or_default(),
+        }
+    }
 }
 
 /// Live replica counts of the App's autoscaled processes (from their Deployments).
-pub async fn live_replicas(ctx: &Context, app: &App) -> Result<BTreeMap<String, i32>> {
+pub async fn live_replicas(
+    ctx: &Context,
+    app: &App,
+    build_processes: &BTreeMap<String, String>,
+) -> Result<BTreeMap<String, i32>> {
     let namespace = app.namespace().unwrap_or_default();
     let deployments = Api::<Deployment>::namespaced(ctx.client.clone(), &namespace);
     let mut live = BTreeMap::new();
-    for (name, process) in processes(&app.spec) {
+    for (name, process) in processes(&app.spec, build_processes) {
         if process.autoscaling.is_none() {
             continue;
         }
@@ -60,7 +81,7 @@ pub async fn render(
     running: &Running<'_>,
 ) -> Result<std::result::Result<(Value, Resolved), Refused>> {
     let project = app.namespace().unwrap_or_default();
-    let live = live_replicas(ctx, app).await?;
+    let live = live_replicas(ctx, app, &running.processes).await?;
     let status = app.status.clone().unwrap_or_default();
     let release = super::appbuild::Release {
         project: &project,
@@ -72,6 +93,7 @@ pub async fn render(
         config_revision: status.config_revision.unwrap_or(0),
         live_replicas: &live,
         default_issuer: &ctx.config.builds.certificate_issuer,
+        build_processes: &running.processes,
     };
     let mut values = match chart_values(&release, running.user_values) {
         Ok(values) => values,

@@ -211,15 +211,17 @@ pub fn build_job(
     owner: &OwnerReference,
     settings: &BuildSettings,
 ) -> Job {
-    let clone_script = r#"set -eu
+    let clone_script = format!(
+        r#"set -eu
 cd /workspace
 git init -q src && cd src
 git remote add origin "$GIT_URL"
 git fetch -q --depth 1 origin "$COMMIT" || git fetch -q origin
 git checkout -q "$COMMIT"
-if [ -f Procfile ]; then head -c 2048 Procfile > /workspace/Procfile; fi"#;
+if [ -f Procfile ]; then {PROCFILE_TO_JSON} | head -c 3500 > /dev/termination-log; fi"#
+    );
     let buildpack = app.spec.build.build_type == BuildType::Buildpack;
-    let mut clone = git_container(CLONE_CONTAINER, app, build, git_secret, settings, clone_script);
+    let mut clone = git_container(CLONE_CONTAINER, app, build, git_secret, settings, &clone_script);
     clone.env.get_or_insert_default().push(env("COMMIT", commit));
     if buildpack {
         clone.security_context = Some(non_root(CNB_UID));
@@ -591,6 +593,24 @@ pub fn parse_build_report(message: &str) -> Option<BuildReport> {
     Some(BuildReport { digest, processes })
 }
 
+/// Shell that prints the `Procfile` in the working directory as `{"procfile": {name: command
+/// line}}` (at most 10 entries): the clone step's termination message, so the agent learns the
+/// process types without opening the image. Runs with busybox's sed and awk (alpine/git) as
+/// with mawk and gawk (tested with the machine's, `procfile_lines_become_json`).
+pub const PROCFILE_TO_JSON: &str = r#"sed 's/\\/\\\\/g; s/"/\\"/g' Procfile | awk 'match($0, /^[a-z][a-z0-9-]*:/) { name = substr($0, 1, RLENGTH - 1); cmd = substr($0, RLENGTH + 1); sub(/^[ \t]+/, "", cmd); sub(/[ \t\r]+$/, "", cmd); if (cmd != "" && n < 10) printf "%s\"%s\":\"%s\"", (n++ ? "," : "{\"procfile\":{"), name, cmd } END { if (n) printf "}}" }'"#;
+
+/// Parses the clone step's termination message: the Procfile's process types, if it read one.
+pub fn parse_procfile_report(message: &str) -> Option<BTreeMap<String, String>> {
+    let value: serde_json::Value = serde_json::from_str(message.trim()).ok()?;
+    let entries = value.get("procfile")?.as_object()?;
+    Some(
+        entries
+            .iter()
+            .filter_map(|(name, line)| Some((name.clone(), line.as_str()?.to_owned())))
+            .collect(),
+    )
+}
+
 /// Parses the resolve step's termination message: a full commit SHA.
 pub fn parse_commit(message: &str) -> Option<String> {
     let sha = message.trim();
@@ -914,5 +934,36 @@ mod tests {
         assert!(parse_build_report("error: push failed").is_none());
         assert_eq!(parse_commit(&format!("{COMMIT}\n")).as_deref(), Some(COMMIT));
         assert!(parse_commit("main").is_none());
+    }
+
+    #[test]
+    fn procfile_lines_become_json() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("Procfile"),
+            "web: node server.js --port \"$PORT\"\nworker:   bundle exec sidekiq -q a\\b  \n# a comment\nBad: x\nrelease: rake db:migrate\r\n",
+        )
+        .unwrap();
+        let output = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(PROCFILE_TO_JSON)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let found = parse_procfile_report(&String::from_utf8(output.stdout).unwrap()).unwrap();
+        assert_eq!(
+            found,
+            BTreeMap::from([
+                ("web".to_string(), "node server.js --port \"$PORT\"".to_string()),
+                ("worker".to_string(), "bundle exec sidekiq -q a\\b".to_string()),
+                ("release".to_string(), "rake db:migrate".to_string()),
+            ])
+        );
+        assert!(parse_procfile_report("").is_none(), "no Procfile, no report");
     }
 }

@@ -221,6 +221,7 @@ impl Pipeline<'_> {
                 config_revision: 0,
                 live_replicas: &no_live_replicas,
                 default_issuer: &self.ctx.config.builds.certificate_issuer,
+                build_processes: &self.status().process_types,
             },
             self.build.spec.helm_values.as_ref(),
         ) {
@@ -351,10 +352,21 @@ impl Pipeline<'_> {
             }
             JobOutcome::Succeeded(message) => match parse_build_report(&message) {
                 Some(report) => {
+                    let clone_report = self
+                        .job_pod(&jobs::build_job_name(self.build))
+                        .await?
+                        .and_then(|pod| terminated_message(&pod, jobs::CLONE_CONTAINER))
+                        .and_then(|message| jobs::parse_procfile_report(&message));
                     let destination = jobs::destination(app, &jobs::image_tag(self.build, &commit));
                     let image = format!("{destination}@{}", report.digest);
                     let mut status = self.deploying(image, Some(report.digest));
                     status.inputs_hash = Some(inputs);
+                    status.process_types = match report.processes.is_empty() {
+                        // Buildpacks know the image's process types.
+                        false => report.processes.into_iter().map(|p| (p, String::new())).collect(),
+                        // Otherwise the clone step read the Procfile, if there is one.
+                        true => clone_report.unwrap_or_default(),
+                    };
                     Ok(Step::Status(Box::new(status)))
                 }
                 None => Ok(Step::Status(Box::new(self.failed(
@@ -390,6 +402,7 @@ impl Pipeline<'_> {
         let image = built.image.unwrap_or_default();
         let mut status = self.deploying(image.clone(), built.image_digest);
         status.inputs_hash = Some(inputs.to_string());
+        status.process_types = built.process_types;
         let message = format!(
             "reusing {image}, built by {} from the same inputs",
             from.name_any()
@@ -565,11 +578,8 @@ impl Pipeline<'_> {
         {
             return Ok(Action::requeue(POLL));
         }
-        let running = crate::controllers::release::Running {
-            build: &self.build.name_any(),
-            image: &image,
-            user_values: self.build.spec.helm_values.as_ref(),
-        };
+        let name = self.build.name_any();
+        let running = crate::controllers::release::Running::of(&name, &image, Some(self.build));
         let values = match crate::controllers::release::render(self.ctx, app, &running).await? {
             Ok((values, _)) => values,
             Err(refused) => {
@@ -586,7 +596,7 @@ impl Pipeline<'_> {
         crate::controllers::release::apply(self.ctx, app, &self.build.name_any(), &values).await?;
         let deployments = Api::<Deployment>::namespaced(self.ctx.client.clone(), &project);
         let mut rollouts = Vec::new();
-        for process in processes(&app.spec).into_keys() {
+        for process in processes(&app.spec, &running.processes).into_keys() {
             let name = deployment_name(&self.build.spec.app_name, &process);
             let deployment = deployments.get_opt(&name).await?;
             rollouts.push((name, rollout(deployment.as_ref(), &self.build.name_any(), &image)));
@@ -645,6 +655,16 @@ impl Pipeline<'_> {
         Ok(Action::requeue(POLL))
     }
 
+    /// The pod of one of this build's Jobs, if it is still there.
+    async fn job_pod(&self, job: &str) -> Result<Option<Pod>> {
+        Ok(Api::<Pod>::namespaced(self.ctx.client.clone(), &self.namespace())
+            .list(&ListParams::default().labels(&format!("job-name={job}")))
+            .await?
+            .items
+            .into_iter()
+            .next())
+    }
+
     /// Applies the App's running release again (the build it runs, with the App's settings):
     /// what serves before this build. Returns what it restored, if anything.
     async fn restore_running_release(&self, app: &App) -> Result<Option<String>> {
@@ -658,11 +678,7 @@ impl Pipeline<'_> {
         let running_build = Api::<AppBuild>::namespaced(self.ctx.client.clone(), &self.namespace())
             .get_opt(&build)
             .await?;
-        let running = crate::controllers::release::Running {
-            build: &build,
-            image: &image,
-            user_values: running_build.as_ref().and_then(|b| b.spec.helm_values.as_ref()),
-        };
+        let running = crate::controllers::release::Running::of(&build, &image, running_build.as_ref());
         match crate::controllers::release::render(self.ctx, app, &running).await? {
             Ok((values, _)) => {
                 crate::controllers::release::apply(self.ctx, app, &build, &values).await?;

@@ -38,6 +38,8 @@ pub struct Release<'a> {
     pub live_replicas: &'a BTreeMap<String, i32>,
     /// ClusterIssuer of the domains' certificates when the App names none.
     pub default_issuer: &'a str,
+    /// Process types the build reported (`AppBuildStatus::process_types`).
+    pub build_processes: &'a BTreeMap<String, String>,
 }
 
 /// Annotation on pod templates: the config revision the pods run with.
@@ -105,13 +107,43 @@ fn web_overrides(user: Option<&Value>) -> Result<WebOverrides, Refused> {
     })
 }
 
-/// The App's process types; without any, one `web` process running the image's command.
-pub fn processes(spec: &AppSpec) -> BTreeMap<String, Process> {
-    if spec.processes.is_empty() {
+/// The App's process types: its own; else those its build found (buildpack process types run
+/// as `/cnb/process/<type>`, `Procfile` command lines through a shell); else one `web` process
+/// running the image's command.
+pub fn processes(spec: &AppSpec, build_processes: &BTreeMap<String, String>) -> BTreeMap<String, Process> {
+    if !spec.processes.is_empty() {
+        return spec.processes.clone();
+    }
+    let found: BTreeMap<String, Process> = build_processes
+        .iter()
+        .filter(|(name, _)| is_process_name(name))
+        .map(|(name, line)| {
+            let command = match (spec.build.build_type, line.trim()) {
+                (BuildType::Buildpack, _) | (_, "") => Vec::new(),
+                (_, line) => vec!["/bin/sh".into(), "-c".into(), line.into()],
+            };
+            let process = Process {
+                command,
+                ..Process::default()
+            };
+            (name.clone(), process)
+        })
+        .collect();
+    if found.is_empty() {
         BTreeMap::from([(WEB.to_owned(), Process::default())])
     } else {
-        spec.processes.clone()
+        found
     }
+}
+
+/// What the CRD requires of a process type name (a build's report is not checked by it).
+fn is_process_name(name: &str) -> bool {
+    (1..=20).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && !name.ends_with('-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
 
 /// Name of a process's Deployment (and of the web Service): `<app>-<process>`.
@@ -123,7 +155,7 @@ pub fn deployment_name(app: &str, process: &str) -> String {
 pub fn chart_values(release: &Release<'_>, user: Option<&Value>) -> Result<Value, Refused> {
     let web = web_overrides(user)?;
     let spec = release.runtime;
-    let processes = processes(spec);
+    let processes = processes(spec, release.build_processes);
     let web_process = processes.get(WEB);
     let port = web.port.or(web_process.and_then(|p| p.port).map(i64::from));
     let mut hosts: Vec<(String, bool)> = spec.domains.iter().map(|d| (d.host.clone(), d.tls)).collect();
@@ -561,6 +593,7 @@ mod tests {
     use super::*;
 
     static NO_LIVE_REPLICAS: BTreeMap<String, i32> = BTreeMap::new();
+    static NO_BUILD_PROCESSES: BTreeMap<String, String> = BTreeMap::new();
 
     fn spec(runtime: Value) -> AppSpec {
         let mut spec = json!({"registry": {"url": "registry.example.com"}, "build": {"type": "image", "image": "nginx"}});
@@ -585,6 +618,7 @@ mod tests {
             config_revision: 3,
             live_replicas: &NO_LIVE_REPLICAS,
             default_issuer: "letsencrypt",
+            build_processes: &NO_BUILD_PROCESSES,
         }
     }
 
@@ -797,6 +831,53 @@ mod tests {
             launch(&image, "web", &[]),
             Vec::<String>::new(),
             "other images keep their entrypoint"
+        );
+    }
+
+    #[test]
+    fn without_processes_an_app_runs_what_its_build_found() {
+        let found = BTreeMap::from([
+            ("web".to_string(), "node server.js --port $PORT".to_string()),
+            ("worker".to_string(), "node worker.js".to_string()),
+            ("Bad Name".to_string(), "x".to_string()),
+        ]);
+        let image = spec(json!({}));
+        let mut release = release_of(&image);
+        release.build_processes = &found;
+        let values = chart_values(&release, None).unwrap();
+        let deployments = values["deployments"].as_object().unwrap();
+        assert_eq!(
+            deployments.keys().collect::<Vec<_>>(),
+            ["web", "worker"],
+            "invalid names are left out"
+        );
+        assert_eq!(
+            deployments["web"]["containers"][0]["command"],
+            json!(["/bin/sh", "-c", "node server.js --port $PORT"]),
+            "a Procfile line runs through a shell, as Heroku runs it"
+        );
+        let mut buildpack = spec(json!({}));
+        buildpack.build.build_type = BuildType::Buildpack;
+        buildpack.build.image = None;
+        let types = BTreeMap::from([
+            ("web".to_string(), String::new()),
+            ("worker".to_string(), String::new()),
+        ]);
+        let mut release = release_of(&buildpack);
+        release.build_processes = &types;
+        let values = chart_values(&release, None).unwrap();
+        assert_eq!(
+            values["deployments"]["worker"]["containers"][0]["command"],
+            json!(["/cnb/process/worker"])
+        );
+        let declared = sample();
+        let mut release = release_of(&declared);
+        release.build_processes = &found;
+        let values = chart_values(&release, None).unwrap();
+        assert_eq!(
+            values["deployments"]["web"]["containers"][0]["command"],
+            json!(["node", "server.js"]),
+            "the App's own processes win"
         );
     }
 
