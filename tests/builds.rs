@@ -16,8 +16,6 @@ use shapeblock_agent::testenv::nodes::{PodOutcome, PodSelector, set_pod_outcome}
 use support::agent::*;
 use support::eventually;
 
-// Generous: CI machines have 2 cores and a whole simulated cluster on them.
-const BUILD_TIMEOUT: Duration = Duration::from_secs(180);
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
 fn digest() -> String {
@@ -53,27 +51,6 @@ async fn build(client: &Client, project: &str, name: &str, app: &str, extra: ser
         json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "AppBuild", "metadata": {"name": name}, "spec": spec}),
     )
     .await;
-}
-
-async fn wait_build(client: &Client, project: &str, name: &str, phase: AppBuildPhase) -> AppBuild {
-    let builds = Api::<AppBuild>::namespaced(client.clone(), project);
-    eventually(
-        BUILD_TIMEOUT,
-        &format!("AppBuild {name} to be {phase:?}"),
-        || async {
-            let build = builds.get(name).await.unwrap();
-            let current = build.status.as_ref().and_then(|s| s.phase);
-            if current.is_some_and(AppBuildPhase::is_final) && current != Some(phase) {
-                panic!(
-                    "AppBuild {name} ended {current:?}, not {phase:?}: {:?}",
-                    build.status
-                );
-            }
-            (current == Some(phase)).then_some(build)
-        },
-    )
-    .await
-    .0
 }
 
 #[tokio::test]

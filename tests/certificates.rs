@@ -18,8 +18,6 @@ use shapeblock_agent::api::{App, AppBuild, AppBuildPhase, AppPhase};
 use support::agent::*;
 use support::eventually;
 
-const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(180);
-
 fn certificates(client: &Client, namespace: &str) -> Api<DynamicObject> {
     Api::namespaced_with(
         client.clone(),
@@ -94,14 +92,7 @@ async fn tls_domains_get_certificates_from_the_issuer_and_the_app_reports_when_t
         json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "AppBuild", "metadata": {"name": "shop-1"}, "spec": {"appName": "shop"}}),
     )
     .await;
-    let builds = Api::<AppBuild>::namespaced(env.client.clone(), &project);
-    eventually(ROLLOUT_TIMEOUT, "shop-1 to complete", || async {
-        let build = builds.get("shop-1").await.unwrap();
-        let phase = build.status.as_ref().and_then(|s| s.phase);
-        assert_ne!(phase, Some(AppBuildPhase::Failed), "{:?}", build.status);
-        (phase == Some(AppBuildPhase::Completed)).then_some(())
-    })
-    .await;
+    wait_build(&env.client, &project, "shop-1", AppBuildPhase::Completed).await;
 
     // One Certificate per TLS domain, from the App's issuer, into the Secret its Ingress serves.
     let certs = certificates(&env.client, &project);

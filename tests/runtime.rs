@@ -60,16 +60,7 @@ async fn deployed_app(client: &Client, project: &str) -> App {
         json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "AppBuild", "metadata": {"name": "shop-1"}, "spec": {"appName": "shop"}}),
     )
     .await;
-    let builds = Api::<AppBuild>::namespaced(client.clone(), project);
-    eventually(ROLLOUT_TIMEOUT, "AppBuild shop-1 to complete", || async {
-        let build = builds.get("shop-1").await.unwrap();
-        let phase = build.status.as_ref().and_then(|s| s.phase);
-        if phase.is_some_and(AppBuildPhase::is_final) && phase != Some(AppBuildPhase::Completed) {
-            panic!("shop-1 ended {phase:?}: {:?}", build.status);
-        }
-        (phase == Some(AppBuildPhase::Completed)).then_some(())
-    })
-    .await;
+    wait_build(client, project, "shop-1", AppBuildPhase::Completed).await;
     wait_app(client, project, "shop", AppPhase::Deployed).await
 }
 
@@ -478,24 +469,6 @@ async fn config_changes_release_without_a_build_keep_the_autoscaled_count_and_se
     assert!(places.len() > 8, "looked in {:?}", places.keys());
 }
 
-async fn build_phase(client: &Client, project: &str, name: &str, phase: AppBuildPhase) -> AppBuild {
-    let builds = Api::<AppBuild>::namespaced(client.clone(), project);
-    eventually(
-        ROLLOUT_TIMEOUT,
-        &format!("AppBuild {name} to be {phase:?}"),
-        || async {
-            let build = builds.get(name).await.unwrap();
-            let current = build.status.as_ref().and_then(|s| s.phase);
-            if current.is_some_and(AppBuildPhase::is_final) && current != Some(phase) {
-                panic!("{name} ended {current:?}, not {phase:?}: {:?}", build.status);
-            }
-            (current == Some(phase)).then_some(build)
-        },
-    )
-    .await
-    .0
-}
-
 #[tokio::test]
 async fn the_release_command_runs_as_web_before_the_release_and_a_failing_one_changes_nothing() {
     use shapeblock_agent::testenv::nodes::{PodOutcome, PodSelector, set_pod_outcome};
@@ -567,7 +540,7 @@ async fn the_release_command_runs_as_web_before_the_release_and_a_failing_one_ch
         pod.service_account_name, None,
         "the namespace's default ServiceAccount, as web"
     );
-    build_phase(&env.client, &project, "shop-1", AppBuildPhase::Completed).await;
+    wait_build(&env.client, &project, "shop-1", AppBuildPhase::Completed).await;
     let web = deployment(&env.client, &project, "shop-web").await;
     let web_container = support::first_container(&web);
     assert_eq!(web_container.env, container.env, "the same config as web");
@@ -589,7 +562,7 @@ async fn the_release_command_runs_as_web_before_the_release_and_a_failing_one_ch
     .await
     .unwrap();
     create(builds.clone(), build("shop-2")).await;
-    let failed = build_phase(&env.client, &project, "shop-2", AppBuildPhase::Failed).await;
+    let failed = wait_build(&env.client, &project, "shop-2", AppBuildPhase::Failed).await;
     let status = failed.status.unwrap();
     assert_eq!(status.reason.as_deref(), Some("ReleaseCommandFailed"));
     let message = status.message.unwrap();
@@ -686,7 +659,7 @@ async fn a_release_that_never_becomes_ready_is_rolled_back_and_availability_neve
     let builds = Api::<AppBuild>::namespaced(env.client.clone(), &project);
     let build = |name: &str| json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "AppBuild", "metadata": {"name": name}, "spec": {"appName": "shop"}});
     create(builds.clone(), build("shop-1")).await;
-    build_phase(&env.client, &project, "shop-1", AppBuildPhase::Completed).await;
+    wait_build(&env.client, &project, "shop-1", AppBuildPhase::Completed).await;
 
     // The next image never passes its readiness check.
     set_pod_outcome(
@@ -718,7 +691,7 @@ async fn a_release_that_never_becomes_ready_is_rolled_back_and_availability_neve
         })
     };
     create(builds.clone(), build("shop-2")).await;
-    let failed = build_phase(&env.client, &project, "shop-2", AppBuildPhase::Failed).await;
+    let failed = wait_build(&env.client, &project, "shop-2", AppBuildPhase::Failed).await;
     let status = failed.status.unwrap();
     assert_eq!(status.reason.as_deref(), Some("ReleaseNotReady"));
     let message = status.message.unwrap();
@@ -794,7 +767,7 @@ async fn an_app_without_processes_runs_the_process_types_its_buildpack_build_rep
                "spec": {"appName": "shop", "helmValues": {"port": 8080}}}),
     )
     .await;
-    let done = build_phase(&env.client, &project, "shop-1", AppBuildPhase::Completed).await;
+    let done = wait_build(&env.client, &project, "shop-1", AppBuildPhase::Completed).await;
     let found = done.status.unwrap().process_types;
     assert_eq!(found.keys().collect::<Vec<_>>(), ["web", "worker"]);
     for process in ["web", "worker"] {

@@ -154,3 +154,34 @@ pub async fn ready_project(client: &Client, prefix: &str) -> String {
     wait_project(client, &name, ProjectPhase::Ready).await;
     name
 }
+
+/// Generous: CI machines have 2 cores and a whole simulated cluster on them.
+pub const BUILD_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Waits for an AppBuild to reach `phase`; panics at once if it ends in another final phase.
+pub async fn wait_build(
+    client: &Client,
+    project: &str,
+    name: &str,
+    phase: shapeblock_agent::api::AppBuildPhase,
+) -> shapeblock_agent::api::AppBuild {
+    use shapeblock_agent::api::{AppBuild, AppBuildPhase};
+    let builds = Api::<AppBuild>::namespaced(client.clone(), project);
+    eventually(
+        BUILD_TIMEOUT,
+        &format!("AppBuild {name} to be {phase:?}"),
+        || async {
+            let build = builds.get(name).await.unwrap();
+            let current = build.status.as_ref().and_then(|s| s.phase);
+            if current.is_some_and(AppBuildPhase::is_final) && current != Some(phase) {
+                panic!(
+                    "AppBuild {name} ended {current:?}, not {phase:?}: {:?}",
+                    build.status
+                );
+            }
+            (current == Some(phase)).then_some(build)
+        },
+    )
+    .await
+    .0
+}
