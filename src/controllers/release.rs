@@ -175,12 +175,7 @@ pub fn config_fingerprint(
 }
 
 fn short_hash(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
-    digest.as_ref()[..8].iter().fold(String::new(), |mut out, b| {
-        let _ = write!(out, "{b:02x}");
-        out
-    })
+    super::appbuild::sha256_hex_prefix(bytes, 8)
 }
 
 /// Whether two renders differ only in replica counts and autoscalers (a scale, not a change

@@ -39,13 +39,18 @@ pub fn service_chart_name(project: &str, service: &str) -> String {
 }
 
 fn named(salt: &[u8], name: &str) -> String {
+    format!("{name}-{}", sha256_hex_prefix(salt, 4))
+}
+
+/// The first `bytes` bytes of the SHA-256 of `input`, in hex: short, stable names and
+/// fingerprints.
+pub(crate) fn sha256_hex_prefix(input: &[u8], bytes: usize) -> String {
     use std::fmt::Write;
-    let digest = ring::digest::digest(&ring::digest::SHA256, salt);
-    let mut hash = String::new();
-    for byte in &digest.as_ref()[..4] {
-        let _ = write!(hash, "{byte:02x}");
-    }
-    format!("{name}-{hash}")
+    let digest = ring::digest::digest(&ring::digest::SHA256, input);
+    digest.as_ref()[..bytes].iter().fold(String::new(), |mut out, b| {
+        let _ = write!(out, "{b:02x}");
+        out
+    })
 }
 
 /// The HelmChart for one App's release.

@@ -28,7 +28,7 @@ pub use helmchart::values_content;
 pub use helmchart::{
     UNIVERSAL_CHART, chart_name, release_status, resource as helm_chart_resource, service_chart_name,
 };
-pub(crate) use helmchart::{chart_object, helm_chart as helm_chart_object};
+pub(crate) use helmchart::{chart_object, helm_chart as helm_chart_object, sha256_hex_prefix};
 pub use jobs::{
     BUILD_LABEL, BuildSettings, RELEASE_CONTAINER, parse_build_report, parse_commit, release_job,
 };
