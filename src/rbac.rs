@@ -53,14 +53,28 @@ pub fn team_cluster_role_name(role: TeamRole) -> &'static str {
 pub const AGENT_CLUSTER_RULES: &[Rule] = &[
     Rule {
         api_groups: &[GROUP],
-        resources: &["projects", "apps", "appbuilds", "backingservices", "teams"],
+        resources: &[
+            "projects",
+            "apps",
+            "appbuilds",
+            "appruns",
+            "backingservices",
+            "teams",
+        ],
         verbs: &["get", "list", "watch", "patch"],
         resource_names: &[],
         why: "watch the ShapeBlock resources it reconciles; patch adds and removes its finalizer",
     },
     Rule {
         api_groups: &[GROUP],
-        resources: &["projects", "apps", "appbuilds", "backingservices", "teams"],
+        resources: &[
+            "projects",
+            "apps",
+            "appbuilds",
+            "appruns",
+            "backingservices",
+            "teams",
+        ],
         verbs: &["create", "delete"],
         resource_names: &[],
         why: "the bridge materialises the hub's commands: server-side apply creates, delete and prune remove",
@@ -78,6 +92,7 @@ pub const AGENT_CLUSTER_RULES: &[Rule] = &[
             "projects/status",
             "apps/status",
             "appbuilds/status",
+            "appruns/status",
             "backingservices/status",
             "teams/status",
         ],
@@ -181,7 +196,7 @@ pub const AGENT_CLUSTER_RULES: &[Rule] = &[
         resources: &["customresourcedefinitions"],
         verbs: &["get", "create", "patch"],
         resource_names: SHAPEBLOCK_CRDS,
-        why: "server-side apply of its own five CRDs at start-up (Helm never upgrades a chart's crds/); create by name only through apply, which recreates a deleted one; no other CRD",
+        why: "server-side apply of its own six CRDs at start-up (Helm never upgrades a chart's crds/); create by name only through apply, which recreates a deleted one; no other CRD",
     },
 ];
 
@@ -191,6 +206,7 @@ pub const SHAPEBLOCK_CRDS: &[&str] = &[
     "projects.apps.shapeblock.io",
     "apps.apps.shapeblock.io",
     "appbuilds.apps.shapeblock.io",
+    "appruns.apps.shapeblock.io",
     "backingservices.apps.shapeblock.io",
     "teams.apps.shapeblock.io",
 ];
@@ -275,7 +291,7 @@ pub fn agent_role_binding(namespace: &str) -> RoleBinding {
     }
 }
 
-const SHAPEBLOCK_KINDS: &[&str] = &["apps", "appbuilds", "backingservices"];
+const SHAPEBLOCK_KINDS: &[&str] = &["apps", "appbuilds", "appruns", "backingservices"];
 const READ: &[&str] = &["get", "list", "watch"];
 const WRITE: &[&str] = &["create", "update", "patch", "delete"];
 

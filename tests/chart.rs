@@ -155,6 +155,7 @@ async fn default_values_render_and_apply_server_side_and_the_pod_is_restricted()
             "ClusterRole/shapeblock-viewer",
             "ClusterRoleBinding/shapeblock-agent",
             "CustomResourceDefinition/appbuilds.apps.shapeblock.io",
+            "CustomResourceDefinition/appruns.apps.shapeblock.io",
             "CustomResourceDefinition/apps.apps.shapeblock.io",
             "CustomResourceDefinition/backingservices.apps.shapeblock.io",
             "CustomResourceDefinition/projects.apps.shapeblock.io",

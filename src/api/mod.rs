@@ -6,6 +6,7 @@
 
 mod app;
 mod appbuild;
+mod apprun;
 mod backingservice;
 mod common;
 mod project;
@@ -16,6 +17,7 @@ pub use app::{App, AppPhase, AppSpec, AppStatus, BuildSpec, BuildType, GitSource
 pub use appbuild::{
     AppBuild, AppBuildPhase, AppBuildSpec, AppBuildStatus, BuildVar, CANCEL_ANNOTATION, LogDelivery,
 };
+pub use apprun::{AppRun, AppRunPhase, AppRunSpec, AppRunStatus, DEFAULT_RUN_TIMEOUT_SECONDS};
 pub use backingservice::{
     BackingService, BackingServicePhase, BackingServiceSpec, BackingServiceStatus, DeletionPolicy,
     FORCE_DELETE_ANNOTATION, ServicePlan,
@@ -42,6 +44,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         Project::crd(),
         App::crd(),
         AppBuild::crd(),
+        AppRun::crd(),
         BackingService::crd(),
         Team::crd(),
     ]

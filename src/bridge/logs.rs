@@ -1,11 +1,12 @@
-//! The build-log relay: follows every container of every build pod through the pod log API
-//! and hands the bytes to the tunnel as [`LogChunk`]s, in order, with offsets the agent counts
-//! itself (the pod log API has none).
+//! The log relay: follows every container of every build pod and one-off run pod through the
+//! pod log API and hands the bytes to the tunnel as [`LogChunk`]s, in order, with offsets the
+//! agent counts itself (the pod log API has none). Build and run logs work the same way; below,
+//! "the owner" is the AppBuild or AppRun whose pod it is.
 //!
 //! - **Backpressure.** Chunks go through a small bounded channel that the tunnel drains only
 //!   while its outbox has room, so a follower reads its log only as fast as the hub takes it;
 //!   memory is bounded by (channel + outbox) × [`CHUNK_BYTES`] whatever the log volume.
-//! - **Resume.** The hub's acknowledgements are recorded in the AppBuild's `status.logs` (its
+//! - **Resume.** The hub's acknowledgements are recorded in the owner's `status.logs` (its
 //!   own field manager, written at most every [`PERSIST_EVERY`] and at once when a log is
 //!   complete). A restarted agent — or a follower whose stream broke — re-reads the log from
 //!   the start and skips what was delivered; a few bytes may be sent twice after a restart,
@@ -14,7 +15,7 @@
 //! - **Truncation.** When a pod (and with it its log) is gone before its log was read to the
 //!   end, the hub gets an explicit `truncated` marker at the offset reached.
 //! - **Scrubbing.** Every line goes through [`super::scrub`] before it is counted or sent.
-//! - **Letting Jobs go.** The AppBuild controller deletes a step's Job only once the step's
+//! - **Letting Jobs go.** The AppBuild and AppRun controllers delete a Job only once its
 //!   result is in status *and* `status.logs` says its logs are complete.
 
 use std::collections::{HashMap, HashSet};
@@ -23,15 +24,17 @@ use std::time::Duration;
 
 use futures::{AsyncReadExt, StreamExt};
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
-use kube::api::{Api, LogParams, Patch, PatchParams};
+use kube::api::{Api, DynamicObject, LogParams, Patch, PatchParams};
+use kube::discovery::ApiResource;
 use kube::runtime::watcher;
-use kube::{Client, Resource, ResourceExt};
+use kube::{Client, ResourceExt};
 use serde_json::json;
 use tokio::sync::{Notify, mpsc};
 
 use super::scrub::Scrubber;
-use crate::api::{AppBuild, LogDelivery};
+use crate::api::{AppBuild, AppRun, LogDelivery};
 use crate::controllers::appbuild::BUILD_LABEL;
+use crate::controllers::apprun::RUN_LABEL;
 use crate::controllers::{MANAGED_BY, MANAGED_BY_LABEL};
 use crate::proto::v1::LogChunk;
 
@@ -39,21 +42,65 @@ use crate::proto::v1::LogChunk;
 pub const CHUNK_BYTES: usize = 32 * 1024;
 /// Chunks waiting for the tunnel (beyond its outbox).
 const CHANNEL: usize = 8;
-/// How often delivery progress is written to AppBuild status while logs stream.
+/// How often delivery progress is written to the owner's status while logs stream.
 pub const PERSIST_EVERY: Duration = Duration::from_secs(5);
 /// How often a follower looks at its pod while waiting for a container to start.
 const POD_POLL: Duration = Duration::from_secs(1);
 /// Field manager of `status.logs`, apart from the controller's status fields.
 pub const LOG_FIELD_MANAGER: &str = "shapeblock-agent-logs";
 
-type BuildKey = (String, String);
+/// The kind of object whose pods' logs are relayed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LogOwner {
+    Build,
+    Run,
+}
+
+impl LogOwner {
+    const ALL: [LogOwner; 2] = [LogOwner::Build, LogOwner::Run];
+
+    /// The label naming the owner on its pods.
+    fn label(self) -> &'static str {
+        match self {
+            LogOwner::Build => BUILD_LABEL,
+            LogOwner::Run => RUN_LABEL,
+        }
+    }
+
+    fn resource(self) -> ApiResource {
+        match self {
+            LogOwner::Build => ApiResource::erase::<AppBuild>(&()),
+            LogOwner::Run => ApiResource::erase::<AppRun>(&()),
+        }
+    }
+
+    /// The `kind` of its chunks.
+    pub fn kind(self) -> &'static str {
+        match self {
+            LogOwner::Build => "AppBuild",
+            LogOwner::Run => "AppRun",
+        }
+    }
+
+    /// The owner a chunk names (an empty kind is a build's: chunks had no kind before runs).
+    pub fn of_kind(kind: &str) -> Option<Self> {
+        match kind {
+            "" | "AppBuild" => Some(LogOwner::Build),
+            "AppRun" => Some(LogOwner::Run),
+            _ => None,
+        }
+    }
+}
+
+/// Owner kind, namespace, name.
+type OwnerKey = (LogOwner, String, String);
 
 #[derive(Default)]
 struct Progress {
-    /// Delivery per build, per container, as acknowledged by the hub.
-    builds: HashMap<BuildKey, HashMap<String, LogDelivery>>,
-    /// Builds whose progress changed since it was last written.
-    dirty: HashSet<BuildKey>,
+    /// Delivery per owner, per container, as acknowledged by the hub.
+    owners: HashMap<OwnerKey, HashMap<String, LogDelivery>>,
+    /// Owners whose progress changed since it was last written.
+    dirty: HashSet<OwnerKey>,
 }
 
 pub struct LogRelay {
@@ -67,7 +114,7 @@ pub struct LogRelay {
 }
 
 impl LogRelay {
-    /// Starts watching build pods; followers run until `shutdown`.
+    /// Starts watching build and run pods; followers run until `shutdown`.
     pub fn start(
         client: Client,
         shutdown: impl std::future::Future<Output = ()> + Send + Clone + 'static,
@@ -81,14 +128,17 @@ impl LogRelay {
             persist_now: Notify::new(),
             pods: Mutex::default(),
         });
-        let watch = relay.clone();
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = stop => {}
-                _ = watch.watch_pods(shutdown) => {}
-            }
-        });
+        for owner in LogOwner::ALL {
+            let watch = relay.clone();
+            let stop = shutdown.clone();
+            let followers = shutdown.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = stop => {}
+                    _ = watch.watch_pods(owner, followers) => {}
+                }
+            });
+        }
         let persist = relay.clone();
         tokio::spawn(async move { persist.persist_loop().await });
         relay
@@ -107,10 +157,13 @@ impl LogRelay {
 
     /// The hub durably recorded `chunk`.
     pub fn delivered(&self, chunk: &LogChunk) {
-        let key = (chunk.namespace.clone(), chunk.build.clone());
+        let Some(owner) = LogOwner::of_kind(&chunk.kind) else {
+            return; // never sent: the relay makes only chunks of its own kinds
+        };
+        let key = (owner, chunk.namespace.clone(), chunk.build.clone());
         let mut progress = self.progress.lock().unwrap_or_else(|e| e.into_inner());
         let entry = progress
-            .builds
+            .owners
             .entry(key.clone())
             .or_default()
             .entry(chunk.container.clone())
@@ -132,13 +185,14 @@ impl LogRelay {
 
     async fn watch_pods(
         self: Arc<Self>,
+        owner: LogOwner,
         shutdown: impl std::future::Future<Output = ()> + Send + Clone + 'static,
     ) {
         let pods: Api<Pod> = Api::all(self.client.clone());
         let config =
-            watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY},{BUILD_LABEL}"));
+            watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY},{}", owner.label()));
         let mut events = watcher(pods, config).boxed();
-        let mut listed: HashSet<BuildKey> = HashSet::new();
+        let mut listed: HashSet<OwnerKey> = HashSet::new();
         while let Some(event) = events.next().await {
             let pod = match event {
                 Ok(watcher::Event::Init) => {
@@ -148,12 +202,12 @@ impl LogRelay {
                 Ok(watcher::Event::InitDone) => {
                     let relay = self.clone();
                     let with_pods = std::mem::take(&mut listed);
-                    tokio::spawn(async move { relay.truncate_orphans(with_pods).await });
+                    tokio::spawn(async move { relay.truncate_orphans(owner, with_pods).await });
                     continue;
                 }
                 Ok(watcher::Event::InitApply(pod)) => {
-                    let build = pod.labels().get(BUILD_LABEL).cloned().unwrap_or_default();
-                    listed.insert((pod.namespace().unwrap_or_default(), build));
+                    let name = pod.labels().get(owner.label()).cloned().unwrap_or_default();
+                    listed.insert((owner, pod.namespace().unwrap_or_default(), name));
                     pod
                 }
                 Ok(watcher::Event::Apply(pod)) => pod,
@@ -163,7 +217,7 @@ impl LogRelay {
                     continue;
                 }
                 Err(err) => {
-                    tracing::warn!(%err, "watching build pods for their logs");
+                    tracing::warn!(%err, kind = owner.kind(), "watching pods for their logs");
                     continue;
                 }
             };
@@ -176,7 +230,7 @@ impl LogRelay {
             tokio::spawn(async move {
                 tokio::select! {
                     _ = stop => {}
-                    _ = relay.follow_pod(pod) => {}
+                    _ = relay.follow_pod(owner, pod) => {}
                 }
             });
         }
@@ -185,28 +239,28 @@ impl LogRelay {
     /// Logs that were being relayed when the agent stopped and whose pods are gone now (say,
     /// evicted or deleted meanwhile): the hub gets a truncation marker where delivery stopped,
     /// rather than a log that silently never ends.
-    async fn truncate_orphans(&self, with_pods: HashSet<BuildKey>) {
-        let builds = match Api::<AppBuild>::all(self.client.clone())
+    async fn truncate_orphans(&self, owner: LogOwner, with_pods: HashSet<OwnerKey>) {
+        let objects = match Api::<DynamicObject>::all_with(self.client.clone(), &owner.resource())
             .list(&Default::default())
             .await
         {
-            Ok(builds) => builds,
+            Ok(objects) => objects,
             Err(err) => {
-                tracing::warn!(%err, "cannot list AppBuilds to find logs left unfinished");
+                tracing::warn!(%err, kind = owner.kind(), "cannot list them to find logs left unfinished");
                 return;
             }
         };
-        for build in builds {
-            let key = (build.namespace().unwrap_or_default(), build.name_any());
+        for object in objects {
+            let key = (owner, object.namespace().unwrap_or_default(), object.name_any());
             if with_pods.contains(&key) {
                 continue;
             }
-            let unfinished = build.status.map(|s| s.logs).unwrap_or_default();
-            for delivery in unfinished.into_iter().filter(|d| !d.complete) {
-                tracing::info!(namespace = %key.0, build = %key.1, container = %delivery.container, offset = delivery.bytes, "build pod gone while the agent was away: telling the hub its log is truncated");
+            for delivery in deliveries(&object).into_iter().filter(|d| !d.complete) {
+                tracing::info!(kind = owner.kind(), namespace = %key.1, name = %key.2, container = %delivery.container, offset = delivery.bytes, "pod gone while the agent was away: telling the hub its log is truncated");
                 let chunk = LogChunk {
-                    build: key.1.clone(),
-                    namespace: key.0.clone(),
+                    kind: owner.kind().into(),
+                    build: key.2.clone(),
+                    namespace: key.1.clone(),
                     container: delivery.container,
                     offset: delivery.bytes,
                     truncated: true,
@@ -219,12 +273,13 @@ impl LogRelay {
         }
     }
 
-    /// Relays every container of one build pod, init containers first (they run first).
-    async fn follow_pod(self: Arc<Self>, pod: Pod) {
+    /// Relays every container of one pod, init containers first (they run first).
+    async fn follow_pod(self: Arc<Self>, owner: LogOwner, pod: Pod) {
         let namespace = pod.namespace().unwrap_or_default();
-        let Some(build) = pod.labels().get(BUILD_LABEL).cloned() else {
+        let Some(name) = pod.labels().get(owner.label()).cloned() else {
             return;
         };
+        let key = (owner, namespace.clone(), name.clone());
         let spec = pod.spec.clone().unwrap_or_default();
         let containers: Vec<String> = spec
             .init_containers
@@ -233,10 +288,10 @@ impl LogRelay {
             .chain(spec.containers)
             .map(|c| c.name)
             .collect();
-        let delivered = match self.recorded(&namespace, &build).await {
+        let delivered = match self.recorded(&key).await {
             Ok(delivered) => delivered,
             Err(err) => {
-                tracing::warn!(%namespace, %build, %err, "cannot read the AppBuild's log progress; relaying from the start");
+                tracing::warn!(kind = owner.kind(), %namespace, %name, %err, "cannot read its log progress; relaying from the start");
                 HashMap::new()
             }
         };
@@ -250,7 +305,8 @@ impl LogRelay {
                 pods: Api::namespaced(self.client.clone(), &namespace),
                 pod: pod.name_any(),
                 chunk: LogChunk {
-                    build: build.clone(),
+                    kind: owner.kind().into(),
+                    build: name.clone(),
                     namespace: namespace.clone(),
                     container: container.clone(),
                     ..Default::default()
@@ -263,28 +319,21 @@ impl LogRelay {
         }
     }
 
-    /// What `status.logs` of the build says was delivered (and seeds the progress with it, so
+    /// What `status.logs` of the owner says was delivered (and seeds the progress with it, so
     /// the next write keeps those entries).
-    async fn recorded(
-        &self,
-        namespace: &str,
-        build: &str,
-    ) -> Result<HashMap<String, LogDelivery>, kube::Error> {
-        let builds: Api<AppBuild> = Api::namespaced(self.client.clone(), namespace);
-        let recorded: HashMap<String, LogDelivery> = builds
-            .get_opt(build)
+    async fn recorded(&self, key: &OwnerKey) -> Result<HashMap<String, LogDelivery>, kube::Error> {
+        let (owner, namespace, name) = key;
+        let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), namespace, &owner.resource());
+        let recorded: HashMap<String, LogDelivery> = api
+            .get_opt(name)
             .await?
-            .and_then(|b| b.status)
-            .map(|s| s.logs)
+            .map(|o| deliveries(&o))
             .unwrap_or_default()
             .into_iter()
             .map(|d| (d.container.clone(), d))
             .collect();
         let mut progress = self.progress.lock().unwrap_or_else(|e| e.into_inner());
-        let known = progress
-            .builds
-            .entry((namespace.to_string(), build.to_string()))
-            .or_default();
+        let known = progress.owners.entry(key.clone()).or_default();
         for (container, delivery) in &recorded {
             known.entry(container.clone()).or_insert_with(|| delivery.clone());
         }
@@ -301,68 +350,80 @@ impl LogRelay {
         }
     }
 
-    /// Writes the delivery progress of every build that changed.
+    /// Writes the delivery progress of every owner that changed.
     async fn persist(&self) {
-        let dirty: Vec<BuildKey> = {
+        let dirty: Vec<OwnerKey> = {
             let mut progress = self.progress.lock().unwrap_or_else(|e| e.into_inner());
             progress.dirty.drain().collect()
         };
-        for (namespace, build) in dirty {
+        for key in dirty {
+            let (owner, namespace, name) = &key;
             // Server-side apply removes list entries this manager no longer applies: merge
             // what is recorded (say, another pod's log, finished and dropped from memory)
             // before writing.
-            if let Err(err) = self.recorded(&namespace, &build).await {
-                tracing::warn!(%namespace, %build, %err, "cannot read build log delivery; retrying");
+            if let Err(err) = self.recorded(&key).await {
+                tracing::warn!(kind = owner.kind(), %namespace, %name, %err, "cannot read log delivery; retrying");
                 let mut progress = self.progress.lock().unwrap_or_else(|e| e.into_inner());
-                progress.dirty.insert((namespace, build));
+                progress.dirty.insert(key);
                 continue;
             }
             let logs: Vec<LogDelivery> = {
                 let progress = self.progress.lock().unwrap_or_else(|e| e.into_inner());
                 let mut logs: Vec<LogDelivery> = progress
-                    .builds
-                    .get(&(namespace.clone(), build.clone()))
+                    .owners
+                    .get(&key)
                     .map(|m| m.values().cloned().collect())
                     .unwrap_or_default();
                 logs.sort_by(|a, b| a.container.cmp(&b.container));
                 logs
             };
             let complete = logs.iter().all(|l| l.complete);
-            let builds: Api<AppBuild> = Api::namespaced(self.client.clone(), &namespace);
+            let resource = owner.resource();
+            let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), namespace, &resource);
             let patch = json!({
-                "apiVersion": AppBuild::api_version(&()),
-                "kind": AppBuild::kind(&()),
+                "apiVersion": resource.api_version,
+                "kind": resource.kind,
                 "status": {"logs": logs},
             });
-            match builds
+            match api
                 .patch_status(
-                    &build,
+                    name,
                     &PatchParams::apply(LOG_FIELD_MANAGER).force(),
                     &Patch::Apply(patch),
                 )
                 .await
             {
                 Ok(_) => {
-                    // Once every log of a build is complete the entry is not needed in memory.
+                    // Once every log of an owner is complete the entry is not needed in memory.
                     if complete {
                         let mut progress = self.progress.lock().unwrap_or_else(|e| e.into_inner());
-                        if !progress.dirty.contains(&(namespace.clone(), build.clone())) {
-                            progress.builds.remove(&(namespace, build));
+                        if !progress.dirty.contains(&key) {
+                            progress.owners.remove(&key);
                         }
                     }
                 }
                 Err(kube::Error::Api(status)) if status.code == 404 => {
                     let mut progress = self.progress.lock().unwrap_or_else(|e| e.into_inner());
-                    progress.builds.remove(&(namespace, build));
+                    progress.owners.remove(&key);
                 }
                 Err(err) => {
-                    tracing::warn!(%namespace, %build, %err, "cannot record build log delivery; retrying");
+                    tracing::warn!(kind = owner.kind(), %namespace, %name, %err, "cannot record log delivery; retrying");
                     let mut progress = self.progress.lock().unwrap_or_else(|e| e.into_inner());
-                    progress.dirty.insert((namespace, build));
+                    progress.dirty.insert(key.clone());
                 }
             }
         }
     }
+}
+
+/// What an owner's `status.logs` records.
+fn deliveries(object: &DynamicObject) -> Vec<LogDelivery> {
+    object
+        .data
+        .pointer("/status/logs")
+        .cloned()
+        .and_then(|logs| serde_json::from_value(logs).ok())
+        .unwrap_or_default()
 }
 
 /// The tunnel side of the channel is gone.
@@ -373,7 +434,7 @@ struct Follower<'a> {
     relay: &'a LogRelay,
     pods: Api<Pod>,
     pod: String,
-    /// Template: build, namespace, container.
+    /// Template: kind, owner name, namespace, container.
     chunk: LogChunk,
     /// Scrubbed bytes already delivered (or queued): re-read, not re-sent.
     skip: u64,
@@ -421,7 +482,7 @@ impl Follower<'_> {
         let mut stream = match self.pods.log_stream(&self.pod, &params).await {
             Ok(stream) => stream,
             Err(err) => {
-                tracing::debug!(pod = %self.pod, container = %self.chunk.container, %err, "opening a build log");
+                tracing::debug!(pod = %self.pod, container = %self.chunk.container, %err, "opening a log");
                 return Ok(false);
             }
         };
@@ -434,7 +495,7 @@ impl Follower<'_> {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(err) => {
-                    tracing::debug!(pod = %self.pod, container = %self.chunk.container, %err, "build log stream broke");
+                    tracing::debug!(pod = %self.pod, container = %self.chunk.container, %err, "log stream broke");
                     return Ok(false);
                 }
             };
@@ -477,7 +538,7 @@ impl Follower<'_> {
 
     async fn send_end(&mut self, eof: bool, truncated: bool) -> Result<(), Closed> {
         if truncated {
-            tracing::info!(pod = %self.pod, container = %self.chunk.container, offset = self.skip, "build pod gone before its log was read to the end: telling the hub");
+            tracing::info!(pod = %self.pod, container = %self.chunk.container, offset = self.skip, "pod gone before its log was read to the end: telling the hub");
         }
         self.send(LogChunk {
             offset: self.skip,

@@ -18,10 +18,10 @@ use kube::runtime::watcher;
 use kube::{Client, Resource};
 use tokio::sync::watch;
 
-use crate::api::{App, AppBuild, BackingService, GROUP, Project, Team};
+use crate::api::{App, AppBuild, AppRun, BackingService, GROUP, Project, Team};
 use crate::proto::object_key;
 use crate::proto::v1::server_message::Body as Down;
-use crate::proto::v1::{CommandResult, Inventory, LogChunk, ObjectRef, PhaseChange};
+use crate::proto::v1::{CommandResult, Inventory, LogChunk, ObjectRef, PhaseChange, SetConfig};
 use crate::tunnel::{Host, PhaseQueue};
 
 /// The field manager of the desired state the hub sends (the same as the controllers': one
@@ -34,12 +34,13 @@ pub const MANAGED_BY: &str = "shapeblock-agent";
 /// acts on it.
 pub use crate::api::CANCEL_ANNOTATION;
 
-/// The five kinds, with whether they are namespaced.
+/// The kinds the hub manages, with whether they are namespaced.
 fn kinds() -> Vec<(ApiResource, bool)> {
     vec![
         (ApiResource::erase::<Project>(&()), false),
         (ApiResource::erase::<App>(&()), true),
         (ApiResource::erase::<AppBuild>(&()), true),
+        (ApiResource::erase::<AppRun>(&()), true),
         (ApiResource::erase::<BackingService>(&()), true),
         (ApiResource::erase::<Team>(&()), false),
     ]
@@ -75,7 +76,7 @@ fn kube_message(e: &kube::Error) -> String {
 }
 
 impl KubeHost {
-    /// Starts watching the five kinds; phase changes flow into the queue until `shutdown`.
+    /// Starts watching the kinds; phase changes flow into the queue until `shutdown`.
     pub fn start(
         client: Client,
         shutdown: impl std::future::Future<Output = ()> + Send + Clone + 'static,
@@ -200,7 +201,7 @@ impl KubeHost {
         let Some((resource, namespaced)) = kind(&kind_name) else {
             return failed(
                 format!(
-                    "unknown kind {kind_name:?}: the agent applies Project, App, AppBuild, BackingService and Team"
+                    "unknown kind {kind_name:?}: the agent applies Project, App, AppBuild, AppRun, BackingService and Team"
                 ),
                 None,
             );
@@ -302,6 +303,85 @@ impl KubeHost {
                 message: "cancel requested".into(),
                 object: Some(object),
             },
+            Err(e) => failed(kube_message(&e), Some(object)),
+        }
+    }
+
+    /// Writes secret config vars into the App's config Secret (creating it if the App
+    /// controller has not yet). The result names the variables, never their values.
+    async fn set_config(&self, command: SetConfig) -> CommandResult {
+        use base64::Engine;
+        let object = ObjectRef {
+            kind: App::kind(&()).into_owned(),
+            namespace: command.namespace.clone(),
+            name: command.app.clone(),
+        };
+        if let Err(reason) = crate::proto::check_set_config(&command) {
+            return failed(format!("set-config refused: {reason}"), Some(object));
+        }
+        let apps: Api<App> = Api::namespaced(self.client.clone(), &command.namespace);
+        let app = match apps.get_opt(&command.app).await {
+            Ok(Some(app)) => app,
+            Ok(None) => {
+                return failed(
+                    format!(
+                        "App {}/{} does not exist: create it first",
+                        command.namespace, command.app
+                    ),
+                    Some(object),
+                );
+            }
+            Err(e) => return failed(kube_message(&e), Some(object)),
+        };
+        let encode = |value: &str| base64::engine::general_purpose::STANDARD.encode(value);
+        let mut data = serde_json::Map::new();
+        for (name, value) in &command.set {
+            data.insert(name.clone(), encode(value).into());
+        }
+        for name in &command.unset {
+            data.insert(name.clone(), serde_json::Value::Null);
+        }
+        let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+            Api::namespaced(self.client.clone(), &command.namespace);
+        let name = crate::controllers::release::config_secret_name(&command.app);
+        let patch = serde_json::json!({ "data": data });
+        let mut written = secrets
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map(drop);
+        if matches!(&written, Err(kube::Error::Api(s)) if s.code == 404) {
+            let mut secret = crate::controllers::release::config_secret(&app);
+            secret.data = Some(
+                command
+                    .set
+                    .iter()
+                    .map(|(k, v)| (k.clone(), k8s_openapi::ByteString(v.clone().into_bytes())))
+                    .collect(),
+            );
+            written = secrets.create(&Default::default(), &secret).await.map(drop);
+        }
+        match written {
+            Ok(()) => {
+                let mut said = Vec::new();
+                if !command.set.is_empty() {
+                    let names: Vec<&str> = command.set.keys().map(String::as_str).collect();
+                    said.push(format!("set {}", names.join(", ")));
+                }
+                if !command.unset.is_empty() {
+                    said.push(format!("unset {}", command.unset.join(", ")));
+                }
+                CommandResult {
+                    command_seq: 0,
+                    ok: true,
+                    message: format!(
+                        "config of {}/{}: {}",
+                        command.namespace,
+                        command.app,
+                        said.join("; ")
+                    ),
+                    object: Some(object),
+                }
+            }
             Err(e) => failed(kube_message(&e), Some(object)),
         }
     }
@@ -451,6 +531,7 @@ impl Host for KubeHost {
             },
             Down::CancelBuild(c) => self.cancel(c.namespace, c.build).await,
             Down::Sync(s) => self.sync(s.manifests, s.prune).await,
+            Down::SetConfig(c) => self.set_config(c).await,
             Down::HelloAck(_) | Down::Heartbeat(_) | Down::Ack(_) => failed("not a command", None),
         }
     }

@@ -93,6 +93,26 @@ enum Command {
         #[arg(long)]
         build: String,
     },
+    /// Queue a change of an App's secret config vars. They are kept in the App's config Secret
+    /// in the cluster (the App is released again, without a build); the hub forgets the values
+    /// once the agent confirms. A command line is visible to other local users: prefer
+    /// --env-file for real secrets.
+    ConfigSet {
+        #[arg(long)]
+        cluster: String,
+        #[arg(long)]
+        namespace: String,
+        #[arg(long)]
+        app: String,
+        /// NAME=VALUE pairs.
+        vars: Vec<String>,
+        /// A file of NAME=VALUE lines (blank lines and `#` comments are skipped).
+        #[arg(long)]
+        env_file: Option<PathBuf>,
+        /// Names to remove (repeat).
+        #[arg(long)]
+        unset: Vec<String>,
+    },
     /// Clusters and whether they are connected.
     Clusters,
     /// Events (phase changes, command results) of a cluster.
@@ -100,7 +120,8 @@ enum Command {
         #[arg(long)]
         cluster: String,
     },
-    /// A build log (`namespace/build/container`; containers are `resolve`, `clone`, `build`).
+    /// A build log (`namespace/build/container`; containers are `resolve`, `clone`, `build`,
+    /// `release`) or a one-off run's output (`namespace/runs/run/run`).
     Logs {
         #[arg(long)]
         cluster: String,
@@ -300,6 +321,44 @@ impl Cli {
                 let store = hub::open_store(&data)?;
                 let seq = store.add_command(&cluster, &hub::cancel_command(&namespace, &build))?;
                 println!("queued command {seq} for {cluster}");
+            }
+            Command::ConfigSet {
+                cluster,
+                namespace,
+                app,
+                vars,
+                env_file,
+                unset,
+            } => {
+                let mut lines = vars;
+                if let Some(file) = env_file {
+                    let text = std::fs::read_to_string(&file)
+                        .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+                    lines.extend(
+                        text.lines()
+                            .map(str::trim)
+                            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                            .map(str::to_string),
+                    );
+                }
+                let mut set = std::collections::HashMap::new();
+                for line in lines {
+                    let Some((name, value)) = line.split_once('=') else {
+                        let name = line.chars().take(64).collect::<String>();
+                        return Err(format!("{name:?} is not NAME=VALUE").into());
+                    };
+                    set.insert(name.trim().to_string(), value.to_string());
+                }
+                let names = set.len();
+                let command = crate::proto::v1::SetConfig {
+                    namespace,
+                    app,
+                    set,
+                    unset,
+                };
+                let store = hub::open_store(&data)?;
+                let seq = store.add_command(&cluster, &hub::set_config_command(command)?)?;
+                println!("queued command {seq} for {cluster} ({names} to set)");
             }
             Command::Clusters => {
                 for c in hub::open_store(&data)?.clusters()? {

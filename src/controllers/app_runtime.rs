@@ -3,14 +3,14 @@
 //! or bound services change (no build), each recorded in `status.releases`.
 
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 
-use super::release::{self, CONFIG_SECRET_LABEL, Running, config_secret_name};
-use super::{APP_LABEL, Context, MANAGED_BY, MANAGED_BY_LABEL, Result};
+use super::release::{self, Running, config_secret_name};
+use super::{Context, Result};
 use crate::api::{App, AppBuild, DomainStatus, ReleaseReason, ReleaseRecord};
 
 /// Releases kept in `status.releases`.
@@ -51,24 +51,7 @@ pub async fn ensure_config(app: &App, ctx: &Context, runtime: &mut RuntimeStatus
     let meta = match secrets.get_metadata_opt(&name).await? {
         Some(existing) => existing.metadata,
         None => {
-            let secret = Secret {
-                metadata: ObjectMeta {
-                    name: Some(name.clone()),
-                    namespace: Some(namespace.clone()),
-                    labels: Some(
-                        [
-                            (CONFIG_SECRET_LABEL.to_string(), "true".to_string()),
-                            (APP_LABEL.to_string(), app.name_any()),
-                            (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
-                        ]
-                        .into(),
-                    ),
-                    owner_references: Some(vec![super::app::owner_reference(app)]),
-                    ..Default::default()
-                },
-                type_: Some("Opaque".into()),
-                ..Default::default()
-            };
+            let secret = release::config_secret(app);
             match secrets.create(&PostParams::default(), &secret).await {
                 Ok(created) => created.metadata,
                 // Created meanwhile (another pass, or by the user first): use it as it is.
@@ -182,12 +165,9 @@ pub async fn release(
         };
         // Like a build's, this release runs the release command first (scaling is not a
         // release of new code or config: it does not).
-        if reason != ReleaseReason::Scale
-            && !app.spec.release_command.is_empty()
-            && let Some(running_build) = &running_build
-        {
+        if reason != ReleaseReason::Scale && !app.spec.release_command.is_empty() {
             let job = format!("{}-release-{}", app.name_any(), &fingerprint[..10]);
-            if let Some(waiting) = release_command(ctx, app, running_build, &job, &values).await? {
+            if let Some(waiting) = release_command(ctx, app, &job, &values).await? {
                 return Ok(Some(waiting));
             }
         }
@@ -344,40 +324,29 @@ pub async fn certificates(
 async fn release_command(
     ctx: &Context,
     app: &App,
-    running_build: &AppBuild,
     name: &str,
     values: &serde_json::Value,
 ) -> Result<Option<String>> {
     use k8s_openapi::api::batch::v1::Job;
-    let jobs = Api::<Job>::namespaced(ctx.client.clone(), &app.namespace().unwrap_or_default());
+    let namespace = app.namespace().unwrap_or_default();
+    let jobs = Api::<Job>::namespaced(ctx.client.clone(), &namespace);
     let Some(job) = jobs.get_opt(name).await? else {
-        let command = super::appbuild::launch(
-            &app.spec,
-            super::appbuild::RELEASE_CONTAINER,
-            &app.spec.release_command,
-        );
-        let mut job = super::appbuild::release_job(
-            app,
-            running_build,
-            name,
-            &super::appbuild::release_container(values),
-            command,
-            &super::app::owner_reference(app),
-            &ctx.config.builds,
-        );
         // Not a build's step: its log is the App's, not the running build's.
-        for labels in [
-            job.metadata.labels.as_mut(),
-            job.spec
-                .as_mut()
-                .and_then(|s| s.template.metadata.as_mut())
-                .and_then(|m| m.labels.as_mut()),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            labels.remove(super::appbuild::BUILD_LABEL);
-        }
+        let job = super::appbuild::app_job(&super::appbuild::AppJob {
+            namespace: &namespace,
+            name,
+            labels: [(super::APP_LABEL.to_string(), app.name_any())].into(),
+            container: super::appbuild::RELEASE_CONTAINER,
+            web: &super::appbuild::release_container(values),
+            command: super::appbuild::launch(
+                &app.spec,
+                super::appbuild::RELEASE_CONTAINER,
+                &app.spec.release_command,
+            ),
+            owner: &super::app::owner_reference(app),
+            deadline_seconds: super::appbuild::RELEASE_DEADLINE_SECONDS,
+            ttl_seconds_after_finished: ctx.config.builds.ttl_seconds_after_finished,
+        });
         match jobs.create(&PostParams::default(), &job).await {
             Ok(_) => {}
             Err(kube::Error::Api(status)) if status.code == 409 => {}
@@ -387,15 +356,19 @@ async fn release_command(
             "running the release command (Job {name}) before releasing"
         )));
     };
-    let conditions = job.status.and_then(|s| s.conditions).unwrap_or_default();
-    let has = |type_: &str| conditions.iter().any(|c| c.type_ == type_ && c.status == "True");
-    if has("Complete") {
-        return Ok(None);
-    }
-    if has("Failed") {
-        return Ok(Some(format!(
-            "the release command failed (Job {name}; `kubectl logs job/{name}`): the running release keeps serving; change the config or settings to try again"
-        )));
+    match super::job_state::state(&ctx.client, &job).await? {
+        super::job_state::JobState::Complete(_) => return Ok(None),
+        super::job_state::JobState::Failed { pod, .. } => {
+            let said = pod
+                .as_ref()
+                .and_then(|p| super::job_state::terminated(p, super::appbuild::RELEASE_CONTAINER))
+                .map(|t| super::job_state::exit_summary(&t))
+                .unwrap_or_else(|| "it did not finish".into());
+            return Ok(Some(format!(
+                "the release command failed ({said}; Job {name}): the running release keeps serving; change the config or settings to try again"
+            )));
+        }
+        super::job_state::JobState::Running(_) => {}
     }
     Ok(Some(format!(
         "running the release command (Job {name}) before releasing"

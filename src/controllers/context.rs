@@ -54,7 +54,7 @@ pub struct Context {
 }
 
 /// Number of controllers whose caches must be synced before the agent reports ready.
-pub const CONTROLLERS: usize = 5;
+pub const CONTROLLERS: usize = 6;
 
 impl Context {
     pub fn new(client: Client, metrics: std::sync::Arc<Metrics>, config: Config) -> Self {

@@ -8,10 +8,12 @@
 pub mod app;
 mod app_runtime;
 pub mod appbuild;
+pub mod apprun;
 pub mod backingservice;
 mod conditions;
 mod context;
 mod error;
+mod job_state;
 pub mod metrics;
 pub mod project;
 pub mod release;
@@ -42,6 +44,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
         project::run(ctx.clone(), shutdown.clone()),
         app::run(ctx.clone(), shutdown.clone()),
         appbuild::run(ctx.clone(), shutdown.clone()),
+        apprun::run(ctx.clone(), shutdown.clone()),
         backingservice::run(ctx.clone(), shutdown.clone()),
         team::run(ctx, shutdown),
     );

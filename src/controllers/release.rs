@@ -6,13 +6,15 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use serde_json::Value;
 
 use super::appbuild::{Refused, chart_values, processes};
 use super::backingservice::binding::Resolved;
-use super::{Context, FIELD_MANAGER, Result};
+use super::{APP_LABEL, Context, FIELD_MANAGER, MANAGED_BY, MANAGED_BY_LABEL, Result};
 use crate::api::{App, AppBuild};
 
 /// Label on an App's config Secret (for the App controller's watch).
@@ -21,6 +23,29 @@ pub const CONFIG_SECRET_LABEL: &str = "apps.shapeblock.io/config-secret";
 /// The App's config Secret: its secret config vars, read by every process as environment.
 pub fn config_secret_name(app: &str) -> String {
     format!("{app}-config")
+}
+
+/// The App's config Secret as the agent creates it: empty (its values are the user's, set by
+/// the hub's set-config command or by hand), owned by the App.
+pub fn config_secret(app: &App) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(config_secret_name(&app.name_any())),
+            namespace: app.namespace(),
+            labels: Some(
+                [
+                    (CONFIG_SECRET_LABEL.to_string(), "true".to_string()),
+                    (APP_LABEL.to_string(), app.name_any()),
+                    (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
+                ]
+                .into(),
+            ),
+            owner_references: Some(vec![super::app::owner_reference(app)]),
+            ..Default::default()
+        },
+        type_: Some("Opaque".into()),
+        ..Default::default()
+    }
 }
 
 /// What runs: the build and its image (with the build's own `helmValues`).

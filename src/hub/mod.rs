@@ -26,7 +26,7 @@ use crate::proto::v1::agent_tunnel_server::{AgentTunnel, AgentTunnelServer};
 use crate::proto::v1::server_message::Body as Down;
 use crate::proto::v1::{
     Ack, AgentMessage, Apply, CancelBuild, Delete, EnrollRequest, EnrollResponse, Heartbeat, HelloAck,
-    ObjectRef, PhaseChange, RenewRequest, ServerMessage, Sync,
+    ObjectRef, PhaseChange, RenewRequest, ServerMessage, SetConfig, Sync,
 };
 use crate::proto::{self, MAX_MESSAGE_BYTES, ca_hash, hex, now_unix, object_key};
 use store::{ObjectStatus, Store, write};
@@ -193,6 +193,12 @@ pub fn sync_command(manifests: &[String], prune: bool) -> Result<Vec<u8>, HubErr
     Ok(body)
 }
 
+/// The command that sets (and unsets) secret config vars of an App.
+pub fn set_config_command(command: SetConfig) -> Result<Vec<u8>, HubError> {
+    crate::proto::check_set_config(&command).map_err(HubError::Invalid)?;
+    Ok(Down::SetConfig(command).encode_body())
+}
+
 /// The command that cancels a running build.
 pub fn cancel_command(namespace: &str, build: &str) -> Vec<u8> {
     Down::CancelBuild(CancelBuild {
@@ -304,6 +310,11 @@ impl Hub {
 
     pub fn sync(&self, cluster: &str, manifests: &[String], prune: bool) -> Result<u64, HubError> {
         self.queue(cluster, sync_command(manifests, prune)?)
+    }
+
+    /// Queues a change of an App's secret config vars.
+    pub fn set_config(&self, cluster: &str, command: SetConfig) -> Result<u64, HubError> {
+        self.queue(cluster, set_config_command(command)?)
     }
 
     pub fn cancel(&self, cluster: &str, namespace: &str, build: &str) -> Result<u64, HubError> {
@@ -649,7 +660,7 @@ fn handle(
                     }
                 }
                 Up::Log(l) => {
-                    let stream = format!("{}/{}/{}", l.namespace, l.build, l.container);
+                    let stream = proto::log_stream(l).map_err(store::StoreError::Invalid)?;
                     write::log(tx, cluster, &stream, l.offset, &l.data, l.truncated, l.eof)?;
                 }
                 Up::Hello(_) | Up::Heartbeat(_) | Up::Ack(_) => {}

@@ -427,7 +427,35 @@ pub mod write {
             "UPDATE commands SET done = 1, ok = ?3, message = ?4 WHERE cluster = ?1 AND seq = ?2",
             params![cluster, command_seq, ok as i64, message],
         )?;
+        // A done command is never sent again: the values of secret config vars are not
+        // needed any more, and the hub keeps only their names.
+        let body: Option<Vec<u8>> = tx
+            .query_row(
+                "SELECT body FROM commands WHERE cluster = ?1 AND seq = ?2",
+                params![cluster, command_seq],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(redacted) = body.as_deref().and_then(forget_config_values) {
+            tx.execute(
+                "UPDATE commands SET body = ?3 WHERE cluster = ?1 AND seq = ?2",
+                params![cluster, command_seq, redacted],
+            )?;
+        }
         Ok(())
+    }
+
+    /// The body of a set-config command with its values emptied; `None` for other commands.
+    fn forget_config_values(body: &[u8]) -> Option<Vec<u8>> {
+        use crate::proto::v1::ServerMessage;
+        use crate::proto::v1::server_message::Body;
+        use prost::Message;
+        let mut message = ServerMessage::decode(body).ok()?;
+        let Some(Body::SetConfig(command)) = message.body.as_mut() else {
+            return None;
+        };
+        command.set.values_mut().for_each(String::clear);
+        Some(message.encode_to_vec())
     }
 
     /// Appends a log chunk. A chunk that overlaps what is stored is cut to the new bytes, so a

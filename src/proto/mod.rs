@@ -51,10 +51,128 @@ pub fn object_key(object: &v1::ObjectRef) -> String {
     format!("{}/{}/{}", object.kind, object.namespace, object.name)
 }
 
+/// The log stream a chunk belongs to, as the hub stores and shows it: a build's
+/// `namespace/build/container`, a one-off run's `namespace/runs/run/container`. `Err` for a
+/// kind that has no logs.
+pub fn log_stream(chunk: &v1::LogChunk) -> Result<String, String> {
+    let v1::LogChunk {
+        kind,
+        namespace,
+        build: name,
+        container,
+        ..
+    } = chunk;
+    match kind.as_str() {
+        "" | "AppBuild" => Ok(format!("{namespace}/{name}/{container}")),
+        "AppRun" => Ok(format!("{namespace}/runs/{name}/{container}")),
+        other => Err(format!(
+            "log chunk of kind {other:?}: only AppBuild and AppRun have logs"
+        )),
+    }
+}
+
+/// Most bytes of secret config values in one [`v1::SetConfig`] (a Secret holds 1 MiB in all).
+pub const MAX_CONFIG_BYTES: usize = 512 * 1024;
+
+/// Checks a [`v1::SetConfig`] as both sides must (the hub before queueing it, the agent before
+/// acting on it). Messages name variables, never values.
+pub fn check_set_config(command: &v1::SetConfig) -> Result<(), String> {
+    for (what, name) in [("namespace", &command.namespace), ("app", &command.app)] {
+        if !is_dns_label(name) {
+            return Err(format!("{what} {name:?} is not a DNS label"));
+        }
+    }
+    if command.set.is_empty() && command.unset.is_empty() {
+        return Err("nothing to set or unset".into());
+    }
+    for name in command.set.keys().chain(&command.unset) {
+        if !is_env_name(name) {
+            return Err(format!(
+                "{name:?} is not a config var name: letters, digits and '_', not starting with a digit, at most 255"
+            ));
+        }
+    }
+    if let Some(both) = command.unset.iter().find(|name| command.set.contains_key(*name)) {
+        return Err(format!("{both} is both set and unset"));
+    }
+    let bytes: usize = command.set.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if bytes > MAX_CONFIG_BYTES {
+        return Err(format!(
+            "the values are {bytes} bytes; at most {MAX_CONFIG_BYTES} in one command"
+        ));
+    }
+    Ok(())
+}
+
+fn is_dns_label(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+/// An environment variable name, as config vars are (`[A-Za-z_][A-Za-z0-9_]*`, at most 255).
+pub fn is_env_name(name: &str) -> bool {
+    (1..=255).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+}
+
 /// Unix seconds now.
 pub fn now_unix() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn command(set: &[(&str, &str)], unset: &[&str]) -> v1::SetConfig {
+        v1::SetConfig {
+            namespace: "shop".into(),
+            app: "web".into(),
+            set: set.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            unset: unset.iter().map(|k| k.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn set_config_commands_are_checked_without_repeating_values() {
+        assert!(check_set_config(&command(&[("API_KEY", "s3cret")], &["OLD"])).is_ok());
+        let refused = [
+            check_set_config(&command(&[], &[])).unwrap_err(),
+            check_set_config(&command(&[("1X", "s3cret")], &[])).unwrap_err(),
+            check_set_config(&command(&[("A-B", "s3cret")], &[])).unwrap_err(),
+            check_set_config(&command(&[("A", "s3cret")], &["A"])).unwrap_err(),
+            check_set_config(&v1::SetConfig {
+                namespace: "Shop".into(),
+                ..command(&[("A", "s3cret")], &[])
+            })
+            .unwrap_err(),
+            check_set_config(&command(&[("BIG", &"x".repeat(MAX_CONFIG_BYTES))], &[])).unwrap_err(),
+        ];
+        for message in refused {
+            assert!(!message.contains("s3cret"), "{message}");
+        }
+    }
+
+    #[test]
+    fn log_streams_tell_builds_from_runs() {
+        let chunk = |kind: &str| v1::LogChunk {
+            kind: kind.into(),
+            namespace: "shop".into(),
+            build: "web-1".into(),
+            container: "build".into(),
+            ..Default::default()
+        };
+        assert_eq!(log_stream(&chunk("")).unwrap(), "shop/web-1/build");
+        assert_eq!(log_stream(&chunk("AppBuild")).unwrap(), "shop/web-1/build");
+        assert_eq!(log_stream(&chunk("AppRun")).unwrap(), "shop/runs/web-1/build");
+        assert!(log_stream(&chunk("Team")).is_err());
+    }
 }

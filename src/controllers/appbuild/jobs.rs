@@ -459,6 +459,16 @@ fn git_volumes(git_secret: Option<&str>) -> Vec<Volume> {
 }
 
 #[allow(clippy::too_many_arguments)]
+/// Labels of a build step's Job and pod.
+fn step_labels(app: &App, build: &AppBuild, step: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
+        (APP_LABEL.to_string(), app.name_any()),
+        (BUILD_LABEL.to_string(), build.name_any()),
+        (STEP_LABEL.to_string(), step.to_string()),
+    ])
+}
+
 fn job(
     app: &App,
     build: &AppBuild,
@@ -472,12 +482,7 @@ fn job(
     fs_group: Option<i64>,
     deadline: i64,
 ) -> Job {
-    let labels = BTreeMap::from([
-        (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
-        (APP_LABEL.to_string(), app.name_any()),
-        (BUILD_LABEL.to_string(), build.name_any()),
-        (STEP_LABEL.to_string(), step.to_string()),
-    ]);
+    let labels = step_labels(app, build, step);
     Job {
         metadata: ObjectMeta {
             name: Some(name.into()),
@@ -622,10 +627,8 @@ pub fn release_job_name(build: &AppBuild) -> String {
     format!("{}-release", build.name_any())
 }
 
-/// The release command's Job: the `web` process's container as rendered for this release
-/// (image, plain and secret config vars, bound services, resources) running `command` once,
-/// before the release replaces the serving one. `web` is the container in the chart values'
-/// shape; it carries no secret value (those are references).
+/// The release command's Job: [`app_job`] for a build's release, labelled as the build's
+/// step so its log is relayed as part of the build's.
 pub fn release_job(
     app: &App,
     build: &AppBuild,
@@ -635,46 +638,88 @@ pub fn release_job(
     owner: &OwnerReference,
     settings: &BuildSettings,
 ) -> Job {
+    app_job(&AppJob {
+        namespace: &build.namespace().unwrap_or_default(),
+        name,
+        labels: step_labels(app, build, "release"),
+        container: RELEASE_CONTAINER,
+        web,
+        command,
+        owner,
+        deadline_seconds: RELEASE_DEADLINE_SECONDS,
+        ttl_seconds_after_finished: settings.ttl_seconds_after_finished,
+    })
+}
+
+/// A Job that runs one command of the App's own code: a release command or a one-off run.
+pub struct AppJob<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    /// Labels of the Job and its pod (with the managed-by label added).
+    pub labels: BTreeMap<String, String>,
+    pub container: &'a str,
+    /// The `web` process's container as rendered for the release (in the chart values'
+    /// shape): image, plain and secret config vars, bound services, resources. It carries no
+    /// secret value (those are references).
+    pub web: &'a serde_json::Value,
+    pub command: Vec<String>,
+    pub owner: &'a OwnerReference,
+    pub deadline_seconds: i64,
+    pub ttl_seconds_after_finished: i32,
+}
+
+/// The Job of an [`AppJob`]: `web`'s container running `command` once. The pod runs with the
+/// namespace's default ServiceAccount and its defaults, like `web`: it is the app's code, not
+/// the builder's.
+pub fn app_job(spec: &AppJob<'_>) -> Job {
     fn field<T: serde::de::DeserializeOwned>(web: &serde_json::Value, key: &str) -> Option<T> {
         web.get(key).cloned().and_then(|v| serde_json::from_value(v).ok())
     }
+    let web = spec.web;
     let image = format!(
         "{}:{}",
         web["image"].as_str().unwrap_or_default(),
         web["imageTag"].as_str().unwrap_or_default()
     );
     let container = Container {
-        name: RELEASE_CONTAINER.into(),
+        name: spec.container.into(),
         image: Some(image),
-        command: Some(command),
+        command: Some(spec.command.clone()),
         env: field(web, "env"),
         env_from: field(web, "envFrom"),
         resources: field(web, "resources"),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
         ..Default::default()
     };
-    let mut job = job(
-        app,
-        build,
-        name,
-        "release",
-        owner,
-        settings,
-        vec![],
-        container,
-        vec![],
-        None,
-        RELEASE_DEADLINE_SECONDS,
-    );
-    // The app's own pods run with the namespace's default ServiceAccount and its token, like
-    // `web`; the release command is the app's code, not the builder's.
-    if let Some(pod) = job.spec.as_mut().and_then(|s| s.template.spec.as_mut()) {
-        pod.automount_service_account_token = None;
-        pod.enable_service_links = None;
-        pod.volumes = None;
-        pod.security_context = None;
+    let mut labels = spec.labels.clone();
+    labels.insert(MANAGED_BY_LABEL.into(), MANAGED_BY.into());
+    Job {
+        metadata: ObjectMeta {
+            name: Some(spec.name.into()),
+            namespace: Some(spec.namespace.into()),
+            labels: Some(labels.clone()),
+            owner_references: Some(vec![spec.owner.clone()]),
+            ..Default::default()
+        },
+        spec: Some(JobSpec {
+            backoff_limit: Some(0),
+            active_deadline_seconds: Some(spec.deadline_seconds),
+            ttl_seconds_after_finished: Some(spec.ttl_seconds_after_finished),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    restart_policy: Some("Never".into()),
+                    containers: vec![container],
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
     }
-    job
 }
 
 #[cfg(test)]

@@ -30,7 +30,8 @@ pub use helmchart::{
 };
 pub(crate) use helmchart::{chart_object, helm_chart as helm_chart_object, sha256_hex_prefix};
 pub use jobs::{
-    BUILD_LABEL, BuildSettings, RELEASE_CONTAINER, parse_build_report, parse_commit, release_job,
+    AppJob, BUILD_LABEL, BuildSettings, RELEASE_CONTAINER, RELEASE_DEADLINE_SECONDS, app_job,
+    parse_build_report, parse_commit, release_job,
 };
 pub use values::{
     ALLOWED_KEYS, CONFIG_REVISION_ANNOTATION, PROCESS_LABEL, Release, WEB, chart_values, deployment_name,
@@ -38,6 +39,7 @@ pub use values::{
 };
 pub(crate) use values::{Refused, env_list, reject_templates};
 
+use super::job_state::{self, JobState};
 use super::{APP_LABEL, ConditionSet, Context, Error, FIELD_MANAGER, MANAGED_BY, MANAGED_BY_LABEL, Result};
 use crate::api::{App, AppBuild, AppBuildPhase, AppBuildStatus, BuildType};
 
@@ -355,7 +357,8 @@ impl Pipeline<'_> {
                     let clone_report = self
                         .job_pod(&jobs::build_job_name(self.build))
                         .await?
-                        .and_then(|pod| terminated_message(&pod, jobs::CLONE_CONTAINER))
+                        .and_then(|pod| job_state::terminated(&pod, jobs::CLONE_CONTAINER))
+                        .and_then(|t| t.message)
                         .and_then(|message| jobs::parse_procfile_report(&message));
                     let destination = jobs::destination(app, &jobs::image_tag(self.build, &commit));
                     let image = format!("{destination}@{}", report.digest);
@@ -494,45 +497,28 @@ impl Pipeline<'_> {
                 Err(err) => return Err(err.into()),
             },
         };
-        let pods = Api::<Pod>::namespaced(self.ctx.client.clone(), &self.namespace());
-        let pod = pods
-            .list(&ListParams::default().labels(&format!("job-name={name}")))
-            .await?
-            .items
-            .into_iter()
-            .next();
-        let conditions = current
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.clone())
-            .unwrap_or_default();
-        let has = |type_: &str| conditions.iter().find(|c| c.type_ == type_ && c.status == "True");
-        if has("Complete").is_some() {
-            let message = pod
-                .as_ref()
-                .and_then(|p| terminated_message(p, container))
-                .unwrap_or_default();
-            return Ok(JobOutcome::Succeeded(message));
-        }
-        if let Some(failed) = has("Failed") {
-            if failed.reason.as_deref() == Some("DeadlineExceeded") {
-                let deadline = current
-                    .spec
+        Ok(match job_state::state(&self.ctx.client, &current).await? {
+            JobState::Running(pod) => JobOutcome::Running(pod.map(|p| p.name_any())),
+            JobState::Complete(pod) => JobOutcome::Succeeded(
+                pod.and_then(|p| job_state::terminated(&p, container))
+                    .and_then(|t| t.message)
+                    .unwrap_or_default(),
+            ),
+            JobState::Failed {
+                timed_out_after: Some(deadline),
+                ..
+            } => JobOutcome::Failed {
+                reason: "Timeout",
+                message: format!("the build did not finish within {deadline}s"),
+            },
+            JobState::Failed { pod, .. } => {
+                let (reason, message) = pod
                     .as_ref()
-                    .and_then(|s| s.active_deadline_seconds)
-                    .unwrap_or_default();
-                return Ok(JobOutcome::Failed {
-                    reason: "Timeout",
-                    message: format!("the build did not finish within {deadline}s"),
-                });
+                    .map(failure_of)
+                    .unwrap_or(("BuildFailed", "the build pod failed".into()));
+                JobOutcome::Failed { reason, message }
             }
-            let (reason, message) = pod
-                .as_ref()
-                .map(failure_of)
-                .unwrap_or(("BuildFailed", "the build pod failed".into()));
-            return Ok(JobOutcome::Failed { reason, message });
-        }
-        Ok(JobOutcome::Running(pod.map(|p| p.name_any())))
+        })
     }
 
     /// Deploys the build's image and decides when it is rolled out.
@@ -779,27 +765,8 @@ impl Pipeline<'_> {
             .items
             .into_iter()
             .next()?;
-        let terminated = pod
-            .status
-            .as_ref()?
-            .container_statuses
-            .iter()
-            .flatten()
-            .find(|c| c.name == jobs::RELEASE_CONTAINER)?
-            .state
-            .as_ref()?
-            .terminated
-            .clone()?;
-        let mut said = format!("exit {}", terminated.exit_code);
-        if let Some(message) = terminated
-            .message
-            .as_deref()
-            .map(str::trim)
-            .filter(|m| !m.is_empty())
-        {
-            said.push_str(&format!(": {message}"));
-        }
-        Some(said)
+        let terminated = job_state::terminated(&pod, jobs::RELEASE_CONTAINER)?;
+        Some(job_state::exit_summary(&terminated))
     }
 
     async fn newest_release(&self, namespace: &str, release: &str) -> Result<Option<(u32, String)>> {
@@ -1129,22 +1096,6 @@ enum JobOutcome {
     Running(Option<String>),
     Succeeded(String),
     Failed { reason: &'static str, message: String },
-}
-
-fn terminated_message(pod: &Pod, container: &str) -> Option<String> {
-    let status = pod.status.as_ref()?;
-    status
-        .container_statuses
-        .iter()
-        .flatten()
-        .chain(status.init_container_statuses.iter().flatten())
-        .find(|c| c.name == container)?
-        .state
-        .as_ref()?
-        .terminated
-        .as_ref()?
-        .message
-        .clone()
 }
 
 /// Which step of a failed build pod failed, and what it said.
