@@ -152,6 +152,28 @@ async fn secret_config_through_the_hub_and_one_off_runs_with_their_output_and_ex
     let last = releases.last().unwrap();
     assert!(last.config_revision > first_revision);
     assert_eq!(last.build.as_deref(), Some("shop-1"), "released without a build");
+    assert!(
+        releases[0].rolled_out.is_some(),
+        "the build's release rolled out: {releases:?}"
+    );
+    // The record says when the config change had rolled out, once it has.
+    let rolled_out = eventually(ROLLOUT, "the config-change release rolled out", || async {
+        let app = Api::<App>::namespaced(env.client.clone(), &project)
+            .get("shop")
+            .await
+            .ok()?;
+        let last = app.status?.releases.last()?.clone();
+        (last.version == releases.last().unwrap().version).then_some(last.rolled_out)?
+    })
+    .await
+    .0;
+    let web = Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(env.client.clone(), &project)
+        .get("shop-web")
+        .await
+        .unwrap();
+    let web_status = web.status.unwrap();
+    assert_eq!(web_status.updated_replicas, web_status.available_replicas);
+    assert!(rolled_out.0 >= releases.last().unwrap().time.0);
     // Confirmed: the hub keeps the names, not the values.
     let stored = hub
         .store()

@@ -175,6 +175,10 @@ pub struct ReleaseRecord {
     pub config_revision: u32,
     /// When the release was made.
     pub time: Time,
+    /// When every process ran it, updated and available (unset while it rolls out, and for a
+    /// release replaced before it finished rolling out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_out: Option<Time>,
 }
 
 /// A domain of the App as served now.

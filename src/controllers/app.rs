@@ -264,6 +264,7 @@ async fn apply(app: &App, ctx: &Context) -> Result<Action> {
     let bound = bind_services(app, ctx, &mut conditions).await?;
     let waiting = app_runtime::release(app, ctx, &bound, &mut runtime).await?;
     let issuing = app_runtime::certificates(app, ctx, &mut conditions, &mut runtime).await?;
+    let rolling = app_runtime::track_rollout(app, ctx, &mut runtime).await?;
     let running = app.status.as_ref().and_then(|s| s.current_image.clone());
     let (phase, mut summary) = match &running {
         Some(image) => (AppPhase::Deployed, format!("running {image}")),
@@ -277,8 +278,8 @@ async fn apply(app: &App, ctx: &Context) -> Result<Action> {
     }
     conditions.set("Ready", true, "Reconciled", &summary);
     write_status(ctx, app, phase, &summary, Some(credentials), conditions, runtime).await?;
-    if waiting.is_some() {
-        // The build's own status changes do not wake the App: look again shortly.
+    if waiting.is_some() || rolling {
+        // The build's own status changes and rollouts do not wake the App: look again shortly.
         return Ok(Action::requeue(std::time::Duration::from_secs(5)));
     }
     if issuing {

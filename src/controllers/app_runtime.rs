@@ -2,10 +2,11 @@
 //! releases of the running image when config vars, processes, domains, cron entries, scaling
 //! or bound services change (no build), each recorded in `status.releases`.
 
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, ListParams, PostParams};
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 
@@ -212,10 +213,45 @@ fn record(
         build: Some(build.to_owned()),
         config_revision,
         time: Time(Timestamp::now()),
+        rolled_out: None,
     });
     let excess = runtime.releases.len().saturating_sub(KEEP_RELEASES);
     runtime.releases.drain(..excess);
     version
+}
+
+/// Records when the newest release has rolled out: every Deployment of the App runs its
+/// build's image with its config revision, updated and available. Returns whether it is still
+/// rolling out (Deployments are not watched by the App controller: look again soon).
+pub async fn track_rollout(app: &App, ctx: &Context, runtime: &mut RuntimeStatus) -> Result<bool> {
+    let Some(last) = runtime.releases.last_mut() else {
+        return Ok(false);
+    };
+    if last.rolled_out.is_some() {
+        return Ok(false);
+    }
+    let Some(build) = last.build.clone() else {
+        return Ok(false);
+    };
+    let deployments = Api::<Deployment>::namespaced(ctx.client.clone(), &app.namespace().unwrap_or_default())
+        .list(&ListParams::default().labels(&format!("{}={}", super::APP_LABEL, app.name_any())))
+        .await?
+        .items;
+    let revision = last.config_revision.to_string();
+    let done = !deployments.is_empty()
+        && deployments.iter().all(|d| {
+            super::appbuild::rolled_out(d, &build, &last.image)
+                && d.spec
+                    .as_ref()
+                    .and_then(|s| s.template.metadata.as_ref())
+                    .and_then(|m| m.annotations.as_ref())
+                    .and_then(|a| a.get(super::appbuild::CONFIG_REVISION_ANNOTATION))
+                    == Some(&revision)
+        });
+    if done {
+        last.rolled_out = Some(Time(Timestamp::now()));
+    }
+    Ok(!done)
 }
 
 /// Reports whether the certificates of the App's TLS domains are issued: `CertificatesReady`,

@@ -1146,6 +1146,12 @@ enum Rollout {
 
 /// Whether the Deployment runs this build (its template carries the build and the image) and
 /// has rolled out completely.
+/// Whether `deployment` runs `build`'s `image`, updated and available (for the App's record
+/// of its releases).
+pub(crate) fn rolled_out(deployment: &Deployment, build: &str, image: &str) -> bool {
+    matches!(rollout(Some(deployment), build, image), Rollout::Done)
+}
+
 fn rollout(deployment: Option<&Deployment>, build: &str, image: &str) -> Rollout {
     let Some(deployment) = deployment else {
         return Rollout::Progressing;
