@@ -458,7 +458,6 @@ fn git_volumes(git_secret: Option<&str>) -> Vec<Volume> {
     volumes
 }
 
-#[allow(clippy::too_many_arguments)]
 /// Labels of a build step's Job and pod.
 fn step_labels(app: &App, build: &AppBuild, step: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
@@ -469,6 +468,7 @@ fn step_labels(app: &App, build: &AppBuild, step: &str) -> BTreeMap<String, Stri
     ])
 }
 
+#[allow(clippy::too_many_arguments)]
 fn job(
     app: &App,
     build: &AppBuild,
