@@ -65,7 +65,7 @@ async fn seed_samples_are_accepted_and_read_back_as_the_rust_types() {
             created += 1;
         }
     }
-    assert_eq!(created, 9, "every sample document was created");
+    assert_eq!(created, 10, "every sample document was created");
 
     // What the apiserver stored parses as the Rust types, with the schema's defaults applied.
     let apps = Api::<App>::namespaced(client.clone(), &namespace)
@@ -394,7 +394,10 @@ async fn short_names_and_category_are_served() {
         .map(|(r, _)| r.kind)
         .collect();
     kinds.sort();
-    assert_eq!(kinds, ["App", "AppBuild", "BackingService", "Project", "Team"]);
+    assert_eq!(
+        kinds,
+        ["App", "AppBuild", "AppRun", "BackingService", "Project", "Team"]
+    );
     // Short names come from the CRD objects themselves.
     let crds: Api<
         k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
@@ -402,4 +405,7 @@ async fn short_names_and_category_are_served() {
     let app = crds.get("apps.apps.shapeblock.io").await.unwrap();
     assert_eq!(app.spec.names.short_names, Some(vec!["sbapp".to_owned()]));
     assert_eq!(app.spec.names.categories, Some(vec!["shapeblock".to_owned()]));
+    let run = crds.get("appruns.apps.shapeblock.io").await.unwrap();
+    assert_eq!(run.spec.names.short_names, Some(vec!["sbrun".to_owned()]));
+    assert_eq!(run.spec.names.categories, Some(vec!["shapeblock".to_owned()]));
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 
-use crate::api::{App, AppBuild, BackingService, Project, Team};
+use crate::api::{App, AppBuild, AppRun, BackingService, Project, Team};
 use crate::testenv::agent::{AgentProcess, install_agent_identity};
 
 /// Sample manifests the demo applies (those whose controllers exist today).
@@ -17,6 +17,7 @@ const SAMPLES: &[&str] = &[
     "examples/04-backingservice.yaml",
     "examples/05-team.yaml",
     "examples/06-prebuilt-build.yaml",
+    "examples/07-apprun.yaml",
 ];
 pub const AGENT_NAMESPACE: &str = "shapeblock";
 
@@ -144,6 +145,8 @@ pub async fn send_samples_and_follow(
 ) -> Result<(), Box<dyn std::error::Error>> {
     let started = std::time::Instant::now();
     let manifests = sample_manifests(root)?;
+    // Simulated nodes execute nothing: this is what the sample run's command prints on them.
+    crate::testenv::logs().script("my-project", "run", DEMO_RUN_OUTPUT);
     let (projects, rest): (Vec<_>, Vec<_>) = manifests.into_iter().partition(|(kind, _)| kind == "Project");
     println!();
     println!("sending the samples through the hub; what the agent reports back:");
@@ -179,8 +182,19 @@ pub async fn send_samples_and_follow(
             .is_some_and(|p| matches!(p.as_str(), "Completed" | "Failed" | "Cancelled"));
         let database_done = phase_of("BackingService/my-project/main-db")
             .is_some_and(|p| matches!(p.as_str(), "Ready" | "Failed"));
-        if build_done && database_done {
+        let run_done = phase_of(&format!("AppRun/my-project/{DEMO_RUN}"))
+            .is_some_and(|p| matches!(p.as_str(), "Succeeded" | "Failed"));
+        let stream = format!("my-project/runs/{DEMO_RUN}/run");
+        let (output, _, output_done) = hub.hub.store().log(CLUSTER, &stream)?;
+        if build_done && database_done && run_done && output_done {
             print_new_events(hub, started, shown)?;
+            println!();
+            println!(
+                "output of AppRun {DEMO_RUN}, as the hub received it (shapeblock-hub logs --stream {stream}):"
+            );
+            for line in String::from_utf8_lossy(&output).lines() {
+                println!("  | {line}");
+            }
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -191,6 +205,13 @@ pub async fn send_samples_and_follow(
 
 /// The sample build the demo follows.
 pub const DEMO_BUILD: &str = "prebuilt-app-1";
+/// The sample one-off run, and what it prints.
+pub const DEMO_RUN: &str = "prebuilt-app-check";
+const DEMO_RUN_OUTPUT: &[&str] = &[
+    "checking prebuilt-app (release config: LOG_LEVEL=info)",
+    "database main-db: reachable",
+    "all checks passed",
+];
 
 fn print_new_events(
     hub: &DemoHub,
@@ -262,7 +283,7 @@ use serde::Deserialize;
 /// Prints what the agent made of the samples, as `kubectl get` would.
 pub async fn print_status(client: &Client) -> Result<(), Box<dyn std::error::Error>> {
     println!();
-    println!("{:<10} {:<16} {:<10} MESSAGE", "KIND", "NAME", "PHASE");
+    println!("{:<10} {:<20} {:<10} MESSAGE", "KIND", "NAME", "PHASE");
     for project in Api::<Project>::all(client.clone())
         .list(&Default::default())
         .await?
@@ -308,6 +329,18 @@ pub async fn print_status(client: &Client) -> Result<(), Box<dyn std::error::Err
             status.message,
         );
     }
+    for run in Api::<AppRun>::all(client.clone())
+        .list(&Default::default())
+        .await?
+    {
+        let status = run.status.clone().unwrap_or_default();
+        row(
+            "AppRun",
+            &run.name_any(),
+            status.phase.map(|p| format!("{p:?}")),
+            status.message,
+        );
+    }
     for team in Api::<Team>::all(client.clone()).list(&Default::default()).await? {
         let status = team.status.clone().unwrap_or_default();
         row(
@@ -322,7 +355,7 @@ pub async fn print_status(client: &Client) -> Result<(), Box<dyn std::error::Err
 
 fn row(kind: &str, name: &str, phase: Option<String>, message: Option<String>) {
     println!(
-        "{kind:<10} {name:<16} {:<10} {}",
+        "{kind:<10} {name:<20} {:<10} {}",
         phase.unwrap_or_else(|| "-".into()),
         message.unwrap_or_default()
     );
