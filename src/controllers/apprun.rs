@@ -14,6 +14,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::core::{DeserializeGuard, PartialObjectMeta};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
@@ -39,17 +40,49 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
     let client = ctx.client.clone();
     let runs = Api::<DeserializeGuard<AppRun>>::all(client.clone());
     let jobs = watcher(
-        Api::<PartialObjectMeta<Job>>::all(client),
+        Api::<PartialObjectMeta<Job>>::all(client.clone()),
         watcher::Config::default().labels(RUN_LABEL),
     )
     .touched_objects();
+    // An App that changes (say, its first build deployed) wakes the runs waiting for it.
+    let apps = watcher(
+        Api::<PartialObjectMeta<App>>::all(client),
+        watcher::Config::default(),
+    )
+    .touched_objects();
     let controller = Controller::new(runs, watcher::Config::default()).owns_stream(jobs);
-    super::mark_synced_when_ready(ctx.clone(), controller.store());
+    let store = controller.store();
+    let waiting = store.clone();
+    let controller = controller.watches_stream(apps, move |app: PartialObjectMeta<App>| {
+        waiting_runs(&waiting, app.namespace().as_deref(), &app.name_any())
+    });
+    super::mark_synced_when_ready(ctx.clone(), store);
     controller
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(super::log_reconcile_end)
         .await;
+}
+
+/// Runs of `app` that have not started.
+fn waiting_runs(
+    store: &Store<DeserializeGuard<AppRun>>,
+    namespace: Option<&str>,
+    app: &str,
+) -> Vec<ObjectRef<DeserializeGuard<AppRun>>> {
+    store
+        .state()
+        .iter()
+        .filter(|guard| guard.namespace().as_deref() == namespace)
+        .filter(|guard| match &guard.0 {
+            Ok(run) => {
+                run.spec.app_name == app
+                    && run.status.as_ref().and_then(|s| s.phase).unwrap_or_default() == AppRunPhase::Pending
+            }
+            Err(_) => false,
+        })
+        .map(|guard| ObjectRef::from_obj(guard.as_ref()))
+        .collect()
 }
 
 fn key(run: &impl ResourceExt) -> String {
