@@ -116,6 +116,16 @@ async fn run() {
         .await;
     let elapsed = started.elapsed();
     let rss = agent.peak_rss_kib();
+    breakdown(&client).await;
+    // How much reconciling it took, per kind.
+    if let Some((200, metrics)) = agent.get("/metrics").await {
+        for line in metrics.lines().filter(|l| {
+            l.starts_with("shapeblock_reconciles_total")
+                || l.starts_with("shapeblock_reconcile_duration_seconds_sum")
+        }) {
+            println!("  {line}");
+        }
+    }
     println!(
         "agent: {} AppBuilds ({apps} Apps x {builds}, image strategy) Completed in {:.1}s; ratio to bare helm {:.2}x; agent peak RSS {:.1} MiB",
         apps * builds,
@@ -124,6 +134,41 @@ async fn run() {
         rss as f64 / 1024.0
     );
     agent.terminate(Duration::from_secs(15));
+}
+
+/// Where a build's time went, from its own status: waiting to start (created → `startTime`),
+/// then deploying (`startTime` → `completionTime`: HelmChart, helm Job, rollout).
+async fn breakdown(client: &Client) {
+    let builds = Api::<AppBuild>::all(client.clone())
+        .list(&Default::default())
+        .await
+        .unwrap();
+    let seconds = |from: &k8s_openapi::jiff::Timestamp, to: &k8s_openapi::jiff::Timestamp| {
+        to.duration_since(*from).as_secs_f64()
+    };
+    let (mut waiting, mut deploying) = (Vec::new(), Vec::new());
+    for build in builds {
+        let created = build.metadata.creation_timestamp.clone().unwrap().0;
+        let status = build.status.unwrap_or_default();
+        let (Some(start), Some(end)) = (status.start_time, status.completion_time) else {
+            continue;
+        };
+        waiting.push(seconds(&created, &start.0));
+        deploying.push(seconds(&start.0, &end.0));
+    }
+    for (what, mut values) in [
+        ("created -> started", waiting),
+        ("started -> Completed", deploying),
+    ] {
+        values.sort_by(f64::total_cmp);
+        let at = |q: f64| values[((values.len() - 1) as f64 * q).round() as usize];
+        println!(
+            "  per build, {what}: p50 {:.1}s, p90 {:.1}s, max {:.1}s (second resolution)",
+            at(0.5),
+            at(0.9),
+            at(1.0)
+        );
+    }
 }
 
 fn project_of(app: usize) -> String {

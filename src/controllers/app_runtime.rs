@@ -128,19 +128,29 @@ pub async fn release(
     if !settings_changed {
         return Ok(None);
     }
-    // A build on its way out renders the new settings itself; release after it.
-    if let Some(latest) = status.latest_build.as_ref().filter(|latest| **latest != build)
-        && let Some(latest) = builds.get_opt(latest).await?
-        && !latest
-            .status
-            .as_ref()
-            .and_then(|s| s.phase)
-            .is_some_and(|p| p.is_final())
+    // A build on its way out renders the new settings itself; release after it. The chart
+    // names the build it deploys: this App object may predate that build's own write of
+    // `latestBuild`, and releasing the running build over it would undo its deploy.
+    let charted = deployed
+        .as_ref()
+        .and_then(|v| v["generic"]["podAnnotations"][super::appbuild::BUILD_ANNOTATION].as_str());
+    for other in [status.latest_build.as_deref(), charted]
+        .into_iter()
+        .flatten()
+        .filter(|other| *other != build)
     {
-        return Ok(Some(format!(
-            "settings changed: released after AppBuild {} finishes",
-            latest.name_any()
-        )));
+        if let Some(other) = builds.get_opt(other).await?
+            && !other
+                .status
+                .as_ref()
+                .and_then(|s| s.phase)
+                .is_some_and(|p| p.is_final())
+        {
+            return Ok(Some(format!(
+                "settings changed: released after AppBuild {} finishes",
+                other.name_any()
+            )));
+        }
     }
     let running = Running::of(&build, &image, running_build.as_ref());
     let values = match release::render(ctx, &view, &running).await? {
@@ -148,6 +158,15 @@ pub async fn release(
         Err(refused) => return Ok(Some(format!("cannot release the running build again: {refused}"))),
     };
     if deployed.as_ref() != Some(&values) {
+        // Releasing is decided from this App object, which may lag behind a build that has
+        // just made itself current: releasing the build it names would undo that deploy. Act
+        // only on the App as it is now.
+        let fresh = Api::<App>::namespaced(ctx.client.clone(), &namespace)
+            .get_metadata_opt(&app.name_any())
+            .await?;
+        if fresh.is_none_or(|f| f.metadata.resource_version != app.metadata.resource_version) {
+            return Ok(Some("the App changed meanwhile: looking again".into()));
+        }
         let previous_revision = runtime.releases.last().map_or(0, |r| r.config_revision);
         let reason = if previous_revision != revision {
             ReleaseReason::ConfigChange

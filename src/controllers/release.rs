@@ -153,13 +153,28 @@ pub async fn apply(ctx: &Context, app: &App, build: &str, values: &Value) -> Res
         build,
         values,
     );
-    charts(ctx)
-        .patch(
-            &chart.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&chart),
-        )
-        .await?;
+    let charts = charts(ctx);
+    // Deploys look again every few seconds until rolled out: the same release again is a
+    // metadata read, not a patch carrying the whole chart.
+    let applied = charts.get_metadata_opt(&chart.name_any()).await?;
+    let same = applied.is_some_and(|applied| {
+        let annotations = applied.annotations();
+        [
+            super::appbuild::BUILD_ANNOTATION,
+            super::appbuild::CONTENT_ANNOTATION,
+        ]
+        .iter()
+        .all(|key| annotations.get(*key) == chart.annotations().get(*key))
+    });
+    if !same {
+        charts
+            .patch(
+                &chart.name_any(),
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&chart),
+            )
+            .await?;
+    }
     Ok(())
 }
 

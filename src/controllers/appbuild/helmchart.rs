@@ -18,6 +18,10 @@ pub const UNIVERSAL_CHART: &[u8] = include_bytes!("../../../assets/universal-cha
 
 /// Annotation on a HelmChart: the AppBuild it deploys.
 pub const BUILD_ANNOTATION: &str = "apps.shapeblock.io/build";
+/// Annotation on a HelmChart the agent applies: a fingerprint of its chart and values, so that
+/// applying the same release again costs a metadata read instead of a patch that carries the
+/// whole chart.
+pub const CONTENT_ANNOTATION: &str = "apps.shapeblock.io/content";
 
 pub fn resource() -> ApiResource {
     ApiResource::from_gvk_with_plural(
@@ -51,6 +55,13 @@ pub(crate) fn sha256_hex_prefix(input: &[u8], bytes: usize) -> String {
         let _ = write!(out, "{b:02x}");
         out
     })
+}
+
+/// Fingerprint of the embedded chart and `values_content`.
+fn content_fingerprint(values_content: &str) -> String {
+    let mut input = UNIVERSAL_CHART.to_vec();
+    input.extend_from_slice(values_content.as_bytes());
+    sha256_hex_prefix(&input, 16)
 }
 
 /// The HelmChart for one App's release.
@@ -87,6 +98,8 @@ pub(crate) fn chart_object(
     labels.insert(MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string());
     labels.insert(PROJECT_LABEL.to_string(), project.to_string());
     let values = values_content(values);
+    let mut annotations = annotations;
+    annotations.insert(CONTENT_ANNOTATION.to_string(), content_fingerprint(&values));
     let object = json!({
         "apiVersion": "helm.cattle.io/v1",
         "kind": "HelmChart",

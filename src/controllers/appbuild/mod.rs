@@ -24,7 +24,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
-pub use helmchart::values_content;
+pub use helmchart::{BUILD_ANNOTATION, CONTENT_ANNOTATION, values_content};
 pub use helmchart::{
     UNIVERSAL_CHART, chart_name, release_status, resource as helm_chart_resource, service_chart_name,
 };
@@ -1164,7 +1164,7 @@ fn rollout(deployment: Option<&Deployment>, build: &str, image: &str) -> Rollout
         .metadata
         .as_ref()
         .and_then(|m| m.annotations.as_ref())
-        .and_then(|a| a.get("apps.shapeblock.io/build"))
+        .and_then(|a| a.get(BUILD_ANNOTATION))
         .map(String::as_str)
         == Some(build);
     let running_image = template

@@ -285,7 +285,7 @@ pub fn chart_values(release: &Release<'_>, user: Option<&Value>) -> Result<Value
             // Which build and config a running pod template belongs to: how "rolled out" is
             // decided, and what makes a config change roll the pods.
             "podAnnotations": {
-                "apps.shapeblock.io/build": release.build,
+                super::helmchart::BUILD_ANNOTATION: release.build,
                 CONFIG_REVISION_ANNOTATION: release.config_revision.to_string(),
             },
             "usePredefinedAffinity": false,

@@ -169,6 +169,11 @@ pub async fn bind(
     services: &[String],
     values: &mut Value,
 ) -> crate::controllers::Result<(Resolved, bool)> {
+    if services.is_empty() {
+        // Nothing to resolve, so no catalog to read (every release of every App passes here).
+        let changed = apply_bindings(values, binding_env(&[]));
+        return Ok((Resolved::default(), changed));
+    }
     let catalog = match super::load_catalog(ctx).await? {
         Ok(catalog) => catalog,
         // The BackingServices report a broken override; aliases come from the built-in entries.
