@@ -49,15 +49,8 @@ async fn deployed_app(client: &Client, project: &str) -> App {
 }
 
 async fn result_of(hub: &Hub, cluster: &str, seq: u64) -> (bool, String) {
-    eventually(HUB_TIMEOUT, &format!("the result of command {seq}"), || async {
-        let row = hub
-            .store()
-            .commands(cluster)
-            .ok()?
-            .into_iter()
-            .find(|c| c.seq == seq)?;
-        row.done
-            .then(|| (row.ok.unwrap_or(false), row.message.unwrap_or_default()))
+    eventually(HUB_TIMEOUT, &format!("the result of command {seq}"), || {
+        support::hub::result_of(hub, cluster, seq)
     })
     .await
     .0

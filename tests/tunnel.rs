@@ -17,6 +17,7 @@ use shapeblock_agent::proto::v1::server_message::Body as Down;
 use shapeblock_agent::proto::v1::{AgentMessage, Hello, ObjectRef, ServerMessage};
 use shapeblock_agent::testenv::{self, agent::AgentProcess};
 use shapeblock_agent::tunnel::{Identity, TunnelError, enroll};
+use support::hub::result_of;
 use support::{eventually, unique_name};
 use tokio::sync::{Mutex, MutexGuard};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
@@ -346,17 +347,6 @@ async fn phase_at_hub(hub: &Hub, cluster: &str, key: &str) -> Option<String> {
         .into_iter()
         .find(|o| o.key == key)
         .map(|o| o.phase)
-}
-
-async fn result_of(hub: &Hub, cluster: &str, seq: u64) -> Option<(bool, String)> {
-    let row = hub
-        .store()
-        .commands(cluster)
-        .ok()?
-        .into_iter()
-        .find(|c| c.seq == seq)?;
-    row.done
-        .then(|| (row.ok.unwrap_or(false), row.message.unwrap_or_default()))
 }
 
 #[tokio::test]

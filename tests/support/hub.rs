@@ -60,3 +60,15 @@ where
     );
     String::from_utf8(output.stdout).unwrap()
 }
+
+/// The result of command `seq` (ok, message) once the agent has answered it.
+pub async fn result_of(hub: &Hub, cluster: &str, seq: u64) -> Option<(bool, String)> {
+    let row = hub
+        .store()
+        .commands(cluster)
+        .ok()?
+        .into_iter()
+        .find(|c| c.seq == seq)?;
+    row.done
+        .then(|| (row.ok.unwrap_or(false), row.message.unwrap_or_default()))
+}
