@@ -13,9 +13,14 @@ use crate::hub::{self, HubConfig};
 use crate::proto::v1::ObjectRef;
 
 /// The reference ShapeBlock hub: enrollment tokens, CSR signing, agent sessions, commands,
-/// and a record of events and build logs.
+/// and a record of events and build and run logs.
 #[derive(Parser, Debug)]
-#[command(name = "shapeblock-hub", version, about, long_about = None)]
+#[command(
+    name = "shapeblock-hub",
+    version,
+    about = "The reference ShapeBlock hub: enrolls agents, serves their mTLS sessions, queues commands, and keeps their events and build and run logs",
+    long_about = None
+)]
 pub struct Cli {
     /// Where the CA, the server certificate and the store live.
     #[arg(long, env = "SHAPEBLOCK_HUB_DATA", default_value = "hub-data", global = true)]
