@@ -54,6 +54,18 @@ pub fn of(job: &Job, pod: Option<Pod>) -> JobState {
     JobState::Running(pod)
 }
 
+/// The message of `job`'s `Failed` condition (say, "Job has reached the specified backoff
+/// limit"), if it failed.
+pub fn failure_message(job: &Job) -> Option<String> {
+    job.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "Failed" && c.status == "True")
+        .map(|c| c.message.clone().unwrap_or_else(|| "failed".into()))
+}
+
 /// How `container` (an init container or a main one) of `pod` ended, if it did.
 pub fn terminated(pod: &Pod, container: &str) -> Option<ContainerStateTerminated> {
     let status = pod.status.as_ref()?;
@@ -122,7 +134,12 @@ mod tests {
                 ..
             }
         ));
-        let failed = json!([{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]);
+        let failed = json!([{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"}]);
+        assert_eq!(
+            failure_message(&job(failed.clone())).as_deref(),
+            Some("Job has reached the specified backoff limit")
+        );
+        assert_eq!(failure_message(&job(json!([]))), None);
         let JobState::Failed {
             timed_out_after: None,
             pod: Some(pod),

@@ -638,6 +638,32 @@ impl Pipeline<'_> {
                 )
                 .await;
         }
+        if ours.is_none() {
+            let job = format!("helm-install-{release}");
+            let installer = Api::<Job>::namespaced(self.ctx.client.clone(), &self.ctx.config.agent_namespace)
+                .get_opt(&job)
+                .await?;
+            // The deploy began when the image was there (builds older than that were
+            // superseded by then, so a Job created since is this build's).
+            let deploy_started = self
+                .status()
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "Built" && c.status == "True")
+                .map(|c| c.last_transition_time.clone());
+            if let (Some(installer), Some(started)) = (installer, deploy_started)
+                && let Some(why) = install_failed_without_release(&installer, &started)
+            {
+                let namespace = &self.ctx.config.agent_namespace;
+                return self
+                    .finish(
+                        AppBuildPhase::Failed,
+                        "DeployFailed",
+                        format!("the helm-controller's Job {namespace}/{job} failed without making a release ({why}); the previous release keeps serving. Its log: `kubectl -n {namespace} logs job/{job}`; build again to retry"),
+                    )
+                    .await;
+            }
+        }
         Ok(Action::requeue(POLL))
     }
 
@@ -1098,6 +1124,17 @@ enum JobOutcome {
     Failed { reason: &'static str, message: String },
 }
 
+/// Why the helm-controller's install Job failed, if it failed during this deploy (a Job from
+/// before it says nothing about this build's change). Nothing retries such a Job until the
+/// HelmChart changes again, so the build must not wait for it.
+fn install_failed_without_release(installer: &Job, deploy_started: &Time) -> Option<String> {
+    let created = installer.metadata.creation_timestamp.as_ref()?;
+    if created.0 < deploy_started.0 {
+        return None;
+    }
+    job_state::failure_message(installer)
+}
+
 /// Which step of a failed build pod failed, and what it said.
 fn failure_of(pod: &Pod) -> (&'static str, String) {
     let Some(status) = pod.status.as_ref() else {
@@ -1210,6 +1247,33 @@ fn rollout(deployment: Option<&Deployment>, build: &str, image: &str) -> Rollout
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_install_job_that_failed_during_the_deploy_fails_the_build_an_older_one_does_not() {
+        let job = |created: &str, conditions: serde_json::Value| -> Job {
+            serde_json::from_value(json!({
+                "metadata": {"name": "helm-install-shop-web-1", "creationTimestamp": created},
+                "spec": {"template": {}},
+                "status": {"conditions": conditions},
+            }))
+            .unwrap()
+        };
+        let started = Time("2026-11-29T23:08:13Z".parse().unwrap());
+        let failed = json!([{"type": "Failed", "status": "True", "message": "Job has reached the specified backoff limit"}]);
+        assert_eq!(
+            install_failed_without_release(&job("2026-11-29T23:08:38Z", failed.clone()), &started).as_deref(),
+            Some("Job has reached the specified backoff limit")
+        );
+        // Still running, or left over from before this deploy: not this build's failure.
+        assert_eq!(
+            install_failed_without_release(&job("2026-11-29T23:08:38Z", json!([])), &started),
+            None
+        );
+        assert_eq!(
+            install_failed_without_release(&job("2026-11-29T23:07:00Z", failed), &started),
+            None
+        );
+    }
 
     fn pod(init: Option<(i32, &str)>, main: Option<(i32, &str)>) -> Pod {
         let status = |name: &str, (code, message): (i32, &str)| {

@@ -33,6 +33,7 @@ pub use catalog::{Catalog, Entry};
 pub use desired::{GENERATION_ANNOTATION, SERVICE_LABEL, connection_secret_name};
 
 use super::appbuild::{chart_object, helm_chart_resource, release_status, service_chart_name};
+use super::job_state::{self, JobState};
 use super::{
     ConditionSet, Context, Error, FIELD_MANAGER, MANAGED_BY, MANAGED_BY_LABEL, PROJECT_LABEL, Result,
 };
@@ -317,12 +318,15 @@ async fn apply(service: &BackingService, ctx: &Context) -> Result<Action> {
     let job = Api::<Job>::namespaced(ctx.client.clone(), &ctx.config.agent_namespace)
         .get_opt(&job_name)
         .await?;
-    let job_state = job.as_ref().map(job_outcome);
+    let job_running = job
+        .as_ref()
+        .is_some_and(|j| matches!(job_state::of(j, None), JobState::Running(_)));
+    let job_failed = job.as_ref().and_then(job_state::failure_message);
     let release_state = release_status(&ctx.client, &namespace, &release).await?;
     let rollout = rolled_out(statefulset.as_ref(), &generation);
 
-    let installed = release_state.as_deref() == Some("deployed") && job_state != Some(JobState::Running);
-    if let Some(JobState::Failed(why)) = &job_state
+    let installed = release_state.as_deref() == Some("deployed") && !job_running;
+    if let Some(why) = &job_failed
         && !(installed && rollout.is_ok())
     {
         let message = format!("the Helm install Job {job_name} failed: {why}");
@@ -460,29 +464,6 @@ async fn ensure_credentials(
             names.credentials
         ))),
         Err(err) => Err(err.into()),
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum JobState {
-    Running,
-    Succeeded,
-    Failed(String),
-}
-
-fn job_outcome(job: &Job) -> JobState {
-    let conditions = job
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.clone())
-        .unwrap_or_default();
-    let is = |type_: &str| conditions.iter().find(|c| c.type_ == type_ && c.status == "True");
-    if is("Complete").is_some() {
-        JobState::Succeeded
-    } else if let Some(failed) = is("Failed") {
-        JobState::Failed(failed.message.clone().unwrap_or_else(|| "failed".into()))
-    } else {
-        JobState::Running
     }
 }
 
