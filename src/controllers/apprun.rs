@@ -10,14 +10,13 @@ use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, PostParams};
 use kube::core::{DeserializeGuard, PartialObjectMeta};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
-use serde_json::json;
 
 use super::appbuild::{AppJob, app_job, launch, release_container};
 use super::job_state::{self, JobState};
@@ -351,26 +350,13 @@ impl Step<'_> {
         if self.run.status.as_ref() == Some(&status) {
             return Ok(());
         }
-        // `status.logs` belongs to the log relay; conditional on the version this decision was
-        // made from, so a stale reconcile retries instead of overwriting a final phase.
+        // `status.logs` belongs to the log relay (its own field manager): leaving it out keeps
+        // this write from taking it over with a stale copy.
         let status = AppRunStatus {
             logs: Vec::new(),
             ..status
         };
-        let patch = json!({
-            "apiVersion": AppRun::api_version(&()),
-            "kind": KIND,
-            "metadata": {"resourceVersion": self.run.resource_version()},
-            "status": status,
-        });
-        Api::<AppRun>::namespaced(self.ctx.client.clone(), &self.namespace())
-            .patch_status(
-                &self.run.name_any(),
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(patch),
-            )
-            .await?;
-        Ok(())
+        super::apply_status_at_version(self.ctx, self.run, &status).await
     }
 }
 
@@ -402,6 +388,7 @@ pub fn run_job(run: &AppRun, app: &App, values: &serde_json::Value, ttl_seconds_
 mod tests {
     use super::*;
     use crate::api::{AppRunSpec, BuildType};
+    use serde_json::json;
 
     #[test]
     fn a_run_copies_web_and_runs_its_command_through_the_launcher_once() {

@@ -106,6 +106,46 @@ where
     Ok(kube::runtime::controller::Action::await_change())
 }
 
+/// Writes `status` (server-side apply under [`FIELD_MANAGER`]) on `object`, conditional on the
+/// `resourceVersion` the decision was made from: a reconcile working from a stale cache (say,
+/// before a newer build cancelled this one) gets [`Error::Waiting`] and retries with fresh
+/// state instead of overwriting a final phase.
+pub(crate) async fn apply_status_at_version<K>(
+    ctx: &Context,
+    object: &K,
+    status: &impl serde::Serialize,
+) -> Result<()>
+where
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    use kube::ResourceExt;
+    use kube::api::{Api, Patch, PatchParams};
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "metadata": {"resourceVersion": object.resource_version()},
+        "status": status,
+    });
+    Api::<K>::namespaced(ctx.client.clone(), &object.namespace().unwrap_or_default())
+        .patch_status(
+            &object.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(patch),
+        )
+        .await
+        .map_err(|err| match err {
+            kube::Error::Api(status) if status.code == 409 => Error::Waiting(format!(
+                "the {} changed since it was read; reconciling again",
+                K::kind(&())
+            )),
+            err => err.into(),
+        })?;
+    Ok(())
+}
+
 /// Marks a controller synced once its store has its initial list, for `/readyz`.
 ///
 /// A store's readiness future wakes only its most recent poller, and the controller itself

@@ -931,29 +931,7 @@ impl Pipeline<'_> {
             logs: Vec::new(),
             ..status
         };
-        // Conditional on the version this decision was made from: a reconcile working from a
-        // stale cache (say, before a newer build cancelled this one) gets a conflict and
-        // retries with fresh state instead of overwriting a final phase.
-        let patch = json!({
-            "apiVersion": AppBuild::api_version(&()),
-            "kind": KIND,
-            "metadata": {"resourceVersion": self.build.resource_version()},
-            "status": status,
-        });
-        Api::<AppBuild>::namespaced(self.ctx.client.clone(), &self.namespace())
-            .patch_status(
-                &self.build.name_any(),
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(patch),
-            )
-            .await
-            .map_err(|err| match err {
-                kube::Error::Api(status) if status.code == 409 => {
-                    Error::Waiting("the AppBuild changed since it was read; reconciling again".into())
-                }
-                err => err.into(),
-            })?;
-        Ok(())
+        super::apply_status_at_version(self.ctx, self.build, &status).await
     }
 
     /// With the log relay: deletes each step's Job once its result is recorded (or the build
