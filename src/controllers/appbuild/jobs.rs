@@ -482,19 +482,56 @@ fn job(
     fs_group: Option<i64>,
     deadline: i64,
 ) -> Job {
-    let labels = step_labels(app, build, step);
+    run_once(
+        &build.namespace().unwrap_or_default(),
+        name,
+        step_labels(app, build, step),
+        owner,
+        deadline,
+        settings.ttl_seconds_after_finished,
+        PodSpec {
+            // Builds talk to git and the registry, never to the Kubernetes API.
+            automount_service_account_token: Some(false),
+            enable_service_links: Some(false),
+            init_containers: (!init.is_empty()).then_some(init),
+            containers: vec![main],
+            volumes: Some(volumes),
+            security_context: Some(PodSecurityContext {
+                fs_group,
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "RuntimeDefault".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+}
+
+/// A Job that runs `pod` once: no retry (a failed step or command is reported, not run again),
+/// `restartPolicy: Never`, `labels` on the Job and its pod, owned by `owner`.
+fn run_once(
+    namespace: &str,
+    name: &str,
+    labels: BTreeMap<String, String>,
+    owner: &OwnerReference,
+    deadline_seconds: i64,
+    ttl_seconds_after_finished: i32,
+    pod: PodSpec,
+) -> Job {
     Job {
         metadata: ObjectMeta {
             name: Some(name.into()),
-            namespace: build.namespace(),
+            namespace: Some(namespace.into()),
             labels: Some(labels.clone()),
             owner_references: Some(vec![owner.clone()]),
             ..Default::default()
         },
         spec: Some(JobSpec {
             backoff_limit: Some(0),
-            active_deadline_seconds: Some(deadline),
-            ttl_seconds_after_finished: Some(settings.ttl_seconds_after_finished),
+            active_deadline_seconds: Some(deadline_seconds),
+            ttl_seconds_after_finished: Some(ttl_seconds_after_finished),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels),
@@ -502,21 +539,7 @@ fn job(
                 }),
                 spec: Some(PodSpec {
                     restart_policy: Some("Never".into()),
-                    // Builds talk to git and the registry, never to the Kubernetes API.
-                    automount_service_account_token: Some(false),
-                    enable_service_links: Some(false),
-                    init_containers: (!init.is_empty()).then_some(init),
-                    containers: vec![main],
-                    volumes: Some(volumes),
-                    security_context: Some(PodSecurityContext {
-                        fs_group,
-                        seccomp_profile: Some(SeccompProfile {
-                            type_: "RuntimeDefault".into(),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
+                    ..pod
                 }),
             },
             ..Default::default()
@@ -693,33 +716,18 @@ pub fn app_job(spec: &AppJob<'_>) -> Job {
     };
     let mut labels = spec.labels.clone();
     labels.insert(MANAGED_BY_LABEL.into(), MANAGED_BY.into());
-    Job {
-        metadata: ObjectMeta {
-            name: Some(spec.name.into()),
-            namespace: Some(spec.namespace.into()),
-            labels: Some(labels.clone()),
-            owner_references: Some(vec![spec.owner.clone()]),
+    run_once(
+        spec.namespace,
+        spec.name,
+        labels,
+        spec.owner,
+        spec.deadline_seconds,
+        spec.ttl_seconds_after_finished,
+        PodSpec {
+            containers: vec![container],
             ..Default::default()
         },
-        spec: Some(JobSpec {
-            backoff_limit: Some(0),
-            active_deadline_seconds: Some(spec.deadline_seconds),
-            ttl_seconds_after_finished: Some(spec.ttl_seconds_after_finished),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels),
-                    ..Default::default()
-                }),
-                spec: Some(PodSpec {
-                    restart_policy: Some("Never".into()),
-                    containers: vec![container],
-                    ..Default::default()
-                }),
-            },
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+    )
 }
 
 #[cfg(test)]
