@@ -49,32 +49,28 @@ pub fn team_cluster_role_name(role: TeamRole) -> &'static str {
     }
 }
 
+/// Every ShapeBlock kind, as RBAC names its resources.
+const SHAPEBLOCK_RESOURCES: &[&str] = &[
+    "projects",
+    "apps",
+    "appbuilds",
+    "appruns",
+    "backingservices",
+    "teams",
+];
+
 /// Cluster-wide rules of the agent. No wildcards.
 pub const AGENT_CLUSTER_RULES: &[Rule] = &[
     Rule {
         api_groups: &[GROUP],
-        resources: &[
-            "projects",
-            "apps",
-            "appbuilds",
-            "appruns",
-            "backingservices",
-            "teams",
-        ],
+        resources: SHAPEBLOCK_RESOURCES,
         verbs: &["get", "list", "watch", "patch"],
         resource_names: &[],
         why: "watch the ShapeBlock resources it reconciles; patch adds and removes its finalizer",
     },
     Rule {
         api_groups: &[GROUP],
-        resources: &[
-            "projects",
-            "apps",
-            "appbuilds",
-            "appruns",
-            "backingservices",
-            "teams",
-        ],
+        resources: SHAPEBLOCK_RESOURCES,
         verbs: &["create", "delete"],
         resource_names: &[],
         why: "the bridge materialises the hub's commands: server-side apply creates, delete and prune remove",
