@@ -36,6 +36,7 @@ use crate::api::{AppBuild, AppRun, LogDelivery};
 use crate::controllers::appbuild::BUILD_LABEL;
 use crate::controllers::apprun::RUN_LABEL;
 use crate::controllers::{MANAGED_BY, MANAGED_BY_LABEL};
+use crate::proto::LogKind;
 use crate::proto::v1::LogChunk;
 
 /// Most bytes in one chunk.
@@ -49,46 +50,21 @@ const POD_POLL: Duration = Duration::from_secs(1);
 /// Field manager of `status.logs`, apart from the controller's status fields.
 pub const LOG_FIELD_MANAGER: &str = "shapeblock-agent-logs";
 
-/// The kind of object whose pods' logs are relayed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum LogOwner {
-    Build,
-    Run,
+/// The kind of object whose pods' logs are relayed: the AppBuild or AppRun that owns them.
+type LogOwner = LogKind;
+
+/// The label naming the owner on its pods.
+fn owner_label(owner: LogOwner) -> &'static str {
+    match owner {
+        LogKind::Build => BUILD_LABEL,
+        LogKind::Run => RUN_LABEL,
+    }
 }
 
-impl LogOwner {
-    const ALL: [LogOwner; 2] = [LogOwner::Build, LogOwner::Run];
-
-    /// The label naming the owner on its pods.
-    fn label(self) -> &'static str {
-        match self {
-            LogOwner::Build => BUILD_LABEL,
-            LogOwner::Run => RUN_LABEL,
-        }
-    }
-
-    fn resource(self) -> ApiResource {
-        match self {
-            LogOwner::Build => ApiResource::erase::<AppBuild>(&()),
-            LogOwner::Run => ApiResource::erase::<AppRun>(&()),
-        }
-    }
-
-    /// The `kind` of its chunks.
-    pub fn kind(self) -> &'static str {
-        match self {
-            LogOwner::Build => "AppBuild",
-            LogOwner::Run => "AppRun",
-        }
-    }
-
-    /// The owner a chunk names (an empty kind is a build's: chunks had no kind before runs).
-    pub fn of_kind(kind: &str) -> Option<Self> {
-        match kind {
-            "" | "AppBuild" => Some(LogOwner::Build),
-            "AppRun" => Some(LogOwner::Run),
-            _ => None,
-        }
+fn owner_resource(owner: LogOwner) -> ApiResource {
+    match owner {
+        LogKind::Build => ApiResource::erase::<AppBuild>(&()),
+        LogKind::Run => ApiResource::erase::<AppRun>(&()),
     }
 }
 
@@ -128,7 +104,7 @@ impl LogRelay {
             persist_now: Notify::new(),
             pods: Mutex::default(),
         });
-        for owner in LogOwner::ALL {
+        for owner in LogKind::ALL {
             let watch = relay.clone();
             let stop = shutdown.clone();
             let followers = shutdown.clone();
@@ -157,7 +133,7 @@ impl LogRelay {
 
     /// The hub durably recorded `chunk`.
     pub fn delivered(&self, chunk: &LogChunk) {
-        let Some(owner) = LogOwner::of_kind(&chunk.kind) else {
+        let Some(owner) = LogKind::of(&chunk.kind) else {
             return; // never sent: the relay makes only chunks of its own kinds
         };
         let key = (owner, chunk.namespace.clone(), chunk.build.clone());
@@ -189,8 +165,8 @@ impl LogRelay {
         shutdown: impl std::future::Future<Output = ()> + Send + Clone + 'static,
     ) {
         let pods: Api<Pod> = Api::all(self.client.clone());
-        let config =
-            watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY},{}", owner.label()));
+        let config = watcher::Config::default()
+            .labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY},{}", owner_label(owner)));
         let mut events = watcher(pods, config).boxed();
         let mut listed: HashSet<OwnerKey> = HashSet::new();
         while let Some(event) = events.next().await {
@@ -206,7 +182,7 @@ impl LogRelay {
                     continue;
                 }
                 Ok(watcher::Event::InitApply(pod)) => {
-                    let name = pod.labels().get(owner.label()).cloned().unwrap_or_default();
+                    let name = pod.labels().get(owner_label(owner)).cloned().unwrap_or_default();
                     listed.insert((owner, pod.namespace().unwrap_or_default(), name));
                     pod
                 }
@@ -217,7 +193,7 @@ impl LogRelay {
                     continue;
                 }
                 Err(err) => {
-                    tracing::warn!(%err, kind = owner.kind(), "watching pods for their logs");
+                    tracing::warn!(%err, kind = owner.name(), "watching pods for their logs");
                     continue;
                 }
             };
@@ -240,13 +216,13 @@ impl LogRelay {
     /// evicted or deleted meanwhile): the hub gets a truncation marker where delivery stopped,
     /// rather than a log that silently never ends.
     async fn truncate_orphans(&self, owner: LogOwner, with_pods: HashSet<OwnerKey>) {
-        let objects = match Api::<DynamicObject>::all_with(self.client.clone(), &owner.resource())
+        let objects = match Api::<DynamicObject>::all_with(self.client.clone(), &owner_resource(owner))
             .list(&Default::default())
             .await
         {
             Ok(objects) => objects,
             Err(err) => {
-                tracing::warn!(%err, kind = owner.kind(), "cannot list them to find logs left unfinished");
+                tracing::warn!(%err, kind = owner.name(), "cannot list them to find logs left unfinished");
                 return;
             }
         };
@@ -256,9 +232,9 @@ impl LogRelay {
                 continue;
             }
             for delivery in deliveries(&object).into_iter().filter(|d| !d.complete) {
-                tracing::info!(kind = owner.kind(), namespace = %key.1, name = %key.2, container = %delivery.container, offset = delivery.bytes, "pod gone while the agent was away: telling the hub its log is truncated");
+                tracing::info!(kind = owner.name(), namespace = %key.1, name = %key.2, container = %delivery.container, offset = delivery.bytes, "pod gone while the agent was away: telling the hub its log is truncated");
                 let chunk = LogChunk {
-                    kind: owner.kind().into(),
+                    kind: owner.name().into(),
                     build: key.2.clone(),
                     namespace: key.1.clone(),
                     container: delivery.container,
@@ -276,7 +252,7 @@ impl LogRelay {
     /// Relays every container of one pod, init containers first (they run first).
     async fn follow_pod(self: Arc<Self>, owner: LogOwner, pod: Pod) {
         let namespace = pod.namespace().unwrap_or_default();
-        let Some(name) = pod.labels().get(owner.label()).cloned() else {
+        let Some(name) = pod.labels().get(owner_label(owner)).cloned() else {
             return;
         };
         let key = (owner, namespace.clone(), name.clone());
@@ -291,7 +267,7 @@ impl LogRelay {
         let delivered = match self.recorded(&key).await {
             Ok(delivered) => delivered,
             Err(err) => {
-                tracing::warn!(kind = owner.kind(), %namespace, %name, %err, "cannot read its log progress; relaying from the start");
+                tracing::warn!(kind = owner.name(), %namespace, %name, %err, "cannot read its log progress; relaying from the start");
                 HashMap::new()
             }
         };
@@ -305,7 +281,7 @@ impl LogRelay {
                 pods: Api::namespaced(self.client.clone(), &namespace),
                 pod: pod.name_any(),
                 chunk: LogChunk {
-                    kind: owner.kind().into(),
+                    kind: owner.name().into(),
                     build: name.clone(),
                     namespace: namespace.clone(),
                     container: container.clone(),
@@ -323,7 +299,8 @@ impl LogRelay {
     /// the next write keeps those entries).
     async fn recorded(&self, key: &OwnerKey) -> Result<HashMap<String, LogDelivery>, kube::Error> {
         let (owner, namespace, name) = key;
-        let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), namespace, &owner.resource());
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), namespace, &owner_resource(*owner));
         let recorded: HashMap<String, LogDelivery> = api
             .get_opt(name)
             .await?
@@ -362,7 +339,7 @@ impl LogRelay {
             // what is recorded (say, another pod's log, finished and dropped from memory)
             // before writing.
             if let Err(err) = self.recorded(&key).await {
-                tracing::warn!(kind = owner.kind(), %namespace, %name, %err, "cannot read log delivery; retrying");
+                tracing::warn!(kind = owner.name(), %namespace, %name, %err, "cannot read log delivery; retrying");
                 let mut progress = self.progress.lock().unwrap_or_else(|e| e.into_inner());
                 progress.dirty.insert(key);
                 continue;
@@ -378,7 +355,7 @@ impl LogRelay {
                 logs
             };
             let complete = logs.iter().all(|l| l.complete);
-            let resource = owner.resource();
+            let resource = owner_resource(*owner);
             let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), namespace, &resource);
             let patch = json!({
                 "apiVersion": resource.api_version,
@@ -407,7 +384,7 @@ impl LogRelay {
                     progress.owners.remove(&key);
                 }
                 Err(err) => {
-                    tracing::warn!(kind = owner.kind(), %namespace, %name, %err, "cannot record log delivery; retrying");
+                    tracing::warn!(kind = owner.name(), %namespace, %name, %err, "cannot record log delivery; retrying");
                     let mut progress = self.progress.lock().unwrap_or_else(|e| e.into_inner());
                     progress.dirty.insert(key.clone());
                 }

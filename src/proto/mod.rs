@@ -51,6 +51,35 @@ pub fn object_key(object: &v1::ObjectRef) -> String {
     format!("{}/{}/{}", object.kind, object.namespace, object.name)
 }
 
+/// Whose pod a [`v1::LogChunk`] comes from, by its `kind`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LogKind {
+    Build,
+    Run,
+}
+
+impl LogKind {
+    pub const ALL: [LogKind; 2] = [LogKind::Build, LogKind::Run];
+
+    /// The kind a chunk names: `AppBuild`, also when empty (agents older than one-off runs
+    /// sent no kind), or `AppRun`.
+    pub fn of(kind: &str) -> Option<Self> {
+        match kind {
+            "" | "AppBuild" => Some(LogKind::Build),
+            "AppRun" => Some(LogKind::Run),
+            _ => None,
+        }
+    }
+
+    /// The `kind` a chunk carries.
+    pub fn name(self) -> &'static str {
+        match self {
+            LogKind::Build => "AppBuild",
+            LogKind::Run => "AppRun",
+        }
+    }
+}
+
 /// The log stream a chunk belongs to, as the hub stores and shows it: a build's
 /// `namespace/build/container`, a one-off run's `namespace/runs/run/container`. `Err` for a
 /// kind that has no logs.
@@ -62,11 +91,11 @@ pub fn log_stream(chunk: &v1::LogChunk) -> Result<String, String> {
         container,
         ..
     } = chunk;
-    match kind.as_str() {
-        "" | "AppBuild" => Ok(format!("{namespace}/{name}/{container}")),
-        "AppRun" => Ok(format!("{namespace}/runs/{name}/{container}")),
-        other => Err(format!(
-            "log chunk of kind {other:?}: only AppBuild and AppRun have logs"
+    match LogKind::of(kind) {
+        Some(LogKind::Build) => Ok(format!("{namespace}/{name}/{container}")),
+        Some(LogKind::Run) => Ok(format!("{namespace}/runs/{name}/{container}")),
+        None => Err(format!(
+            "log chunk of kind {kind:?}: only AppBuild and AppRun have logs"
         )),
     }
 }
