@@ -27,7 +27,6 @@ pub struct Rule {
 
 impl Rule {
     fn policy(&self) -> PolicyRule {
-        let strings = |items: &[&str]| items.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         PolicyRule {
             api_groups: Some(strings(self.api_groups)),
             resources: Some(strings(self.resources)),
@@ -39,6 +38,10 @@ impl Rule {
 }
 
 const READ_WRITE: &[&str] = &["get", "list", "watch", "create", "patch", "delete"];
+
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
 
 /// The ClusterRoles Teams bind to, by role.
 pub fn team_cluster_role_name(role: TeamRole) -> &'static str {
@@ -112,6 +115,13 @@ pub const AGENT_CLUSTER_RULES: &[Rule] = &[
     },
     Rule {
         api_groups: &[""],
+        resources: &["serviceaccounts"],
+        verbs: &["create", "patch"],
+        resource_names: &[],
+        why: "turn off token automounting on each project namespace's default ServiceAccount, which App, run and service pods use (server-side apply creates it if the controller-manager has not yet; RBAC cannot narrow create by name); never read, never bound",
+    },
+    Rule {
+        api_groups: &[""],
         resources: &["resourcequotas", "limitranges"],
         verbs: READ_WRITE,
         resource_names: &[],
@@ -128,8 +138,13 @@ pub const AGENT_CLUSTER_RULES: &[Rule] = &[
         api_groups: &["rbac.authorization.k8s.io"],
         resources: &["clusterroles"],
         verbs: &["bind"],
-        resource_names: &["shapeblock-admin", "shapeblock-developer", "shapeblock-viewer"],
-        why: "bind Team members to the three ShapeBlock roles without holding their permissions itself; nothing else",
+        resource_names: &[
+            "shapeblock-admin",
+            "shapeblock-developer",
+            "shapeblock-viewer",
+            HELM_RELEASE_ROLE,
+        ],
+        why: "bind Team members to the three ShapeBlock roles, and each HelmChart's install Job to shapeblock-helm-release in its release's namespace, without holding their permissions itself; nothing else",
     },
     Rule {
         api_groups: &["batch"],
@@ -341,6 +356,56 @@ pub fn team_rules(role: TeamRole) -> Vec<PolicyRule> {
     rules
 }
 
+/// The ClusterRole an install Job of the helm-controller gets in its release's namespace only
+/// (a RoleBinding per HelmChart, `controllers::install_access`): exactly what the app chart and
+/// the service charts render, and Helm's release storage (Secrets). No RBAC objects, and of
+/// custom resources only cert-manager's Certificates (an App domain's TLS).
+pub const HELM_RELEASE_ROLE: &str = "shapeblock-helm-release";
+
+/// The rules of [`HELM_RELEASE_ROLE`].
+pub fn helm_release_rules() -> Vec<PolicyRule> {
+    const ALL: &[&str] = &["get", "list", "watch", "create", "update", "patch", "delete"];
+    let rule = |groups: &[&str], resources: &[&str], verbs: &[&str]| PolicyRule {
+        api_groups: Some(strings(groups)),
+        resources: Some(strings(resources)),
+        verbs: strings(verbs),
+        ..Default::default()
+    };
+    vec![
+        rule(
+            &[""],
+            &[
+                "configmaps",
+                "secrets",
+                "services",
+                "serviceaccounts",
+                "persistentvolumeclaims",
+            ],
+            ALL,
+        ),
+        rule(
+            &[""],
+            &["pods", "pods/log", "events", "endpoints"],
+            &["get", "list", "watch"],
+        ),
+        rule(&["apps"], &["deployments", "statefulsets", "replicasets"], ALL),
+        rule(&["batch"], &["jobs", "cronjobs"], ALL),
+        rule(&["autoscaling"], &["horizontalpodautoscalers"], ALL),
+        rule(&["policy"], &["poddisruptionbudgets"], ALL),
+        rule(&["networking.k8s.io"], &["ingresses", "networkpolicies"], ALL),
+        rule(&["cert-manager.io"], &["certificates"], ALL),
+    ]
+}
+
+/// [`HELM_RELEASE_ROLE`] as an object.
+pub fn helm_release_cluster_role() -> ClusterRole {
+    ClusterRole {
+        metadata: meta(HELM_RELEASE_ROLE, None),
+        rules: Some(helm_release_rules()),
+        ..Default::default()
+    }
+}
+
 /// The three Team ClusterRoles.
 pub fn team_cluster_roles() -> Vec<ClusterRole> {
     [TeamRole::Admin, TeamRole::Developer, TeamRole::Viewer]
@@ -395,6 +460,7 @@ pub fn manifests(namespace: &str) -> Result<String, serde_yaml::Error> {
     for role in team_cluster_roles() {
         push(serde_json::to_value(role).expect("serializable"))?;
     }
+    push(serde_json::to_value(helm_release_cluster_role()).expect("serializable"))?;
     Ok(out)
 }
 

@@ -13,12 +13,13 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Node, Pod, Secret, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use kube::api::{Api, DynamicObject, ListParams, LogParams, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use shapeblock_agent::api::Project;
+use shapeblock_agent::controllers::install_access;
 use shapeblock_agent::testenv::{self, HELM_JOB_CLUSTER_ROLE};
 use support::{client, eventually, fresh_namespace};
 
@@ -80,6 +81,25 @@ async fn create_chart(
         "spec": spec,
     }))
     .unwrap();
+    // As the agent does before it applies a HelmChart: the install Job may act in its
+    // release's namespace only (the helm-controller's cluster-wide job role grants nothing).
+    let params = PatchParams::apply("shapeblock-helm-test").force();
+    Api::<ClusterRole>::all(client.clone())
+        .patch(
+            shapeblock_agent::rbac::HELM_RELEASE_ROLE,
+            &params,
+            &Patch::Apply(shapeblock_agent::rbac::helm_release_cluster_role()),
+        )
+        .await
+        .unwrap();
+    Api::<RoleBinding>::namespaced(client.clone(), target)
+        .patch(
+            &install_access::job_service_account(name),
+            &params,
+            &Patch::Apply(install_access::role_binding(namespace, name, target)),
+        )
+        .await
+        .unwrap();
     helm_charts(client, namespace)
         .create(&PostParams::default(), &chart)
         .await
@@ -399,6 +419,39 @@ async fn the_job_role_allows_what_charts_render_and_nothing_else() {
         .list(&ListParams::default())
         .await
         .unwrap();
+
+    // Nothing outside the release's namespace: not the HelmChart's own namespace (the
+    // agent's, with its identity Secret), not another namespace, nothing cluster-wide.
+    let elsewhere = fresh_namespace(&admin, "helm-other").await;
+    for namespace in [system.as_str(), elsewhere.as_str(), "kube-system", "default"] {
+        assert!(
+            forbidden(
+                Api::<Secret>::namespaced(job.clone(), namespace)
+                    .list(&ListParams::default())
+                    .await
+            ),
+            "Secrets of {namespace}"
+        );
+        assert!(
+            forbidden(
+                Api::<Secret>::namespaced(job.clone(), namespace)
+                    .get("shapeblock-agent-identity")
+                    .await
+            ),
+            "a Secret by name in {namespace}"
+        );
+        assert!(
+            forbidden(
+                Api::<Deployment>::namespaced(job.clone(), namespace)
+                    .list(&ListParams::default())
+                    .await
+            ),
+            "Deployments of {namespace}"
+        );
+    }
+    assert!(forbidden(
+        Api::<Secret>::all(job.clone()).list(&ListParams::default()).await
+    ));
 
     // Forbidden: RBAC, cluster-scoped kinds, other custom resources, exec and pod writes.
     let role: Role = serde_json::from_value(json!({"metadata": {"name": "r"}, "rules": []})).unwrap();

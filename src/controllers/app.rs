@@ -95,6 +95,9 @@ async fn reconcile(guard: Arc<DeserializeGuard<App>>, ctx: Arc<Context>) -> Resu
         Ok(app) => app,
         Err(invalid) => return super::report_undecodable::<App>(&ctx, invalid).await,
     };
+    if let Some(action) = super::refuse_outside_projects(&ctx, app).await? {
+        return Ok(action);
+    }
     let api = Api::<App>::namespaced(ctx.client.clone(), &app.namespace().unwrap_or_default());
     let action = finalizer(&api, FINALIZER, Arc::new(app.clone()), |event| async {
         match event {

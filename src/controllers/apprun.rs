@@ -98,6 +98,9 @@ async fn reconcile(guard: Arc<DeserializeGuard<AppRun>>, ctx: Arc<Context>) -> R
         Ok(run) => run,
         Err(invalid) => return super::report_undecodable::<AppRun>(&ctx, invalid).await,
     };
+    if let Some(action) = super::refuse_outside_projects(&ctx, run).await? {
+        return Ok(action);
+    }
     let action = Step { ctx: &ctx, run }.next().await?;
     ctx.reset_retries(&key(run));
     Ok(action)

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::Client;
@@ -49,6 +49,9 @@ pub struct Context {
     pub metrics: std::sync::Arc<Metrics>,
     pub config: Config,
     retries: Mutex<HashMap<String, u32>>,
+    /// Namespaces recently confirmed as made for a Project, and when: every reconcile of a
+    /// namespaced kind checks, and a namespace does not change hands within a minute.
+    project_namespaces: Mutex<HashMap<String, Instant>>,
     synced: AtomicUsize,
     helm_charts_served: AtomicBool,
 }
@@ -68,9 +71,46 @@ impl Context {
             metrics,
             config,
             retries: Mutex::new(HashMap::new()),
+            project_namespaces: Mutex::new(HashMap::new()),
             synced: AtomicUsize::new(0),
             helm_charts_served: AtomicBool::new(true),
         }
+    }
+
+    /// Why `namespace` is not served, or `None` when it is a namespace the agent made for a
+    /// Project (labelled by the agent with that Project's name, and not the agent's own).
+    /// Apps, builds, runs and services anywhere else would run tenant code beside whatever
+    /// lives there, e.g. the agent's identity in its own namespace, or in `kube-system`.
+    pub async fn not_a_project_namespace(&self, namespace: &str) -> Result<Option<String>, Error> {
+        const CONFIRMED_FOR: Duration = Duration::from_secs(60);
+        if namespace == self.config.agent_namespace {
+            return Ok(Some(format!(
+                "namespace {namespace} is the agent's own; Apps, AppBuilds, AppRuns and BackingServices are served only in Project namespaces"
+            )));
+        }
+        let confirmed = self.project_namespaces.lock().unwrap().get(namespace).copied();
+        if confirmed.is_some_and(|at| at.elapsed() < CONFIRMED_FOR) {
+            return Ok(None);
+        }
+        let namespaces = kube::Api::<k8s_openapi::api::core::v1::Namespace>::all(self.client.clone());
+        let labels = namespaces
+            .get_metadata_opt(namespace)
+            .await?
+            .and_then(|n| n.metadata.labels)
+            .unwrap_or_default();
+        let made_for_project = labels.get(super::PROJECT_LABEL).map(String::as_str) == Some(namespace)
+            && labels.get(super::MANAGED_BY_LABEL).map(String::as_str) == Some(super::MANAGED_BY);
+        if made_for_project {
+            self.project_namespaces
+                .lock()
+                .unwrap()
+                .insert(namespace.to_owned(), Instant::now());
+            return Ok(None);
+        }
+        self.project_namespaces.lock().unwrap().remove(namespace);
+        Ok(Some(format!(
+            "namespace {namespace} was not made by the agent for a Project; Apps, AppBuilds, AppRuns and BackingServices are served only in Project namespaces (create a Project named after the namespace)"
+        )))
     }
 
     /// Publishes an Event. Failing to record one (e.g. in a namespace being deleted) must not

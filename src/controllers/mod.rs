@@ -13,6 +13,7 @@ pub mod backingservice;
 mod conditions;
 mod context;
 mod error;
+pub mod install_access;
 mod job_state;
 pub mod metrics;
 pub mod project;
@@ -104,6 +105,72 @@ where
     )
     .await?;
     Ok(kube::runtime::controller::Action::await_change())
+}
+
+/// Refuses an object outside a Project namespace (see [`Context::not_a_project_namespace`]):
+/// `Ready=False/NotAProjectNamespace`, phase `Failed`, one Warning Event, and nothing created;
+/// then waits for a change. Objects being deleted pass, so that a finalizer set before this
+/// check existed can still be cleaned up. `Ok(None)`: the namespace is served.
+pub(crate) async fn refuse_outside_projects<K>(
+    ctx: &Context,
+    object: &K,
+) -> Result<Option<kube::runtime::controller::Action>>
+where
+    K: kube::Resource<DynamicType = ()> + serde::Serialize,
+{
+    use kube::ResourceExt;
+    use kube::api::{Api, DynamicObject, Patch, PatchParams};
+    use kube::discovery::ApiResource;
+
+    const REASON: &str = "NotAProjectNamespace";
+    if object.meta().deletion_timestamp.is_some() {
+        return Ok(None);
+    }
+    let namespace = object.namespace().unwrap_or_default();
+    let Some(message) = ctx.not_a_project_namespace(&namespace).await? else {
+        return Ok(None);
+    };
+    let status = serde_json::to_value(object).unwrap_or_default()["status"].take();
+    let conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> =
+        serde_json::from_value(status["conditions"].clone()).unwrap_or_default();
+    let already = conditions
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.reason == REASON)
+        && status["observedGeneration"].as_i64() == object.meta().generation;
+    if already {
+        return Ok(Some(kube::runtime::controller::Action::await_change()));
+    }
+    tracing::warn!(kind = %K::kind(&()), %namespace, name = %object.name_any(), "refused outside a Project namespace");
+    ctx.publish(
+        &object.object_ref(&()),
+        kube::runtime::events::EventType::Warning,
+        REASON,
+        "Validate",
+        &message,
+    )
+    .await;
+    let mut conditions = ConditionSet::new(&conditions, object.meta().generation);
+    conditions.set("Ready", false, REASON, &message);
+    let resource = ApiResource::erase::<K>(&());
+    let mut status = serde_json::json!({
+        "phase": "Failed", "message": message,
+        "observedGeneration": object.meta().generation,
+        "conditions": conditions.conditions,
+    });
+    // Builds and runs say why they ended in `status.reason` too; the other kinds have none.
+    if matches!(resource.kind.as_str(), "AppBuild" | "AppRun") {
+        status["reason"] = REASON.into();
+    }
+    let patch =
+        serde_json::json!({"apiVersion": resource.api_version, "kind": resource.kind, "status": status});
+    Api::<DynamicObject>::namespaced_with(ctx.client.clone(), &namespace, &resource)
+        .patch_status(
+            &object.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(patch),
+        )
+        .await?;
+    Ok(Some(kube::runtime::controller::Action::await_change()))
 }
 
 /// Writes `status` (server-side apply under [`FIELD_MANAGER`]) on `object`, conditional on the

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{
     LimitRange, LimitRangeItem, LimitRangeSpec, Namespace, ResourceQuota, ResourceQuotaSpec, Secret,
+    ServiceAccount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
@@ -220,6 +221,17 @@ async fn apply(project: &Project, state: &State) -> Result<Action> {
         format!("namespace {name} is ready"),
     );
 
+    // App, run and service pods use the namespace's `default` ServiceAccount: without a token
+    // mounted they cannot even discover the API (that account has no RoleBinding; a token would
+    // only identify the pod). The controller-manager creates `default` only if it is missing.
+    Api::<ServiceAccount>::namespaced(ctx.client.clone(), &name)
+        .patch(
+            DEFAULT_SERVICE_ACCOUNT,
+            &params,
+            &Patch::Apply(desired_default_service_account()),
+        )
+        .await?;
+
     let pull_secret_ok = sync_pull_secret(project, state, &owner, &mut conditions).await?;
 
     // Delete what the spec no longer asks for, if the (label-selected) cache says it exists.
@@ -414,6 +426,20 @@ async fn delete_helm_charts(ctx: &Context, project: &str) {
 
 fn phase_of(project: &Project) -> Option<ProjectPhase> {
     project.status.as_ref().and_then(|s| s.phase)
+}
+
+/// The ServiceAccount pods of a namespace run as unless they name another.
+const DEFAULT_SERVICE_ACCOUNT: &str = "default";
+
+/// The project's `default` ServiceAccount, as far as the agent cares: no token in pods unless
+/// a pod asks for one.
+fn desired_default_service_account() -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {"name": DEFAULT_SERVICE_ACCOUNT},
+        "automountServiceAccountToken": false,
+    })
 }
 
 /// Whether a namespace was created by the agent for this Project.

@@ -167,6 +167,7 @@ pub async fn apply(ctx: &Context, app: &App, build: &str, values: &Value) -> Res
         .all(|key| annotations.get(*key) == chart.annotations().get(*key))
     });
     if !same {
+        super::install_access::grant(ctx, &chart.name_any(), &app.namespace().unwrap_or_default()).await?;
         charts
             .patch(
                 &chart.name_any(),

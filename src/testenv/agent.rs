@@ -63,6 +63,11 @@ pub async fn install_agent_identity(
     for role in rbac::team_cluster_roles() {
         apply(&Api::<ClusterRole>::all(admin.clone()), &role).await?;
     }
+    apply(
+        &Api::<ClusterRole>::all(admin.clone()),
+        &rbac::helm_release_cluster_role(),
+    )
+    .await?;
     service_account_kubeconfig(admin, admin_kubeconfig, namespace, rbac::AGENT_NAME, dir).await
 }
 

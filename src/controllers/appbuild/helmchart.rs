@@ -13,8 +13,9 @@ use serde_json::{Value, json};
 use crate::controllers::{APP_LABEL, MANAGED_BY, MANAGED_BY_LABEL, PROJECT_LABEL};
 
 /// The nxs universal chart 2.8.1 (Apache-2.0), shipped with the agent so that air-gapped
-/// clusters need no chart repository.
-pub const UNIVERSAL_CHART: &[u8] = include_bytes!("../../../assets/universal-chart-2.8.1.tgz");
+/// clusters need no chart repository; patched by `build.rs` so that it renders values as data,
+/// never through `tpl` (`assets/universal-chart-patch/`).
+pub const UNIVERSAL_CHART: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/universal-chart.tgz"));
 
 /// Annotation on a HelmChart: the AppBuild it deploys.
 pub const BUILD_ANNOTATION: &str = "apps.shapeblock.io/build";
@@ -130,7 +131,12 @@ pub(crate) fn chart_object(
 /// where unquoted they are booleans; an env value or argument `"yes"` would arrive as `true`
 /// and the workload be refused. JSON quotes every string.
 pub fn values_content(values: &Value) -> String {
-    serde_json::to_string_pretty(values).expect("JSON values serialize")
+    // Helm reads this JSON as YAML 1.1, where U+2028 and U+2029 are line breaks even inside
+    // quotes (folded away); escaped, they arrive as written. They occur only inside strings.
+    serde_json::to_string_pretty(values)
+        .expect("JSON values serialize")
+        .replace('\u{2028}', "\\u2028")
+        .replace('\u{2029}', "\\u2029")
 }
 
 /// The status (`deployed`, `failed`, `pending-install`, ...) of the newest revision of a Helm

@@ -37,7 +37,7 @@ pub use values::{
     ALLOWED_KEYS, CONFIG_REVISION_ANNOTATION, PROCESS_LABEL, Release, WEB, chart_values, deployment_name,
     launch, processes, release_container, tls_secret_name,
 };
-pub(crate) use values::{Refused, env_list, reject_templates};
+pub(crate) use values::{Refused, check_yaml_printable, env_list};
 
 use super::job_state::{self, JobState};
 use super::{APP_LABEL, ConditionSet, Context, Error, FIELD_MANAGER, MANAGED_BY, MANAGED_BY_LABEL, Result};
@@ -139,6 +139,9 @@ async fn reconcile(guard: Arc<DeserializeGuard<AppBuild>>, ctx: Arc<Context>) ->
         Ok(build) => build,
         Err(invalid) => return super::report_undecodable::<AppBuild>(&ctx, invalid).await,
     };
+    if let Some(action) = super::refuse_outside_projects(&ctx, build).await? {
+        return Ok(action);
+    }
     let action = Pipeline { ctx: &ctx, build }.step().await?;
     ctx.reset_retries(&key(build));
     Ok(action)

@@ -1,10 +1,12 @@
 //! Helm values for the nxs universal chart (2.8.x), generated from an App, a build and the
 //! user's `helmValues` in the documented ShapeBlock shape.
 //!
-//! The chart renders values through `tpl`, so a user string containing `{{` would run as a
-//! template with the chart's (cluster-wide) powers; and keys like `extraDeploy`, `hooks` or
-//! `serviceAccount` would render arbitrary objects. So user values are an allow-list of
-//! ShapeBlock keys that the agent translates; anything else is refused with `InvalidSpec`.
+//! Every string here is data: the embedded chart renders values as they are, never through
+//! `tpl` (`assets/universal-chart-patch/`), so `{{` in a config var, a command or an env value
+//! arrives in the pod spec as written (`tests/values.rs` checks it with the real `helm`). Keys
+//! like `extraDeploy`, `hooks` or `serviceAccount` would still render arbitrary objects, so
+//! user values are an allow-list of ShapeBlock keys that the agent translates; anything else
+//! is refused with `InvalidSpec`.
 
 use std::collections::BTreeMap;
 
@@ -73,7 +75,6 @@ fn web_overrides(user: Option<&Value>) -> Result<WebOverrides, Refused> {
         Some(Value::Object(map)) => map,
         Some(other) => return Err(Refused(format!("must be an object, not {other}"))),
     };
-    reject_templates(&Value::Object(user.clone()), "helmValues")?;
     let unknown: Vec<&str> = user
         .keys()
         .map(String::as_str)
@@ -164,6 +165,32 @@ pub fn chart_values(release: &Release<'_>, user: Option<&Value>) -> Result<Value
             hosts.push((host.clone(), false));
         }
     }
+    // The chart writes these as plain YAML scalars (`host: …`, `ingressClassName: …`, the
+    // issuer's `name: …`, `image: <repository>:<tag>`), where YAML 1.1 would read `1.2`,
+    // `0x1f` or `yes` as a number or a boolean and the apiserver would refuse the object.
+    let (repository, tag) = split_image(release.image);
+    let deploy = spec.deploy.as_ref();
+    let plain = hosts
+        .iter()
+        .map(|(h, _)| ("host", h.clone()))
+        .chain(
+            deploy
+                .and_then(|d| d.ingress_class.clone())
+                .map(|c| ("deploy.ingressClass", c)),
+        )
+        .chain(
+            deploy
+                .and_then(|d| d.certificate_issuer.clone())
+                .map(|c| ("deploy.certificateIssuer", c)),
+        )
+        .chain(std::iter::once(("image", format!("{repository}:{tag}"))));
+    for (what, text) in plain {
+        if reads_as_non_string(&text) {
+            return Err(Refused(format!(
+                "{what} {text:?} would be read as a number or a boolean by YAML: choose another name"
+            )));
+        }
+    }
     if !hosts.is_empty() && port.is_none() {
         return Err(Refused("ingress needs a port".into()));
     }
@@ -171,7 +198,6 @@ pub fn chart_values(release: &Release<'_>, user: Option<&Value>) -> Result<Value
         return Err(Refused("domains need a web process".into()));
     }
 
-    let (repository, tag) = split_image(release.image);
     // Plain config vars, then the build's web variables over them (the user's last word).
     let config_env: Vec<Value> = spec
         .config
@@ -355,6 +381,7 @@ pub fn chart_values(release: &Release<'_>, user: Option<&Value>) -> Result<Value
         }
         values["cronJobs"] = Value::Object(cron);
     }
+    check_yaml_printable(&values, "values")?;
     Ok(values)
 }
 
@@ -441,20 +468,61 @@ pub fn split_image(image: &str) -> (String, String) {
     (repository.to_owned(), tag)
 }
 
-pub(crate) fn reject_templates(value: &Value, path: &str) -> Result<(), Refused> {
+/// Whether YAML 1.1 (what Helm parses manifests with) reads `text`, written as a plain scalar,
+/// as something other than a string: a boolean or null word, or anything number-like (decimal,
+/// `0x`/`0o`/`0b` integers, floats with exponents, `.inf`, sexagesimal `1:20`, digits with
+/// `_`). Conservative: a few such strings YAML would keep are refused too.
+pub(crate) fn reads_as_non_string(text: &str) -> bool {
+    const WORDS: &[&str] = &[
+        "", "~", "null", "y", "yes", "n", "no", "true", "false", "on", "off",
+    ];
+    if WORDS.contains(&text.to_ascii_lowercase().as_str()) {
+        return true;
+    }
+    let unsigned = text.strip_prefix(['+', '-']).unwrap_or(text);
+    let lower = unsigned.to_ascii_lowercase();
+    if [".inf", ".nan"].contains(&lower.as_str()) {
+        return true;
+    }
+    if !unsigned.starts_with(|c: char| c.is_ascii_digit() || c == '.') {
+        return false;
+    }
+    let radix = [("0x", 16), ("0o", 8), ("0b", 2)]
+        .iter()
+        .find_map(|(prefix, radix)| lower.strip_prefix(prefix).map(|digits| (digits, *radix)));
+    if let Some((digits, radix)) = radix {
+        return !digits.is_empty() && digits.chars().all(|c| c == '_' || c.is_digit(radix));
+    }
+    lower.parse::<f64>().is_ok()
+        || (lower.chars().any(|c| c.is_ascii_digit())
+            && lower.chars().all(|c| c.is_ascii_digit() || "._:e+-".contains(c)))
+}
+
+/// Refuses text that Helm cannot carry: it reads values and rendered manifests as YAML 1.1,
+/// which forbids DEL, the C1 controls and U+FFFE/U+FFFF even inside quotes and takes NEL
+/// (U+0085) for a line break, while JSON (the `valuesContent` and what the chart writes with
+/// `toJson`) leaves them unescaped. Every other character arrives as written. `path` names
+/// where the text came from.
+pub(crate) fn check_yaml_printable(value: &Value, path: &str) -> Result<(), Refused> {
+    let unprintable = |s: &str| {
+        s.chars()
+            .find(|&c| matches!(c, '\u{7f}'..='\u{9f}' | '\u{fffe}' | '\u{ffff}'))
+    };
     match value {
-        Value::String(s) if s.contains("{{") => Err(Refused(format!(
-            "{path} contains '{{{{': templates are not allowed in values"
-        ))),
+        Value::String(s) => match unprintable(s) {
+            Some(c) => Err(Refused(format!(
+                "{path} contains the control character U+{:04X}, which Helm's YAML cannot carry",
+                c as u32
+            ))),
+            None => Ok(()),
+        },
         Value::Array(items) => items
             .iter()
             .enumerate()
-            .try_for_each(|(i, v)| reject_templates(v, &format!("{path}[{i}]"))),
+            .try_for_each(|(i, v)| check_yaml_printable(v, &format!("{path}[{i}]"))),
         Value::Object(map) => map.iter().try_for_each(|(k, v)| {
-            if k.contains("{{") {
-                return Err(Refused(format!("{path} has a key containing '{{{{'")));
-            }
-            reject_templates(v, &format!("{path}.{k}"))
+            check_yaml_printable(&Value::String(k.clone()), path)?;
+            check_yaml_printable(v, &format!("{path}.{k}"))
         }),
         _ => Ok(()),
     }
@@ -926,12 +994,40 @@ mod tests {
     }
 
     #[test]
+    fn plain_scalars_yaml_would_not_read_as_strings_are_told_apart() {
+        for text in [
+            "1.2", "0.0", "123", "0x1f", "0o17", "0b101", "1e3", "1_000", "1:20", "+1", "-2.5", ".5", ".inf",
+            "-.Inf", ".nan", "yes", "No", "ON", "off", "y", "true", "Null", "~", "",
+        ] {
+            assert!(reads_as_non_string(text), "{text:?}");
+        }
+        for text in [
+            "a.0",
+            "web",
+            "0a.example.com",
+            "registry.example.com/shop/web:1",
+            "nginx",
+            "le-prod",
+            "1.2.example",
+        ] {
+            assert!(!reads_as_non_string(text), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn text_helm_cannot_carry_is_refused_and_everything_else_passes() {
+        let refused = check_yaml_printable(&json!({"env": [{"value": "a\u{7f}b"}]}), "values").unwrap_err();
+        assert!(refused.0.contains("U+007F"), "{refused}");
+        assert!(refused.0.contains("values.env[0].value"), "{refused}");
+        assert!(check_yaml_printable(&json!({"k": "\u{9f}"}), "v").is_err());
+        assert!(check_yaml_printable(&json!({"k": "\u{ffff}"}), "v").is_err());
+        assert!(check_yaml_printable(&json!({"k": "\u{85}"}), "v").is_err());
+        assert!(check_yaml_printable(&json!({"k": "tab\tnl\n\u{1}\u{a0}ü日本\u{2028}{{ x }}"}), "v").is_ok());
+    }
+
+    #[test]
     fn templates_unknown_and_dangerous_keys_are_refused() {
         for (user, why) in [
-            (
-                json!({"env": {"X": "{{ .Release.Name }}"}}),
-                "templates are not allowed",
-            ),
             (
                 json!({"extraDeploy": [{"kind": "ClusterRoleBinding"}]}),
                 "unknown or unsafe key(s) extraDeploy",

@@ -15,7 +15,7 @@ use serde_json::{Map, Value, json};
 
 use super::catalog::Entry;
 use crate::api::BackingService;
-use crate::controllers::appbuild::{Refused, env_list, reject_templates};
+use crate::controllers::appbuild::{Refused, check_yaml_printable, env_list};
 use crate::controllers::{MANAGED_BY, MANAGED_BY_LABEL, PROJECT_LABEL};
 
 /// Label naming the BackingService an object belongs to (Secrets, chart objects, PVCs).
@@ -217,7 +217,6 @@ pub fn chart_values(
         Some(Value::Object(map)) => map,
         Some(other) => return Err(Refused(format!("must be an object, not {other}"))),
     };
-    reject_templates(&Value::Object(user.clone()), "helmValues")?;
     if let Some(key) = user.keys().find(|k| !entry.allowed_values.contains(k)) {
         let allowed = if entry.allowed_values.is_empty() {
             "none".to_string()
@@ -331,7 +330,7 @@ pub fn chart_values(
         }
         statefulset["nodeSelector"] = selector.clone();
     }
-    Ok(json!({
+    let values = json!({
         // StatefulSet and Service become `<name>-<type>`.
         "releasePrefix": name,
         "generic": {
@@ -347,7 +346,9 @@ pub fn chart_values(
             "extraSelectorLabels": selector,
             "ports": [{"name": "tcp", "port": entry.port, "targetPort": entry.port}],
         }},
-    }))
+    });
+    check_yaml_printable(&values, "values")?;
+    Ok(values)
 }
 
 #[cfg(test)]
@@ -480,7 +481,6 @@ mod tests {
                 json!({"extraDeploy": []}),
                 "key extraDeploy is not allowed",
             ),
-            ("postgresql", json!({"env": {"X": "{{ .Values }}"}}), "templates"),
             (
                 "postgresql",
                 json!({"env": {"POSTGRES_PASSWORD": "x"}}),

@@ -114,6 +114,9 @@ async fn reconcile(guard: Arc<DeserializeGuard<BackingService>>, ctx: Arc<Contex
         Ok(service) => Arc::new(service.clone()),
         Err(invalid) => return super::report_undecodable::<BackingService>(&ctx, invalid).await,
     };
+    if let Some(action) = super::refuse_outside_projects(&ctx, service.as_ref()).await? {
+        return Ok(action);
+    }
     let api = Api::<BackingService>::namespaced(ctx.client.clone(), &service.namespace().unwrap_or_default());
     let action = finalizer(&api, FINALIZER, service.clone(), |event| async {
         match event {
@@ -301,6 +304,7 @@ async fn apply(service: &BackingService, ctx: &Context) -> Result<Action> {
         &ctx.config.agent_namespace,
         &helm_chart_resource(),
     );
+    super::install_access::grant(ctx, &release, &namespace).await?;
     let applied = charts
         .patch(
             &release,
