@@ -152,6 +152,7 @@ async fn default_values_render_and_apply_server_side_and_the_pod_is_restricted()
             "ClusterRole/shapeblock-admin",
             "ClusterRole/shapeblock-agent",
             "ClusterRole/shapeblock-developer",
+            "ClusterRole/shapeblock-helm-release",
             "ClusterRole/shapeblock-viewer",
             "ClusterRoleBinding/shapeblock-agent",
             "CustomResourceDefinition/appbuilds.apps.shapeblock.io",

@@ -384,20 +384,78 @@ async fn cleanup(project: &Project, ctx: &Context) -> Result<Action> {
         .await;
     }
     if namespace.metadata.deletion_timestamp.is_none() {
-        delete_helm_charts(ctx, &name).await;
+        // Releases are uninstalled first, while the namespace and the RoleBindings that let
+        // their install Jobs act in it still exist (the namespace controller would delete
+        // those bindings before the uninstall could run). A helm-controller that does not get
+        // there in time must not keep the namespace: it goes anyway, and takes the releases'
+        // objects with it.
+        let remaining = delete_helm_charts(ctx, &name).await;
+        let deleting_for = project
+            .metadata
+            .deletion_timestamp
+            .as_ref()
+            .map(|t| (k8s_openapi::jiff::Timestamp::now() - t.0).get_seconds())
+            .unwrap_or_default();
+        if remaining > 0 && deleting_for < UNINSTALL_GRACE_SECONDS {
+            return Err(Error::Waiting(format!(
+                "waiting for {remaining} Helm release(s) deploying into {name} to be uninstalled before the namespace goes"
+            )));
+        }
         if !delete_if_present(&namespaces, &name, &DeleteParams::background()).await? {
             return Ok(Action::await_change());
         }
     }
+    // Charts whose uninstall can no longer run (their namespace is going) are let go, or
+    // they would stay in the agent's namespace with a failing Job forever.
+    release_stuck_helm_charts(ctx, &name).await;
     // The namespace watch wakes us when it is gone; the error only schedules a fallback retry.
     Err(Error::Waiting(format!("namespace {name} is terminating")))
 }
 
+/// How long a Project's deletion waits for its releases to be uninstalled before it deletes
+/// the namespace anyway.
+const UNINSTALL_GRACE_SECONDS: i64 = 120;
+
+/// Removes the finalizers of the project's HelmCharts that are being deleted: once the
+/// namespace is terminating, the namespace controller removes what their releases made, and
+/// the install Jobs can no longer act there.
+async fn release_stuck_helm_charts(ctx: &Context, project: &str) {
+    let charts = Api::<kube::api::DynamicObject>::namespaced_with(
+        ctx.client.clone(),
+        &ctx.config.agent_namespace,
+        &super::appbuild::helm_chart_resource(),
+    );
+    let selector = format!("{PROJECT_LABEL}={project},{MANAGED_BY_LABEL}={MANAGED_BY}");
+    let Ok(list) = charts
+        .list_metadata(&kube::api::ListParams::default().labels(&selector))
+        .await
+    else {
+        return;
+    };
+    for chart in list.items {
+        if chart.metadata.deletion_timestamp.is_none() || chart.finalizers().is_empty() {
+            continue;
+        }
+        let patch = serde_json::json!({"metadata": {"finalizers": null}});
+        match charts
+            .patch(&chart.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(project, chart = %chart.name_any(), "let go of a HelmChart whose namespace is terminating")
+            }
+            Err(err) => {
+                tracing::warn!(project, chart = %chart.name_any(), %err, "could not let go of a HelmChart")
+            }
+        }
+    }
+}
+
 /// Deletes the HelmCharts (in the agent's namespace) that deploy into the project, so the
-/// helm-controller stops installing into a namespace that is going away. Best effort: the
-/// helm-controller's own finalizer runs the uninstall, and a failure here must not keep the
-/// namespace alive.
-async fn delete_helm_charts(ctx: &Context, project: &str) {
+/// helm-controller stops installing into a namespace that is going away, and returns how many
+/// are still there (their uninstall not finished). Best effort: the helm-controller's own
+/// finalizer runs the uninstall, and a failure here must not keep the namespace alive.
+async fn delete_helm_charts(ctx: &Context, project: &str) -> usize {
     let charts = Api::<kube::api::DynamicObject>::namespaced_with(
         ctx.client.clone(),
         &ctx.config.agent_namespace,
@@ -409,7 +467,12 @@ async fn delete_helm_charts(ctx: &Context, project: &str) {
         .await;
     match listed {
         Ok(list) => {
-            for chart in list.items {
+            let remaining = list.items.len();
+            for chart in list
+                .items
+                .iter()
+                .filter(|c| c.metadata.deletion_timestamp.is_none())
+            {
                 if let Err(err) = charts
                     .delete(&chart.name_any(), &DeleteParams::background())
                     .await
@@ -417,10 +480,14 @@ async fn delete_helm_charts(ctx: &Context, project: &str) {
                     tracing::warn!(project, chart = %chart.name_any(), %err, "could not delete HelmChart");
                 }
             }
+            remaining
         }
         // No HelmChart CRD (no helm-controller installed): nothing was deployed.
-        Err(kube::Error::Api(status)) if status.code == 404 => {}
-        Err(err) => tracing::warn!(project, %err, "could not list the project's HelmCharts"),
+        Err(kube::Error::Api(status)) if status.code == 404 => 0,
+        Err(err) => {
+            tracing::warn!(project, %err, "could not list the project's HelmCharts");
+            0
+        }
     }
 }
 

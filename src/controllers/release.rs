@@ -157,6 +157,17 @@ pub async fn apply(ctx: &Context, app: &App, build: &str, values: &Value) -> Res
     // Deploys look again every few seconds until rolled out: the same release again is a
     // metadata read, not a patch carrying the whole chart.
     let applied = charts.get_metadata_opt(&chart.name_any()).await?;
+    // A release being uninstalled (its App or Project is going) is not installed again: the
+    // helm-controller would run the install and the uninstall Jobs in turn.
+    if applied
+        .as_ref()
+        .is_some_and(|a| a.metadata.deletion_timestamp.is_some())
+    {
+        return Err(super::Error::Waiting(format!(
+            "HelmChart {} is being uninstalled",
+            chart.name_any()
+        )));
+    }
     let same = applied.is_some_and(|applied| {
         let annotations = applied.annotations();
         [
