@@ -60,7 +60,7 @@ struct Connected {
     hub: Hub,
     agent: AgentProcess,
     cluster: String,
-    _data: tempfile::TempDir,
+    data: tempfile::TempDir,
 }
 
 impl Env {
@@ -94,7 +94,7 @@ impl Env {
             hub,
             agent,
             cluster,
-            _data: data,
+            data,
         }
     }
 }
@@ -128,6 +128,22 @@ impl Connected {
             support::hub::project_ready(&self.hub, &self.cluster, name)
         })
         .await;
+    }
+
+    /// Runs `shapeblock-hub --data-dir <the hub's> ARGS`, as an operator would beside the
+    /// running hub: (success, stdout, stderr).
+    fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_shapeblock-hub"))
+            .arg("--data-dir")
+            .arg(self.data.path())
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
     }
 
     async fn stop(self) {
@@ -501,12 +517,31 @@ async fn prune_is_scoped_bounded_and_reports_what_it_removed() {
     );
     assert!(app_alive(&env.client, &a, "a1").await && app_alive(&env.client, &a, "a2").await);
 
-    // With force: done, and the result lists them.
-    let forced = Prune {
-        force: true,
-        ..Prune::projects([&a])
-    };
-    let seq = c.hub.sync(&c.cluster, &[project(&a)], Some(forced)).unwrap();
+    // With force (through the CLI, as an operator would): done, and the result lists them.
+    let state = c.data.path().join("state.yaml");
+    std::fs::write(&state, project(&a)).unwrap();
+    let state = state.to_str().unwrap();
+    let (ok, _, stderr) = c.cli(&["sync", "--cluster", &c.cluster, "-f", state, "--prune"]);
+    assert!(!ok && stderr.contains("a prune needs a scope"), "{stderr}");
+    let (ok, _, stderr) = c.cli(&["sync", "--cluster", &c.cluster, "-f", state, "--force"]);
+    assert!(!ok && stderr.contains("--prune"), "--force alone: {stderr}");
+    let (ok, stdout, stderr) = c.cli(&[
+        "sync",
+        "--cluster",
+        &c.cluster,
+        "-f",
+        state,
+        "--prune",
+        "--prune-project",
+        &a,
+        "--force",
+    ]);
+    assert!(ok, "{stderr}");
+    let seq: u64 = stdout
+        .strip_prefix("queued command ")
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{stdout}"));
     let (ok, message) = c.result(seq).await;
     assert!(ok, "{message}");
     assert_eq!(

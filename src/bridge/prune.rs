@@ -154,7 +154,7 @@ mod tests {
         // Another Project's App is never counted nor removed.
         let managed = [p.clone(), a.clone(), b.clone(), object("App", "blog", "x")];
         let removed = plan(&projects(&["shop"]), &managed, &keys(&[&p, &a]), 0, false).unwrap();
-        assert_eq!(removed, [b.clone()]);
+        assert_eq!(removed, std::slice::from_ref(&b));
         // 2 of 3 is above 50%: refused with the count and the names; allowed when forced or
         // with a higher share.
         let refused = plan(&projects(&["shop"]), &managed, &keys(&[&p]), 0, false).unwrap_err();

@@ -764,9 +764,9 @@ mod tests {
 
     #[test]
     fn a_prune_is_queued_only_with_a_scope() {
-        let manifests = [format!(
-            "apiVersion: apps.shapeblock.io/v1alpha1\nkind: Project\nmetadata:\n  name: shop\n"
-        )];
+        let manifests = [
+            "apiVersion: apps.shapeblock.io/v1alpha1\nkind: Project\nmetadata:\n  name: shop\n".to_string(),
+        ];
         let refused = sync_command(&manifests, Some(Prune::default())).unwrap_err();
         assert!(refused.to_string().contains("needs a scope"), "{refused}");
         let decode = |body: Vec<u8>| match ServerMessage::decode(body.as_slice()).unwrap().body {
