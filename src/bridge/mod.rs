@@ -443,7 +443,7 @@ impl KubeHost {
             object: None,
         };
         let synced = format!("applied {applied} of {} manifests", command.manifests.len());
-        if !command.prune {
+        if !command.prune && command.prune_scope.is_none() {
             return if failures.is_empty() {
                 done(format!("synced {} resources", command.manifests.len()), true)
             } else {

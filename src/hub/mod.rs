@@ -206,12 +206,14 @@ pub fn sync_command(manifests: &[String], prune: Option<Prune>) -> Result<Vec<u8
     let prune = prune.unwrap_or_default();
     let command = Sync {
         manifests: manifests.to_vec(),
-        prune: pruning,
-        prune_scope: Some(prune.scope),
+        // Never set: an agent from before scopes would prune the whole cluster on it. The
+        // scope alone asks for the prune.
+        prune: false,
+        prune_scope: pruning.then_some(prune.scope),
         prune_max_percent: prune.max_percent,
         force: prune.force,
     };
-    if command.prune && proto::scope_is_empty(command.prune_scope.as_ref()) {
+    if pruning && proto::scope_is_empty(command.prune_scope.as_ref()) {
         return Err(HubError::Invalid(
             "a prune needs a scope: name the projects (or kinds and namespaces) it may prune in".into(),
         ));
@@ -774,9 +776,10 @@ mod tests {
             other => panic!("{other:?}"),
         };
         let plain = decode(sync_command(&manifests, None).unwrap());
-        assert!(!plain.prune);
+        assert!(!plain.prune && plain.prune_scope.is_none());
+        // The old flag stays off: an agent from before scopes prunes nothing on this.
         let scoped = decode(sync_command(&manifests, Some(Prune::projects(["shop"]))).unwrap());
-        assert!(scoped.prune && !scoped.force);
+        assert!(!scoped.prune && !scoped.force);
         assert_eq!(scoped.prune_scope.unwrap().projects, ["shop"]);
         let too_much = Prune {
             max_percent: 150,
