@@ -426,12 +426,14 @@ mod tests {
             && !s.chars().any(|c| c.is_whitespace() || c.is_uppercase())
     }
 
-    /// Strings of every sort: arbitrary Unicode, near-valid names of every length around the
-    /// limits, and valid names with one hostile character put in.
+    /// Strings of every sort: arbitrary Unicode, valid names, names of lengths around the
+    /// limits (40, 63), near-valid names, and valid names with one hostile character put in.
     fn names() -> impl proptest::strategy::Strategy<Value = String> {
         use proptest::prelude::*;
         prop_oneof![
             any::<String>(),
+            "[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?",
+            "[a-z0-9]{38,42}|[a-z0-9]{61,65}",
             "[a-z0-9-]{0,70}",
             "[a-z0-9.-]{0,260}",
             "[a-zA-Z0-9./?#% _\t\n%-]{0,70}",
