@@ -184,7 +184,11 @@ pub async fn run(settings: Settings, shutdown: ShutdownSignal) -> Result<(), Err
     .shared();
 
     let tunnel = settings.tunnel.clone().map(|tunnel| {
-        let host = crate::bridge::KubeHost::start(client.clone(), stop.clone());
+        let host = crate::bridge::KubeHost::start(
+            client.clone(),
+            &settings.controllers.agent_namespace,
+            stop.clone(),
+        );
         let store = Arc::new(crate::bridge::identity::SecretIdentityStore::new(
             client.clone(),
             &settings.controllers.agent_namespace,

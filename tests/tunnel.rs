@@ -10,7 +10,7 @@ use std::time::Duration;
 use kube::api::Api;
 use kube::{Client, ResourceExt};
 use shapeblock_agent::api::Project;
-use shapeblock_agent::hub::{Hub, HubConfig};
+use shapeblock_agent::hub::{Hub, HubConfig, Prune};
 use shapeblock_agent::proto::v1::agent_message::Body as Up;
 use shapeblock_agent::proto::v1::agent_tunnel_client::AgentTunnelClient;
 use shapeblock_agent::proto::v1::server_message::Body as Down;
@@ -61,6 +61,22 @@ async fn enroll_new(hub: &Hub, cluster: &str) -> Identity {
 
 fn status_message(e: TunnelError) -> String {
     e.to_string()
+}
+
+/// A command as queued without the hub's checks (what a faulty or older hub could send).
+fn raw(body: Down) -> Vec<u8> {
+    use prost::Message;
+    ServerMessage {
+        seq: 0,
+        body: Some(body),
+    }
+    .encode_to_vec()
+}
+
+fn raw_apply(manifest: &str) -> Vec<u8> {
+    raw(Down::Apply(shapeblock_agent::proto::v1::Apply {
+        manifest: manifest.into(),
+    }))
 }
 
 #[tokio::test]
@@ -414,13 +430,11 @@ async fn commands_become_resources_status_comes_back_and_nothing_is_lost_across_
         "apiVersion: apps.shapeblock.io/v1alpha1\nkind: Project\nmetadata:\n  name: {}\nspec: {{}}\n",
         "Not_A_Name"
     );
-    let bad_seq = hub.apply(&cluster, &bad).unwrap();
-    let unknown_seq = hub
-        .apply(
-            &cluster,
-            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\n",
-        )
-        .unwrap();
+    // The hub refuses both; an agent checks them as well.
+    let unknown = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\n";
+    assert!(hub.apply(&cluster, &bad).is_err() && hub.apply(&cluster, unknown).is_err());
+    let bad_seq = hub.queue(&cluster, raw_apply(&bad)).unwrap();
+    let unknown_seq = hub.queue(&cluster, raw_apply(unknown)).unwrap();
     let garbage_seq = hub.queue(&cluster, Vec::new()).unwrap_or(0);
     let (ok, message) = eventually(TIMEOUT, "the invalid Project is refused", || {
         result_of(&hub, &cluster, bad_seq)
@@ -1120,10 +1134,21 @@ async fn sync_applies_the_desired_state_and_prunes_only_managed_resources() {
     let mine: Project = serde_yaml::from_str(&project(&unmanaged)).unwrap();
     projects.create(&Default::default(), &mine).await.unwrap();
 
-    // A failing manifest in the set: applied what it could, pruned nothing.
+    // Prune within these Projects (the unmanaged one included: the label keeps it).
+    let prune = Prune::projects([&keep, &drop, &add, &unmanaged]);
+    // A failing manifest in the set (queued past the hub's own check): applied what it
+    // could, pruned nothing.
     let broken = project("Not_Valid");
     let seq = hub
-        .sync(&cluster, &[project(&keep), project(&add), broken], true)
+        .queue(
+            &cluster,
+            raw(Down::Sync(shapeblock_agent::proto::v1::Sync {
+                manifests: vec![project(&keep), project(&add), broken],
+                prune: true,
+                prune_scope: Some(prune.scope.clone()),
+                ..Default::default()
+            })),
+        )
         .unwrap();
     let (ok, message) = eventually(TIMEOUT, "the first sync's result", || {
         result_of(&hub, &cluster, seq)
@@ -1134,7 +1159,7 @@ async fn sync_applies_the_desired_state_and_prunes_only_managed_resources() {
     assert!(projects.get_opt(&drop).await.unwrap().is_some());
 
     let seq = hub
-        .sync(&cluster, &[project(&keep), project(&add)], true)
+        .sync(&cluster, &[project(&keep), project(&add)], Some(prune))
         .unwrap();
     let (ok, message) = eventually(TIMEOUT, "the sync's result", || result_of(&hub, &cluster, seq))
         .await

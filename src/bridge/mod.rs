@@ -4,14 +4,16 @@
 
 pub mod identity;
 pub mod logs;
+pub mod prune;
 pub mod scrub;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Namespace, Node};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::discovery::ApiResource;
 use kube::runtime::watcher;
@@ -19,9 +21,13 @@ use kube::{Client, Resource};
 use tokio::sync::watch;
 
 use crate::api::{App, AppBuild, AppRun, BackingService, GROUP, Project, Team};
-use crate::proto::object_key;
 use crate::proto::v1::server_message::Body as Down;
-use crate::proto::v1::{CommandResult, Inventory, LogChunk, ObjectRef, PhaseChange, SetConfig};
+use crate::proto::v1::{
+    CancelBuild, CommandResult, Inventory, LogChunk, ObjectRef, PhaseChange, SetConfig, Sync,
+};
+use crate::proto::{
+    check_cancel, check_manifest, check_object, check_prune_options, object_key, scope_is_empty,
+};
 use crate::tunnel::{Host, PhaseQueue};
 
 /// The field manager of the desired state the hub sends (the same as the controllers': one
@@ -52,6 +58,8 @@ fn kind(name: &str) -> Option<(ApiResource, bool)> {
 
 pub struct KubeHost {
     client: Client,
+    /// Never a project namespace, whatever its labels say.
+    agent_namespace: String,
     queue: PhaseQueue,
     current: Mutex<HashMap<String, PhaseChange>>,
     synced: watch::Sender<usize>,
@@ -77,14 +85,17 @@ fn kube_message(e: &kube::Error) -> String {
 
 impl KubeHost {
     /// Starts watching the kinds; phase changes flow into the queue until `shutdown`.
+    /// `agent_namespace` is the agent's own namespace, where no command writes.
     pub fn start(
         client: Client,
+        agent_namespace: &str,
         shutdown: impl std::future::Future<Output = ()> + Send + Clone + 'static,
     ) -> Arc<Self> {
         let (synced, _) = watch::channel(0);
         let host = Arc::new(Self {
             logs: logs::LogRelay::start(client.clone(), shutdown.clone()),
             client,
+            agent_namespace: agent_namespace.to_string(),
             queue: PhaseQueue::default(),
             current: Mutex::default(),
             synced,
@@ -173,66 +184,65 @@ impl KubeHost {
         }
     }
 
-    async fn apply(&self, manifest: &str) -> CommandResult {
-        let mut value: serde_json::Value = match serde_yaml::from_str(manifest) {
-            Ok(v) => v,
-            Err(e) => return failed(format!("invalid manifest: {e}"), None),
+    /// Ok when the agent made `namespace` for a Project: only there do commands write
+    /// namespaced objects (never in the agent's own namespace, `kube-system` or a tenant's
+    /// other namespaces). `namespace` has been checked as a name already. Answers are kept in
+    /// `seen` for the rest of one command.
+    async fn project_namespace(&self, namespace: &str, seen: &mut Seen) -> Result<(), String> {
+        if let Some(answer) = seen.get(namespace) {
+            return answer.clone();
+        }
+        let answer = if namespace == self.agent_namespace {
+            Err(format!(
+                "namespace {namespace} is the agent's own namespace, not a ShapeBlock project namespace"
+            ))
+        } else {
+            match Api::<Namespace>::all(self.client.clone())
+                .get_metadata_opt(namespace)
+                .await
+            {
+                Ok(Some(ns)) if is_project_namespace(&ns.metadata) => Ok(()),
+                Ok(Some(_)) => Err(format!(
+                    "namespace {namespace} is not a ShapeBlock project namespace: the agent \
+                     serves only the namespaces it made for a Project"
+                )),
+                Ok(None) => Err(format!(
+                    "namespace {namespace} does not exist: it is made for its Project; apply the \
+                     Project and send this once the Project is Ready"
+                )),
+                Err(e) => Err(format!("cannot read namespace {namespace}: {}", kube_message(&e))),
+            }
         };
-        let kind_name = value
-            .get("kind")
-            .and_then(|v| v.as_str())
-            .unwrap_or_default()
-            .to_string();
+        seen.insert(namespace.to_string(), answer.clone());
+        answer
+    }
+
+    async fn apply(&self, manifest: &str, seen: &mut Seen) -> CommandResult {
+        // Names are checked before anything else: they become the request's path.
+        let (object, mut value) = match check_manifest(manifest) {
+            Ok(checked) => checked,
+            Err(reason) => return failed(reason, None),
+        };
+        let Some((resource, namespaced)) = kind(&object.kind) else {
+            return failed(format!("unknown kind {:?}", object.kind), None);
+        };
         let api_version = value
             .get("apiVersion")
             .and_then(|v| v.as_str())
             .unwrap_or_default()
             .to_string();
-        let name = value
-            .pointer("/metadata/name")
-            .and_then(|v| v.as_str())
-            .unwrap_or_default()
-            .to_string();
-        let namespace = value
-            .pointer("/metadata/namespace")
-            .and_then(|v| v.as_str())
-            .unwrap_or_default()
-            .to_string();
-        let Some((resource, namespaced)) = kind(&kind_name) else {
-            return failed(
-                format!(
-                    "unknown kind {kind_name:?}: the agent applies Project, App, AppBuild, AppRun, BackingService and Team"
-                ),
-                None,
-            );
-        };
-        let object = ObjectRef {
-            kind: kind_name.clone(),
-            namespace: if namespaced {
-                namespace.clone()
-            } else {
-                String::new()
-            },
-            name: name.clone(),
-        };
         if api_version != resource.api_version {
             return failed(
                 format!(
-                    "apiVersion {api_version:?} is not {} ({GROUP})",
+                    "apiVersion {} is not {} ({GROUP})",
+                    crate::proto::shown(&api_version),
                     resource.api_version
                 ),
                 Some(object),
             );
         }
-        if name.is_empty() || (namespaced && namespace.is_empty()) {
-            return failed(
-                if namespaced {
-                    "metadata.name and metadata.namespace are required"
-                } else {
-                    "metadata.name is required"
-                },
-                Some(object),
-            );
+        if namespaced && let Err(reason) = self.project_namespace(&object.namespace, seen).await {
+            return failed(reason, Some(object));
         }
         if let Some(meta) = value.get_mut("metadata").and_then(|m| m.as_object_mut()) {
             if !namespaced {
@@ -243,10 +253,10 @@ impl KubeHost {
                 labels.insert(MANAGED_BY_LABEL.into(), MANAGED_BY.into());
             }
         }
-        let api = self.api(&resource, namespaced, &namespace);
+        let api = self.api(&resource, namespaced, &object.namespace);
         match api
             .patch(
-                &name,
+                &object.name,
                 &PatchParams::apply(FIELD_MANAGER).force(),
                 &Patch::Apply(&value),
             )
@@ -262,10 +272,16 @@ impl KubeHost {
         }
     }
 
-    async fn delete(&self, object: ObjectRef) -> CommandResult {
+    async fn delete(&self, object: ObjectRef, seen: &mut Seen) -> CommandResult {
+        if let Err(reason) = check_object(&object) {
+            return failed(format!("delete refused: {reason}"), None);
+        }
         let Some((resource, namespaced)) = kind(&object.kind) else {
-            return failed(format!("unknown kind {:?}", object.kind), Some(object));
+            return failed(format!("unknown kind {:?}", object.kind), None);
         };
+        if namespaced && let Err(reason) = self.project_namespace(&object.namespace, seen).await {
+            return failed(format!("delete refused: {reason}"), Some(object));
+        }
         let api = self.api(&resource, namespaced, &object.namespace);
         match api.delete(&object.name, &DeleteParams::background()).await {
             Ok(_) => CommandResult {
@@ -285,12 +301,19 @@ impl KubeHost {
         }
     }
 
-    async fn cancel(&self, namespace: String, build: String) -> CommandResult {
+    async fn cancel(&self, command: CancelBuild) -> CommandResult {
+        if let Err(reason) = check_cancel(&command) {
+            return failed(format!("cancel refused: {reason}"), None);
+        }
+        let CancelBuild { namespace, build } = command;
         let object = ObjectRef {
             kind: AppBuild::kind(&()).into_owned(),
             namespace: namespace.clone(),
             name: build.clone(),
         };
+        if let Err(reason) = self.project_namespace(&namespace, &mut Seen::new()).await {
+            return failed(format!("cancel refused: {reason}"), Some(object));
+        }
         let api: Api<AppBuild> = Api::namespaced(self.client.clone(), &namespace);
         let patch = serde_json::json!({"metadata": {"annotations": {CANCEL_ANNOTATION: "true"}}});
         match api
@@ -317,6 +340,9 @@ impl KubeHost {
             name: command.app.clone(),
         };
         if let Err(reason) = crate::proto::check_set_config(&command) {
+            return failed(format!("set-config refused: {reason}"), None);
+        }
+        if let Err(reason) = self.project_namespace(&command.namespace, &mut Seen::new()).await {
             return failed(format!("set-config refused: {reason}"), Some(object));
         }
         let apps: Api<App> = Api::namespaced(self.client.clone(), &command.namespace);
@@ -386,72 +412,150 @@ impl KubeHost {
         }
     }
 
-    async fn sync(&self, manifests: Vec<String>, prune: bool) -> CommandResult {
-        let mut wanted = Vec::new();
+    /// Applies every manifest (one that fails does not stop the others), then, with `prune`,
+    /// removes what [`prune::plan`] says: managed objects in the scope that are not listed,
+    /// within the share. No scope, a failed manifest or too large a share: nothing is pruned,
+    /// and the result says why.
+    async fn sync(&self, command: Sync) -> CommandResult {
+        if let Err(reason) = check_prune_options(&command) {
+            return failed(format!("sync refused, nothing applied: {reason}"), None);
+        }
+        let mut seen = Seen::new();
+        let mut wanted = HashSet::new();
         let mut failures = Vec::new();
-        for manifest in &manifests {
-            let r = self.apply(manifest).await;
+        for manifest in &command.manifests {
+            let r = self.apply(manifest, &mut seen).await;
             if let Some(o) = &r.object {
-                wanted.push(object_key(o));
+                wanted.insert(object_key(o));
             }
             if !r.ok {
-                failures.push(r.message);
+                failures.push(match &r.object {
+                    Some(o) => format!("{}: {}", object_key(o), r.message),
+                    None => r.message,
+                });
             }
         }
-        let mut pruned = 0;
+        let applied = command.manifests.len() - failures.len();
+        let done = |message: String, ok: bool| CommandResult {
+            command_seq: 0,
+            ok,
+            message,
+            object: None,
+        };
+        let synced = format!("applied {applied} of {} manifests", command.manifests.len());
+        if !command.prune && command.prune_scope.is_none() {
+            return if failures.is_empty() {
+                done(format!("synced {} resources", command.manifests.len()), true)
+            } else {
+                done(format!("{synced}; {}", reasons(&failures)), false)
+            };
+        }
         // A manifest that failed may name an object that exists: pruning now could delete a
         // Project (and its namespace) because of a typo in its spec. Prune only a clean sync.
-        let prune = prune && failures.is_empty();
         if !failures.is_empty() {
-            failures.push("nothing was pruned because some manifests failed".into());
+            return done(
+                format!(
+                    "{synced}; {}; nothing was pruned because some manifests failed",
+                    reasons(&failures)
+                ),
+                false,
+            );
         }
-        if prune {
-            for (resource, namespaced) in kinds() {
-                let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &resource);
-                let list = match api
-                    .list(&ListParams::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}")))
-                    .await
-                {
-                    Ok(l) => l,
-                    Err(e) => {
-                        failures.push(kube_message(&e));
-                        continue;
-                    }
-                };
-                for o in list {
-                    let key = key_of(&resource, &o);
-                    if !wanted.contains(&key) {
-                        let r = self
-                            .delete(ObjectRef {
-                                kind: resource.kind.clone(),
-                                namespace: if namespaced {
-                                    o.metadata.namespace.clone().unwrap_or_default()
-                                } else {
-                                    String::new()
-                                },
-                                name: o.metadata.name.clone().unwrap_or_default(),
-                            })
-                            .await;
-                        if r.ok {
-                            pruned += 1
-                        } else {
-                            failures.push(r.message)
-                        }
-                    }
+        let scope = match &command.prune_scope {
+            Some(scope) if !scope_is_empty(Some(scope)) => scope,
+            _ => {
+                return done(
+                    format!(
+                        "{synced}; prune refused: this Sync names no prune scope (projects, or \
+                         kinds and namespaces), and the agent never prunes the whole cluster; \
+                         nothing was pruned"
+                    ),
+                    false,
+                );
+            }
+        };
+        let mut managed = Vec::new();
+        for (resource, namespaced) in kinds() {
+            let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &resource);
+            let selector = format!("{MANAGED_BY_LABEL}={MANAGED_BY}");
+            match api.list_metadata(&ListParams::default().labels(&selector)).await {
+                // Objects being deleted already are neither removed again nor counted.
+                Ok(list) => managed.extend(
+                    list.into_iter()
+                        .filter(|o| o.metadata.deletion_timestamp.is_none())
+                        .map(|o| ObjectRef {
+                            kind: resource.kind.clone(),
+                            namespace: if namespaced {
+                                o.metadata.namespace.unwrap_or_default()
+                            } else {
+                                String::new()
+                            },
+                            name: o.metadata.name.unwrap_or_default(),
+                        }),
+                ),
+                // Without the whole list the share cannot be known: prune nothing.
+                Err(e) => {
+                    return done(
+                        format!(
+                            "{synced}; nothing was pruned: cannot list {}: {}",
+                            resource.kind,
+                            kube_message(&e)
+                        ),
+                        false,
+                    );
                 }
             }
         }
-        CommandResult {
-            command_seq: 0,
-            ok: failures.is_empty(),
-            message: if failures.is_empty() {
-                format!("synced {} resources, pruned {pruned}", manifests.len())
+        let remove = match prune::plan(scope, &managed, &wanted, command.prune_max_percent, command.force) {
+            Ok(remove) => remove,
+            Err(refusal) => return done(format!("{synced}; {refusal}"), false),
+        };
+        let mut pruned = Vec::new();
+        for object in remove {
+            let r = self.delete(object.clone(), &mut seen).await;
+            if r.ok {
+                pruned.push(object);
             } else {
-                failures.join("; ")
-            },
-            object: None,
+                failures.push(format!("{}: {}", object_key(&object), r.message));
+            }
         }
+        let mut message = format!(
+            "synced {} resources, pruned {}",
+            command.manifests.len(),
+            pruned.len()
+        );
+        if !pruned.is_empty() {
+            message.push_str(&format!(": {}", prune::listing(&pruned)));
+        }
+        if !failures.is_empty() {
+            message.push_str(&format!("; not pruned: {}", reasons(&failures)));
+        }
+        done(message, failures.is_empty())
     }
+}
+
+/// The reasons of a Sync's failures, at most [`prune::LISTED`] of them (a result is one
+/// message, and a desired state can have thousands of manifests).
+fn reasons(failures: &[String]) -> String {
+    let mut text: Vec<&str> = failures.iter().take(prune::LISTED).map(String::as_str).collect();
+    let more = failures.len().saturating_sub(prune::LISTED);
+    let more = format!("and {more} more");
+    if failures.len() > prune::LISTED {
+        text.push(&more);
+    }
+    text.join("; ")
+}
+
+/// What one command found out about namespaces (by name: a project namespace or why not).
+type Seen = HashMap<String, Result<(), String>>;
+
+/// Whether the agent made this namespace for the Project of the same name (the labels the
+/// Project controller puts on it).
+fn is_project_namespace(meta: &ObjectMeta) -> bool {
+    use crate::controllers::{MANAGED_BY as BY, MANAGED_BY_LABEL as BY_LABEL, PROJECT_LABEL};
+    let labels = meta.labels.as_ref();
+    let label = |key: &str| labels.and_then(|l| l.get(key)).map(String::as_str);
+    meta.name.is_some() && label(BY_LABEL) == Some(BY) && label(PROJECT_LABEL) == meta.name.as_deref()
 }
 
 fn key_of(resource: &ApiResource, o: &DynamicObject) -> String {
@@ -524,13 +628,13 @@ fn memory_bytes(q: &str) -> u64 {
 impl Host for KubeHost {
     async fn execute(&self, command: Down) -> CommandResult {
         match command {
-            Down::Apply(a) => self.apply(&a.manifest).await,
+            Down::Apply(a) => self.apply(&a.manifest, &mut Seen::new()).await,
             Down::Delete(d) => match d.object {
-                Some(o) => self.delete(o).await,
+                Some(o) => self.delete(o, &mut Seen::new()).await,
                 None => failed("delete names no object", None),
             },
-            Down::CancelBuild(c) => self.cancel(c.namespace, c.build).await,
-            Down::Sync(s) => self.sync(s.manifests, s.prune).await,
+            Down::CancelBuild(c) => self.cancel(c).await,
+            Down::Sync(s) => self.sync(s).await,
             Down::SetConfig(c) => self.set_config(c).await,
             Down::HelloAck(_) | Down::Heartbeat(_) | Down::Ack(_) => failed("not a command", None),
         }
@@ -592,6 +696,40 @@ impl Host for KubeHost {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_namespaces_made_for_their_project_are_project_namespaces() {
+        let meta = |name: &str, labels: &[(&str, &str)]| ObjectMeta {
+            name: Some(name.into()),
+            labels: Some(
+                labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            ..Default::default()
+        };
+        let by = ("app.kubernetes.io/managed-by", "shapeblock-agent");
+        assert!(is_project_namespace(&meta(
+            "shop",
+            &[by, ("apps.shapeblock.io/project", "shop")]
+        )));
+        for other in [
+            meta("kube-system", &[]),
+            meta("shop", &[by]),
+            meta("shop", &[("apps.shapeblock.io/project", "shop")]),
+            meta("shop", &[by, ("apps.shapeblock.io/project", "blog")]),
+            meta(
+                "shop",
+                &[
+                    ("app.kubernetes.io/managed-by", "helm"),
+                    ("apps.shapeblock.io/project", "shop"),
+                ],
+            ),
+        ] {
+            assert!(!is_project_namespace(&other), "{other:?}");
+        }
+    }
 
     #[test]
     fn quantities() {

@@ -79,14 +79,33 @@ enum Command {
         name: String,
     },
     /// Queue the whole desired state: every manifest in the files (multi-document YAML), and
-    /// with --prune the deletion of managed resources not among them.
+    /// with --prune the deletion of managed resources in the prune scope that are not among
+    /// them. The agent prunes at most --prune-max-percent of the managed objects in scope, and
+    /// nothing when the files keep none of them, unless --force.
     Sync {
         #[arg(long)]
         cluster: String,
         #[arg(short = 'f', long = "file", required = true)]
         files: Vec<PathBuf>,
+        /// Delete managed resources in the scope that the files do not list (needs a scope:
+        /// --prune-project, or --prune-kind / --prune-namespace).
         #[arg(long)]
         prune: bool,
+        /// Prune this Project and what is in its namespace (repeat).
+        #[arg(long = "prune-project", requires = "prune")]
+        prune_projects: Vec<String>,
+        /// Prune objects of this kind (repeat; with --prune-namespace, only there).
+        #[arg(long = "prune-kind", requires = "prune")]
+        prune_kinds: Vec<String>,
+        /// Prune objects in this namespace (repeat; with --prune-kind, only of those kinds).
+        #[arg(long = "prune-namespace", requires = "prune")]
+        prune_namespaces: Vec<String>,
+        /// Most percent of the managed objects in scope one sync may remove (default 50).
+        #[arg(long, requires = "prune", value_parser = clap::value_parser!(u32).range(1..=100))]
+        prune_max_percent: Option<u32>,
+        /// Prune beyond that share, and even when the files keep nothing in scope.
+        #[arg(long, requires = "prune")]
+        force: bool,
     },
     /// Queue the cancellation of a running build.
     Cancel {
@@ -290,7 +309,7 @@ impl Cli {
                     kind,
                     namespace,
                     name,
-                });
+                })?;
                 let seq = store.add_command(&cluster, &body)?;
                 println!("queued command {seq} for {cluster}");
             }
@@ -298,6 +317,11 @@ impl Cli {
                 cluster,
                 files,
                 prune,
+                prune_projects,
+                prune_kinds,
+                prune_namespaces,
+                prune_max_percent,
+                force,
             } => {
                 let mut manifests = Vec::new();
                 for file in &files {
@@ -311,10 +335,29 @@ impl Cli {
                         }
                     }
                 }
+                let scope = crate::proto::v1::PruneScope {
+                    projects: prune_projects,
+                    kinds: prune_kinds,
+                    namespaces: prune_namespaces,
+                };
+                let said = if prune {
+                    format!(
+                        "prune in projects {:?}, kinds {:?}, namespaces {:?}",
+                        scope.projects, scope.kinds, scope.namespaces
+                    )
+                } else {
+                    "no prune".into()
+                };
+                let prune = prune.then_some(hub::Prune {
+                    scope,
+                    max_percent: prune_max_percent.unwrap_or(0),
+                    force,
+                });
+                let body = hub::sync_command(&manifests, prune)?;
                 let store = hub::open_store(&data)?;
-                let seq = store.add_command(&cluster, &hub::sync_command(&manifests, prune)?)?;
+                let seq = store.add_command(&cluster, &body)?;
                 println!(
-                    "queued command {seq} for {cluster}: {} manifests, prune {prune}",
+                    "queued command {seq} for {cluster}: {} manifests, {said}",
                     manifests.len()
                 );
             }
@@ -324,7 +367,7 @@ impl Cli {
                 build,
             } => {
                 let store = hub::open_store(&data)?;
-                let seq = store.add_command(&cluster, &hub::cancel_command(&namespace, &build))?;
+                let seq = store.add_command(&cluster, &hub::cancel_command(&namespace, &build)?)?;
                 println!("queued command {seq} for {cluster}");
             }
             Command::ConfigSet {

@@ -26,7 +26,7 @@ use crate::proto::v1::agent_tunnel_server::{AgentTunnel, AgentTunnelServer};
 use crate::proto::v1::server_message::Body as Down;
 use crate::proto::v1::{
     Ack, AgentMessage, Apply, CancelBuild, Delete, EnrollRequest, EnrollResponse, Heartbeat, HelloAck,
-    ObjectRef, PhaseChange, RenewRequest, ServerMessage, SetConfig, Sync,
+    ObjectRef, PhaseChange, PruneScope, RenewRequest, ServerMessage, SetConfig, Sync,
 };
 use crate::proto::{self, MAX_MESSAGE_BYTES, ca_hash, hex, now_unix, object_key};
 use store::{ObjectStatus, Store, write};
@@ -144,8 +144,18 @@ pub fn create_token(store: &Store, cluster: &str, ttl: Duration) -> Result<Strin
 }
 
 /// Parses a manifest of a ShapeBlock kind into the command that applies it; refuses what the
-/// agent would refuse anyway, so mistakes show at the hub's CLI.
+/// agent would refuse anyway (names and namespaces Kubernetes does not accept, unknown kinds),
+/// so mistakes show at the hub's CLI.
 pub fn apply_command(manifest: &str) -> Result<Vec<u8>, HubError> {
+    check_manifest_size(manifest)?;
+    proto::check_manifest(manifest).map_err(HubError::Invalid)?;
+    Ok(Down::Apply(Apply {
+        manifest: manifest.to_string(),
+    })
+    .encode_body())
+}
+
+fn check_manifest_size(manifest: &str) -> Result<(), HubError> {
     // The agent refuses messages above the limit; one queued would be resent forever.
     if manifest.len() > MAX_MESSAGE_BYTES / 2 {
         return Err(HubError::Invalid(format!(
@@ -154,35 +164,62 @@ pub fn apply_command(manifest: &str) -> Result<Vec<u8>, HubError> {
             MAX_MESSAGE_BYTES / 2
         )));
     }
-    let value: serde_json::Value = serde_yaml::from_str(manifest)
-        .map_err(|e| HubError::Invalid(format!("manifest is not YAML or JSON: {e}")))?;
-    for field in ["apiVersion", "kind"] {
-        if value.get(field).and_then(|v| v.as_str()).is_none() {
-            return Err(HubError::Invalid(format!("manifest has no {field}")));
-        }
-    }
-    Ok(Down::Apply(Apply {
-        manifest: manifest.to_string(),
-    })
-    .encode_body())
+    Ok(())
 }
 
-/// The command that deletes `object`.
-pub fn delete_command(object: ObjectRef) -> Vec<u8> {
-    Down::Delete(Delete { object: Some(object) }).encode_body()
+/// The command that deletes `object` (a managed kind, names Kubernetes accepts).
+pub fn delete_command(object: ObjectRef) -> Result<Vec<u8>, HubError> {
+    proto::check_object(&object).map_err(HubError::Invalid)?;
+    Ok(Down::Delete(Delete { object: Some(object) }).encode_body())
+}
+
+/// What a `Sync` may prune and how much (see [`Sync`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Prune {
+    pub scope: PruneScope,
+    /// Percent of the managed objects in scope; 0: the agent's default (50).
+    pub max_percent: u32,
+    pub force: bool,
+}
+
+impl Prune {
+    /// Prune within these Projects (each with what is in its namespace).
+    pub fn projects<S: ToString>(names: impl IntoIterator<Item = S>) -> Self {
+        Self {
+            scope: PruneScope {
+                projects: names.into_iter().map(|n| n.to_string()).collect(),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
 }
 
 /// The command that converges the cluster to `manifests` (with `prune`, deleting the
-/// resources the agent manages that are not among them).
-pub fn sync_command(manifests: &[String], prune: bool) -> Result<Vec<u8>, HubError> {
+/// resources the agent manages in its scope that are not among them). A prune without a
+/// scope is refused here, as the agent would refuse it.
+pub fn sync_command(manifests: &[String], prune: Option<Prune>) -> Result<Vec<u8>, HubError> {
     for manifest in manifests {
-        apply_command(manifest)?;
+        check_manifest_size(manifest)?;
     }
-    let body = Down::Sync(Sync {
+    let pruning = prune.is_some();
+    let prune = prune.unwrap_or_default();
+    let command = Sync {
         manifests: manifests.to_vec(),
-        prune,
-    })
-    .encode_body();
+        // Never set: an agent from before scopes would prune the whole cluster on it. The
+        // scope alone asks for the prune.
+        prune: false,
+        prune_scope: pruning.then_some(prune.scope),
+        prune_max_percent: prune.max_percent,
+        force: prune.force,
+    };
+    if pruning && proto::scope_is_empty(command.prune_scope.as_ref()) {
+        return Err(HubError::Invalid(
+            "a prune needs a scope: name the projects (or kinds and namespaces) it may prune in".into(),
+        ));
+    }
+    proto::check_sync(&command).map_err(HubError::Invalid)?;
+    let body = Down::Sync(command).encode_body();
     if body.len() > MAX_MESSAGE_BYTES / 2 {
         return Err(HubError::Invalid(format!(
             "the desired state is {} bytes in one message; the limit is {}",
@@ -200,12 +237,13 @@ pub fn set_config_command(command: SetConfig) -> Result<Vec<u8>, HubError> {
 }
 
 /// The command that cancels a running build.
-pub fn cancel_command(namespace: &str, build: &str) -> Vec<u8> {
-    Down::CancelBuild(CancelBuild {
+pub fn cancel_command(namespace: &str, build: &str) -> Result<Vec<u8>, HubError> {
+    let command = CancelBuild {
         namespace: namespace.into(),
         build: build.into(),
-    })
-    .encode_body()
+    };
+    proto::check_cancel(&command).map_err(HubError::Invalid)?;
+    Ok(Down::CancelBuild(command).encode_body())
 }
 
 trait EncodeBody {
@@ -305,10 +343,11 @@ impl Hub {
     }
 
     pub fn delete(&self, cluster: &str, object: ObjectRef) -> Result<u64, HubError> {
-        self.queue(cluster, delete_command(object))
+        self.queue(cluster, delete_command(object)?)
     }
 
-    pub fn sync(&self, cluster: &str, manifests: &[String], prune: bool) -> Result<u64, HubError> {
+    /// Queues a `Sync` of `manifests`, pruning as `prune` says (`None`: no prune).
+    pub fn sync(&self, cluster: &str, manifests: &[String], prune: Option<Prune>) -> Result<u64, HubError> {
         self.queue(cluster, sync_command(manifests, prune)?)
     }
 
@@ -318,10 +357,10 @@ impl Hub {
     }
 
     pub fn cancel(&self, cluster: &str, namespace: &str, build: &str) -> Result<u64, HubError> {
-        self.queue(cluster, cancel_command(namespace, build))
+        self.queue(cluster, cancel_command(namespace, build)?)
     }
 
-    /// Queues any encoded `ServerMessage` (tests use it for hostile input).
+    /// Queues any encoded `ServerMessage`, unchecked (tests use it for hostile input).
     pub fn queue(&self, cluster: &str, body: Vec<u8>) -> Result<u64, HubError> {
         let seq = self.inner.store.add_command(cluster, &body)?;
         self.inner.wake(cluster).notify_one();
@@ -687,4 +726,65 @@ fn handle(
         seq: 0,
         body: Some(Down::Ack(Ack { seq })),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn object(kind: &str, namespace: &str, name: &str) -> ObjectRef {
+        ObjectRef {
+            kind: kind.into(),
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    #[test]
+    fn commands_with_names_kubernetes_refuses_are_never_queued() {
+        assert!(delete_command(object("App", "shop", "web")).is_ok());
+        let refused = delete_command(object("App", "p/apps/x?", "web")).unwrap_err();
+        assert!(
+            refused
+                .to_string()
+                .contains("\"p/apps/x?\" is not a namespace name"),
+            "{refused}"
+        );
+        assert!(delete_command(object("Project", "x", "p")).is_err());
+        assert!(cancel_command("shop", "web-1").is_ok());
+        assert!(cancel_command("shop", "../web-1").is_err());
+        let app = |namespace: &str| {
+            format!(
+                "apiVersion: apps.shapeblock.io/v1alpha1\nkind: App\nmetadata:\n  name: web\n  namespace: {namespace}\n"
+            )
+        };
+        assert!(apply_command(&app("shop")).is_ok());
+        assert!(apply_command(&app("'a?b'")).is_err());
+        let refused = sync_command(&[app("shop"), app("'a/b'")], None).unwrap_err();
+        assert!(refused.to_string().starts_with("manifest 2: "), "{refused}");
+    }
+
+    #[test]
+    fn a_prune_is_queued_only_with_a_scope() {
+        let manifests = [
+            "apiVersion: apps.shapeblock.io/v1alpha1\nkind: Project\nmetadata:\n  name: shop\n".to_string(),
+        ];
+        let refused = sync_command(&manifests, Some(Prune::default())).unwrap_err();
+        assert!(refused.to_string().contains("needs a scope"), "{refused}");
+        let decode = |body: Vec<u8>| match ServerMessage::decode(body.as_slice()).unwrap().body {
+            Some(Down::Sync(sync)) => sync,
+            other => panic!("{other:?}"),
+        };
+        let plain = decode(sync_command(&manifests, None).unwrap());
+        assert!(!plain.prune && plain.prune_scope.is_none());
+        // The old flag stays off: an agent from before scopes prunes nothing on this.
+        let scoped = decode(sync_command(&manifests, Some(Prune::projects(["shop"]))).unwrap());
+        assert!(!scoped.prune && !scoped.force);
+        assert_eq!(scoped.prune_scope.unwrap().projects, ["shop"]);
+        let too_much = Prune {
+            max_percent: 150,
+            ..Prune::projects(["shop"])
+        };
+        assert!(sync_command(&manifests, Some(too_much)).is_err());
+    }
 }
