@@ -359,7 +359,10 @@ fn condition_message<'a>(app: &'a App, type_: &str) -> Option<&'a str> {
     condition(app, type_).map(|c| c.message.as_str())
 }
 
-fn condition<'a>(app: &'a App, type_: &str) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+fn condition<'a>(
+    app: &'a App,
+    type_: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
     app.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)
 }
 
@@ -652,9 +655,7 @@ pub fn check_credentials_secret(secret: &Secret, url: &str) -> Result<()> {
     }
     let actual_type = secret.type_.as_deref().unwrap_or("Opaque");
     if actual_type != wanted_type {
-        missing.push(format!(
-            "type {wanted_type} for {kind} URL (it is {actual_type})"
-        ));
+        missing.push(format!("type {wanted_type} for {kind} URL (it is {actual_type})"));
     }
     let made_for = secret
         .annotations()
@@ -674,8 +675,15 @@ pub fn check_credentials_secret(secret: &Secret, url: &str) -> Result<()> {
         });
     }
     if !missing.is_empty() {
+        // Two reasons: "not made for clones at all" and "made for another host" are told apart
+        // at a glance (and are two Events, not one Event's count).
+        let reason = if bound || missing.len() > 1 {
+            "CredentialsNotAllowed"
+        } else {
+            "CredentialsNotForHost"
+        };
         return Err(Error::InvalidSpec {
-            reason: "CredentialsNotAllowed",
+            reason,
             message: format!(
                 "Secret {name} is not a git credentials Secret for {host}: it lacks {}. Only someone who may write Secrets can mark one (e.g. `kubectl label secret {name} {CREDENTIAL_LABEL}={GIT_CREDENTIAL}` and `kubectl annotate secret {name} {GIT_HOSTS_ANNOTATION}={host}`); nothing of it is used until then",
                 missing.join("; ")
@@ -1036,7 +1044,10 @@ mod tests {
             assert!(err.starts_with(&format!("git.url {url:?} is refused: ")), "{err}");
         }
         assert!(validate_git_url("https://github.com:0/x.git").is_err(), "port 0");
-        assert!(validate_git_url("https://github.com:99999/x.git").is_err(), "port");
+        assert!(
+            validate_git_url("https://github.com:99999/x.git").is_err(),
+            "port"
+        );
     }
 
     #[test]
@@ -1093,7 +1104,12 @@ mod tests {
 
     #[test]
     fn a_marked_credentials_secret_for_the_urls_host_is_accepted() {
-        let token = secret(BASIC_AUTH_TYPE, &[MARK], Some("github.com"), &["username", "password"]);
+        let token = secret(
+            BASIC_AUTH_TYPE,
+            &[MARK],
+            Some("github.com"),
+            &["username", "password"],
+        );
         check_credentials_secret(&token, HTTPS).unwrap();
         // Hosts compare as resolvers read them; lists may name several.
         let listed = secret(
@@ -1116,8 +1132,10 @@ mod tests {
     fn an_unmarked_or_misbound_secret_is_refused_saying_what_it_lacks() {
         let keys = &["username", "password"];
         // Any Secret of the namespace, as a developer would name it: every mark is missing.
-        let (reason, message) =
-            refusal(check_credentials_secret(&secret("Opaque", &[], None, keys), HTTPS));
+        let (reason, message) = refusal(check_credentials_secret(
+            &secret("Opaque", &[], None, keys),
+            HTTPS,
+        ));
         assert_eq!(reason, "CredentialsNotAllowed");
         for lacks in [
             "the label apps.shapeblock.io/credential=git",
@@ -1131,23 +1149,41 @@ mod tests {
             &secret(BASIC_AUTH_TYPE, &[MARK], Some("gitlab.example.com"), keys),
             HTTPS,
         ));
-        assert_eq!(reason, "CredentialsNotAllowed");
+        assert_eq!(reason, "CredentialsNotForHost");
         assert!(
-            message.contains("github.com in its annotation apps.shapeblock.io/git-hosts (it is for \"gitlab.example.com\")"),
+            message.contains(
+                "github.com in its annotation apps.shapeblock.io/git-hosts (it is for \"gitlab.example.com\")"
+            ),
             "{message}"
         );
-        assert!(!message.contains("the label apps"), "only what is missing: {message}");
+        assert!(
+            !message.contains("the label apps"),
+            "only what is missing: {message}"
+        );
         // The label's value matters, and so does a type that fits the URL.
         let (reason, _) = refusal(check_credentials_secret(
-            &secret(BASIC_AUTH_TYPE, &[(CREDENTIAL_LABEL, "registry")], Some("github.com"), keys),
+            &secret(
+                BASIC_AUTH_TYPE,
+                &[(CREDENTIAL_LABEL, "registry")],
+                Some("github.com"),
+                keys,
+            ),
             HTTPS,
         ));
         assert_eq!(reason, "CredentialsNotAllowed");
         let (_, message) = refusal(check_credentials_secret(
-            &secret(BASIC_AUTH_TYPE, &[MARK], Some("github.com"), &[SSH_PRIVATE_KEY, KNOWN_HOSTS]),
+            &secret(
+                BASIC_AUTH_TYPE,
+                &[MARK],
+                Some("github.com"),
+                &[SSH_PRIVATE_KEY, KNOWN_HOSTS],
+            ),
             "git@github.com:example/app.git",
         ));
-        assert!(message.contains("type kubernetes.io/ssh-auth for an SSH URL"), "{message}");
+        assert!(
+            message.contains("type kubernetes.io/ssh-auth for an SSH URL"),
+            "{message}"
+        );
         // Marked, but without what the clone needs.
         let (reason, _) = refusal(check_credentials_secret(
             &secret(BASIC_AUTH_TYPE, &[MARK], Some("github.com"), &["username"]),
@@ -1163,7 +1199,10 @@ mod tests {
 
     #[test]
     fn only_the_apps_own_generated_key_is_its_deploy_key() {
-        let mut app = App::new("api", serde_json::from_value(serde_json::json!({"registry": {"url": "r.example.com"}})).unwrap());
+        let mut app = App::new(
+            "api",
+            serde_json::from_value(serde_json::json!({"registry": {"url": "r.example.com"}})).unwrap(),
+        );
         app.metadata.namespace = Some("shop".into());
         app.metadata.uid = Some("uid-1".into());
         let key = generate_deploy_key("c").unwrap();
@@ -1179,7 +1218,12 @@ mod tests {
         assert!(!is_own_deploy_key(&stranger, &app));
     }
 
-    fn app_with_status(url: &str, generation: i64, observed: Option<i64>, conditions: &[(&str, bool, &str)]) -> App {
+    fn app_with_status(
+        url: &str,
+        generation: i64,
+        observed: Option<i64>,
+        conditions: &[(&str, bool, &str)],
+    ) -> App {
         let mut app = App::new(
             "api",
             serde_json::from_value(serde_json::json!({
@@ -1225,15 +1269,30 @@ mod tests {
             }
         );
         // A refused URL needs no status to be refused.
-        let metadata = app_with_status("https://0x7f.1/x.git", 2, Some(2), &[("CredentialsReady", true, "Ready")]);
-        assert!(matches!(clone_source(&metadata), CloneSource::Refused { reason, .. } if reason == "InvalidSpec"));
+        let metadata = app_with_status(
+            "https://0x7f.1/x.git",
+            2,
+            Some(2),
+            &[("CredentialsReady", true, "Ready")],
+        );
+        assert!(
+            matches!(clone_source(&metadata), CloneSource::Refused { reason, .. } if reason == "InvalidSpec")
+        );
         // SSH sources also need the server's host keys; HostKeysKnown of an earlier SSH URL
         // does not hold back an https one.
-        let conditions = [("CredentialsReady", true, "Ready"), ("HostKeysKnown", false, "KnownHostsMissing")];
+        let conditions = [
+            ("CredentialsReady", true, "Ready"),
+            ("HostKeysKnown", false, "KnownHostsMissing"),
+        ];
         let blind = app_with_status("git@github.com:example/app.git", 2, Some(2), &conditions);
-        assert!(matches!(clone_source(&blind), CloneSource::Refused { reason, .. } if reason == "KnownHostsMissing"));
+        assert!(
+            matches!(clone_source(&blind), CloneSource::Refused { reason, .. } if reason == "KnownHostsMissing")
+        );
         let https_now = app_with_status(HTTPS, 2, Some(2), &conditions);
-        assert_eq!(clone_source(&https_now), CloneSource::Ready(Some("git-token".into())));
+        assert_eq!(
+            clone_source(&https_now),
+            CloneSource::Ready(Some("git-token".into()))
+        );
     }
 
     mod spellings {
@@ -1262,7 +1321,11 @@ mod tests {
                 0 => value.to_string(),
                 1 => format!("0{zeros}{value:o}"),
                 _ => {
-                    let digits = if upper { format!("{value:X}") } else { format!("{value:x}") };
+                    let digits = if upper {
+                        format!("{value:X}")
+                    } else {
+                        format!("{value:x}")
+                    };
                     format!("{}{zeros}{digits}", if upper { "0X" } else { "0x" })
                 }
             }
@@ -1297,14 +1360,28 @@ mod tests {
                 let text = if dotted {
                     format!("::ffff:{v4}")
                 } else {
-                    format!("0:0:0:0:0:ffff:{:x}:{:x}", u16::from_be_bytes([a, b]), u16::from_be_bytes([c, d]))
+                    format!(
+                        "0:0:0:0:0:ffff:{:x}:{:x}",
+                        u16::from_be_bytes([a, b]),
+                        u16::from_be_bytes([c, d])
+                    )
                 };
                 if upper { text.to_uppercase() } else { text }
             });
-            let loopback = prop_oneof![Just("::1".to_string()), Just("0:0:0:0:0:0:0:1".to_string()), Just("0000::0001".to_string()), Just("::".to_string())];
-            let link_local = (0xfe80u16..=0xfebf, any::<[u16; 4]>(), any::<bool>()).prop_map(|(head, [a, b, c, d], zone)| {
-                format!("{head:x}::{a:x}:{b:x}:{c:x}:{d:x}{}", if zone { "%25eth0" } else { "" })
-            });
+            let loopback = prop_oneof![
+                Just("::1".to_string()),
+                Just("0:0:0:0:0:0:0:1".to_string()),
+                Just("0000::0001".to_string()),
+                Just("::".to_string())
+            ];
+            let link_local = (0xfe80u16..=0xfebf, any::<[u16; 4]>(), any::<bool>()).prop_map(
+                |(head, [a, b, c, d], zone)| {
+                    format!(
+                        "{head:x}::{a:x}:{b:x}:{c:x}:{d:x}{}",
+                        if zone { "%25eth0" } else { "" }
+                    )
+                },
+            );
             prop_oneof![mapped, loopback, link_local, Just("fd00:ec2::254".to_string())]
                 .prop_map(|address| format!("[{address}]"))
         }
@@ -1322,7 +1399,13 @@ mod tests {
                 let cased: String = name
                     .chars()
                     .enumerate()
-                    .map(|(i, c)| if case >> (i % 64) & 1 == 1 { c.to_ascii_uppercase() } else { c })
+                    .map(|(i, c)| {
+                        if case >> (i % 64) & 1 == 1 {
+                            c.to_ascii_uppercase()
+                        } else {
+                            c
+                        }
+                    })
                     .collect();
                 format!("{cased}{}", ".".repeat(dots))
             })

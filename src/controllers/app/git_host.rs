@@ -46,8 +46,14 @@ const FORBIDDEN_NAMES: &[&str] = &[
 
 /// Single addresses of cloud metadata and platform services outside the link-local range.
 const FORBIDDEN_V4: &[(Ipv4Addr, &str)] = &[
-    (Ipv4Addr::new(100, 100, 100, 200), "Alibaba Cloud's instance metadata"),
-    (Ipv4Addr::new(168, 63, 129, 16), "Azure's platform (WireServer) address"),
+    (
+        Ipv4Addr::new(100, 100, 100, 200),
+        "Alibaba Cloud's instance metadata",
+    ),
+    (
+        Ipv4Addr::new(168, 63, 129, 16),
+        "Azure's platform (WireServer) address",
+    ),
     (Ipv4Addr::BROADCAST, "the broadcast address"),
 ];
 const AWS_METADATA_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x0ec2, 0, 0, 0, 0, 0, 0x0254);
@@ -221,11 +227,31 @@ mod tests {
             assert_eq!(inet_aton(spelling), loopback, "{spelling}");
         }
         assert_eq!(inet_aton("0"), Some(Ipv4Addr::UNSPECIFIED));
-        assert_eq!(inet_aton("169.254.43518"), Some(Ipv4Addr::new(169, 254, 169, 254)));
-        assert_eq!(inet_aton("0127.0.0.1"), Some(Ipv4Addr::new(87, 0, 0, 1)), "octal 127 is 87");
+        assert_eq!(
+            inet_aton("169.254.43518"),
+            Some(Ipv4Addr::new(169, 254, 169, 254))
+        );
+        assert_eq!(
+            inet_aton("0127.0.0.1"),
+            Some(Ipv4Addr::new(87, 0, 0, 1)),
+            "octal 127 is 87"
+        );
         for not_an_address in [
-            "", "1.2.3.4.5", "256.1.1.1", "1.2.3.256", "1.2.65536", "08.1.1.1", "0x", "0x.1", "1..2",
-            "1.2.3.", "4294967296", "github.com", "1e3", "-1", "+1",
+            "",
+            "1.2.3.4.5",
+            "256.1.1.1",
+            "1.2.3.256",
+            "1.2.65536",
+            "08.1.1.1",
+            "0x",
+            "0x.1",
+            "1..2",
+            "1.2.3.",
+            "4294967296",
+            "github.com",
+            "1e3",
+            "-1",
+            "+1",
         ] {
             assert_eq!(inet_aton(not_an_address), None, "{not_an_address}");
         }
@@ -297,9 +323,21 @@ mod tests {
             ("[fec0::1]", "fec0::1"),
             ("999.1", "999.1"),
         ] {
-            assert_eq!(check(host).map(|h| h.canonical()), Ok(canonical.to_string()), "{host}");
+            assert_eq!(
+                check(host).map(|h| h.canonical()),
+                Ok(canonical.to_string()),
+                "{host}"
+            );
         }
-        for garbage in ["git%68ub.com", "-oProxy", ".github.com", "a..b", "[::1", "[nope]", "a:b"] {
+        for garbage in [
+            "git%68ub.com",
+            "-oProxy",
+            ".github.com",
+            "a..b",
+            "[::1",
+            "[nope]",
+            "a:b",
+        ] {
             assert!(check(garbage).is_err(), "{garbage}");
         }
     }

@@ -1029,11 +1029,25 @@ mod tests {
     fn git_steps_get_only_the_secret_keys_the_clone_needs() {
         // https: the token arrives as two variables; no volume of the Secret at all.
         let https = app(BuildType::Dockerfile);
-        let job = build_job(&https, &build(), COMMIT, Some("git-token"), "registry-credentials", &owner(), &BuildSettings::default());
+        let job = build_job(
+            &https,
+            &build(),
+            COMMIT,
+            Some("git-token"),
+            "registry-credentials",
+            &owner(),
+            &BuildSettings::default(),
+        );
         let pod = pod_of(&job);
         assert!(pod.volumes.iter().flatten().all(|v| v.name != "git-secret"));
         let clone = &pod.init_containers.as_ref().unwrap()[0];
-        assert!(clone.volume_mounts.iter().flatten().all(|m| m.name != "git-secret"));
+        assert!(
+            clone
+                .volume_mounts
+                .iter()
+                .flatten()
+                .all(|m| m.name != "git-secret")
+        );
         let from_secret: Vec<_> = clone
             .env
             .iter()
@@ -1041,13 +1055,30 @@ mod tests {
             .filter_map(|e| e.value_from.as_ref()?.secret_key_ref.as_ref())
             .map(|r| (r.name.as_str(), r.key.as_str()))
             .collect();
-        assert_eq!(from_secret, [("git-token", "username"), ("git-token", "password")]);
+        assert_eq!(
+            from_secret,
+            [("git-token", "username"), ("git-token", "password")]
+        );
         // SSH: the private key and the host keys, projected as items, read-only.
         let mut ssh = app(BuildType::Dockerfile);
         ssh.spec.git.as_mut().unwrap().url = "ssh://git@git.example.com:2222/web.git".into();
         for job in [
-            resolve_job(&ssh, &build(), Some("web-deploy-key"), &owner(), &BuildSettings::default()),
-            build_job(&ssh, &build(), COMMIT, Some("web-deploy-key"), "registry-credentials", &owner(), &BuildSettings::default()),
+            resolve_job(
+                &ssh,
+                &build(),
+                Some("web-deploy-key"),
+                &owner(),
+                &BuildSettings::default(),
+            ),
+            build_job(
+                &ssh,
+                &build(),
+                COMMIT,
+                Some("web-deploy-key"),
+                "registry-credentials",
+                &owner(),
+                &BuildSettings::default(),
+            ),
         ] {
             let volume = pod_of(&job)
                 .volumes
@@ -1067,7 +1098,15 @@ mod tests {
         let mut app = app(BuildType::Dockerfile);
         app.spec.git.as_mut().unwrap().url = "https://Git.Example.com.:8443/web.git".into();
         let resolve = resolve_job(&app, &build(), None, &owner(), &BuildSettings::default());
-        let built = build_job(&app, &build(), COMMIT, None, "registry-credentials", &owner(), &BuildSettings::default());
+        let built = build_job(
+            &app,
+            &build(),
+            COMMIT,
+            None,
+            "registry-credentials",
+            &owner(),
+            &BuildSettings::default(),
+        );
         let steps = [
             pod_of(&resolve).containers[0].clone(),
             pod_of(&built).init_containers.as_ref().unwrap()[0].clone(),
@@ -1076,7 +1115,10 @@ mod tests {
             let script = &step.command.as_ref().unwrap()[2];
             assert!(script.starts_with("set -eu\n"), "{}", step.name);
             let guard = script.find("\nsb_guard_git_host\n").expect("the guard runs");
-            let git = script.find("git ls-remote").or_else(|| script.find("git remote add")).unwrap();
+            let git = script
+                .find("git ls-remote")
+                .or_else(|| script.find("git remote add"))
+                .unwrap();
             assert!(guard < git, "{}: the guard runs before git", step.name);
             assert!(script.contains(GIT_HOST_GUARD));
             assert!(!script.contains("example.com"), "values never reach the script");
@@ -1102,10 +1144,18 @@ mod tests {
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped());
         if let Some(dir) = path {
-            command.env("PATH", format!("{}:{}", dir.display(), std::env::var("PATH").unwrap()));
+            command.env(
+                "PATH",
+                format!("{}:{}", dir.display(), std::env::var("PATH").unwrap()),
+            );
         }
         let mut child = command.spawn().unwrap();
-        child.stdin.take().unwrap().write_all(addresses.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(addresses.as_bytes())
+            .unwrap();
         let output = child.wait_with_output().unwrap();
         (output.status.success(), String::from_utf8(output.stdout).unwrap())
     }
@@ -1146,21 +1196,46 @@ mod tests {
                 ("169.254.169.254", "is a link-local address"),
                 ("fe80::1", "is a link-local address"),
                 ("FE80::1%eth0", "is a link-local address"),
-                ("::ffff:127.0.0.1", "carries an IPv4 address that is a loopback address"),
-                ("::ffff:a9fe:a9fe", "carries an IPv4 address that is a link-local address"),
-                ("64:ff9b::7f00:1", "carries an IPv4 address that is a loopback address"),
+                (
+                    "::ffff:127.0.0.1",
+                    "carries an IPv4 address that is a loopback address",
+                ),
+                (
+                    "::ffff:a9fe:a9fe",
+                    "carries an IPv4 address that is a link-local address",
+                ),
+                (
+                    "64:ff9b::7f00:1",
+                    "carries an IPv4 address that is a loopback address",
+                ),
                 ("fd00:ec2::254", "is AWS instance metadata"),
                 ("100.100.100.200", "is a cloud metadata address"),
                 ("no-address", "is not an address"),
                 ("1::2::3", "is not an address"),
                 ("1.2.3.256", "is not an address"),
             ] {
-                let (ok, printed) = check_addresses(&shell, path, &format!("10.0.0.1\n{address}\n140.82.112.3\n"));
+                let (ok, printed) =
+                    check_addresses(&shell, path, &format!("10.0.0.1\n{address}\n140.82.112.3\n"));
                 assert!(!ok, "{shell:?}: {address} passed");
-                assert!(printed.starts_with(&format!("{address} {why}")), "{shell:?}: {address}: {printed}");
+                assert!(
+                    printed.starts_with(&format!("{address} {why}")),
+                    "{shell:?}: {address}: {printed}"
+                );
             }
-            for allowed in ["10.0.0.1", "140.82.112.3", "192.168.1.1", "2606:50c0:8000::154", "fd12:3456::1", "::ffff:10.0.0.1", " 172.16.0.1 "] {
-                assert_eq!(check_addresses(&shell, path, &format!("{allowed}\n")), (true, String::new()), "{shell:?}: {allowed}");
+            for allowed in [
+                "10.0.0.1",
+                "140.82.112.3",
+                "192.168.1.1",
+                "2606:50c0:8000::154",
+                "fd12:3456::1",
+                "::ffff:10.0.0.1",
+                " 172.16.0.1 ",
+            ] {
+                assert_eq!(
+                    check_addresses(&shell, path, &format!("{allowed}\n")),
+                    (true, String::new()),
+                    "{shell:?}: {allowed}"
+                );
             }
         }
     }
@@ -1187,8 +1262,13 @@ mod tests {
                 let output = std::process::Command::new(shell[0])
                     .args(&shell[1..])
                     .arg("-c")
-                    .arg(format!("{GIT_HOST_GUARD}sb_guard_git_host\nenv | grep -E '^GIT_(CONFIG|SSH)' | sort"))
-                    .env("PATH", format!("{}:{}", dir.path().display(), std::env::var("PATH").unwrap()))
+                    .arg(format!(
+                        "{GIT_HOST_GUARD}sb_guard_git_host\nenv | grep -E '^GIT_(CONFIG|SSH)' | sort"
+                    ))
+                    .env(
+                        "PATH",
+                        format!("{}:{}", dir.path().display(), std::env::var("PATH").unwrap()),
+                    )
                     .env("SB_TERMINATION_LOG", &log)
                     .env("GIT_HOST", host)
                     .env("GIT_PORT", port)
@@ -1211,7 +1291,10 @@ mod tests {
             );
             let (code, _, message) = run("nowhere.example", "https://nowhere.example/x.git", "443");
             assert_eq!(code, Some(3));
-            assert!(message.starts_with("cannot resolve the git host nowhere.example"), "{message}");
+            assert!(
+                message.starts_with("cannot resolve the git host nowhere.example"),
+                "{message}"
+            );
             let (code, _, message) = run("a;touch /tmp/x", "https://x/x.git", "443");
             assert_eq!(code, Some(3));
             assert!(message.contains("is not a host name"), "{message}");
@@ -1219,13 +1302,21 @@ mod tests {
             // takes it elsewhere.
             let (code, env, _) = run("git.example.com", "https://git.example.com/x.git", "443");
             assert_eq!(code, Some(0), "{shell:?}");
-            assert!(env.contains("GIT_CONFIG_KEY_0=http.followRedirects\nGIT_CONFIG_KEY_1=http.curloptResolve\n"), "{env}");
-            assert!(env.contains("GIT_CONFIG_VALUE_1=git.example.com:443:140.82.112.3,[2606:50c0::1]\n"), "{env}");
+            assert!(
+                env.contains("GIT_CONFIG_KEY_0=http.followRedirects\nGIT_CONFIG_KEY_1=http.curloptResolve\n"),
+                "{env}"
+            );
+            assert!(
+                env.contains("GIT_CONFIG_VALUE_1=git.example.com:443:140.82.112.3,[2606:50c0::1]\n"),
+                "{env}"
+            );
             // SSH: ssh connects to the checked address and checks the host key under the name.
             let (code, env, _) = run("git.example.com", "ssh://git@git.example.com:2222/x.git", "2222");
             assert_eq!(code, Some(0));
             assert!(
-                env.contains("GIT_SSH_COMMAND=ssh -o HostName=140.82.112.3 -o 'HostKeyAlias=[git.example.com]:2222'\n"),
+                env.contains(
+                    "GIT_SSH_COMMAND=ssh -o HostName=140.82.112.3 -o 'HostKeyAlias=[git.example.com]:2222'\n"
+                ),
                 "{env}"
             );
             // An allowed address needs no lookup.
