@@ -1469,6 +1469,14 @@ mod tests {
                 };
                 prop_assert!(validate_git_url(&urls(&address.to_string(), which, port)).is_ok(), "{}", address);
             }
+
+            #[test]
+            fn public_addresses_pass(address in any::<u32>().prop_map(Ipv4Addr::from), which in any::<u8>()) {
+                let [a, b, ..] = address.octets();
+                let forbidden = a == 127 || a == 0 || (a, b) == (169, 254)
+                    || [Ipv4Addr::new(100, 100, 100, 200), Ipv4Addr::new(168, 63, 129, 16), Ipv4Addr::BROADCAST].contains(&address);
+                prop_assert_eq!(validate_git_url(&urls(&address.to_string(), which, None)).is_ok(), !forbidden, "{}", address);
+            }
         }
     }
 

@@ -70,7 +70,9 @@ function v6(a,   g, h, t, q, nh, nt, i, n, tail, cut, zero6, x) {
 {
   gsub(/^[ \t]+|[ \t]+$/, "")
   if ($0 == "") next
-  why = $0 ~ /:/ ? v6($0) : v4($0)
+  # Only address characters (and a zone name): what passes here may be pinned into a command.
+  if ($0 ~ /[^0-9A-Za-z:.%]/) why = "is not an address"
+  else why = $0 ~ /:/ ? v6($0) : v4($0)
   if (why != "") { print $0 " " why; bad = 1; exit }
 }
 END { exit bad }'

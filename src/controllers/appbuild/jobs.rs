@@ -1213,6 +1213,7 @@ mod tests {
                 ("no-address", "is not an address"),
                 ("1::2::3", "is not an address"),
                 ("1.2.3.256", "is not an address"),
+                ("2001:db8::1%$(touch /tmp/x)", "is not an address"),
             ] {
                 let (ok, printed) =
                     check_addresses(&shell, path, &format!("10.0.0.1\n{address}\n140.82.112.3\n"));
