@@ -157,9 +157,13 @@ pub struct GitSource {
     #[schemars(length(min = 1, max = 255))]
     #[x_kube(validation = Rule::new(format!("self.matches('{GIT_BRANCH_PATTERN}') && !self.contains('..') && !self.endsWith('/') && !self.endsWith('.lock')")).message("must be a git branch name: letters, digits, '_', '.', '/', '-', not starting with '-' or '.'"))]
     pub branch: String,
-    /// Secret in the App's namespace with credentials for the clone: `ssh-privatekey` (an SSH
-    /// deploy key) or `username`/`password` (an HTTPS token). If unset and `isPrivate` is true,
-    /// the agent generates an SSH deploy key and publishes its public half in status.
+    /// Secret in the App's namespace with credentials for the clone, made for that purpose by
+    /// someone who may write Secrets: label `apps.shapeblock.io/credential: git`, annotation
+    /// `apps.shapeblock.io/git-hosts` listing the git host(s) it is for (comma-separated), and
+    /// type `kubernetes.io/basic-auth` with `username`/`password` (an HTTPS token) or
+    /// `kubernetes.io/ssh-auth` with `ssh-privatekey` and `known_hosts` (SSH). Any other Secret
+    /// is refused (`CredentialsNotAllowed`) and nothing of it is used. If unset and `isPrivate`
+    /// is true, the agent generates an SSH deploy key and publishes its public half in status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 253), pattern(DNS_SUBDOMAIN_PATTERN))]
     pub secret_name: Option<String>,

@@ -2,7 +2,6 @@
 //! for private repositories that name none), and reports both in status.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use futures::StreamExt;
@@ -22,7 +21,9 @@ use serde_json::json;
 
 use super::app_runtime::{self, RuntimeStatus};
 use super::{APP_LABEL, ConditionSet, Context, Error, FIELD_MANAGER, MANAGED_BY, MANAGED_BY_LABEL, Result};
-use crate::api::{App, AppPhase, AppStatus, BackingService, GitSource};
+use crate::api::{App, AppPhase, AppStatus, BackingService};
+
+pub mod git_host;
 
 const KIND: &str = "App";
 /// Finalizer that removes an App's release (its HelmChart) when the App is deleted.
@@ -33,7 +34,19 @@ pub const REGENERATE_KEY_ANNOTATION: &str = "apps.shapeblock.io/regenerate-deplo
 const GENERATED_FOR_ANNOTATION: &str = "apps.shapeblock.io/generated-for";
 /// Label on generated deploy keys, for the metadata-only watch.
 pub const DEPLOY_KEY_LABEL: &str = "apps.shapeblock.io/deploy-key";
-const PRIVATE_KEY: &str = "ssh-privatekey";
+/// Label a Secret must carry (value [`GIT_CREDENTIAL`]) before an App may name it as
+/// `git.secretName`. Developers may name Secrets but not write them: only someone who may write
+/// Secrets (a project admin) can say a Secret is meant for clones.
+pub const CREDENTIAL_LABEL: &str = "apps.shapeblock.io/credential";
+pub const GIT_CREDENTIAL: &str = "git";
+/// Annotation on a git credentials Secret: the git hosts (comma-separated) it was made for. A
+/// token for github.com is never handed to another host, whatever URL an App names.
+pub const GIT_HOSTS_ANNOTATION: &str = "apps.shapeblock.io/git-hosts";
+/// Secret types of git credentials, by URL kind.
+pub const BASIC_AUTH_TYPE: &str = "kubernetes.io/basic-auth";
+pub const SSH_AUTH_TYPE: &str = "kubernetes.io/ssh-auth";
+/// Key of the SSH private key in `kubernetes.io/ssh-auth` Secrets.
+pub const SSH_PRIVATE_KEY: &str = "ssh-privatekey";
 const PUBLIC_KEY: &str = "ssh-publickey";
 /// Key of the SSH host keys, in deploy-key Secrets and in the agent's ConfigMap.
 pub const KNOWN_HOSTS: &str = "known_hosts";
@@ -210,15 +223,17 @@ async fn apply(app: &App, ctx: &Context) -> Result<Action> {
     let credentials = match ensure_credentials(app, ctx).await {
         Ok(credentials) => credentials,
         Err(Error::InvalidSpec { reason, message }) => {
-            let newly = condition_reason(app, "CredentialsReady") != Some(reason);
+            let newly = condition_reason(app, "CredentialsReady") != Some(reason)
+                || condition_message(app, "CredentialsReady") != Some(message.as_str());
             conditions.set("CredentialsReady", false, reason, &message);
             conditions.set("Ready", false, reason, &message);
+            // Builds clone with the Secret in status: a refused one must not stay there.
             write_status(
                 ctx,
                 app,
                 AppPhase::Failed,
                 &message,
-                None,
+                Some(Credentials::none()),
                 conditions,
                 runtime.clone(),
             )
@@ -343,6 +358,68 @@ fn condition_reason<'a>(app: &'a App, type_: &str) -> Option<&'a str> {
         .map(|c| c.reason.as_str())
 }
 
+fn condition_message<'a>(app: &'a App, type_: &str) -> Option<&'a str> {
+    condition(app, type_).map(|c| c.message.as_str())
+}
+
+fn condition<'a>(
+    app: &'a App,
+    type_: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    app.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)
+}
+
+/// What a build may clone with, decided from the App alone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CloneSource {
+    /// The source is valid and its credentials were checked for this generation of the spec:
+    /// clone with this Secret (the agent's deploy key or a marked credentials Secret), if any.
+    Ready(Option<String>),
+    /// The App's source or credentials are refused; the build fails with this.
+    Refused { reason: String, message: String },
+    /// The App controller has not checked this generation of the spec yet: a build started now
+    /// could clone a new URL with the credentials checked for the old one.
+    Unchecked,
+}
+
+/// The clone credentials a build may use. Builds read them from the App's status, which only
+/// the agent writes, and only once that status is about the App's current spec.
+pub fn clone_source(app: &App) -> CloneSource {
+    if let Err(message) = validate_source(app) {
+        return CloneSource::Refused {
+            reason: "InvalidSpec".into(),
+            message,
+        };
+    }
+    if app.spec.git.is_none() {
+        return CloneSource::Ready(None);
+    }
+    if observed_generation(app).is_none() || observed_generation(app) != app.metadata.generation {
+        return CloneSource::Unchecked;
+    }
+    let ssh = app.spec.git.as_ref().is_some_and(|g| is_ssh_url(&g.url));
+    // HostKeysKnown is only ever set for SSH sources (and may linger from an earlier SSH URL).
+    let checked: &[&str] = if ssh {
+        &["CredentialsReady", "HostKeysKnown"]
+    } else {
+        &["CredentialsReady"]
+    };
+    for type_ in checked {
+        if let Some(c) = condition(app, type_).filter(|c| c.status == "False") {
+            return CloneSource::Refused {
+                reason: c.reason.clone(),
+                message: format!("App {}: {}", app.name_any(), c.message),
+            };
+        }
+    }
+    match condition(app, "CredentialsReady") {
+        Some(c) if c.status == "True" => {
+            CloneSource::Ready(app.status.as_ref().and_then(|s| s.git_secret_name.clone()))
+        }
+        _ => CloneSource::Unchecked,
+    }
+}
+
 fn observed_generation(app: &App) -> Option<i64> {
     app.status.as_ref().and_then(|s| s.observed_generation)
 }
@@ -361,7 +438,7 @@ async fn ensure_credentials(app: &App, ctx: &Context) -> Result<Credentials> {
                 message: format!("git.secretName {name} does not exist in namespace {namespace}"),
             });
         };
-        check_credentials_secret(&secret, git)?;
+        check_credentials_secret(&secret, &git.url)?;
         return Ok(Credentials {
             secret_name: Some(name.clone()),
             public_key: None,
@@ -379,6 +456,14 @@ async fn ensure_credentials(app: &App, ctx: &Context) -> Result<Credentials> {
         .unwrap_or_default();
     let name = deploy_key_name(app);
     if let Some(existing) = secrets.get_opt(&name).await? {
+        if !is_own_deploy_key(&existing, app) {
+            return Err(Error::InvalidSpec {
+                reason: "DeployKeyConflict",
+                message: format!(
+                    "Secret {name} exists but is not the deploy key the agent generated for this App (no {DEPLOY_KEY_LABEL} label, or owned by something else): it is not used; delete or rename it, or name a git credentials Secret as git.secretName"
+                ),
+            });
+        }
         let made_for = existing
             .annotations()
             .get(GENERATED_FOR_ANNOTATION)
@@ -517,7 +602,7 @@ fn desired_deploy_key(
 ) -> Secret {
     let mut data = BTreeMap::from([
         (
-            PRIVATE_KEY.to_string(),
+            SSH_PRIVATE_KEY.to_string(),
             ByteString(key.private.as_bytes().to_vec()),
         ),
         (PUBLIC_KEY.to_string(), ByteString(key.public.as_bytes().to_vec())),
@@ -550,12 +635,66 @@ fn desired_deploy_key(
     }
 }
 
-/// A named credentials Secret must hold an SSH key for SSH URLs, or a username and password
-/// (token) for HTTPS URLs.
-fn check_credentials_secret(secret: &Secret, git: &GitSource) -> Result<()> {
-    let has = |key: &str| secret.data.as_ref().is_some_and(|d| d.contains_key(key));
+/// A named credentials Secret must be one made for clones from this App's host, by someone
+/// who may write Secrets: the credential label, the type that fits the URL, and the URL's host
+/// among the hosts it was made for. Then it must hold what the clone needs: an SSH key and the
+/// server's host keys for SSH URLs, a username and password (token) for HTTPS URLs. Every
+/// missing mark is named at once, so one look at the Event says what to fix.
+pub fn check_credentials_secret(secret: &Secret, url: &str) -> Result<()> {
     let name = secret.name_any();
-    if is_ssh_url(&git.url) && has(PRIVATE_KEY) && !has(KNOWN_HOSTS) {
+    let endpoint = git_endpoint(url).map_err(|message| Error::InvalidSpec {
+        reason: "InvalidSpec",
+        message,
+    })?;
+    let host = endpoint.host.canonical();
+    let (wanted_type, kind) = if endpoint.ssh {
+        (SSH_AUTH_TYPE, "an SSH")
+    } else {
+        (BASIC_AUTH_TYPE, "an https")
+    };
+    let mut missing = Vec::new();
+    if secret.labels().get(CREDENTIAL_LABEL).map(String::as_str) != Some(GIT_CREDENTIAL) {
+        missing.push(format!("the label {CREDENTIAL_LABEL}={GIT_CREDENTIAL}"));
+    }
+    let actual_type = secret.type_.as_deref().unwrap_or("Opaque");
+    if actual_type != wanted_type {
+        missing.push(format!("type {wanted_type} for {kind} URL (it is {actual_type})"));
+    }
+    let made_for = secret
+        .annotations()
+        .get(GIT_HOSTS_ANNOTATION)
+        .map(String::as_str)
+        .unwrap_or_default();
+    let bound = made_for
+        .split([',', ' ', '\n'])
+        .filter(|h| !h.is_empty())
+        .filter_map(|h| git_host::parse(h).ok())
+        .any(|h| h.canonical() == host);
+    if !bound {
+        missing.push(if made_for.trim().is_empty() {
+            format!("the annotation {GIT_HOSTS_ANNOTATION} naming the git host(s) it is for ({host})")
+        } else {
+            format!("{host} in its annotation {GIT_HOSTS_ANNOTATION} (it is for {made_for:?})")
+        });
+    }
+    if !missing.is_empty() {
+        // Two reasons: "not made for clones at all" and "made for another host" are told apart
+        // at a glance (and are two Events, not one Event's count).
+        let reason = if bound || missing.len() > 1 {
+            "CredentialsNotAllowed"
+        } else {
+            "CredentialsNotForHost"
+        };
+        return Err(Error::InvalidSpec {
+            reason,
+            message: format!(
+                "Secret {name} is not a git credentials Secret for {host}: it lacks {}. Only someone who may write Secrets can mark one (e.g. `kubectl label secret {name} {CREDENTIAL_LABEL}={GIT_CREDENTIAL}` and `kubectl annotate secret {name} {GIT_HOSTS_ANNOTATION}={host}`); nothing of it is used until then",
+                missing.join("; ")
+            ),
+        });
+    }
+    let has = |key: &str| secret.data.as_ref().is_some_and(|d| d.contains_key(key));
+    if endpoint.ssh && has(SSH_PRIVATE_KEY) && !has(KNOWN_HOSTS) {
         return Err(Error::InvalidSpec {
             reason: "KnownHostsMissing",
             message: format!(
@@ -563,14 +702,14 @@ fn check_credentials_secret(secret: &Secret, git: &GitSource) -> Result<()> {
             ),
         });
     }
-    let ok = if is_ssh_url(&git.url) {
-        has(PRIVATE_KEY)
+    let ok = if endpoint.ssh {
+        has(SSH_PRIVATE_KEY)
     } else {
         has("username") && has("password")
     };
     if ok {
         Ok(())
-    } else if is_ssh_url(&git.url) {
+    } else if endpoint.ssh {
         Err(Error::InvalidSpec {
             reason: "InvalidCredentials",
             message: format!("Secret {name} has no ssh-privatekey, which an SSH git URL needs"),
@@ -583,6 +722,17 @@ fn check_credentials_secret(secret: &Secret, git: &GitSource) -> Result<()> {
             ),
         })
     }
+}
+
+/// Whether an existing `<app>-deploy-key` Secret is the one the agent generated for this App
+/// (not a Secret someone else made under that name, nor the key of an earlier App of the
+/// same name that garbage collection has not removed yet).
+fn is_own_deploy_key(secret: &Secret, app: &App) -> bool {
+    let owned = secret
+        .owner_references()
+        .iter()
+        .any(|o| o.controller == Some(true) && Some(&o.uid) == app.metadata.uid.as_ref());
+    owned && secret.labels().contains_key(DEPLOY_KEY_LABEL)
 }
 
 async fn write_status(
@@ -670,10 +820,23 @@ pub fn validate_source(app: &App) -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// Where a git URL connects: the host as the resolver reads it, the port, and the transport.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GitEndpoint {
+    pub host: git_host::Host,
+    pub port: u16,
+    pub ssh: bool,
+}
+
 /// Accepts `https://host[:port]/path`, `ssh://[user@]host[:port]/path` and `user@host:path`;
 /// refuses everything git would treat as a local path, a transport helper or an option, and
-/// hosts that are loopback, link-local (cloud metadata) or unspecified addresses.
+/// hosts that reach this node or a cloud's metadata service in any spelling ([`git_host`]).
 pub fn validate_git_url(url: &str) -> std::result::Result<(), String> {
+    git_endpoint(url).map(|_| ())
+}
+
+/// Parses and checks a git URL: where it connects, or why it is refused.
+pub fn git_endpoint(url: &str) -> std::result::Result<GitEndpoint, String> {
     let refuse = |why: &str| Err(format!("git.url {url:?} is refused: {why}"));
     if url.starts_with('-') {
         return refuse("it would be read as a command-line option");
@@ -681,7 +844,7 @@ pub fn validate_git_url(url: &str) -> std::result::Result<(), String> {
     if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return refuse("it contains whitespace or control characters");
     }
-    let host = if let Some(rest) = url.strip_prefix("https://") {
+    let (authority, ssh, scp_like) = if let Some(rest) = url.strip_prefix("https://") {
         let authority = rest.split('/').next().unwrap_or_default();
         if authority.contains('@') {
             return refuse("credentials in the URL would be logged and stored; put them in git.secretName");
@@ -689,13 +852,13 @@ pub fn validate_git_url(url: &str) -> std::result::Result<(), String> {
         if !rest.contains('/') {
             return refuse("it names no repository path");
         }
-        authority
+        (authority, false, false)
     } else if let Some(rest) = url.strip_prefix("ssh://") {
         let authority = rest.split('/').next().unwrap_or_default();
         if !rest.contains('/') {
             return refuse("it names no repository path");
         }
-        authority.rsplit('@').next().unwrap_or_default()
+        (authority.rsplit('@').next().unwrap_or_default(), true, false)
     } else if let Some((user_host, path)) = url
         .split_once(':')
         .filter(|(u, _)| u.contains('@') && !u.contains('/'))
@@ -703,46 +866,55 @@ pub fn validate_git_url(url: &str) -> std::result::Result<(), String> {
         if path.is_empty() || path.starts_with('-') {
             return refuse("it names no repository path");
         }
-        user_host.rsplit('@').next().unwrap_or_default()
+        (user_host.rsplit('@').next().unwrap_or_default(), true, true)
     } else {
         return refuse(
             "only https:// and SSH URLs are accepted (file://, ext::, http:// and local paths are not)",
         );
     };
-    let host = strip_port(host);
+    let (host, port) = if scp_like {
+        (authority, None)
+    } else {
+        split_port(authority)
+    };
     if host.is_empty() || host.starts_with('-') {
         return refuse("it has no host");
     }
-    if host.eq_ignore_ascii_case("localhost") {
-        return refuse("the host is this node (localhost)");
-    }
-    if let Ok(ip) = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .parse::<IpAddr>()
-    {
-        let internal = match ip {
-            IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local() || v4.is_unspecified(),
-            IpAddr::V6(v6) => {
-                v6.is_loopback() || v6.is_unspecified() || (v6.segments()[0] & 0xffc0) == 0xfe80
+    let port = match port {
+        None => {
+            if ssh {
+                22
+            } else {
+                443
             }
-        };
-        if internal {
-            return refuse("the host is a loopback, link-local (cloud metadata) or unspecified address");
         }
-    }
-    Ok(())
+        Some(port) => match port.parse::<u16>() {
+            Ok(port) if port > 0 => port,
+            _ => return refuse("its port is not a number from 1 to 65535"),
+        },
+    };
+    let host = match git_host::check(host) {
+        Ok(host) => host,
+        Err(why) => return refuse(&why),
+    };
+    Ok(GitEndpoint { host, port, ssh })
 }
 
-fn strip_port(authority: &str) -> &str {
+/// Splits `host[:port]` and `[v6][:port]`.
+fn split_port(authority: &str) -> (&str, Option<&str>) {
     if authority.starts_with('[') {
-        return authority
-            .split(']')
-            .next()
-            .map(|h| &authority[..h.len() + 1])
-            .unwrap_or(authority);
+        return match authority.find(']') {
+            Some(end) => {
+                let port = authority[end + 1..].strip_prefix(':');
+                (&authority[..end + 1], port)
+            }
+            None => (authority, None),
+        };
     }
-    authority.split(':').next().unwrap_or(authority)
+    match authority.split_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (authority, None),
+    }
 }
 
 /// Whether a git URL uses SSH.
@@ -847,6 +1019,467 @@ mod tests {
         ] {
             let err = validate_git_url(url).unwrap_err();
             assert!(err.contains(why), "{url}: {err}");
+        }
+    }
+
+    #[test]
+    fn other_spellings_of_forbidden_hosts_are_refused_in_every_url_form() {
+        for url in [
+            "https://2130706433/x.git",
+            "https://0x7f.1/x.git",
+            "https://0177.0.0.1/x.git",
+            "https://127.1:8443/x.git",
+            "https://localhost./x.git",
+            "https://metadata.google.internal./x.git",
+            "https://METADATA/x.git",
+            "https://0/x.git",
+            "https://100.100.100.200/latest/meta-data",
+            "https://[::ffff:127.0.0.1]/x.git",
+            "https://[fe80::1%25eth0]/x.git",
+            "https://[fd00:ec2::254]/latest",
+            "ssh://git@0x7f000001:22/x.git",
+            "ssh://git@[::1]:2222/x.git",
+            "git@instance-data:x.git",
+            "git@169.254.43518:x.git",
+            "git@app.localhost:x.git",
+        ] {
+            let err = validate_git_url(url).unwrap_err();
+            assert!(err.starts_with(&format!("git.url {url:?} is refused: ")), "{err}");
+        }
+        assert!(validate_git_url("https://github.com:0/x.git").is_err(), "port 0");
+        assert!(
+            validate_git_url("https://github.com:99999/x.git").is_err(),
+            "port"
+        );
+    }
+
+    #[test]
+    fn endpoints_name_host_and_port() {
+        let endpoint = git_endpoint("ssh://git@GitHub.com.:2222/x.git").unwrap();
+        assert_eq!(
+            (endpoint.host.canonical().as_str(), endpoint.port, endpoint.ssh),
+            ("github.com", 2222, true)
+        );
+        let endpoint = git_endpoint("git@github.com:x.git").unwrap();
+        assert_eq!((endpoint.port, endpoint.ssh), (22, true));
+        let endpoint = git_endpoint("https://[2001:db8::1]/x.git").unwrap();
+        assert_eq!(
+            (endpoint.host.canonical().as_str(), endpoint.port, endpoint.ssh),
+            ("2001:db8::1", 443, false)
+        );
+    }
+
+    fn secret(type_: &str, labels: &[(&str, &str)], hosts: Option<&str>, keys: &[&str]) -> Secret {
+        let mut secret = Secret {
+            type_: Some(type_.into()),
+            data: Some(
+                keys.iter()
+                    .map(|k| (k.to_string(), ByteString(b"x".to_vec())))
+                    .collect(),
+            ),
+            ..Default::default()
+        };
+        secret.metadata.name = Some("git-token".into());
+        secret.metadata.labels = Some(
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        if let Some(hosts) = hosts {
+            secret.metadata.annotations = Some(BTreeMap::from([(
+                GIT_HOSTS_ANNOTATION.to_string(),
+                hosts.to_string(),
+            )]));
+        }
+        secret
+    }
+
+    fn refusal(result: Result<()>) -> (String, String) {
+        match result {
+            Err(Error::InvalidSpec { reason, message }) => (reason.to_string(), message),
+            other => panic!("not refused: {other:?}"),
+        }
+    }
+
+    const HTTPS: &str = "https://github.com/example/app.git";
+    const MARK: (&str, &str) = (CREDENTIAL_LABEL, GIT_CREDENTIAL);
+
+    #[test]
+    fn a_marked_credentials_secret_for_the_urls_host_is_accepted() {
+        let token = secret(
+            BASIC_AUTH_TYPE,
+            &[MARK],
+            Some("github.com"),
+            &["username", "password"],
+        );
+        check_credentials_secret(&token, HTTPS).unwrap();
+        // Hosts compare as resolvers read them; lists may name several.
+        let listed = secret(
+            BASIC_AUTH_TYPE,
+            &[MARK],
+            Some("gitlab.example.com, GitHub.com."),
+            &["username", "password"],
+        );
+        check_credentials_secret(&listed, "https://github.com:443/example/app.git").unwrap();
+        let key = secret(
+            SSH_AUTH_TYPE,
+            &[MARK],
+            Some("github.com"),
+            &[SSH_PRIVATE_KEY, KNOWN_HOSTS],
+        );
+        check_credentials_secret(&key, "git@github.com:example/app.git").unwrap();
+    }
+
+    #[test]
+    fn an_unmarked_or_misbound_secret_is_refused_saying_what_it_lacks() {
+        let keys = &["username", "password"];
+        // Any Secret of the namespace, as a developer would name it: every mark is missing.
+        let (reason, message) = refusal(check_credentials_secret(
+            &secret("Opaque", &[], None, keys),
+            HTTPS,
+        ));
+        assert_eq!(reason, "CredentialsNotAllowed");
+        for lacks in [
+            "the label apps.shapeblock.io/credential=git",
+            "type kubernetes.io/basic-auth for an https URL (it is Opaque)",
+            "the annotation apps.shapeblock.io/git-hosts naming the git host(s) it is for (github.com)",
+        ] {
+            assert!(message.contains(lacks), "{message}");
+        }
+        // Made for another host: a token for gitlab is not handed to github (or an attacker's).
+        let (reason, message) = refusal(check_credentials_secret(
+            &secret(BASIC_AUTH_TYPE, &[MARK], Some("gitlab.example.com"), keys),
+            HTTPS,
+        ));
+        assert_eq!(reason, "CredentialsNotForHost");
+        assert!(
+            message.contains(
+                "github.com in its annotation apps.shapeblock.io/git-hosts (it is for \"gitlab.example.com\")"
+            ),
+            "{message}"
+        );
+        assert!(
+            !message.contains("the label apps"),
+            "only what is missing: {message}"
+        );
+        // The label's value matters, and so does a type that fits the URL.
+        let (reason, _) = refusal(check_credentials_secret(
+            &secret(
+                BASIC_AUTH_TYPE,
+                &[(CREDENTIAL_LABEL, "registry")],
+                Some("github.com"),
+                keys,
+            ),
+            HTTPS,
+        ));
+        assert_eq!(reason, "CredentialsNotAllowed");
+        let (_, message) = refusal(check_credentials_secret(
+            &secret(
+                BASIC_AUTH_TYPE,
+                &[MARK],
+                Some("github.com"),
+                &[SSH_PRIVATE_KEY, KNOWN_HOSTS],
+            ),
+            "git@github.com:example/app.git",
+        ));
+        assert!(
+            message.contains("type kubernetes.io/ssh-auth for an SSH URL"),
+            "{message}"
+        );
+        // Marked, but without what the clone needs.
+        let (reason, _) = refusal(check_credentials_secret(
+            &secret(BASIC_AUTH_TYPE, &[MARK], Some("github.com"), &["username"]),
+            HTTPS,
+        ));
+        assert_eq!(reason, "InvalidCredentials");
+        let (reason, _) = refusal(check_credentials_secret(
+            &secret(SSH_AUTH_TYPE, &[MARK], Some("github.com"), &[SSH_PRIVATE_KEY]),
+            "git@github.com:example/app.git",
+        ));
+        assert_eq!(reason, "KnownHostsMissing");
+    }
+
+    #[test]
+    fn only_the_apps_own_generated_key_is_its_deploy_key() {
+        let mut app = App::new(
+            "api",
+            serde_json::from_value(serde_json::json!({"registry": {"url": "r.example.com"}})).unwrap(),
+        );
+        app.metadata.namespace = Some("shop".into());
+        app.metadata.uid = Some("uid-1".into());
+        let key = generate_deploy_key("c").unwrap();
+        let mine = desired_deploy_key(&app, "api-deploy-key", &key, None, "", &owner_reference(&app));
+        assert!(is_own_deploy_key(&mine, &app));
+        let mut earlier = app.clone();
+        earlier.metadata.uid = Some("uid-0".into());
+        assert!(!is_own_deploy_key(&mine, &earlier), "an earlier App's key");
+        let mut unlabelled = mine.clone();
+        unlabelled.metadata.labels = None;
+        assert!(!is_own_deploy_key(&unlabelled, &app));
+        let stranger = secret(SSH_AUTH_TYPE, &[], None, &[SSH_PRIVATE_KEY]);
+        assert!(!is_own_deploy_key(&stranger, &app));
+    }
+
+    fn app_with_status(
+        url: &str,
+        generation: i64,
+        observed: Option<i64>,
+        conditions: &[(&str, bool, &str)],
+    ) -> App {
+        let mut app = App::new(
+            "api",
+            serde_json::from_value(serde_json::json!({
+                "git": {"url": url, "secretName": "git-token"},
+                "registry": {"url": "r.example.com"}
+            }))
+            .unwrap(),
+        );
+        app.metadata.generation = Some(generation);
+        let mut set = ConditionSet::new(&[], observed);
+        for (type_, status, reason) in conditions {
+            set.set(type_, *status, reason, format!("{type_} says {reason}"));
+        }
+        app.status = Some(AppStatus {
+            observed_generation: observed,
+            git_secret_name: Some("git-token".into()),
+            conditions: set.conditions,
+            ..Default::default()
+        });
+        app
+    }
+
+    #[test]
+    fn builds_clone_only_with_credentials_checked_for_the_current_spec() {
+        let ready = app_with_status(HTTPS, 2, Some(2), &[("CredentialsReady", true, "Ready")]);
+        assert_eq!(clone_source(&ready), CloneSource::Ready(Some("git-token".into())));
+        // The spec changed (say, to another URL) since the Secret was checked.
+        let stale = app_with_status(HTTPS, 3, Some(2), &[("CredentialsReady", true, "Ready")]);
+        assert_eq!(clone_source(&stale), CloneSource::Unchecked);
+        let fresh = app_with_status(HTTPS, 1, None, &[]);
+        assert_eq!(clone_source(&fresh), CloneSource::Unchecked);
+        let refused = app_with_status(
+            HTTPS,
+            2,
+            Some(2),
+            &[("CredentialsReady", false, "CredentialsNotAllowed")],
+        );
+        assert_eq!(
+            clone_source(&refused),
+            CloneSource::Refused {
+                reason: "CredentialsNotAllowed".into(),
+                message: "App api: CredentialsReady says CredentialsNotAllowed".into()
+            }
+        );
+        // A refused URL needs no status to be refused.
+        let metadata = app_with_status(
+            "https://0x7f.1/x.git",
+            2,
+            Some(2),
+            &[("CredentialsReady", true, "Ready")],
+        );
+        assert!(
+            matches!(clone_source(&metadata), CloneSource::Refused { reason, .. } if reason == "InvalidSpec")
+        );
+        // SSH sources also need the server's host keys; HostKeysKnown of an earlier SSH URL
+        // does not hold back an https one.
+        let conditions = [
+            ("CredentialsReady", true, "Ready"),
+            ("HostKeysKnown", false, "KnownHostsMissing"),
+        ];
+        let blind = app_with_status("git@github.com:example/app.git", 2, Some(2), &conditions);
+        assert!(
+            matches!(clone_source(&blind), CloneSource::Refused { reason, .. } if reason == "KnownHostsMissing")
+        );
+        let https_now = app_with_status(HTTPS, 2, Some(2), &conditions);
+        assert_eq!(
+            clone_source(&https_now),
+            CloneSource::Ready(Some("git-token".into()))
+        );
+    }
+
+    mod spellings {
+        //! Every spelling of a forbidden address is refused; ordinary hosts pass.
+        use super::super::validate_git_url;
+        use proptest::prelude::*;
+        use std::net::Ipv4Addr;
+
+        /// Forbidden IPv4 addresses: loopback, 0/8, link-local, and the single metadata ones.
+        fn forbidden_v4() -> impl Strategy<Value = Ipv4Addr> {
+            prop_oneof![
+                any::<[u8; 3]>().prop_map(|[a, b, c]| Ipv4Addr::new(127, a, b, c)),
+                any::<[u8; 3]>().prop_map(|[a, b, c]| Ipv4Addr::new(0, a, b, c)),
+                any::<[u8; 2]>().prop_map(|[a, b]| Ipv4Addr::new(169, 254, a, b)),
+                Just(Ipv4Addr::new(169, 254, 169, 254)),
+                Just(Ipv4Addr::new(100, 100, 100, 200)),
+                Just(Ipv4Addr::BROADCAST),
+            ]
+        }
+
+        /// One number as `inet_aton` reads it: decimal, octal with leading zeros, or hex with
+        /// either case of prefix and digits and leading zeros.
+        fn spell(value: u32, style: u8, zeros: usize, upper: bool) -> String {
+            let zeros = "0".repeat(zeros);
+            match style % 3 {
+                0 => value.to_string(),
+                1 => format!("0{zeros}{value:o}"),
+                _ => {
+                    let digits = if upper {
+                        format!("{value:X}")
+                    } else {
+                        format!("{value:x}")
+                    };
+                    format!("{}{zeros}{digits}", if upper { "0X" } else { "0x" })
+                }
+            }
+        }
+
+        fn v4_spelling() -> impl Strategy<Value = (Ipv4Addr, String)> {
+            (
+                forbidden_v4(),
+                1usize..=4,
+                proptest::collection::vec((any::<u8>(), 0usize..3, any::<bool>()), 4),
+                0usize..3,
+            )
+                .prop_map(|(address, parts, styles, dots)| {
+                    let bytes = address.octets();
+                    let mut spelled: Vec<String> = bytes[..parts - 1]
+                        .iter()
+                        .zip(&styles)
+                        .map(|(b, (style, zeros, upper))| spell(u32::from(*b), *style, *zeros, *upper))
+                        .collect();
+                    let last = bytes[parts - 1..]
+                        .iter()
+                        .fold(0u32, |acc, b| (acc << 8) | u32::from(*b));
+                    let (style, zeros, upper) = styles[3];
+                    spelled.push(spell(last, style, zeros, upper));
+                    (address, format!("{}{}", spelled.join("."), ".".repeat(dots)))
+                })
+        }
+
+        fn v6_spelling() -> impl Strategy<Value = String> {
+            let mapped = (forbidden_v4(), any::<bool>(), any::<bool>()).prop_map(|(v4, dotted, upper)| {
+                let [a, b, c, d] = v4.octets();
+                let text = if dotted {
+                    format!("::ffff:{v4}")
+                } else {
+                    format!(
+                        "0:0:0:0:0:ffff:{:x}:{:x}",
+                        u16::from_be_bytes([a, b]),
+                        u16::from_be_bytes([c, d])
+                    )
+                };
+                if upper { text.to_uppercase() } else { text }
+            });
+            let loopback = prop_oneof![
+                Just("::1".to_string()),
+                Just("0:0:0:0:0:0:0:1".to_string()),
+                Just("0000::0001".to_string()),
+                Just("::".to_string())
+            ];
+            let link_local = (0xfe80u16..=0xfebf, any::<[u16; 4]>(), any::<bool>()).prop_map(
+                |(head, [a, b, c, d], zone)| {
+                    format!(
+                        "{head:x}::{a:x}:{b:x}:{c:x}:{d:x}{}",
+                        if zone { "%25eth0" } else { "" }
+                    )
+                },
+            );
+            prop_oneof![mapped, loopback, link_local, Just("fd00:ec2::254".to_string())]
+                .prop_map(|address| format!("[{address}]"))
+        }
+
+        fn names() -> impl Strategy<Value = String> {
+            let forbidden = prop_oneof![
+                Just("localhost".to_string()),
+                Just("metadata".to_string()),
+                Just("metadata.google.internal".to_string()),
+                Just("metadata.goog".to_string()),
+                Just("instance-data".to_string()),
+                "[a-z][a-z0-9-]{0,10}".prop_map(|label| format!("{label}.localhost")),
+            ];
+            (forbidden, any::<u64>(), 0usize..3).prop_map(|(name, case, dots)| {
+                let cased: String = name
+                    .chars()
+                    .enumerate()
+                    .map(|(i, c)| {
+                        if case >> (i % 64) & 1 == 1 {
+                            c.to_ascii_uppercase()
+                        } else {
+                            c
+                        }
+                    })
+                    .collect();
+                format!("{cased}{}", ".".repeat(dots))
+            })
+        }
+
+        /// The same host in each URL form the agent accepts.
+        fn urls(host: &str, which: u8, port: Option<u16>) -> String {
+            let port = port.map(|p| format!(":{}", p.max(1))).unwrap_or_default();
+            match which % 3 {
+                0 => format!("https://{host}{port}/org/repo.git"),
+                1 => format!("ssh://git@{host}{port}/org/repo.git"),
+                _ => format!("git@{host}:org/repo.git"),
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 4096, ..ProptestConfig::default() })]
+
+            #[test]
+            fn every_spelling_of_a_forbidden_v4_address_is_refused(
+                (address, host) in v4_spelling(), which in any::<u8>(), port in proptest::option::of(any::<u16>())
+            ) {
+                // The spelling is one the C library reads as that address.
+                prop_assert_eq!(crate::controllers::app::git_host::inet_aton(host.trim_end_matches('.')), Some(address));
+                let url = urls(&host, which, port);
+                prop_assert!(validate_git_url(&url).is_err(), "{} passed", url);
+            }
+
+            #[test]
+            fn every_spelling_of_a_forbidden_v6_address_is_refused(
+                host in v6_spelling(), which in 0u8..2, port in proptest::option::of(any::<u16>())
+            ) {
+                // Bracketed addresses work in https:// and ssh:// URLs.
+                let url = urls(&host, which, port);
+                prop_assert!(validate_git_url(&url).is_err(), "{} passed", url);
+            }
+
+            #[test]
+            fn forbidden_names_in_any_case_and_with_trailing_dots_are_refused(
+                host in names(), which in any::<u8>(), port in proptest::option::of(any::<u16>())
+            ) {
+                let url = urls(&host, which, port);
+                prop_assert!(validate_git_url(&url).is_err(), "{} passed", url);
+            }
+
+            #[test]
+            fn ordinary_hostnames_and_private_addresses_pass(
+                labels in proptest::collection::vec("[a-z][a-z0-9-]{0,14}[a-z0-9]", 1..4),
+                tld in "(com|org|io|dev|net|example|internal)",
+                private in (any::<[u8; 3]>(), 0u8..3),
+                which in any::<u8>(), port in proptest::option::of(any::<u16>())
+            ) {
+                let name = format!("{}.{tld}", labels.join("."));
+                prop_assume!(!name.ends_with(".localhost") && !name.starts_with("metadata.goog") && name != "instance-data.ec2.internal" && name != "metadata.google.internal");
+                prop_assert!(validate_git_url(&urls(&name, which, port)).is_ok(), "{}", name);
+                let ([a, b, c], range) = private;
+                let address = match range {
+                    0 => Ipv4Addr::new(10, a, b, c),
+                    1 => Ipv4Addr::new(172, 16 | (a & 15), b, c),
+                    _ => Ipv4Addr::new(192, 168, b, c),
+                };
+                prop_assert!(validate_git_url(&urls(&address.to_string(), which, port)).is_ok(), "{}", address);
+            }
+
+            #[test]
+            fn public_addresses_pass(address in any::<u32>().prop_map(Ipv4Addr::from), which in any::<u8>()) {
+                let [a, b, ..] = address.octets();
+                let forbidden = a == 127 || a == 0 || (a, b) == (169, 254)
+                    || [Ipv4Addr::new(100, 100, 100, 200), Ipv4Addr::new(168, 63, 129, 16), Ipv4Addr::BROADCAST].contains(&address);
+                prop_assert_eq!(validate_git_url(&urls(&address.to_string(), which, None)).is_ok(), !forbidden, "{}", address);
+            }
         }
     }
 

@@ -171,15 +171,15 @@ pub fn resolve_job(
     owner: &OwnerReference,
     settings: &BuildSettings,
 ) -> Job {
-    let script = r#"set -eu
-sha=$(git ls-remote "$GIT_URL" "$GIT_REF" "refs/tags/$GIT_REF^{}" | awk 'NR==1 {print $1}')
+    let resolve = r#"sha=$(git ls-remote "$GIT_URL" "$GIT_REF" "refs/tags/$GIT_REF^{}" | awk 'NR==1 {print $1}')
 case "$GIT_REF" in
   *[!0-9a-f]*) ;;
   *) [ -z "$sha" ] && [ ${#GIT_REF} -ge 7 ] && sha=$GIT_REF ;;
 esac
 [ -n "$sha" ] || { echo "ref $GIT_REF not found in $GIT_URL" | tee /dev/termination-log; exit 2; }
 printf '%s' "$sha" > /dev/termination-log"#;
-    let mut container = git_container(RESOLVE_CONTAINER, app, build, git_secret, settings, script);
+    let script = guarded(resolve);
+    let mut container = git_container(RESOLVE_CONTAINER, app, build, git_secret, settings, &script);
     container
         .env
         .get_or_insert_default()
@@ -193,7 +193,7 @@ printf '%s' "$sha" > /dev/termination-log"#;
         settings,
         vec![],
         container,
-        git_volumes(git_secret),
+        git_volumes(app, git_secret),
         None,
         300,
     )
@@ -212,8 +212,7 @@ pub fn build_job(
     settings: &BuildSettings,
 ) -> Job {
     let clone_script = format!(
-        r#"set -eu
-cd /workspace
+        r#"cd /workspace
 git init -q src && cd src
 git remote add origin "$GIT_URL"
 git fetch -q --depth 1 origin "$COMMIT" || git fetch -q origin
@@ -221,7 +220,14 @@ git checkout -q "$COMMIT"
 if [ -f Procfile ]; then {PROCFILE_TO_JSON} | head -c 3500 > /dev/termination-log; fi"#
     );
     let buildpack = app.spec.build.build_type == BuildType::Buildpack;
-    let mut clone = git_container(CLONE_CONTAINER, app, build, git_secret, settings, &clone_script);
+    let mut clone = git_container(
+        CLONE_CONTAINER,
+        app,
+        build,
+        git_secret,
+        settings,
+        &guarded(&clone_script),
+    );
     clone.env.get_or_insert_default().push(env("COMMIT", commit));
     if buildpack {
         clone.security_context = Some(non_root(CNB_UID));
@@ -249,7 +255,7 @@ if [ -f Procfile ]; then {PROCFILE_TO_JSON} | head -c 3500 > /dev/termination-lo
         limits: (!resources.limits.is_empty()).then_some(resources.limits.clone()),
         ..Default::default()
     });
-    let mut volumes = git_volumes(git_secret);
+    let mut volumes = git_volumes(app, git_secret);
     volumes.push(Volume {
         name: "registry".into(),
         secret: Some(SecretVolumeSource {
@@ -396,9 +402,18 @@ fn git_container(
     let git = app.spec.git.as_ref();
     let url = git.map(|g| g.url.clone()).unwrap_or_default();
     let ssh = crate::controllers::app::is_ssh_url(&url);
-    // The URL and ref reach git as environment variables, never spliced into the script.
+    // Where the URL connects, as the agent read it; the step resolves and checks the host
+    // again itself (`GIT_HOST_GUARD`). A URL the agent refuses never gets here (builds of it
+    // fail first); should one, the empty host makes the guard refuse it.
+    let (host, port) = match crate::controllers::app::git_endpoint(&url) {
+        Ok(endpoint) => (endpoint.host.canonical(), endpoint.port.to_string()),
+        Err(_) => (String::new(), String::new()),
+    };
+    // The URL, host and ref reach the shell as environment variables, never spliced into it.
     let mut env_vars = vec![
         env("GIT_URL", &url),
+        env("GIT_HOST", &host),
+        env("GIT_PORT", &port),
         env("HOME", "/tmp"),
         env("GIT_TERMINAL_PROMPT", "0"),
     ];
@@ -409,9 +424,10 @@ fn git_container(
                 "GIT_SSH_COMMAND",
                 "ssh -i /etc/git-secret/ssh-privatekey -o IdentitiesOnly=yes -o StrictHostKeyChecking=yes -o UserKnownHostsFile=/etc/git-secret/known_hosts",
             ));
+            mounts.push(mount("git-secret", "/etc/git-secret", true));
         } else {
             // A credential helper reads the token from the environment: it is never in a URL,
-            // an argument or git's config on disk.
+            // an argument or git's config on disk. Nothing else of the Secret is mounted.
             env_vars.push(secret_env("GIT_USERNAME", secret, "username"));
             env_vars.push(secret_env("GIT_PASSWORD", secret, "password"));
             env_vars.push(env("GIT_CONFIG_COUNT", "1"));
@@ -421,7 +437,6 @@ fn git_container(
                 "!f() { echo \"username=$GIT_USERNAME\"; echo \"password=$GIT_PASSWORD\"; }; f",
             ));
         }
-        mounts.push(mount("git-secret", "/etc/git-secret", true));
     }
     Container {
         name: name.into(),
@@ -438,24 +453,52 @@ fn git_container(
     }
 }
 
-fn git_volumes(git_secret: Option<&str>) -> Vec<Volume> {
+/// The step's volumes: the workspace, and for SSH clones the two keys of the credentials
+/// Secret the clone reads (the private key and the server's host keys), never the whole
+/// Secret. HTTPS credentials come in as two environment variables instead.
+fn git_volumes(app: &App, git_secret: Option<&str>) -> Vec<Volume> {
     let mut volumes = vec![Volume {
         name: "workspace".into(),
         empty_dir: Some(Default::default()),
         ..Default::default()
     }];
-    if let Some(secret) = git_secret {
+    let ssh = app
+        .spec
+        .git
+        .as_ref()
+        .is_some_and(|g| crate::controllers::app::is_ssh_url(&g.url));
+    if let Some(secret) = git_secret.filter(|_| ssh) {
+        let item = |key: &str| KeyToPath {
+            key: key.into(),
+            path: key.into(),
+            mode: None,
+        };
         volumes.push(Volume {
             name: "git-secret".into(),
             secret: Some(SecretVolumeSource {
                 secret_name: Some(secret.into()),
                 default_mode: Some(0o400),
+                items: Some(vec![
+                    item(crate::controllers::app::SSH_PRIVATE_KEY),
+                    item(crate::controllers::app::KNOWN_HOSTS),
+                ]),
                 ..Default::default()
             }),
             ..Default::default()
         });
     }
     volumes
+}
+
+/// Shell functions the resolve and clone steps run before git connects: resolve the host as
+/// the pod's resolver does, refuse loopback, link-local, unspecified and cloud metadata
+/// addresses (DNS names pointing there, rebinding), and pin git to the checked addresses. Its
+/// `sb_check_addresses` is tested with the machine's `sh` and awk (and busybox where present).
+pub const GIT_HOST_GUARD: &str = include_str!("git_guard.sh");
+
+/// A git step's script: the guard first, then `body`.
+fn guarded(body: &str) -> String {
+    format!("set -eu\n{GIT_HOST_GUARD}sb_guard_git_host\n{body}")
 }
 
 /// Labels of a build step's Job and pod.
@@ -976,6 +1019,312 @@ mod tests {
             .collect();
         assert_eq!(env["GIT_REF"].as_deref(), Some("main"));
         assert_eq!(job.metadata.labels.unwrap()[STEP_LABEL], "resolve");
+    }
+
+    fn pod_of(job: &Job) -> &PodSpec {
+        job.spec.as_ref().unwrap().template.spec.as_ref().unwrap()
+    }
+
+    #[test]
+    fn git_steps_get_only_the_secret_keys_the_clone_needs() {
+        // https: the token arrives as two variables; no volume of the Secret at all.
+        let https = app(BuildType::Dockerfile);
+        let job = build_job(
+            &https,
+            &build(),
+            COMMIT,
+            Some("git-token"),
+            "registry-credentials",
+            &owner(),
+            &BuildSettings::default(),
+        );
+        let pod = pod_of(&job);
+        assert!(pod.volumes.iter().flatten().all(|v| v.name != "git-secret"));
+        let clone = &pod.init_containers.as_ref().unwrap()[0];
+        assert!(
+            clone
+                .volume_mounts
+                .iter()
+                .flatten()
+                .all(|m| m.name != "git-secret")
+        );
+        let from_secret: Vec<_> = clone
+            .env
+            .iter()
+            .flatten()
+            .filter_map(|e| e.value_from.as_ref()?.secret_key_ref.as_ref())
+            .map(|r| (r.name.as_str(), r.key.as_str()))
+            .collect();
+        assert_eq!(
+            from_secret,
+            [("git-token", "username"), ("git-token", "password")]
+        );
+        // SSH: the private key and the host keys, projected as items, read-only.
+        let mut ssh = app(BuildType::Dockerfile);
+        ssh.spec.git.as_mut().unwrap().url = "ssh://git@git.example.com:2222/web.git".into();
+        for job in [
+            resolve_job(
+                &ssh,
+                &build(),
+                Some("web-deploy-key"),
+                &owner(),
+                &BuildSettings::default(),
+            ),
+            build_job(
+                &ssh,
+                &build(),
+                COMMIT,
+                Some("web-deploy-key"),
+                "registry-credentials",
+                &owner(),
+                &BuildSettings::default(),
+            ),
+        ] {
+            let volume = pod_of(&job)
+                .volumes
+                .iter()
+                .flatten()
+                .find(|v| v.name == "git-secret")
+                .and_then(|v| v.secret.clone())
+                .unwrap();
+            assert_eq!(volume.secret_name.as_deref(), Some("web-deploy-key"));
+            let keys: Vec<_> = volume.items.unwrap().into_iter().map(|i| i.key).collect();
+            assert_eq!(keys, ["ssh-privatekey", "known_hosts"]);
+        }
+    }
+
+    #[test]
+    fn git_steps_check_the_host_before_git_connects() {
+        let mut app = app(BuildType::Dockerfile);
+        app.spec.git.as_mut().unwrap().url = "https://Git.Example.com.:8443/web.git".into();
+        let resolve = resolve_job(&app, &build(), None, &owner(), &BuildSettings::default());
+        let built = build_job(
+            &app,
+            &build(),
+            COMMIT,
+            None,
+            "registry-credentials",
+            &owner(),
+            &BuildSettings::default(),
+        );
+        let steps = [
+            pod_of(&resolve).containers[0].clone(),
+            pod_of(&built).init_containers.as_ref().unwrap()[0].clone(),
+        ];
+        for step in steps {
+            let script = &step.command.as_ref().unwrap()[2];
+            assert!(script.starts_with("set -eu\n"), "{}", step.name);
+            let guard = script.find("\nsb_guard_git_host\n").expect("the guard runs");
+            let git = script
+                .find("git ls-remote")
+                .or_else(|| script.find("git remote add"))
+                .unwrap();
+            assert!(guard < git, "{}: the guard runs before git", step.name);
+            assert!(script.contains(GIT_HOST_GUARD));
+            assert!(!script.contains("example.com"), "values never reach the script");
+            let env: BTreeMap<_, _> = step
+                .env
+                .iter()
+                .flatten()
+                .map(|e| (e.name.as_str(), e.value.clone().unwrap_or_default()))
+                .collect();
+            assert_eq!(env["GIT_HOST"], "git.example.com");
+            assert_eq!(env["GIT_PORT"], "8443");
+        }
+    }
+
+    /// Runs `sb_check_addresses` over `addresses` with `shell` (and the awk on its PATH).
+    fn check_addresses(shell: &[&str], path: Option<&std::path::Path>, addresses: &str) -> (bool, String) {
+        use std::io::Write;
+        let mut command = std::process::Command::new(shell[0]);
+        command
+            .args(&shell[1..])
+            .arg("-c")
+            .arg(format!("{GIT_HOST_GUARD}\nsb_check_addresses"))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped());
+        if let Some(dir) = path {
+            command.env(
+                "PATH",
+                format!("{}:{}", dir.display(), std::env::var("PATH").unwrap()),
+            );
+        }
+        let mut child = command.spawn().unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(addresses.as_bytes())
+            .unwrap();
+        let output = child.wait_with_output().unwrap();
+        (output.status.success(), String::from_utf8(output.stdout).unwrap())
+    }
+
+    /// The shells to run the guard with: the machine's `sh` and awk, and busybox's (the
+    /// alpine/git image's) where the machine has it.
+    fn shells() -> Vec<(Vec<&'static str>, Option<tempfile::TempDir>)> {
+        let mut shells = vec![(vec!["sh"], None)];
+        if let Ok(busybox) = which("busybox") {
+            let dir = tempfile::tempdir().unwrap();
+            for tool in ["awk", "sort", "head", "sh"] {
+                std::os::unix::fs::symlink(&busybox, dir.path().join(tool)).unwrap();
+            }
+            shells.push((vec!["busybox", "sh"], Some(dir)));
+        }
+        shells
+    }
+
+    fn which(tool: &str) -> Result<std::path::PathBuf, ()> {
+        std::env::var("PATH")
+            .unwrap_or_default()
+            .split(':')
+            .map(|d| std::path::Path::new(d).join(tool))
+            .find(|p| p.is_file())
+            .ok_or(())
+    }
+
+    #[test]
+    fn the_address_check_refuses_what_the_clone_must_not_reach() {
+        for (shell, dir) in shells() {
+            let path = dir.as_ref().map(|d| d.path());
+            for (address, why) in [
+                ("127.0.0.1", "is a loopback address"),
+                ("127.8.9.10", "is a loopback address"),
+                ("::1", "is a loopback address"),
+                ("0.0.0.0", "is an unspecified address"),
+                ("::", "is an unspecified address"),
+                ("169.254.169.254", "is a link-local address"),
+                ("fe80::1", "is a link-local address"),
+                ("FE80::1%eth0", "is a link-local address"),
+                (
+                    "::ffff:127.0.0.1",
+                    "carries an IPv4 address that is a loopback address",
+                ),
+                (
+                    "::ffff:a9fe:a9fe",
+                    "carries an IPv4 address that is a link-local address",
+                ),
+                (
+                    "64:ff9b::7f00:1",
+                    "carries an IPv4 address that is a loopback address",
+                ),
+                ("fd00:ec2::254", "is AWS instance metadata"),
+                ("100.100.100.200", "is a cloud metadata address"),
+                ("no-address", "is not an address"),
+                ("1::2::3", "is not an address"),
+                ("1.2.3.256", "is not an address"),
+                ("2001:db8::1%$(touch /tmp/x)", "is not an address"),
+            ] {
+                let (ok, printed) =
+                    check_addresses(&shell, path, &format!("10.0.0.1\n{address}\n140.82.112.3\n"));
+                assert!(!ok, "{shell:?}: {address} passed");
+                assert!(
+                    printed.starts_with(&format!("{address} {why}")),
+                    "{shell:?}: {address}: {printed}"
+                );
+            }
+            for allowed in [
+                "10.0.0.1",
+                "140.82.112.3",
+                "192.168.1.1",
+                "2606:50c0:8000::154",
+                "fd12:3456::1",
+                "::ffff:10.0.0.1",
+                " 172.16.0.1 ",
+            ] {
+                assert_eq!(
+                    check_addresses(&shell, path, &format!("{allowed}\n")),
+                    (true, String::new()),
+                    "{shell:?}: {allowed}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_guard_refuses_a_name_resolving_to_loopback_and_pins_the_checked_addresses() {
+        for (shell, dir) in shells() {
+            let dir = dir.unwrap_or_else(|| tempfile::tempdir().unwrap());
+            // A stand-in for the pod's resolver: a name pointing at loopback (or rebinding
+            // to it), and an ordinary one.
+            std::fs::write(
+                dir.path().join("getent"),
+                "#!/bin/sh\ncase \"$2\" in\n  rebind.example) printf '140.82.112.3 STREAM rebind.example\\n127.0.0.1 STREAM rebind.example\\n' ;;\n  git.example.com) printf '2606:50c0::1 STREAM git.example.com\\n140.82.112.3 STREAM git.example.com\\n' ;;\n  *) exit 2 ;;\nesac\n",
+            )
+            .unwrap();
+            std::fs::set_permissions(
+                dir.path().join("getent"),
+                std::os::unix::fs::PermissionsExt::from_mode(0o755),
+            )
+            .unwrap();
+            let log = dir.path().join("termination-log");
+            let run = |host: &str, url: &str, port: &str| {
+                let _ = std::fs::remove_file(&log);
+                let output = std::process::Command::new(shell[0])
+                    .args(&shell[1..])
+                    .arg("-c")
+                    .arg(format!(
+                        "{GIT_HOST_GUARD}sb_guard_git_host\nenv | grep -E '^GIT_(CONFIG|SSH)' | sort"
+                    ))
+                    .env(
+                        "PATH",
+                        format!("{}:{}", dir.path().display(), std::env::var("PATH").unwrap()),
+                    )
+                    .env("SB_TERMINATION_LOG", &log)
+                    .env("GIT_HOST", host)
+                    .env("GIT_PORT", port)
+                    .env("GIT_URL", url)
+                    .env_remove("GIT_SSH_COMMAND")
+                    .env_remove("GIT_CONFIG_COUNT")
+                    .output()
+                    .unwrap();
+                (
+                    output.status.code(),
+                    String::from_utf8(output.stdout).unwrap(),
+                    std::fs::read_to_string(&log).unwrap_or_default(),
+                )
+            };
+            let (code, _, message) = run("rebind.example", "https://rebind.example/x.git", "443");
+            assert_eq!(code, Some(3), "{shell:?}");
+            assert_eq!(
+                message.trim(),
+                "refused: the git host rebind.example resolves to 127.0.0.1 is a loopback address (this node)"
+            );
+            let (code, _, message) = run("nowhere.example", "https://nowhere.example/x.git", "443");
+            assert_eq!(code, Some(3));
+            assert!(
+                message.starts_with("cannot resolve the git host nowhere.example"),
+                "{message}"
+            );
+            let (code, _, message) = run("a;touch /tmp/x", "https://x/x.git", "443");
+            assert_eq!(code, Some(3));
+            assert!(message.contains("is not a host name"), "{message}");
+            // https: curl connects to the checked addresses (IPv4 first), and no redirect
+            // takes it elsewhere.
+            let (code, env, _) = run("git.example.com", "https://git.example.com/x.git", "443");
+            assert_eq!(code, Some(0), "{shell:?}");
+            assert!(
+                env.contains("GIT_CONFIG_KEY_0=http.followRedirects\nGIT_CONFIG_KEY_1=http.curloptResolve\n"),
+                "{env}"
+            );
+            assert!(
+                env.contains("GIT_CONFIG_VALUE_1=git.example.com:443:140.82.112.3,[2606:50c0::1]\n"),
+                "{env}"
+            );
+            // SSH: ssh connects to the checked address and checks the host key under the name.
+            let (code, env, _) = run("git.example.com", "ssh://git@git.example.com:2222/x.git", "2222");
+            assert_eq!(code, Some(0));
+            assert!(
+                env.contains(
+                    "GIT_SSH_COMMAND=ssh -o HostName=140.82.112.3 -o 'HostKeyAlias=[git.example.com]:2222'\n"
+                ),
+                "{env}"
+            );
+            // An allowed address needs no lookup.
+            let (code, env, _) = run("10.0.0.5", "https://10.0.0.5/x.git", "443");
+            assert_eq!(code, Some(0));
+            assert!(!env.contains("curloptResolve"), "{env}");
+        }
     }
 
     #[test]

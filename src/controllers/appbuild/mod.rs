@@ -288,7 +288,14 @@ impl Pipeline<'_> {
             .controller_owner_ref(&())
             .expect("an AppBuild from the apiserver has a uid");
         let settings = &self.ctx.config.builds;
-        let git_secret = app.status.as_ref().and_then(|s| s.git_secret_name.clone());
+        // Clone only what the App controller checked for the App's current spec.
+        let git_secret = match super::app::clone_source(app) {
+            super::app::CloneSource::Ready(secret) => secret,
+            super::app::CloneSource::Unchecked => return Ok(Step::Wait(Action::requeue(POLL))),
+            super::app::CloneSource::Refused { reason, message } => {
+                return Ok(Step::Status(Box::new(self.failed(&reason, message))));
+            }
+        };
         let jobs = Api::<Job>::namespaced(self.ctx.client.clone(), &self.namespace());
         let Some(commit) = self.status().commit_sha else {
             let job = jobs::resolve_job(app, self.build, git_secret.as_deref(), &owner, settings);
