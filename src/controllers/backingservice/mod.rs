@@ -49,6 +49,8 @@ const POLL: Duration = Duration::from_secs(5);
 /// How often a service that cannot be provisioned (catalog, type) is looked at again: the
 /// catalog ConfigMap is read, not watched.
 const RECHECK: Duration = Duration::from_secs(60);
+/// How often a service whose credentials Secret is in the way is looked at again.
+const CONFLICT_RECHECK: Duration = Duration::from_secs(15);
 
 /// Runs the BackingService controller until `shutdown`.
 pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
@@ -265,7 +267,22 @@ async fn apply(service: &BackingService, ctx: &Context) -> Result<Action> {
         .controller_owner_ref(&())
         .expect("a BackingService from the apiserver has a uid");
 
-    let credentials = ensure_credentials(service, entry, ctx, &owner).await?;
+    let credentials = match ensure_credentials(service, entry, ctx, &owner).await {
+        Ok(credentials) => credentials,
+        // A Secret in the way (somebody else's, or missing keys): said on the service, with a
+        // Warning Event, instead of a log line nobody reads.
+        Err(Error::InvalidSpec { reason, message }) => {
+            report
+                .conditions
+                .set("CredentialsReady", false, reason, &message);
+            report
+                .write(ctx, BackingServicePhase::Failed, reason, message)
+                .await?;
+            // Such a Secret carries none of our labels, so it is not watched: look again.
+            return Ok(Action::requeue(CONFLICT_RECHECK));
+        }
+        Err(err) => return Err(err),
+    };
     report.conditions.set(
         "CredentialsReady",
         true,
@@ -296,6 +313,15 @@ async fn apply(service: &BackingService, ctx: &Context) -> Result<Action> {
         BTreeMap::new(),
         &values,
     );
+    if let Err(too_large) = super::appbuild::check_stored_size(&chart) {
+        report
+            .conditions
+            .set("Installed", false, "ValuesTooLarge", &too_large);
+        report
+            .write(ctx, BackingServicePhase::Failed, "ValuesTooLarge", too_large)
+            .await?;
+        return Ok(Action::await_change());
+    }
     let charts = Api::<DynamicObject>::namespaced_with(
         ctx.client.clone(),
         &ctx.config.agent_namespace,
@@ -419,8 +445,11 @@ async fn ensure_credentials(
                 return Err(Error::InvalidSpec {
                     reason: "SecretConflict",
                     message: format!(
-                        "Secret {} exists and was not made for this BackingService",
-                        names.credentials
+                        "Secret {} exists and was not made for this BackingService (it lacks the label \
+                         {SERVICE_LABEL}={}): the agent neither takes over nor overwrites it; delete or \
+                         rename that Secret, or give the BackingService another name",
+                        names.credentials,
+                        service.name_any()
                     ),
                 });
             }
