@@ -410,8 +410,9 @@ async fn cleanup(project: &Project, ctx: &Context) -> Result<Action> {
             )
             .await;
         }
+        // An error, not Ok: Ok from cleanup would drop the finalizer and the Project with it.
         // The namespace watch wakes us when it is gone; meanwhile look at what holds it.
-        return Ok(Action::requeue(std::time::Duration::from_secs(10)));
+        return Err(Error::Waiting(message));
     }
     // The namespace watch wakes us when it is gone; the error only schedules a fallback retry.
     Err(Error::Waiting(format!("namespace {name} is terminating")))
@@ -442,9 +443,8 @@ async fn foreign_finalizers(ctx: &Context, namespace: &str) -> Result<Vec<String
                     .map(String::as_str)
                     .filter(|f| is_foreign(f))
                     .collect();
-                (!foreign.is_empty()).then(|| {
-                    format!("{} {} ({})", K::kind(&()), object.name_any(), foreign.join(", "))
-                })
+                (!foreign.is_empty())
+                    .then(|| format!("{} {} ({})", K::kind(&()), object.name_any(), foreign.join(", ")))
             })
             .collect())
     }
@@ -495,7 +495,12 @@ pub fn blocked_deletion(name: &str, namespace: &Namespace, holders: &[String]) -
         .into_iter()
         .flatten()
         .filter(|c| c.type_ == "NamespaceFinalizersRemaining" && c.status == "True")
-        .filter_map(|c| c.message.as_deref()?.split_once(": ").map(|(_, list)| list.to_owned()))
+        .filter_map(|c| {
+            c.message
+                .as_deref()?
+                .split_once(": ")
+                .map(|(_, list)| list.to_owned())
+        })
         .any(|list| {
             list.split(", ")
                 .filter_map(|item| item.split(" in ").next())
@@ -507,8 +512,8 @@ pub fn blocked_deletion(name: &str, namespace: &Namespace, holders: &[String]) -
     let mut message = format!("namespace {name} cannot finish deleting");
     if !holders.is_empty() {
         message.push_str(&format!(
-            ": held by {}, finalizer(s) the agent did not set: whoever set them must finish and remove them \
-             (or `kubectl -n {name} patch <kind> <name> --type=merge -p '{{\"metadata\":{{\"finalizers\":null}}}}'`)",
+            ": held by {}, finalizer(s) the agent did not set: whoever set them must finish and take them \
+             out of metadata.finalizers (or remove them by hand: `kubectl -n {name} edit <kind> <name>`)",
             holders.join("; ")
         ));
     }
@@ -738,8 +743,14 @@ mod tests {
         .unwrap();
         let holders = vec!["App web (example.com/hold)".to_string()];
         let message = blocked_deletion("shop", &terminating, &holders).unwrap();
-        assert!(message.contains("held by App web (example.com/hold)"), "{message}");
-        assert!(message.contains("example.com/hold in 1 resource instances"), "{message}");
+        assert!(
+            message.contains("held by App web (example.com/hold)"),
+            "{message}"
+        );
+        assert!(
+            message.contains("example.com/hold in 1 resource instances"),
+            "{message}"
+        );
         assert!(!message.contains("successfully discovered"), "{message}");
         // Something else holds it (no App of ours): the namespace's words still say what.
         let message = blocked_deletion("shop", &terminating, &[]).unwrap();

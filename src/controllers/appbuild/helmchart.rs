@@ -259,7 +259,10 @@ mod tests {
         // valuesContent is the pretty JSON around the value: about 100 bytes more.
         assert_eq!(check_stored_size(&with(MAX_VALUES_BYTES - 200)), Ok(()));
         let err = check_stored_size(&with(MAX_VALUES_BYTES + 1)).unwrap_err();
-        assert!(err.contains("960 KiB") && err.contains("chart-values-web-"), "{err}");
+        assert!(
+            err.contains("960 KiB") && err.contains("chart-values-web-"),
+            "{err}"
+        );
         let err = check_stored_size(&with(2 * SECRET_DATA_LIMIT)).unwrap_err();
         assert!(err.contains("2049 KiB"), "{err}");
         // Escaping counts: quotes double in the object, not in valuesContent.
@@ -280,7 +283,11 @@ mod tests {
             "web-1",
             &json!({"env": [{"name": "A", "value": "\"".repeat(300 * 1024)}]}),
         );
-        assert_eq!(check_stored_size(&half), Ok(()), "600 KiB of values, 1.2 MiB object");
+        assert_eq!(
+            check_stored_size(&half),
+            Ok(()),
+            "600 KiB of values, 1.2 MiB object"
+        );
         let escaped = helm_chart(
             "shapeblock",
             "shop",
@@ -289,7 +296,10 @@ mod tests {
             &json!({"env": [{"name": "A", "value": "\"".repeat(400 * 1024)}]}),
         );
         let err = check_stored_size(&escaped).unwrap_err();
-        assert!(err.contains("HelmChart would be") && err.contains("values 801 KiB"), "{err}");
+        assert!(
+            err.contains("HelmChart would be") && err.contains("values 801 KiB"),
+            "{err}"
+        );
     }
 
     #[test]

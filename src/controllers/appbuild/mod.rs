@@ -665,9 +665,11 @@ impl Pipeline<'_> {
         }
         let job = format!("helm-install-{release}");
         let installer = match ours {
-            None => Api::<Job>::namespaced(self.ctx.client.clone(), &self.ctx.config.agent_namespace)
-                .get_opt(&job)
-                .await?,
+            None => {
+                Api::<Job>::namespaced(self.ctx.client.clone(), &self.ctx.config.agent_namespace)
+                    .get_opt(&job)
+                    .await?
+            }
             Some(_) => None,
         };
         if ours.is_none() {
@@ -702,7 +704,9 @@ impl Pipeline<'_> {
                         None => "does not exist (is the helm-controller running?)".to_string(),
                         Some(job) => install_job_progress(job),
                     };
-                    format!("a Helm release from HelmChart {namespace}/{release}: the helm-controller's Job {namespace}/{job} {job_state}")
+                    format!(
+                        "a Helm release from HelmChart {namespace}/{release}: the helm-controller's Job {namespace}/{job} {job_state}"
+                    )
                 }
                 (Some((revision, state)), _) if state != "deployed" => {
                     format!("Helm release {release} revision {revision}, which is {state}")
@@ -1216,7 +1220,9 @@ fn install_job_progress(job: &Job) -> String {
     } else if status.failed.unwrap_or(0) > 0 {
         format!("failed {} time(s) and retries", status.failed.unwrap_or(0))
     } else {
-        format!("has no pod running (`kubectl -n {namespace} describe job/{name}` says why: quota, scheduling, image)")
+        format!(
+            "has no pod running (`kubectl -n {namespace} describe job/{name}` says why: quota, scheduling, image)"
+        )
     }
 }
 

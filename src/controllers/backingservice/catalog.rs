@@ -202,12 +202,19 @@ fn validate(name: &str, entry: &Entry) -> Result<(), String> {
         .chain(&entry.arg_env)
         .find(|v| !is_env_name(v))
     {
-        return Err(format!("{variable} (reservedEnv or argEnv) is not a variable name"));
+        return Err(format!(
+            "{variable} (reservedEnv or argEnv) is not a variable name"
+        ));
     }
-    if let Some(variable) = entry.arg_env.iter().find(|v| entry.reserved_env_reason(v).is_some()) {
+    if let Some(variable) = entry
+        .arg_env
+        .iter()
+        .find(|v| entry.reserved_env_reason(v).is_some())
+    {
         return Err(format!("argEnv {variable} is reserved: users cannot set it"));
     }
-    let flag_name = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_".contains(c));
+    let flag_name =
+        |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_".contains(c));
     let short = |f: &str| f.len() == 2 && f.starts_with('-') && f.as_bytes()[1].is_ascii_alphanumeric();
     if let Some(flag) = entry
         .reserved_args
@@ -219,15 +226,21 @@ fn validate(name: &str, entry: &Entry) -> Result<(), String> {
     if let Some(flag) = entry.setting_flags.iter().find(|f| !short(f)) {
         return Err(format!("settingFlags {flag:?} is not a short flag (-x)"));
     }
-    if let Some(prefix) = entry.flag_prefixes.iter().find(|p| {
-        !p.ends_with('-') || p.len() < 2 || !p.chars().all(|c| c.is_ascii_lowercase() || c == '-')
-    }) {
-        return Err(format!("flagPrefixes {prefix:?} must be lowercase and end with '-'"));
+    if let Some(prefix) = entry
+        .flag_prefixes
+        .iter()
+        .find(|p| !p.ends_with('-') || p.len() < 2 || !p.chars().all(|c| c.is_ascii_lowercase() || c == '-'))
+    {
+        return Err(format!(
+            "flagPrefixes {prefix:?} must be lowercase and end with '-'"
+        ));
     }
     if entry.allowed_values.iter().any(|k| k == "args") && entry.reserved_args.is_empty() {
-        return Err("allowedValues has args, so reservedArgs must list the flags that control \
+        return Err(
+            "allowedValues has args, so reservedArgs must list the flags that control \
                     authentication and data: an engine whose flags nobody reviewed takes no arguments"
-            .into());
+                .into(),
+        );
     }
     if let Some(alias) = entry.binding_alias.as_deref().filter(|a| !is_env_name(a)) {
         return Err(format!("bindingAlias {alias} is not a variable name"));
@@ -326,11 +339,7 @@ impl Entry {
     /// A flag name as compared: lowercase, `_` as `-`, without the entry's modifiers.
     fn normalized(&self, name: &str) -> String {
         let mut name = name.to_ascii_lowercase().replace('_', "-");
-        while let Some(prefix) = self
-            .flag_prefixes
-            .iter()
-            .find(|p| name.starts_with(p.as_str()))
-        {
+        while let Some(prefix) = self.flag_prefixes.iter().find(|p| name.starts_with(p.as_str())) {
             name.drain(..prefix.len());
         }
         name

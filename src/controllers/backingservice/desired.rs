@@ -516,48 +516,168 @@ mod tests {
                 .0
         };
         for (kind, values, why) in [
-            ("postgresql", json!({"env": {"POSTGRES_HOST_AUTH_METHOD": "trust"}}), "POSTGRES_HOST_AUTH_METHOD is reserved"),
-            ("postgresql", json!({"env": {"POSTGRES_PASSWORD_FILE": "/x"}}), "generated credentials"),
-            ("postgresql", json!({"env": {"POSTGRES_INITDB_ARGS": "--auth=trust"}}), "sets --auth"),
-            ("postgresql", json!({"env": {"POSTGRES_INITDB_ARGS": "-Atrust"}}), "sets -A"),
-            ("postgresql", json!({"env": {"POSTGRES_INITDB_ARGS": "--data-checksums; echo"}}), "shell"),
-            ("postgresql", json!({"args": ["-c", "hba_file=/tmp/trust"]}), "sets --hba-file"),
-            ("postgresql", json!({"args": ["-chba_file=/tmp/trust"]}), "sets --hba-file"),
-            ("postgresql", json!({"args": ["--HBA-FILE=/tmp/trust"]}), "sets --hba-file"),
-            ("postgresql", json!({"args": ["postgres", "-c", "x=1"]}), "must start with a flag"),
-            ("mysql", json!({"env": {"MYSQL_ALLOW_EMPTY_PASSWORD": "yes"}}), "MYSQL_ALLOW_EMPTY_PASSWORD"),
-            ("mysql", json!({"env": {"MYSQL_RANDOM_ROOT_PASSWORD": "1"}}), "MYSQL_RANDOM_ROOT_PASSWORD"),
-            ("mysql", json!({"env": {"MARIADB_ALLOW_EMPTY_ROOT_PASSWORD": "1"}}), "MARIADB_ALLOW_EMPTY_ROOT_PASSWORD"),
-            ("mysql", json!({"args": ["--skip-grant-tables"]}), "sets --skip-grant-tables"),
-            ("mysql", json!({"args": ["--loose-skip_grant_tables"]}), "sets --skip-grant-tables"),
-            ("mysql", json!({"args": ["--grant-tables=0"]}), "sets --skip-grant-tables"),
-            ("mysql", json!({"args": ["--init-file=/var/lib/mysql/x.sql"]}), "sets --init-file"),
-            ("redis", json!({"args": ["--requirepass", ""]}), "sets --requirepass"),
-            ("redis", json!({"args": ["--user default on nopass ~* +@all"]}), "sets --user"),
-            ("redis", json!({"args": ["--maxmemory 1mb\nuser default on nopass"]}), "line break"),
-            ("redis", json!({"args": ["--protected-mode=no"]}), "sets --protected-mode"),
-            ("redis", json!({"args": ["--enable-debug"]}), "abbreviates --enable-debug-command"),
-            ("redis", json!({"args": ["--appendonly", "no"]}), "sets --appendonly"),
+            (
+                "postgresql",
+                json!({"env": {"POSTGRES_HOST_AUTH_METHOD": "trust"}}),
+                "POSTGRES_HOST_AUTH_METHOD is reserved",
+            ),
+            (
+                "postgresql",
+                json!({"env": {"POSTGRES_PASSWORD_FILE": "/x"}}),
+                "generated credentials",
+            ),
+            (
+                "postgresql",
+                json!({"env": {"POSTGRES_INITDB_ARGS": "--auth=trust"}}),
+                "sets --auth",
+            ),
+            (
+                "postgresql",
+                json!({"env": {"POSTGRES_INITDB_ARGS": "-Atrust"}}),
+                "sets -A",
+            ),
+            (
+                "postgresql",
+                json!({"env": {"POSTGRES_INITDB_ARGS": "--data-checksums; echo"}}),
+                "shell",
+            ),
+            (
+                "postgresql",
+                json!({"args": ["-c", "hba_file=/tmp/trust"]}),
+                "sets --hba-file",
+            ),
+            (
+                "postgresql",
+                json!({"args": ["-chba_file=/tmp/trust"]}),
+                "sets --hba-file",
+            ),
+            (
+                "postgresql",
+                json!({"args": ["--HBA-FILE=/tmp/trust"]}),
+                "sets --hba-file",
+            ),
+            (
+                "postgresql",
+                json!({"args": ["postgres", "-c", "x=1"]}),
+                "must start with a flag",
+            ),
+            (
+                "mysql",
+                json!({"env": {"MYSQL_ALLOW_EMPTY_PASSWORD": "yes"}}),
+                "MYSQL_ALLOW_EMPTY_PASSWORD",
+            ),
+            (
+                "mysql",
+                json!({"env": {"MYSQL_RANDOM_ROOT_PASSWORD": "1"}}),
+                "MYSQL_RANDOM_ROOT_PASSWORD",
+            ),
+            (
+                "mysql",
+                json!({"env": {"MARIADB_ALLOW_EMPTY_ROOT_PASSWORD": "1"}}),
+                "MARIADB_ALLOW_EMPTY_ROOT_PASSWORD",
+            ),
+            (
+                "mysql",
+                json!({"args": ["--skip-grant-tables"]}),
+                "sets --skip-grant-tables",
+            ),
+            (
+                "mysql",
+                json!({"args": ["--loose-skip_grant_tables"]}),
+                "sets --skip-grant-tables",
+            ),
+            (
+                "mysql",
+                json!({"args": ["--grant-tables=0"]}),
+                "sets --skip-grant-tables",
+            ),
+            (
+                "mysql",
+                json!({"args": ["--init-file=/var/lib/mysql/x.sql"]}),
+                "sets --init-file",
+            ),
+            (
+                "redis",
+                json!({"args": ["--requirepass", ""]}),
+                "sets --requirepass",
+            ),
+            (
+                "redis",
+                json!({"args": ["--user default on nopass ~* +@all"]}),
+                "sets --user",
+            ),
+            (
+                "redis",
+                json!({"args": ["--maxmemory 1mb\nuser default on nopass"]}),
+                "line break",
+            ),
+            (
+                "redis",
+                json!({"args": ["--protected-mode=no"]}),
+                "sets --protected-mode",
+            ),
+            (
+                "redis",
+                json!({"args": ["--enable-debug"]}),
+                "abbreviates --enable-debug-command",
+            ),
+            (
+                "redis",
+                json!({"args": ["--appendonly", "no"]}),
+                "sets --appendonly",
+            ),
             ("redis", json!({"args": ["-"]}), "prefix of every flag"),
             ("redis", json!({"args": ["--"]}), "abbreviates"),
             ("mongodb", json!({"args": ["--noauth"]}), "sets --noauth"),
-            ("mongodb", json!({"args": ["--transitionToAuth"]}), "sets --transitionToAuth"),
-            ("mongodb", json!({"args": ["--setParameter", "enableLocalhostAuthBypass=true"]}), "sets --setParameter"),
-            ("mongodb", json!({"env": {"MONGO_INITDB_ROOT_PASSWORD_FILE": "/x"}}), "generated credentials"),
-            ("rabbitmq", json!({"env": {"RABBITMQ_ERLANG_COOKIE": "x"}}), "RABBITMQ_ERLANG_COOKIE is reserved"),
-            ("rabbitmq", json!({"env": {"ERL_FLAGS": "-rabbit loopback_users []"}}), "ERL_FLAGS is reserved"),
+            (
+                "mongodb",
+                json!({"args": ["--transitionToAuth"]}),
+                "sets --transitionToAuth",
+            ),
+            (
+                "mongodb",
+                json!({"args": ["--setParameter", "enableLocalhostAuthBypass=true"]}),
+                "sets --setParameter",
+            ),
+            (
+                "mongodb",
+                json!({"env": {"MONGO_INITDB_ROOT_PASSWORD_FILE": "/x"}}),
+                "generated credentials",
+            ),
+            (
+                "rabbitmq",
+                json!({"env": {"RABBITMQ_ERLANG_COOKIE": "x"}}),
+                "RABBITMQ_ERLANG_COOKIE is reserved",
+            ),
+            (
+                "rabbitmq",
+                json!({"env": {"ERL_FLAGS": "-rabbit loopback_users []"}}),
+                "ERL_FLAGS is reserved",
+            ),
         ] {
             let err = refused(kind, values.clone());
             assert!(err.contains(why), "{kind} {values}: {err}");
         }
         // What stays allowed: tuning.
         for (kind, values) in [
-            ("postgresql", json!({"args": ["-c", "max_connections=200", "-cshared_buffers=64MB"],
-                                  "env": {"POSTGRES_INITDB_ARGS": "--data-checksums --locale=C.UTF-8"}})),
-            ("mysql", json!({"args": ["--max-connections=300", "--skip-name-resolve"]})),
-            ("redis", json!({"args": ["--maxmemory", "64mb", "--maxmemory-policy allkeys-lru"]})),
+            (
+                "postgresql",
+                json!({"args": ["-c", "max_connections=200", "-cshared_buffers=64MB"],
+                                  "env": {"POSTGRES_INITDB_ARGS": "--data-checksums --locale=C.UTF-8"}}),
+            ),
+            (
+                "mysql",
+                json!({"args": ["--max-connections=300", "--skip-name-resolve"]}),
+            ),
+            (
+                "redis",
+                json!({"args": ["--maxmemory", "64mb", "--maxmemory-policy allkeys-lru"]}),
+            ),
             ("mongodb", json!({"args": ["--wiredTigerCacheSizeGB", "0.25"]})),
-            ("rabbitmq", json!({"env": {"RABBITMQ_VM_MEMORY_HIGH_WATERMARK": "0.6"}})),
+            (
+                "rabbitmq",
+                json!({"env": {"RABBITMQ_VM_MEMORY_HIGH_WATERMARK": "0.6"}}),
+            ),
         ] {
             chart_values(&service(kind, Some(values.clone())), &catalog[kind], None)
                 .unwrap_or_else(|e| panic!("{kind} {values}: {e}"));
@@ -570,7 +690,11 @@ mod tests {
         redis.reserved_args.clear();
         redis.args.clear();
         let yaml = serde_yaml::to_string(&BTreeMap::from([("kv", redis)])).unwrap();
-        assert!(catalog::parse(&yaml).unwrap_err().contains("reservedArgs must list"));
+        assert!(
+            catalog::parse(&yaml)
+                .unwrap_err()
+                .contains("reservedArgs must list")
+        );
         let without = include_str!("../../../tests/fixtures/catalog-keyvalue.yaml")
             .lines()
             .filter(|l| !l.starts_with("  reservedEnv"))
@@ -605,7 +729,11 @@ mod tests {
         fn spell(entry: &Entry, flag: &(String, bool), how: u8, word: &str) -> Vec<String> {
             let (name, short) = flag;
             if *short {
-                return vec![if how % 2 == 0 { format!("-{name}") } else { format!("-{name}{word}") }];
+                return vec![if how % 2 == 0 {
+                    format!("-{name}")
+                } else {
+                    format!("-{name}{word}")
+                }];
             }
             match how % 10 {
                 0 => vec![format!("--{name}")],

@@ -272,9 +272,7 @@ async fn apply(service: &BackingService, ctx: &Context) -> Result<Action> {
         // A Secret in the way (somebody else's, or missing keys): said on the service, with a
         // Warning Event, instead of a log line nobody reads.
         Err(Error::InvalidSpec { reason, message }) => {
-            report
-                .conditions
-                .set("CredentialsReady", false, reason, &message);
+            report.conditions.set("CredentialsReady", false, reason, &message);
             report
                 .write(ctx, BackingServicePhase::Failed, reason, message)
                 .await?;
@@ -429,6 +427,20 @@ async fn ensure_credentials(
     let names = desired::Names::of(service);
     let secrets = Api::<Secret>::namespaced(ctx.client.clone(), &service.namespace().unwrap_or_default());
     if let Some(existing) = secrets.get_opt(&names.credentials).await? {
+        // Somebody else's Secret first: whatever it holds is not this service's to use.
+        let owned = existing.owner_references().iter().any(|o| o.uid == owner.uid);
+        if !owned && existing.labels().get(SERVICE_LABEL) != Some(&service.name_any()) {
+            return Err(Error::InvalidSpec {
+                reason: "SecretConflict",
+                message: format!(
+                    "Secret {} exists and was not made for this BackingService (it lacks the label \
+                         {SERVICE_LABEL}={}): the agent neither takes over nor overwrites it; delete or \
+                         rename that Secret, or give the BackingService another name",
+                    names.credentials,
+                    service.name_any()
+                ),
+            });
+        }
         let Some(credentials) = desired::Credentials::from_secret(&existing) else {
             return Err(Error::InvalidSpec {
                 reason: "InvalidCredentials",
@@ -439,20 +451,7 @@ async fn ensure_credentials(
                 ),
             });
         };
-        let owned = existing.owner_references().iter().any(|o| o.uid == owner.uid);
         if !owned {
-            if existing.labels().get(SERVICE_LABEL) != Some(&service.name_any()) {
-                return Err(Error::InvalidSpec {
-                    reason: "SecretConflict",
-                    message: format!(
-                        "Secret {} exists and was not made for this BackingService (it lacks the label \
-                         {SERVICE_LABEL}={}): the agent neither takes over nor overwrites it; delete or \
-                         rename that Secret, or give the BackingService another name",
-                        names.credentials,
-                        service.name_any()
-                    ),
-                });
-            }
             let patch = json!({"metadata": {"ownerReferences": [owner]}});
             secrets
                 .patch(&names.credentials, &PatchParams::default(), &Patch::Merge(&patch))
