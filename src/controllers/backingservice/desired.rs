@@ -729,7 +729,7 @@ mod tests {
         fn spell(entry: &Entry, flag: &(String, bool), how: u8, word: &str) -> Vec<String> {
             let (name, short) = flag;
             if *short {
-                return vec![if how % 2 == 0 {
+                return vec![if how.is_multiple_of(2) {
                     format!("-{name}")
                 } else {
                     format!("-{name}{word}")
