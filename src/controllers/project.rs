@@ -378,7 +378,26 @@ async fn cleanup(project: &Project, ctx: &Context) -> Result<Action> {
         }
         return Err(Error::Waiting(format!("namespace {name} is terminating")));
     }
-    let holders = foreign_finalizers(ctx, &name).await?;
+    // Only once the namespace controller says content remains: before that it is still
+    // deleting, and listing what holds it every retry would be wasted requests.
+    let content_remains = namespace
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| {
+            c.iter().any(|c| {
+                c.status == "True"
+                    && matches!(
+                        c.type_.as_str(),
+                        "NamespaceContentRemaining" | "NamespaceFinalizersRemaining"
+                    )
+            })
+        });
+    let holders = if content_remains {
+        foreign_finalizers(ctx, &name).await?
+    } else {
+        Vec::new()
+    };
     if let Some(message) = blocked_deletion(&name, &namespace, &holders) {
         // Said on the Project (and once as a Warning Event) instead of a bare "terminating":
         // nothing the agent does will finish it, whoever put the finalizer there must.
@@ -761,6 +780,16 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(blocked_deletion("shop", &busy, &[]), None);
+        // Only the agent's own finalizers (its cleanup is under way) or Kubernetes' own.
+        let ours: Namespace = serde_json::from_value(json!({
+            "metadata": {"name": "shop"},
+            "status": {"phase": "Terminating", "conditions": [
+                {"type": "NamespaceFinalizersRemaining", "status": "True", "reason": "SomeFinalizersRemain",
+                 "message": "Some content in the namespace has finalizers remaining: apps.shapeblock.io/release in 1 resource instances, kubernetes.io/pvc-protection in 2 resource instances"},
+            ]},
+        }))
+        .unwrap();
+        assert_eq!(blocked_deletion("shop", &ours, &[]), None);
     }
 
     #[test]

@@ -1348,6 +1348,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_deploy_past_its_deadline_says_what_the_install_job_does() {
+        let job = |status: serde_json::Value| -> Job {
+            serde_json::from_value(json!({
+                "metadata": {"name": "helm-install-web-1", "namespace": "shapeblock"},
+                "status": status,
+            }))
+            .unwrap()
+        };
+        assert!(install_job_progress(&job(json!({}))).contains("has no pod running"));
+        assert!(install_job_progress(&job(json!({"active": 1}))).contains("logs job/helm-install-web-1"));
+        assert!(install_job_progress(&job(json!({"failed": 2}))).contains("failed 2 time(s)"));
+    }
+
+    #[test]
     fn an_install_job_that_failed_during_the_deploy_fails_the_build_an_older_one_does_not() {
         let job = |created: &str, conditions: serde_json::Value| -> Job {
             serde_json::from_value(json!({
