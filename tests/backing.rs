@@ -721,3 +721,71 @@ async fn deleting_a_project_takes_its_installed_and_bound_services_with_it() {
             .is_none()
     );
 }
+
+#[tokio::test]
+async fn helm_values_that_would_switch_authentication_off_are_refused_naming_the_variable_or_flag() {
+    let env = env().await;
+    let _agent = env.agent(&[]).await;
+    let project = ready_project(&env.client, "noauth").await;
+    let cases = [
+        (
+            "pg",
+            json!({"type": "postgresql", "helmValues": {"env": {"POSTGRES_HOST_AUTH_METHOD": "trust"}}}),
+            "POSTGRES_HOST_AUTH_METHOD",
+        ),
+        (
+            "pgargs",
+            json!({"type": "postgresql", "helmValues": {"args": ["-c", "hba_file=/tmp/trust.conf"]}}),
+            "--hba-file",
+        ),
+        (
+            "cache",
+            json!({"type": "redis", "helmValues": {"args": ["--user", "default", "on", "nopass", "~*", "+@all"]}}),
+            "--user",
+        ),
+        (
+            "cache2",
+            json!({"type": "redis", "helmValues": {"args": ["--requirepass=", "--protected-mode", "no"]}}),
+            "--requirepass",
+        ),
+        (
+            "sql",
+            json!({"type": "mysql", "helmValues": {"env": {"MYSQL_ALLOW_EMPTY_PASSWORD": "yes"}}}),
+            "MYSQL_ALLOW_EMPTY_PASSWORD",
+        ),
+        (
+            "sql2",
+            json!({"type": "mysql", "helmValues": {"args": ["--loose-skip-grant-tables"]}}),
+            "--skip-grant-tables",
+        ),
+        (
+            "docs",
+            json!({"type": "mongodb", "helmValues": {"args": ["--noauth"]}}),
+            "--noauth",
+        ),
+    ];
+    for (name, spec, _) in &cases {
+        backing_service(&env.client, &project, name, spec.clone()).await;
+    }
+    for (name, _, named) in &cases {
+        let failed = wait_phase(&env.client, &project, name, BackingServicePhase::Failed).await;
+        let ready = condition(&failed, "Ready").unwrap();
+        assert_eq!(ready.reason, "InvalidSpec", "{name}");
+        assert!(ready.message.contains(named), "{name}: {}", ready.message);
+        // Refused before anything is written: no HelmChart, no credentials.
+        assert!(
+            charts(&env.client)
+                .get_opt(&service_chart_name(&project, name))
+                .await
+                .unwrap()
+                .is_none(),
+            "{name}"
+        );
+        let events = events_for(&env.client, &project, name).await;
+        assert!(
+            events.iter().any(|e| e.type_.as_deref() == Some("Warning")
+                && e.note.as_deref().is_some_and(|n| n.contains(named))),
+            "{name}: {events:?}"
+        );
+    }
+}

@@ -135,6 +135,15 @@ struct RunArgs {
         value_name = "SECONDS"
     )]
     build_timeout_seconds: i64,
+    /// Seconds a deploy may take beyond the App's `progressDeadlineSeconds` (the helm-controller's
+    /// install Job) before the build fails with `DeployTimeout`.
+    #[arg(
+        long,
+        env = "SHAPEBLOCK_DEPLOY_MARGIN_SECONDS",
+        default_value_t = 600,
+        value_name = "SECONDS"
+    )]
+    deploy_margin_seconds: u64,
     /// Finished AppBuilds kept per App after they Completed; older ones are deleted (with
     /// their Jobs). The App's latest build and the one it runs are always kept.
     #[arg(long, env = "SHAPEBLOCK_KEEP_BUILDS", default_value_t = 10, value_name = "N")]
@@ -308,6 +317,7 @@ fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
                 keep_succeeded: args.keep_builds,
                 keep_failed: args.keep_failed_builds,
                 certificate_issuer: args.certificate_issuer,
+                deploy_margin_seconds: args.deploy_margin_seconds,
                 ..Default::default()
             },
         },

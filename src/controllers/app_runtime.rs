@@ -157,6 +157,19 @@ pub async fn release(
         Ok((values, _)) => values,
         Err(refused) => return Ok(Some(format!("cannot release the running build again: {refused}"))),
     };
+    // Values the helm-controller cannot store would never be released: say so, keep serving.
+    let chart = super::appbuild::helm_chart_object(
+        &ctx.config.agent_namespace,
+        &namespace,
+        &app.name_any(),
+        &build,
+        &values,
+    );
+    if let Err(too_large) = super::appbuild::check_stored_size(&chart) {
+        return Ok(Some(format!(
+            "cannot release the running build again: {too_large}"
+        )));
+    }
     if deployed.as_ref() != Some(&values) {
         // Releasing is decided from this App object, which may lag behind a build that has
         // just made itself current: releasing the build it names would undo that deploy. Act

@@ -404,10 +404,66 @@ async fn cleanup(project: &Project, ctx: &Context) -> Result<Action> {
         if !delete_if_present(&namespaces, &name, &DeleteParams::background()).await? {
             return Ok(Action::await_change());
         }
+        return Err(Error::Waiting(format!("namespace {name} is terminating")));
     }
     // Charts whose uninstall can no longer run (their namespace is going) are let go, or
     // they would stay in the agent's namespace with a failing Job forever.
     release_stuck_helm_charts(ctx, &name).await;
+    // Only once the namespace controller says content remains: before that it is still
+    // deleting, and listing what holds it every retry would be wasted requests.
+    let content_remains = namespace
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| {
+            c.iter().any(|c| {
+                c.status == "True"
+                    && matches!(
+                        c.type_.as_str(),
+                        "NamespaceContentRemaining" | "NamespaceFinalizersRemaining"
+                    )
+            })
+        });
+    let holders = if content_remains {
+        foreign_finalizers(ctx, &name).await?
+    } else {
+        Vec::new()
+    };
+    if let Some(message) = blocked_deletion(&name, &namespace, &holders) {
+        // Said on the Project (and once as a Warning Event) instead of a bare "terminating":
+        // nothing the agent does will finish it, whoever put the finalizer there must.
+        if project.status.as_ref().and_then(|s| s.message.as_deref()) != Some(message.as_str()) {
+            let mut conditions = ConditionSet::new(
+                project
+                    .status
+                    .as_ref()
+                    .map(|s| s.conditions.as_slice())
+                    .unwrap_or_default(),
+                project.metadata.generation,
+            );
+            conditions.set("Ready", false, "DeletionBlocked", &message);
+            write_status(
+                ctx,
+                project,
+                ProjectPhase::Terminating,
+                &message,
+                Some(name.clone()),
+                conditions,
+            )
+            .await?;
+            ctx.publish(
+                &project.object_ref(&()),
+                EventType::Warning,
+                "DeletionBlocked",
+                "Delete",
+                &message,
+            )
+            .await;
+        }
+        // An error, not Ok: Ok from cleanup would drop the finalizer and the Project with it.
+        // The namespace watch wakes us when it is gone; meanwhile look at what holds it.
+        return Err(Error::Waiting(message));
+    }
     // The namespace watch wakes us when it is gone; the error only schedules a fallback retry.
     Err(Error::Waiting(format!("namespace {name} is terminating")))
 }
@@ -449,6 +505,112 @@ async fn release_stuck_helm_charts(ctx: &Context, project: &str) {
             }
         }
     }
+
+}
+
+/// The agent's own objects in `namespace` that carry a finalizer the agent did not put there,
+/// as `Kind name (finalizer, ...)`. The kinds the agent serves are the ones a tenant's tools
+/// most likely hold; for any other the namespace's own conditions say which resource.
+async fn foreign_finalizers(ctx: &Context, namespace: &str) -> Result<Vec<String>> {
+    use crate::api::{App, AppBuild, AppRun, BackingService};
+    async fn held<K>(ctx: &Context, namespace: &str) -> Result<Vec<String>>
+    where
+        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        let listed = Api::<PartialObjectMeta<K>>::namespaced(ctx.client.clone(), namespace)
+            .list_metadata(&kube::api::ListParams::default())
+            .await?;
+        Ok(listed
+            .items
+            .iter()
+            .filter_map(|object| {
+                let foreign: Vec<&str> = object
+                    .finalizers()
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|f| is_foreign(f))
+                    .collect();
+                (!foreign.is_empty())
+                    .then(|| format!("{} {} ({})", K::kind(&()), object.name_any(), foreign.join(", ")))
+            })
+            .collect())
+    }
+    let mut holders = held::<App>(ctx, namespace).await?;
+    holders.extend(held::<AppBuild>(ctx, namespace).await?);
+    holders.extend(held::<AppRun>(ctx, namespace).await?);
+    holders.extend(held::<BackingService>(ctx, namespace).await?);
+    Ok(holders)
+}
+
+/// Whether a finalizer is neither the agent's nor one Kubernetes' own controllers remove by
+/// themselves (PVC protection, foreground deletion, Job tracking): one that may never go.
+fn is_foreign(finalizer: &str) -> bool {
+    !(finalizer.starts_with("apps.shapeblock.io/")
+        || finalizer.starts_with("kubernetes.io/")
+        || finalizer.starts_with("batch.kubernetes.io/")
+        || matches!(finalizer, "kubernetes" | "foregroundDeletion" | "orphan"))
+}
+
+/// Why a terminating namespace is not gone, if something other than the agent holds it: the
+/// objects with foreign finalizers, and what kube-controller-manager's namespace controller
+/// reports (`NamespaceFinalizersRemaining`, `NamespaceContentRemaining`, deletion failures).
+pub fn blocked_deletion(name: &str, namespace: &Namespace, holders: &[String]) -> Option<String> {
+    let reported: Vec<String> = namespace
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|c| {
+            c.status == "True"
+                && matches!(
+                    c.type_.as_str(),
+                    "NamespaceFinalizersRemaining"
+                        | "NamespaceContentRemaining"
+                        | "NamespaceDeletionContentFailure"
+                        | "NamespaceDeletionDiscoveryFailure"
+                        | "NamespaceDeletionGroupVersionParsingFailure"
+                )
+        })
+        .filter_map(|c| c.message.clone())
+        .collect();
+    // "Some content in the namespace has finalizers remaining: a in 1 resource instances, b in 2 ..."
+    let finalizers_remain = namespace
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|c| c.type_ == "NamespaceFinalizersRemaining" && c.status == "True")
+        .filter_map(|c| {
+            c.message
+                .as_deref()?
+                .split_once(": ")
+                .map(|(_, list)| list.to_owned())
+        })
+        .any(|list| {
+            list.split(", ")
+                .filter_map(|item| item.split(" in ").next())
+                .any(is_foreign)
+        });
+    if holders.is_empty() && !finalizers_remain {
+        return None;
+    }
+    let mut message = format!("namespace {name} cannot finish deleting");
+    if !holders.is_empty() {
+        message.push_str(&format!(
+            ": held by {}, finalizer(s) the agent did not set: whoever set them must finish and take them \
+             out of metadata.finalizers (or remove them by hand: `kubectl -n {name} edit <kind> <name>`)",
+            holders.join("; ")
+        ));
+    }
+    if !reported.is_empty() {
+        message.push_str(&format!("; the namespace reports: {}", reported.join("; ")));
+    }
+    Some(message)
 }
 
 /// Deletes the HelmCharts (in the agent's namespace) that deploy into the project, so the
@@ -677,6 +839,51 @@ mod tests {
         );
         project.metadata.uid = Some("uid-1".into());
         project
+    }
+
+    #[test]
+    fn a_namespace_held_by_a_foreign_finalizer_says_by_what() {
+        let terminating: Namespace = serde_json::from_value(json!({
+            "metadata": {"name": "shop"},
+            "status": {"phase": "Terminating", "conditions": [
+                {"type": "NamespaceDeletionDiscoveryFailure", "status": "False", "reason": "ResourcesDiscovered", "message": "All resources successfully discovered"},
+                {"type": "NamespaceContentRemaining", "status": "True", "reason": "SomeResourcesRemain",
+                 "message": "Some resources are remaining: apps.apps.shapeblock.io has 1 resource instances"},
+                {"type": "NamespaceFinalizersRemaining", "status": "True", "reason": "SomeFinalizersRemain",
+                 "message": "Some content in the namespace has finalizers remaining: example.com/hold in 1 resource instances"},
+            ]},
+        }))
+        .unwrap();
+        let holders = vec!["App web (example.com/hold)".to_string()];
+        let message = blocked_deletion("shop", &terminating, &holders).unwrap();
+        assert!(
+            message.contains("held by App web (example.com/hold)"),
+            "{message}"
+        );
+        assert!(
+            message.contains("example.com/hold in 1 resource instances"),
+            "{message}"
+        );
+        assert!(!message.contains("successfully discovered"), "{message}");
+        // Something else holds it (no App of ours): the namespace's words still say what.
+        let message = blocked_deletion("shop", &terminating, &[]).unwrap();
+        assert!(message.contains("apps.apps.shapeblock.io has 1"), "{message}");
+        // Still deleting content, nothing held: nothing to report.
+        let busy: Namespace = serde_json::from_value(json!({
+            "metadata": {"name": "shop"}, "status": {"phase": "Terminating"}
+        }))
+        .unwrap();
+        assert_eq!(blocked_deletion("shop", &busy, &[]), None);
+        // Only the agent's own finalizers (its cleanup is under way) or Kubernetes' own.
+        let ours: Namespace = serde_json::from_value(json!({
+            "metadata": {"name": "shop"},
+            "status": {"phase": "Terminating", "conditions": [
+                {"type": "NamespaceFinalizersRemaining", "status": "True", "reason": "SomeFinalizersRemain",
+                 "message": "Some content in the namespace has finalizers remaining: apps.shapeblock.io/release in 1 resource instances, kubernetes.io/pvc-protection in 2 resource instances"},
+            ]},
+        }))
+        .unwrap();
+        assert_eq!(blocked_deletion("shop", &ours, &[]), None);
     }
 
     #[test]

@@ -126,6 +126,57 @@ pub(crate) fn chart_object(
     serde_json::from_value(object).expect("a HelmChart is a valid object")
 }
 
+/// Most data a Secret or ConfigMap holds (the apiserver refuses more).
+pub const SECRET_DATA_LIMIT: usize = 1024 * 1024;
+/// Most `valuesContent` the agent writes. The helm-controller copies it into the Secret
+/// `chart-values-<name>` (beside its own small values file); above 1 MiB it cannot, and the
+/// release never comes. The headroom is for that second file and the keys.
+pub const MAX_VALUES_BYTES: usize = SECRET_DATA_LIMIT - 64 * 1024;
+/// Most size of a HelmChart as stored: etcd takes requests of up to 1.5 MiB by default, and
+/// the object carries the chart (`chartContent`), the escaped values and its managed fields.
+pub const MAX_CHART_OBJECT_BYTES: usize = 1536 * 1024 - 128 * 1024;
+
+/// Whether the helm-controller can store what `chart` asks of it: its values in the Secret
+/// `chart-values-<name>`, its chart in the ConfigMap `chart-content-<name>`, and the HelmChart
+/// itself. Otherwise why not, with the sizes: an install that cannot be stored never starts,
+/// and nothing else would say so.
+pub fn check_stored_size(chart: &DynamicObject) -> Result<(), String> {
+    let spec = &chart.data["spec"];
+    let values = spec["valuesContent"].as_str().map_or(0, str::len);
+    let content = spec["chartContent"].as_str().map_or(0, str::len);
+    let object = serde_json::to_vec(chart).map_or(usize::MAX, |bytes| bytes.len());
+    let kib = |bytes: usize| bytes.div_ceil(1024);
+    if values > MAX_VALUES_BYTES {
+        return Err(format!(
+            "the chart values are {} KiB ({values} bytes), over the {} KiB the helm-controller can store \
+             (its values Secret chart-values-{} holds at most 1 MiB), so the release would never be made. \
+             Config vars are repeated in every process, cron entry and release command: use fewer or \
+             shorter ones, or put large ones in the App's config Secret (read as a whole, not copied)",
+            kib(values),
+            kib(MAX_VALUES_BYTES),
+            chart.metadata.name.as_deref().unwrap_or_default(),
+        ));
+    }
+    if content > MAX_VALUES_BYTES {
+        return Err(format!(
+            "the chart archive is {} KiB, over the {} KiB its ConfigMap can hold",
+            kib(content),
+            kib(MAX_VALUES_BYTES)
+        ));
+    }
+    if object > MAX_CHART_OBJECT_BYTES {
+        return Err(format!(
+            "the HelmChart would be {} KiB (chart {} KiB, values {} KiB), over the {} KiB the apiserver \
+             stores in one object: use fewer or shorter config vars",
+            kib(object),
+            kib(content),
+            kib(values),
+            kib(MAX_CHART_OBJECT_BYTES)
+        ));
+    }
+    Ok(())
+}
+
 /// `valuesContent` as JSON, which is YAML too. Not serde_yaml's YAML: it writes YAML 1.2, where
 /// `yes`, `on` or `no` are plain strings and need no quotes, but Helm reads values as YAML 1.1,
 /// where unquoted they are booleans; an env value or argument `"yes"` would arrive as `true`
@@ -197,6 +248,64 @@ mod tests {
         assert_eq!(chart.data["spec"]["failurePolicy"], "retry");
         assert!(chart.data["spec"]["chartContent"].as_str().unwrap().len() > 1000);
         assert_eq!(chart.metadata.annotations.unwrap()[BUILD_ANNOTATION], "web-1");
+    }
+
+    #[test]
+    fn what_the_helm_controller_cannot_store_is_refused_with_the_sizes() {
+        let with = |bytes: usize| {
+            helm_chart(
+                "shapeblock",
+                "shop",
+                "web",
+                "web-1",
+                &json!({"deployments": {"web": {"env": [{"name": "A", "value": "x".repeat(bytes)}]}}}),
+            )
+        };
+        assert_eq!(check_stored_size(&with(1000)), Ok(()));
+        // valuesContent is the pretty JSON around the value: about 100 bytes more.
+        assert_eq!(check_stored_size(&with(MAX_VALUES_BYTES - 200)), Ok(()));
+        let err = check_stored_size(&with(MAX_VALUES_BYTES + 1)).unwrap_err();
+        assert!(
+            err.contains("960 KiB") && err.contains("chart-values-web-"),
+            "{err}"
+        );
+        let err = check_stored_size(&with(2 * SECRET_DATA_LIMIT)).unwrap_err();
+        assert!(err.contains("2049 KiB"), "{err}");
+        // Escaping counts: quotes double in the object, not in valuesContent.
+        let quotes = helm_chart(
+            "shapeblock",
+            "shop",
+            "web",
+            "web-1",
+            &json!({"env": [{"name": "A", "value": "\"".repeat(700 * 1024)}]}),
+        );
+        let values = quotes.data["spec"]["valuesContent"].as_str().unwrap().len();
+        assert!(values > 1400 * 1024 && values <= 1500 * 1024, "{values}");
+        assert!(check_stored_size(&quotes).unwrap_err().contains("values Secret"));
+        let half = helm_chart(
+            "shapeblock",
+            "shop",
+            "web",
+            "web-1",
+            &json!({"env": [{"name": "A", "value": "\"".repeat(300 * 1024)}]}),
+        );
+        assert_eq!(
+            check_stored_size(&half),
+            Ok(()),
+            "600 KiB of values, 1.2 MiB object"
+        );
+        let escaped = helm_chart(
+            "shapeblock",
+            "shop",
+            "web",
+            "web-1",
+            &json!({"env": [{"name": "A", "value": "\"".repeat(400 * 1024)}]}),
+        );
+        let err = check_stored_size(&escaped).unwrap_err();
+        assert!(
+            err.contains("HelmChart would be") && err.contains("values 801 KiB"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -57,6 +57,9 @@ pub struct BuildSettings {
     pub keep_failed: usize,
     /// cert-manager ClusterIssuer of App domains that name none.
     pub certificate_issuer: String,
+    /// A deploy fails (`DeployTimeout`) after the App's `progressDeadlineSeconds` plus this
+    /// many seconds, the time allowed for the helm-controller's install Job.
+    pub deploy_margin_seconds: u64,
 }
 
 impl Default for BuildSettings {
@@ -79,6 +82,7 @@ impl Default for BuildSettings {
             keep_succeeded: 10,
             keep_failed: 5,
             certificate_issuer: "letsencrypt".into(),
+            deploy_margin_seconds: 600,
         }
     }
 }

@@ -24,7 +24,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
-pub use helmchart::{BUILD_ANNOTATION, CONTENT_ANNOTATION, values_content};
+pub use helmchart::{BUILD_ANNOTATION, CONTENT_ANNOTATION, check_stored_size, values_content};
 pub use helmchart::{
     UNIVERSAL_CHART, chart_name, release_status, resource as helm_chart_resource, service_chart_name,
 };
@@ -561,6 +561,15 @@ impl Pipeline<'_> {
             let newest = self.newest_release(&project, &release).await?;
             let mut status = self.status();
             status.release_baseline = Some(newest.map_or(0, |(version, _)| version));
+            // Its transition time starts the deploy's clock (see `deploy_deadline`).
+            let mut conditions = ConditionSet::new(&status.conditions, self.build.metadata.generation);
+            conditions.set(
+                "Deployed",
+                false,
+                "Deploying",
+                format!("HelmChart {}/{release} applied", self.ctx.config.agent_namespace),
+            );
+            status.conditions = conditions.conditions;
             self.write(status).await?;
             return Ok(Action::requeue(POLL));
         };
@@ -584,6 +593,19 @@ impl Pipeline<'_> {
                     .await;
             }
         };
+        // Values the helm-controller could not store would leave the build here for ever.
+        let chart = helmchart::helm_chart(
+            &self.ctx.config.agent_namespace,
+            &project,
+            &self.build.spec.app_name,
+            &name,
+            &values,
+        );
+        if let Err(too_large) = helmchart::check_stored_size(&chart) {
+            return self
+                .finish(AppBuildPhase::Failed, "ValuesTooLarge", too_large)
+                .await;
+        }
         // The release command runs (once per build) before the release replaces the serving
         // one: if it fails, the HelmChart is not touched.
         if !app.spec.release_command.is_empty() && !self.has_condition("ReleaseCommand") {
@@ -635,6 +657,9 @@ impl Pipeline<'_> {
                     None => format!("{deployment_name} {verb} {image}"),
                 };
                 let mut status = self.ended(AppBuildPhase::Completed, "RolledOut", &message);
+                let mut conditions = ConditionSet::new(&status.conditions, self.build.metadata.generation);
+                conditions.set("Deployed", true, "RolledOut", &message);
+                status.conditions = conditions.conditions;
                 status.release_revision = revision;
                 return self.conclude(status).await;
             }
@@ -648,11 +673,16 @@ impl Pipeline<'_> {
                 )
                 .await;
         }
+        let job = format!("helm-install-{release}");
+        let installer = match ours {
+            None => {
+                Api::<Job>::namespaced(self.ctx.client.clone(), &self.ctx.config.agent_namespace)
+                    .get_opt(&job)
+                    .await?
+            }
+            Some(_) => None,
+        };
         if ours.is_none() {
-            let job = format!("helm-install-{release}");
-            let installer = Api::<Job>::namespaced(self.ctx.client.clone(), &self.ctx.config.agent_namespace)
-                .get_opt(&job)
-                .await?;
             // The deploy began when the image was there (builds older than that were
             // superseded by then, so a Job created since is this build's).
             let deploy_started = self
@@ -661,8 +691,8 @@ impl Pipeline<'_> {
                 .iter()
                 .find(|c| c.type_ == "Built" && c.status == "True")
                 .map(|c| c.last_transition_time.clone());
-            if let (Some(installer), Some(started)) = (installer, deploy_started)
-                && let Some(why) = install_failed_without_release(&installer, &started)
+            if let (Some(installer), Some(started)) = (&installer, deploy_started)
+                && let Some(why) = install_failed_without_release(installer, &started)
             {
                 let namespace = &self.ctx.config.agent_namespace;
                 return self
@@ -674,7 +704,82 @@ impl Pipeline<'_> {
                     .await;
             }
         }
+        let (started, deadline) = self.deploy_deadline(app);
+        let waited = u64::try_from(Timestamp::now().duration_since(started).as_secs()).unwrap_or(0);
+        if waited > deadline {
+            let waiting_for = match (&ours, &release_status) {
+                (None, _) => {
+                    let namespace = &self.ctx.config.agent_namespace;
+                    let job_state = match &installer {
+                        None => "does not exist (is the helm-controller running?)".to_string(),
+                        Some(job) => install_job_progress(job),
+                    };
+                    format!(
+                        "a Helm release from HelmChart {namespace}/{release}: the helm-controller's Job {namespace}/{job} {job_state}"
+                    )
+                }
+                (Some((revision, state)), _) if state != "deployed" => {
+                    format!("Helm release {release} revision {revision}, which is {state}")
+                }
+                _ => {
+                    let pending: Vec<&str> = rollouts
+                        .iter()
+                        .filter(|(_, r)| !matches!(r, Rollout::Done))
+                        .map(|(name, _)| name.as_str())
+                        .collect();
+                    format!("Deployment(s) {} to roll out", pending.join(", "))
+                }
+            };
+            // The HelmChart holds this build's values: set it back, so that a helm-controller
+            // that gets to it later does not release a build that failed.
+            let restored = match self.restore_running_release(app).await? {
+                Some(restored) => format!("the HelmChart is back on {restored}"),
+                None => "nothing earlier to go back to".to_string(),
+            };
+            return self
+                .finish(
+                    AppBuildPhase::Failed,
+                    "DeployTimeout",
+                    format!("the deploy did not finish within {deadline}s (the App's progressDeadlineSeconds and --deploy-margin-seconds): still waiting for {waiting_for}; {restored}"),
+                )
+                .await;
+        }
         Ok(Action::requeue(POLL))
+    }
+
+    /// When the deploy's clock started, and how many seconds it may take: the App's rollout
+    /// deadline plus a margin for the helm-controller's install Job. The clock starts when the
+    /// HelmChart is first applied (`Deployed` turned False), or again when the release command
+    /// finished (it has a deadline of its own); waiting for a missing HelmChart kind
+    /// (`HelmControllerMissing`) is not counted: installing the helm-controller later deploys
+    /// the build, as documented.
+    fn deploy_deadline(&self, app: &App) -> (Timestamp, u64) {
+        let status = self.status();
+        let since = |type_: &str, value: &str| {
+            status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == type_ && c.status == value)
+                .map(|c| c.last_transition_time.0)
+        };
+        let started = [
+            since("Deployed", "False"),
+            since("ReleaseCommand", "True"),
+            since("Built", "True"),
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+        .or(status.start_time.as_ref().map(|t| t.0))
+        .unwrap_or_else(Timestamp::now);
+        let progress = app
+            .spec
+            .deploy
+            .as_ref()
+            .and_then(|d| d.progress_deadline_seconds)
+            .unwrap_or(values::DEFAULT_PROGRESS_DEADLINE);
+        let deadline = u64::try_from(progress).unwrap_or(0) + self.ctx.config.builds.deploy_margin_seconds;
+        (started, deadline)
     }
 
     /// The pod of one of this build's Jobs, if it is still there.
@@ -1115,6 +1220,22 @@ enum JobOutcome {
 /// Why the helm-controller's install Job failed, if it failed during this deploy (a Job from
 /// before it says nothing about this build's change). Nothing retries such a Job until the
 /// HelmChart changes again, so the build must not wait for it.
+/// What a helm-controller install Job is doing, for a deploy that waited too long on it.
+fn install_job_progress(job: &Job) -> String {
+    let status = job.status.clone().unwrap_or_default();
+    let name = job.name_any();
+    let namespace = job.namespace().unwrap_or_default();
+    if status.active.unwrap_or(0) > 0 {
+        format!("is still running (`kubectl -n {namespace} logs job/{name}`)")
+    } else if status.failed.unwrap_or(0) > 0 {
+        format!("failed {} time(s) and retries", status.failed.unwrap_or(0))
+    } else {
+        format!(
+            "has no pod running (`kubectl -n {namespace} describe job/{name}` says why: quota, scheduling, image)"
+        )
+    }
+}
+
 fn install_failed_without_release(installer: &Job, deploy_started: &Time) -> Option<String> {
     let created = installer.metadata.creation_timestamp.as_ref()?;
     if created.0 < deploy_started.0 {
@@ -1235,6 +1356,20 @@ fn rollout(deployment: Option<&Deployment>, build: &str, image: &str) -> Rollout
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_deploy_past_its_deadline_says_what_the_install_job_does() {
+        let job = |status: serde_json::Value| -> Job {
+            serde_json::from_value(json!({
+                "metadata": {"name": "helm-install-web-1", "namespace": "shapeblock"},
+                "status": status,
+            }))
+            .unwrap()
+        };
+        assert!(install_job_progress(&job(json!({}))).contains("has no pod running"));
+        assert!(install_job_progress(&job(json!({"active": 1}))).contains("logs job/helm-install-web-1"));
+        assert!(install_job_progress(&job(json!({"failed": 2}))).contains("failed 2 time(s)"));
+    }
 
     #[test]
     fn an_install_job_that_failed_during_the_deploy_fails_the_build_an_older_one_does_not() {

@@ -57,6 +57,25 @@ pub struct Entry {
     /// Container arguments (before the user's).
     #[serde(default)]
     pub args: Vec<String>,
+    /// Container variables users may not set, besides those of `credentialEnv` (and their
+    /// `_FILE` forms) and `env`: the engine's switches for authentication, users and data.
+    /// Required, so that an admin's entry says it too (an empty list is a statement).
+    pub reserved_env: Vec<String>,
+    /// Argument flags users may not pass (`--flag` or `-f`), besides the flags of `args`.
+    /// Required; an entry that allows `args` must list at least one.
+    pub reserved_args: Vec<String>,
+    /// Modifiers the engine accepts in front of a flag name (mysqld's `loose-`, `skip-`):
+    /// stripped before a user flag is compared with the reserved ones.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub flag_prefixes: Vec<String>,
+    /// Short flags whose value is `name=value` of a setting that also has a `--name` form
+    /// (postgres' `-c`): the setting's name is checked like a long flag.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub setting_flags: Vec<String>,
+    /// Variables whose value is more arguments (postgres' POSTGRES_INITDB_ARGS): checked like
+    /// `args`, and limited to plain words (the entrypoint evaluates it in a shell).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub arg_env: Vec<String>,
     /// Plan defaults.
     pub defaults: Defaults,
     /// Which of [`VALUE_KEYS`] users may set in `helmValues`.
@@ -177,6 +196,52 @@ fn validate(name: &str, entry: &Entry) -> Result<(), String> {
     if let Some(variable) = entry.env.keys().find(|v| !is_env_name(v)) {
         return Err(format!("env {variable} is not a variable name"));
     }
+    if let Some(variable) = entry
+        .reserved_env
+        .iter()
+        .chain(&entry.arg_env)
+        .find(|v| !is_env_name(v))
+    {
+        return Err(format!(
+            "{variable} (reservedEnv or argEnv) is not a variable name"
+        ));
+    }
+    if let Some(variable) = entry
+        .arg_env
+        .iter()
+        .find(|v| entry.reserved_env_reason(v).is_some())
+    {
+        return Err(format!("argEnv {variable} is reserved: users cannot set it"));
+    }
+    let flag_name =
+        |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_".contains(c));
+    let short = |f: &str| f.len() == 2 && f.starts_with('-') && f.as_bytes()[1].is_ascii_alphanumeric();
+    if let Some(flag) = entry
+        .reserved_args
+        .iter()
+        .find(|f| !(short(f) || f.strip_prefix("--").is_some_and(flag_name)))
+    {
+        return Err(format!("reservedArgs {flag:?} is not a flag (--name or -x)"));
+    }
+    if let Some(flag) = entry.setting_flags.iter().find(|f| !short(f)) {
+        return Err(format!("settingFlags {flag:?} is not a short flag (-x)"));
+    }
+    if let Some(prefix) = entry
+        .flag_prefixes
+        .iter()
+        .find(|p| !p.ends_with('-') || p.len() < 2 || !p.chars().all(|c| c.is_ascii_lowercase() || c == '-'))
+    {
+        return Err(format!(
+            "flagPrefixes {prefix:?} must be lowercase and end with '-'"
+        ));
+    }
+    if entry.allowed_values.iter().any(|k| k == "args") && entry.reserved_args.is_empty() {
+        return Err(
+            "allowedValues has args, so reservedArgs must list the flags that control \
+                    authentication and data: an engine whose flags nobody reviewed takes no arguments"
+                .into(),
+        );
+    }
     if let Some(alias) = entry.binding_alias.as_deref().filter(|a| !is_env_name(a)) {
         return Err(format!("bindingAlias {alias} is not a variable name"));
     }
@@ -214,6 +279,148 @@ impl Entry {
                 self.versions.join(", ")
             ))
         }
+    }
+
+    /// Why users may not set container variable `name`, if they may not.
+    pub fn reserved_env_reason(&self, name: &str) -> Option<&'static str> {
+        let credential = |n: &str| self.credential_env.contains_key(n);
+        if credential(name) || name.strip_suffix("_FILE").is_some_and(credential) {
+            Some("is set by the agent from the generated credentials")
+        } else if self.env.contains_key(name) {
+            Some("is set by the catalog entry")
+        } else if self.reserved_env.iter().any(|r| r == name) {
+            Some("is reserved by the catalog entry (authentication, users or data)")
+        } else {
+            None
+        }
+    }
+
+    /// Checks a user's `env` variable: not reserved, and plain words for an argument variable.
+    pub fn check_env(&self, name: &str, value: &str) -> Result<(), String> {
+        if let Some(why) = self.reserved_env_reason(name) {
+            return Err(format!(
+                "env {name} {why}; it cannot be overridden for type {}",
+                self.image
+            ));
+        }
+        if self.arg_env.iter().any(|v| v == name) {
+            // The entrypoint evaluates it in a shell: only words, so that nothing runs.
+            if let Some(c) = value
+                .chars()
+                .find(|c| !(c.is_ascii_alphanumeric() || " -_=.,:/+@%".contains(*c)))
+            {
+                return Err(format!(
+                    "env {name} is passed through a shell: {c:?} is not allowed (letters, digits, \
+                     spaces and -_=.,:/+@% are)"
+                ));
+            }
+            let words: Vec<String> = value.split_whitespace().map(str::to_owned).collect();
+            self.check_flags(&words)
+                .map_err(|why| format!("env {name}: {why}"))?;
+        }
+        Ok(())
+    }
+
+    /// Checks a user's `args`: no reserved flag in any spelling the engine reads, no line
+    /// breaks, and (when the entry has no arguments of its own) a flag first: the official
+    /// images run a first argument that is not a flag as the container's command.
+    pub fn check_args(&self, args: &[String]) -> Result<(), String> {
+        if self.args.is_empty()
+            && let Some(first) = args.first()
+            && !first.starts_with('-')
+        {
+            return Err(format!(
+                "args must start with a flag: the image runs {first:?} as its command instead of the service"
+            ));
+        }
+        self.check_flags(args).map_err(|why| format!("args: {why}"))
+    }
+
+    /// A flag name as compared: lowercase, `_` as `-`, without the entry's modifiers.
+    fn normalized(&self, name: &str) -> String {
+        let mut name = name.to_ascii_lowercase().replace('_', "-");
+        while let Some(prefix) = self.flag_prefixes.iter().find(|p| name.starts_with(p.as_str())) {
+            name.drain(..prefix.len());
+        }
+        name
+    }
+
+    /// The agent's flags: the reserved ones and those of `args`, as (shown, compared).
+    fn agent_flags(&self) -> (Vec<(String, String)>, Vec<char>) {
+        let mut long = Vec::new();
+        let mut short = Vec::new();
+        for flag in self.reserved_args.iter().chain(&self.args) {
+            if let Some(name) = flag.strip_prefix("--") {
+                let name = name.split(['=', ' ', '\t']).next().unwrap_or_default();
+                long.push((format!("--{name}"), self.normalized(name)));
+            } else if flag.len() == 2 && flag.starts_with('-') {
+                short.push(flag.as_bytes()[1] as char);
+            }
+        }
+        (long, short)
+    }
+
+    fn long_reserved(&self, long: &[(String, String)], name: &str) -> Option<String> {
+        let name = self.normalized(name);
+        long.iter().find_map(|(shown, reserved)| {
+            if *reserved == name {
+                Some(format!("sets {shown}"))
+            } else if reserved.starts_with(&name) {
+                Some(format!("abbreviates {shown}"))
+            } else {
+                None
+            }
+        })
+    }
+
+    fn check_flags(&self, args: &[String]) -> Result<(), String> {
+        let (long, short) = self.agent_flags();
+        let refuse = |arg: &str, why: String| {
+            Err(format!(
+                "argument {arg:?} {why}, which the agent decides for this service type \
+                 (authentication, users and data are not the user's to change)"
+            ))
+        };
+        let mut rest = args.iter();
+        while let Some(arg) = rest.next() {
+            if arg.chars().any(char::is_control) {
+                return Err(format!(
+                    "argument {arg:?} holds a line break or control character (a server may read it as a config line)"
+                ));
+            }
+            if let Some(word) = arg.strip_prefix("--") {
+                // `--name=value`, or `--name value` in one argument (a Redis config line).
+                let name = word.split(['=', ' ', '\t']).next().unwrap_or_default();
+                if let Some(why) = self.long_reserved(&long, name) {
+                    return refuse(arg, why);
+                }
+            } else if let Some(word) = arg.strip_prefix('-') {
+                let Some(letter) = word.chars().next() else {
+                    return refuse(arg, "is a prefix of every flag".into());
+                };
+                if short.contains(&letter) {
+                    return refuse(arg, format!("sets -{letter}"));
+                }
+                if self.setting_flags.iter().any(|s| s[1..].starts_with(letter)) {
+                    // `-c name=value` or `-cname=value`.
+                    let setting = if word.len() > 1 {
+                        Some(&word[letter.len_utf8()..])
+                    } else {
+                        rest.next().map(String::as_str)
+                    };
+                    if let Some(setting) = setting {
+                        if setting.chars().any(char::is_control) {
+                            return refuse(setting, "holds a control character".into());
+                        }
+                        let name = setting.split('=').next().unwrap_or_default();
+                        if let Some(why) = self.long_reserved(&long, name) {
+                            return refuse(setting, why);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The consumers' URI, with every placeholder filled in.

@@ -248,11 +248,9 @@ pub fn chart_values(
     if let Some(user_env) = user.get("env") {
         for item in env_list(user_env)? {
             let variable = item["name"].as_str().unwrap_or_default().to_owned();
-            if entry.credential_env.contains_key(&variable) {
-                return Err(Refused(format!(
-                    "env {variable} is set by the agent from the generated credentials"
-                )));
-            }
+            entry
+                .check_env(&variable, item["value"].as_str().unwrap_or_default())
+                .map_err(Refused)?;
             plain.insert(variable, item);
         }
     }
@@ -260,11 +258,12 @@ pub fn chart_values(
 
     let mut args: Vec<Value> = entry.args.iter().map(|a| json!(a)).collect();
     if let Some(extra) = user.get("args") {
-        let extra = extra
+        let extra: Vec<String> = extra
             .as_array()
-            .filter(|items| items.iter().all(Value::is_string))
+            .and_then(|items| items.iter().map(|i| i.as_str().map(str::to_owned)).collect())
             .ok_or_else(|| Refused("args must be a list of strings".into()))?;
-        args.extend(extra.iter().cloned());
+        entry.check_args(&extra).map_err(Refused)?;
+        args.extend(extra.into_iter().map(Value::String));
     }
 
     let plan = &service.spec.plan;
@@ -506,6 +505,379 @@ mod tests {
                 .0
                 .contains("not offered")
         );
+    }
+
+    #[test]
+    fn reserved_variables_and_flags_are_refused_in_every_spelling() {
+        let catalog = catalog::parse(catalog::BUILTIN).unwrap();
+        let refused = |kind: &str, values: Value| {
+            chart_values(&service(kind, Some(values)), &catalog[kind], None)
+                .unwrap_err()
+                .0
+        };
+        for (kind, values, why) in [
+            (
+                "postgresql",
+                json!({"env": {"POSTGRES_HOST_AUTH_METHOD": "trust"}}),
+                "POSTGRES_HOST_AUTH_METHOD is reserved",
+            ),
+            (
+                "postgresql",
+                json!({"env": {"POSTGRES_PASSWORD_FILE": "/x"}}),
+                "generated credentials",
+            ),
+            (
+                "postgresql",
+                json!({"env": {"POSTGRES_INITDB_ARGS": "--auth=trust"}}),
+                "sets --auth",
+            ),
+            (
+                "postgresql",
+                json!({"env": {"POSTGRES_INITDB_ARGS": "-Atrust"}}),
+                "sets -A",
+            ),
+            (
+                "postgresql",
+                json!({"env": {"POSTGRES_INITDB_ARGS": "--data-checksums; echo"}}),
+                "shell",
+            ),
+            (
+                "postgresql",
+                json!({"args": ["-c", "hba_file=/tmp/trust"]}),
+                "sets --hba-file",
+            ),
+            (
+                "postgresql",
+                json!({"args": ["-chba_file=/tmp/trust"]}),
+                "sets --hba-file",
+            ),
+            (
+                "postgresql",
+                json!({"args": ["--HBA-FILE=/tmp/trust"]}),
+                "sets --hba-file",
+            ),
+            (
+                "postgresql",
+                json!({"args": ["postgres", "-c", "x=1"]}),
+                "must start with a flag",
+            ),
+            (
+                "mysql",
+                json!({"env": {"MYSQL_ALLOW_EMPTY_PASSWORD": "yes"}}),
+                "MYSQL_ALLOW_EMPTY_PASSWORD",
+            ),
+            (
+                "mysql",
+                json!({"env": {"MYSQL_RANDOM_ROOT_PASSWORD": "1"}}),
+                "MYSQL_RANDOM_ROOT_PASSWORD",
+            ),
+            (
+                "mysql",
+                json!({"env": {"MARIADB_ALLOW_EMPTY_ROOT_PASSWORD": "1"}}),
+                "MARIADB_ALLOW_EMPTY_ROOT_PASSWORD",
+            ),
+            (
+                "mysql",
+                json!({"args": ["--skip-grant-tables"]}),
+                "sets --skip-grant-tables",
+            ),
+            (
+                "mysql",
+                json!({"args": ["--loose-skip_grant_tables"]}),
+                "sets --skip-grant-tables",
+            ),
+            (
+                "mysql",
+                json!({"args": ["--grant-tables=0"]}),
+                "sets --skip-grant-tables",
+            ),
+            (
+                "mysql",
+                json!({"args": ["--init-file=/var/lib/mysql/x.sql"]}),
+                "sets --init-file",
+            ),
+            (
+                "redis",
+                json!({"args": ["--requirepass", ""]}),
+                "sets --requirepass",
+            ),
+            (
+                "redis",
+                json!({"args": ["--user default on nopass ~* +@all"]}),
+                "sets --user",
+            ),
+            (
+                "redis",
+                json!({"args": ["--maxmemory 1mb\nuser default on nopass"]}),
+                "line break",
+            ),
+            (
+                "redis",
+                json!({"args": ["--protected-mode=no"]}),
+                "sets --protected-mode",
+            ),
+            (
+                "redis",
+                json!({"args": ["--enable-debug"]}),
+                "abbreviates --enable-debug-command",
+            ),
+            (
+                "redis",
+                json!({"args": ["--appendonly", "no"]}),
+                "sets --appendonly",
+            ),
+            ("redis", json!({"args": ["-"]}), "prefix of every flag"),
+            ("redis", json!({"args": ["--"]}), "abbreviates"),
+            ("mongodb", json!({"args": ["--noauth"]}), "sets --noauth"),
+            (
+                "mongodb",
+                json!({"args": ["--transitionToAuth"]}),
+                "sets --transitionToAuth",
+            ),
+            (
+                "mongodb",
+                json!({"args": ["--setParameter", "enableLocalhostAuthBypass=true"]}),
+                "sets --setParameter",
+            ),
+            (
+                "mongodb",
+                json!({"env": {"MONGO_INITDB_ROOT_PASSWORD_FILE": "/x"}}),
+                "generated credentials",
+            ),
+            (
+                "rabbitmq",
+                json!({"env": {"RABBITMQ_ERLANG_COOKIE": "x"}}),
+                "RABBITMQ_ERLANG_COOKIE is reserved",
+            ),
+            (
+                "rabbitmq",
+                json!({"env": {"ERL_FLAGS": "-rabbit loopback_users []"}}),
+                "ERL_FLAGS is reserved",
+            ),
+        ] {
+            let err = refused(kind, values.clone());
+            assert!(err.contains(why), "{kind} {values}: {err}");
+        }
+        // What stays allowed: tuning.
+        for (kind, values) in [
+            (
+                "postgresql",
+                json!({"args": ["-c", "max_connections=200", "-cshared_buffers=64MB"],
+                                  "env": {"POSTGRES_INITDB_ARGS": "--data-checksums --locale=C.UTF-8"}}),
+            ),
+            (
+                "mysql",
+                json!({"args": ["--max-connections=300", "--skip-name-resolve"]}),
+            ),
+            (
+                "redis",
+                json!({"args": ["--maxmemory", "64mb", "--maxmemory-policy allkeys-lru"]}),
+            ),
+            ("mongodb", json!({"args": ["--wiredTigerCacheSizeGB", "0.25"]})),
+            (
+                "rabbitmq",
+                json!({"env": {"RABBITMQ_VM_MEMORY_HIGH_WATERMARK": "0.6"}}),
+            ),
+        ] {
+            chart_values(&service(kind, Some(values.clone())), &catalog[kind], None)
+                .unwrap_or_else(|e| panic!("{kind} {values}: {e}"));
+        }
+    }
+
+    #[test]
+    fn catalog_entries_must_say_what_is_reserved() {
+        let mut redis = catalog::parse(catalog::BUILTIN).unwrap()["redis"].clone();
+        redis.reserved_args.clear();
+        redis.args.clear();
+        let yaml = serde_yaml::to_string(&BTreeMap::from([("kv", redis)])).unwrap();
+        assert!(
+            catalog::parse(&yaml)
+                .unwrap_err()
+                .contains("reservedArgs must list")
+        );
+        let without = include_str!("../../../tests/fixtures/catalog-keyvalue.yaml")
+            .lines()
+            .filter(|l| !l.starts_with("  reservedEnv"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(catalog::parse(&without).unwrap_err().contains("reservedEnv"));
+    }
+
+    mod property {
+        use proptest::prelude::*;
+        use serde_json::{Map, Value, json};
+
+        use super::super::super::catalog::{self, Entry};
+        use super::super::chart_values;
+        use super::service;
+
+        /// A reserved flag of `entry` (its `reservedArgs` and the flags of its own `args`),
+        /// without dashes, and whether it is a short one.
+        fn reserved_flags(entry: &Entry) -> Vec<(String, bool)> {
+            entry
+                .reserved_args
+                .iter()
+                .chain(entry.args.iter().filter(|a| a.starts_with('-')))
+                .map(|f| match f.strip_prefix("--") {
+                    Some(long) => (long.to_string(), false),
+                    None => (f[1..].to_string(), true),
+                })
+                .collect()
+        }
+
+        /// One spelling of a reserved flag the engine would read as that flag.
+        fn spell(entry: &Entry, flag: &(String, bool), how: u8, word: &str) -> Vec<String> {
+            let (name, short) = flag;
+            if *short {
+                return vec![if how.is_multiple_of(2) {
+                    format!("-{name}")
+                } else {
+                    format!("-{name}{word}")
+                }];
+            }
+            match how % 10 {
+                0 => vec![format!("--{name}")],
+                1 => vec![format!("--{name}={word}")],
+                2 => vec![format!("--{}", name.to_uppercase())],
+                3 => vec![format!("--{}", name.replace('-', "_"))],
+                4 => vec![format!("--{name} {word}")],
+                5 => {
+                    let cut = (word.len() % name.len()) + 1;
+                    vec![format!("--{}", &name[..cut])]
+                }
+                6 => match entry.flag_prefixes.first() {
+                    Some(prefix) => vec![format!("--{prefix}{name}")],
+                    None => vec![format!("--{name}")],
+                },
+                7 => match entry.setting_flags.first() {
+                    Some(setting) => vec![setting.clone(), format!("{name}={word}")],
+                    None => vec![format!("--{name}")],
+                },
+                8 => match entry.setting_flags.first() {
+                    Some(setting) => vec![format!("{setting}{}={word}", name.replace('-', "_"))],
+                    None => vec![format!("--{name}={word}")],
+                },
+                // A Redis-style config line smuggled after a harmless option.
+                _ => vec![format!("--zz{word} 1\n{name} {word}")],
+            }
+        }
+
+        fn reserved_variables(entry: &Entry) -> Vec<String> {
+            let mut names: Vec<String> = entry.reserved_env.clone();
+            for variable in entry.credential_env.keys() {
+                names.push(variable.clone());
+                names.push(format!("{variable}_FILE"));
+            }
+            names.extend(entry.env.keys().cloned());
+            names
+        }
+
+        type Pick = (u8, usize, u8, String);
+
+        fn picks() -> impl Strategy<Value = Vec<Pick>> {
+            prop::collection::vec((0u8..6, any::<usize>(), any::<u8>(), "[a-z0-9]{1,8}"), 0..6)
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 4096, ..ProptestConfig::default() })]
+
+            /// Whatever a user puts in `helmValues.env` and `.args`, for every engine: either
+            /// refused, or rendered with every reserved variable the agent's (credentials by
+            /// `secretKeyRef` from the Secret, catalog variables as the catalog says, reserved
+            /// ones absent) and the arguments exactly the agent's then the user's, none of which
+            /// spells a reserved flag. And harmless values are not refused.
+            #[test]
+            fn user_values_never_change_what_the_agent_decides(
+                engine in any::<usize>(),
+                env_picks in picks(),
+                arg_picks in picks(),
+            ) {
+                let catalog = catalog::parse(catalog::BUILTIN).unwrap();
+                let (kind, entry) = catalog.iter().nth(engine % catalog.len()).unwrap();
+                let flags = reserved_flags(entry);
+                let variables = reserved_variables(entry);
+                let mut injected = false;
+
+                let mut env: Map<String, Value> = Map::new();
+                let mut env_injected = std::collections::BTreeMap::new();
+                for (pick, which, how, word) in &env_picks {
+                    let (name, value, bad) = match (pick % 4, entry.arg_env.first()) {
+                        (0, _) => (variables[which % variables.len()].clone(), word.clone(), true),
+                        (2, Some(var)) => (var.clone(), format!("--zz{word} {word}"), false),
+                        (3, Some(var)) if !flags.is_empty() => {
+                            let spelled = spell(entry, &flags[which % flags.len()], *how, word);
+                            (var.clone(), spelled.join(" "), true)
+                        }
+                        _ => (format!("ZZ_{}", word.to_uppercase()), word.clone(), false),
+                    };
+                    env.insert(name.clone(), json!(value));
+                    env_injected.insert(name, bad);
+                }
+                injected |= env_injected.values().any(|bad| *bad);
+
+                let mut args: Vec<String> = Vec::new();
+                for (pick, which, how, word) in &arg_picks {
+                    match pick % 4 {
+                        0 if !flags.is_empty() => {
+                            args.extend(spell(entry, &flags[which % flags.len()], *how, word));
+                            injected = true;
+                        }
+                        1 => args.push(word.clone()),
+                        2 => match entry.setting_flags.first() {
+                            Some(setting) => args.extend([setting.clone(), format!("zz{word}=1")]),
+                            None => args.push(format!("--zz{word}={word}")),
+                        },
+                        _ => args.push(format!("--zz{word}")),
+                    }
+                }
+                let mut values = json!({});
+                if !env.is_empty() {
+                    values["env"] = Value::Object(env.clone());
+                }
+                if !args.is_empty() {
+                    values["args"] = json!(args);
+                }
+                let allowed = |key: &str| entry.allowed_values.iter().any(|k| k == key);
+                let breaks_a_rule = (!env.is_empty() && !allowed("env"))
+                    || (!args.is_empty() && !allowed("args"))
+                    || (entry.args.is_empty() && args.first().is_some_and(|a| !a.starts_with('-')));
+
+                match chart_values(&service(kind, Some(values.clone())), entry, None) {
+                    Err(refused) => prop_assert!(
+                        injected || breaks_a_rule,
+                        "{kind}: harmless {values} refused: {refused}"
+                    ),
+                    Ok(rendered) => {
+                        prop_assert!(!injected && !breaks_a_rule, "{kind}: {values} was accepted");
+                        let container = &rendered["statefulSets"][kind.as_str()]["containers"][0];
+                        let rendered_env = container["env"].as_array().unwrap();
+                        let named = |name: &str| rendered_env.iter().filter(|e| e["name"] == name).collect::<Vec<_>>();
+                        for (variable, key) in &entry.credential_env {
+                            let wanted = json!({"name": variable, "valueFrom": {"secretKeyRef": {"name": "db-credentials", "key": key}}});
+                            prop_assert_eq!(named(variable), vec![&wanted]);
+                        }
+                        for (variable, value) in &entry.env {
+                            let wanted = json!({"name": variable, "value": value});
+                            prop_assert_eq!(named(variable), vec![&wanted]);
+                        }
+                        for variable in &entry.reserved_env {
+                            prop_assert!(named(variable).is_empty(), "{kind}: {variable} rendered");
+                        }
+                        for (variable, value) in &env {
+                            let wanted = json!({"name": variable, "value": value});
+                            prop_assert_eq!(named(variable), vec![&wanted]);
+                        }
+                        let mut expected: Vec<String> = entry.args.clone();
+                        expected.extend(args.iter().cloned());
+                        let rendered_args: Vec<String> = container["args"]
+                            .as_array()
+                            .map(|a| a.iter().map(|v| v.as_str().unwrap().to_owned()).collect())
+                            .unwrap_or_default();
+                        prop_assert_eq!(rendered_args, expected);
+                    }
+                }
+            }
+        }
     }
 
     #[test]

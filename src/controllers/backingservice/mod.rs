@@ -49,6 +49,8 @@ const POLL: Duration = Duration::from_secs(5);
 /// How often a service that cannot be provisioned (catalog, type) is looked at again: the
 /// catalog ConfigMap is read, not watched.
 const RECHECK: Duration = Duration::from_secs(60);
+/// How often a service whose credentials Secret is in the way is looked at again.
+const CONFLICT_RECHECK: Duration = Duration::from_secs(15);
 
 /// Runs the BackingService controller until `shutdown`.
 pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
@@ -268,7 +270,20 @@ async fn apply(service: &BackingService, ctx: &Context) -> Result<Action> {
         .controller_owner_ref(&())
         .expect("a BackingService from the apiserver has a uid");
 
-    let credentials = ensure_credentials(service, entry, ctx, &owner).await?;
+    let credentials = match ensure_credentials(service, entry, ctx, &owner).await {
+        Ok(credentials) => credentials,
+        // A Secret in the way (somebody else's, or missing keys): said on the service, with a
+        // Warning Event, instead of a log line nobody reads.
+        Err(Error::InvalidSpec { reason, message }) => {
+            report.conditions.set("CredentialsReady", false, reason, &message);
+            report
+                .write(ctx, BackingServicePhase::Failed, reason, message)
+                .await?;
+            // Such a Secret carries none of our labels, so it is not watched: look again.
+            return Ok(Action::requeue(CONFLICT_RECHECK));
+        }
+        Err(err) => return Err(err),
+    };
     report.conditions.set(
         "CredentialsReady",
         true,
@@ -299,11 +314,30 @@ async fn apply(service: &BackingService, ctx: &Context) -> Result<Action> {
         BTreeMap::new(),
         &values,
     );
+    if let Err(too_large) = super::appbuild::check_stored_size(&chart) {
+        report
+            .conditions
+            .set("Installed", false, "ValuesTooLarge", &too_large);
+        report
+            .write(ctx, BackingServicePhase::Failed, "ValuesTooLarge", too_large)
+            .await?;
+        return Ok(Action::await_change());
+    }
     let charts = Api::<DynamicObject>::namespaced_with(
         ctx.client.clone(),
         &ctx.config.agent_namespace,
         &helm_chart_resource(),
     );
+    // A release being uninstalled (its Project is going) is not installed again: the
+    // helm-controller would run the install and the uninstall Jobs in turn.
+    let existing = match charts.get_metadata_opt(&release).await {
+        Ok(existing) => existing,
+        Err(kube::Error::Api(status)) if status.code == 404 => None,
+        Err(err) => return Err(err.into()),
+    };
+    if existing.is_some_and(|c| c.metadata.deletion_timestamp.is_some()) {
+        return Err(Error::Waiting(format!("HelmChart {release} is being uninstalled")));
+    }
     super::install_access::grant(ctx, &release, &namespace).await?;
     let applied = charts
         .patch(
@@ -407,6 +441,20 @@ async fn ensure_credentials(
     let names = desired::Names::of(service);
     let secrets = Api::<Secret>::namespaced(ctx.client.clone(), &service.namespace().unwrap_or_default());
     if let Some(existing) = secrets.get_opt(&names.credentials).await? {
+        // Somebody else's Secret first: whatever it holds is not this service's to use.
+        let owned = existing.owner_references().iter().any(|o| o.uid == owner.uid);
+        if !owned && existing.labels().get(SERVICE_LABEL) != Some(&service.name_any()) {
+            return Err(Error::InvalidSpec {
+                reason: "SecretConflict",
+                message: format!(
+                    "Secret {} exists and was not made for this BackingService (it lacks the label \
+                         {SERVICE_LABEL}={}): the agent neither takes over nor overwrites it; delete or \
+                         rename that Secret, or give the BackingService another name",
+                    names.credentials,
+                    service.name_any()
+                ),
+            });
+        }
         let Some(credentials) = desired::Credentials::from_secret(&existing) else {
             return Err(Error::InvalidSpec {
                 reason: "InvalidCredentials",
@@ -417,17 +465,7 @@ async fn ensure_credentials(
                 ),
             });
         };
-        let owned = existing.owner_references().iter().any(|o| o.uid == owner.uid);
         if !owned {
-            if existing.labels().get(SERVICE_LABEL) != Some(&service.name_any()) {
-                return Err(Error::InvalidSpec {
-                    reason: "SecretConflict",
-                    message: format!(
-                        "Secret {} exists and was not made for this BackingService",
-                        names.credentials
-                    ),
-                });
-            }
             let patch = json!({"metadata": {"ownerReferences": [owner]}});
             secrets
                 .patch(&names.credentials, &PatchParams::default(), &Patch::Merge(&patch))
