@@ -361,6 +361,16 @@ impl Entry {
     }
 
     fn long_reserved(&self, long: &[(String, String)], name: &str) -> Option<String> {
+        // A start of a modifier (`--sk` for `--skip-`): the server expands it to one of its
+        // flags, reserved ones included.
+        let spelled = name.to_ascii_lowercase().replace('_', "-");
+        if let Some(modifier) = self
+            .flag_prefixes
+            .iter()
+            .find(|p| !spelled.is_empty() && p.starts_with(&spelled) && **p != spelled)
+        {
+            return Some(format!("abbreviates the modifier --{modifier}"));
+        }
         let name = self.normalized(name);
         long.iter().find_map(|(shown, reserved)| {
             if *reserved == name {
