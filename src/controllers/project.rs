@@ -505,7 +505,6 @@ async fn release_stuck_helm_charts(ctx: &Context, project: &str) {
             }
         }
     }
-
 }
 
 /// The agent's own objects in `namespace` that carry a finalizer the agent did not put there,

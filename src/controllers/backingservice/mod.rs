@@ -336,7 +336,9 @@ async fn apply(service: &BackingService, ctx: &Context) -> Result<Action> {
         Err(err) => return Err(err.into()),
     };
     if existing.is_some_and(|c| c.metadata.deletion_timestamp.is_some()) {
-        return Err(Error::Waiting(format!("HelmChart {release} is being uninstalled")));
+        return Err(Error::Waiting(format!(
+            "HelmChart {release} is being uninstalled"
+        )));
     }
     super::install_access::grant(ctx, &release, &namespace).await?;
     let applied = charts
