@@ -781,11 +781,17 @@ async fn helm_values_that_would_switch_authentication_off_are_refused_naming_the
                 .is_none(),
             "{name}"
         );
-        let events = events_for(&env.client, &project, name).await;
-        assert!(
-            events.iter().any(|e| e.type_.as_deref() == Some("Warning")
-                && e.note.as_deref().is_some_and(|n| n.contains(named))),
-            "{name}: {events:?}"
-        );
+        // The Event follows the status write.
+        eventually(TIMEOUT, &format!("a Warning Event for {name}"), || async {
+            let events = events_for(&env.client, &project, name).await;
+            events
+                .iter()
+                .any(|e| {
+                    e.type_.as_deref() == Some("Warning")
+                        && e.note.as_deref().is_some_and(|n| n.contains(named))
+                })
+                .then_some(())
+        })
+        .await;
     }
 }
