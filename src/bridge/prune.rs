@@ -87,11 +87,7 @@ mod tests {
     use super::*;
 
     fn object(kind: &str, namespace: &str, name: &str) -> ObjectRef {
-        ObjectRef {
-            kind: kind.into(),
-            namespace: namespace.into(),
-            name: name.into(),
-        }
+        ObjectRef::new(kind, namespace, name)
     }
 
     fn projects(names: &[&str]) -> PruneScope {

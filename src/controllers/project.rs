@@ -356,32 +356,15 @@ async fn cleanup(project: &Project, ctx: &Context) -> Result<Action> {
     }
     if phase_of(project) != Some(ProjectPhase::Terminating) {
         let message = format!("deleting namespace {name}");
-        let mut conditions = ConditionSet::new(
-            project
-                .status
-                .as_ref()
-                .map(|s| s.conditions.as_slice())
-                .unwrap_or_default(),
-            project.metadata.generation,
-        );
-        conditions.set("Ready", false, "Terminating", &message);
-        write_status(
+        report_terminating(
             ctx,
             project,
-            ProjectPhase::Terminating,
+            "Terminating",
             &message,
-            Some(name.clone()),
-            conditions,
-        )
-        .await?;
-        ctx.publish(
-            &project.object_ref(&()),
             EventType::Normal,
             "DeletingNamespace",
-            "Delete",
-            &message,
         )
-        .await;
+        .await?;
     }
     if namespace.metadata.deletion_timestamp.is_none() {
         // Releases are uninstalled first, while the namespace and the RoleBindings that let
@@ -433,32 +416,15 @@ async fn cleanup(project: &Project, ctx: &Context) -> Result<Action> {
         // Said on the Project (and once as a Warning Event) instead of a bare "terminating":
         // nothing the agent does will finish it, whoever put the finalizer there must.
         if project.status.as_ref().and_then(|s| s.message.as_deref()) != Some(message.as_str()) {
-            let mut conditions = ConditionSet::new(
-                project
-                    .status
-                    .as_ref()
-                    .map(|s| s.conditions.as_slice())
-                    .unwrap_or_default(),
-                project.metadata.generation,
-            );
-            conditions.set("Ready", false, "DeletionBlocked", &message);
-            write_status(
+            report_terminating(
                 ctx,
                 project,
-                ProjectPhase::Terminating,
+                "DeletionBlocked",
                 &message,
-                Some(name.clone()),
-                conditions,
-            )
-            .await?;
-            ctx.publish(
-                &project.object_ref(&()),
                 EventType::Warning,
                 "DeletionBlocked",
-                "Delete",
-                &message,
             )
-            .await;
+            .await?;
         }
         // An error, not Ok: Ok from cleanup would drop the finalizer and the Project with it.
         // The namespace watch wakes us when it is gone; meanwhile look at what holds it.
@@ -466,6 +432,44 @@ async fn cleanup(project: &Project, ctx: &Context) -> Result<Action> {
     }
     // The namespace watch wakes us when it is gone; the error only schedules a fallback retry.
     Err(Error::Waiting(format!("namespace {name} is terminating")))
+}
+
+/// A deleting Project's status (`Terminating`, `Ready=False/<reason>`) and an Event.
+async fn report_terminating(
+    ctx: &Context,
+    project: &Project,
+    reason: &str,
+    message: &str,
+    event_type: EventType,
+    event_reason: &str,
+) -> Result<()> {
+    let mut conditions = ConditionSet::new(
+        project
+            .status
+            .as_ref()
+            .map(|s| s.conditions.as_slice())
+            .unwrap_or_default(),
+        project.metadata.generation,
+    );
+    conditions.set("Ready", false, reason, message);
+    write_status(
+        ctx,
+        project,
+        ProjectPhase::Terminating,
+        message,
+        Some(project.name_any()),
+        conditions,
+    )
+    .await?;
+    ctx.publish(
+        &project.object_ref(&()),
+        event_type,
+        event_reason,
+        "Delete",
+        message,
+    )
+    .await;
+    Ok(())
 }
 
 /// How long a Project's deletion waits for its releases to be uninstalled before it deletes

@@ -733,11 +733,7 @@ mod tests {
     use super::*;
 
     fn object(kind: &str, namespace: &str, name: &str) -> ObjectRef {
-        ObjectRef {
-            kind: kind.into(),
-            namespace: namespace.into(),
-            name: name.into(),
-        }
+        ObjectRef::new(kind, namespace, name)
     }
 
     #[test]

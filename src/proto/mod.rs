@@ -45,6 +45,16 @@ pub fn not_after(der: &[u8]) -> Option<i64> {
     Some(cert.validity().not_after.timestamp())
 }
 
+impl v1::ObjectRef {
+    pub fn new(kind: &str, namespace: &str, name: &str) -> Self {
+        Self {
+            kind: kind.into(),
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
 /// Key of an object in messages and stores: `Kind/namespace/name` (namespace empty for
 /// cluster-scoped kinds).
 pub fn object_key(object: &v1::ObjectRef) -> String {
