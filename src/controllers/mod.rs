@@ -16,6 +16,7 @@ mod error;
 mod job_state;
 pub mod metrics;
 pub mod project;
+pub mod registry;
 pub mod release;
 pub mod team;
 
