@@ -28,7 +28,17 @@ const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 /// between the test and the registry). `extra` goes to curl as is.
 fn status(method: &str, url: &str, token: Option<&str>, extra: &[&str]) -> u16 {
     let mut command = std::process::Command::new("curl");
-    command.args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", method, "--max-time", "10"]);
+    command.args([
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-X",
+        method,
+        "--max-time",
+        "10",
+    ]);
     if let Some(token) = token {
         command.args(["-H", &format!("Authorization: Bearer {token}")]);
     }
@@ -45,7 +55,17 @@ fn status(method: &str, url: &str, token: Option<&str>, extra: &[&str]) -> u16 {
 fn push_blob(registry: &str, repository: &str, token: Option<&str>) -> u16 {
     let start = format!("http://{registry}/v2/{repository}/blobs/uploads/");
     let mut command = std::process::Command::new("curl");
-    command.args(["-s", "-o", "/dev/null", "-D", "-", "-X", "POST", "--max-time", "10"]);
+    command.args([
+        "-s",
+        "-o",
+        "/dev/null",
+        "-D",
+        "-",
+        "-X",
+        "POST",
+        "--max-time",
+        "10",
+    ]);
     if let Some(token) = token {
         command.args(["-H", &format!("Authorization: Bearer {token}")]);
     }
@@ -61,7 +81,10 @@ fn push_blob(registry: &str, repository: &str, token: Option<&str>) -> u16 {
     }
     let location = headers
         .lines()
-        .find_map(|l| l.strip_prefix("Location: ").or_else(|| l.strip_prefix("location: ")))
+        .find_map(|l| {
+            l.strip_prefix("Location: ")
+                .or_else(|| l.strip_prefix("location: "))
+        })
         .expect("an upload location")
         .trim()
         .to_string();
@@ -148,16 +171,36 @@ async fn a_token_for_one_app_pushes_there_and_nowhere_else() {
     // minted for another registry or issuer: refused.
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let expired = agent
-        .mint_at(ISSUER, SERVICE, "a/web-1", &repositories("a", "web"), now - 7200, now - 3600)
+        .mint_at(
+            ISSUER,
+            SERVICE,
+            "a/web-1",
+            &repositories("a", "web"),
+            now - 7200,
+            now - 3600,
+        )
         .unwrap();
     let not_yet = agent
-        .mint_at(ISSUER, SERVICE, "a/web-1", &repositories("a", "web"), now + 3600, now + 7200)
+        .mint_at(
+            ISSUER,
+            SERVICE,
+            "a/web-1",
+            &repositories("a", "web"),
+            now + 3600,
+            now + 7200,
+        )
         .unwrap();
     let foreign = stranger
         .mint(ISSUER, SERVICE, "a/web-1", &repositories("a", "web"), 300)
         .unwrap();
     let other_audience = agent
-        .mint(ISSUER, "other.registry", "a/web-1", &repositories("a", "web"), 300)
+        .mint(
+            ISSUER,
+            "other.registry",
+            "a/web-1",
+            &repositories("a", "web"),
+            300,
+        )
         .unwrap();
     let other_issuer = agent
         .mint("someone-else", SERVICE, "a/web-1", &repositories("a", "web"), 300)
@@ -186,10 +229,14 @@ async fn a_token_for_one_app_pushes_there_and_nowhere_else() {
 }
 
 async fn app(client: &Client, project: &str, name: &str, registry: &str) {
+    app_with(client, project, name, json!({"url": registry})).await;
+}
+
+async fn app_with(client: &Client, project: &str, name: &str, registry: serde_json::Value) {
     create(
         Api::<App>::namespaced(client.clone(), project),
         json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "App", "metadata": {"name": name},
-               "spec": {"registry": {"url": registry}, "build": {"type": "dockerfile"},
+               "spec": {"registry": registry, "build": {"type": "dockerfile"},
                         "git": {"url": "https://github.com/example/web.git"}}}),
     )
     .await;
@@ -272,7 +319,10 @@ async fn each_build_mounts_only_its_own_token_and_it_goes_with_the_build() {
         .flatten()
         .filter_map(|v| Some((v.name.clone(), v.secret.as_ref()?.secret_name.clone()?)))
         .collect();
-    assert_eq!(secret_volumes, [("registry".to_string(), "web-1-push".to_string())]);
+    assert_eq!(
+        secret_volumes,
+        [("registry".to_string(), "web-1-push".to_string())]
+    );
     let mounts = |containers: &[k8s_openapi::api::core::v1::Container]| {
         containers
             .iter()
@@ -283,7 +333,10 @@ async fn each_build_mounts_only_its_own_token_and_it_goes_with_the_build() {
     assert_eq!(mounts(&pod.containers), ["build"]);
     assert!(mounts(pod.init_containers.as_deref().unwrap_or_default()).is_empty());
     let spec = serde_json::to_string(&pod).unwrap();
-    assert!(!spec.contains(PULL_SECRET), "the shared credential is not in the pod: {spec}");
+    assert!(
+        !spec.contains(PULL_SECRET),
+        "the shared credential is not in the pod: {spec}"
+    );
 
     // Its config carries a token and no password, for this App's repositories.
     let push = secrets(&project).get("web-1-push").await.unwrap();
@@ -299,7 +352,10 @@ async fn each_build_mounts_only_its_own_token_and_it_goes_with_the_build() {
     // The real registry takes it for this App and refuses it for another project's.
     let address = registry.address.as_str();
     assert_eq!(push_blob(address, &format!("{project}/web"), Some(token)), 201);
-    assert_eq!(push_blob(address, &format!("{project}/web/cache"), Some(token)), 201);
+    assert_eq!(
+        push_blob(address, &format!("{project}/web/cache"), Some(token)),
+        201
+    );
     let elsewhere = push_blob(address, "other-project/web", Some(token));
     assert!(elsewhere == 401 || elsewhere == 403, "{elsewhere}");
     // What stays in the project namespace is the pull secret copy: not a push credential.
@@ -326,7 +382,9 @@ async fn each_build_mounts_only_its_own_token_and_it_goes_with_the_build() {
         .patch(
             "web-1",
             &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"annotations": {(shapeblock_agent::api::CANCEL_ANNOTATION): "true"}}})),
+            &Patch::Merge(
+                json!({"metadata": {"annotations": {(shapeblock_agent::api::CANCEL_ANNOTATION): "true"}}}),
+            ),
         )
         .await
         .unwrap();
@@ -352,7 +410,11 @@ async fn each_build_mounts_only_its_own_token_and_it_goes_with_the_build() {
     build(&env.client, &project, "sneaky-1", "sneaky").await;
     let refused = wait_build(&env.client, &project, "sneaky-1", AppBuildPhase::Failed).await;
     let status = refused.status.unwrap();
-    assert_eq!(status.reason.as_deref(), Some("RegistryPathRefused"), "{status:?}");
+    assert_eq!(
+        status.reason.as_deref(),
+        Some("RegistryPathRefused"),
+        "{status:?}"
+    );
     assert!(
         status
             .message
@@ -362,5 +424,70 @@ async fn each_build_mounts_only_its_own_token_and_it_goes_with_the_build() {
         "{status:?}"
     );
     assert!(jobs.get_opt("sneaky-1-resolve").await.unwrap().is_none());
-    assert!(secrets(&project).get_opt("sneaky-1-push").await.unwrap().is_none());
+    assert!(
+        secrets(&project)
+            .get_opt("sneaky-1-push")
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // Another registry: a Secret of the namespace that was not made as its credential (here
+    // the pull secret copy) is refused; one marked for that host is what the build mounts.
+    app_with(
+        &env.client,
+        &project,
+        "borrowed",
+        json!({"url": "ghcr.io/acme", "secretName": PULL_SECRET}),
+    )
+    .await;
+    build(&env.client, &project, "borrowed-1", "borrowed").await;
+    let refused = wait_build(&env.client, &project, "borrowed-1", AppBuildPhase::Failed).await;
+    let status = refused.status.unwrap();
+    assert_eq!(
+        status.reason.as_deref(),
+        Some("RegistrySecretRefused"),
+        "{status:?}"
+    );
+    assert!(
+        status.message.as_deref().unwrap().contains("no label"),
+        "{status:?}"
+    );
+    let own: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "ghcr", "labels": {"apps.shapeblock.io/credential": "registry"},
+                     "annotations": {"apps.shapeblock.io/registry-host": "ghcr.io"}},
+        "type": "kubernetes.io/dockerconfigjson",
+        "stringData": {".dockerconfigjson": "{\"auths\":{\"ghcr.io\":{\"auth\":\"YTpi\"}}}"},
+    }))
+    .unwrap();
+    secrets(&project).create(&Default::default(), &own).await.unwrap();
+    app_with(
+        &env.client,
+        &project,
+        "own",
+        json!({"url": "ghcr.io/acme", "secretName": "ghcr"}),
+    )
+    .await;
+    build(&env.client, &project, "own-1", "own").await;
+    let (job, _) = eventually(BUILD_TIMEOUT, "the own registry's build Job", || async {
+        jobs.get_opt("own-1-build").await.unwrap()
+    })
+    .await;
+    let volumes = job
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap()
+        .volumes
+        .unwrap_or_default();
+    let registry_volume = volumes.iter().find(|v| v.name == "registry").unwrap();
+    assert_eq!(
+        registry_volume.secret.as_ref().unwrap().secret_name.as_deref(),
+        Some("ghcr")
+    );
+    assert!(
+        secrets(&project).get_opt("own-1-push").await.unwrap().is_none(),
+        "no token minted for another registry"
+    );
 }

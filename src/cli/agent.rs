@@ -212,12 +212,10 @@ struct RegistryArgs {
 impl RegistryArgs {
     fn settings(self) -> Result<RegistrySettings, String> {
         let cluster = self.registry.filter(|r| !r.is_empty());
-        if let Some(registry) = &cluster {
-            if !is_registry_reference(registry) {
-                return Err(format!(
-                    "--registry {registry:?} is not host[:port][/prefix] (no scheme, lower-case path)"
-                ));
-            }
+        if let Some(registry) = cluster.as_ref().filter(|r| !is_registry_reference(r)) {
+            return Err(format!(
+                "--registry {registry:?} is not host[:port][/prefix] (no scheme, lower-case path)"
+            ));
         }
         if self.registry_push_mode == PushMode::Shared && cluster.is_none() {
             return Err("--registry-push-mode=shared needs --registry".into());
@@ -238,12 +236,17 @@ fn is_registry_reference(value: &str) -> bool {
     let (host, path) = value.split_once('/').unwrap_or((value, ""));
     let (name, port) = host.split_once(':').unwrap_or((host, ""));
     let name_ok = name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
-    let port_ok = !host.contains(':') || (!port.is_empty() && port.len() <= 5 && port.chars().all(|c| c.is_ascii_digit()));
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
+    let port_ok = !host.contains(':')
+        || (!port.is_empty() && port.len() <= 5 && port.chars().all(|c| c.is_ascii_digit()));
     let path_ok = !value.contains('/')
         || path.split('/').all(|segment| {
             !segment.is_empty()
-                && segment.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c))
+                && segment
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c))
                 && segment.starts_with(|c: char| c.is_ascii_alphanumeric())
                 && segment.ends_with(|c: char| c.is_ascii_alphanumeric())
         });
@@ -438,4 +441,53 @@ fn write_crds(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
         println!("wrote {}", path.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_flags_are_checked_and_shared_push_is_explicit() {
+        for good in [
+            "registry.example.com",
+            "127.0.0.1:5000",
+            "registry.shapeblock.io/c-42",
+            "r:1/a/b.c",
+        ] {
+            assert!(is_registry_reference(good), "{good}");
+        }
+        for bad in [
+            "https://registry.example.com",
+            "registry.example.com/",
+            "registry.example.com/Upper",
+            "registry.example.com:",
+            "registry.example.com:123456",
+            "-registry",
+            "registry.example.com/a//b",
+            "reg istry",
+        ] {
+            assert!(!is_registry_reference(bad), "{bad}");
+        }
+        let parse = |args: &[&str]| {
+            let cli = Cli::try_parse_from([&["shapeblock-agent", "run"][..], args].concat()).unwrap();
+            match cli.command {
+                Command::Run(run) => run.registry.settings(),
+                _ => unreachable!(),
+            }
+        };
+        let settings = parse(&["--registry=registry.example.com"]).unwrap();
+        assert_eq!(
+            settings.push_mode,
+            PushMode::Token,
+            "tokens unless asked otherwise"
+        );
+        assert_eq!(settings.service(), "registry.example.com");
+        assert!(
+            parse(&["--registry-push-mode=shared"]).is_err(),
+            "shared needs a registry"
+        );
+        assert!(parse(&["--registry=https://registry.example.com"]).is_err());
+        assert_eq!(parse(&[]).unwrap().cluster, None);
+    }
 }

@@ -11,12 +11,12 @@
 use std::collections::BTreeMap;
 
 use base64::Engine;
-use rustls::pki_types::pem::PemObject;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{Api, PostParams};
 use kube::{Client, ResourceExt};
+use rustls::pki_types::pem::PemObject;
 use serde_json::json;
 
 use crate::api::App;
@@ -262,10 +262,15 @@ pub fn check_own_credential(secret: Option<&Secret>, name: &str, host: &str) -> 
         ))
     };
     if secret.type_.as_deref() != Some(DOCKER_CONFIG_TYPE) {
-        return refuse(format!("its type is {}", secret.type_.as_deref().unwrap_or("Opaque")));
+        return refuse(format!(
+            "its type is {}",
+            secret.type_.as_deref().unwrap_or("Opaque")
+        ));
     }
     if secret.labels().get(CREDENTIAL_LABEL).map(String::as_str) != Some(CREDENTIAL_REGISTRY) {
-        return refuse(format!("it has no label {CREDENTIAL_LABEL}={CREDENTIAL_REGISTRY}"));
+        return refuse(format!(
+            "it has no label {CREDENTIAL_LABEL}={CREDENTIAL_REGISTRY}"
+        ));
     }
     match secret.annotations().get(REGISTRY_HOST_ANNOTATION) {
         Some(marked) if marked.eq_ignore_ascii_case(host) => Ok(()),
@@ -275,7 +280,12 @@ pub fn check_own_credential(secret: Option<&Secret>, name: &str, host: &str) -> 
 }
 
 /// Reads and checks a tenant's registry Secret (see [`check_own_credential`]).
-pub async fn own_credential(client: &Client, namespace: &str, name: &str, host: &str) -> Result<(), RegistryError> {
+pub async fn own_credential(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    host: &str,
+) -> Result<(), RegistryError> {
     let secret = Api::<Secret>::namespaced(client.clone(), namespace)
         .get_opt(name)
         .await?;
@@ -329,7 +339,9 @@ pub struct Signer {
 
 impl std::fmt::Debug for Signer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Signer").field("key_id", &self.key_id).finish_non_exhaustive()
+        f.debug_struct("Signer")
+            .field("key_id", &self.key_id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -338,9 +350,10 @@ impl Signer {
     pub fn generate() -> Result<(Self, String), RegistryError> {
         let key = rcgen::KeyPair::generate().map_err(|e| RegistryError::Key(e.to_string()))?;
         let mut params = rcgen::CertificateParams::default();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "shapeblock-agent registry token signer");
+        params.distinguished_name.push(
+            rcgen::DnType::CommonName,
+            "shapeblock-agent registry token signer",
+        );
         params.not_before = rcgen::date_time_ymd(2024, 1, 1);
         params.not_after = rcgen::date_time_ymd(2054, 1, 1);
         params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
@@ -367,8 +380,8 @@ impl Signer {
         let spki = rcgen::PublicKeyData::subject_public_key_info(&parsed);
         let cert_der = rustls::pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes())
             .map_err(|e| bad(format!("tls.crt: {e}")))?;
-        let (_, cert) = x509_parser::parse_x509_certificate(&cert_der)
-            .map_err(|e| bad(format!("tls.crt: {e}")))?;
+        let (_, cert) =
+            x509_parser::parse_x509_certificate(&cert_der).map_err(|e| bad(format!("tls.crt: {e}")))?;
         if cert.public_key().raw != spki.as_slice() {
             return Err(bad("tls.crt is not the certificate of tls.key".into()));
         }
@@ -390,7 +403,14 @@ impl Signer {
         lifetime_seconds: i64,
     ) -> Result<String, RegistryError> {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        self.mint_at(issuer, service, subject, repositories, now, now + lifetime_seconds)
+        self.mint_at(
+            issuer,
+            service,
+            subject,
+            repositories,
+            now,
+            now + lifetime_seconds,
+        )
     }
 
     /// [`Signer::mint`] with explicit times (tests mint expired tokens).
@@ -493,7 +513,10 @@ pub async fn load_or_create_signer(
         type_: Some("kubernetes.io/tls".into()),
         data: Some(BTreeMap::from([
             ("tls.key".to_string(), ByteString(key_pem.into_bytes())),
-            ("tls.crt".to_string(), ByteString(signer.cert_pem.clone().into_bytes())),
+            (
+                "tls.crt".to_string(),
+                ByteString(signer.cert_pem.clone().into_bytes()),
+            ),
         ])),
         ..Default::default()
     };
@@ -556,7 +579,11 @@ mod tests {
 
     #[test]
     fn the_cluster_registry_scopes_to_the_apps_own_repositories() {
-        let target = push_target(&app("registry.example.com", None), &settings("registry.example.com"), None);
+        let target = push_target(
+            &app("registry.example.com", None),
+            &settings("registry.example.com"),
+            None,
+        );
         assert_eq!(
             target.unwrap(),
             PushTarget::Cluster {
@@ -578,9 +605,17 @@ mod tests {
             }
         );
         // Another spelling of the same host is not a way around it.
-        for url in ["Registry.Example.com", "registry.example.com.", "registry.example.com:5000"] {
+        for url in [
+            "Registry.Example.com",
+            "registry.example.com.",
+            "registry.example.com:5000",
+        ] {
             assert_eq!(
-                reason(push_target(&app(url, None), &settings("registry.example.com"), None)),
+                reason(push_target(
+                    &app(url, None),
+                    &settings("registry.example.com"),
+                    None
+                )),
                 "RegistryPathRefused",
                 "{url}"
             );
@@ -597,7 +632,11 @@ mod tests {
             "registry.example.com:443",
             "REGISTRY.example.com:5000/b",
         ] {
-            assert_eq!(reason(push_target(&app(url, None), &cluster, None)), "RegistryPathRefused", "{url}");
+            assert_eq!(
+                reason(push_target(&app(url, None), &cluster, None)),
+                "RegistryPathRefused",
+                "{url}"
+            );
             // Not even with a Secret of their own.
             assert_eq!(
                 reason(push_target(&app(url, Some("mine")), &cluster, None)),
@@ -606,18 +645,30 @@ mod tests {
             );
         }
         assert_eq!(
-            reason(push_target(&app("registry.example.com:5000", Some("mine")), &cluster, Some("pull"))),
+            reason(push_target(
+                &app("registry.example.com:5000", Some("mine")),
+                &cluster,
+                Some("pull")
+            )),
             "RegistryCredentialRefused"
         );
         // The pull secret's name is what an App left out before: it means the same (a token).
         assert!(matches!(
-            push_target(&app("registry.example.com:5000", Some("pull")), &cluster, Some("pull")),
+            push_target(
+                &app("registry.example.com:5000", Some("pull")),
+                &cluster,
+                Some("pull")
+            ),
             Ok(PushTarget::Cluster { .. })
         ));
         // A prefix the operator chose is not the tenant's to leave.
         let prefixed = settings("registry.shapeblock.io/c-42");
         assert_eq!(
-            reason(push_target(&app("registry.shapeblock.io/c-43", None), &prefixed, None)),
+            reason(push_target(
+                &app("registry.shapeblock.io/c-43", None),
+                &prefixed,
+                None
+            )),
             "RegistryPathRefused"
         );
         assert_eq!(
@@ -642,7 +693,11 @@ mod tests {
         );
         // Without a cluster registry, every App names its own.
         assert_eq!(
-            reason(push_target(&app("registry.example.com", None), &RegistrySettings::default(), None)),
+            reason(push_target(
+                &app("registry.example.com", None),
+                &RegistrySettings::default(),
+                None
+            )),
             "RegistryCredentialsMissing"
         );
     }
@@ -654,7 +709,12 @@ mod tests {
             ..settings("registry.example.com")
         };
         assert_eq!(
-            push_target(&app("registry.example.com", None), &shared, Some("registry-credentials")).unwrap(),
+            push_target(
+                &app("registry.example.com", None),
+                &shared,
+                Some("registry-credentials")
+            )
+            .unwrap(),
             PushTarget::Shared {
                 secret: "registry-credentials".into()
             }
@@ -664,7 +724,11 @@ mod tests {
             "RegistryCredentialsMissing"
         );
         assert_eq!(
-            reason(push_target(&app("registry.example.com/b", None), &shared, Some("x"))),
+            reason(push_target(
+                &app("registry.example.com/b", None),
+                &shared,
+                Some("x")
+            )),
             "RegistryPathRefused"
         );
     }
@@ -696,10 +760,19 @@ mod tests {
         };
         assert_eq!(refused(None, "ghcr.io").0, "RegistrySecretNotFound");
         let cases = [
-            (secret("Opaque", Some("registry"), Some("ghcr.io")), "type is Opaque"),
+            (
+                secret("Opaque", Some("registry"), Some("ghcr.io")),
+                "type is Opaque",
+            ),
             (secret(DOCKER_CONFIG_TYPE, None, Some("ghcr.io")), "no label"),
-            (secret(DOCKER_CONFIG_TYPE, Some("git"), Some("ghcr.io")), "no label"),
-            (secret(DOCKER_CONFIG_TYPE, Some("registry"), None), "no annotation"),
+            (
+                secret(DOCKER_CONFIG_TYPE, Some("git"), Some("ghcr.io")),
+                "no label",
+            ),
+            (
+                secret(DOCKER_CONFIG_TYPE, Some("registry"), None),
+                "no annotation",
+            ),
             (
                 secret(DOCKER_CONFIG_TYPE, Some("registry"), Some("evil.example")),
                 "marked for registry evil.example",
@@ -716,7 +789,10 @@ mod tests {
     fn tokens_are_es256_jws_with_a_libtrust_key_id_and_exact_access() {
         let (signer, key_pem) = Signer::generate().unwrap();
         // Reloading gives the same key id; a certificate of another key is refused.
-        assert_eq!(Signer::from_pem(&key_pem, &signer.cert_pem).unwrap().key_id, signer.key_id);
+        assert_eq!(
+            Signer::from_pem(&key_pem, &signer.cert_pem).unwrap().key_id,
+            signer.key_id
+        );
         let (other, _) = Signer::generate().unwrap();
         assert!(Signer::from_pem(&key_pem, &other.cert_pem).is_err());
         assert_eq!(signer.key_id.len(), 12 * 4 + 11);
@@ -725,12 +801,19 @@ mod tests {
         let token = signer.mint("iss", "svc", "a/web-1", &repos, 300).unwrap();
         let parts: Vec<&str> = token.split('.').collect();
         assert_eq!(parts.len(), 3);
-        let decode = |p: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(p).unwrap();
+        let decode = |p: &str| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(p)
+                .unwrap()
+        };
         let header: serde_json::Value = serde_json::from_slice(&decode(parts[0])).unwrap();
         assert_eq!(header["alg"], "ES256");
         assert_eq!(header["kid"], signer.key_id.as_str());
         let claims: serde_json::Value = serde_json::from_slice(&decode(parts[1])).unwrap();
-        assert_eq!((claims["iss"].as_str(), claims["aud"].as_str()), (Some("iss"), Some("svc")));
+        assert_eq!(
+            (claims["iss"].as_str(), claims["aud"].as_str()),
+            (Some("iss"), Some("svc"))
+        );
         assert_eq!(
             claims["access"],
             json!([
@@ -738,7 +821,10 @@ mod tests {
                 {"type": "repository", "name": "a/web/cache", "actions": ["pull", "push"]},
             ])
         );
-        assert_eq!(claims["exp"].as_i64().unwrap() - claims["nbf"].as_i64().unwrap(), 300);
+        assert_eq!(
+            claims["exp"].as_i64().unwrap() - claims["nbf"].as_i64().unwrap(),
+            300
+        );
         // The signature verifies with the certificate's public key.
         let cert_der = rustls::pki_types::CertificateDer::from_pem_slice(signer.cert_pem.as_bytes()).unwrap();
         let (_, cert) = x509_parser::parse_x509_certificate(&cert_der).unwrap();
@@ -757,11 +843,21 @@ mod tests {
         );
         build.metadata.uid = Some("uid".into());
         let owner = build.controller_owner_ref(&()).unwrap();
-        let secret = push_secret("a", "web-1-push", BTreeMap::new(), &owner, "registry.example.com", "jwt");
+        let secret = push_secret(
+            "a",
+            "web-1-push",
+            BTreeMap::new(),
+            &owner,
+            "registry.example.com",
+            "jwt",
+        );
         assert_eq!(secret.type_.as_deref(), Some(DOCKER_CONFIG_TYPE));
         let config: serde_json::Value =
             serde_json::from_slice(&secret.data.unwrap()[".dockerconfigjson"].0).unwrap();
-        assert_eq!(config, json!({"auths": {"registry.example.com": {"registrytoken": "jwt"}}}));
+        assert_eq!(
+            config,
+            json!({"auths": {"registry.example.com": {"registrytoken": "jwt"}}})
+        );
         assert_eq!(secret.metadata.owner_references.unwrap()[0].kind, "AppBuild");
     }
 }

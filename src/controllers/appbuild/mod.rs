@@ -113,7 +113,9 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
                     secret = %format!("{}/{}", ctx.config.agent_namespace, ctx.config.registry.key_secret),
                     "registry push tokens are signed with this key; its certificate (tls.crt) goes in the registry's auth.token.rootcertbundle"
                 ),
-                Err(err) => tracing::error!(%err, "no registry token signing key yet; builds to the cluster registry will retry"),
+                Err(err) => {
+                    tracing::error!(%err, "no registry token signing key yet; builds to the cluster registry will retry")
+                }
             }
         });
     }
@@ -488,7 +490,11 @@ impl Pipeline<'_> {
             &token,
         );
         secrets
-            .patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&secret))
+            .patch(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&secret),
+            )
             .await?;
         Ok(name)
     }
