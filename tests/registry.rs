@@ -296,7 +296,7 @@ async fn each_build_mounts_only_its_own_token_and_it_goes_with_the_build() {
     .await
     .unwrap();
     // The build runs until cancelled: what it holds is looked at while it runs.
-    set_pod_outcome(
+    let hang = set_pod_outcome(
         &env.client,
         &PodSelector::container(&project, "build"),
         &PodOutcome::Hang,
@@ -399,6 +399,36 @@ async fn each_build_mounts_only_its_own_token_and_it_goes_with_the_build() {
     })
     .await;
 
+    // A build that pushes: its token goes once the image is recorded, not with the Job.
+    hang.remove(&env.client).await.unwrap();
+    let succeed = set_pod_outcome(
+        &env.client,
+        &PodSelector::container(&project, "build"),
+        &PodOutcome::Succeed {
+            after: Duration::from_secs(3),
+            message: Some(format!("sha256:{}", "ab".repeat(32))),
+        },
+    )
+    .await
+    .unwrap();
+    build(&env.client, &project, "web-2", "web").await;
+    eventually(BUILD_TIMEOUT, "web-2's push Secret", || async {
+        secrets(&project).get_opt("web-2-push").await.unwrap()
+    })
+    .await;
+    eventually(BUILD_TIMEOUT, "web-2's image, then no push Secret", || async {
+        let built = Api::<AppBuild>::namespaced(env.client.clone(), &project)
+            .get("web-2")
+            .await
+            .unwrap()
+            .status
+            .and_then(|s| s.image)
+            .is_some();
+        let gone = secrets(&project).get_opt("web-2-push").await.unwrap().is_none();
+        (built && gone).then_some(())
+    })
+    .await;
+
     // A path of the tenant's choosing inside the cluster registry is refused before any Job.
     app(
         &env.client,
@@ -468,6 +498,14 @@ async fn each_build_mounts_only_its_own_token_and_it_goes_with_the_build() {
         json!({"url": "ghcr.io/acme", "secretName": "ghcr"}),
     )
     .await;
+    succeed.remove(&env.client).await.unwrap();
+    set_pod_outcome(
+        &env.client,
+        &PodSelector::container(&project, "build"),
+        &PodOutcome::Hang,
+    )
+    .await
+    .unwrap();
     build(&env.client, &project, "own-1", "own").await;
     let (job, _) = eventually(BUILD_TIMEOUT, "the own registry's build Job", || async {
         jobs.get_opt("own-1-build").await.unwrap()

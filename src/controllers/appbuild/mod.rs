@@ -353,7 +353,15 @@ impl Pipeline<'_> {
         if let Some(reused) = self.reusable_image(&inputs).await? {
             return Ok(Step::Status(Box::new(reused)));
         }
-        let registry = match self.push_secret(app, &target, &jobs).await {
+        // A token only for a Job about to be created: not for a running one, nor for a missing
+        // Job on a stale copy of this build (one that finished and was deleted, see `run_job`).
+        let mint = matches!(target, PushTarget::Cluster { .. })
+            && jobs
+                .get_metadata_opt(&jobs::build_job_name(self.build))
+                .await?
+                .is_none()
+            && !self.is_stale().await?;
+        let registry = match self.push_secret(app, &target, mint).await {
             Ok(name) => name,
             Err(RegistryError::Refused { reason, message }) => {
                 return Ok(Step::Status(Box::new(self.failed(reason, message))));
@@ -433,24 +441,15 @@ impl Pipeline<'_> {
 
     /// The Secret the build Job mounts for its push. For the cluster registry: this build's
     /// own, with a token minted now for the App's repositories, valid for the build's deadline
-    /// and a margin; written only when the Job is about to be created (a running Job has its
-    /// token already).
-    async fn push_secret(
-        &self,
-        app: &App,
-        target: &PushTarget,
-        jobs: &Api<Job>,
-    ) -> Result<String, RegistryError> {
+    /// and a margin, when `mint` (the Job is about to be created; a running Job has its token
+    /// already).
+    async fn push_secret(&self, app: &App, target: &PushTarget, mint: bool) -> Result<String, RegistryError> {
         let (host, repositories) = match target {
             PushTarget::Own { secret, .. } | PushTarget::Shared { secret } => return Ok(secret.clone()),
             PushTarget::Cluster { host, repositories } => (host, repositories),
         };
         let name = registry::push_secret_name(&self.build.name_any());
-        if jobs
-            .get_metadata_opt(&jobs::build_job_name(self.build))
-            .await?
-            .is_some()
-        {
+        if !mint {
             return Ok(name);
         }
         let secrets = Api::<Secret>::namespaced(self.ctx.client.clone(), &self.namespace());
