@@ -453,6 +453,20 @@ async fn each_build_mounts_only_its_own_token_and_it_goes_with_the_build() {
             .contains(&format!("set registry.url to {cluster_registry}")),
         "{status:?}"
     );
+    let ready = status.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "RegistryPathRefused")
+    );
+    eventually(TIMEOUT, "a Warning Event saying why", || async {
+        support::events_for(&env.client, &project, "sneaky-1")
+            .await
+            .into_iter()
+            .find(|e| {
+                e.type_.as_deref() == Some("Warning") && e.reason.as_deref() == Some("RegistryPathRefused")
+            })
+    })
+    .await;
     assert!(jobs.get_opt("sneaky-1-resolve").await.unwrap().is_none());
     assert!(
         secrets(&project)
