@@ -429,6 +429,32 @@ async fn each_build_mounts_only_its_own_token_and_it_goes_with_the_build() {
     })
     .await;
 
+    // A build named so that its push Secret would be someone else's Secret does not write
+    // over it.
+    let theirs: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "web-3-push"}, "stringData": {"password": "not the agent's"},
+    }))
+    .unwrap();
+    secrets(&project)
+        .create(&Default::default(), &theirs)
+        .await
+        .unwrap();
+    // (Another tag: the same inputs as web-2 would reuse its image without a build.)
+    create(
+        Api::<AppBuild>::namespaced(env.client.clone(), &project),
+        json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "AppBuild", "metadata": {"name": "web-3"},
+               "spec": {"appName": "web", "imageTag": "v3"}}),
+    )
+    .await;
+    let refused = wait_build(&env.client, &project, "web-3", AppBuildPhase::Failed).await;
+    assert_eq!(
+        refused.status.unwrap().reason.as_deref(),
+        Some("PushSecretConflict")
+    );
+    let kept = secrets(&project).get("web-3-push").await.unwrap();
+    assert_eq!(kept.data.unwrap()["password"].0, b"not the agent's");
+    assert!(jobs.get_opt("web-3-build").await.unwrap().is_none());
+
     // A path of the tenant's choosing inside the cluster registry is refused before any Job.
     app(
         &env.client,
