@@ -111,7 +111,7 @@ pub const AGENT_CLUSTER_RULES: &[Rule] = &[
         resources: &["secrets"],
         verbs: READ_WRITE,
         resource_names: &[],
-        why: "copy the registry pull secret into project namespaces, keep App deploy keys, read the clone credentials an App names, generate BackingService credentials and connection Secrets, create each App's (empty) config Secret and read its version, never its values; watched by label, metadata only (RBAC cannot narrow by label)",
+        why: "copy the registry pull secret into project namespaces, write each build's push-token Secret and keep the token signing key (agent namespace), keep App deploy keys, read the clone credentials an App names, generate BackingService credentials and connection Secrets, create each App's (empty) config Secret and read its version, never its values; watched by label, metadata only (RBAC cannot narrow by label)",
     },
     Rule {
         api_groups: &[""],

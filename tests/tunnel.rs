@@ -336,6 +336,8 @@ impl Env {
             "--reconnect-max-seconds=2".to_string(),
             // No registry credentials to copy: Projects become Ready on their own.
             "--registry-secret=".to_string(),
+            // The cluster registry the Apps' builds push to (with a token each).
+            "--registry=registry.example.com".to_string(),
         ];
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         AgentProcess::start(

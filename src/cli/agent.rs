@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::api;
+use crate::controllers::registry::{PushMode, RegistrySettings};
 
 /// The ShapeBlock agent: runs in a cluster managed by ShapeBlock, dials out to the ShapeBlock
 /// server and reconciles Projects, Apps, AppBuilds, BackingServices and Teams.
@@ -62,7 +63,8 @@ struct RunArgs {
     )]
     agent_namespace: String,
     /// Registry pull secret (in the agent's namespace) copied into every project and kept in
-    /// sync. Empty: the registry needs no credentials, nothing is copied.
+    /// sync. Empty: the registry needs no credentials, nothing is copied. It should be a
+    /// read-only credential: with the default push mode no build ever mounts it.
     #[arg(
         long,
         env = "SHAPEBLOCK_REGISTRY_SECRET",
@@ -70,6 +72,8 @@ struct RunArgs {
         value_name = "NAME"
     )]
     registry_secret: String,
+    #[command(flatten)]
+    registry: RegistryArgs,
     /// Address of the HTTP endpoints `/healthz`, `/readyz` (ready once every cache is synced)
     /// and `/metrics` (Prometheus text).
     #[arg(
@@ -175,6 +179,87 @@ struct RunArgs {
     hub: HubArgs,
     #[command(flatten)]
     leader: LeaderArgs,
+}
+
+/// The cluster registry and how builds push to it.
+#[derive(clap::Args, Debug)]
+struct RegistryArgs {
+    /// The cluster registry, `host[:port]` with an optional path prefix that the operator
+    /// chooses (e.g. `registry.shapeblock.io/<cluster>`). Apps whose `registry.url` is exactly
+    /// this push to `<registry>/<project>/<app>`; any other path or port on its host is
+    /// refused. Unset: Apps name their own registry and credential Secret.
+    #[arg(long, env = "SHAPEBLOCK_REGISTRY", value_name = "HOST[:PORT][/PREFIX]")]
+    registry: Option<String>,
+    /// How builds authenticate to the cluster registry: `token` (a token per build for the
+    /// App's own repositories, signed by the agent; the registry must trust its certificate)
+    /// or `shared` (the `--registry-secret` copy, readable by every build: any tenant can push
+    /// into any project's repositories; single-tenant clusters only).
+    #[arg(long, env = "SHAPEBLOCK_REGISTRY_PUSH_MODE", value_enum, default_value_t = PushMode::Token)]
+    registry_push_mode: PushMode,
+    /// `iss` of push tokens: the registry's `auth.token.issuer`.
+    #[arg(
+        long,
+        env = "SHAPEBLOCK_REGISTRY_TOKEN_ISSUER",
+        default_value = "shapeblock-agent",
+        value_name = "NAME"
+    )]
+    registry_token_issuer: String,
+    /// `aud` of push tokens: the registry's `auth.token.service`. Default: the registry's host.
+    #[arg(long, env = "SHAPEBLOCK_REGISTRY_TOKEN_SERVICE", value_name = "NAME")]
+    registry_token_service: Option<String>,
+    /// Secret (in the agent's namespace, type kubernetes.io/tls) with the token signing key
+    /// (`tls.key`, ECDSA P-256 PKCS#8) and its certificate (`tls.crt`); generated when missing.
+    #[arg(
+        long,
+        env = "SHAPEBLOCK_REGISTRY_TOKEN_SECRET",
+        default_value = crate::controllers::registry::DEFAULT_KEY_SECRET,
+        value_name = "NAME"
+    )]
+    registry_token_secret: String,
+}
+
+impl RegistryArgs {
+    fn settings(self) -> Result<RegistrySettings, String> {
+        let cluster = self.registry.filter(|r| !r.is_empty());
+        if let Some(registry) = cluster.as_ref().filter(|r| !is_registry_reference(r)) {
+            return Err(format!(
+                "--registry {registry:?} is not host[:port][/prefix] (no scheme, lower-case path)"
+            ));
+        }
+        if self.registry_push_mode == PushMode::Shared && cluster.is_none() {
+            return Err("--registry-push-mode=shared needs --registry".into());
+        }
+        Ok(RegistrySettings {
+            cluster,
+            push_mode: self.registry_push_mode,
+            token_issuer: self.registry_token_issuer,
+            token_service: self.registry_token_service.unwrap_or_default(),
+            key_secret: self.registry_token_secret,
+        })
+    }
+}
+
+/// `host[:port][/path]` as [`api::REGISTRY_PATTERN`] says, checked by hand (no regex engine
+/// in the binary).
+fn is_registry_reference(value: &str) -> bool {
+    let (host, path) = value.split_once('/').unwrap_or((value, ""));
+    let (name, port) = host.split_once(':').unwrap_or((host, ""));
+    let name_ok = name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
+    let port_ok = !host.contains(':')
+        || (!port.is_empty() && port.len() <= 5 && port.chars().all(|c| c.is_ascii_digit()));
+    let path_ok = !value.contains('/')
+        || path.split('/').all(|segment| {
+            !segment.is_empty()
+                && segment
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c))
+                && segment.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && segment.ends_with(|c: char| c.is_ascii_alphanumeric())
+        });
+    name_ok && port_ok && path_ok
 }
 
 /// Leader election: with it, only the replica holding the Lease `shapeblock-agent` in the
@@ -300,6 +385,7 @@ fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         renew_deadline: std::time::Duration::from_secs(args.leader.renew_deadline_seconds),
         retry_period: std::time::Duration::from_secs(args.leader.retry_period_seconds),
     });
+    let registry = args.registry.settings()?;
     let settings = crate::runtime::Settings {
         kubeconfig: args.kubeconfig,
         http_addr: args.http_addr,
@@ -307,6 +393,7 @@ fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         controllers: crate::controllers::Config {
             agent_namespace: args.agent_namespace,
             registry_secret: (!args.registry_secret.is_empty()).then_some(args.registry_secret),
+            registry,
             resync: std::time::Duration::from_secs(args.resync_seconds),
             instance: args.instance,
             builds: crate::controllers::appbuild::BuildSettings {
@@ -364,4 +451,53 @@ fn write_crds(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
         println!("wrote {}", path.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_flags_are_checked_and_shared_push_is_explicit() {
+        for good in [
+            "registry.example.com",
+            "127.0.0.1:5000",
+            "registry.shapeblock.io/c-42",
+            "r:1/a/b.c",
+        ] {
+            assert!(is_registry_reference(good), "{good}");
+        }
+        for bad in [
+            "https://registry.example.com",
+            "registry.example.com/",
+            "registry.example.com/Upper",
+            "registry.example.com:",
+            "registry.example.com:123456",
+            "-registry",
+            "registry.example.com/a//b",
+            "reg istry",
+        ] {
+            assert!(!is_registry_reference(bad), "{bad}");
+        }
+        let parse = |args: &[&str]| {
+            let cli = Cli::try_parse_from([&["shapeblock-agent", "run"][..], args].concat()).unwrap();
+            match cli.command {
+                Command::Run(run) => run.registry.settings(),
+                _ => unreachable!(),
+            }
+        };
+        let settings = parse(&["--registry=registry.example.com"]).unwrap();
+        assert_eq!(
+            settings.push_mode,
+            PushMode::Token,
+            "tokens unless asked otherwise"
+        );
+        assert_eq!(settings.service(), "registry.example.com");
+        assert!(
+            parse(&["--registry-push-mode=shared"]).is_err(),
+            "shared needs a registry"
+        );
+        assert!(parse(&["--registry=https://registry.example.com"]).is_err());
+        assert_eq!(parse(&[]).unwrap().cluster, None);
+    }
 }

@@ -83,6 +83,8 @@ pub async fn start_agent(
         format!("--enroll-token={token}"),
         format!("--ca-hash={}", hub.hub.ca_hash()),
         "--heartbeat-seconds=5".to_string(),
+        // The examples' Apps push to registry.shapeblock.io, each build with its own token.
+        "--registry=registry.shapeblock.io".to_string(),
     ];
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let agent = AgentProcess::start(&binary, &kubeconfig, AGENT_NAMESPACE, &log, &args).await?;

@@ -28,6 +28,8 @@ pub struct Config {
     pub instance: Option<String>,
     /// Images and defaults of build Jobs.
     pub builds: super::appbuild::BuildSettings,
+    /// The cluster registry and how builds push to it.
+    pub registry: super::registry::RegistrySettings,
 }
 
 impl Default for Config {
@@ -38,6 +40,7 @@ impl Default for Config {
             resync: Duration::from_secs(30 * 60),
             instance: None,
             builds: Default::default(),
+            registry: Default::default(),
         }
     }
 }
@@ -54,6 +57,8 @@ pub struct Context {
     project_namespaces: Mutex<HashMap<String, Instant>>,
     synced: AtomicUsize,
     helm_charts_served: AtomicBool,
+    /// The registry token signing key, loaded (or made) on first use.
+    registry_signer: tokio::sync::OnceCell<super::registry::Signer>,
 }
 
 /// Number of controllers whose caches must be synced before the agent reports ready.
@@ -74,6 +79,7 @@ impl Context {
             project_namespaces: Mutex::new(HashMap::new()),
             synced: AtomicUsize::new(0),
             helm_charts_served: AtomicBool::new(true),
+            registry_signer: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -174,6 +180,22 @@ impl Context {
     /// Whether the apiserver serves HelmCharts (the k3s helm-controller's kind), as last seen.
     pub fn helm_charts_served(&self) -> bool {
         self.helm_charts_served.load(Ordering::SeqCst)
+    }
+
+    /// The registry token signing key from its Secret in the agent's namespace, made there on
+    /// first use; a failure is retried on the next call.
+    pub async fn registry_signer(
+        &self,
+    ) -> std::result::Result<&super::registry::Signer, super::registry::RegistryError> {
+        self.registry_signer
+            .get_or_try_init(|| {
+                super::registry::load_or_create_signer(
+                    &self.client,
+                    &self.config.agent_namespace,
+                    &self.config.registry.key_secret,
+                )
+            })
+            .await
     }
 
     pub fn set_helm_charts_served(&self, served: bool) {

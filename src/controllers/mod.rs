@@ -17,6 +17,7 @@ pub mod install_access;
 mod job_state;
 pub mod metrics;
 pub mod project;
+pub mod registry;
 pub mod release;
 pub mod team;
 

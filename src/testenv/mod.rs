@@ -16,6 +16,7 @@ pub mod nodes;
 mod pki;
 mod process;
 pub mod proxy;
+pub mod registry;
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};

@@ -51,6 +51,11 @@ impl Env {
     pub async fn agent(&self, extra: &[&str]) -> AgentProcess {
         let log = self.dir.join(format!("{}.log", unique_name("agent")));
         let mut args = vec!["--log=shapeblock_agent=debug,info"];
+        // Apps in these tests push to registry.example.com: the cluster registry, unless the
+        // test names its own.
+        if !extra.iter().any(|a| a.starts_with("--registry=")) {
+            args.push("--registry=registry.example.com");
+        }
         args.extend_from_slice(extra);
         AgentProcess::start(
             std::path::Path::new(env!("CARGO_BIN_EXE_shapeblock-agent")),

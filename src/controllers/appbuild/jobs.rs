@@ -157,13 +157,13 @@ pub fn build_job_name(build: &AppBuild) -> String {
     format!("{}-build", build.name_any())
 }
 
-/// Name of the Secret with the push credentials (a docker config).
-pub fn registry_secret(app: &App, default: &str) -> String {
-    app.spec
-        .registry
-        .secret_name
-        .clone()
-        .unwrap_or_else(|| default.to_owned())
+/// The build Job's deadline: the AppBuild's, the App's, or the agent's default.
+pub fn build_deadline(app: &App, build: &AppBuild, settings: &BuildSettings) -> i64 {
+    build
+        .spec
+        .timeout_seconds
+        .or(app.spec.build.timeout_seconds)
+        .unwrap_or(settings.timeout_seconds)
 }
 
 /// A Job that resolves the ref to a commit SHA with `git ls-remote` and reports it as its
@@ -205,7 +205,9 @@ printf '%s' "$sha" > /dev/termination-log"#;
 
 /// The build Job for the `dockerfile` and `buildpack` strategies: clone at `commit`, then
 /// build and push; the digest (and for buildpacks the process types) come back as the build
-/// container's termination message.
+/// container's termination message. `registry_secret` (a docker config) is mounted into the
+/// build container only: the clone step, which runs before anything is checked out, never
+/// sees it.
 pub fn build_job(
     app: &App,
     build: &AppBuild,
@@ -273,11 +275,7 @@ if [ -f Procfile ]; then {PROCFILE_TO_JSON} | head -c 3500 > /dev/termination-lo
         }),
         ..Default::default()
     });
-    let deadline = build
-        .spec
-        .timeout_seconds
-        .or(app.spec.build.timeout_seconds)
-        .unwrap_or(settings.timeout_seconds);
+    let deadline = build_deadline(app, build, settings);
     let fs_group = buildpack.then_some(CNB_UID);
     job(
         app,
@@ -505,8 +503,8 @@ fn guarded(body: &str) -> String {
     format!("set -eu\n{GIT_HOST_GUARD}sb_guard_git_host\n{body}")
 }
 
-/// Labels of a build step's Job and pod.
-fn step_labels(app: &App, build: &AppBuild, step: &str) -> BTreeMap<String, String> {
+/// Labels of a build step's Job and pod (and of the build's push Secret).
+pub fn step_labels(app: &App, build: &AppBuild, step: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
         (APP_LABEL.to_string(), app.name_any()),

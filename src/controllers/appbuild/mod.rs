@@ -12,7 +12,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
@@ -40,6 +40,7 @@ pub use values::{
 pub(crate) use values::{Refused, check_yaml_printable, env_list};
 
 use super::job_state::{self, JobState};
+use super::registry::{self, PushTarget, RegistryError};
 use super::{APP_LABEL, ConditionSet, Context, Error, FIELD_MANAGER, MANAGED_BY, MANAGED_BY_LABEL, Result};
 use crate::api::{App, AppBuild, AppBuildPhase, AppBuildStatus, BuildType};
 
@@ -101,6 +102,23 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         );
     }
     super::mark_synced_when_ready(ctx.clone(), store.clone());
+    if ctx.config.registry.cluster.is_some() && ctx.config.registry.push_mode == registry::PushMode::Token {
+        // Made (or read) at start, not at the first build: the registry must be given its
+        // certificate before any build can push.
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            match ctx.registry_signer().await {
+                Ok(signer) => tracing::info!(
+                    key_id = %signer.key_id,
+                    secret = %format!("{}/{}", ctx.config.agent_namespace, ctx.config.registry.key_secret),
+                    "registry push tokens are signed with this key; its certificate (tls.crt) goes in the registry's auth.token.rootcertbundle"
+                ),
+                Err(err) => {
+                    tracing::error!(%err, "no registry token signing key yet; builds to the cluster registry will retry")
+                }
+            }
+        });
+    }
     controller
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
@@ -254,6 +272,11 @@ impl Pipeline<'_> {
                 // Only once the result is in status: deleting a Job wakes this build again, and
                 // that reconcile must find the step done rather than start it over. With the
                 // log relay, the Job waits for its logs too (`release_delivered_jobs`).
+                if status.image.is_some() || final_phase {
+                    // The push is done (or will not happen): the token goes now, not with the
+                    // Job, which the log relay may keep for a while.
+                    self.revoke_push_secret().await;
+                }
                 if !self.ctx.config.builds.relay_logs {
                     let jobs = Api::<Job>::namespaced(self.ctx.client.clone(), &self.namespace());
                     if status.commit_sha.is_some() && self.status().commit_sha.is_none() {
@@ -297,6 +320,15 @@ impl Pipeline<'_> {
             }
         };
         let jobs = Api::<Job>::namespaced(self.ctx.client.clone(), &self.namespace());
+        // Where the image goes is checked before anything runs: a refused destination or
+        // credential fails the build with the reason, not a push error at the end.
+        let target = match self.push_target(app).await {
+            Ok(target) => target,
+            Err(RegistryError::Refused { reason, message }) => {
+                return Ok(Step::Status(Box::new(self.failed(reason, message))));
+            }
+            Err(err) => return Err(err.into()),
+        };
         let Some(commit) = self.status().commit_sha else {
             let job = jobs::resolve_job(app, self.build, git_secret.as_deref(), &owner, settings);
             return match self.run_job(&jobs, job, jobs::RESOLVE_CONTAINER).await? {
@@ -331,14 +363,27 @@ impl Pipeline<'_> {
         if let Some(reused) = self.reusable_image(&inputs).await? {
             return Ok(Step::Status(Box::new(reused)));
         }
-        let registry = jobs::registry_secret(
-            app,
-            self.ctx
-                .config
-                .registry_secret
-                .as_deref()
-                .unwrap_or("registry-credentials"),
-        );
+        // A token only for a Job about to be created: not for a running one, nor for a missing
+        // Job on a stale copy of this build (one that finished and was deleted, see `run_job`).
+        let mint = matches!(target, PushTarget::Cluster { .. })
+            && jobs
+                .get_metadata_opt(&jobs::build_job_name(self.build))
+                .await?
+                .is_none()
+            && !self.is_stale().await?;
+        let registry = match self.push_secret(app, &target, mint).await {
+            Ok(name) => name,
+            Err(RegistryError::Refused { reason, message }) => {
+                return Ok(Step::Status(Box::new(self.failed(reason, message))));
+            }
+            Err(RegistryError::Key(message)) => {
+                return Ok(Step::Status(Box::new(self.failed(
+                    "RegistryTokenUnavailable",
+                    format!("cannot mint the build's push token: {message}"),
+                ))));
+            }
+            Err(err) => return Err(err.into()),
+        };
         let job = jobs::build_job(
             app,
             self.build,
@@ -390,6 +435,111 @@ impl Pipeline<'_> {
             JobOutcome::Failed { reason, message } => {
                 Ok(Step::Status(Box::new(self.failed(reason, message))))
             }
+        }
+    }
+
+    /// Where this build may push (see [`registry::push_target`]); a tenant's own credential
+    /// Secret is checked to be one made for that registry.
+    async fn push_target(&self, app: &App) -> Result<PushTarget, RegistryError> {
+        let config = &self.ctx.config;
+        let target = registry::push_target(app, &config.registry, config.registry_secret.as_deref())?;
+        if let PushTarget::Own { secret, host } = &target {
+            registry::own_credential(&self.ctx.client, &self.namespace(), secret, host).await?;
+        }
+        Ok(target)
+    }
+
+    /// The Secret the build Job mounts for its push. For the cluster registry: this build's
+    /// own, with a token minted now for the App's repositories, valid for the build's deadline
+    /// and a margin, when `mint` (the Job is about to be created; a running Job has its token
+    /// already).
+    async fn push_secret(&self, app: &App, target: &PushTarget, mint: bool) -> Result<String, RegistryError> {
+        let (host, repositories) = match target {
+            PushTarget::Own { secret, .. } | PushTarget::Shared { secret } => return Ok(secret.clone()),
+            PushTarget::Cluster { host, repositories } => (host, repositories),
+        };
+        let name = registry::push_secret_name(&self.build.name_any());
+        if !mint {
+            return Ok(name);
+        }
+        let secrets = Api::<Secret>::namespaced(self.ctx.client.clone(), &self.namespace());
+        // Never write over a Secret this build did not make (a tenant could name a build so
+        // that `<build>-push` is someone else's Secret).
+        if let Some(existing) = secrets.get_metadata_opt(&name).await?
+            && !self.owns(&existing.metadata)
+        {
+            return Err(RegistryError::Refused {
+                reason: "PushSecretConflict",
+                message: format!(
+                    "Secret {name} already exists and was not made for this build: rename the \
+                     AppBuild or remove the Secret"
+                ),
+            });
+        }
+        let settings = &self.ctx.config.registry;
+        let lifetime =
+            jobs::build_deadline(app, self.build, &self.ctx.config.builds) + registry::TOKEN_MARGIN_SECONDS;
+        let token = self.ctx.registry_signer().await?.mint(
+            &settings.token_issuer,
+            &settings.service(),
+            &format!("{}/{}", self.namespace(), self.build.name_any()),
+            repositories,
+            lifetime,
+        )?;
+        let owner = self
+            .build
+            .controller_owner_ref(&())
+            .expect("an AppBuild from the apiserver has a uid");
+        let secret = registry::push_secret(
+            &self.namespace(),
+            &name,
+            jobs::step_labels(app, self.build, "push"),
+            &owner,
+            host,
+            &token,
+        );
+        secrets
+            .patch(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&secret),
+            )
+            .await?;
+        Ok(name)
+    }
+
+    /// Whether this build owns an object (its controller owner reference has our uid).
+    fn owns(&self, meta: &kube::api::ObjectMeta) -> bool {
+        let uid = self.build.metadata.uid.as_deref();
+        meta.owner_references
+            .iter()
+            .flatten()
+            .any(|o| o.controller == Some(true) && Some(o.uid.as_str()) == uid)
+    }
+
+    /// Deletes this build's push Secret, if it has one: once the image is pushed or the build
+    /// ended, nothing needs its token. Best effort (it expires anyway, and goes with the
+    /// AppBuild).
+    async fn revoke_push_secret(&self) {
+        let secrets = Api::<Secret>::namespaced(self.ctx.client.clone(), &self.namespace());
+        let name = registry::push_secret_name(&self.build.name_any());
+        let existing = match secrets.get_metadata_opt(&name).await {
+            Ok(Some(existing)) if self.owns(&existing.metadata) => existing,
+            Ok(_) => return,
+            Err(err) => {
+                tracing::warn!(secret = %name, %err, "cannot read a build's push Secret to delete it");
+                return;
+            }
+        };
+        let params = DeleteParams {
+            preconditions: Some(kube::api::Preconditions {
+                uid: existing.metadata.uid.clone(),
+                resource_version: None,
+            }),
+            ..DeleteParams::background()
+        };
+        if let Err(err) = super::delete_if_present(&secrets, &name, &params).await {
+            tracing::warn!(secret = %name, %err, "cannot delete a build's push Secret; it goes with the AppBuild");
         }
     }
 
@@ -965,6 +1115,7 @@ impl Pipeline<'_> {
         // Status first: deleting the Jobs wakes this build again, and that reconcile must see
         // the final phase rather than recreate a Job.
         self.write(status.clone()).await?;
+        self.revoke_push_secret().await;
         // A cancelled build's pod is stopped at once (its log up to there is relayed, then
         // marked truncated); a failed one's log explains the failure, so with the relay its
         // Jobs wait for it like a successful one's.
