@@ -18,7 +18,7 @@ use serde_json::json;
 use shapeblock_agent::api::{App, AppBuild, AppBuildPhase, AppPhase, BackingService, BackingServicePhase};
 use shapeblock_agent::controllers::appbuild::{chart_name, service_chart_name};
 use support::agent::*;
-use support::{events_for, eventually};
+use support::{events_for, eventually, wait_event};
 
 /// Generous: 2 shared cores run the whole simulated cluster and one helm process per install.
 const INSTALL_TIMEOUT: Duration = Duration::from_secs(240);
@@ -781,16 +781,8 @@ async fn helm_values_that_would_switch_authentication_off_are_refused_naming_the
                 .is_none(),
             "{name}"
         );
-        // The Event follows the status write.
-        eventually(TIMEOUT, &format!("a Warning Event for {name}"), || async {
-            let events = events_for(&env.client, &project, name).await;
-            events
-                .iter()
-                .any(|e| {
-                    e.type_.as_deref() == Some("Warning")
-                        && e.note.as_deref().is_some_and(|n| n.contains(named))
-                })
-                .then_some(())
+        wait_event(&env.client, &project, name, |e| {
+            e.type_.as_deref() == Some("Warning") && e.note.as_deref().is_some_and(|n| n.contains(named))
         })
         .await;
     }

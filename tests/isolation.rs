@@ -12,7 +12,7 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 use shapeblock_agent::api::{App, AppBuild, AppRun, BackingService};
 use support::agent::*;
-use support::{events_for, eventually, fresh_namespace};
+use support::{eventually, fresh_namespace, wait_event};
 
 /// Status conditions of a namespaced ShapeBlock object, as JSON.
 async fn status_of<K>(client: &Client, namespace: &str, name: &str) -> Option<serde_json::Value>
@@ -58,13 +58,10 @@ where
         status["message"].as_str().unwrap().contains(namespace),
         "{status}"
     );
-    let events = events_for(client, namespace, name).await;
-    assert!(
-        events
-            .iter()
-            .any(|e| e.reason.as_deref() == Some("NotAProjectNamespace")),
-        "a Warning Event: {events:?}"
-    );
+    wait_event(client, namespace, name, |e| {
+        e.type_.as_deref() == Some("Warning") && e.reason.as_deref() == Some("NotAProjectNamespace")
+    })
+    .await;
     status
 }
 

@@ -20,7 +20,7 @@ use shapeblock_agent::api::{
 };
 use shapeblock_agent::controllers::appbuild::{chart_name, service_chart_name};
 use support::agent::*;
-use support::{events_for, eventually};
+use support::{eventually, wait_event};
 
 fn charts(client: &Client) -> Api<DynamicObject> {
     let resource = ApiResource::from_gvk_with_plural(
@@ -106,13 +106,10 @@ async fn values_the_helm_controller_cannot_store_fail_the_build_with_the_size_an
             .unwrap()
             .is_none()
     );
-    let events = events_for(&env.client, &project, "web-1").await;
-    assert!(
-        events
-            .iter()
-            .any(|e| e.type_.as_deref() == Some("Warning") && e.reason.as_deref() == Some("ValuesTooLarge")),
-        "{events:?}"
-    );
+    wait_event(&env.client, &project, "web-1", |e| {
+        e.type_.as_deref() == Some("Warning") && e.reason.as_deref() == Some("ValuesTooLarge")
+    })
+    .await;
 }
 
 /// Forbids pods in the agent's namespace (where the helm-controller runs its install Jobs)
@@ -222,13 +219,12 @@ async fn a_credentials_secret_made_by_someone_else_fails_the_service_with_a_reas
         "{}",
         ready.message
     );
-    let events = events_for(&env.client, &project, "db").await;
-    assert!(
-        events.iter().any(|e| e.type_.as_deref() == Some("Warning")
+    wait_event(&env.client, &project, "db", |e| {
+        e.type_.as_deref() == Some("Warning")
             && e.reason.as_deref() == Some("SecretConflict")
-            && e.note.as_deref().is_some_and(|n| n.contains("db-credentials"))),
-        "{events:?}"
-    );
+            && e.note.as_deref().is_some_and(|n| n.contains("db-credentials"))
+    })
+    .await;
     // The agent neither overwrote it nor installed anything with it.
     let kept = secrets.get("db-credentials").await.unwrap();
     assert_eq!(kept.data.unwrap()["password"].0, b"somebody-elses");
@@ -303,13 +299,12 @@ async fn a_finalizer_someone_else_put_on_an_app_is_named_while_it_holds_the_proj
             .message
             .contains(&format!("namespace {project} cannot finish deleting"))
     );
-    let events = events_for(&env.client, "default", &project).await;
-    assert!(
-        events.iter().any(|e| e.type_.as_deref() == Some("Warning")
+    wait_event(&env.client, "default", &project, |e| {
+        e.type_.as_deref() == Some("Warning")
             && e.reason.as_deref() == Some("DeletionBlocked")
-            && e.note.as_deref().is_some_and(|n| n.contains("example.com/hold"))),
-        "{events:?}"
-    );
+            && e.note.as_deref().is_some_and(|n| n.contains("example.com/hold"))
+    })
+    .await;
     // The namespace controller's own words join in once it has tried.
     let (message, _) = eventually(
         Duration::from_secs(60),

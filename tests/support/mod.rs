@@ -121,6 +121,25 @@ pub async fn events_for(
         .collect()
 }
 
+/// Waits for an Event about `name` that `wanted` accepts: the agent publishes Events after the
+/// status writes tests wait for, so one may not be there yet when the status is.
+pub async fn wait_event(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    wanted: impl Fn(&k8s_openapi::api::events::v1::Event) -> bool,
+) -> k8s_openapi::api::events::v1::Event {
+    let what = format!("the Event about {namespace}/{name}");
+    let found = eventually(Duration::from_secs(15), &what, || async {
+        events_for(client, namespace, name)
+            .await
+            .into_iter()
+            .find(|e| wanted(e))
+    })
+    .await;
+    found.0
+}
+
 /// The first container of a Deployment's Pod template.
 pub fn first_container(
     deployment: &k8s_openapi::api::apps::v1::Deployment,
