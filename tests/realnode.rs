@@ -1,0 +1,165 @@
+//! The real node (src/testenv/realnode.rs): a kubelet with containerd and runc beside the kwok
+//! nodes. A pod there runs a real container from a locally built image, its readiness probe is
+//! the kubelet's own HTTP request, and the test reaches the pod at its pod IP.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, PostParams};
+use serde_json::json;
+use shapeblock_agent::testenv::{self, realnode};
+use support::{client, eventually, fresh_namespace};
+
+fn hello_pod(name: &str, body: &str, probe_path: &str) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "nodeSelector": {realnode::LABEL_KEY: "true"},
+            "tolerations": [{"key": realnode::TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}],
+            "terminationGracePeriodSeconds": 2,
+            "containers": [{
+                "name": "hello",
+                "image": realnode::HELLO_IMAGE,
+                "imagePullPolicy": "Never",
+                "env": [{"name": "BODY", "value": body}],
+                "ports": [{"containerPort": 8080}],
+                "readinessProbe": {
+                    "httpGet": {"path": probe_path, "port": 8080},
+                    "periodSeconds": 1,
+                },
+            }],
+        },
+    }))
+    .unwrap()
+}
+
+fn ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+fn running(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .is_some_and(|c| {
+            c.iter()
+                .any(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+        })
+}
+
+/// A plain HTTP/1.0 GET: status and body.
+async fn http_get(address: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(address))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect"))??;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(3), stream.read_to_end(&mut response))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "read"))??;
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Ok((status, body.to_owned()))
+}
+
+#[tokio::test]
+async fn a_pod_on_the_real_node_passes_its_readiness_probe_and_answers_at_its_pod_ip() {
+    let start = Instant::now();
+    let client = client().await;
+    let plane_time = start.elapsed();
+    let node_start = Instant::now();
+    let node = testenv::real_node().unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "control plane up in {plane_time:?}; real node {} ({}) Ready in {:?}",
+        node.name,
+        node.node_ip,
+        node_start.elapsed()
+    );
+    let namespace = fresh_namespace(&client, "realnode").await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    let body = format!("hello from {namespace}");
+
+    let created = Instant::now();
+    pods.create(&PostParams::default(), &hello_pod("hello", &body, "/healthz"))
+        .await
+        .unwrap();
+    let (pod, _) = eventually(
+        Duration::from_secs(90),
+        "the pod Ready on the real node",
+        || async {
+            let pod = pods.get("hello").await.ok()?;
+            ready(&pod).then_some(pod)
+        },
+    )
+    .await;
+    eprintln!("pod created → Ready in {:?}", created.elapsed());
+    let spec = pod.spec.as_ref().unwrap();
+    assert_eq!(spec.node_name.as_deref(), Some(node.name.as_str()));
+    let ip = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.pod_ip.clone())
+        .expect("pod IP");
+    let prefix = node.pod_cidr.trim_end_matches("0/24");
+    assert!(ip.starts_with(prefix), "pod IP {ip} outside {}", node.pod_cidr);
+
+    let (status, answer) = http_get(&format!("{ip}:8080"), "/")
+        .await
+        .unwrap_or_else(|e| panic!("GET http://{ip}:8080/: {e}"));
+    assert_eq!((status, answer.as_str()), (200, body.as_str()));
+    let (status, _) = http_get(&format!("{ip}:8080"), "/nope").await.unwrap();
+    assert_eq!(status, 404, "the server itself answers, not something in between");
+
+    // The probe is the kubelet's real request: a path the server does not serve keeps a
+    // running container unready.
+    pods.create(&PostParams::default(), &hello_pod("unready", &body, "/missing"))
+        .await
+        .unwrap();
+    let (_, _) = eventually(
+        Duration::from_secs(60),
+        "the unready pod's container running",
+        || async {
+            let pod = pods.get("unready").await.ok()?;
+            running(&pod).then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let pod = pods.get("unready").await.unwrap();
+    assert!(
+        !ready(&pod),
+        "a failing readiness probe left the pod Ready: {:?}",
+        pod.status
+    );
+
+    for name in ["hello", "unready"] {
+        pods.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+    let deleted = Instant::now();
+    eventually(Duration::from_secs(60), "the pods gone", || async {
+        let left = pods.list(&Default::default()).await.ok()?;
+        left.items.is_empty().then_some(())
+    })
+    .await;
+    eprintln!("pods deleted in {:?}", deleted.elapsed());
+    let (status, _) = http_get(&format!("{ip}:8080"), "/")
+        .await
+        .unwrap_or((0, String::new()));
+    assert_eq!(
+        status, 0,
+        "the container still answered after its pod was deleted"
+    );
+}
