@@ -163,3 +163,58 @@ async fn a_pod_on_the_real_node_passes_its_readiness_probe_and_answers_at_its_po
         "the container still answered after its pod was deleted"
     );
 }
+
+/// The kubelet pulls from the local registry (Debian's distribution, no credentials) an image
+/// this test pushed there: the name exists nowhere else, and the pod's imageID is the pushed
+/// manifest's digest.
+#[tokio::test]
+async fn the_real_node_pulls_an_image_pushed_to_the_local_registry() {
+    let client = client().await;
+    let node = testenv::real_node().unwrap_or_else(|e| panic!("{e}"));
+    let registry = testenv::registry::Registry::start_open(None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let image = realnode::OciImage::new(&realnode::hello_binary().unwrap()).unwrap();
+    let tag = testenv::unique_suffix();
+    let pushed = Instant::now();
+    image
+        .push(&registry.address, "realnode/hello", &tag)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("pushed in {:?}", pushed.elapsed());
+    let reference = format!("{}/realnode/hello:{tag}", registry.address);
+
+    let namespace = fresh_namespace(&client, "realnode-pull").await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    let mut pod = hello_pod("pulled", "pulled from the registry", "/healthz");
+    let container = &mut pod.spec.as_mut().unwrap().containers[0];
+    container.image = Some(reference.clone());
+    container.image_pull_policy = Some("Always".into());
+    let created = Instant::now();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let (pod, _) = eventually(Duration::from_secs(90), "the pulled pod Ready", || async {
+        let pod = pods.get("pulled").await.ok()?;
+        ready(&pod).then_some(pod)
+    })
+    .await;
+    eprintln!(
+        "pod created → pulled → Ready in {:?} on {}",
+        created.elapsed(),
+        node.name
+    );
+    let status = pod.status.as_ref().unwrap();
+    let image_id = &status.container_statuses.as_ref().unwrap()[0].image_id;
+    assert!(
+        image_id.ends_with(&realnode::digest(&image.manifest)),
+        "imageID {image_id} is not the pushed manifest {}",
+        realnode::digest(&image.manifest)
+    );
+    let ip = status.pod_ip.clone().expect("pod IP");
+    let (code, body) = http_get(&format!("{ip}:8080"), "/").await.unwrap();
+    assert_eq!((code, body.as_str()), (200, "pulled from the registry"));
+    pods.delete("pulled", &DeleteParams::default()).await.unwrap();
+    eventually(Duration::from_secs(60), "the pod gone", || async {
+        pods.get_opt("pulled").await.ok()?.is_none().then_some(())
+    })
+    .await;
+}
