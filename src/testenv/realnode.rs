@@ -55,7 +55,8 @@ pub struct RealNode {
     pub name: String,
     /// The node's InternalIP: the bridge's address, where the kubelet listens.
     pub node_ip: Ipv4Addr,
-    /// The pods' subnet (`10.244.<200+slot>.0/24`).
+    /// The pods' subnet (`10.250.<slot>.0/24`: outside kwok's simulated 10.244.0.0/16 and the
+    /// service range, so a pod IP always means this node).
     pub pod_cidr: String,
     process: Option<ManagedProcess>,
     slot: Slot,
@@ -97,11 +98,11 @@ impl Slot {
     }
 
     fn node_ip(&self) -> Ipv4Addr {
-        Ipv4Addr::new(10, 244, 200 + self.number, 1)
+        Ipv4Addr::new(10, 250, self.number, 1)
     }
 
     fn pod_cidr(&self) -> String {
-        format!("10.244.{}.0/24", 200 + self.number)
+        format!("10.250.{}.0/24", self.number)
     }
 
     /// Removes what a previous owner of this slot (or this one) left: mounts under the
@@ -944,8 +945,8 @@ mod tests {
             name: "shapeblock-real-3".into(),
             dir: PathBuf::from("/tmp/shapeblock-realnode-3"),
             bridge: "sbreal3".into(),
-            node_ip: Ipv4Addr::new(10, 244, 203, 1),
-            pod_cidr: "10.244.203.0/24".into(),
+            node_ip: Ipv4Addr::new(10, 250, 3, 1),
+            pod_cidr: "10.250.3.0/24".into(),
             cgroup_root: "shapeblock-real-3".into(),
             kubelet_port: 41234,
         }
@@ -958,7 +959,7 @@ mod tests {
         assert_eq!(config["failSwapOn"], false);
         assert_eq!(config["cgroupDriver"], "cgroupfs");
         assert_eq!(config["cgroupRoot"], "/shapeblock-real-3");
-        assert_eq!(config["address"], "10.244.203.1");
+        assert_eq!(config["address"], "10.250.3.1");
         assert_eq!(config["port"], 41234);
         assert_eq!(
             config["registerWithTaints"],
@@ -991,7 +992,7 @@ mod tests {
         let bridge = &config["plugins"][0];
         assert_eq!(bridge["bridge"], "sbreal3");
         assert_eq!(bridge["ipMasq"], false);
-        assert_eq!(bridge["ipam"]["ranges"][0][0]["subnet"], "10.244.203.0/24");
+        assert_eq!(bridge["ipam"]["ranges"][0][0]["subnet"], "10.250.3.0/24");
         assert_eq!(bridge["ipam"]["dataDir"], "/tmp/shapeblock-realnode-3/cni-ipam");
     }
 
