@@ -122,6 +122,9 @@ async fn a_pod_on_the_real_node_passes_its_readiness_probe_and_answers_at_its_po
     assert_eq!((status, answer.as_str()), (200, body.as_str()));
     let (status, _) = http_get(&format!("{ip}:8080"), "/nope").await.unwrap();
     assert_eq!(status, 404, "the server itself answers, not something in between");
+    // The pod log API: the apiserver asks this kubelet, which reads containerd's log file.
+    let log = pods.logs("hello", &Default::default()).await.unwrap();
+    assert_eq!(log.trim(), "listening on :8080");
 
     // The probe is the kubelet's real request: a path the server does not serve keeps a
     // running container unready.
@@ -217,4 +220,54 @@ async fn the_real_node_pulls_an_image_pushed_to_the_local_registry() {
         pods.get_opt("pulled").await.ok()?.is_none().then_some(())
     })
     .await;
+}
+
+/// A node of its own (not the shared one): started, Ready, and on drop nothing of it is left
+/// on the machine — no process, no bridge, no cgroup, no mount, no directory.
+#[tokio::test]
+async fn a_stopped_real_node_leaves_nothing_behind() {
+    let plane = testenv::shared().unwrap_or_else(|e| panic!("{e}"));
+    let node = realnode::RealNode::start(
+        &testenv::default_bin_dir(),
+        &plane.kubeconfig,
+        Duration::from_secs(120),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let dir = node.dir().to_owned();
+    let bridge = node.bridge().to_owned();
+    let pids = node.pids();
+    // unshare, the script, containerd, the kubelet at least.
+    assert!(pids.len() >= 4, "{pids:?}");
+    assert!(std::path::Path::new(&format!("/sys/class/net/{bridge}")).exists());
+    let name = node.name.clone();
+    drop(node);
+
+    for pid in pids {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z ")),
+            "process {pid} of {name} outlived its node"
+        );
+    }
+    assert!(!dir.exists(), "{} is still there", dir.display());
+    assert!(!std::path::Path::new(&format!("/sys/class/net/{bridge}")).exists());
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(&*dir.to_string_lossy()),
+        "mounts left under {}",
+        dir.display()
+    );
+    let cgroups: Vec<_> = std::fs::read_dir("/sys/fs/cgroup")
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join(&name))
+        .filter(|p| p.exists())
+        .collect();
+    assert!(cgroups.is_empty(), "cgroups left: {cgroups:?}");
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(plane.client().await.unwrap());
+    assert!(
+        nodes.get_opt(&name).await.unwrap().is_none(),
+        "the Node object {name} is left"
+    );
 }

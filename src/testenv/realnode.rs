@@ -60,6 +60,7 @@ pub struct RealNode {
     pub pod_cidr: String,
     process: Option<ManagedProcess>,
     slot: Slot,
+    kubeconfig: PathBuf,
 }
 
 /// What a slot owns on the machine. Derived from the slot number alone, so a later start can
@@ -318,6 +319,7 @@ impl RealNode {
             pod_cidr: layout.pod_cidr.clone(),
             process: None,
             slot,
+            kubeconfig: kubeconfig.to_owned(),
         };
         node.prepare(&layout)?;
         let images = [
@@ -371,6 +373,37 @@ impl RealNode {
         Ok(())
     }
 
+    /// The node's working directory (containerd's root, the kubelet's, logs).
+    pub fn dir(&self) -> &Path {
+        &self.slot.dir
+    }
+
+    /// The bridge its pods are on.
+    pub fn bridge(&self) -> &str {
+        &self.slot.bridge
+    }
+
+    /// Every process of the node now: the namespace's `unshare` and all in its process group
+    /// and PID namespace (containerd, shims, containers, the kubelet), by host PID.
+    pub fn pids(&self) -> Vec<u32> {
+        let Some(process) = &self.process else {
+            return Vec::new();
+        };
+        let root = process.pid();
+        let mut pids = vec![root];
+        // Children of children: the PID namespace's members all descend from `unshare`.
+        let mut frontier = vec![root];
+        while let Some(parent) = frontier.pop() {
+            let children =
+                std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children")).unwrap_or_default();
+            for child in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+                pids.push(child);
+                frontier.push(child);
+            }
+        }
+        pids
+    }
+
     /// The containerd and kubelet logs, for a failing test's message.
     pub fn log_tails(&self, lines: usize) -> String {
         log_tails(&self.slot.dir, lines)
@@ -385,6 +418,25 @@ impl Drop for RealNode {
             process.stop(Duration::from_secs(5));
         }
         self.slot.clean();
+        // The Node object would look Ready to the scheduler until the node lifecycle
+        // controller's grace period ends, and take the next test's pods: remove it. Drop may
+        // run inside a runtime, so on a thread of its own.
+        let (kubeconfig, name) = (self.kubeconfig.clone(), self.name.clone());
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async {
+                let client = super::client_from_kubeconfig(&kubeconfig).await.ok()?;
+                let nodes: Api<Node> = Api::all(client);
+                tokio::time::timeout(Duration::from_secs(10), nodes.delete(&name, &Default::default()))
+                    .await
+                    .ok()?
+                    .ok()
+            })
+        })
+        .join();
     }
 }
 
