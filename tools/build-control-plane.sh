@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds the test cluster from the Go modules pinned under tools/, one binary at a
 # time, into a cache folder outside the checkout: the control plane (etcd,
-# kube-apiserver, kube-controller-manager, kube-scheduler, kubectl) and its
-# peers (kwok's simulated nodes, the k3s helm-controller, the helm CLI). A binary
+# kube-apiserver, kube-controller-manager, kube-scheduler, kubectl), the real node's kubelet,
+# and their peers (kwok's simulated nodes, the k3s helm-controller, the helm CLI). A binary
 # is rebuilt only when its key (pinned version, Go version, go.sum) changes.
 # Prints the bin directory.
 #
@@ -51,6 +51,14 @@ kube_ldflags="-X k8s.io/component-base/version.gitVersion=$kube_version \
  -X k8s.io/component-base/version.gitTreeState=clean \
  -X k8s.io/component-base/version.buildDate=1970-01-01T00:00:00Z"
 
+# The real node's kubelet has its own module (more dependencies, so its own go.sum and cache
+# key) but must be the control plane's release.
+kubelet_version=$(module_version "$here/kubelet" k8s.io/kubernetes)
+if [[ $kubelet_version != "$kube_version" ]]; then
+  echo "error: tools/kubelet pins k8s.io/kubernetes $kubelet_version, tools/kube $kube_version: pin both to one release" >&2
+  exit 1
+fi
+
 # name | module dir | pinned module | package | key prefix | ldflags ({v} = pinned version)
 binaries=(
   "etcd|etcd|go.etcd.io/etcd/server/v3|go.etcd.io/etcd/server/v3|etcd|"
@@ -58,6 +66,7 @@ binaries=(
   "kube-controller-manager|kube|k8s.io/kubernetes|k8s.io/kubernetes/cmd/kube-controller-manager|kube|$kube_ldflags"
   "kube-scheduler|kube|k8s.io/kubernetes|k8s.io/kubernetes/cmd/kube-scheduler|kube|$kube_ldflags"
   "kubectl|kube|k8s.io/kubernetes|k8s.io/kubernetes/cmd/kubectl|kube|$kube_ldflags"
+  "kubelet|kubelet|k8s.io/kubernetes|k8s.io/kubernetes/cmd/kubelet|kubelet|$kube_ldflags"
   "kwok|kwok|sigs.k8s.io/kwok|sigs.k8s.io/kwok/cmd/kwok|kwok|-X sigs.k8s.io/kwok/pkg/consts.Version={v}"
   "helm-controller|helm-controller|github.com/k3s-io/helm-controller|github.com/k3s-io/helm-controller|helm-controller|-X github.com/k3s-io/helm-controller/pkg/version.Version={v} -X github.com/k3s-io/helm-controller/pkg/version.GitCommit={v}"
   "helm|helm|helm.sh/helm/v4|helm.sh/helm/v4/cmd/helm|helm|-X helm.sh/helm/v4/internal/version.version={v}"
@@ -75,6 +84,13 @@ for entry in "${binaries[@]}"; do
   ln -sfn "$cache/bin/$key/$name" "$bin/$name"
   keep[$prefix]=$cache/bin/$key
 done
+# The real node's local images run two tiny programs of our own (tools/node-images: standard
+# library only, so no go.sum): keyed by their sources.
+images_key=node-images-$(cat "$here"/node-images/go.mod "$here"/node-images/*/*.go | sha256sum | cut -c1-12)-$go_version
+for name in pause hello; do
+  build "$here/node-images" "./$name" "node-image-$name" "$images_key"
+  ln -sfn "$cache/bin/$images_key/node-image-$name" "$bin/node-image-$name"
+done
 # kwok reads its Stages from the API (--enable-crds=Stage) but does not install the CRD: take
 # it from the pinned module, beside the binary.
 kwok_dir=$(cd "$here/kwok" && go list -m -f '{{.Dir}}' sigs.k8s.io/kwok)
@@ -87,5 +103,8 @@ for prefix in "${!keep[@]}"; do
   for old in "$cache/bin/$prefix"-v*; do
     [[ -d $old && $old != "${keep[$prefix]}" ]] && rm -rf "$old"
   done
+done
+for old in "$cache/bin/node-images"-*; do
+  [[ -d $old && $old != "$cache/bin/$images_key" ]] && rm -rf "$old"
 done
 echo "$bin"

@@ -4,7 +4,8 @@
 //! PKI and a temp directory, with the ShapeBlock CRDs installed. Around it, a simulated cluster:
 //! kube-scheduler and kwok nodes whose pods run and finish ([`nodes`]), their container logs
 //! through the real pod log API ([`kubelet`]), the real k3s helm-controller, and the real helm
-//! CLI running its install Jobs ([`helm_runner`]).
+//! CLI running its install Jobs ([`helm_runner`]). Opt-in, one real node beside them: a kubelet
+//! with containerd and runc ([`realnode`]).
 //!
 //! This is test support: production code never calls it.
 
@@ -16,6 +17,7 @@ pub mod nodes;
 mod pki;
 mod process;
 pub mod proxy;
+pub mod realnode;
 pub mod registry;
 
 use std::net::Ipv4Addr;
@@ -34,6 +36,7 @@ pub use kubelet::{ContainerRef, logs};
 pub use nodes::{PodOutcome, PodSelector, StageHandle, set_pod_outcome};
 pub use pki::{CertificateAuthority, CertifiedKey};
 pub use process::ManagedProcess;
+pub use realnode::{SharedRealNode, real_node};
 
 /// Errors of the test control plane. Each says what to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +72,8 @@ pub enum Error {
     Crd { path: String, message: String },
     #[error("the shared control plane failed to start: {0}")]
     Shared(String),
+    #[error("real node: {0}")]
+    RealNode(String),
 }
 
 impl Error {

@@ -37,6 +37,16 @@ impl Registry {
     /// Starts a registry that accepts only tokens signed by `auth.root_certs`. The port is
     /// `port` if given (a caller that must name it before the registry runs), else a free one.
     pub async fn start(auth: &TokenAuth, port: Option<u16>) -> Result<Self> {
+        Self::start_with(Some(auth), port).await
+    }
+
+    /// A registry anyone on this machine may push to and pull from (the real node's image
+    /// source: the kubelet pulls with no credentials).
+    pub async fn start_open(port: Option<u16>) -> Result<Self> {
+        Self::start_with(None, port).await
+    }
+
+    async fn start_with(auth: Option<&TokenAuth>, port: Option<u16>) -> Result<Self> {
         let binary = binary();
         if !binary.exists() {
             return Err(Error::io(
@@ -64,29 +74,31 @@ impl Registry {
         )))
     }
 
-    async fn try_start(binary: &Path, auth: &TokenAuth, port: u16) -> Result<Self> {
+    async fn try_start(binary: &Path, auth: Option<&TokenAuth>, port: u16) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("shapeblock-registry-")
             .tempdir()
             .map_err(|e| Error::io("create the registry's directory", e))?;
-        let bundle = dir.path().join("root-certs.pem");
-        std::fs::write(&bundle, auth.root_certs.concat())
-            .map_err(|e| Error::io("write the registry's root certificates", e))?;
         let address = format!("127.0.0.1:{port}");
         // JSON is YAML: no quoting rules to get wrong for the paths.
-        let config = serde_json::json!({
+        let mut config = serde_json::json!({
             "version": "0.1",
             "log": {"level": "info", "accesslog": {"disabled": true}},
             "storage": {"filesystem": {"rootdirectory": dir.path().join("data")}},
             "http": {"addr": address, "secret": "test-only-upload-state-secret"},
-            "auth": {"token": {
+        });
+        if let Some(auth) = auth {
+            let bundle = dir.path().join("root-certs.pem");
+            std::fs::write(&bundle, auth.root_certs.concat())
+                .map_err(|e| Error::io("write the registry's root certificates", e))?;
+            config["auth"] = serde_json::json!({"token": {
                 // Never contacted: builds carry their token (registrytoken) from the start.
                 "realm": "http://127.0.0.1:9/token",
                 "service": auth.service,
                 "issuer": auth.issuer,
                 "rootcertbundle": bundle,
-            }},
-        });
+            }});
+        }
         let config_path = dir.path().join("config.yml");
         std::fs::write(&config_path, config.to_string())
             .map_err(|e| Error::io("write the registry's config", e))?;
