@@ -156,10 +156,17 @@ async fn up(
         println!("  kubectl get apps,appbuilds -A");
         println!("  kubectl -n my-project get deploy,pods");
         println!("  kubectl get helmcharts -n {}", super::demo::AGENT_NAMESPACE);
-        println!("sample-app fails on purpose: it names a git Secret that does not exist. Create it and");
-        println!("watch it turn Ready (the agent looks again within a minute):");
-        println!("  kubectl -n my-project create secret generic git-credentials \\");
+        println!("sample-app fails on purpose: it names a git Secret that does not exist. Create it, marked");
+        println!("as a clone credential for github.com (only those who may write Secrets can), and watch");
+        println!("the App turn Ready (the agent looks again within a minute):");
+        println!(
+            "  kubectl -n my-project create secret generic git-credentials --type=kubernetes.io/basic-auth \\"
+        );
         println!("      --from-literal=username=demo --from-literal=password=token");
+        println!("  kubectl -n my-project label secret git-credentials apps.shapeblock.io/credential=git");
+        println!(
+            "  kubectl -n my-project annotate secret git-credentials apps.shapeblock.io/git-hosts=github.com"
+        );
         println!("buildpack-app got a generated SSH deploy key; its public half is in its status:");
         println!("  kubectl -n my-project get app buildpack-app -o jsonpath='{{.status.sshPublicKey}}'");
         println!("Send a new build through the hub (a rollback to the first one):");
