@@ -41,18 +41,6 @@ async fn app(
     wait_app(client, project, name, AppPhase::Ready).await;
 }
 
-async fn build(client: &Client, project: &str, name: &str, app: &str, extra: serde_json::Value) {
-    let mut spec = json!({"appName": app});
-    spec.as_object_mut()
-        .unwrap()
-        .extend(extra.as_object().cloned().unwrap_or_default());
-    create(
-        Api::<AppBuild>::namespaced(client.clone(), project),
-        json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "AppBuild", "metadata": {"name": name}, "spec": spec}),
-    )
-    .await;
-}
-
 #[tokio::test]
 async fn a_prebuilt_image_is_deployed_by_real_helm_and_completed_once_rolled_out() {
     let env = env().await;
@@ -66,7 +54,7 @@ async fn a_prebuilt_image_is_deployed_by_real_helm_and_completed_once_rolled_out
         None,
     )
     .await;
-    build(
+    create_build(
         &env.client,
         &project,
         "web-1",
@@ -201,7 +189,7 @@ async fn a_dockerfile_build_resolves_builds_pushes_and_deploys() {
         Some(json!({"url": "https://github.com/example/api.git"})),
     )
     .await;
-    build(
+    create_build(
         &env.client,
         &project,
         "api-1",
@@ -287,7 +275,7 @@ async fn failures_say_which_step_failed() {
         Some(json!({"url": "https://github.com/example/api.git"})),
     )
     .await;
-    build(&env.client, &project, "api-1", "api", json!({})).await;
+    create_build(&env.client, &project, "api-1", "api", json!({})).await;
     let failed = wait_build(&env.client, &project, "api-1", AppBuildPhase::Failed).await;
     let status = failed.status.unwrap();
     // The simulated node ran the clone step, then failed the build step with this message.
@@ -295,7 +283,7 @@ async fn failures_say_which_step_failed() {
     assert!(status.message.unwrap().contains("RUN npm ci: exit status 1"));
 
     // Unsafe deploy values are refused before anything is built.
-    build(
+    create_build(
         &env.client,
         &project,
         "api-2",
@@ -347,7 +335,7 @@ async fn a_hanging_build_times_out_and_a_newer_build_supersedes_a_running_one() 
         Some(json!({"url": "https://github.com/example/api.git"})),
     )
     .await;
-    build(
+    create_build(
         &env.client,
         &project,
         "api-1",
@@ -356,7 +344,7 @@ async fn a_hanging_build_times_out_and_a_newer_build_supersedes_a_running_one() 
     )
     .await;
     wait_build(&env.client, &project, "api-1", AppBuildPhase::Building).await;
-    build(
+    create_build(
         &env.client,
         &project,
         "api-2",
@@ -426,7 +414,7 @@ async fn an_image_built_from_the_same_inputs_is_reused_without_a_build() {
         Some(json!({"url": "https://github.com/example/api.git"})),
     )
     .await;
-    build(&env.client, &project, "api-1", "api", json!({"gitRef": "main"})).await;
+    create_build(&env.client, &project, "api-1", "api", json!({"gitRef": "main"})).await;
     let first = wait_build(&env.client, &project, "api-1", AppBuildPhase::Completed).await;
     // From now on a build would fail: the second AppBuild must not build.
     succeeds.remove(&env.client).await.unwrap();
@@ -441,7 +429,7 @@ async fn an_image_built_from_the_same_inputs_is_reused_without_a_build() {
     )
     .await
     .unwrap();
-    build(&env.client, &project, "api-2", "api", json!({"gitRef": "main"})).await;
+    create_build(&env.client, &project, "api-2", "api", json!({"gitRef": "main"})).await;
     let second = wait_build(&env.client, &project, "api-2", AppBuildPhase::Completed).await;
     let (a, b) = (first.status.clone().unwrap(), second.status.clone().unwrap());
     assert_eq!(a.image, b.image);
@@ -449,7 +437,7 @@ async fn an_image_built_from_the_same_inputs_is_reused_without_a_build() {
     assert!(a.inputs_hash.is_some());
     assert_eq!(condition_reason(&second, "Built").as_deref(), Some("ImageReused"));
     // Other inputs: a real build (which now fails, proving it ran).
-    build(
+    create_build(
         &env.client,
         &project,
         "api-3",
@@ -491,7 +479,7 @@ async fn rollback_deploys_an_earlier_image_history_is_pruned_and_a_deleted_app_t
             .clone()
             .unwrap()
     };
-    build(&env.client, &project, "w1", "web", json!({})).await;
+    create_build(&env.client, &project, "w1", "web", json!({})).await;
     wait_build(&env.client, &project, "w1", AppBuildPhase::Completed).await;
     apps.patch(
         "web",
@@ -500,19 +488,19 @@ async fn rollback_deploys_an_earlier_image_history_is_pruned_and_a_deleted_app_t
     )
     .await
     .unwrap();
-    build(&env.client, &project, "w2", "web", json!({})).await;
+    create_build(&env.client, &project, "w2", "web", json!({})).await;
     wait_build(&env.client, &project, "w2", AppBuildPhase::Completed).await;
     assert_eq!(running().await, image("2.0"));
 
     // Roll back to w1: its image, no build; the App says what it ran before.
-    build(&env.client, &project, "w3", "web", json!({"rollbackTo": "w1"})).await;
+    create_build(&env.client, &project, "w3", "web", json!({"rollbackTo": "w1"})).await;
     let rolled = wait_build(&env.client, &project, "w3", AppBuildPhase::Completed).await;
     assert_eq!(condition_reason(&rolled, "Built").as_deref(), Some("Rollback"));
     assert_eq!(running().await, image("1.0"));
     let status = apps.get("web").await.unwrap().status.unwrap();
     assert_eq!(status.current_image, Some(image("1.0")));
     assert_eq!(status.previous_image, Some(image("2.0")));
-    build(&env.client, &project, "w4", "web", json!({"rollbackTo": "nope"})).await;
+    create_build(&env.client, &project, "w4", "web", json!({"rollbackTo": "nope"})).await;
     let refused = wait_build(&env.client, &project, "w4", AppBuildPhase::Failed).await;
     let refused = refused.status.unwrap();
     assert_eq!(refused.reason.as_deref(), Some("InvalidSpec"));
@@ -524,7 +512,7 @@ async fn rollback_deploys_an_earlier_image_history_is_pruned_and_a_deleted_app_t
     );
 
     // History: 2 Completed and 1 failed kept, plus what the App runs; w1 goes.
-    build(&env.client, &project, "w5", "web", json!({})).await;
+    create_build(&env.client, &project, "w5", "web", json!({})).await;
     wait_build(&env.client, &project, "w5", AppBuildPhase::Completed).await;
     let builds = Api::<AppBuild>::namespaced(env.client.clone(), &project);
     eventually(Duration::from_secs(30), "w1 pruned", || async {
@@ -570,7 +558,7 @@ async fn a_failed_upgrade_keeps_the_previous_release_serving_and_the_next_build_
         None,
     )
     .await;
-    build(&env.client, &project, "w1", "web", json!({})).await;
+    create_build(&env.client, &project, "w1", "web", json!({})).await;
     wait_build(&env.client, &project, "w1", AppBuildPhase::Completed).await;
 
     let quotas = Api::<ResourceQuota>::namespaced(env.client.clone(), &project);
@@ -597,7 +585,7 @@ async fn a_failed_upgrade_keeps_the_previous_release_serving_and_the_next_build_
     )
     .await
     .unwrap();
-    build(
+    create_build(
         &env.client,
         &project,
         "w2",
@@ -625,7 +613,7 @@ async fn a_failed_upgrade_keeps_the_previous_release_serving_and_the_next_build_
 
     // The cause removed, the next build deploys over the failed release.
     quotas.delete("no-services", &Default::default()).await.unwrap();
-    build(
+    create_build(
         &env.client,
         &project,
         "w3",

@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Namespace;
@@ -18,42 +18,12 @@ use shapeblock_agent::proto::v1::server_message::Body as Down;
 use shapeblock_agent::proto::v1::{
     Apply, CancelBuild, Delete, ObjectRef, PruneScope, ServerMessage, SetConfig, Sync,
 };
-use shapeblock_agent::testenv::{self, agent::AgentProcess};
+use shapeblock_agent::testenv::agent::AgentProcess;
+use support::agent::{AGENT_NS, Env, hub_env as env};
 use support::hub::result_of;
 use support::{eventually, unique_name};
-use tokio::sync::{Mutex, MutexGuard};
 
-static SERIAL: Mutex<()> = Mutex::const_new(());
-const AGENT_NS: &str = "shapeblock";
 const TIMEOUT: Duration = Duration::from_secs(45);
-
-struct Env {
-    client: Client,
-    kubeconfig: PathBuf,
-    dir: PathBuf,
-    _serial: MutexGuard<'static, ()>,
-}
-
-async fn env() -> Env {
-    let serial = SERIAL.lock().await;
-    let plane = testenv::shared().unwrap_or_else(|e| panic!("{e}"));
-    let client = plane.client().await.unwrap();
-    let kubeconfig =
-        testenv::agent::install_agent_identity(&client, &plane.kubeconfig, AGENT_NS, &plane.work_dir)
-            .await
-            .expect("install the agent's ServiceAccount and RBAC");
-    // A previous test's identity would belong to another hub.
-    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), AGENT_NS);
-    let _ = secrets
-        .delete("shapeblock-agent-identity", &Default::default())
-        .await;
-    Env {
-        client,
-        kubeconfig,
-        dir: plane.work_dir.clone(),
-        _serial: serial,
-    }
-}
 
 /// A hub, an enrolled agent connected to it, and its cluster id.
 struct Connected {

@@ -243,15 +243,6 @@ async fn app_with(client: &Client, project: &str, name: &str, registry: serde_js
     wait_app(client, project, name, AppPhase::Ready).await;
 }
 
-async fn build(client: &Client, project: &str, name: &str, app: &str) {
-    create(
-        Api::<AppBuild>::namespaced(client.clone(), project),
-        json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "AppBuild", "metadata": {"name": name},
-               "spec": {"appName": app}}),
-    )
-    .await;
-}
-
 #[tokio::test]
 async fn each_build_mounts_only_its_own_token_and_it_goes_with_the_build() {
     let env = env().await;
@@ -304,7 +295,7 @@ async fn each_build_mounts_only_its_own_token_and_it_goes_with_the_build() {
     .await
     .unwrap();
     app(&env.client, &project, "web", &cluster_registry).await;
-    build(&env.client, &project, "web-1", "web").await;
+    create_build(&env.client, &project, "web-1", "web", json!({})).await;
 
     let jobs = Api::<Job>::namespaced(env.client.clone(), &project);
     let (job, _) = eventually(BUILD_TIMEOUT, "the build Job", || async {
@@ -411,7 +402,7 @@ async fn each_build_mounts_only_its_own_token_and_it_goes_with_the_build() {
     )
     .await
     .unwrap();
-    build(&env.client, &project, "web-2", "web").await;
+    create_build(&env.client, &project, "web-2", "web", json!({})).await;
     eventually(BUILD_TIMEOUT, "web-2's push Secret", || async {
         secrets(&project).get_opt("web-2-push").await.unwrap()
     })
@@ -463,7 +454,7 @@ async fn each_build_mounts_only_its_own_token_and_it_goes_with_the_build() {
         &format!("{cluster_registry}/other-project"),
     )
     .await;
-    build(&env.client, &project, "sneaky-1", "sneaky").await;
+    create_build(&env.client, &project, "sneaky-1", "sneaky", json!({})).await;
     let refused = wait_build(&env.client, &project, "sneaky-1", AppBuildPhase::Failed).await;
     let status = refused.status.unwrap();
     assert_eq!(
@@ -511,7 +502,7 @@ async fn each_build_mounts_only_its_own_token_and_it_goes_with_the_build() {
         json!({"url": "ghcr.io/acme", "secretName": PULL_SECRET}),
     )
     .await;
-    build(&env.client, &project, "borrowed-1", "borrowed").await;
+    create_build(&env.client, &project, "borrowed-1", "borrowed", json!({})).await;
     let refused = wait_build(&env.client, &project, "borrowed-1", AppBuildPhase::Failed).await;
     let status = refused.status.unwrap();
     assert_eq!(
@@ -546,7 +537,7 @@ async fn each_build_mounts_only_its_own_token_and_it_goes_with_the_build() {
     )
     .await
     .unwrap();
-    build(&env.client, &project, "own-1", "own").await;
+    create_build(&env.client, &project, "own-1", "own", json!({})).await;
     let (job, _) = eventually(BUILD_TIMEOUT, "the own registry's build Job", || async {
         jobs.get_opt("own-1-build").await.unwrap()
     })

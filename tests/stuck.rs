@@ -44,15 +44,6 @@ async fn image_app(client: &Client, project: &str, name: &str, extra: serde_json
     wait_app(client, project, name, AppPhase::Ready).await;
 }
 
-async fn build(client: &Client, project: &str, name: &str, app: &str) {
-    create(
-        Api::<AppBuild>::namespaced(client.clone(), project),
-        json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "AppBuild", "metadata": {"name": name},
-               "spec": {"appName": app}}),
-    )
-    .await;
-}
-
 /// Waits for a build to fail, and returns its reason and message.
 async fn failure(client: &Client, project: &str, name: &str, within: Duration) -> (String, String) {
     let builds = Api::<AppBuild>::namespaced(client.clone(), project);
@@ -83,7 +74,7 @@ async fn values_the_helm_controller_cannot_store_fail_the_build_with_the_size_an
         .map(|i| (format!("BLOB_{i:02}"), format!("{i:02}").repeat(16 * 1024)))
         .collect();
     image_app(&env.client, &project, "web", json!({"config": config})).await;
-    build(&env.client, &project, "web-1", "web").await;
+    create_build(&env.client, &project, "web-1", "web", json!({})).await;
     let (reason, message) = failure(&env.client, &project, "web-1", BUILD_TIMEOUT).await;
     eprintln!("{reason}: {message}");
     assert_eq!(reason, "ValuesTooLarge", "{message}");
@@ -162,7 +153,7 @@ async fn a_deploy_that_never_gets_a_release_fails_at_its_deadline_naming_the_ins
     .await;
     let quota = NoInstallPods::new(&env.client).await;
     let started = std::time::Instant::now();
-    build(&env.client, &project, "web-1", "web").await;
+    create_build(&env.client, &project, "web-1", "web", json!({})).await;
     let (reason, message) = failure(&env.client, &project, "web-1", Duration::from_secs(120)).await;
     let waited = started.elapsed();
     drop(quota);

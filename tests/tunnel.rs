@@ -4,7 +4,7 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use kube::api::Api;
@@ -15,15 +15,13 @@ use shapeblock_agent::proto::v1::agent_message::Body as Up;
 use shapeblock_agent::proto::v1::agent_tunnel_client::AgentTunnelClient;
 use shapeblock_agent::proto::v1::server_message::Body as Down;
 use shapeblock_agent::proto::v1::{AgentMessage, Hello, ObjectRef, ServerMessage};
-use shapeblock_agent::testenv::{self, agent::AgentProcess};
+use shapeblock_agent::testenv::agent::AgentProcess;
 use shapeblock_agent::tunnel::{Identity, TunnelError, enroll};
+use support::agent::{AGENT_NS, Env, hub_env as env};
 use support::hub::result_of;
 use support::{eventually, unique_name};
-use tokio::sync::{Mutex, MutexGuard};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
-static SERIAL: Mutex<()> = Mutex::const_new(());
-const AGENT_NS: &str = "shapeblock";
 const TIMEOUT: Duration = Duration::from_secs(45);
 
 fn provider() {
@@ -296,36 +294,8 @@ async fn sessions_need_a_certificate_identity_comes_from_it_and_a_newer_session_
 
 // ---- end to end with the real agent against the real apiserver ----
 
-struct Env {
-    client: Client,
-    kubeconfig: PathBuf,
-    dir: PathBuf,
-    _serial: MutexGuard<'static, ()>,
-}
-
-async fn env() -> Env {
-    let serial = SERIAL.lock().await;
-    let plane = testenv::shared().unwrap_or_else(|e| panic!("{e}"));
-    let client = plane.client().await.unwrap();
-    let kubeconfig =
-        testenv::agent::install_agent_identity(&client, &plane.kubeconfig, AGENT_NS, &plane.work_dir)
-            .await
-            .expect("install the agent's ServiceAccount and RBAC");
-    // A previous test's identity would belong to another hub.
-    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), AGENT_NS);
-    let _ = secrets
-        .delete("shapeblock-agent-identity", &Default::default())
-        .await;
-    Env {
-        client,
-        kubeconfig,
-        dir: plane.work_dir.clone(),
-        _serial: serial,
-    }
-}
-
 impl Env {
-    async fn agent(&self, hub_url: &str, token: &str, pin: &str) -> AgentProcess {
+    async fn hub_agent(&self, hub_url: &str, token: &str, pin: &str) -> AgentProcess {
         let log = self.dir.join(format!("{}.log", unique_name("tunnel-agent")));
         let args = [
             "--log=shapeblock_agent=debug,info".to_string(),
@@ -375,7 +345,7 @@ async fn commands_become_resources_status_comes_back_and_nothing_is_lost_across_
     let cluster = unique_name("c");
     let token = hub.create_token(&cluster, Duration::from_secs(300)).unwrap();
     let (url, pin) = (hub.url(), hub.ca_hash());
-    let agent = env.agent(&url, &token, &pin).await;
+    let agent = env.hub_agent(&url, &token, &pin).await;
     let projects: Api<Project> = Api::all(env.client.clone());
 
     // Apply a Project through the hub: the CR exists, the agent's controllers make it Ready,
@@ -501,7 +471,7 @@ async fn commands_become_resources_status_comes_back_and_nothing_is_lost_across_
     agent.kill();
     let p3 = unique_name("tun");
     let seq3 = hub.apply(&cluster, &project(&p3)).unwrap();
-    let agent = env.agent(&url, "sbt_spent", &pin).await;
+    let agent = env.hub_agent(&url, "sbt_spent", &pin).await;
     eventually(
         TIMEOUT,
         "the Project queued while the agent was down exists",
@@ -631,7 +601,7 @@ async fn build_logs_reach_the_hub_once_through_restarts_and_jobs_wait_for_them()
     let cluster = unique_name("c");
     let token = hub.create_token(&cluster, Duration::from_secs(300)).unwrap();
     let (url, pin) = (hub.url(), hub.ca_hash());
-    let mut agent = env.agent(&url, &token, &pin).await;
+    let mut agent = env.hub_agent(&url, &token, &pin).await;
 
     let ns = unique_name("logs");
     hub.apply(&cluster, &project(&ns)).unwrap();
@@ -737,7 +707,7 @@ async fn build_logs_reach_the_hub_once_through_restarts_and_jobs_wait_for_them()
     tokio::time::sleep(Duration::from_secs(5)).await;
     agent.kill();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    agent = env.agent(&url, "sbt_spent", &pin).await;
+    agent = env.hub_agent(&url, "sbt_spent", &pin).await;
 
     let expected = writer.await.unwrap();
     assert!(
@@ -887,7 +857,7 @@ async fn build_logs_reach_the_hub_once_through_restarts_and_jobs_wait_for_them()
         pods.get_opt(&pod).await.ok()?.is_none().then_some(())
     })
     .await;
-    let agent = env.agent(&url, "sbt_spent", &pin).await;
+    let agent = env.hub_agent(&url, "sbt_spent", &pin).await;
     let (bytes, truncated, eof) = eventually(TIMEOUT, "the truncation marker", || async {
         let log = hub_log(&hub, &cluster, &stream3).await;
         (log.1 || log.2).then_some(log)
@@ -936,7 +906,7 @@ async fn a_silent_cut_is_noticed_and_certificates_renew_without_a_restart() {
     let proxy = Proxy::start(hub.address()).await.unwrap();
     let cluster = unique_name("c");
     let token = hub.create_token(&cluster, Duration::from_secs(300)).unwrap();
-    let agent = env.agent(&proxy.url(), &token, &hub.ca_hash()).await;
+    let agent = env.hub_agent(&proxy.url(), &token, &hub.ca_hash()).await;
     let enrolled = std::time::Instant::now();
 
     let p1 = unique_name("cut");
@@ -986,14 +956,14 @@ async fn a_second_agent_of_the_cluster_takes_over_without_duplicates() {
     let cluster = unique_name("c");
     let token = hub.create_token(&cluster, Duration::from_secs(300)).unwrap();
     let (url, pin) = (hub.url(), hub.ca_hash());
-    let first = env.agent(&url, &token, &pin).await;
+    let first = env.hub_agent(&url, &token, &pin).await;
     let p1 = unique_name("turn");
     hub.apply(&cluster, &project(&p1)).unwrap();
     ready_at_hub(&hub, &cluster, &p1).await;
     let epoch = hub.session_epoch(&cluster).unwrap();
 
     // The second shares the identity Secret (same cluster); its session supersedes.
-    let second = env.agent(&url, "sbt_spent", &pin).await;
+    let second = env.hub_agent(&url, "sbt_spent", &pin).await;
     eventually(TIMEOUT, "the second agent's session", || async {
         hub.session_epoch(&cluster).filter(|e| *e > epoch)
     })
@@ -1126,7 +1096,7 @@ async fn sync_applies_the_desired_state_and_prunes_only_managed_resources() {
     let hub = hub(data.path()).await;
     let cluster = unique_name("c");
     let token = hub.create_token(&cluster, Duration::from_secs(300)).unwrap();
-    let agent = env.agent(&hub.url(), &token, &hub.ca_hash()).await;
+    let agent = env.hub_agent(&hub.url(), &token, &hub.ca_hash()).await;
     let projects: Api<Project> = Api::all(env.client.clone());
     let [keep, drop, add, unmanaged] = ["keep", "drop", "add", "own"].map(unique_name);
     for p in [&keep, &drop] {
@@ -1204,7 +1174,7 @@ async fn a_slow_hub_gets_every_byte_of_a_large_log_and_the_agent_stays_small() {
     proxy.limit_upstream(10_000_000);
     let cluster = unique_name("c");
     let token = hub.create_token(&cluster, Duration::from_secs(300)).unwrap();
-    let agent = env.agent(&proxy.url(), &token, &hub.ca_hash()).await;
+    let agent = env.hub_agent(&proxy.url(), &token, &hub.ca_hash()).await;
     let ns = unique_name("slow");
     hub.apply(&cluster, &project(&ns)).unwrap();
     ready_at_hub(&hub, &cluster, &ns).await;
@@ -1296,7 +1266,7 @@ async fn a_backing_service_applied_through_the_hub_reports_ready_upstream_and_go
     let hub = hub(data.path()).await;
     let cluster = unique_name("c");
     let token = hub.create_token(&cluster, Duration::from_secs(300)).unwrap();
-    let agent = env.agent(&hub.url(), &token, &hub.ca_hash()).await;
+    let agent = env.hub_agent(&hub.url(), &token, &hub.ca_hash()).await;
     let project_name = unique_name("tunsvc");
     hub.apply(&cluster, &project(&project_name)).unwrap();
     ready_at_hub(&hub, &cluster, &project_name).await;

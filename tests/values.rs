@@ -255,6 +255,34 @@ fn image() -> impl Strategy<Value = String> {
         .prop_map(|(repo, tag)| format!("{repo}:{tag}"))
 }
 
+/// Cases the agent refused, by kind of refusal.
+#[derive(Default)]
+struct Tally {
+    refused: AtomicUsize,
+    reasons: std::sync::Mutex<BTreeSet<String>>,
+}
+
+impl Tally {
+    fn refused(&self, message: &str) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        self.reasons.lock().unwrap().insert(reason_of(message));
+    }
+
+    /// Prints the counts, and fails unless most of the `total` cases were rendered and checked.
+    fn report(self, what: &str, total: u32) {
+        let refused = self.refused.into_inner();
+        println!(
+            "{total} {what} cases: {} rendered by helm and checked, {refused} refused by the agent ({:?})",
+            total as usize - refused,
+            self.reasons.into_inner().unwrap()
+        );
+        assert!(
+            refused * 2 < total as usize,
+            "most cases must render: {refused} of {total} refused"
+        );
+    }
+}
+
 /// A refusal without the text it quotes, to tally refusals by kind.
 fn reason_of(message: &str) -> String {
     let message = message.trim_start_matches("helmValues: ");
@@ -446,9 +474,8 @@ const SERVICE_KINDS: &[&str] = &["StatefulSet", "Service"];
 #[test]
 fn every_app_string_reaches_the_rendered_objects_literally_and_nothing_else_is_rendered() {
     let helm = Helm::new();
-    let refused = AtomicUsize::new(0);
+    let tally = Tally::default();
     let total = cases(96);
-    let reasons = std::sync::Mutex::new(BTreeSet::new());
     runner(total)
         .run(&(app_spec(), build_values(), image()), |(spec, user, image)| {
             let parsed: AppSpec =
@@ -459,12 +486,9 @@ fn every_app_string_reaches_the_rendered_objects_literally_and_nothing_else_is_r
             let values = match chart_values(&release, user.as_ref()) {
                 Ok(values) => values,
                 Err(refused_with) => {
-                    prop_assert!(!refused_with.to_string().is_empty());
-                    refused.fetch_add(1, Ordering::Relaxed);
-                    reasons
-                        .lock()
-                        .unwrap()
-                        .insert(reason_of(&refused_with.to_string()));
+                    let message = refused_with.to_string();
+                    prop_assert!(!message.is_empty());
+                    tally.refused(&message);
                     return Ok(());
                 }
             };
@@ -473,16 +497,7 @@ fn every_app_string_reaches_the_rendered_objects_literally_and_nothing_else_is_r
             Ok(())
         })
         .unwrap_or_else(|e| panic!("{e}"));
-    let refused = refused.into_inner();
-    println!(
-        "{total} App cases: {} rendered by helm and checked, {refused} refused by the agent ({:?})",
-        total as usize - refused,
-        reasons.into_inner().unwrap()
-    );
-    assert!(
-        refused * 2 < total as usize,
-        "most cases must render: {refused} of {total} refused"
-    );
+    tally.report("App", total);
 }
 
 #[test]
@@ -490,9 +505,8 @@ fn every_backing_service_string_reaches_the_rendered_objects_literally() {
     let helm = Helm::new();
     let catalog = catalog::merged(None).unwrap();
     let engines: Vec<String> = catalog.keys().cloned().collect();
-    let refused = AtomicUsize::new(0);
+    let tally = Tally::default();
     let total = cases(48);
-    let reasons = std::sync::Mutex::new(BTreeSet::new());
     let strategy = (
         prop::sample::select(engines),
         prop::collection::btree_map(env_name(), hostile(), 0..4),
@@ -531,12 +545,9 @@ fn every_backing_service_string_reaches_the_rendered_objects_literally() {
             let values = match desired::chart_values(&service, entry, None) {
                 Ok(values) => values,
                 Err(refused_with) => {
-                    prop_assert!(!refused_with.to_string().is_empty());
-                    refused.fetch_add(1, Ordering::Relaxed);
-                    reasons
-                        .lock()
-                        .unwrap()
-                        .insert(reason_of(&refused_with.to_string()));
+                    let message = refused_with.to_string();
+                    prop_assert!(!message.is_empty());
+                    tally.refused(&message);
                     return Ok(());
                 }
             };
@@ -562,16 +573,7 @@ fn every_backing_service_string_reaches_the_rendered_objects_literally() {
             Ok(())
         })
         .unwrap_or_else(|e| panic!("{e}"));
-    let refused = refused.into_inner();
-    println!(
-        "{total} BackingService cases: {} rendered by helm and checked, {refused} refused by the agent ({:?})",
-        total as usize - refused,
-        reasons.into_inner().unwrap()
-    );
-    assert!(
-        refused * 2 < total as usize,
-        "most cases must render: {refused} of {total} refused"
-    );
+    tally.report("BackingService", total);
 }
 
 #[test]

@@ -47,6 +47,16 @@ pub async fn env() -> Env {
     }
 }
 
+/// [`env`] for tests that enroll the agent with a hub of their own: a previous test's identity
+/// would belong to another hub.
+pub async fn hub_env() -> Env {
+    let env = env().await;
+    let _ = Api::<Secret>::namespaced(env.client.clone(), AGENT_NS)
+        .delete("shapeblock-agent-identity", &Default::default())
+        .await;
+    env
+}
+
 impl Env {
     pub async fn agent(&self, extra: &[&str]) -> AgentProcess {
         let log = self.dir.join(format!("{}.log", unique_name("agent")));
@@ -162,6 +172,19 @@ pub async fn ready_project(client: &Client, prefix: &str) -> String {
 
 /// Generous: CI machines have 2 cores and a whole simulated cluster on them.
 pub const BUILD_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Creates AppBuild `name` of App `app`, with `extra` spec fields.
+pub async fn create_build(client: &Client, project: &str, name: &str, app: &str, extra: serde_json::Value) {
+    let mut spec = json!({"appName": app});
+    spec.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().cloned().unwrap_or_default());
+    create(
+        Api::<shapeblock_agent::api::AppBuild>::namespaced(client.clone(), project),
+        json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "AppBuild", "metadata": {"name": name}, "spec": spec}),
+    )
+    .await;
+}
 
 /// Waits for an AppBuild to reach `phase`; panics at once if it ends in another final phase.
 pub async fn wait_build(
