@@ -480,16 +480,8 @@ const UNINSTALL_GRACE_SECONDS: i64 = 120;
 /// namespace is terminating, the namespace controller removes what their releases made, and
 /// the install Jobs can no longer act there.
 async fn release_stuck_helm_charts(ctx: &Context, project: &str) {
-    let charts = Api::<kube::api::DynamicObject>::namespaced_with(
-        ctx.client.clone(),
-        &ctx.config.agent_namespace,
-        &super::appbuild::helm_chart_resource(),
-    );
-    let selector = format!("{PROJECT_LABEL}={project},{MANAGED_BY_LABEL}={MANAGED_BY}");
-    let Ok(list) = charts
-        .list_metadata(&kube::api::ListParams::default().labels(&selector))
-        .await
-    else {
+    let (charts, listed) = project_helm_charts(ctx, project).await;
+    let Ok(list) = listed else {
         return;
     };
     for chart in list.items {
@@ -616,11 +608,15 @@ pub fn blocked_deletion(name: &str, namespace: &Namespace, holders: &[String]) -
     Some(message)
 }
 
-/// Deletes the HelmCharts (in the agent's namespace) that deploy into the project, so the
-/// helm-controller stops installing into a namespace that is going away, and returns how many
-/// are still there (their uninstall not finished). Best effort: the helm-controller's own
-/// finalizer runs the uninstall, and a failure here must not keep the namespace alive.
-async fn delete_helm_charts(ctx: &Context, project: &str) -> usize {
+/// The HelmCharts API of the agent's namespace and the (metadata of the) charts that deploy
+/// into `project`.
+async fn project_helm_charts(
+    ctx: &Context,
+    project: &str,
+) -> (
+    Api<kube::api::DynamicObject>,
+    kube::Result<kube::core::ObjectList<kube::core::PartialObjectMeta<kube::api::DynamicObject>>>,
+) {
     let charts = Api::<kube::api::DynamicObject>::namespaced_with(
         ctx.client.clone(),
         &ctx.config.agent_namespace,
@@ -630,6 +626,15 @@ async fn delete_helm_charts(ctx: &Context, project: &str) -> usize {
     let listed = charts
         .list_metadata(&kube::api::ListParams::default().labels(&selector))
         .await;
+    (charts, listed)
+}
+
+/// Deletes the HelmCharts (in the agent's namespace) that deploy into the project, so the
+/// helm-controller stops installing into a namespace that is going away, and returns how many
+/// are still there (their uninstall not finished). Best effort: the helm-controller's own
+/// finalizer runs the uninstall, and a failure here must not keep the namespace alive.
+async fn delete_helm_charts(ctx: &Context, project: &str) -> usize {
+    let (charts, listed) = project_helm_charts(ctx, project).await;
     match listed {
         Ok(list) => {
             let remaining = list.items.len();
