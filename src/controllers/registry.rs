@@ -423,6 +423,30 @@ impl Signer {
         not_before: i64,
         expires: i64,
     ) -> Result<String, RegistryError> {
+        self.mint_actions(
+            issuer,
+            service,
+            subject,
+            repositories,
+            &["pull", "push"],
+            not_before,
+            expires,
+        )
+    }
+
+    /// A token granting `actions` on `repositories`, from `not_before` to `expires` (a token
+    /// service's pull tokens: `["pull"]`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn mint_actions(
+        &self,
+        issuer: &str,
+        service: &str,
+        subject: &str,
+        repositories: &[String],
+        actions: &[&str],
+        not_before: i64,
+        expires: i64,
+    ) -> Result<String, RegistryError> {
         let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
         let mut jti = [0u8; 16];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut jti)
@@ -437,7 +461,7 @@ impl Signer {
             "exp": expires,
             "jti": crate::proto::hex(&jti),
             "access": repositories.iter().map(|name| json!({
-                "type": "repository", "name": name, "actions": ["pull", "push"],
+                "type": "repository", "name": name, "actions": actions,
             })).collect::<Vec<_>>(),
         });
         let signing_input = format!(

@@ -10,7 +10,9 @@
 //! This is test support: production code never calls it.
 
 pub mod agent;
+pub mod buildfarm;
 pub mod helm_runner;
+pub mod images;
 mod kubeconfig;
 pub mod kubelet;
 pub mod nodes;
@@ -35,7 +37,7 @@ use kube::{Client, Config};
 pub use kubelet::{ContainerRef, logs};
 pub use nodes::{PodOutcome, PodSelector, StageHandle, set_pod_outcome};
 pub use pki::{CertificateAuthority, CertifiedKey};
-pub use process::ManagedProcess;
+pub use process::{ManagedProcess, free_port};
 pub use realnode::{SharedRealNode, real_node};
 
 /// Errors of the test control plane. Each says what to do about it.
@@ -620,6 +622,10 @@ async fn start_apiserver(
             "--profiling=false".into(),
             // One apiserver and nothing to fairly share between: spare the memory.
             "--enable-priority-and-fairness=false".into(),
+            // A namespace can pin its pods to nodes (scheduler.alpha.kubernetes.io/node-selector)
+            // and give them tolerations (…/defaultTolerations), as a platform team does for a
+            // tenant's dedicated nodes: the real-node tests put a project on the real node so.
+            "--enable-admission-plugins=PodNodeSelector,PodTolerationRestriction".into(),
             "--v=1".into(),
         ];
         let mut apiserver = ManagedProcess::spawn(

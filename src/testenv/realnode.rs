@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::Api;
 
+pub use super::images::{OciImage, digest};
 use super::process::free_port;
 use super::{Error, ManagedProcess, Result};
 
@@ -141,6 +142,12 @@ impl NodeLayout {
     fn socket(&self) -> PathBuf {
         self.dir.join("containerd/containerd.sock")
     }
+
+    /// containerd's registry hosts directory: `<host:port>/hosts.toml` (and a CA) per registry
+    /// the node trusts, read at every pull.
+    pub fn certs_dir(&self) -> PathBuf {
+        self.dir.join("containerd/certs.d")
+    }
 }
 
 /// containerd's configuration: everything under the node's directory, its own socket, CNI
@@ -170,6 +177,8 @@ state = "{d}/state"
   restrict_oom_score_adj = true
   netns_mounts_under_state_dir = true
   enable_unprivileged_ports = false
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "{certs}"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "{cni_bin}"
     conf_dir = "{cni_conf}"
@@ -181,6 +190,7 @@ state = "{d}/state"
         socket = layout.socket().display(),
         cni_bin = cni_bin_dir().display(),
         cni_conf = layout.dir.join("cni").display(),
+        certs = layout.certs_dir().display(),
     )
 }
 
@@ -354,7 +364,14 @@ impl RealNode {
     /// The directories, files, cgroup roots and bridge the processes expect.
     fn prepare(&self, layout: &NodeLayout) -> Result<()> {
         let dir = &layout.dir;
-        for sub in ["containerd", "cni", "kubelet", "kubelet-pki", "cni-ipam"] {
+        for sub in [
+            "containerd",
+            "containerd/certs.d",
+            "cni",
+            "kubelet",
+            "kubelet-pki",
+            "cni-ipam",
+        ] {
             let path = dir.join(sub);
             std::fs::create_dir_all(&path).map_err(|e| Error::io(format!("create {}", path.display()), e))?;
         }
@@ -689,151 +706,6 @@ fn write_image(dir: &Path, name: &str, binary: &Path) -> Result<PathBuf> {
     Ok(path)
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
-    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn tar_entry(builder: &mut tar::Builder<Vec<u8>>, path: &str, mode: u32, bytes: &[u8]) -> Result<()> {
-    let mut header = tar::Header::new_ustar();
-    header.set_size(bytes.len() as u64);
-    header.set_mode(mode);
-    header.set_mtime(0);
-    header.set_uid(0);
-    header.set_gid(0);
-    header.set_entry_type(tar::EntryType::Regular);
-    builder
-        .append_data(&mut header, path, bytes)
-        .map_err(|e| Error::io(format!("pack {path}"), e))
-}
-
-/// A one-layer OCI image: its uncompressed layer holds a binary as `/app`, the entrypoint.
-pub struct OciImage {
-    pub layer: Vec<u8>,
-    pub config: Vec<u8>,
-    pub manifest: Vec<u8>,
-}
-
-/// `sha256:<hex>` of `bytes`.
-pub fn digest(bytes: &[u8]) -> String {
-    format!("sha256:{}", sha256_hex(bytes))
-}
-
-impl OciImage {
-    pub fn new(binary: &[u8]) -> Result<Self> {
-        let mut layer = tar::Builder::new(Vec::new());
-        tar_entry(&mut layer, "app", 0o755, binary)?;
-        let layer = layer.into_inner().map_err(|e| Error::io("pack the layer", e))?;
-        let config = serde_json::to_vec(&serde_json::json!({
-            "architecture": "amd64",
-            "os": "linux",
-            "config": {"Entrypoint": ["/app"]},
-            "rootfs": {"type": "layers", "diff_ids": [digest(&layer)]},
-        }))
-        .expect("JSON values serialize");
-        let manifest = serde_json::to_vec(&serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": MANIFEST_TYPE,
-            "config": {
-                "mediaType": "application/vnd.oci.image.config.v1+json",
-                "digest": digest(&config),
-                "size": config.len(),
-            },
-            "layers": [{
-                "mediaType": "application/vnd.oci.image.layer.v1.tar",
-                "digest": digest(&layer),
-                "size": layer.len(),
-            }],
-        }))
-        .expect("JSON values serialize");
-        Ok(Self {
-            layer,
-            config,
-            manifest,
-        })
-    }
-
-    /// An OCI image layout archive (`oci-layout`, `index.json`, `blobs/sha256/…`) naming the
-    /// image `name`, as `ctr images import` reads it.
-    pub fn archive(&self, name: &str) -> Result<Vec<u8>> {
-        let index = serde_json::to_vec(&serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.index.v1+json",
-            "manifests": [{
-                "mediaType": MANIFEST_TYPE,
-                "digest": digest(&self.manifest),
-                "size": self.manifest.len(),
-                "annotations": {
-                    "io.containerd.image.name": name,
-                    "org.opencontainers.image.ref.name": name,
-                },
-            }],
-        }))
-        .expect("JSON values serialize");
-        let mut archive = tar::Builder::new(Vec::new());
-        tar_entry(
-            &mut archive,
-            "oci-layout",
-            0o644,
-            br#"{"imageLayoutVersion":"1.0.0"}"#,
-        )?;
-        tar_entry(&mut archive, "index.json", 0o644, &index)?;
-        for blob in [&self.layer, &self.config, &self.manifest] {
-            tar_entry(
-                &mut archive,
-                &format!("blobs/sha256/{}", sha256_hex(blob)),
-                0o644,
-                blob,
-            )?;
-        }
-        archive.into_inner().map_err(|e| Error::io("pack the image", e))
-    }
-
-    /// Pushes the image to a registry without authentication on loopback (`127.0.0.1:<port>`)
-    /// as `repository:tag`, over the distribution API: each blob in one upload, then the
-    /// manifest.
-    pub async fn push(&self, registry: &str, repository: &str, tag: &str) -> Result<()> {
-        for blob in [&self.layer, &self.config] {
-            let start = format!("/v2/{repository}/blobs/uploads/");
-            let (status, headers, body) = http_request(registry, "POST", &start, &[], &[]).await?;
-            if status != 202 {
-                return Err(push_error("POST", &start, status, &body));
-            }
-            let location = header(&headers, "location")
-                .ok_or_else(|| Error::RealNode(format!("POST {start}: 202 without a Location")))?;
-            let path = location
-                .strip_prefix(&format!("http://{registry}"))
-                .unwrap_or(location);
-            let separator = if path.contains('?') { '&' } else { '?' };
-            let put = format!("{path}{separator}digest={}", digest(blob));
-            let (status, _, body) = http_request(
-                registry,
-                "PUT",
-                &put,
-                &[("Content-Type", "application/octet-stream")],
-                blob,
-            )
-            .await?;
-            if status != 201 {
-                return Err(push_error("PUT", &put, status, &body));
-            }
-        }
-        let path = format!("/v2/{repository}/manifests/{tag}");
-        let (status, _, body) = http_request(
-            registry,
-            "PUT",
-            &path,
-            &[("Content-Type", MANIFEST_TYPE)],
-            &self.manifest,
-        )
-        .await?;
-        if status != 201 {
-            return Err(push_error("PUT", &path, status, &body));
-        }
-        Ok(())
-    }
-}
-
 /// The HTTP server's binary ([`HELLO_IMAGE`]'s `/app`), to push elsewhere.
 pub fn hello_binary() -> Result<Vec<u8>> {
     let path = super::default_bin_dir().join("node-image-hello");
@@ -843,69 +715,6 @@ pub fn hello_binary() -> Result<Vec<u8>> {
             e,
         )
     })
-}
-
-const MANIFEST_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
-
-fn push_error(method: &str, path: &str, status: u16, body: &str) -> Error {
-    Error::RealNode(format!(
-        "push: {method} {path} answered {status}: {}",
-        body.trim()
-    ))
-}
-
-fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.as_str())
-}
-
-/// One HTTP/1.1 request on a fresh connection (`Connection: close`): status, headers, body.
-/// Plain HTTP on loopback only; a hand-written request keeps an HTTP client out of the
-/// dependencies.
-async fn http_request(
-    address: &str,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> Result<(u16, Vec<(String, String)>, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let context = format!("{method} http://{address}{path}");
-    let io = |e| Error::io(context.clone(), e);
-    let mut stream = tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(address))
-        .await
-        .map_err(|_| Error::RealNode(format!("{context}: connect timed out")))?
-        .map_err(io)?;
-    let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (name, value) in headers {
-        request.push_str(&format!("{name}: {value}\r\n"));
-    }
-    request.push_str("\r\n");
-    stream.write_all(request.as_bytes()).await.map_err(io)?;
-    stream.write_all(body).await.map_err(io)?;
-    let mut response = Vec::new();
-    tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut response))
-        .await
-        .map_err(|_| Error::RealNode(format!("{context}: no answer within 30s")))?
-        .map_err(io)?;
-    let text = String::from_utf8_lossy(&response);
-    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| Error::RealNode(format!("{context}: not an HTTP answer: {head}")))?;
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
-        .collect();
-    Ok((status, headers, rest.to_owned()))
 }
 
 /// Where the shared real node is, for tests.
@@ -919,6 +728,8 @@ pub struct SharedRealNode {
     pub pod_cidr: String,
     /// containerd's, the kubelet's and the node script's logs.
     pub log_dir: PathBuf,
+    /// containerd's registry hosts directory ([`NodeLayout::certs_dir`]).
+    pub certs_dir: PathBuf,
 }
 
 /// The real node of this test process, started on first use beside the shared control plane
@@ -971,6 +782,7 @@ fn start_on_keeper_thread(kubeconfig: PathBuf) -> Result<SharedRealNode, String>
                             node_ip: node.node_ip,
                             pod_cidr: node.pod_cidr.clone(),
                             log_dir: node.slot.dir.clone(),
+                            certs_dir: node.slot.dir.join("containerd/certs.d"),
                         }));
                         // Keep the forking thread (and with it the children) until exit.
                         let _keep = node;
@@ -990,6 +802,7 @@ fn start_on_keeper_thread(kubeconfig: PathBuf) -> Result<SharedRealNode, String>
 
 #[cfg(test)]
 mod tests {
+    use super::super::images::sha256_hex;
     use super::*;
 
     fn layout() -> NodeLayout {

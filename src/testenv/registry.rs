@@ -26,8 +26,26 @@ pub struct TokenAuth {
     pub root_certs: Vec<String>,
 }
 
+/// How a registry is started beyond its defaults (loopback, plain HTTP, no auth).
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Token auth, and the realm clients get tokens from (`None`: never contacted; builds
+    /// carry their token from the start).
+    pub auth: Option<TokenAuth>,
+    pub realm: Option<String>,
+    /// Listen here instead of 127.0.0.1 (the real node's bridge address, which pods reach).
+    pub ip: Option<std::net::Ipv4Addr>,
+    /// Serve TLS with this certificate.
+    pub tls: Option<super::CertifiedKey>,
+    /// Refuse every write (distribution's read-only maintenance mode): pulls work, pushes
+    /// are answered 405.
+    pub read_only: bool,
+    /// A port chosen by the caller.
+    pub port: Option<u16>,
+}
+
 pub struct Registry {
-    /// `127.0.0.1:<port>`.
+    /// `<ip>:<port>` (`127.0.0.1` unless [`Options::ip`]).
     pub address: String,
     _dir: tempfile::TempDir,
     _process: ManagedProcess,
@@ -37,16 +55,25 @@ impl Registry {
     /// Starts a registry that accepts only tokens signed by `auth.root_certs`. The port is
     /// `port` if given (a caller that must name it before the registry runs), else a free one.
     pub async fn start(auth: &TokenAuth, port: Option<u16>) -> Result<Self> {
-        Self::start_with(Some(auth), port).await
+        Self::start_with(Options {
+            auth: Some(auth.clone()),
+            port,
+            ..Default::default()
+        })
+        .await
     }
 
     /// A registry anyone on this machine may push to and pull from (the real node's image
     /// source: the kubelet pulls with no credentials).
     pub async fn start_open(port: Option<u16>) -> Result<Self> {
-        Self::start_with(None, port).await
+        Self::start_with(Options {
+            port,
+            ..Default::default()
+        })
+        .await
     }
 
-    async fn start_with(auth: Option<&TokenAuth>, port: Option<u16>) -> Result<Self> {
+    pub async fn start_with(options: Options) -> Result<Self> {
         let binary = binary();
         if !binary.exists() {
             return Err(Error::io(
@@ -59,11 +86,11 @@ impl Registry {
         }
         let mut last = None;
         for _ in 0..5 {
-            let port = match port {
+            let port = match options.port {
                 Some(port) => port,
                 None => free_port()?,
             };
-            match Self::try_start(&binary, auth, port).await {
+            match Self::try_start(&binary, &options, port).await {
                 Err(Error::Exited { tail, .. }) if port_conflict(&tail) => last = Some(tail),
                 other => return other,
             }
@@ -74,12 +101,13 @@ impl Registry {
         )))
     }
 
-    async fn try_start(binary: &Path, auth: Option<&TokenAuth>, port: u16) -> Result<Self> {
+    async fn try_start(binary: &Path, options: &Options, port: u16) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("shapeblock-registry-")
             .tempdir()
             .map_err(|e| Error::io("create the registry's directory", e))?;
-        let address = format!("127.0.0.1:{port}");
+        let ip = options.ip.unwrap_or(std::net::Ipv4Addr::LOCALHOST);
+        let address = format!("{ip}:{port}");
         // JSON is YAML: no quoting rules to get wrong for the paths.
         let mut config = serde_json::json!({
             "version": "0.1",
@@ -87,13 +115,23 @@ impl Registry {
             "storage": {"filesystem": {"rootdirectory": dir.path().join("data")}},
             "http": {"addr": address, "secret": "test-only-upload-state-secret"},
         });
-        if let Some(auth) = auth {
+        if let Some(tls) = &options.tls {
+            let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+            std::fs::write(&cert, &tls.cert_pem)
+                .map_err(|e| Error::io("write the registry's certificate", e))?;
+            super::write_private(&key, &tls.key_pem)?;
+            config["http"]["tls"] = serde_json::json!({"certificate": cert, "key": key});
+        }
+        if options.read_only {
+            config["storage"]["maintenance"] = serde_json::json!({"readonly": {"enabled": true}});
+        }
+        if let Some(auth) = &options.auth {
             let bundle = dir.path().join("root-certs.pem");
             std::fs::write(&bundle, auth.root_certs.concat())
                 .map_err(|e| Error::io("write the registry's root certificates", e))?;
             config["auth"] = serde_json::json!({"token": {
                 // Never contacted: builds carry their token (registrytoken) from the start.
-                "realm": "http://127.0.0.1:9/token",
+                "realm": options.realm.as_deref().unwrap_or("http://127.0.0.1:9/token"),
                 "service": auth.service,
                 "issuer": auth.issuer,
                 "rootcertbundle": bundle,
