@@ -175,14 +175,7 @@ pub fn resolve_job(
     owner: &OwnerReference,
     settings: &BuildSettings,
 ) -> Job {
-    let resolve = r#"sha=$(git ls-remote "$GIT_URL" "$GIT_REF" "refs/tags/$GIT_REF^{}" | awk 'NR==1 {print $1}')
-case "$GIT_REF" in
-  *[!0-9a-f]*) ;;
-  *) [ -z "$sha" ] && [ ${#GIT_REF} -ge 7 ] && sha=$GIT_REF ;;
-esac
-[ -n "$sha" ] || { echo "ref $GIT_REF not found in $GIT_URL" | tee /dev/termination-log; exit 2; }
-printf '%s' "$sha" > /dev/termination-log"#;
-    let script = guarded(resolve);
+    let script = guarded(RESOLVE_BODY);
     let mut container = git_container(RESOLVE_CONTAINER, app, build, git_secret, settings, &script);
     container
         .env
@@ -217,14 +210,7 @@ pub fn build_job(
     owner: &OwnerReference,
     settings: &BuildSettings,
 ) -> Job {
-    let clone_script = format!(
-        r#"cd /workspace
-git init -q src && cd src
-git remote add origin "$GIT_URL"
-git fetch -q --depth 1 origin "$COMMIT" || git fetch -q origin
-git checkout -q "$COMMIT"
-if [ -f Procfile ]; then {PROCFILE_TO_JSON} | head -c 3500 > /dev/termination-log; fi"#
-    );
+    let clone_script = CLONE_BODY.replace("PROCFILE_TO_JSON", PROCFILE_TO_JSON);
     let buildpack = app.spec.build.build_type == BuildType::Buildpack;
     let mut clone = git_container(
         CLONE_CONTAINER,
@@ -502,6 +488,63 @@ pub const GIT_HOST_GUARD: &str = include_str!("git_guard.sh");
 fn guarded(body: &str) -> String {
     format!("set -eu\n{GIT_HOST_GUARD}sb_guard_git_host\n{body}")
 }
+
+/// The resolve step after the guard: `git ls-remote` into a file, its exit status checked (no
+/// `pipefail`: the git image's `/bin/sh` may be dash or busybox), then an exact match of
+/// `GIT_REF`: `refs/heads/<ref>`, else `refs/tags/<ref>` (the peeled `^{}` line of an
+/// annotated tag, which is the commit, not the tag object), or a full `refs/...` name, or a
+/// full commit SHA. ls-remote's own patterns match by suffix (`main` would also match
+/// `refs/heads/release/main`): they only narrow what the server sends. The commit, or why
+/// there is none, goes to the termination log. Tested with the machine's `sh` and git against
+/// a local repository (`the_resolve_step_picks_the_exact_ref_and_tells_git_failures_apart`).
+pub const RESOLVE_BODY: &str = r#": "${SB_TERMINATION_LOG:=/dev/termination-log}"
+sb_refs="${TMPDIR:-/tmp}/sb-ls-remote.$$"
+case "$GIT_REF" in
+  refs/*) set -- "$GIT_REF" "$GIT_REF^{}" ;;
+  *) set -- "refs/heads/$GIT_REF" "refs/tags/$GIT_REF" "refs/tags/$GIT_REF^{}" ;;
+esac
+sb_status=0
+git ls-remote "$GIT_URL" "$@" > "$sb_refs" 2> "$sb_refs.err" || sb_status=$?
+if [ "$sb_status" -ne 0 ]; then
+  cat "$sb_refs.err" >&2
+  sb_said=$(grep -v '^[[:space:]]*$' "$sb_refs.err" | tr '\n' ' ' | cut -c1-600 | sed 's/ *$//')
+  printf 'git ls-remote %s failed (exit %s): %s\n' "$GIT_URL" "$sb_status" "$sb_said" | tee "$SB_TERMINATION_LOG" >&2
+  exit 4
+fi
+sha=$(awk '
+  BEGIN { ref = ENVIRON["GIT_REF"]; full = (substr(ref, 1, 5) == "refs/") }
+  full && $2 == ref { plain = $1 }
+  full && $2 == ref "^{}" { peeled = $1 }
+  !full && $2 == "refs/heads/" ref { head = $1 }
+  !full && $2 == "refs/tags/" ref { tag = $1 }
+  !full && $2 == "refs/tags/" ref "^{}" { tagpeeled = $1 }
+  END {
+    if (full) print (peeled != "" ? peeled : plain)
+    else if (head != "") print head
+    else print (tagpeeled != "" ? tagpeeled : tag)
+  }' "$sb_refs")
+if [ -z "$sha" ] && [ "${#GIT_REF}" -eq 40 ]; then
+  case "$GIT_REF" in
+    *[!0-9a-fA-F]*) ;;
+    *) sha=$(printf '%s' "$GIT_REF" | tr 'A-F' 'a-f') ;;
+  esac
+fi
+if [ -z "$sha" ]; then
+  printf 'ref %s not found in %s (no branch or tag of that name; a commit must be given in full, 40 hex digits)\n' "$GIT_REF" "$GIT_URL" | tee "$SB_TERMINATION_LOG" >&2
+  exit 2
+fi
+printf '%s' "$sha" > "$SB_TERMINATION_LOG""#;
+
+/// The clone step after the guard: fetch just the commit (protocol v2 servers allow any
+/// reachable commit; a v0 server refuses unadvertised objects), else every ref, then check it
+/// out. Reads a Procfile into the termination log. Tested like [`RESOLVE_BODY`].
+pub const CLONE_BODY: &str = r#": "${SB_TERMINATION_LOG:=/dev/termination-log}"
+cd /workspace
+git init -q src && cd src
+git remote add origin "$GIT_URL"
+git fetch -q --depth 1 origin "$COMMIT" || git fetch -q --no-tags origin '+refs/*:refs/sb/*'
+git checkout -q "$COMMIT"
+if [ -f Procfile ]; then PROCFILE_TO_JSON | head -c 3500 > "$SB_TERMINATION_LOG"; fi"#;
 
 /// Labels of a build step's Job and pod (and of the build's push Secret).
 pub fn step_labels(app: &App, build: &AppBuild, step: &str) -> BTreeMap<String, String> {
@@ -1326,6 +1369,171 @@ mod tests {
             let (code, env, _) = run("10.0.0.5", "https://10.0.0.5/x.git", "443");
             assert_eq!(code, Some(0));
             assert!(!env.contains("curloptResolve"), "{env}");
+        }
+    }
+
+    /// A bare repository with branches `main` and `release/main` (different commits), an
+    /// annotated tag `v1` and a lightweight tag `v2` on older commits; its commits by name.
+    fn sample_repository(dir: &std::path::Path) -> BTreeMap<&'static str, String> {
+        let git = |cwd: &std::path::Path, args: &[&str]| {
+            let output = std::process::Command::new("git")
+                .args(["-c", "user.name=t", "-c", "user.email=t@example.com", "-c", "init.defaultBranch=main"])
+                .args(args)
+                .current_dir(cwd)
+                .env("HOME", dir)
+                .output()
+                .unwrap();
+            assert!(output.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+            String::from_utf8(output.stdout).unwrap().trim().to_owned()
+        };
+        git(dir, &["init", "-q", "--bare", "remote.git"]);
+        git(dir, &["init", "-q", "work"]);
+        let work = dir.join("work");
+        let mut commits = BTreeMap::new();
+        for (name, file) in [("tagged", "a"), ("light", "b"), ("release", "c"), ("main", "d")] {
+            std::fs::write(work.join(file), name).unwrap();
+            git(&work, &["add", file]);
+            git(&work, &["commit", "-q", "-m", name]);
+            commits.insert(name, git(&work, &["rev-parse", "HEAD"]));
+            match name {
+                "tagged" => git(&work, &["tag", "-a", "-m", "version 1", "v1"]),
+                "light" => git(&work, &["tag", "v2"]),
+                "release" => git(&work, &["branch", "release/main"]),
+                _ => String::new(),
+            };
+        }
+        git(&work, &["push", "-q", "../remote.git", "main", "release/main", "v1", "v2"]);
+        let tag_object = git(&dir.join("remote.git"), &["rev-parse", "refs/tags/v1"]);
+        assert_ne!(tag_object, commits["tagged"], "v1 is an annotated tag: its own object");
+        commits.insert("v1-object", tag_object);
+        commits
+    }
+
+    /// Runs `body` (a git step's script after the guard) with `shell`, in `dir`, with `env`;
+    /// returns the exit code and the termination log.
+    fn run_step(
+        shell: &[&str],
+        path: Option<&std::path::Path>,
+        dir: &std::path::Path,
+        body: &str,
+        env: &[(&str, &str)],
+    ) -> (Option<i32>, String) {
+        let log = dir.join("termination-log");
+        let _ = std::fs::remove_file(&log);
+        let mut command = std::process::Command::new(shell[0]);
+        command
+            .args(&shell[1..])
+            .arg("-c")
+            .arg(format!("set -eu\n{body}"))
+            .current_dir(dir)
+            .env("HOME", dir)
+            .env("TMPDIR", dir)
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("SB_TERMINATION_LOG", &log)
+            .envs(env.iter().copied());
+        if let Some(tools) = path {
+            command.env("PATH", format!("{}:{}", tools.display(), std::env::var("PATH").unwrap()));
+        }
+        let output = command.output().unwrap();
+        (output.status.code(), std::fs::read_to_string(&log).unwrap_or_default())
+    }
+
+    #[test]
+    fn the_resolve_step_picks_the_exact_ref_and_tells_git_failures_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let commits = sample_repository(dir.path());
+        let url = format!("file://{}/remote.git", dir.path().display());
+        for (shell, tools) in shells() {
+            let tools = tools.inspect(|t| {
+                // The rest of busybox's applets the step uses (git is the machine's).
+                for tool in ["grep", "tr", "cut", "sed", "tee", "cat"] {
+                    let _ = std::os::unix::fs::symlink(which("busybox").unwrap(), t.path().join(tool));
+                }
+            });
+            let path = tools.as_ref().map(|t| t.path());
+            let resolve = |git_ref: &str| {
+                run_step(&shell, path, dir.path(), RESOLVE_BODY, &[("GIT_URL", &url), ("GIT_REF", git_ref)])
+            };
+            for (git_ref, want) in [
+                // Not refs/heads/release/main, which ls-remote's suffix match also lists.
+                ("main", &commits["main"]),
+                ("release/main", &commits["release"]),
+                ("refs/heads/release/main", &commits["release"]),
+                // The commit an annotated tag points at, not the tag object.
+                ("v1", &commits["tagged"]),
+                ("refs/tags/v1", &commits["tagged"]),
+                ("v2", &commits["light"]),
+                (&commits["light"].to_ascii_uppercase(), &commits["light"]),
+            ] {
+                assert_eq!(resolve(git_ref), (Some(0), want.clone()), "{shell:?}: {git_ref}");
+                assert_eq!(parse_commit(want).as_deref(), Some(want.as_str()));
+            }
+            for missing in ["elease/main", "release", "heads/main", &commits["main"][..12]] {
+                let (code, message) = resolve(missing);
+                assert_eq!(code, Some(2), "{shell:?}: {missing}: {message}");
+                assert!(
+                    message.starts_with(&format!("ref {missing} not found in {url}")),
+                    "{shell:?}: {message}"
+                );
+            }
+            // git itself failing is not "not found", and says what git said.
+            let gone = format!("file://{}/gone.git", dir.path().display());
+            let (code, message) = run_step(
+                &shell,
+                path,
+                dir.path(),
+                RESOLVE_BODY,
+                &[("GIT_URL", &gone), ("GIT_REF", "main")],
+            );
+            assert_eq!(code, Some(4), "{shell:?}: {message}");
+            assert!(
+                message.starts_with(&format!("git ls-remote {gone} failed (exit 128): fatal: ")),
+                "{shell:?}: {message}"
+            );
+            assert!(message.contains("does not appear to be a git repository"), "{message}");
+        }
+    }
+
+    #[test]
+    fn the_clone_step_checks_out_the_resolved_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let commits = sample_repository(dir.path());
+        let url = format!("file://{}/remote.git", dir.path().display());
+        let workspace = dir.path().join("workspace");
+        let body = CLONE_BODY
+            .replace("PROCFILE_TO_JSON", PROCFILE_TO_JSON)
+            .replace("cd /workspace", &format!("cd {}", workspace.display()));
+        // An older commit (only an annotated tag names it), by protocol v2 and by the
+        // fallback a v0 server needs, which refuses to send an unadvertised commit.
+        for version in ["2", "0"] {
+            let _ = std::fs::remove_dir_all(&workspace);
+            std::fs::create_dir(&workspace).unwrap();
+            let (code, _) = run_step(
+                &["sh"],
+                None,
+                dir.path(),
+                &body,
+                &[
+                    ("GIT_URL", &url),
+                    ("COMMIT", &commits["tagged"]),
+                    ("GIT_CONFIG_COUNT", "1"),
+                    ("GIT_CONFIG_KEY_0", "protocol.version"),
+                    ("GIT_CONFIG_VALUE_0", version),
+                ],
+            );
+            assert_eq!(code, Some(0), "protocol {version}");
+            let checked_out = std::process::Command::new("git")
+                .args(["rev-parse", "HEAD"])
+                .current_dir(workspace.join("src"))
+                .output()
+                .unwrap();
+            assert_eq!(
+                String::from_utf8(checked_out.stdout).unwrap().trim(),
+                commits["tagged"],
+                "protocol {version}"
+            );
+            assert_eq!(std::fs::read_to_string(workspace.join("src/a")).unwrap(), "tagged");
+            assert!(!workspace.join("src/d").exists(), "the commit, not the branch tip");
         }
     }
 
