@@ -165,7 +165,7 @@ pub const AGENT_CLUSTER_RULES: &[Rule] = &[
         resources: &["pods/log"],
         verbs: &["get"],
         resource_names: &[],
-        why: "relay build pods' logs to the hub (with the tunnel); nothing else reads them",
+        why: "relay build pods' logs to the hub (with the tunnel); read the last lines of a failed build step's log when the tool left no message (kaniko's and the lifecycle's final error)",
     },
     Rule {
         api_groups: &["cert-manager.io"],

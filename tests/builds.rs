@@ -305,6 +305,102 @@ async fn failures_say_which_step_failed() {
     );
 }
 
+/// Push versus build, and memory, decided from what the tools leave: kaniko writes its digest
+/// file just before it pushes, so a failed push leaves the digest as the termination message
+/// and kaniko's own `error pushing image: …` last in its log; an OOM kill is the kubelet's
+/// `OOMKilled` with exit 137 and no message.
+#[tokio::test]
+async fn failure_reasons_come_from_what_kaniko_and_the_kubelet_leave() {
+    use shapeblock_agent::testenv::kubelet::logs;
+    let env = env().await;
+    let _agent = env.agent(&[]).await;
+    let project = ready_project(&env.client, "evidence").await;
+    set_pod_outcome(
+        &env.client,
+        &PodSelector::container(&project, "resolve"),
+        &PodOutcome::Succeed {
+            after: Duration::from_millis(200),
+            message: Some(COMMIT.into()),
+        },
+    )
+    .await
+    .unwrap();
+    let push_error = format!(
+        "error pushing image: failed to push to destination registry.example.com/{project}/api:0123456789ab: \
+         PUT https://registry.example.com/v2/{project}/api/manifests/0123456789ab: DENIED: requested access to the resource is denied"
+    );
+    logs().script(
+        &project,
+        "build",
+        &[
+            "INFO[0004] Taking snapshot of full filesystem...",
+            "INFO[0005] Pushing image to registry.example.com",
+            &push_error,
+        ],
+    );
+    let pushing = set_pod_outcome(
+        &env.client,
+        &PodSelector::container(&project, "build"),
+        &PodOutcome::Fail {
+            after: Duration::from_millis(500),
+            exit_code: 1,
+            message: digest(),
+        },
+    )
+    .await
+    .unwrap();
+    app(
+        &env.client,
+        &project,
+        "api",
+        json!({"type": "dockerfile"}),
+        Some(json!({"url": "https://github.com/example/api.git"})),
+    )
+    .await;
+    create_build(&env.client, &project, "api-1", "api", json!({})).await;
+    let failed = wait_build(&env.client, &project, "api-1", AppBuildPhase::Failed).await;
+    let status = failed.status.unwrap();
+    assert_eq!(status.reason.as_deref(), Some("PushFailed"), "{status:?}");
+    let message = status.message.unwrap();
+    assert!(
+        message.starts_with(&format!(
+            "kaniko built the image ({}) but did not push it (exit 1): ",
+            digest()
+        )),
+        "{message}"
+    );
+    assert!(
+        message.ends_with(&push_error),
+        "the agent read kaniko's last line: {message}"
+    );
+
+    pushing.remove(&env.client).await.unwrap();
+    logs().script(&project, "build", &["INFO[0009] RUN npm ci"]);
+    set_pod_outcome(
+        &env.client,
+        &PodSelector::container(&project, "build"),
+        &PodOutcome::Killed {
+            after: Duration::from_millis(500),
+            exit_code: 137,
+            reason: "OOMKilled".into(),
+        },
+    )
+    .await
+    .unwrap();
+    create_build(&env.client, &project, "api-2", "api", json!({"imageTag": "oom"})).await;
+    let killed = wait_build(&env.client, &project, "api-2", AppBuildPhase::Failed).await;
+    let status = killed.status.unwrap();
+    assert_eq!(status.reason.as_deref(), Some("BuildOutOfMemory"), "{status:?}");
+    let message = status.message.unwrap();
+    assert!(
+        message.starts_with(
+            "the build step was killed for using more than its memory limit of 2Gi (exit 137, OOMKilled)"
+        ),
+        "{message}"
+    );
+    assert!(message.ends_with("INFO[0009] RUN npm ci"), "{message}");
+}
+
 #[tokio::test]
 async fn a_hanging_build_times_out_and_a_newer_build_supersedes_a_running_one() {
     let env = env().await;

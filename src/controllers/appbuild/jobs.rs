@@ -314,7 +314,10 @@ fn kaniko_container(
             mount("workspace", WORKSPACE, false),
             mount("registry", "/kaniko/.docker", true),
         ]),
-        termination_message_policy: Some("File".into()),
+        // kaniko writes the digest file only when it gets to the push: a failure before it
+        // leaves the file empty, and the kubelet then makes the log's tail the message (kaniko
+        // prints its final error last). See `failure.rs`.
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
         security_context: Some(SecurityContext {
             // Kaniko unpacks image layers as root; it needs no privilege and no capabilities.
             run_as_user: Some(0),
@@ -373,7 +376,9 @@ printf '{"digest":"%s","processes":[%s]}' "$digest" "$types" | head -c 4000 > /d
             mount("workspace", WORKSPACE, false),
             mount("registry", "/home/cnb/.docker", true),
         ]),
-        termination_message_policy: Some("File".into()),
+        // The script writes its message only after the creator succeeded: on failure the
+        // lifecycle's `ERROR: failed to …` line, last in the log, becomes the message.
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
         security_context: Some(non_root(CNB_UID)),
         ..Default::default()
     }
@@ -973,6 +978,15 @@ mod tests {
         assert!(args.contains(&"--cache-repo=registry.example.com/shop/web/cache".to_string()));
         assert!(args.contains(&"--digest-file=/dev/termination-log".to_string()));
         assert!(args.contains(&"--build-arg=NODE_ENV=production".to_string()));
+        // Failing tools write no message: the log's tail is what the agent reads.
+        assert_eq!(
+            main.termination_message_policy.as_deref(),
+            Some("FallbackToLogsOnError")
+        );
+        assert_eq!(
+            clone.termination_message_policy.as_deref(),
+            Some("FallbackToLogsOnError")
+        );
         assert_eq!(main.security_context.as_ref().unwrap().run_as_user, Some(0));
         assert_eq!(main.security_context.as_ref().unwrap().privileged, Some(false));
         assert_eq!(
@@ -1016,6 +1030,10 @@ mod tests {
             (Some(1000), Some(true))
         );
         assert_eq!(pod.security_context.unwrap().fs_group, Some(1000));
+        assert_eq!(
+            main.termination_message_policy.as_deref(),
+            Some("FallbackToLogsOnError")
+        );
         let env: BTreeMap<_, _> = main
             .env
             .iter()
@@ -1377,13 +1395,24 @@ mod tests {
     fn sample_repository(dir: &std::path::Path) -> BTreeMap<&'static str, String> {
         let git = |cwd: &std::path::Path, args: &[&str]| {
             let output = std::process::Command::new("git")
-                .args(["-c", "user.name=t", "-c", "user.email=t@example.com", "-c", "init.defaultBranch=main"])
+                .args([
+                    "-c",
+                    "user.name=t",
+                    "-c",
+                    "user.email=t@example.com",
+                    "-c",
+                    "init.defaultBranch=main",
+                ])
                 .args(args)
                 .current_dir(cwd)
                 .env("HOME", dir)
                 .output()
                 .unwrap();
-            assert!(output.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+            assert!(
+                output.status.success(),
+                "git {args:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
             String::from_utf8(output.stdout).unwrap().trim().to_owned()
         };
         git(dir, &["init", "-q", "--bare", "remote.git"]);
@@ -1402,9 +1431,15 @@ mod tests {
                 _ => String::new(),
             };
         }
-        git(&work, &["push", "-q", "../remote.git", "main", "release/main", "v1", "v2"]);
+        git(
+            &work,
+            &["push", "-q", "../remote.git", "main", "release/main", "v1", "v2"],
+        );
         let tag_object = git(&dir.join("remote.git"), &["rev-parse", "refs/tags/v1"]);
-        assert_ne!(tag_object, commits["tagged"], "v1 is an annotated tag: its own object");
+        assert_ne!(
+            tag_object, commits["tagged"],
+            "v1 is an annotated tag: its own object"
+        );
         commits.insert("v1-object", tag_object);
         commits
     }
@@ -1432,10 +1467,16 @@ mod tests {
             .env("SB_TERMINATION_LOG", &log)
             .envs(env.iter().copied());
         if let Some(tools) = path {
-            command.env("PATH", format!("{}:{}", tools.display(), std::env::var("PATH").unwrap()));
+            command.env(
+                "PATH",
+                format!("{}:{}", tools.display(), std::env::var("PATH").unwrap()),
+            );
         }
         let output = command.output().unwrap();
-        (output.status.code(), std::fs::read_to_string(&log).unwrap_or_default())
+        (
+            output.status.code(),
+            std::fs::read_to_string(&log).unwrap_or_default(),
+        )
     }
 
     #[test]
@@ -1452,7 +1493,13 @@ mod tests {
             });
             let path = tools.as_ref().map(|t| t.path());
             let resolve = |git_ref: &str| {
-                run_step(&shell, path, dir.path(), RESOLVE_BODY, &[("GIT_URL", &url), ("GIT_REF", git_ref)])
+                run_step(
+                    &shell,
+                    path,
+                    dir.path(),
+                    RESOLVE_BODY,
+                    &[("GIT_URL", &url), ("GIT_REF", git_ref)],
+                )
             };
             for (git_ref, want) in [
                 // Not refs/heads/release/main, which ls-remote's suffix match also lists.
@@ -1490,7 +1537,10 @@ mod tests {
                 message.starts_with(&format!("git ls-remote {gone} failed (exit 128): fatal: ")),
                 "{shell:?}: {message}"
             );
-            assert!(message.contains("does not appear to be a git repository"), "{message}");
+            assert!(
+                message.contains("does not appear to be a git repository"),
+                "{message}"
+            );
         }
     }
 
@@ -1532,8 +1582,14 @@ mod tests {
                 commits["tagged"],
                 "protocol {version}"
             );
-            assert_eq!(std::fs::read_to_string(workspace.join("src/a")).unwrap(), "tagged");
-            assert!(!workspace.join("src/d").exists(), "the commit, not the branch tip");
+            assert_eq!(
+                std::fs::read_to_string(workspace.join("src/a")).unwrap(),
+                "tagged"
+            );
+            assert!(
+                !workspace.join("src/d").exists(),
+                "the commit, not the branch tip"
+            );
         }
     }
 
