@@ -305,6 +305,76 @@ async fn failures_say_which_step_failed() {
     );
 }
 
+/// Pods pull with the project's copy of the cluster pull secret and, for an App whose images
+/// live in its own registry, with that registry's credential: the Deployment the real Helm
+/// renders and the release command's Job alike.
+#[tokio::test]
+async fn app_pods_and_the_release_command_pull_with_the_registry_credentials() {
+    let env = env().await;
+    let _agent = env.agent(&[]).await;
+    let project = ready_project(&env.client, "pulls").await;
+    let own: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
+        "metadata": {"name": "ghcr", "labels": {"apps.shapeblock.io/credential": "registry"},
+                     "annotations": {"apps.shapeblock.io/registry-host": "ghcr.io"}},
+        "type": "kubernetes.io/dockerconfigjson",
+        "stringData": {".dockerconfigjson": "{\"auths\":{\"ghcr.io\":{\"auth\":\"YTpi\"}}}"},
+    }))
+    .unwrap();
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(env.client.clone(), &project)
+        .create(&Default::default(), &own)
+        .await
+        .unwrap();
+    set_pod_outcome(
+        &env.client,
+        &PodSelector::container(&project, "release"),
+        &PodOutcome::Succeed {
+            after: Duration::from_secs(2),
+            message: None,
+        },
+    )
+    .await
+    .unwrap();
+    create(
+        Api::<App>::namespaced(env.client.clone(), &project),
+        json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "App", "metadata": {"name": "web"},
+               "spec": {"registry": {"url": "ghcr.io/acme", "secretName": "ghcr"},
+                        "build": {"type": "image", "image": "ghcr.io/acme/web:1.0"},
+                        "releaseCommand": ["./migrate"]}}),
+    )
+    .await;
+    wait_app(&env.client, &project, "web", AppPhase::Ready).await;
+    create_build(
+        &env.client,
+        &project,
+        "web-1",
+        "web",
+        json!({"helmValues": {"port": 8080}}),
+    )
+    .await;
+    let pulls = |pod: Option<k8s_openapi::api::core::v1::PodSpec>| -> Vec<String> {
+        pod.and_then(|p| p.image_pull_secrets)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| s.name)
+            .collect()
+    };
+    let jobs = Api::<Job>::namespaced(env.client.clone(), &project);
+    let (release, _) = eventually(BUILD_TIMEOUT, "the release command's Job", || async {
+        jobs.get_opt("web-1-release").await.unwrap()
+    })
+    .await;
+    assert_eq!(pulls(release.spec.unwrap().template.spec), [PULL_SECRET, "ghcr"]);
+    wait_build(&env.client, &project, "web-1", AppBuildPhase::Completed).await;
+    let deployment = Api::<Deployment>::namespaced(env.client.clone(), &project)
+        .get("web-web")
+        .await
+        .unwrap();
+    assert_eq!(
+        pulls(deployment.spec.unwrap().template.spec),
+        [PULL_SECRET, "ghcr"]
+    );
+}
+
 /// Push versus build, and memory, decided from what the tools leave: kaniko writes its digest
 /// file just before it pushes, so a failed push leaves the digest as the termination message
 /// and kaniko's own `error pushing image: …` last in its log; an OOM kill is the kubelet's

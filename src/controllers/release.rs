@@ -108,6 +108,13 @@ pub async fn render(
     let project = app.namespace().unwrap_or_default();
     let live = live_replicas(ctx, app, &running.processes).await?;
     let status = app.status.clone().unwrap_or_default();
+    let pull_secrets = super::registry::pull_secrets_checked(
+        &ctx.client,
+        app,
+        &ctx.config.registry,
+        ctx.config.registry_secret.as_deref(),
+    )
+    .await?;
     let release = super::appbuild::Release {
         project: &project,
         app: &app.name_any(),
@@ -119,6 +126,7 @@ pub async fn render(
         live_replicas: &live,
         default_issuer: &ctx.config.builds.certificate_issuer,
         build_processes: &running.processes,
+        pull_secrets: &pull_secrets,
     };
     let mut values = match chart_values(&release, running.user_values) {
         Ok(values) => values,

@@ -10,9 +10,9 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Container, EnvVar, EnvVarSource, KeyToPath, PodSecurityContext, PodSpec, PodTemplateSpec,
-    ResourceRequirements, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext, Volume,
-    VolumeMount,
+    Container, EnvVar, EnvVarSource, KeyToPath, LocalObjectReference, PodSecurityContext, PodSpec,
+    PodTemplateSpec, ResourceRequirements, SeccompProfile, SecretKeySelector, SecretVolumeSource,
+    SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
@@ -750,11 +750,13 @@ pub fn release_job(
     build: &AppBuild,
     name: &str,
     web: &serde_json::Value,
+    pull_secrets: Vec<String>,
     command: Vec<String>,
     owner: &OwnerReference,
     settings: &BuildSettings,
 ) -> Job {
     app_job(&AppJob {
+        pull_secrets,
         namespace: &build.namespace().unwrap_or_default(),
         name,
         labels: step_labels(app, build, "release"),
@@ -778,6 +780,8 @@ pub struct AppJob<'a> {
     /// shape): image, plain and secret config vars, bound services, resources. It carries no
     /// secret value (those are references).
     pub web: &'a serde_json::Value,
+    /// Secrets the pod pulls the image with: the release's (`pull_secrets_of` its values).
+    pub pull_secrets: Vec<String>,
     pub command: Vec<String>,
     pub owner: &'a OwnerReference,
     pub deadline_seconds: i64,
@@ -818,6 +822,12 @@ pub fn app_job(spec: &AppJob<'_>) -> Job {
         spec.ttl_seconds_after_finished,
         PodSpec {
             containers: vec![container],
+            image_pull_secrets: (!spec.pull_secrets.is_empty()).then(|| {
+                spec.pull_secrets
+                    .iter()
+                    .map(|name| LocalObjectReference { name: name.clone() })
+                    .collect()
+            }),
             ..Default::default()
         },
     )
@@ -1591,6 +1601,44 @@ mod tests {
                 "the commit, not the branch tip"
             );
         }
+    }
+
+    #[test]
+    fn release_jobs_pull_with_the_releases_secrets() {
+        let web = serde_json::json!({"image": "ghcr.io/acme/shop/web", "imageTag": "abc"});
+        let job = release_job(
+            &app(BuildType::Dockerfile),
+            &build(),
+            "web-7-release",
+            &web,
+            vec!["registry-credentials".into(), "ghcr".into()],
+            vec!["migrate".into()],
+            &owner(),
+            &BuildSettings::default(),
+        );
+        let pod = pod_of(&job);
+        let pulls: Vec<_> = pod
+            .image_pull_secrets
+            .iter()
+            .flatten()
+            .map(|s| s.name.as_str())
+            .collect();
+        assert_eq!(pulls, ["registry-credentials", "ghcr"]);
+        assert_eq!(
+            pod.containers[0].image.as_deref(),
+            Some("ghcr.io/acme/shop/web:abc")
+        );
+        let none = release_job(
+            &app(BuildType::Dockerfile),
+            &build(),
+            "web-7-release",
+            &web,
+            vec![],
+            vec!["migrate".into()],
+            &owner(),
+            &BuildSettings::default(),
+        );
+        assert!(pod_of(&none).image_pull_secrets.is_none());
     }
 
     #[test]

@@ -36,7 +36,7 @@ pub use jobs::{
 };
 pub use values::{
     ALLOWED_KEYS, CONFIG_REVISION_ANNOTATION, PROCESS_LABEL, Release, WEB, chart_values, deployment_name,
-    launch, processes, release_container, tls_secret_name,
+    launch, processes, pull_secrets_of, release_container, tls_secret_name,
 };
 pub(crate) use values::{Refused, check_yaml_printable, env_list};
 
@@ -246,6 +246,7 @@ impl Pipeline<'_> {
                 live_replicas: &no_live_replicas,
                 default_issuer: &self.ctx.config.builds.certificate_issuer,
                 build_processes: &self.status().process_types,
+                pull_secrets: &[],
             },
             self.build.spec.helm_values.as_ref(),
         ) {
@@ -1038,6 +1039,7 @@ impl Pipeline<'_> {
             self.build,
             &jobs::release_job_name(self.build),
             &web,
+            values::pull_secrets_of(values),
             command,
             &owner,
             &self.ctx.config.builds,
