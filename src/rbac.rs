@@ -209,6 +209,13 @@ pub const AGENT_CLUSTER_RULES: &[Rule] = &[
         resource_names: SHAPEBLOCK_CRDS,
         why: "server-side apply of its own six CRDs at start-up (Helm never upgrades a chart's crds/); create by name only through apply, which recreates a deleted one; no other CRD",
     },
+    Rule {
+        api_groups: &["apiextensions.k8s.io"],
+        resources: &["customresourcedefinitions"],
+        verbs: &["get"],
+        resource_names: &[crate::controllers::appbuild::HELM_CHART_CRD],
+        why: "read which spec fields the served HelmChart CRD declares, to leave out those an older helm-controller lacks (failurePolicy); that one CRD only",
+    },
 ];
 
 /// Names of the ShapeBlock CRDs, for the one rule on CRDs (a unit test keeps it equal to

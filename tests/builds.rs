@@ -101,6 +101,8 @@ async fn a_prebuilt_image_is_deployed_by_real_helm_and_completed_once_rolled_out
         .await
         .unwrap();
     assert_eq!(chart.data["spec"]["targetNamespace"], project.as_str());
+    // The pinned helm-controller's CRD has failurePolicy: the agent read it and kept it.
+    assert_eq!(chart.data["spec"]["failurePolicy"], "retry");
     // The helm-controller's ServiceAccount for it is in the agent's namespace, never the
     // tenant's (where any pod could name it).
     let accounts = |namespace: &str| {
@@ -303,6 +305,33 @@ async fn failures_say_which_step_failed() {
             .unwrap()
             .is_none()
     );
+}
+
+/// The agent, with its own ServiceAccount and RBAC, reads the HelmChart CRD the cluster
+/// serves (the pinned helm-controller's) and finds every optional field it writes there.
+#[tokio::test]
+async fn the_agent_reads_which_fields_the_served_helm_chart_crd_declares() {
+    use shapeblock_agent::controllers::appbuild::{OPTIONAL_SPEC_FIELDS, SpecFields};
+    use shapeblock_agent::controllers::{Config, Context, metrics::Metrics};
+    let env = env().await;
+    let kubeconfig = kube::config::Kubeconfig::read_from(&env.kubeconfig).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .unwrap();
+    let ctx = Context::new(
+        Client::try_from(config).unwrap(),
+        std::sync::Arc::new(Metrics::default()),
+        Config::default(),
+    );
+    let SpecFields::Declared(fields) = ctx.helm_chart_fields().await else {
+        panic!("the agent could not read the served HelmChart CRD's spec fields");
+    };
+    for field in OPTIONAL_SPEC_FIELDS
+        .iter()
+        .chain(&["chartContent", "targetNamespace", "valuesContent"])
+    {
+        assert!(fields.contains(*field), "{field} in {fields:?}");
+    }
 }
 
 /// Pods pull with the project's copy of the cluster pull secret and, for an App whose images

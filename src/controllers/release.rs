@@ -154,7 +154,7 @@ pub async fn deployed_values(ctx: &Context, app: &App) -> Result<Option<Value>> 
 
 /// Applies the App's HelmChart with `values`: the helm-controller upgrades the release.
 pub async fn apply(ctx: &Context, app: &App, build: &str, values: &Value) -> Result<()> {
-    let chart = super::appbuild::helm_chart_object(
+    let mut chart = super::appbuild::helm_chart_object(
         &ctx.config.agent_namespace,
         &app.namespace().unwrap_or_default(),
         &app.name_any(),
@@ -186,6 +186,7 @@ pub async fn apply(ctx: &Context, app: &App, build: &str, values: &Value) -> Res
         .all(|key| annotations.get(*key) == chart.annotations().get(*key))
     });
     if !same {
+        ctx.fit_helm_chart(&mut chart).await;
         super::install_access::grant(ctx, &chart.name_any(), &app.namespace().unwrap_or_default()).await?;
         charts
             .patch(

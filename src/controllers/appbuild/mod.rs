@@ -25,7 +25,10 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
-pub use helmchart::{BUILD_ANNOTATION, CONTENT_ANNOTATION, check_stored_size, values_content};
+pub use helmchart::{
+    BUILD_ANNOTATION, CONTENT_ANNOTATION, HELM_CHART_CRD, OPTIONAL_SPEC_FIELDS, SpecFields,
+    check_stored_size, fit_to_served, served_spec_fields, values_content,
+};
 pub use helmchart::{
     UNIVERSAL_CHART, chart_name, release_status, resource as helm_chart_resource, service_chart_name,
 };
