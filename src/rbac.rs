@@ -165,7 +165,7 @@ pub const AGENT_CLUSTER_RULES: &[Rule] = &[
         resources: &["pods/log"],
         verbs: &["get"],
         resource_names: &[],
-        why: "relay build pods' logs to the hub (with the tunnel); nothing else reads them",
+        why: "relay build pods' logs to the hub (with the tunnel); read the last lines of a failed build step's log when the tool left no message (kaniko's and the lifecycle's final error)",
     },
     Rule {
         api_groups: &["cert-manager.io"],
@@ -208,6 +208,13 @@ pub const AGENT_CLUSTER_RULES: &[Rule] = &[
         verbs: &["get", "create", "patch"],
         resource_names: SHAPEBLOCK_CRDS,
         why: "server-side apply of its own six CRDs at start-up (Helm never upgrades a chart's crds/); create by name only through apply, which recreates a deleted one; no other CRD",
+    },
+    Rule {
+        api_groups: &["apiextensions.k8s.io"],
+        resources: &["customresourcedefinitions"],
+        verbs: &["get"],
+        resource_names: &[crate::controllers::appbuild::HELM_CHART_CRD],
+        why: "read which spec fields the served HelmChart CRD declares, to leave out those an older helm-controller lacks (failurePolicy); that one CRD only",
     },
 ];
 

@@ -101,6 +101,8 @@ async fn a_prebuilt_image_is_deployed_by_real_helm_and_completed_once_rolled_out
         .await
         .unwrap();
     assert_eq!(chart.data["spec"]["targetNamespace"], project.as_str());
+    // The pinned helm-controller's CRD has failurePolicy: the agent read it and kept it.
+    assert_eq!(chart.data["spec"]["failurePolicy"], "retry");
     // The helm-controller's ServiceAccount for it is in the agent's namespace, never the
     // tenant's (where any pod could name it).
     let accounts = |namespace: &str| {
@@ -303,6 +305,199 @@ async fn failures_say_which_step_failed() {
             .unwrap()
             .is_none()
     );
+}
+
+/// The agent, with its own ServiceAccount and RBAC, reads the HelmChart CRD the cluster
+/// serves (the pinned helm-controller's) and finds every optional field it writes there.
+#[tokio::test]
+async fn the_agent_reads_which_fields_the_served_helm_chart_crd_declares() {
+    use shapeblock_agent::controllers::appbuild::{OPTIONAL_SPEC_FIELDS, SpecFields};
+    use shapeblock_agent::controllers::{Config, Context, metrics::Metrics};
+    let env = env().await;
+    let kubeconfig = kube::config::Kubeconfig::read_from(&env.kubeconfig).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .unwrap();
+    let ctx = Context::new(
+        Client::try_from(config).unwrap(),
+        std::sync::Arc::new(Metrics::default()),
+        Config::default(),
+    );
+    let SpecFields::Declared(fields) = ctx.helm_chart_fields().await else {
+        panic!("the agent could not read the served HelmChart CRD's spec fields");
+    };
+    for field in OPTIONAL_SPEC_FIELDS
+        .iter()
+        .chain(&["chartContent", "targetNamespace", "valuesContent"])
+    {
+        assert!(fields.contains(*field), "{field} in {fields:?}");
+    }
+}
+
+/// Pods pull with the project's copy of the cluster pull secret and, for an App whose images
+/// live in its own registry, with that registry's credential: the Deployment the real Helm
+/// renders and the release command's Job alike.
+#[tokio::test]
+async fn app_pods_and_the_release_command_pull_with_the_registry_credentials() {
+    let env = env().await;
+    let _agent = env.agent(&[]).await;
+    let project = ready_project(&env.client, "pulls").await;
+    let own: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
+        "metadata": {"name": "ghcr", "labels": {"apps.shapeblock.io/credential": "registry"},
+                     "annotations": {"apps.shapeblock.io/registry-host": "ghcr.io"}},
+        "type": "kubernetes.io/dockerconfigjson",
+        "stringData": {".dockerconfigjson": "{\"auths\":{\"ghcr.io\":{\"auth\":\"YTpi\"}}}"},
+    }))
+    .unwrap();
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(env.client.clone(), &project)
+        .create(&Default::default(), &own)
+        .await
+        .unwrap();
+    set_pod_outcome(
+        &env.client,
+        &PodSelector::container(&project, "release"),
+        &PodOutcome::Succeed {
+            after: Duration::from_secs(2),
+            message: None,
+        },
+    )
+    .await
+    .unwrap();
+    create(
+        Api::<App>::namespaced(env.client.clone(), &project),
+        json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "App", "metadata": {"name": "web"},
+               "spec": {"registry": {"url": "ghcr.io/acme", "secretName": "ghcr"},
+                        "build": {"type": "image", "image": "ghcr.io/acme/web:1.0"},
+                        "releaseCommand": ["./migrate"]}}),
+    )
+    .await;
+    wait_app(&env.client, &project, "web", AppPhase::Ready).await;
+    create_build(
+        &env.client,
+        &project,
+        "web-1",
+        "web",
+        json!({"helmValues": {"port": 8080}}),
+    )
+    .await;
+    let pulls = |pod: Option<k8s_openapi::api::core::v1::PodSpec>| -> Vec<String> {
+        pod.and_then(|p| p.image_pull_secrets)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| s.name)
+            .collect()
+    };
+    let jobs = Api::<Job>::namespaced(env.client.clone(), &project);
+    let (release, _) = eventually(BUILD_TIMEOUT, "the release command's Job", || async {
+        jobs.get_opt("web-1-release").await.unwrap()
+    })
+    .await;
+    assert_eq!(pulls(release.spec.unwrap().template.spec), [PULL_SECRET, "ghcr"]);
+    wait_build(&env.client, &project, "web-1", AppBuildPhase::Completed).await;
+    let deployment = Api::<Deployment>::namespaced(env.client.clone(), &project)
+        .get("web-web")
+        .await
+        .unwrap();
+    assert_eq!(
+        pulls(deployment.spec.unwrap().template.spec),
+        [PULL_SECRET, "ghcr"]
+    );
+}
+
+/// Push versus build, and memory, decided from what the tools leave: kaniko writes its digest
+/// file just before it pushes, so a failed push leaves the digest as the termination message
+/// and kaniko's own `error pushing image: …` last in its log; an OOM kill is the kubelet's
+/// `OOMKilled` with exit 137 and no message.
+#[tokio::test]
+async fn failure_reasons_come_from_what_kaniko_and_the_kubelet_leave() {
+    use shapeblock_agent::testenv::kubelet::logs;
+    let env = env().await;
+    let _agent = env.agent(&[]).await;
+    let project = ready_project(&env.client, "evidence").await;
+    set_pod_outcome(
+        &env.client,
+        &PodSelector::container(&project, "resolve"),
+        &PodOutcome::Succeed {
+            after: Duration::from_millis(200),
+            message: Some(COMMIT.into()),
+        },
+    )
+    .await
+    .unwrap();
+    let push_error = format!(
+        "error pushing image: failed to push to destination registry.example.com/{project}/api:0123456789ab: \
+         PUT https://registry.example.com/v2/{project}/api/manifests/0123456789ab: DENIED: requested access to the resource is denied"
+    );
+    logs().script(
+        &project,
+        "build",
+        &[
+            "INFO[0004] Taking snapshot of full filesystem...",
+            "INFO[0005] Pushing image to registry.example.com",
+            &push_error,
+        ],
+    );
+    let pushing = set_pod_outcome(
+        &env.client,
+        &PodSelector::container(&project, "build"),
+        &PodOutcome::Fail {
+            after: Duration::from_millis(500),
+            exit_code: 1,
+            message: digest(),
+        },
+    )
+    .await
+    .unwrap();
+    app(
+        &env.client,
+        &project,
+        "api",
+        json!({"type": "dockerfile"}),
+        Some(json!({"url": "https://github.com/example/api.git"})),
+    )
+    .await;
+    create_build(&env.client, &project, "api-1", "api", json!({})).await;
+    let failed = wait_build(&env.client, &project, "api-1", AppBuildPhase::Failed).await;
+    let status = failed.status.unwrap();
+    assert_eq!(status.reason.as_deref(), Some("PushFailed"), "{status:?}");
+    let message = status.message.unwrap();
+    assert!(
+        message.starts_with(&format!(
+            "kaniko built the image ({}) but did not push it (exit 1): ",
+            digest()
+        )),
+        "{message}"
+    );
+    assert!(
+        message.ends_with(&push_error),
+        "the agent read kaniko's last line: {message}"
+    );
+
+    pushing.remove(&env.client).await.unwrap();
+    logs().script(&project, "build", &["INFO[0009] RUN npm ci"]);
+    set_pod_outcome(
+        &env.client,
+        &PodSelector::container(&project, "build"),
+        &PodOutcome::Killed {
+            after: Duration::from_millis(500),
+            exit_code: 137,
+            reason: "OOMKilled".into(),
+        },
+    )
+    .await
+    .unwrap();
+    create_build(&env.client, &project, "api-2", "api", json!({"imageTag": "oom"})).await;
+    let killed = wait_build(&env.client, &project, "api-2", AppBuildPhase::Failed).await;
+    let status = killed.status.unwrap();
+    assert_eq!(status.reason.as_deref(), Some("BuildOutOfMemory"), "{status:?}");
+    let message = status.message.unwrap();
+    assert!(
+        message.starts_with(
+            "the build step was killed for using more than its memory limit of 2Gi (exit 137, OOMKilled)"
+        ),
+        "{message}"
+    );
+    assert!(message.ends_with("INFO[0009] RUN npm ci"), "{message}");
 }
 
 #[tokio::test]

@@ -32,6 +32,11 @@ use shapeblock_agent::testenv;
 
 const PROJECT: &str = "shop";
 const APP: &str = "web";
+/// The pull Secrets of every release in these tests: the project's copy of the cluster's and
+/// an App's own.
+const PULL_SECRETS: &[&str] = &["registry-credentials", "ghcr"];
+static PULL_SECRET_NAMES: std::sync::LazyLock<Vec<String>> =
+    std::sync::LazyLock::new(|| PULL_SECRETS.iter().map(|s| s.to_string()).collect());
 /// The demo cluster's escape, verbatim.
 const LOOKUP: &str =
     r#"{{ (lookup "v1" "Secret" "shapeblock" "shapeblock-agent-identity").data | keys | join "," }}"#;
@@ -378,6 +383,25 @@ fn check_rendered(
             None | Some(PROJECT) => {}
             Some(other) => return Err(format!("rendered a {kind} in namespace {other}")),
         }
+        // Every App pod pulls with the release's pull Secrets, in the pod spec itself.
+        let pod = match kind {
+            "Deployment" => Some(&document["spec"]["template"]["spec"]),
+            "CronJob" => Some(&document["spec"]["jobTemplate"]["spec"]["template"]["spec"]),
+            _ => None,
+        };
+        if let Some(pod) = pod {
+            let pulls: Vec<&str> = pod["imagePullSecrets"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s["name"].as_str())
+                .collect();
+            if pulls != PULL_SECRETS {
+                return Err(format!(
+                    "a {kind} pulls with {pulls:?}, not {PULL_SECRETS:?}: {document}"
+                ));
+            }
+        }
         strings(document, &mut rendered);
     }
     for input in inputs {
@@ -405,6 +429,7 @@ fn release<'a>(
         live_replicas: none,
         default_issuer: "letsencrypt",
         build_processes: processes,
+        pull_secrets: &PULL_SECRET_NAMES,
     }
 }
 

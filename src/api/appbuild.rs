@@ -146,7 +146,7 @@ pub struct AppBuildStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<AppBuildPhase>,
     /// Machine-readable cause of the last transition: `ResolveFailed`, `CloneFailed`,
-    /// `BuildFailed`, `PushFailed`, `Timeout`, `DeployFailed`, `InvalidSpec`, `Superseded`, ...
+    /// `BuildFailed`, `PushFailed`, `BuildOutOfMemory`, `Timeout`, `DeployFailed`, `InvalidSpec`, `Superseded`, ...
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     /// Human-readable explanation: what happened and what to do about it.

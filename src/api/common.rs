@@ -79,7 +79,7 @@ pub struct BuildResources {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(schema_with = "resource_map")]
     pub requests: BTreeMap<String, Quantity>,
-    /// Hard ceilings; a build over its memory limit is killed and fails with `BuildFailed`.
+    /// Hard ceilings; a build over its memory limit is killed and fails with `BuildOutOfMemory`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(schema_with = "resource_map")]
     pub limits: BTreeMap<String, Quantity>,

@@ -406,6 +406,7 @@ async fn release_command(
             labels: [(super::APP_LABEL.to_string(), app.name_any())].into(),
             container: super::appbuild::RELEASE_CONTAINER,
             web: &super::appbuild::release_container(values),
+            pull_secrets: super::appbuild::pull_secrets_of(values),
             command: super::appbuild::launch(
                 &app.spec,
                 super::appbuild::RELEASE_CONTAINER,

@@ -18,7 +18,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 
-use super::appbuild::{AppJob, app_job, launch, release_container};
+use super::appbuild::{AppJob, app_job, launch, pull_secrets_of, release_container};
 use super::job_state::{self, JobState};
 use super::release::{self, Running};
 use super::{APP_LABEL, ConditionSet, Context, FIELD_MANAGER, Result};
@@ -380,6 +380,7 @@ pub fn run_job(run: &AppRun, app: &App, values: &serde_json::Value, ttl_seconds_
         labels,
         container: RUN_CONTAINER,
         web: &release_container(values),
+        pull_secrets: pull_secrets_of(values),
         command: launch(&app.spec, RUN_CONTAINER, &run.spec.command),
         owner: &owner,
         deadline_seconds: run.spec.timeout_seconds.unwrap_or(DEFAULT_RUN_TIMEOUT_SECONDS),
@@ -420,7 +421,10 @@ mod tests {
             "envFrom": [{"secretRef": {"name": "web-config"}}],
             "resources": {"requests": {"cpu": "100m"}},
         });
-        let values = json!({"deployments": {"worker": {"containers": [{"image": "x"}]}, "web": {"containers": [web]}}});
+        let values = json!({
+            "generic": {"extraImagePullSecrets": [{"name": "registry-credentials"}, {"name": "ghcr"}]},
+            "deployments": {"worker": {"containers": [{"image": "x"}]}, "web": {"containers": [web]}},
+        });
         let job = run_job(&run, &app, &values, 600);
         assert_eq!(job.name_any(), "seed-1");
         assert_eq!(job.labels()[RUN_LABEL], "seed-1");
@@ -434,6 +438,14 @@ mod tests {
         assert_eq!(template.metadata.unwrap().labels.unwrap()[RUN_LABEL], "seed-1");
         let pod = template.spec.unwrap();
         assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
+        // It pulls the image as the release's pods do.
+        let pulls: Vec<_> = pod
+            .image_pull_secrets
+            .iter()
+            .flatten()
+            .map(|s| s.name.as_str())
+            .collect();
+        assert_eq!(pulls, ["registry-credentials", "ghcr"]);
         // The app's own pod defaults, like web: not the builder's hardening overrides.
         assert_eq!(pod.automount_service_account_token, None);
         assert_eq!(pod.service_account_name, None);

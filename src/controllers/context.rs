@@ -59,7 +59,13 @@ pub struct Context {
     helm_charts_served: AtomicBool,
     /// The registry token signing key, loaded (or made) on first use.
     registry_signer: tokio::sync::OnceCell<super::registry::Signer>,
+    /// What the served HelmChart CRD accepts, and when it was read.
+    helm_chart_fields: Mutex<Option<(Instant, super::appbuild::SpecFields)>>,
 }
+
+/// How long what the served HelmChart CRD accepts is trusted: a k3s upgrade can bring a newer
+/// helm-controller (and CRD) without restarting the agent.
+const HELM_CHART_FIELDS_FOR: Duration = Duration::from_secs(600);
 
 /// Number of controllers whose caches must be synced before the agent reports ready.
 pub const CONTROLLERS: usize = 6;
@@ -80,7 +86,51 @@ impl Context {
             synced: AtomicUsize::new(0),
             helm_charts_served: AtomicBool::new(true),
             registry_signer: tokio::sync::OnceCell::new(),
+            helm_chart_fields: Mutex::new(None),
         }
+    }
+
+    /// What the served HelmChart CRD's spec accepts (read lazily, kept for ten minutes). A
+    /// CRD the agent cannot read is taken to accept everything, as before.
+    pub async fn helm_chart_fields(&self) -> super::appbuild::SpecFields {
+        use super::appbuild::{HELM_CHART_CRD, SpecFields, served_spec_fields};
+        use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+        let cached = self.helm_chart_fields.lock().unwrap().clone();
+        if let Some((at, fields)) = &cached
+            && at.elapsed() < HELM_CHART_FIELDS_FOR
+        {
+            return fields.clone();
+        }
+        let read = kube::Api::<CustomResourceDefinition>::all(self.client.clone())
+            .get_opt(HELM_CHART_CRD)
+            .await;
+        let fields = match read {
+            Ok(Some(crd)) => served_spec_fields(&crd),
+            // Not served: the deploy says so (HelmControllerMissing) without this.
+            Ok(None) => SpecFields::Any,
+            Err(err) => {
+                tracing::warn!(%err, "cannot read the HelmChart CRD; sending every HelmChart field");
+                // Looked at again next time: the error may pass.
+                return cached.map(|(_, f)| f).unwrap_or(SpecFields::Any);
+            }
+        };
+        let before = cached.map(|(_, f)| f.missing());
+        let missing = fields.missing();
+        if before.as_ref() != Some(&missing) && (!missing.is_empty() || before.is_some()) {
+            tracing::info!(
+                left_out = ?missing,
+                "the served HelmChart CRD ({HELM_CHART_CRD}) declares no spec field of these names \
+                 (an older helm-controller): HelmCharts are applied without them, so a failed \
+                 upgrade follows the controller's own default"
+            );
+        }
+        *self.helm_chart_fields.lock().unwrap() = Some((Instant::now(), fields.clone()));
+        fields
+    }
+
+    /// Leaves out of `chart` what the served HelmChart CRD does not declare.
+    pub async fn fit_helm_chart(&self, chart: &mut kube::api::DynamicObject) {
+        super::appbuild::fit_to_served(chart, &self.helm_chart_fields().await);
     }
 
     /// Why `namespace` is not served, or `None` when it is a namespace the agent made for a

@@ -292,6 +292,45 @@ pub async fn own_credential(
     check_own_credential(secret.as_ref(), name, host)
 }
 
+/// The Secrets an App's pods (its Deployments, CronJobs, release command and runs) pull
+/// with: the project's copy of the cluster's pull secret (`--registry-secret`, same name)
+/// when the agent has one, and the App's own registry credential when its images come from
+/// another registry (the Secret its builds push with; [`pull_secrets_checked`] also checks
+/// it is marked for that host). Pushing was never enough: a private registry refuses the
+/// kubelet's anonymous pull and the pods stay in `ImagePullBackOff`.
+pub fn pull_secrets(app: &App, settings: &RegistrySettings, shared_secret: Option<&str>) -> Vec<String> {
+    let mut names: Vec<String> = shared_secret.map(str::to_owned).into_iter().collect();
+    if let Ok(PushTarget::Own { secret, .. }) = push_target(app, settings, shared_secret)
+        && !names.contains(&secret)
+    {
+        names.push(secret);
+    }
+    names
+}
+
+/// [`pull_secrets`], with the App's own credential left out unless it is one made for its
+/// registry (as a build would refuse it).
+pub async fn pull_secrets_checked(
+    client: &Client,
+    app: &App,
+    settings: &RegistrySettings,
+    shared_secret: Option<&str>,
+) -> Result<Vec<String>, RegistryError> {
+    let mut names = pull_secrets(app, settings, shared_secret);
+    if let Ok(PushTarget::Own { secret, host }) = push_target(app, settings, shared_secret) {
+        let namespace = app.namespace().unwrap_or_default();
+        match own_credential(client, &namespace, &secret, &host).await {
+            Ok(()) => {}
+            Err(RegistryError::Refused { message, .. }) => {
+                tracing::debug!(app = %app.name_any(), %message, "not pulling with the App's registry Secret");
+                names.retain(|n| *n != secret || Some(n.as_str()) == shared_secret);
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(names)
+}
+
 /// Name of a build's own push Secret.
 pub fn push_secret_name(build: &str) -> String {
     format!("{build}-push")
@@ -585,6 +624,39 @@ mod tests {
         let mut app = App::new("web", spec);
         app.metadata.namespace = Some("a".into());
         app
+    }
+
+    #[test]
+    fn pods_pull_with_the_projects_copy_and_the_apps_own_credential() {
+        let cluster = settings("registry.example.com");
+        let shared = Some("registry-credentials");
+        assert_eq!(
+            pull_secrets(&app("registry.example.com", None), &cluster, shared),
+            ["registry-credentials"]
+        );
+        assert_eq!(
+            pull_secrets(&app("ghcr.io/acme", Some("ghcr")), &cluster, shared),
+            ["registry-credentials", "ghcr"]
+        );
+        // Naming the project's copy is not a second entry; no copy configured, none listed.
+        assert_eq!(
+            pull_secrets(
+                &app("registry.example.com", Some("registry-credentials")),
+                &cluster,
+                shared
+            ),
+            ["registry-credentials"]
+        );
+        assert_eq!(
+            pull_secrets(&app("ghcr.io/acme", Some("ghcr")), &cluster, None),
+            ["ghcr"]
+        );
+        assert!(pull_secrets(&app("registry.example.com", None), &cluster, None).is_empty());
+        // A destination the agent refuses gives no credential of the tenant's choosing.
+        assert_eq!(
+            pull_secrets(&app("registry.example.com/other", Some("x")), &cluster, shared),
+            ["registry-credentials"]
+        );
     }
 
     fn settings(cluster: &str) -> RegistrySettings {

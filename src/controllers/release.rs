@@ -108,6 +108,13 @@ pub async fn render(
     let project = app.namespace().unwrap_or_default();
     let live = live_replicas(ctx, app, &running.processes).await?;
     let status = app.status.clone().unwrap_or_default();
+    let pull_secrets = super::registry::pull_secrets_checked(
+        &ctx.client,
+        app,
+        &ctx.config.registry,
+        ctx.config.registry_secret.as_deref(),
+    )
+    .await?;
     let release = super::appbuild::Release {
         project: &project,
         app: &app.name_any(),
@@ -119,6 +126,7 @@ pub async fn render(
         live_replicas: &live,
         default_issuer: &ctx.config.builds.certificate_issuer,
         build_processes: &running.processes,
+        pull_secrets: &pull_secrets,
     };
     let mut values = match chart_values(&release, running.user_values) {
         Ok(values) => values,
@@ -146,7 +154,7 @@ pub async fn deployed_values(ctx: &Context, app: &App) -> Result<Option<Value>> 
 
 /// Applies the App's HelmChart with `values`: the helm-controller upgrades the release.
 pub async fn apply(ctx: &Context, app: &App, build: &str, values: &Value) -> Result<()> {
-    let chart = super::appbuild::helm_chart_object(
+    let mut chart = super::appbuild::helm_chart_object(
         &ctx.config.agent_namespace,
         &app.namespace().unwrap_or_default(),
         &app.name_any(),
@@ -178,6 +186,7 @@ pub async fn apply(ctx: &Context, app: &App, build: &str, values: &Value) -> Res
         .all(|key| annotations.get(*key) == chart.annotations().get(*key))
     });
     if !same {
+        ctx.fit_helm_chart(&mut chart).await;
         super::install_access::grant(ctx, &chart.name_any(), &app.namespace().unwrap_or_default()).await?;
         charts
             .patch(

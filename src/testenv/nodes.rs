@@ -271,6 +271,13 @@ pub enum PodOutcome {
         exit_code: i32,
         message: String,
     },
+    /// End after `after` as a real kubelet reports a kill: `reason` (say `OOMKilled`) and
+    /// `exit_code` (137), no termination message.
+    Killed {
+        after: Duration,
+        exit_code: i32,
+        reason: String,
+    },
     /// Run until deleted (so `activeDeadlineSeconds` or a cancel is what ends it).
     Hang,
     /// Start but never pass readiness.
@@ -361,6 +368,15 @@ fn outcome_stage(
             &running,
             after.as_millis(),
             terminated_template(*exit_code, "Error", Some(message), "Failed"),
+        ),
+        PodOutcome::Killed {
+            after,
+            exit_code,
+            reason,
+        } => (
+            &running,
+            after.as_millis(),
+            terminated_template(*exit_code, reason, None, "Failed"),
         ),
         // Scheduled a day out, and pre-empting the default completion meanwhile.
         PodOutcome::Hang => (&running, 86_400_000, String::new()),

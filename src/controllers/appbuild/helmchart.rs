@@ -126,6 +126,71 @@ pub(crate) fn chart_object(
     serde_json::from_value(object).expect("a HelmChart is a valid object")
 }
 
+/// Name of the helm-controller's HelmChart CRD.
+pub const HELM_CHART_CRD: &str = "helmcharts.helm.cattle.io";
+
+/// Fields of the HelmChart spec the agent writes that older helm-controllers do not have
+/// (`failurePolicy` came to `HelmChart.spec` long after the kind; a k3s embedding an older
+/// controller serves a CRD without it). The apiserver refuses an applied object with a field
+/// its structural schema does not declare, so each is left out where the served CRD lacks it.
+/// The rest of what the agent writes (`chartContent`, `targetNamespace`, `valuesContent`) is
+/// what a HelmChart is.
+pub const OPTIONAL_SPEC_FIELDS: &[&str] = &["failurePolicy", "backOffLimit", "timeout"];
+
+/// What the served HelmChart CRD's `spec` accepts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SpecFields {
+    /// Whatever is sent (no schema, or unknown fields preserved), or not known.
+    Any,
+    /// Only these fields.
+    Declared(std::collections::BTreeSet<String>),
+}
+
+impl SpecFields {
+    /// The optional fields the agent must leave out.
+    pub fn missing(&self) -> Vec<&'static str> {
+        match self {
+            SpecFields::Any => Vec::new(),
+            SpecFields::Declared(fields) => OPTIONAL_SPEC_FIELDS
+                .iter()
+                .copied()
+                .filter(|f| !fields.contains(*f))
+                .collect(),
+        }
+    }
+}
+
+/// The spec fields the served `v1` version of the HelmChart CRD declares.
+pub fn served_spec_fields(
+    crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+) -> SpecFields {
+    let Some(version) = crd.spec.versions.iter().find(|v| v.name == "v1" && v.served) else {
+        return SpecFields::Any;
+    };
+    let spec = version
+        .schema
+        .as_ref()
+        .and_then(|s| s.open_api_v3_schema.as_ref())
+        .and_then(|s| s.properties.as_ref())
+        .and_then(|p| p.get("spec"));
+    match spec {
+        Some(spec) if spec.x_kubernetes_preserve_unknown_fields != Some(true) => match &spec.properties {
+            Some(properties) => SpecFields::Declared(properties.keys().cloned().collect()),
+            None => SpecFields::Any,
+        },
+        _ => SpecFields::Any,
+    }
+}
+
+/// Leaves out of `chart` the optional spec fields `served` lacks.
+pub fn fit_to_served(chart: &mut DynamicObject, served: &SpecFields) {
+    if let Some(spec) = chart.data.get_mut("spec").and_then(Value::as_object_mut) {
+        for field in served.missing() {
+            spec.remove(field);
+        }
+    }
+}
+
 /// Most data a Secret or ConfigMap holds (the apiserver refuses more).
 pub const SECRET_DATA_LIMIT: usize = 1024 * 1024;
 /// Most `valuesContent` the agent writes. The helm-controller copies it into the Secret
@@ -230,6 +295,49 @@ pub async fn newest_release(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn crd(
+        spec: Value,
+    ) -> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
+        serde_json::from_value(json!({
+            "metadata": {"name": HELM_CHART_CRD},
+            "spec": {"group": "helm.cattle.io", "scope": "Namespaced",
+                "names": {"plural": "helmcharts", "kind": "HelmChart"},
+                "versions": [{"name": "v1", "served": true, "storage": true,
+                    "schema": {"openAPIV3Schema": {"type": "object", "properties": {"spec": spec}}}}]},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn fields_the_served_crd_lacks_are_left_out() {
+        let current = crd(json!({"type": "object", "properties": {
+            "chart": {"type": "string"}, "chartContent": {"type": "string"}, "targetNamespace": {"type": "string"},
+            "valuesContent": {"type": "string"}, "failurePolicy": {"type": "string"},
+            "backOffLimit": {"type": "integer"}, "timeout": {"type": "string"}}}));
+        assert!(served_spec_fields(&current).missing().is_empty());
+        let mut chart = helm_chart("shapeblock", "shop", "web", "web-1", &json!({}));
+        fit_to_served(&mut chart, &served_spec_fields(&current));
+        assert_eq!(chart.data["spec"]["failurePolicy"], "retry");
+
+        let older = crd(json!({"type": "object", "properties": {
+            "chart": {"type": "string"}, "chartContent": {"type": "string"}, "targetNamespace": {"type": "string"},
+            "valuesContent": {"type": "string"}, "backOffLimit": {"type": "integer"}, "timeout": {"type": "string"}}}));
+        let served = served_spec_fields(&older);
+        assert_eq!(served.missing(), ["failurePolicy"]);
+        fit_to_served(&mut chart, &served);
+        let spec = chart.data["spec"].as_object().unwrap();
+        assert!(!spec.contains_key("failurePolicy"));
+        assert_eq!(spec["backOffLimit"], 3);
+        assert_eq!(spec["targetNamespace"], "shop");
+
+        // No schema to go by: everything is sent, as before.
+        let open = crd(json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true}));
+        assert_eq!(served_spec_fields(&open), SpecFields::Any);
+        let mut unserved = older.clone();
+        unserved.spec.versions[0].served = false;
+        assert_eq!(served_spec_fields(&unserved), SpecFields::Any);
+    }
 
     #[test]
     fn names_fit_helm_and_differ_per_project() {

@@ -10,9 +10,9 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Container, EnvVar, EnvVarSource, KeyToPath, PodSecurityContext, PodSpec, PodTemplateSpec,
-    ResourceRequirements, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext, Volume,
-    VolumeMount,
+    Container, EnvVar, EnvVarSource, KeyToPath, LocalObjectReference, PodSecurityContext, PodSpec,
+    PodTemplateSpec, ResourceRequirements, SeccompProfile, SecretKeySelector, SecretVolumeSource,
+    SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
@@ -175,14 +175,7 @@ pub fn resolve_job(
     owner: &OwnerReference,
     settings: &BuildSettings,
 ) -> Job {
-    let resolve = r#"sha=$(git ls-remote "$GIT_URL" "$GIT_REF" "refs/tags/$GIT_REF^{}" | awk 'NR==1 {print $1}')
-case "$GIT_REF" in
-  *[!0-9a-f]*) ;;
-  *) [ -z "$sha" ] && [ ${#GIT_REF} -ge 7 ] && sha=$GIT_REF ;;
-esac
-[ -n "$sha" ] || { echo "ref $GIT_REF not found in $GIT_URL" | tee /dev/termination-log; exit 2; }
-printf '%s' "$sha" > /dev/termination-log"#;
-    let script = guarded(resolve);
+    let script = guarded(RESOLVE_BODY);
     let mut container = git_container(RESOLVE_CONTAINER, app, build, git_secret, settings, &script);
     container
         .env
@@ -217,14 +210,7 @@ pub fn build_job(
     owner: &OwnerReference,
     settings: &BuildSettings,
 ) -> Job {
-    let clone_script = format!(
-        r#"cd /workspace
-git init -q src && cd src
-git remote add origin "$GIT_URL"
-git fetch -q --depth 1 origin "$COMMIT" || git fetch -q origin
-git checkout -q "$COMMIT"
-if [ -f Procfile ]; then {PROCFILE_TO_JSON} | head -c 3500 > /dev/termination-log; fi"#
-    );
+    let clone_script = CLONE_BODY.replace("PROCFILE_TO_JSON", PROCFILE_TO_JSON);
     let buildpack = app.spec.build.build_type == BuildType::Buildpack;
     let mut clone = git_container(
         CLONE_CONTAINER,
@@ -328,7 +314,10 @@ fn kaniko_container(
             mount("workspace", WORKSPACE, false),
             mount("registry", "/kaniko/.docker", true),
         ]),
-        termination_message_policy: Some("File".into()),
+        // kaniko writes the digest file only when it gets to the push: a failure before it
+        // leaves the file empty, and the kubelet then makes the log's tail the message (kaniko
+        // prints its final error last). See `failure.rs`.
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
         security_context: Some(SecurityContext {
             // Kaniko unpacks image layers as root; it needs no privilege and no capabilities.
             run_as_user: Some(0),
@@ -387,7 +376,9 @@ printf '{"digest":"%s","processes":[%s]}' "$digest" "$types" | head -c 4000 > /d
             mount("workspace", WORKSPACE, false),
             mount("registry", "/home/cnb/.docker", true),
         ]),
-        termination_message_policy: Some("File".into()),
+        // The script writes its message only after the creator succeeded: on failure the
+        // lifecycle's `ERROR: failed to …` line, last in the log, becomes the message.
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
         security_context: Some(non_root(CNB_UID)),
         ..Default::default()
     }
@@ -502,6 +493,63 @@ pub const GIT_HOST_GUARD: &str = include_str!("git_guard.sh");
 fn guarded(body: &str) -> String {
     format!("set -eu\n{GIT_HOST_GUARD}sb_guard_git_host\n{body}")
 }
+
+/// The resolve step after the guard: `git ls-remote` into a file, its exit status checked (no
+/// `pipefail`: the git image's `/bin/sh` may be dash or busybox), then an exact match of
+/// `GIT_REF`: `refs/heads/<ref>`, else `refs/tags/<ref>` (the peeled `^{}` line of an
+/// annotated tag, which is the commit, not the tag object), or a full `refs/...` name, or a
+/// full commit SHA. ls-remote's own patterns match by suffix (`main` would also match
+/// `refs/heads/release/main`): they only narrow what the server sends. The commit, or why
+/// there is none, goes to the termination log. Tested with the machine's `sh` and git against
+/// a local repository (`the_resolve_step_picks_the_exact_ref_and_tells_git_failures_apart`).
+pub const RESOLVE_BODY: &str = r#": "${SB_TERMINATION_LOG:=/dev/termination-log}"
+sb_refs="${TMPDIR:-/tmp}/sb-ls-remote.$$"
+case "$GIT_REF" in
+  refs/*) set -- "$GIT_REF" "$GIT_REF^{}" ;;
+  *) set -- "refs/heads/$GIT_REF" "refs/tags/$GIT_REF" "refs/tags/$GIT_REF^{}" ;;
+esac
+sb_status=0
+git ls-remote "$GIT_URL" "$@" > "$sb_refs" 2> "$sb_refs.err" || sb_status=$?
+if [ "$sb_status" -ne 0 ]; then
+  cat "$sb_refs.err" >&2
+  sb_said=$(grep -v '^[[:space:]]*$' "$sb_refs.err" | tr '\n' ' ' | cut -c1-600 | sed 's/ *$//')
+  printf 'git ls-remote %s failed (exit %s): %s\n' "$GIT_URL" "$sb_status" "$sb_said" | tee "$SB_TERMINATION_LOG" >&2
+  exit 4
+fi
+sha=$(awk '
+  BEGIN { ref = ENVIRON["GIT_REF"]; full = (substr(ref, 1, 5) == "refs/") }
+  full && $2 == ref { plain = $1 }
+  full && $2 == ref "^{}" { peeled = $1 }
+  !full && $2 == "refs/heads/" ref { head = $1 }
+  !full && $2 == "refs/tags/" ref { tag = $1 }
+  !full && $2 == "refs/tags/" ref "^{}" { tagpeeled = $1 }
+  END {
+    if (full) print (peeled != "" ? peeled : plain)
+    else if (head != "") print head
+    else print (tagpeeled != "" ? tagpeeled : tag)
+  }' "$sb_refs")
+if [ -z "$sha" ] && [ "${#GIT_REF}" -eq 40 ]; then
+  case "$GIT_REF" in
+    *[!0-9a-fA-F]*) ;;
+    *) sha=$(printf '%s' "$GIT_REF" | tr 'A-F' 'a-f') ;;
+  esac
+fi
+if [ -z "$sha" ]; then
+  printf 'ref %s not found in %s (no branch or tag of that name; a commit must be given in full, 40 hex digits)\n' "$GIT_REF" "$GIT_URL" | tee "$SB_TERMINATION_LOG" >&2
+  exit 2
+fi
+printf '%s' "$sha" > "$SB_TERMINATION_LOG""#;
+
+/// The clone step after the guard: fetch just the commit (protocol v2 servers allow any
+/// reachable commit; a v0 server refuses unadvertised objects), else every ref, then check it
+/// out. Reads a Procfile into the termination log. Tested like [`RESOLVE_BODY`].
+pub const CLONE_BODY: &str = r#": "${SB_TERMINATION_LOG:=/dev/termination-log}"
+cd /workspace
+git init -q src && cd src
+git remote add origin "$GIT_URL"
+git fetch -q --depth 1 origin "$COMMIT" || git fetch -q --no-tags origin '+refs/*:refs/sb/*'
+git checkout -q "$COMMIT"
+if [ -f Procfile ]; then PROCFILE_TO_JSON | head -c 3500 > "$SB_TERMINATION_LOG"; fi"#;
 
 /// Labels of a build step's Job and pod (and of the build's push Secret).
 pub fn step_labels(app: &App, build: &AppBuild, step: &str) -> BTreeMap<String, String> {
@@ -702,11 +750,13 @@ pub fn release_job(
     build: &AppBuild,
     name: &str,
     web: &serde_json::Value,
+    pull_secrets: Vec<String>,
     command: Vec<String>,
     owner: &OwnerReference,
     settings: &BuildSettings,
 ) -> Job {
     app_job(&AppJob {
+        pull_secrets,
         namespace: &build.namespace().unwrap_or_default(),
         name,
         labels: step_labels(app, build, "release"),
@@ -730,6 +780,8 @@ pub struct AppJob<'a> {
     /// shape): image, plain and secret config vars, bound services, resources. It carries no
     /// secret value (those are references).
     pub web: &'a serde_json::Value,
+    /// Secrets the pod pulls the image with: the release's (`pull_secrets_of` its values).
+    pub pull_secrets: Vec<String>,
     pub command: Vec<String>,
     pub owner: &'a OwnerReference,
     pub deadline_seconds: i64,
@@ -770,6 +822,12 @@ pub fn app_job(spec: &AppJob<'_>) -> Job {
         spec.ttl_seconds_after_finished,
         PodSpec {
             containers: vec![container],
+            image_pull_secrets: (!spec.pull_secrets.is_empty()).then(|| {
+                spec.pull_secrets
+                    .iter()
+                    .map(|name| LocalObjectReference { name: name.clone() })
+                    .collect()
+            }),
             ..Default::default()
         },
     )
@@ -930,6 +988,15 @@ mod tests {
         assert!(args.contains(&"--cache-repo=registry.example.com/shop/web/cache".to_string()));
         assert!(args.contains(&"--digest-file=/dev/termination-log".to_string()));
         assert!(args.contains(&"--build-arg=NODE_ENV=production".to_string()));
+        // Failing tools write no message: the log's tail is what the agent reads.
+        assert_eq!(
+            main.termination_message_policy.as_deref(),
+            Some("FallbackToLogsOnError")
+        );
+        assert_eq!(
+            clone.termination_message_policy.as_deref(),
+            Some("FallbackToLogsOnError")
+        );
         assert_eq!(main.security_context.as_ref().unwrap().run_as_user, Some(0));
         assert_eq!(main.security_context.as_ref().unwrap().privileged, Some(false));
         assert_eq!(
@@ -973,6 +1040,10 @@ mod tests {
             (Some(1000), Some(true))
         );
         assert_eq!(pod.security_context.unwrap().fs_group, Some(1000));
+        assert_eq!(
+            main.termination_message_policy.as_deref(),
+            Some("FallbackToLogsOnError")
+        );
         let env: BTreeMap<_, _> = main
             .env
             .iter()
@@ -1327,6 +1398,247 @@ mod tests {
             assert_eq!(code, Some(0));
             assert!(!env.contains("curloptResolve"), "{env}");
         }
+    }
+
+    /// A bare repository with branches `main` and `release/main` (different commits), an
+    /// annotated tag `v1` and a lightweight tag `v2` on older commits; its commits by name.
+    fn sample_repository(dir: &std::path::Path) -> BTreeMap<&'static str, String> {
+        let git = |cwd: &std::path::Path, args: &[&str]| {
+            let output = std::process::Command::new("git")
+                .args([
+                    "-c",
+                    "user.name=t",
+                    "-c",
+                    "user.email=t@example.com",
+                    "-c",
+                    "init.defaultBranch=main",
+                ])
+                .args(args)
+                .current_dir(cwd)
+                .env("HOME", dir)
+                .output()
+                .unwrap();
+            assert!(
+                output.status.success(),
+                "git {args:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            String::from_utf8(output.stdout).unwrap().trim().to_owned()
+        };
+        git(dir, &["init", "-q", "--bare", "remote.git"]);
+        git(dir, &["init", "-q", "work"]);
+        let work = dir.join("work");
+        let mut commits = BTreeMap::new();
+        for (name, file) in [("tagged", "a"), ("light", "b"), ("release", "c"), ("main", "d")] {
+            std::fs::write(work.join(file), name).unwrap();
+            git(&work, &["add", file]);
+            git(&work, &["commit", "-q", "-m", name]);
+            commits.insert(name, git(&work, &["rev-parse", "HEAD"]));
+            match name {
+                "tagged" => git(&work, &["tag", "-a", "-m", "version 1", "v1"]),
+                "light" => git(&work, &["tag", "v2"]),
+                "release" => git(&work, &["branch", "release/main"]),
+                _ => String::new(),
+            };
+        }
+        git(
+            &work,
+            &["push", "-q", "../remote.git", "main", "release/main", "v1", "v2"],
+        );
+        let tag_object = git(&dir.join("remote.git"), &["rev-parse", "refs/tags/v1"]);
+        assert_ne!(
+            tag_object, commits["tagged"],
+            "v1 is an annotated tag: its own object"
+        );
+        commits.insert("v1-object", tag_object);
+        commits
+    }
+
+    /// Runs `body` (a git step's script after the guard) with `shell`, in `dir`, with `env`;
+    /// returns the exit code and the termination log.
+    fn run_step(
+        shell: &[&str],
+        path: Option<&std::path::Path>,
+        dir: &std::path::Path,
+        body: &str,
+        env: &[(&str, &str)],
+    ) -> (Option<i32>, String) {
+        let log = dir.join("termination-log");
+        let _ = std::fs::remove_file(&log);
+        let mut command = std::process::Command::new(shell[0]);
+        command
+            .args(&shell[1..])
+            .arg("-c")
+            .arg(format!("set -eu\n{body}"))
+            .current_dir(dir)
+            .env("HOME", dir)
+            .env("TMPDIR", dir)
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("SB_TERMINATION_LOG", &log)
+            .envs(env.iter().copied());
+        if let Some(tools) = path {
+            command.env(
+                "PATH",
+                format!("{}:{}", tools.display(), std::env::var("PATH").unwrap()),
+            );
+        }
+        let output = command.output().unwrap();
+        (
+            output.status.code(),
+            std::fs::read_to_string(&log).unwrap_or_default(),
+        )
+    }
+
+    #[test]
+    fn the_resolve_step_picks_the_exact_ref_and_tells_git_failures_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let commits = sample_repository(dir.path());
+        let url = format!("file://{}/remote.git", dir.path().display());
+        for (shell, tools) in shells() {
+            let tools = tools.inspect(|t| {
+                // The rest of busybox's applets the step uses (git is the machine's).
+                for tool in ["grep", "tr", "cut", "sed", "tee", "cat"] {
+                    let _ = std::os::unix::fs::symlink(which("busybox").unwrap(), t.path().join(tool));
+                }
+            });
+            let path = tools.as_ref().map(|t| t.path());
+            let resolve = |git_ref: &str| {
+                run_step(
+                    &shell,
+                    path,
+                    dir.path(),
+                    RESOLVE_BODY,
+                    &[("GIT_URL", &url), ("GIT_REF", git_ref)],
+                )
+            };
+            for (git_ref, want) in [
+                // Not refs/heads/release/main, which ls-remote's suffix match also lists.
+                ("main", &commits["main"]),
+                ("release/main", &commits["release"]),
+                ("refs/heads/release/main", &commits["release"]),
+                // The commit an annotated tag points at, not the tag object.
+                ("v1", &commits["tagged"]),
+                ("refs/tags/v1", &commits["tagged"]),
+                ("v2", &commits["light"]),
+                (&commits["light"].to_ascii_uppercase(), &commits["light"]),
+            ] {
+                assert_eq!(resolve(git_ref), (Some(0), want.clone()), "{shell:?}: {git_ref}");
+                assert_eq!(parse_commit(want).as_deref(), Some(want.as_str()));
+            }
+            for missing in ["elease/main", "release", "heads/main", &commits["main"][..12]] {
+                let (code, message) = resolve(missing);
+                assert_eq!(code, Some(2), "{shell:?}: {missing}: {message}");
+                assert!(
+                    message.starts_with(&format!("ref {missing} not found in {url}")),
+                    "{shell:?}: {message}"
+                );
+            }
+            // git itself failing is not "not found", and says what git said.
+            let gone = format!("file://{}/gone.git", dir.path().display());
+            let (code, message) = run_step(
+                &shell,
+                path,
+                dir.path(),
+                RESOLVE_BODY,
+                &[("GIT_URL", &gone), ("GIT_REF", "main")],
+            );
+            assert_eq!(code, Some(4), "{shell:?}: {message}");
+            assert!(
+                message.starts_with(&format!("git ls-remote {gone} failed (exit 128): fatal: ")),
+                "{shell:?}: {message}"
+            );
+            assert!(
+                message.contains("does not appear to be a git repository"),
+                "{message}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_clone_step_checks_out_the_resolved_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let commits = sample_repository(dir.path());
+        let url = format!("file://{}/remote.git", dir.path().display());
+        let workspace = dir.path().join("workspace");
+        let body = CLONE_BODY
+            .replace("PROCFILE_TO_JSON", PROCFILE_TO_JSON)
+            .replace("cd /workspace", &format!("cd {}", workspace.display()));
+        // An older commit (only an annotated tag names it), by protocol v2 and by the
+        // fallback a v0 server needs, which refuses to send an unadvertised commit.
+        for version in ["2", "0"] {
+            let _ = std::fs::remove_dir_all(&workspace);
+            std::fs::create_dir(&workspace).unwrap();
+            let (code, _) = run_step(
+                &["sh"],
+                None,
+                dir.path(),
+                &body,
+                &[
+                    ("GIT_URL", &url),
+                    ("COMMIT", &commits["tagged"]),
+                    ("GIT_CONFIG_COUNT", "1"),
+                    ("GIT_CONFIG_KEY_0", "protocol.version"),
+                    ("GIT_CONFIG_VALUE_0", version),
+                ],
+            );
+            assert_eq!(code, Some(0), "protocol {version}");
+            let checked_out = std::process::Command::new("git")
+                .args(["rev-parse", "HEAD"])
+                .current_dir(workspace.join("src"))
+                .output()
+                .unwrap();
+            assert_eq!(
+                String::from_utf8(checked_out.stdout).unwrap().trim(),
+                commits["tagged"],
+                "protocol {version}"
+            );
+            assert_eq!(
+                std::fs::read_to_string(workspace.join("src/a")).unwrap(),
+                "tagged"
+            );
+            assert!(
+                !workspace.join("src/d").exists(),
+                "the commit, not the branch tip"
+            );
+        }
+    }
+
+    #[test]
+    fn release_jobs_pull_with_the_releases_secrets() {
+        let web = serde_json::json!({"image": "ghcr.io/acme/shop/web", "imageTag": "abc"});
+        let job = release_job(
+            &app(BuildType::Dockerfile),
+            &build(),
+            "web-7-release",
+            &web,
+            vec!["registry-credentials".into(), "ghcr".into()],
+            vec!["migrate".into()],
+            &owner(),
+            &BuildSettings::default(),
+        );
+        let pod = pod_of(&job);
+        let pulls: Vec<_> = pod
+            .image_pull_secrets
+            .iter()
+            .flatten()
+            .map(|s| s.name.as_str())
+            .collect();
+        assert_eq!(pulls, ["registry-credentials", "ghcr"]);
+        assert_eq!(
+            pod.containers[0].image.as_deref(),
+            Some("ghcr.io/acme/shop/web:abc")
+        );
+        let none = release_job(
+            &app(BuildType::Dockerfile),
+            &build(),
+            "web-7-release",
+            &web,
+            vec![],
+            vec!["migrate".into()],
+            &owner(),
+            &BuildSettings::default(),
+        );
+        assert!(pod_of(&none).image_pull_secrets.is_none());
     }
 
     #[test]

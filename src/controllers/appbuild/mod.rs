@@ -2,6 +2,7 @@
 //! deploy it through a HelmChart, and call it `Completed` only once the App's Deployment runs
 //! this build's image, rolled out and available.
 
+mod failure;
 mod helmchart;
 mod jobs;
 mod values;
@@ -12,7 +13,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
@@ -24,7 +25,10 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
-pub use helmchart::{BUILD_ANNOTATION, CONTENT_ANNOTATION, check_stored_size, values_content};
+pub use helmchart::{
+    BUILD_ANNOTATION, CONTENT_ANNOTATION, HELM_CHART_CRD, OPTIONAL_SPEC_FIELDS, SpecFields,
+    check_stored_size, fit_to_served, served_spec_fields, values_content,
+};
 pub use helmchart::{
     UNIVERSAL_CHART, chart_name, release_status, resource as helm_chart_resource, service_chart_name,
 };
@@ -35,7 +39,7 @@ pub use jobs::{
 };
 pub use values::{
     ALLOWED_KEYS, CONFIG_REVISION_ANNOTATION, PROCESS_LABEL, Release, WEB, chart_values, deployment_name,
-    launch, processes, release_container, tls_secret_name,
+    launch, processes, pull_secrets_of, release_container, tls_secret_name,
 };
 pub(crate) use values::{Refused, check_yaml_printable, env_list};
 
@@ -245,6 +249,7 @@ impl Pipeline<'_> {
                 live_replicas: &no_live_replicas,
                 default_issuer: &self.ctx.config.builds.certificate_issuer,
                 build_processes: &self.status().process_types,
+                pull_secrets: &[],
             },
             self.build.spec.helm_values.as_ref(),
         ) {
@@ -634,6 +639,57 @@ impl Pipeline<'_> {
         Ok(fresh.is_none_or(|f| f.metadata.resource_version != self.build.metadata.resource_version))
     }
 
+    /// Why a failed step's pod failed (see [`failure`]). A build container that left no
+    /// words of its own (an empty message, or only the digest kaniko writes before it
+    /// pushes) has the tail of its log read: what the tool printed last.
+    async fn failure_of(&self, pod: &Pod) -> (&'static str, String) {
+        let Some((container, ended)) = failed_container(pod) else {
+            return ("BuildFailed", "the build pod failed".into());
+        };
+        let spec = container_spec(pod, &container);
+        let step = match container.as_str() {
+            jobs::CLONE_CONTAINER => failure::BuildStep::Clone,
+            // The creator's container carries the platform API version; kaniko's does not.
+            jobs::BUILD_CONTAINER
+                if spec
+                    .and_then(|c| c.env.as_ref())
+                    .is_some_and(|env| env.iter().any(|e| e.name == "CNB_PLATFORM_API")) =>
+            {
+                failure::BuildStep::Buildpack
+            }
+            jobs::BUILD_CONTAINER => failure::BuildStep::Kaniko,
+            // Resolve and release steps: their callers say what failed.
+            _ => return ("BuildFailed", job_state::exit_summary(&ended)),
+        };
+        let mut said = ended.message.clone().unwrap_or_default();
+        if failure::needs_log(&said) {
+            let params = kube::api::LogParams {
+                container: Some(container.clone()),
+                tail_lines: Some(20),
+                ..Default::default()
+            };
+            match Api::<Pod>::namespaced(self.ctx.client.clone(), &self.namespace())
+                .logs(&pod.name_any(), &params)
+                .await
+            {
+                Ok(log) => said = format!("{said}\n{log}"),
+                Err(err) => tracing::debug!(%err, pod = %pod.name_any(), "cannot read the failed step's log"),
+            }
+        }
+        let memory_limit = spec
+            .and_then(|c| c.resources.as_ref())
+            .and_then(|r| r.limits.as_ref())
+            .and_then(|l| l.get("memory"))
+            .map(|q| q.0.as_str());
+        failure::classify(&failure::Ended {
+            step,
+            exit_code: ended.exit_code,
+            reason: ended.reason.as_deref(),
+            said: &said,
+            memory_limit,
+        })
+    }
+
     /// Creates the Job if needed and reads where it is.
     async fn run_job(&self, jobs: &Api<Job>, job: Job, container: &str) -> Result<JobOutcome> {
         let name = job.name_any();
@@ -672,10 +728,10 @@ impl Pipeline<'_> {
                 message: format!("the build did not finish within {deadline}s"),
             },
             JobState::Failed { pod, .. } => {
-                let (reason, message) = pod
-                    .as_ref()
-                    .map(failure_of)
-                    .unwrap_or(("BuildFailed", "the build pod failed".into()));
+                let (reason, message) = match pod {
+                    Some(pod) => self.failure_of(&pod).await,
+                    None => ("BuildFailed", "the build pod failed".into()),
+                };
                 JobOutcome::Failed { reason, message }
             }
         })
@@ -986,6 +1042,7 @@ impl Pipeline<'_> {
             self.build,
             &jobs::release_job_name(self.build),
             &web,
+            values::pull_secrets_of(values),
             command,
             &owner,
             &self.ctx.config.builds,
@@ -1395,41 +1452,29 @@ fn install_failed_without_release(installer: &Job, deploy_started: &Time) -> Opt
     job_state::failure_message(installer)
 }
 
-/// Which step of a failed build pod failed, and what it said.
-fn failure_of(pod: &Pod) -> (&'static str, String) {
-    let Some(status) = pod.status.as_ref() else {
-        return ("BuildFailed", "the build pod failed".into());
-    };
-    let failed = |statuses: &Option<Vec<k8s_openapi::api::core::v1::ContainerStatus>>| {
-        statuses.iter().flatten().find_map(|c| {
+/// The container of `pod` that failed (init containers first: they run first) and how it
+/// ended.
+fn failed_container(pod: &Pod) -> Option<(String, ContainerStateTerminated)> {
+    let status = pod.status.as_ref()?;
+    status
+        .init_container_statuses
+        .iter()
+        .flatten()
+        .chain(status.container_statuses.iter().flatten())
+        .find_map(|c| {
             let terminated = c.state.as_ref()?.terminated.as_ref()?;
-            (terminated.exit_code != 0).then(|| {
-                (
-                    c.name.clone(),
-                    terminated.exit_code,
-                    terminated.message.clone().unwrap_or_default(),
-                )
-            })
+            (terminated.exit_code != 0).then(|| (c.name.clone(), terminated.clone()))
         })
-    };
-    if let Some((_, code, message)) = failed(&status.init_container_statuses) {
-        return (
-            "CloneFailed",
-            format!("git clone failed (exit {code}): {}", message.trim()),
-        );
-    }
-    if let Some((_, code, message)) = failed(&status.container_statuses) {
-        let lower = message.to_ascii_lowercase();
-        let push = ["push", "unauthorized", "denied", "registry"]
-            .iter()
-            .any(|w| lower.contains(w));
-        let reason = if push { "PushFailed" } else { "BuildFailed" };
-        return (
-            reason,
-            format!("the build failed (exit {code}): {}", message.trim()),
-        );
-    }
-    ("BuildFailed", "the build pod failed".into())
+}
+
+/// The spec of `pod`'s container `name`.
+fn container_spec<'a>(pod: &'a Pod, name: &str) -> Option<&'a k8s_openapi::api::core::v1::Container> {
+    let spec = pod.spec.as_ref()?;
+    spec.init_containers
+        .iter()
+        .flatten()
+        .chain(spec.containers.iter())
+        .find(|c| c.name == name)
 }
 
 enum Rollout {
@@ -1603,21 +1648,13 @@ mod tests {
     }
 
     #[test]
-    fn failed_steps_map_to_reasons() {
-        let (reason, message) = failure_of(&pod(Some((128, "fatal: repository not found")), None));
-        assert_eq!(reason, "CloneFailed");
-        assert!(message.contains("repository not found"));
-        assert_eq!(
-            failure_of(&pod(Some((0, "")), Some((1, "RUN make: exit status 2")))).0,
-            "BuildFailed"
-        );
-        assert_eq!(
-            failure_of(&pod(
-                Some((0, "")),
-                Some((1, "error pushing image: UNAUTHORIZED"))
-            ))
-            .0,
-            "PushFailed"
-        );
+    fn the_failed_container_is_the_first_that_ended_non_zero() {
+        let (name, ended) = failed_container(&pod(Some((128, "fatal: repository not found")), None)).unwrap();
+        assert_eq!((name.as_str(), ended.exit_code), ("clone", 128));
+        let (name, ended) =
+            failed_container(&pod(Some((0, "")), Some((22, "error building image: x")))).unwrap();
+        assert_eq!((name.as_str(), ended.exit_code), ("build", 22));
+        assert_eq!(ended.message.as_deref(), Some("error building image: x"));
+        assert!(failed_container(&pod(Some((0, "")), Some((0, "sha256:x")))).is_none());
     }
 }

@@ -42,6 +42,8 @@ pub struct Release<'a> {
     pub default_issuer: &'a str,
     /// Process types the build reported (`AppBuildStatus::process_types`).
     pub build_processes: &'a BTreeMap<String, String>,
+    /// Secrets every pod pulls its image with (`registry::pull_secrets`).
+    pub pull_secrets: &'a [String],
 }
 
 /// Annotation on pod templates: the config revision the pods run with.
@@ -318,6 +320,15 @@ pub fn chart_values(release: &Release<'_>, user: Option<&Value>) -> Result<Value
         },
         "deployments": deployments,
     });
+    if !release.pull_secrets.is_empty() {
+        // The chart's list for every workload it renders (Deployments and CronJobs); its
+        // top-level `imagePullSecrets` would make Secrets from values instead.
+        values["generic"]["extraImagePullSecrets"] = release
+            .pull_secrets
+            .iter()
+            .map(|name| json!({"name": name}))
+            .collect();
+    }
     if !hpas.is_empty() {
         values["hpas"] = Value::Object(hpas);
     }
@@ -383,6 +394,16 @@ pub fn chart_values(release: &Release<'_>, user: Option<&Value>) -> Result<Value
     }
     check_yaml_printable(&values, "values")?;
     Ok(values)
+}
+
+/// The pull Secrets of the release `values`, for the release command's and runs' pods.
+pub fn pull_secrets_of(values: &Value) -> Vec<String> {
+    values["generic"]["extraImagePullSecrets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["name"].as_str().map(str::to_owned))
+        .collect()
 }
 
 /// The container a release command (or a one-off run) copies: `web`'s as rendered, or the
@@ -687,6 +708,7 @@ mod tests {
             live_replicas: &NO_LIVE_REPLICAS,
             default_issuer: "letsencrypt",
             build_processes: &NO_BUILD_PROCESSES,
+            pull_secrets: &[],
         }
     }
 
@@ -1057,6 +1079,25 @@ mod tests {
             let err = chart_values(&release(), Some(&user)).unwrap_err();
             assert!(err.0.contains(why), "{user}: {err}");
         }
+    }
+
+    #[test]
+    fn every_workload_pulls_with_the_release_pull_secrets() {
+        let spec = sample();
+        let secrets = ["registry-credentials".to_string(), "ghcr".to_string()];
+        let release = Release {
+            pull_secrets: &secrets,
+            ..release_of(&spec)
+        };
+        let values = chart_values(&release, None).unwrap();
+        assert_eq!(
+            values["generic"]["extraImagePullSecrets"],
+            json!([{"name": "registry-credentials"}, {"name": "ghcr"}])
+        );
+        assert_eq!(pull_secrets_of(&values), secrets);
+        let none = chart_values(&release_of(&spec), None).unwrap();
+        assert!(none["generic"].get("extraImagePullSecrets").is_none());
+        assert!(pull_secrets_of(&none).is_empty());
     }
 
     #[test]

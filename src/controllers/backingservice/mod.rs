@@ -306,7 +306,7 @@ async fn apply(service: &BackingService, ctx: &Context) -> Result<Action> {
 
     let generation = service.metadata.generation.unwrap_or_default().to_string();
     let release = service_chart_name(&namespace, &service.name_any());
-    let chart = chart_object(
+    let mut chart = chart_object(
         &ctx.config.agent_namespace,
         &release,
         &namespace,
@@ -340,6 +340,7 @@ async fn apply(service: &BackingService, ctx: &Context) -> Result<Action> {
             "HelmChart {release} is being uninstalled"
         )));
     }
+    ctx.fit_helm_chart(&mut chart).await;
     super::install_access::grant(ctx, &release, &namespace).await?;
     let applied = charts
         .patch(
