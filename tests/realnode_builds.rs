@@ -38,6 +38,12 @@ struct Real {
 }
 
 async fn real(extra: &[&str]) -> Real {
+    real_with(extra, false).await
+}
+
+/// [`real`] with an App registry that refuses every push (`read_only`: distribution's
+/// maintenance mode) if asked.
+async fn real_with(extra: &[&str], read_only: bool) -> Real {
     let env = support::agent::env().await;
     testenv::real_node().unwrap_or_else(|e| panic!("{e}"));
     let farm = buildfarm::build_farm().unwrap_or_else(|e| panic!("{e}"));
@@ -77,7 +83,9 @@ async fn real(extra: &[&str]) -> Real {
     })
     .await;
     let cert = String::from_utf8(key.data.unwrap()["tls.crt"].0.clone()).unwrap();
-    let registry = Registry::start_with(farm.app_registry_options(&[cert], &cluster, port).unwrap())
+    let mut options = farm.app_registry_options(&[cert], &cluster, port).unwrap();
+    options.read_only = read_only;
+    let registry = Registry::start_with(options)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     farm.trust(&cluster).unwrap();
@@ -209,30 +217,62 @@ async fn app_pods(client: &Client, project: &str) -> Vec<Pod> {
         .collect()
 }
 
-/// Reads one line of a container's log through the pod log API (the real kubelet).
-async fn build_log(client: &Client, project: &str, build: &str) -> String {
-    let pods = Api::<Pod>::namespaced(client.clone(), project)
+/// Follows the build container's log of build `build` through the pod log API (the real
+/// kubelet reading containerd's log file) from the moment its pod exists until it ends: the
+/// agent deletes finished build Jobs, so the log is read while it is written.
+fn follow_build_log(client: &Client, project: &str, build: &str) -> tokio::task::JoinHandle<String> {
+    let pods = Api::<Pod>::namespaced(client.clone(), project);
+    let selector = format!("apps.shapeblock.io/build={build},apps.shapeblock.io/step=build");
+    tokio::spawn(async move {
+        use futures::AsyncBufReadExt;
+        let deadline = Instant::now() + REAL_BUILD_TIMEOUT;
+        while Instant::now() < deadline {
+            let list = pods.list(&ListParams::default().labels(&selector)).await.unwrap();
+            for pod in list.items {
+                let started = pod
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.container_statuses.as_ref())
+                    .is_some_and(|c| {
+                        c.iter().any(|c| {
+                            c.name == "build" && c.state.as_ref().is_some_and(|s| s.waiting.is_none())
+                        })
+                    });
+                if !started {
+                    continue;
+                }
+                let params = kube::api::LogParams {
+                    container: Some("build".into()),
+                    follow: true,
+                    ..Default::default()
+                };
+                let Ok(stream) = pods.log_stream(&pod.name_any(), &params).await else {
+                    continue;
+                };
+                let mut lines = stream.lines();
+                let mut text = String::new();
+                while let Some(Ok(line)) = futures::StreamExt::next(&mut lines).await {
+                    text.push_str(&line);
+                    text.push('\n');
+                }
+                return text;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        String::new()
+    })
+}
+
+/// The build Jobs the agent made for `build` so far (any step).
+async fn build_pods_seen(client: &Client, project: &str, build: &str, step: &str) -> usize {
+    Api::<k8s_openapi::api::batch::v1::Job>::namespaced(client.clone(), project)
         .list(&ListParams::default().labels(&format!(
-            "apps.shapeblock.io/build={build},apps.shapeblock.io/step=build"
+            "apps.shapeblock.io/build={build},apps.shapeblock.io/step={step}"
         )))
         .await
-        .unwrap();
-    let mut text = String::new();
-    for pod in pods.items {
-        if let Ok(log) = Api::<Pod>::namespaced(client.clone(), project)
-            .logs(
-                &pod.name_any(),
-                &kube::api::LogParams {
-                    container: Some("build".into()),
-                    ..Default::default()
-                },
-            )
-            .await
-        {
-            text.push_str(&log);
-        }
-    }
-    text
+        .unwrap()
+        .items
+        .len()
 }
 
 #[tokio::test]
@@ -245,15 +285,16 @@ async fn a_dockerfile_app_goes_from_a_commit_to_a_pod_answering_http_and_rolls_o
     let commit1 = real.farm.rev("main").unwrap();
 
     let started = Instant::now();
+    let log = follow_build_log(&client, &project, "web-1");
     create_build(&client, &project, "web-1", "web", json!({"gitRef": "main"})).await;
     let build = finished(&real, &project, "web-1").await;
     let cold = started.elapsed();
+    let log = log.await.unwrap();
     assert_eq!(
         phase(&build),
         Some(AppBuildPhase::Completed),
-        "{:?}\n{}",
-        build.status,
-        build_log(&client, &project, "web-1").await
+        "{:?}\n{log}",
+        build.status
     );
     let status = build.status.clone().unwrap();
     assert_eq!(status.commit_sha.as_deref(), Some(commit1.as_str()), "{status:?}");
@@ -261,8 +302,11 @@ async fn a_dockerfile_app_goes_from_a_commit_to_a_pod_answering_http_and_rolls_o
         "build 1 (cold): commit → Completed in {cold:?}; image {:?}",
         status.image
     );
-    let log = build_log(&client, &project, "web-1").await;
     eprintln!("kaniko log of build 1:\n{log}");
+    assert!(
+        log.contains("built on x86_64"),
+        "the RUN step ran in kaniko: {log}"
+    );
 
     let (addresses, _) = eventually(Duration::from_secs(120), "a ready endpoint of web", || async {
         let ready = ready_endpoints(&client, &project, "web").await;
@@ -299,21 +343,32 @@ async fn a_dockerfile_app_goes_from_a_commit_to_a_pod_answering_http_and_rolls_o
         })
     };
     let started = Instant::now();
+    let log = follow_build_log(&client, &project, "web-2");
     create_build(&client, &project, "web-2", "web", json!({"gitRef": "main"})).await;
     let build = finished(&real, &project, "web-2").await;
     let cached = started.elapsed();
+    let log = log.await.unwrap();
     assert_eq!(
         phase(&build),
         Some(AppBuildPhase::Completed),
-        "{:?}",
+        "{:?}\n{log}",
         build.status
     );
     assert_eq!(
         build.status.as_ref().unwrap().commit_sha.as_deref(),
         Some(commit2.as_str())
     );
-    let log = build_log(&client, &project, "web-2").await;
     eprintln!("build 2 (changed COPY layer): Completed in {cached:?}\nkaniko log:\n{log}");
+    // Kaniko's layer cache in the cluster registry (`--cache-repo`): the unchanged RUN layer
+    // is taken from it, not run again.
+    assert!(
+        log.contains("Found cached layer") || log.contains("Using caching version of cmd"),
+        "no layer cache hit in build 2: {log}"
+    );
+    assert!(
+        !log.contains("built on x86_64"),
+        "the cached RUN step ran again: {log}"
+    );
     eventually(
         Duration::from_secs(120),
         "every ready endpoint serving commit 2",
@@ -339,5 +394,120 @@ async fn a_dockerfile_app_goes_from_a_commit_to_a_pod_answering_http_and_rolls_o
         transcript.contains_key("commit 1\n") && transcript.contains_key("commit 2\n"),
         "{transcript:?}"
     );
+
+    // The same inputs again: the image is reused, no build Job at all.
+    let started = Instant::now();
+    create_build(&client, &project, "web-3", "web", json!({"gitRef": "main"})).await;
+    let build = finished(&real, &project, "web-3").await;
+    assert_eq!(
+        phase(&build),
+        Some(AppBuildPhase::Completed),
+        "{:?}",
+        build.status
+    );
+    let built = build
+        .status
+        .as_ref()
+        .unwrap()
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Built")
+        .cloned();
+    assert_eq!(
+        built.as_ref().map(|c| c.reason.as_str()),
+        Some("ImageReused"),
+        "{built:?}"
+    );
+    assert_eq!(build_pods_seen(&client, &project, "web-3", "build").await, 0);
+    eprintln!(
+        "build 3 (same inputs): Completed in {:?}, {}",
+        started.elapsed(),
+        built.unwrap().message
+    );
+    drop(real.agent);
+}
+
+/// A failing `RUN`, a ref that does not exist, a registry that refuses the push: each ends in
+/// its own reason, with what the real tool said.
+#[tokio::test]
+async fn real_failures_end_in_reasons_from_evidence() {
+    let real = real(&[]).await;
+    let client = real.env.client.clone();
+    let project = real_project(&client, "fail").await;
+    let base = real.farm.base_image.clone();
+    real.farm
+        .commit(
+            "broken",
+            &[(
+                "Dockerfile",
+                &format!("FROM {base}\nRUN echo about to fail && exit 3\n"),
+            )],
+            "a RUN that fails",
+        )
+        .unwrap();
+    create(
+        Api::<App>::namespaced(client.clone(), &project),
+        json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "App", "metadata": {"name": "broken"},
+        "spec": {
+            "git": {"url": real.farm.sample_url(), "branch": "broken"},
+            "registry": {"url": real.cluster},
+            "build": {"type": "dockerfile"},
+            "processes": {"web": {"port": 8080}},
+        }}),
+    )
+    .await;
+    let log = follow_build_log(&client, &project, "broken-1");
+    create_build(&client, &project, "broken-1", "broken", json!({})).await;
+    let build = finished(&real, &project, "broken-1").await;
+    let log = log.await.unwrap();
+    let status = build.status.clone().unwrap();
+    eprintln!(
+        "failing RUN: {:?} {:?}\nlog:\n{log}",
+        status.reason, status.message
+    );
+    assert_eq!(status.reason.as_deref(), Some("BuildFailed"), "{status:?}");
+    let message = status.message.unwrap_or_default();
+    assert!(
+        message.contains("exit status 3"),
+        "kaniko's own error line is not in {message:?}"
+    );
+    assert!(!message.contains('\u{1b}'), "terminal escapes in {message:?}");
+    assert!(
+        log.contains("about to fail") && log.contains("exit status 3"),
+        "{log}"
+    );
+
+    create_build(
+        &client,
+        &project,
+        "broken-2",
+        "broken",
+        json!({"gitRef": "no-such-branch"}),
+    )
+    .await;
+    let build = finished(&real, &project, "broken-2").await;
+    let status = build.status.clone().unwrap();
+    eprintln!("missing ref: {:?} {:?}", status.reason, status.message);
+    assert_eq!(status.reason.as_deref(), Some("ResolveFailed"), "{status:?}");
+    assert!(status.message.unwrap_or_default().contains("no-such-branch"));
+    drop(real.agent);
+}
+
+#[tokio::test]
+async fn a_registry_that_refuses_the_push_ends_push_failed() {
+    let real = real_with(&[], true).await;
+    let client = real.env.client.clone();
+    let project = real_project(&client, "refused").await;
+    sample_app(&real, &project, "web").await;
+    let log = follow_build_log(&client, &project, "web-1");
+    create_build(&client, &project, "web-1", "web", json!({})).await;
+    let build = finished(&real, &project, "web-1").await;
+    let log = log.await.unwrap();
+    let status = build.status.clone().unwrap();
+    eprintln!(
+        "refused push: {:?} {:?}\nlog:\n{log}",
+        status.reason, status.message
+    );
+    assert_eq!(status.reason.as_deref(), Some("PushFailed"), "{status:?}\n{log}");
     drop(real.agent);
 }

@@ -297,6 +297,10 @@ fn kaniko_container(
         format!("--cache-repo={cache}"),
         // The digest comes back in the pod's termination message: nothing queries the registry.
         "--digest-file=/dev/termination-log".into(),
+        // Kaniko colours its log by default (ANSI escapes even without a terminal), which a
+        // failure message and the relayed build log would carry verbatim (seen on the real
+        // node).
+        "--log-format=text".into(),
     ];
     args.extend(
         build
@@ -987,6 +991,10 @@ mod tests {
         assert!(args.contains(&"--destination=registry.example.com/shop/web:0123456789ab".to_string()));
         assert!(args.contains(&"--cache-repo=registry.example.com/shop/web/cache".to_string()));
         assert!(args.contains(&"--digest-file=/dev/termination-log".to_string()));
+        assert!(
+            args.contains(&"--log-format=text".to_string()),
+            "plain log lines, no colour escapes"
+        );
         assert!(args.contains(&"--build-arg=NODE_ENV=production".to_string()));
         // Failing tools write no message: the log's tail is what the agent reads.
         assert_eq!(
