@@ -235,6 +235,7 @@ async fn bare_helm(
                             live_replicas: &no_live_replicas,
                             default_issuer: "letsencrypt",
                             build_processes: &no_build_processes,
+                            pull_secrets: &[],
                         },
                         Some(&json!({"replicas": 1, "port": 8080})),
                     )

@@ -747,25 +747,25 @@ pub fn release_job_name(build: &AppBuild) -> String {
     format!("{}-release", build.name_any())
 }
 
-/// The release command's Job: [`app_job`] for a build's release, labelled as the build's
-/// step so its log is relayed as part of the build's.
+/// The release command's Job: [`app_job`] for a build's release (its `web` container and
+/// pull Secrets from the release `values`), labelled as the build's step so its log is
+/// relayed as part of the build's.
 pub fn release_job(
     app: &App,
     build: &AppBuild,
     name: &str,
-    web: &serde_json::Value,
-    pull_secrets: Vec<String>,
+    values: &serde_json::Value,
     command: Vec<String>,
     owner: &OwnerReference,
     settings: &BuildSettings,
 ) -> Job {
     app_job(&AppJob {
-        pull_secrets,
+        pull_secrets: super::values::pull_secrets_of(values),
         namespace: &build.namespace().unwrap_or_default(),
         name,
         labels: step_labels(app, build, "release"),
         container: RELEASE_CONTAINER,
-        web,
+        web: &super::values::release_container(values),
         command,
         owner,
         deadline_seconds: RELEASE_DEADLINE_SECONDS,
@@ -1614,12 +1614,15 @@ mod tests {
     #[test]
     fn release_jobs_pull_with_the_releases_secrets() {
         let web = serde_json::json!({"image": "ghcr.io/acme/shop/web", "imageTag": "abc"});
+        let values = serde_json::json!({
+            "generic": {"extraImagePullSecrets": [{"name": "registry-credentials"}, {"name": "ghcr"}]},
+            "deployments": {"web": {"containers": [web]}},
+        });
         let job = release_job(
             &app(BuildType::Dockerfile),
             &build(),
             "web-7-release",
-            &web,
-            vec!["registry-credentials".into(), "ghcr".into()],
+            &values,
             vec!["migrate".into()],
             &owner(),
             &BuildSettings::default(),
@@ -1640,8 +1643,7 @@ mod tests {
             &app(BuildType::Dockerfile),
             &build(),
             "web-7-release",
-            &web,
-            vec![],
+            &serde_json::json!({"deployments": {"web": {"containers": [web]}}}),
             vec!["migrate".into()],
             &owner(),
             &BuildSettings::default(),

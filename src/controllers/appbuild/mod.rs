@@ -1031,7 +1031,6 @@ impl Pipeline<'_> {
     /// Runs the App's release command in a Job with this release's web container; on success
     /// the deploy goes on, on failure the build fails with the command's own words.
     async fn run_release_command(&self, app: &App, values: &serde_json::Value) -> Result<Action> {
-        let web = values::release_container(values);
         let command = values::launch(&app.spec, jobs::RELEASE_CONTAINER, &app.spec.release_command);
         let owner = self
             .build
@@ -1041,8 +1040,7 @@ impl Pipeline<'_> {
             app,
             self.build,
             &jobs::release_job_name(self.build),
-            &web,
-            values::pull_secrets_of(values),
+            values,
             command,
             &owner,
             &self.ctx.config.builds,
