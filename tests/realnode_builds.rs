@@ -71,6 +71,7 @@ async fn real_with(extra: &[&str], read_only: bool) -> Real {
         format!("--registry-secret={PULL_SECRET}"),
         format!("--kaniko-image={}", farm.kaniko_image),
         format!("--git-image={}", farm.git_image),
+        format!("--builder-image={}", farm.builder_image),
     ];
     args.extend(extra.iter().map(|a| a.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -509,5 +510,66 @@ async fn a_registry_that_refuses_the_push_ends_push_failed() {
         status.reason, status.message
     );
     assert_eq!(status.reason.as_deref(), Some("PushFailed"), "{status:?}\n{log}");
+    drop(real.agent);
+}
+
+/// A buildpack build: the lifecycle (built from its Go module) in a builder assembled here
+/// detects and builds the app with the test's buildpack, exports to the App registry on the
+/// run image, and reports the process types from its own metadata; the pod serves.
+#[tokio::test]
+async fn a_buildpack_app_builds_with_the_real_lifecycle_and_serves() {
+    let real = real(&[]).await;
+    let client = real.env.client.clone();
+    let project = real_project(&client, "cnb").await;
+    let commit = real
+        .farm
+        .commit(
+            "static",
+            &[("index.html", "built by buildpacks\n"), ("healthz", "ok\n")],
+            "a static site",
+        )
+        .unwrap();
+    create(
+        Api::<App>::namespaced(client.clone(), &project),
+        json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "App", "metadata": {"name": "site"},
+        "spec": {
+            "git": {"url": real.farm.sample_url(), "branch": "static"},
+            "registry": {"url": real.cluster},
+            "build": {"type": "buildpack"},
+            "processes": {"web": {"port": 8080, "healthCheck": {"path": "/healthz"}}},
+        }}),
+    )
+    .await;
+    let started = Instant::now();
+    let log = follow_build_log(&client, &project, "site-1");
+    create_build(&client, &project, "site-1", "site", json!({})).await;
+    let build = finished(&real, &project, "site-1").await;
+    let log = log.await.unwrap();
+    let status = build.status.clone().unwrap();
+    eprintln!(
+        "buildpack build: {:?} in {:?}\nlog:\n{log}",
+        status.reason,
+        started.elapsed()
+    );
+    assert_eq!(phase(&build), Some(AppBuildPhase::Completed), "{status:?}\n{log}");
+    assert_eq!(status.commit_sha.as_deref(), Some(commit.as_str()));
+    assert!(!log.contains('\u{1b}'), "terminal escapes in the log: {log}");
+    assert!(
+        log.contains(&format!("as {}:{}", buildfarm::CNB_USER.0, buildfarm::CNB_USER.1)),
+        "the buildpack did not run as the builder's user: {log}"
+    );
+    assert_eq!(
+        status.process_types.keys().cloned().collect::<Vec<_>>(),
+        ["web"],
+        "{status:?}"
+    );
+    let (addresses, _) = eventually(Duration::from_secs(120), "a ready endpoint of site", || async {
+        let ready = ready_endpoints(&client, &project, "site").await;
+        (!ready.is_empty()).then_some(ready)
+    })
+    .await;
+    let (code, body) = http_get(&format!("{}:8080", addresses[0]), "/").await.unwrap();
+    eprintln!("GET http://{}:8080/ → {code} {body:?}", addresses[0]);
+    assert_eq!((code, body.as_str()), (200, "built by buildpacks\n"));
     drop(real.agent);
 }

@@ -2,7 +2,7 @@
 # Builds the test cluster from the Go modules pinned under tools/, one binary at a
 # time, into a cache folder outside the checkout: the control plane (etcd,
 # kube-apiserver, kube-controller-manager, kube-scheduler, kubectl), the real node's kubelet
-# and the kaniko executor its builds run, and their peers (kwok's simulated nodes, the k3s
+# and the kaniko executor and buildpacks lifecycle its builds run, and their peers (kwok's simulated nodes, the k3s
 # helm-controller, the helm CLI). A binary is rebuilt only when its key (pinned version, Go version, go.sum) changes.
 # Prints the bin directory.
 #
@@ -70,6 +70,8 @@ binaries=(
   "kwok|kwok|sigs.k8s.io/kwok|sigs.k8s.io/kwok/cmd/kwok|kwok|-X sigs.k8s.io/kwok/pkg/consts.Version={v}"
   "helm-controller|helm-controller|github.com/k3s-io/helm-controller|github.com/k3s-io/helm-controller|helm-controller|-X github.com/k3s-io/helm-controller/pkg/version.Version={v} -X github.com/k3s-io/helm-controller/pkg/version.GitCommit={v}"
   "helm|helm|helm.sh/helm/v4|helm.sh/helm/v4/cmd/helm|helm|-X helm.sh/helm/v4/internal/version.version={v}"
+  "lifecycle|lifecycle|github.com/buildpacks/lifecycle|github.com/buildpacks/lifecycle/cmd/lifecycle|lifecycle|-X github.com/buildpacks/lifecycle/cmd.Version={v}"
+  "launcher|lifecycle|github.com/buildpacks/lifecycle|github.com/buildpacks/lifecycle/cmd/launcher|lifecycle|-X github.com/buildpacks/lifecycle/cmd.Version={v}"
   "kaniko-executor|kaniko|github.com/chainguard-dev/kaniko|github.com/chainguard-dev/kaniko/cmd/executor|kaniko|-X github.com/chainguard-dev/kaniko/pkg/version.version={v}"
 )
 

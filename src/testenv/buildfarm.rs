@@ -26,6 +26,10 @@ use crate::controllers::registry::Signer;
 pub const KANIKO_VERSION: &str = "v1.25.6";
 /// Where the sample app's repository is served, below the git server's address.
 pub const SAMPLE_REPO: &str = "/git/sample.git";
+/// The buildpacks lifecycle's version (tools/lifecycle pins the same).
+pub const LIFECYCLE_VERSION: &str = "v0.20.12";
+/// The builder's build user, as in Paketo's builders: uid 1001, gid 1000.
+pub const CNB_USER: (u32, u32) = (1001, 1000);
 /// The pull account the token service knows.
 pub const PULL_USER: &str = "puller";
 
@@ -41,6 +45,11 @@ pub struct BuildFarm {
     pub git_image: String,
     /// `<images>/kaniko:<version>`: the executor from its Go module, upstream's layout.
     pub kaniko_image: String,
+    /// `<images>/builder:test`: the lifecycle built from its Go module, one buildpack written
+    /// for the tests (`shapeblock/static`: serves the app's files with busybox's httpd).
+    pub builder_image: String,
+    /// `<images>/run:test`: the builder's run image (the base image with the build user).
+    pub run_image: String,
     /// `https://<node ip>:<port>`: the git server.
     pub git_url: String,
     /// The sample repository's work tree on this machine (commit and push to change it).
@@ -187,6 +196,12 @@ async fn start(ip: Ipv4Addr, certs_dir: PathBuf) -> Result<BuildFarm> {
     kaniko_image_of(&bundle)?
         .push_with(&endpoint, "kaniko", KANIKO_VERSION)
         .await?;
+    let run_image = format!("{images}/run:test");
+    run_image_of()?.push_with(&endpoint, "run", "test").await?;
+    let builder_image = format!("{images}/builder:test");
+    builder_image_of(&bundle, &run_image)?
+        .push_with(&endpoint, "builder", "test")
+        .await?;
     eprintln!("build farm: images pushed to {images} in {:?}", pushed.elapsed());
 
     let mut keep = Vec::new();
@@ -207,6 +222,8 @@ async fn start(ip: Ipv4Addr, certs_dir: PathBuf) -> Result<BuildFarm> {
         base_image,
         git_image,
         kaniko_image,
+        builder_image,
+        run_image,
         git_url,
         sample_work_tree,
         repos,
@@ -313,6 +330,110 @@ fn kaniko_image_of(bundle: &[u8]) -> Result<OciImage> {
                 "DOCKER_CONFIG=/kaniko/.docker/".into(),
             ],
             working_dir: Some("/workspace".into()),
+            ..Default::default()
+        },
+    )
+}
+
+/// `/etc/passwd` and `/etc/group` with root, nobody and the build user `cnb`.
+fn cnb_etc(layer: &mut Layer) -> Result<()> {
+    let (uid, gid) = CNB_USER;
+    layer
+        .file(
+            "/etc/passwd",
+            0o644,
+            format!(
+                "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\ncnb:x:{uid}:{gid}:cnb:/home/cnb:/bin/sh\n"
+            )
+            .as_bytes(),
+        )?
+        .file(
+            "/etc/group",
+            0o644,
+            format!("root:x:0:\nnogroup:x:65534:\ncnb:x:{gid}:\n").as_bytes(),
+        )?;
+    Ok(())
+}
+
+/// The run image: busybox (its httpd serves the sample), the build user, nothing else.
+fn run_image_of() -> Result<OciImage> {
+    let mut layer = Layer::new();
+    cnb_etc(&mut layer)?;
+    layer.busybox()?.minimal_etc()?.dir("/home/cnb", 0o755)?;
+    OciImage::from_layers(
+        vec![layer.finish()?],
+        &ImageConfig {
+            env: vec![
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+                format!("CNB_USER_ID={}", CNB_USER.0),
+                format!("CNB_GROUP_ID={}", CNB_USER.1),
+            ],
+            ..Default::default()
+        },
+    )
+}
+
+/// The builder: the lifecycle as upstream's builders lay it out (`/cnb/lifecycle/<phase>` links
+/// to the multi-call binary, the launcher beside it), `/cnb/order.toml` with one group,
+/// `/cnb/run.toml` naming the run image, and the buildpack `shapeblock/static`: it detects an
+/// `index.html` and contributes a `web` process serving the app directory. Like Paketo's, the
+/// image sets `CNB_USER_ID`/`CNB_GROUP_ID` and has a shell.
+fn builder_image_of(bundle: &[u8], run_image: &str) -> Result<OciImage> {
+    let bin = super::default_bin_dir();
+    let mut layer = Layer::new();
+    cnb_etc(&mut layer)?;
+    layer
+        .host_file(&bin.join("lifecycle"), "/cnb/lifecycle/lifecycle")
+        .map_err(|e| Error::RealNode(format!("{e} (tools/build-control-plane.sh builds it)")))?
+        .host_file(&bin.join("launcher"), "/cnb/lifecycle/launcher")?;
+    for phase in [
+        "analyzer", "builder", "creator", "detector", "exporter", "restorer", "rebaser", "extender",
+    ] {
+        layer.symlink(&format!("/cnb/lifecycle/{phase}"), "lifecycle")?;
+    }
+    let buildpack = "/cnb/buildpacks/shapeblock_static/0.1.0";
+    layer
+        .file(
+            &format!("{buildpack}/buildpack.toml"),
+            0o644,
+            b"api = \"0.10\"\n[buildpack]\nid = \"shapeblock/static\"\nversion = \"0.1.0\"\nname = \"Static files (ShapeBlock tests)\"\n[[targets]]\nos = \"linux\"\narch = \"amd64\"\n",
+        )?
+        .file(
+            &format!("{buildpack}/bin/detect"),
+            0o755,
+            b"#!/bin/sh\n# Static sites: an index.html at the top.\n[ -f index.html ] || exit 100\n",
+        )?
+        .file(
+            &format!("{buildpack}/bin/build"),
+            0o755,
+            b"#!/bin/sh\nset -eu\necho \"shapeblock/static: serving $(ls | wc -l) files from $PWD as $(id -u):$(id -g)\"\ncat > \"$CNB_LAYERS_DIR/launch.toml\" <<EOF\n[[processes]]\ntype = \"web\"\ncommand = [\"httpd\"]\nargs = [\"-f\", \"-p\", \"8080\", \"-h\", \"$PWD\"]\ndefault = true\nEOF\n",
+        )?
+        .file(
+            "/cnb/order.toml",
+            0o644,
+            b"[[order]]\n[[order.group]]\nid = \"shapeblock/static\"\nversion = \"0.1.0\"\n",
+        )?
+        .file(
+            "/cnb/run.toml",
+            0o644,
+            format!("[[images]]\nimage = \"{run_image}\"\n").as_bytes(),
+        )?
+        .file("/etc/ssl/certs/ca-certificates.crt", 0o644, bundle)?
+        .busybox()?
+        .minimal_etc()?
+        .dir("/home/cnb", 0o755)?
+        .dir("/layers", 0o755)?
+        .dir("/workspace", 0o755)?;
+    OciImage::from_layers(
+        vec![layer.finish()?],
+        &ImageConfig {
+            env: vec![
+                "PATH=/cnb/lifecycle:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+                format!("CNB_USER_ID={}", CNB_USER.0),
+                format!("CNB_GROUP_ID={}", CNB_USER.1),
+                "CNB_PLATFORM_API=0.13".into(),
+            ],
+            working_dir: Some("/layers".into()),
             ..Default::default()
         },
     )

@@ -31,7 +31,6 @@ pub const RELEASE_CONTAINER: &str = "release";
 /// Deadline of a release command (migrations and the like).
 pub const RELEASE_DEADLINE_SECONDS: i64 = 900;
 const WORKSPACE: &str = "/workspace";
-const CNB_UID: i64 = 1000;
 
 /// Images and defaults for builds; set by the agent's flags.
 #[derive(Clone, Debug)]
@@ -221,9 +220,6 @@ pub fn build_job(
         &guarded(&clone_script),
     );
     clone.env.get_or_insert_default().push(env("COMMIT", commit));
-    if buildpack {
-        clone.security_context = Some(non_root(CNB_UID));
-    }
     let destination = destination(app, &image_tag(build, commit));
     let cache = format!(
         "{}/{}/{}/cache",
@@ -262,7 +258,6 @@ pub fn build_job(
         ..Default::default()
     });
     let deadline = build_deadline(app, build, settings);
-    let fs_group = buildpack.then_some(CNB_UID);
     job(
         app,
         build,
@@ -273,7 +268,7 @@ pub fn build_job(
         vec![clone],
         main,
         volumes,
-        fs_group,
+        None,
         deadline,
     )
 }
@@ -343,6 +338,11 @@ fn buildpack_container(
     // Build variables become platform env files; the report and the launch metadata give the
     // digest and the process types, squeezed into the 4 KiB termination message.
     let script = r#"set -eu
+# The lifecycle starts as root and drops to the builder's user itself (CNB_USER_ID and
+# CNB_GROUP_ID, set by the builder image: 1001:1000 in Paketo's); that user must own the
+# sources it builds, cloned as root.
+: "${CNB_USER_ID:?the builder image sets no CNB_USER_ID}" "${CNB_GROUP_ID:?the builder image sets no CNB_GROUP_ID}"
+chown -R "$CNB_USER_ID:$CNB_GROUP_ID" /workspace/src
 mkdir -p /workspace/platform/env
 for var in $(env | sed -n 's/^BUILD_VAR_\([A-Za-z_][A-Za-z0-9_]*\)=.*/\1/p'); do
   eval "printf '%s' \"\$BUILD_VAR_$var\"" > "/workspace/platform/env/$var"
@@ -357,6 +357,9 @@ printf '{"digest":"%s","processes":[%s]}' "$digest" "$types" | head -c 4000 > /d
         env("CACHE_IMAGE", cache),
         env("DOCKER_CONFIG", "/home/cnb/.docker"),
         env("CNB_PLATFORM_API", "0.13"),
+        // Plain log lines: the lifecycle colours its phase headers by default, and the log's
+        // tail becomes a failure's message (seen on the real node, as with kaniko).
+        env("CNB_NO_COLOR", "true"),
     ];
     env_vars.extend(
         build
@@ -383,7 +386,15 @@ printf '{"digest":"%s","processes":[%s]}' "$digest" "$types" | head -c 4000 > /d
         // The script writes its message only after the creator succeeded: on failure the
         // lifecycle's `ERROR: failed to …` line, last in the log, becomes the message.
         termination_message_policy: Some("FallbackToLogsOnError".into()),
-        security_context: Some(non_root(CNB_UID)),
+        // The creator must start as root: it makes the layers and cache directories the
+        // build user's and then drops to that user (a non-root start fails with "failed to
+        // exec as user"). No privilege and no escalation beyond that.
+        security_context: Some(SecurityContext {
+            run_as_user: Some(0),
+            allow_privilege_escalation: Some(false),
+            privileged: Some(false),
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }
@@ -641,16 +652,6 @@ fn run_once(
             },
             ..Default::default()
         }),
-        ..Default::default()
-    }
-}
-
-fn non_root(uid: i64) -> SecurityContext {
-    SecurityContext {
-        run_as_user: Some(uid),
-        run_as_group: Some(uid),
-        run_as_non_root: Some(true),
-        allow_privilege_escalation: Some(false),
         ..Default::default()
     }
 }
@@ -1025,7 +1026,7 @@ mod tests {
     }
 
     #[test]
-    fn buildpack_job_runs_as_the_builders_user() {
+    fn buildpack_job_starts_as_root_for_the_lifecycle_to_drop_privileges() {
         let app = app(BuildType::Buildpack);
         let job = build_job(
             &app,
@@ -1044,10 +1045,12 @@ mod tests {
         );
         let context = main.security_context.as_ref().unwrap();
         assert_eq!(
-            (context.run_as_user, context.run_as_non_root),
-            (Some(1000), Some(true))
+            (context.run_as_user, context.allow_privilege_escalation),
+            (Some(0), Some(false))
         );
-        assert_eq!(pod.security_context.unwrap().fs_group, Some(1000));
+        assert_eq!(pod.security_context.unwrap().fs_group, None);
+        let script = &main.command.as_ref().unwrap()[2];
+        assert!(script.contains(r#"chown -R "$CNB_USER_ID:$CNB_GROUP_ID" /workspace/src"#));
         assert_eq!(
             main.termination_message_policy.as_deref(),
             Some("FallbackToLogsOnError")
@@ -1059,17 +1062,20 @@ mod tests {
             .map(|e| (e.name.as_str(), e.value.clone()))
             .collect();
         assert_eq!(env["BUILD_VAR_NODE_ENV"].as_deref(), Some("production"));
+        assert_eq!(env["CNB_NO_COLOR"].as_deref(), Some("true"));
         assert_eq!(
             env["DESTINATION"].as_deref(),
             Some("registry.example.com/shop/web:0123456789ab")
         );
+        // The clone runs as the git image's user (root): OpenSSH refuses a uid the image
+        // has no passwd entry for.
         assert_eq!(
             pod.init_containers.unwrap()[0]
                 .security_context
                 .as_ref()
                 .unwrap()
                 .run_as_user,
-            Some(1000)
+            None
         );
     }
 
