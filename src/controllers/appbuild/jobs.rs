@@ -515,7 +515,9 @@ fn guarded(body: &str) -> String {
 /// annotated tag, which is the commit, not the tag object), or a full `refs/...` name, or a
 /// full commit SHA. ls-remote's own patterns match by suffix (`main` would also match
 /// `refs/heads/release/main`): they only narrow what the server sends. The commit, or why
-/// there is none, goes to the termination log. Tested with the machine's `sh` and git against
+/// there is none, goes to the termination log: exit 4 when git failed (`git ls-remote <url>
+/// failed (exit N): <what git said>`), 2 when no such ref exists (`ref X not found …`), 3
+/// when the guard refused the host. Tested with the machine's `sh` and git against
 /// a local repository (`the_resolve_step_picks_the_exact_ref_and_tells_git_failures_apart`).
 pub const RESOLVE_BODY: &str = r#": "${SB_TERMINATION_LOG:=/dev/termination-log}"
 sb_refs="${TMPDIR:-/tmp}/sb-ls-remote.$$"
