@@ -44,7 +44,11 @@ async fn real(extra: &[&str]) -> Real {
 /// [`real`] with an App registry that refuses every push (`read_only`: distribution's
 /// maintenance mode) if asked.
 async fn real_with(extra: &[&str], read_only: bool) -> Real {
-    let env = support::agent::env().await;
+    let env = if extra.iter().any(|a| a.starts_with("--hub-address=")) {
+        support::agent::hub_env().await
+    } else {
+        support::agent::env().await
+    };
     testenv::real_node().unwrap_or_else(|e| panic!("{e}"));
     let farm = buildfarm::build_farm().unwrap_or_else(|e| panic!("{e}"));
     let port = testenv::free_port().unwrap();
@@ -432,7 +436,19 @@ async fn a_dockerfile_app_goes_from_a_commit_to_a_pod_answering_http_and_rolls_o
 /// its own reason, with what the real tool said.
 #[tokio::test]
 async fn real_failures_end_in_reasons_from_evidence() {
-    let real = real(&[]).await;
+    // With a hub: the failing build's log is relayed.
+    let data = tempfile::tempdir().unwrap();
+    let hub = support::hub::start(data.path()).await;
+    let cluster = support::unique_name("real");
+    let token = hub.create_token(&cluster, Duration::from_secs(300)).unwrap();
+    let real = real(&[
+        &format!("--hub-address={}", hub.url()),
+        &format!("--enroll-token={token}"),
+        &format!("--ca-hash={}", hub.ca_hash()),
+        "--heartbeat-seconds=2",
+        "--reconnect-max-seconds=2",
+    ])
+    .await;
     let client = real.env.client.clone();
     let project = real_project(&client, "fail").await;
     let base = real.farm.base_image.clone();
@@ -478,6 +494,21 @@ async fn real_failures_end_in_reasons_from_evidence() {
         "{log}"
     );
 
+    let stream = format!("{project}/broken-1/build");
+    let (relayed, _) = eventually(
+        Duration::from_secs(60),
+        "the failed build's log at the hub",
+        || async {
+            let (bytes, _, eof) = hub.store().log(&cluster, &stream).ok()?;
+            eof.then(|| String::from_utf8_lossy(&bytes).into_owned())
+        },
+    )
+    .await;
+    assert!(
+        relayed.contains("about to fail") && relayed.contains("exit status 3"),
+        "the relayed log lacks kaniko's lines: {relayed}"
+    );
+
     create_build(
         &client,
         &project,
@@ -492,6 +523,7 @@ async fn real_failures_end_in_reasons_from_evidence() {
     assert_eq!(status.reason.as_deref(), Some("ResolveFailed"), "{status:?}");
     assert!(status.message.unwrap_or_default().contains("no-such-branch"));
     drop(real.agent);
+    hub.stop().await;
 }
 
 #[tokio::test]
@@ -513,7 +545,8 @@ async fn a_registry_that_refuses_the_push_ends_push_failed() {
     drop(real.agent);
 }
 
-/// A buildpack build: the lifecycle (built from its Go module) in a builder assembled here
+/// A buildpack build, cloned over SSH with the App's deploy key: the lifecycle (built from its
+/// Go module) in a builder assembled here
 /// detects and builds the app with the test's buildpack, exports to the App registry on the
 /// run image, and reports the process types from its own metadata; the pod serves.
 #[tokio::test]
@@ -529,17 +562,41 @@ async fn a_buildpack_app_builds_with_the_real_lifecycle_and_serves() {
             "a static site",
         )
         .unwrap();
+    // Cloned over SSH with the App's generated deploy key, the server's host key known to the
+    // agent (the clone that failed as a uid without a passwd entry).
+    let known: k8s_openapi::api::core::v1::ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "shapeblock-known-hosts"},
+        "data": {"known_hosts": real.farm.ssh_known_hosts},
+    }))
+    .unwrap();
+    Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), AGENT_NS)
+        .patch(
+            "shapeblock-known-hosts",
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(&known),
+        )
+        .await
+        .unwrap();
     create(
         Api::<App>::namespaced(client.clone(), &project),
         json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "App", "metadata": {"name": "site"},
         "spec": {
-            "git": {"url": real.farm.sample_url(), "branch": "static"},
+            "git": {"url": real.farm.sample_ssh_url(), "branch": "static", "isPrivate": true},
             "registry": {"url": real.cluster},
             "build": {"type": "buildpack"},
             "processes": {"web": {"port": 8080, "healthCheck": {"path": "/healthz"}}},
         }}),
     )
     .await;
+    let (key, _) = eventually(TIMEOUT, "the App's deploy key", || async {
+        let app = Api::<App>::namespaced(client.clone(), &project)
+            .get("site")
+            .await
+            .ok()?;
+        app.status?.ssh_public_key
+    })
+    .await;
+    real.farm.authorize(&key).unwrap();
     let started = Instant::now();
     let log = follow_build_log(&client, &project, "site-1");
     create_build(&client, &project, "site-1", "site", json!({})).await;

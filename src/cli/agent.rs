@@ -114,12 +114,13 @@ struct RunArgs {
         value_name = "IMAGE"
     )]
     git_image: String,
-    /// Kaniko executor for `dockerfile` builds. Upstream kaniko was archived in 2025; point
-    /// this at the maintained fork you trust.
+    /// Kaniko executor for `dockerfile` builds. Upstream kaniko was archived in 2025; the
+    /// default is Chainguard's maintained fork (the one the tests build from its Go module).
+    /// Its public image carries only `latest`: pin it by digest.
     #[arg(
         long,
         env = "SHAPEBLOCK_KANIKO_IMAGE",
-        default_value = "gcr.io/kaniko-project/executor:v1.24.0",
+        default_value = "cgr.dev/chainguard/kaniko:latest",
         value_name = "IMAGE"
     )]
     kaniko_image: String,

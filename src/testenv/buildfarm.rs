@@ -52,6 +52,11 @@ pub struct BuildFarm {
     pub run_image: String,
     /// `https://<node ip>:<port>`: the git server.
     pub git_url: String,
+    /// `<node ip>:<port>` of the SSH git server (Debian's OpenSSH, `git-shell` for every key).
+    pub ssh_address: String,
+    /// Its host key as a `known_hosts` line (`[ip]:port ssh-ed25519 …`).
+    pub ssh_known_hosts: String,
+    authorized_keys: PathBuf,
     /// The sample repository's work tree on this machine (commit and push to change it).
     pub sample_work_tree: PathBuf,
     /// The bare repositories' directory.
@@ -207,6 +212,8 @@ async fn start(ip: Ipv4Addr, certs_dir: PathBuf) -> Result<BuildFarm> {
     let mut keep = Vec::new();
     let (git_process, git_url) = start_git_server(dir.path(), ip, &serving).await?;
     keep.push(git_process);
+    let (ssh_process, ssh_address, ssh_known_hosts) = start_ssh_server(dir.path(), ip).await?;
+    keep.push(ssh_process);
     let repos = dir.path().join("repos");
     let sample_work_tree = dir.path().join("sample");
     sample_repository(&repos, &sample_work_tree, &base_image)?;
@@ -225,6 +232,9 @@ async fn start(ip: Ipv4Addr, certs_dir: PathBuf) -> Result<BuildFarm> {
         builder_image,
         run_image,
         git_url,
+        ssh_address,
+        ssh_known_hosts,
+        authorized_keys: dir.path().join("ssh/authorized_keys"),
         sample_work_tree,
         repos,
         realm,
@@ -512,6 +522,84 @@ $HTTP["url"] =~ "^/git" {{
     Err(Error::RealNode(last))
 }
 
+/// Debian's OpenSSH server on the node's address: key logins only, every key restricted to
+/// `git-shell` (fetches of the repositories under `<dir>/repos`, nothing else).
+async fn start_ssh_server(dir: &Path, ip: Ipv4Addr) -> Result<(ManagedProcess, String, String)> {
+    let sshd = Path::new("/usr/sbin/sshd");
+    if !sshd.exists() {
+        return Err(Error::RealNode(
+            "/usr/sbin/sshd not found: apt-get install openssh-server".into(),
+        ));
+    }
+    let ssh = dir.join("ssh");
+    std::fs::create_dir_all(&ssh).map_err(|e| Error::io("create the SSH server's directory", e))?;
+    // sshd's privilege separation directory.
+    std::fs::create_dir_all("/run/sshd").map_err(|e| Error::io("create /run/sshd", e))?;
+    let key = ssh.join("host_ed25519");
+    let output = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key)
+        .output()
+        .map_err(|e| Error::io("ssh-keygen", e))?;
+    if !output.status.success() {
+        return Err(Error::RealNode(format!(
+            "ssh-keygen: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )));
+    }
+    let public = std::fs::read_to_string(ssh.join("host_ed25519.pub"))
+        .map_err(|e| Error::io("read the SSH host key", e))?;
+    let public: Vec<&str> = public.split_whitespace().take(2).collect();
+    super::write_file(&ssh.join("authorized_keys"), "")?;
+    let mut last = String::new();
+    for _ in 0..5 {
+        let port = free_port()?;
+        let config = format!(
+            "ListenAddress {ip}:{port}\nHostKey {key}\nAuthorizedKeysFile {keys}\nPidFile {pid}\n\
+             PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+             UsePAM no\nStrictModes no\nLogLevel VERBOSE\n",
+            key = key.display(),
+            keys = ssh.join("authorized_keys").display(),
+            pid = ssh.join("sshd.pid").display(),
+        );
+        let config_path = ssh.join("sshd_config");
+        super::write_file(&config_path, &config)?;
+        let mut process = ManagedProcess::spawn(
+            "sshd (git-shell)",
+            sshd,
+            &[
+                "-D".into(),
+                "-e".into(),
+                "-f".into(),
+                config_path.display().to_string(),
+            ],
+            &ssh.join("sshd.log"),
+        )?;
+        let address = format!("{ip}:{port}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = process.exited() {
+                last = format!("sshd exited ({status}): {}", process.log_tail(20));
+                break;
+            }
+            if tokio::net::TcpStream::connect(&address).await.is_ok() {
+                let known = format!("[{ip}]:{port} {} {}\n", public[0], public.get(1).unwrap_or(&""));
+                return Ok((process, address, known));
+            }
+            if Instant::now() > deadline {
+                return Err(Error::RealNode(format!(
+                    "sshd did not listen on {address} within 10s"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if !last.contains("Address already in use") {
+            break;
+        }
+    }
+    Err(Error::RealNode(last))
+}
+
 fn git(dir: &Path, args: &[&str]) -> Result<String> {
     let output = std::process::Command::new("git")
         .args(args)
@@ -601,6 +689,31 @@ impl BuildFarm {
     /// The sample app's clone URL.
     pub fn sample_url(&self) -> String {
         format!("{}{SAMPLE_REPO}", self.git_url)
+    }
+
+    /// The sample app's SSH clone URL (user root: the only account the images and this
+    /// machine share; every key is confined to `git-shell`).
+    pub fn sample_ssh_url(&self) -> String {
+        format!(
+            "ssh://root@{}{}",
+            self.ssh_address,
+            self.repos.join("sample.git").display()
+        )
+    }
+
+    /// Lets `public_key` (an OpenSSH public key line) fetch over SSH, through `git-shell` only.
+    pub fn authorize(&self, public_key: &str) -> Result<()> {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.authorized_keys)
+            .map_err(|e| Error::io("open authorized_keys", e))?;
+        writeln!(
+            file,
+            "restrict,command=\"git-shell -c \\\"$SSH_ORIGINAL_COMMAND\\\"\" {}",
+            public_key.trim()
+        )
+        .map_err(|e| Error::io("write authorized_keys", e))
     }
 }
 

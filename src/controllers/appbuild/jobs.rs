@@ -37,7 +37,7 @@ const WORKSPACE: &str = "/workspace";
 pub struct BuildSettings {
     /// Image with `git` and `ssh` for the resolve and clone steps.
     pub git_image: String,
-    /// Kaniko executor. Upstream kaniko was archived in 2025: point this at a maintained fork.
+    /// Kaniko executor: Chainguard's maintained fork by default (upstream was archived in 2025).
     pub kaniko_image: String,
     /// Buildpacks builder used when an App names none.
     pub builder_image: String,
@@ -66,7 +66,7 @@ impl Default for BuildSettings {
         use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
         Self {
             git_image: "alpine/git:v2.47.2".into(),
-            kaniko_image: "gcr.io/kaniko-project/executor:v1.24.0".into(),
+            kaniko_image: "cgr.dev/chainguard/kaniko:latest".into(),
             builder_image: "paketobuildpacks/builder-jammy-base:latest".into(),
             timeout_seconds: 1800,
             resources: BuildResources {
