@@ -14,7 +14,7 @@ use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use shapeblock_agent::api::{App, AppPhase, Project, ProjectPhase};
-use shapeblock_agent::testenv::{ControlPlane, Options, agent};
+use shapeblock_testenv::{ControlPlane, Options, agent};
 
 const NOISE_SECRETS: usize = 1000;
 const NOISE_SIZE: usize = 100 * 1024;

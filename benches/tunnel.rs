@@ -20,11 +20,11 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use shapeblock_agent::api::Project;
-use shapeblock_agent::hub::{Hub, HubConfig};
+use shapeblock_hub::{Hub, HubConfig};
 use shapeblock_agent::proto::v1::agent_message::Body as Up;
 use shapeblock_agent::proto::v1::agent_tunnel_client::AgentTunnelClient;
 use shapeblock_agent::proto::v1::{AgentMessage, Heartbeat, Hello};
-use shapeblock_agent::testenv::{
+use shapeblock_testenv::{
     CertificateAuthority, ControlPlane, Options, PodOutcome, PodSelector, agent, logs, set_pod_outcome,
 };
 use shapeblock_agent::tunnel::enroll;
@@ -404,14 +404,14 @@ async fn many_agents() {
         .spawn()
         .unwrap();
     let url = format!("https://127.0.0.1:{port}");
-    let store = shapeblock_agent::hub::open_store(data.path()).unwrap();
+    let store = shapeblock_hub::open_store(data.path()).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
         assert!(Instant::now() < deadline, "hub process did not listen");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let pin = {
-        let ca = shapeblock_agent::hub::pki::Ca::load_or_create(data.path()).unwrap();
+        let ca = shapeblock_hub::pki::Ca::load_or_create(data.path()).unwrap();
         shapeblock_agent::proto::ca_hash(&ca.cert_der)
     };
     let idle = rss_kib(hub.id()).0;
@@ -419,7 +419,7 @@ async fn many_agents() {
     // Enrollment is not what is measured: done first, a few at a time.
     let tokens: Vec<String> = (0..n)
         .map(|i| {
-            shapeblock_agent::hub::create_token(&store, &format!("a{i}"), Duration::from_secs(600)).unwrap()
+            shapeblock_hub::create_token(&store, &format!("a{i}"), Duration::from_secs(600)).unwrap()
         })
         .collect();
     let started = Instant::now();

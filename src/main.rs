@@ -1,5 +1,5 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
-    shapeblock_agent::cli::agent::Cli::parse().run()
+    shapeblock_agent::cli::Cli::parse().run()
 }

@@ -12,7 +12,7 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use shapeblock_agent::api::{App, AppBuild, AppBuildPhase, AppPhase, Project};
-use shapeblock_agent::testenv::nodes::{PodOutcome, PodSelector, set_pod_outcome};
+use shapeblock_testenv::nodes::{PodOutcome, PodSelector, set_pod_outcome};
 use support::agent::*;
 use support::eventually;
 
@@ -410,7 +410,7 @@ async fn app_pods_and_the_release_command_pull_with_the_registry_credentials() {
 /// `OOMKilled` with exit 137 and no message.
 #[tokio::test]
 async fn failure_reasons_come_from_what_kaniko_and_the_kubelet_leave() {
-    use shapeblock_agent::testenv::kubelet::logs;
+    use shapeblock_testenv::kubelet::logs;
     let env = env().await;
     let _agent = env.agent(&[]).await;
     let project = ready_project(&env.client, "evidence").await;

@@ -13,12 +13,12 @@ use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
 use prost::Message;
 use shapeblock_agent::api::{App, Project};
-use shapeblock_agent::hub::{Hub, Prune};
+use shapeblock_hub::{Hub, Prune};
 use shapeblock_agent::proto::v1::server_message::Body as Down;
 use shapeblock_agent::proto::v1::{
     Apply, CancelBuild, Delete, ObjectRef, PruneScope, ServerMessage, SetConfig, Sync,
 };
-use shapeblock_agent::testenv::agent::AgentProcess;
+use shapeblock_testenv::agent::AgentProcess;
 use support::agent::{AGENT_NS, Env, hub_env as env};
 use support::hub::result_of;
 use support::{eventually, unique_name};

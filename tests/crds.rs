@@ -54,7 +54,7 @@ fn committed_crds_match_the_types() {
 async fn seed_samples_are_accepted_and_read_back_as_the_rust_types() {
     let client = client().await;
     let namespace = fresh_namespace(&client, "samples").await;
-    let suffix = shapeblock_agent::testenv::unique_suffix();
+    let suffix = shapeblock_testenv::unique_suffix();
     let mut created = 0;
     for file in yaml_files("examples") {
         for manifest in yaml_documents(&file) {
@@ -118,7 +118,7 @@ async fn seed_samples_are_accepted_and_read_back_as_the_rust_types() {
 async fn invalid_manifests_are_rejected_with_the_apiserver_message() {
     let client = client().await;
     let namespace = fresh_namespace(&client, "invalid").await;
-    let suffix = shapeblock_agent::testenv::unique_suffix();
+    let suffix = shapeblock_testenv::unique_suffix();
     let files = yaml_files("tests/manifests/invalid");
     assert!(files.len() >= 20, "the invalid set is all there");
     let mut failures = Vec::new();

@@ -20,7 +20,7 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 use shapeblock_agent::api::Project;
 use shapeblock_agent::controllers::install_access;
-use shapeblock_agent::testenv::{self, HELM_JOB_CLUSTER_ROLE};
+use shapeblock_testenv::{self as testenv, HELM_JOB_CLUSTER_ROLE};
 use support::{client, eventually, fresh_namespace};
 
 fn helm_charts(client: &Client, namespace: &str) -> Api<DynamicObject> {

@@ -17,7 +17,7 @@ use kube::api::{Api, DynamicObject};
 use kube::discovery::ApiResource;
 use serde_json::json;
 use shapeblock_agent::api::{App, AppBuild, AppPhase, Project, ProjectPhase};
-use shapeblock_agent::testenv::{self, ControlPlane, ManagedProcess, Options, agent::AgentProcess};
+use shapeblock_testenv::{self as testenv, ControlPlane, ManagedProcess, Options, agent::AgentProcess};
 use support::agent::{create, project_manifest, wait_app, wait_project};
 use support::chart::{apply_all, render};
 use support::{eventually, unique_name};

@@ -21,7 +21,7 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, PostParams};
 use shapeblock_agent::api::Project;
-use shapeblock_agent::testenv::{self, agent::AgentProcess};
+use shapeblock_testenv::{self as testenv, agent::AgentProcess};
 use support::{eventually, unique_name};
 
 const NAMESPACE: &str = "shapeblock";

@@ -11,7 +11,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Client;
 use kube::api::Api;
-use shapeblock_agent::testenv::agent::AgentProcess;
+use shapeblock_testenv::agent::AgentProcess;
 use support::agent::{AGENT_NS, env};
 use support::hub::{self, project, project_ready};
 use support::{events_for, eventually, unique_name};

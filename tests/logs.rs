@@ -14,7 +14,7 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::Client;
 use kube::api::{Api, LogParams, PostParams};
 use serde_json::json;
-use shapeblock_agent::testenv::{self, ContainerRef, PodOutcome, PodSelector, logs, set_pod_outcome};
+use shapeblock_testenv::{self as testenv, ContainerRef, PodOutcome, PodSelector, logs, set_pod_outcome};
 use support::{client, eventually, fresh_namespace};
 
 async fn running_pod(client: &Client, namespace: &str, name: &str) -> Api<Pod> {

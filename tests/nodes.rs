@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
-use shapeblock_agent::testenv::{PodOutcome, PodSelector, set_pod_outcome};
+use shapeblock_testenv::{PodOutcome, PodSelector, set_pod_outcome};
 use support::{client, eventually, fresh_namespace};
 
 fn job(name: &str, image: &str, deadline: Option<i64>) -> Job {

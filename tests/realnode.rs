@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::json;
-use shapeblock_agent::testenv::{self, realnode};
+use shapeblock_testenv::{self as testenv, realnode};
 use support::{client, eventually, fresh_namespace};
 
 fn hello_pod(name: &str, body: &str, probe_path: &str) -> Pod {

@@ -17,10 +17,10 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use shapeblock_agent::api::{App, AppBuild, AppBuildPhase};
-use shapeblock_agent::testenv::agent::AgentProcess;
-use shapeblock_agent::testenv::buildfarm::{self, BuildFarm, PULL_USER};
-use shapeblock_agent::testenv::registry::Registry;
-use shapeblock_agent::testenv::{self, realnode};
+use shapeblock_testenv::agent::AgentProcess;
+use shapeblock_testenv::buildfarm::{self, BuildFarm, PULL_USER};
+use shapeblock_testenv::registry::Registry;
+use shapeblock_testenv::{self as testenv, realnode};
 use support::agent::{AGENT_NS, Env, TIMEOUT, create, create_build, ready_project};
 use support::eventually;
 

@@ -15,8 +15,8 @@ use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 use shapeblock_agent::api::{App, AppBuild, AppBuildPhase, AppPhase};
 use shapeblock_agent::controllers::registry::{DEFAULT_KEY_SECRET, Signer};
-use shapeblock_agent::testenv::nodes::{PodOutcome, PodSelector, set_pod_outcome};
-use shapeblock_agent::testenv::registry::{Registry, TokenAuth};
+use shapeblock_testenv::nodes::{PodOutcome, PodSelector, set_pod_outcome};
+use shapeblock_testenv::registry::{Registry, TokenAuth};
 use support::agent::*;
 use support::eventually;
 

@@ -15,10 +15,10 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use prost::Message;
 use serde_json::json;
 use shapeblock_agent::api::{App, AppBuild, AppBuildPhase, AppPhase, AppRun, AppRunPhase, ReleaseReason};
-use shapeblock_agent::hub::Hub;
+use shapeblock_hub::Hub;
 use shapeblock_agent::proto::v1::server_message::Body as Down;
 use shapeblock_agent::proto::v1::{ServerMessage, SetConfig};
-use shapeblock_agent::testenv::{PodOutcome, PodSelector, logs, set_pod_outcome};
+use shapeblock_testenv::{PodOutcome, PodSelector, logs, set_pod_outcome};
 use support::agent::*;
 use support::eventually;
 

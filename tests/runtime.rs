@@ -433,8 +433,8 @@ async fn config_changes_release_without_a_build_keep_the_autoscaled_count_and_se
         }
     }
     // Helm's release records are gzipped: read them back with helm itself.
-    let plane = shapeblock_agent::testenv::shared().unwrap();
-    let helm = std::process::Command::new(shapeblock_agent::testenv::default_bin_dir().join("helm"))
+    let plane = shapeblock_testenv::shared().unwrap();
+    let helm = std::process::Command::new(shapeblock_testenv::default_bin_dir().join("helm"))
         .args(["get", "all", &release, "--namespace", &project, "--kubeconfig"])
         .arg(&plane.kubeconfig)
         .env("HELM_CACHE_HOME", env.dir.join("helm-cache"))
@@ -471,7 +471,7 @@ async fn config_changes_release_without_a_build_keep_the_autoscaled_count_and_se
 
 #[tokio::test]
 async fn the_release_command_runs_as_web_before_the_release_and_a_failing_one_changes_nothing() {
-    use shapeblock_agent::testenv::nodes::{PodOutcome, PodSelector, set_pod_outcome};
+    use shapeblock_testenv::nodes::{PodOutcome, PodSelector, set_pod_outcome};
     let env = env().await;
     let _agent = env.agent(&[]).await;
     let project = ready_project(&env.client, "release").await;
@@ -640,7 +640,7 @@ async fn releases_of(client: &Client, project: &str, app: &str) -> Vec<(u32, Rel
 
 #[tokio::test]
 async fn a_release_that_never_becomes_ready_is_rolled_back_and_availability_never_drops() {
-    use shapeblock_agent::testenv::nodes::{PodOutcome, PodSelector, set_pod_outcome};
+    use shapeblock_testenv::nodes::{PodOutcome, PodSelector, set_pod_outcome};
     const NEXT: &str = "registry.example.com/demo/shop:2.0";
     let env = env().await;
     let _agent = env.agent(&[]).await;
@@ -728,7 +728,7 @@ async fn a_release_that_never_becomes_ready_is_rolled_back_and_availability_neve
 
 #[tokio::test]
 async fn an_app_without_processes_runs_the_process_types_its_buildpack_build_reported() {
-    use shapeblock_agent::testenv::nodes::{PodOutcome, PodSelector, set_pod_outcome};
+    use shapeblock_testenv::nodes::{PodOutcome, PodSelector, set_pod_outcome};
     const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
     let digest = format!("sha256:{}", "cd".repeat(32));
     let env = env().await;

@@ -10,12 +10,12 @@ use std::time::Duration;
 use kube::api::Api;
 use kube::{Client, ResourceExt};
 use shapeblock_agent::api::Project;
-use shapeblock_agent::hub::{Hub, HubConfig, Prune};
+use shapeblock_hub::{Hub, HubConfig, Prune};
 use shapeblock_agent::proto::v1::agent_message::Body as Up;
 use shapeblock_agent::proto::v1::agent_tunnel_client::AgentTunnelClient;
 use shapeblock_agent::proto::v1::server_message::Body as Down;
 use shapeblock_agent::proto::v1::{AgentMessage, Hello, ObjectRef, ServerMessage};
-use shapeblock_agent::testenv::agent::AgentProcess;
+use shapeblock_testenv::agent::AgentProcess;
 use shapeblock_agent::tunnel::{Identity, TunnelError, enroll};
 use support::agent::{AGENT_NS, Env, hub_env as env};
 use support::hub::result_of;
@@ -440,11 +440,11 @@ async fn commands_become_resources_status_comes_back_and_nothing_is_lost_across_
     hub.stop().await;
     let p2 = unique_name("tun");
     let seq2 = {
-        let store = shapeblock_agent::hub::open_store(data.path()).unwrap();
+        let store = shapeblock_hub::open_store(data.path()).unwrap();
         store
             .add_command(
                 &cluster,
-                &shapeblock_agent::hub::apply_command(&project(&p2)).unwrap(),
+                &shapeblock_hub::apply_command(&project(&p2)).unwrap(),
             )
             .unwrap()
     };
@@ -594,7 +594,7 @@ async fn hub_log(hub: &Hub, cluster: &str, stream: &str) -> (Vec<u8>, bool, bool
 #[tokio::test]
 async fn build_logs_reach_the_hub_once_through_restarts_and_jobs_wait_for_them() {
     use shapeblock_agent::api::{AppBuild, AppBuildPhase};
-    use shapeblock_agent::testenv::{ContainerRef, PodOutcome, PodSelector, logs, set_pod_outcome};
+    use shapeblock_testenv::{ContainerRef, PodOutcome, PodSelector, logs, set_pod_outcome};
     let env = env().await;
     let data = tempfile::tempdir().unwrap();
     let mut hub = hub(data.path()).await;
@@ -895,7 +895,7 @@ async fn identity_certificate(client: &Client) -> String {
 /// used without restarting the agent, past the first certificate's expiry.
 #[tokio::test]
 async fn a_silent_cut_is_noticed_and_certificates_renew_without_a_restart() {
-    use shapeblock_agent::testenv::proxy::Proxy;
+    use shapeblock_testenv::proxy::Proxy;
     let env = env().await;
     let data = tempfile::tempdir().unwrap();
     provider();
@@ -1163,8 +1163,8 @@ async fn sync_applies_the_desired_state_and_prunes_only_managed_resources() {
 /// takes it).
 #[tokio::test]
 async fn a_slow_hub_gets_every_byte_of_a_large_log_and_the_agent_stays_small() {
-    use shapeblock_agent::testenv::proxy::Proxy;
-    use shapeblock_agent::testenv::{PodOutcome, PodSelector, logs, set_pod_outcome};
+    use shapeblock_testenv::proxy::Proxy;
+    use shapeblock_testenv::{PodOutcome, PodSelector, logs, set_pod_outcome};
     const LOG_BYTES: usize = 200 << 20;
     const LINE: usize = 1024;
     let env = env().await;

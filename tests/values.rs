@@ -28,7 +28,7 @@ use serde_json::{Value, json};
 use shapeblock_agent::api::{App, AppBuild, AppBuildPhase, AppPhase, AppSpec, BackingService};
 use shapeblock_agent::controllers::appbuild::{Release, UNIVERSAL_CHART, chart_values, values_content};
 use shapeblock_agent::controllers::backingservice::{catalog, desired};
-use shapeblock_agent::testenv;
+use shapeblock_testenv as testenv;
 
 const PROJECT: &str = "shop";
 const APP: &str = "web";
@@ -619,7 +619,7 @@ fn the_embedded_chart_is_upstream_with_only_the_values_helper_replaced() {
     std::fs::write(&embedded, UNIVERSAL_CHART).unwrap();
     unpack(&embedded, &dir.path().join("embedded"));
     unpack(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/universal-chart-2.8.1.tgz"),
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/agent/assets/universal-chart-2.8.1.tgz"),
         &dir.path().join("upstream"),
     );
     let output = Command::new("diff")

@@ -1,5 +1,5 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
-    shapeblock_agent::cli::dev::Cli::parse().run()
+    shapeblock_testenv::cli::dev::Cli::parse().run()
 }

@@ -1,6 +1,6 @@
-//! The reference hub binary; everything is in `shapeblock_agent::cli::hub`.
+//! The reference hub binary; everything is in `shapeblock_hub::cli`.
 
 fn main() -> std::process::ExitCode {
     use clap::Parser;
-    shapeblock_agent::cli::hub::Cli::parse().run()
+    shapeblock_hub::cli::Cli::parse().run()
 }

@@ -13,7 +13,7 @@ use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 use shapeblock_agent::api::{App, AppPhase, Project, ProjectPhase};
-use shapeblock_agent::testenv::{self, agent::AgentProcess};
+use shapeblock_testenv::{self as testenv, agent::AgentProcess};
 use tokio::sync::{Mutex, MutexGuard};
 
 use super::{eventually, unique_name};

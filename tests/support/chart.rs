@@ -8,7 +8,7 @@ use std::process::Command;
 use kube::api::{DynamicObject, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde::Deserialize;
-use shapeblock_agent::testenv;
+use shapeblock_testenv as testenv;
 
 use super::api_for;
 

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use shapeblock_agent::hub::{Hub, HubConfig};
+use shapeblock_hub::{Hub, HubConfig};
 
 /// A hub with its data in `dir`, on a free loopback port, heartbeat 2 s.
 pub async fn start(dir: &Path) -> Hub {

@@ -14,7 +14,7 @@ use kube::api::{Api, DynamicObject, PostParams};
 use kube::core::GroupVersionKind;
 use kube::discovery::{ApiCapabilities, ApiResource, Scope};
 use kube::{Client, ResourceExt};
-use shapeblock_agent::testenv;
+use shapeblock_testenv as testenv;
 
 /// An admin client for the suite's control plane (started on first use).
 pub async fn client() -> Client {

@@ -695,7 +695,7 @@ mod tests {
                 .unwrap_err()
                 .contains("reservedArgs must list")
         );
-        let without = include_str!("../../../tests/fixtures/catalog-keyvalue.yaml")
+        let without = include_str!("../../../../../tests/fixtures/catalog-keyvalue.yaml")
             .lines()
             .filter(|l| !l.starts_with("  reservedEnv"))
             .collect::<Vec<_>>()

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::testenv::{ControlPlane, Options};
+use crate::{ControlPlane, Options};
 
 /// Local development helpers for the ShapeBlock agent: a real Kubernetes control plane on
 /// loopback (etcd, kube-apiserver, kube-controller-manager built by
@@ -132,7 +132,7 @@ async fn up(
         let agent = super::demo::start_agent(&client, plane.kubeconfig(), plane.work_dir(), &hub).await?;
         super::demo::send_samples_and_follow(
             &hub,
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")),
+            &crate::workspace_root(),
             Duration::from_secs(120),
         )
         .await?;

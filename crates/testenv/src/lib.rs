@@ -7,10 +7,12 @@
 //! CLI running its install Jobs ([`helm_runner`]). Opt-in, one real node beside them: a kubelet
 //! with containerd and runc ([`realnode`]).
 //!
-//! This is test support: production code never calls it.
+//! This is test support: production code never calls it (the agent and the hub crates have it
+//! as a dev-dependency only; tests/arrows.rs checks it).
 
 pub mod agent;
 pub mod buildfarm;
+pub mod cli;
 pub mod helm_runner;
 pub mod images;
 mod kubeconfig;
@@ -39,6 +41,12 @@ pub use nodes::{PodOutcome, PodSelector, StageHandle, set_pod_outcome};
 pub use pki::{CertificateAuthority, CertifiedKey};
 pub use process::{ManagedProcess, free_port};
 pub use realnode::{SharedRealNode, real_node};
+
+/// The repository's root: `crds/`, `charts/` and `examples/` live there, two levels above this
+/// crate.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
 
 /// Errors of the test control plane. Each says what to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -117,12 +125,12 @@ impl Default for Options {
     fn default() -> Self {
         Self {
             bin_dir: default_bin_dir(),
-            crds_dir: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("crds")),
+            crds_dir: Some(workspace_root().join("crds")),
             work_root: default_work_root(),
             controller_manager: true,
             nodes: 2,
             helm_controller: true,
-            helm_crds_dir: Path::new(env!("CARGO_MANIFEST_DIR"))
+            helm_crds_dir: workspace_root()
                 .join("charts/shapeblock-agent/files/helm-controller-crds"),
             ready_timeout: Duration::from_secs(60),
         }
@@ -165,7 +173,7 @@ const FIELD_MANAGER: &str = "shapeblock-testenv";
 /// The ClusterRole the helm-controller grants its Jobs (`--job-cluster-role`).
 pub const HELM_JOB_CLUSTER_ROLE: &str = "shapeblock-helm-job";
 const HELM_JOB_CLUSTER_ROLE_YAML: &str =
-    include_str!("../../charts/shapeblock-agent/files/helm-job-clusterrole.yaml");
+    include_str!("../../../charts/shapeblock-agent/files/helm-job-clusterrole.yaml");
 
 /// A running control plane. Dropping it stops the processes and removes its directory.
 pub struct ControlPlane {

@@ -1,5 +1,5 @@
 //! The agent as the cluster would run it: under its own ServiceAccount with exactly the RBAC
-//! rules of [`crate::rbac`] (never as `system:masters`), as a separate process, so that a
+//! rules of [`shapeblock_agent::rbac`] (never as `system:masters`), as a separate process, so that a
 //! missing permission fails a test and restarts are real restarts.
 
 use std::path::{Path, PathBuf};
@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 
 use super::kubeconfig::{http_get, write_token_kubeconfig};
 use super::{Error, ManagedProcess, Result};
-use crate::rbac;
+use shapeblock_agent::rbac;
 
 const MANAGER: &str = "shapeblock-testenv";
 

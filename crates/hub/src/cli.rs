@@ -9,8 +9,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use serde::Deserialize;
 
-use crate::hub::{self, HubConfig};
-use crate::proto::v1::ObjectRef;
+use crate::{self as hub, HubConfig};
+use shapeblock_proto::v1::ObjectRef;
 
 /// The reference ShapeBlock hub: enrollment tokens, CSR signing, agent sessions, commands,
 /// and a record of events and build and run logs.
@@ -231,7 +231,7 @@ impl Cli {
                 cert_lifetime_seconds,
                 heartbeat_seconds,
             } => {
-                crate::runtime::init_tracing(false, "info");
+                init_tracing("info");
                 let _ = rustls::crypto::ring::default_provider().install_default();
                 let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
                 runtime.block_on(async {
@@ -244,7 +244,7 @@ impl Cli {
                     };
                     let hub = hub::Hub::start(config).await?;
                     println!("listening on {} (CA {})", hub.url(), hub.ca_hash());
-                    crate::runtime::shutdown_on_signals().await;
+                    shutdown_on_signals().await;
                     hub.stop().await;
                     Ok::<_, Box<dyn std::error::Error>>(())
                 })?;
@@ -267,7 +267,7 @@ impl Cli {
                     &namespace,
                     &token,
                     &hub_address,
-                    &crate::proto::ca_hash(&ca.cert_der),
+                    &shapeblock_proto::ca_hash(&ca.cert_der),
                 );
                 println!("{line}");
             }
@@ -283,13 +283,13 @@ impl Cli {
                     "development CA and server certificate for {} in {dir}",
                     names.join(", ")
                 );
-                println!("CA hash: {}", crate::proto::ca_hash(&ca.cert_der));
+                println!("CA hash: {}", shapeblock_proto::ca_hash(&ca.cert_der));
                 println!("start the hub:   shapeblock-hub --data-dir {dir} serve");
                 println!("install line:    shapeblock-hub --data-dir {dir} token create --cluster dev");
             }
             Command::CaHash => {
                 let ca = hub::pki::Ca::load_or_create(&data)?;
-                println!("{}", crate::proto::ca_hash(&ca.cert_der));
+                println!("{}", shapeblock_proto::ca_hash(&ca.cert_der));
             }
             Command::Apply { cluster, file } => {
                 let manifest =
@@ -335,7 +335,7 @@ impl Cli {
                         }
                     }
                 }
-                let scope = crate::proto::v1::PruneScope {
+                let scope = shapeblock_proto::v1::PruneScope {
                     projects: prune_projects,
                     kinds: prune_kinds,
                     namespaces: prune_namespaces,
@@ -398,7 +398,7 @@ impl Cli {
                     set.insert(name.trim().to_string(), value.to_string());
                 }
                 let names = set.len();
-                let command = crate::proto::v1::SetConfig {
+                let command = shapeblock_proto::v1::SetConfig {
                     namespace,
                     app,
                     set,
@@ -411,7 +411,7 @@ impl Cli {
             Command::Clusters => {
                 for c in hub::open_store(&data)?.clusters()? {
                     let state = if c.connected { "connected" } else { "disconnected" };
-                    let ago = crate::proto::now_unix().saturating_sub(c.last_seen);
+                    let ago = shapeblock_proto::now_unix().saturating_sub(c.last_seen);
                     println!("{}\t{state}\tepoch {}\tlast seen {ago}s ago", c.id, c.epoch);
                 }
             }
@@ -448,6 +448,39 @@ impl Cli {
             }
         }
         Ok(())
+    }
+}
+
+
+/// Logs to stderr at `level` (or `RUST_LOG`), coloured on a terminal. The agent has its own
+/// (`shapeblock_agent::runtime`); the hub does not depend on the agent.
+fn init_tracing(level: &str) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_on_signals() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(err) => {
+                tracing::error!(%err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await
+            }
+        }
+    };
+    tokio::select! {
+        _ = terminate => tracing::info!("SIGTERM received: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received: shutting down"),
     }
 }
 

@@ -7,8 +7,8 @@ use std::time::Duration;
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 
-use crate::api::{App, AppBuild, AppRun, BackingService, Project, Team};
-use crate::testenv::agent::{AgentProcess, install_agent_identity};
+use shapeblock_api::{App, AppBuild, AppRun, BackingService, Project, Team};
+use crate::agent::{AgentProcess, install_agent_identity};
 
 /// Sample manifests the demo applies (those whose controllers exist today).
 const SAMPLES: &[&str] = &[
@@ -63,7 +63,7 @@ pub async fn start_agent(
         .await?;
     // SSH clones check host keys against this ConfigMap. Nothing is cloned in the demo, so
     // the key is a stand-in generated here, said to be one, not GitHub's real key.
-    let demo_host_key = crate::controllers::app::generate_deploy_key("demo stand-in")?.public;
+    let demo_host_key = shapeblock_agent::controllers::app::generate_deploy_key("demo stand-in")?.public;
     let known_hosts: k8s_openapi::api::core::v1::ConfigMap = serde_json::from_value(serde_json::json!({
         "metadata": {"name": "shapeblock-known-hosts"},
         "data": {"known_hosts": format!("# local demo: a generated stand-in, not github.com's real host key\ngithub.com {demo_host_key}\n")}
@@ -100,16 +100,16 @@ pub const CLUSTER: &str = "local-demo";
 
 /// The reference hub, in this process, with its store in the work directory.
 pub struct DemoHub {
-    pub hub: crate::hub::Hub,
+    pub hub: shapeblock_hub::Hub,
     pub data_dir: PathBuf,
 }
 
 pub async fn start_hub(work_dir: &Path) -> Result<DemoHub, Box<dyn std::error::Error>> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let data_dir = work_dir.join("hub");
-    let mut config = crate::hub::HubConfig::new(data_dir.clone());
+    let mut config = shapeblock_hub::HubConfig::new(data_dir.clone());
     config.heartbeat = Duration::from_secs(5);
-    let hub = crate::hub::Hub::start(config).await?;
+    let hub = shapeblock_hub::Hub::start(config).await?;
     println!(
         "hub listening on {} (CA {}, store {})",
         hub.url(),
@@ -148,7 +148,7 @@ pub async fn send_samples_and_follow(
     let started = std::time::Instant::now();
     let manifests = sample_manifests(root)?;
     // Simulated nodes execute nothing: this is what the sample run's command prints on them.
-    crate::testenv::logs().script("my-project", "run", DEMO_RUN_OUTPUT);
+    crate::logs().script("my-project", "run", DEMO_RUN_OUTPUT);
     let (projects, rest): (Vec<_>, Vec<_>) = manifests.into_iter().partition(|(kind, _)| kind == "Project");
     println!();
     println!("sending the samples through the hub; what the agent reports back:");

@@ -5,6 +5,7 @@
 //!
 //! It knows the proto, TLS, its store and its CA; it never talks to Kubernetes.
 
+pub mod cli;
 pub mod pki;
 pub mod store;
 
@@ -21,14 +22,14 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::proto::v1::agent_message::Body as Up;
-use crate::proto::v1::agent_tunnel_server::{AgentTunnel, AgentTunnelServer};
-use crate::proto::v1::server_message::Body as Down;
-use crate::proto::v1::{
+use shapeblock_proto::v1::agent_message::Body as Up;
+use shapeblock_proto::v1::agent_tunnel_server::{AgentTunnel, AgentTunnelServer};
+use shapeblock_proto::v1::server_message::Body as Down;
+use shapeblock_proto::v1::{
     Ack, AgentMessage, Apply, CancelBuild, Delete, EnrollRequest, EnrollResponse, Heartbeat, HelloAck,
     ObjectRef, PhaseChange, PruneScope, RenewRequest, ServerMessage, SetConfig, Sync,
 };
-use crate::proto::{self, MAX_MESSAGE_BYTES, ca_hash, hex, now_unix, object_key};
+use shapeblock_proto::{self as proto, MAX_MESSAGE_BYTES, ca_hash, hex, now_unix, object_key};
 use store::{ObjectStatus, Store, write};
 
 /// How the hub runs.
@@ -232,7 +233,7 @@ pub fn sync_command(manifests: &[String], prune: Option<Prune>) -> Result<Vec<u8
 
 /// The command that sets (and unsets) secret config vars of an App.
 pub fn set_config_command(command: SetConfig) -> Result<Vec<u8>, HubError> {
-    crate::proto::check_set_config(&command).map_err(HubError::Invalid)?;
+    shapeblock_proto::check_set_config(&command).map_err(HubError::Invalid)?;
     Ok(Down::SetConfig(command).encode_body())
 }
 

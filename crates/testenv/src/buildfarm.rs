@@ -20,7 +20,7 @@ use super::images::{Endpoint, ImageConfig, Layer, OciImage};
 use super::process::free_port;
 use super::registry::{Options, Registry};
 use super::{CertificateAuthority, CertifiedKey, Error, ManagedProcess, Result};
-use crate::controllers::registry::Signer;
+use shapeblock_agent::controllers::registry::Signer;
 
 /// The kaniko executor's version (tools/kaniko pins the same).
 pub const KANIKO_VERSION: &str = "v1.25.6";

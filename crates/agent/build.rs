@@ -1,6 +1,5 @@
-//! Compiles `proto/` with protox (a protobuf compiler in Rust), so the build needs no system
-//! `protoc`; and builds the embedded app chart from the upstream archive and the patch in
-//! `assets/universal-chart-patch/` (see its README).
+//! Builds the embedded app chart from the upstream archive and the patch in
+//! `assets/universal-chart-patch/` (see its README). The protocol is compiled in `crates/proto`.
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -10,14 +9,6 @@ const CHART_PATCH: &str = "assets/universal-chart-patch";
 const PATCHED_VERSION: &str = "2.8.1-shapeblock.1";
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto = "proto/shapeblock/agent/v1/agent.proto";
-    println!("cargo:rerun-if-changed=proto");
-    let descriptors = protox::compile([proto], ["proto"])?;
-    tonic_prost_build::configure()
-        .build_client(true)
-        .build_server(true)
-        .compile_fds(descriptors)?;
-
     println!("cargo:rerun-if-changed={UPSTREAM_CHART}");
     println!("cargo:rerun-if-changed={CHART_PATCH}");
     let out = Path::new(&std::env::var("OUT_DIR")?).join("universal-chart.tgz");

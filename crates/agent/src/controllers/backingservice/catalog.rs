@@ -460,7 +460,7 @@ mod tests {
 
     #[test]
     fn overrides_replace_and_add_entries() {
-        let added = include_str!("../../../tests/fixtures/catalog-keyvalue.yaml");
+        let added = include_str!("../../../../../tests/fixtures/catalog-keyvalue.yaml");
         let mut redis = parse(BUILTIN).unwrap()["redis"].clone();
         redis.image = "docker.io/valkey/valkey".into();
         redis.versions.clear();

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::proto::now_unix;
+use shapeblock_proto::now_unix;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -447,8 +447,8 @@ pub mod write {
 
     /// The body of a set-config command with its values emptied; `None` for other commands.
     fn forget_config_values(body: &[u8]) -> Option<Vec<u8>> {
-        use crate::proto::v1::ServerMessage;
-        use crate::proto::v1::server_message::Body;
+        use shapeblock_proto::v1::ServerMessage;
+        use shapeblock_proto::v1::server_message::Body;
         use prost::Message;
         let mut message = ServerMessage::decode(body).ok()?;
         let Some(Body::SetConfig(command)) = message.body.as_mut() else {

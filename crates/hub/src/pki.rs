@@ -11,7 +11,7 @@ use rcgen::{
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
-use crate::proto::{IDENTITY_URI_PREFIX, hex};
+use shapeblock_proto::{IDENTITY_URI_PREFIX, hex};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
