@@ -6,20 +6,21 @@
 
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
-# The build script compiles proto/ with a protoc written in Rust; charts/ holds a file the
-# test support embeds. Tests and tools are not needed.
-COPY Cargo.toml Cargo.lock build.rs ./
-COPY proto ./proto
+# The workspace: crates/proto's build script compiles its proto/ with a protoc written in
+# Rust, crates/agent's patches the embedded chart; charts/ holds a file the test support embeds.
+# Tests and tools are not needed.
+COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+COPY crates ./crates
 COPY crds ./crds
 COPY charts ./charts
-COPY assets ./assets
-# Cargo.toml declares the benchmark target; cargo wants its file present.
+# Cargo.toml declares the benchmark targets; cargo wants their files present.
 COPY benches ./benches
 # crt-static on the gnu target: glibc linked in statically (glibc >= 2.34 has DNS built in,
 # so name lookups need no NSS module at run time). --target keeps the flag off build scripts.
 RUN RUSTFLAGS='-C target-feature=+crt-static' \
-    cargo build --locked --release --bin shapeblock-agent --target x86_64-unknown-linux-gnu \
+    cargo build --locked --release -p shapeblock --no-default-features --bin shapeblock-agent \
+      --target x86_64-unknown-linux-gnu \
  && cp target/x86_64-unknown-linux-gnu/release/shapeblock-agent /shapeblock-agent \
  && ! ldd /shapeblock-agent
 

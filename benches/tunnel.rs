@@ -20,14 +20,14 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use shapeblock_agent::api::Project;
-use shapeblock_hub::{Hub, HubConfig};
 use shapeblock_agent::proto::v1::agent_message::Body as Up;
 use shapeblock_agent::proto::v1::agent_tunnel_client::AgentTunnelClient;
 use shapeblock_agent::proto::v1::{AgentMessage, Heartbeat, Hello};
+use shapeblock_agent::tunnel::enroll;
+use shapeblock_hub::{Hub, HubConfig};
 use shapeblock_testenv::{
     CertificateAuthority, ControlPlane, Options, PodOutcome, PodSelector, agent, logs, set_pod_outcome,
 };
-use shapeblock_agent::tunnel::enroll;
 
 fn knob(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -418,9 +418,7 @@ async fn many_agents() {
 
     // Enrollment is not what is measured: done first, a few at a time.
     let tokens: Vec<String> = (0..n)
-        .map(|i| {
-            shapeblock_hub::create_token(&store, &format!("a{i}"), Duration::from_secs(600)).unwrap()
-        })
+        .map(|i| shapeblock_hub::create_token(&store, &format!("a{i}"), Duration::from_secs(600)).unwrap())
         .collect();
     let started = Instant::now();
     let identities: Vec<_> = futures::stream::iter(tokens)

@@ -13,11 +13,11 @@ use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
 use prost::Message;
 use shapeblock_agent::api::{App, Project};
-use shapeblock_hub::{Hub, Prune};
 use shapeblock_agent::proto::v1::server_message::Body as Down;
 use shapeblock_agent::proto::v1::{
     Apply, CancelBuild, Delete, ObjectRef, PruneScope, ServerMessage, SetConfig, Sync,
 };
+use shapeblock_hub::{Hub, Prune};
 use shapeblock_testenv::agent::AgentProcess;
 use support::agent::{AGENT_NS, Env, hub_env as env};
 use support::hub::result_of;

@@ -10,13 +10,13 @@ use std::time::Duration;
 use kube::api::Api;
 use kube::{Client, ResourceExt};
 use shapeblock_agent::api::Project;
-use shapeblock_hub::{Hub, HubConfig, Prune};
 use shapeblock_agent::proto::v1::agent_message::Body as Up;
 use shapeblock_agent::proto::v1::agent_tunnel_client::AgentTunnelClient;
 use shapeblock_agent::proto::v1::server_message::Body as Down;
 use shapeblock_agent::proto::v1::{AgentMessage, Hello, ObjectRef, ServerMessage};
-use shapeblock_testenv::agent::AgentProcess;
 use shapeblock_agent::tunnel::{Identity, TunnelError, enroll};
+use shapeblock_hub::{Hub, HubConfig, Prune};
+use shapeblock_testenv::agent::AgentProcess;
 use support::agent::{AGENT_NS, Env, hub_env as env};
 use support::hub::result_of;
 use support::{eventually, unique_name};
@@ -442,10 +442,7 @@ async fn commands_become_resources_status_comes_back_and_nothing_is_lost_across_
     let seq2 = {
         let store = shapeblock_hub::open_store(data.path()).unwrap();
         store
-            .add_command(
-                &cluster,
-                &shapeblock_hub::apply_command(&project(&p2)).unwrap(),
-            )
+            .add_command(&cluster, &shapeblock_hub::apply_command(&project(&p2)).unwrap())
             .unwrap()
     };
     hub = hub_at(data.path(), addr).await;

@@ -16,9 +16,10 @@ export SHAPEBLOCK_BIN_DIR
 "$SHAPEBLOCK_BIN_DIR/kube-apiserver" --version
 
 cargo fmt --all -- --check
-cargo clippy --locked --all-targets -- -D warnings
+cargo clippy --locked --workspace --all-targets -- -D warnings
 # One test at a time within each test binary: each runs agents, hubs and helm Jobs against a
 # whole simulated cluster on the same 2 cores, and concurrent ones turned into timeouts there
 # (tests/tunnel.rs, once in six full runs). Set RUST_TEST_THREADS to override.
 export RUST_TEST_THREADS=${RUST_TEST_THREADS:-1}
-cargo test --locked "$@"
+# --workspace: the crates' unit and doc tests as well as the root package's integration tests.
+cargo test --locked --workspace "$@"

@@ -525,7 +525,8 @@ mod tests {
 
     #[test]
     fn the_readme_lists_the_rules_as_they_are() {
-        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+        let readme =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
         assert!(
             readme.contains(&markdown_table()),
             "README.md's RBAC table differs from src/rbac.rs: paste `shapeblock-agent rbac --markdown`"

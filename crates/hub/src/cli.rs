@@ -451,7 +451,6 @@ impl Cli {
     }
 }
 
-
 /// Logs to stderr at `level` (or `RUST_LOG`), coloured on a terminal. The agent has its own
 /// (`shapeblock_agent::runtime`); the hub does not depend on the agent.
 fn init_tracing(level: &str) {

@@ -447,9 +447,9 @@ pub mod write {
 
     /// The body of a set-config command with its values emptied; `None` for other commands.
     fn forget_config_values(body: &[u8]) -> Option<Vec<u8>> {
+        use prost::Message;
         use shapeblock_proto::v1::ServerMessage;
         use shapeblock_proto::v1::server_message::Body;
-        use prost::Message;
         let mut message = ServerMessage::decode(body).ok()?;
         let Some(Body::SetConfig(command)) = message.body.as_mut() else {
             return None;

@@ -130,8 +130,7 @@ impl Default for Options {
             controller_manager: true,
             nodes: 2,
             helm_controller: true,
-            helm_crds_dir: workspace_root()
-                .join("charts/shapeblock-agent/files/helm-controller-crds"),
+            helm_crds_dir: workspace_root().join("charts/shapeblock-agent/files/helm-controller-crds"),
             ready_timeout: Duration::from_secs(60),
         }
     }

@@ -7,8 +7,8 @@ use std::time::Duration;
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 
-use shapeblock_api::{App, AppBuild, AppRun, BackingService, Project, Team};
 use crate::agent::{AgentProcess, install_agent_identity};
+use shapeblock_api::{App, AppBuild, AppRun, BackingService, Project, Team};
 
 /// Sample manifests the demo applies (those whose controllers exist today).
 const SAMPLES: &[&str] = &[

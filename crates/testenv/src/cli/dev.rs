@@ -130,12 +130,8 @@ async fn up(
     } else {
         let hub = super::demo::start_hub(plane.work_dir()).await?;
         let agent = super::demo::start_agent(&client, plane.kubeconfig(), plane.work_dir(), &hub).await?;
-        super::demo::send_samples_and_follow(
-            &hub,
-            &crate::workspace_root(),
-            Duration::from_secs(120),
-        )
-        .await?;
+        super::demo::send_samples_and_follow(&hub, &crate::workspace_root(), Duration::from_secs(120))
+            .await?;
         super::demo::print_status(&client).await?;
         let hub_cli = std::env::current_exe()?.with_file_name("shapeblock-hub");
         let hub_cli = format!("{} --data-dir {}", hub_cli.display(), hub.data_dir.display());
