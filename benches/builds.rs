@@ -14,7 +14,7 @@ use kube::Client;
 use kube::api::{Api, PostParams};
 use serde_json::json;
 use shapeblock_agent::api::{App, AppBuild, AppBuildPhase, Project, ProjectPhase};
-use shapeblock_agent::controllers::appbuild::{Release, UNIVERSAL_CHART, chart_values};
+use shapeblock_agent::controllers::deploy::{Release, UNIVERSAL_CHART, chart_values};
 use shapeblock_testenv::{ControlPlane, Options, agent};
 
 const PROJECTS: usize = 10;

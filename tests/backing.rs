@@ -16,7 +16,7 @@ use kube::core::{ApiResource, GroupVersionKind};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use shapeblock_agent::api::{App, AppBuild, AppBuildPhase, AppPhase, BackingService, BackingServicePhase};
-use shapeblock_agent::controllers::appbuild::{chart_name, service_chart_name};
+use shapeblock_agent::controllers::deploy::{chart_name, service_chart_name};
 use support::agent::*;
 use support::{events_for, eventually, wait_event};
 

@@ -95,7 +95,7 @@ async fn a_prebuilt_image_is_deployed_by_real_helm_and_completed_once_rolled_out
         ),
     );
     let chart = charts
-        .get(&shapeblock_agent::controllers::appbuild::chart_name(
+        .get(&shapeblock_agent::controllers::deploy::chart_name(
             &project, "web",
         ))
         .await
@@ -136,7 +136,7 @@ async fn a_prebuilt_image_is_deployed_by_real_helm_and_completed_once_rolled_out
     assert!(app.status.unwrap().current_image.is_some());
 
     // Deleting the Project takes its HelmCharts (in the agent's namespace) with it.
-    let chart_name = shapeblock_agent::controllers::appbuild::chart_name(&project, "web");
+    let chart_name = shapeblock_agent::controllers::deploy::chart_name(&project, "web");
     Api::<Project>::all(env.client.clone())
         .delete(&project, &Default::default())
         .await
@@ -311,7 +311,7 @@ async fn failures_say_which_step_failed() {
 /// serves (the pinned helm-controller's) and finds every optional field it writes there.
 #[tokio::test]
 async fn the_agent_reads_which_fields_the_served_helm_chart_crd_declares() {
-    use shapeblock_agent::controllers::appbuild::{OPTIONAL_SPEC_FIELDS, SpecFields};
+    use shapeblock_agent::controllers::deploy::{OPTIONAL_SPEC_FIELDS, SpecFields};
     use shapeblock_agent::controllers::{Config, Context, metrics::Metrics};
     let env = env().await;
     let kubeconfig = kube::config::Kubeconfig::read_from(&env.kubeconfig).unwrap();
@@ -722,9 +722,9 @@ async fn rollback_deploys_an_earlier_image_history_is_pruned_and_a_deleted_app_t
     let charts = Api::<kube::api::DynamicObject>::namespaced_with(
         env.client.clone(),
         AGENT_NS,
-        &shapeblock_agent::controllers::appbuild::helm_chart_resource(),
+        &shapeblock_agent::controllers::deploy::helm_chart_resource(),
     );
-    let chart = shapeblock_agent::controllers::appbuild::chart_name(&project, "web");
+    let chart = shapeblock_agent::controllers::deploy::chart_name(&project, "web");
     assert!(charts.get_opt(&chart).await.unwrap().is_some());
     apps.delete("web", &Default::default()).await.unwrap();
     eventually(BUILD_TIMEOUT, "the App gone and its HelmChart going", || async {

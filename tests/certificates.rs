@@ -104,7 +104,7 @@ async fn tls_domains_get_certificates_from_the_issuer_and_the_app_reports_when_t
     assert_eq!(ingresses.len(), 3);
     let mut names = Vec::new();
     for host in ["shop.example.com", "www.example.com"] {
-        let name = shapeblock_agent::controllers::appbuild::tls_secret_name("shop", host);
+        let name = shapeblock_agent::controllers::deploy::tls_secret_name("shop", host);
         let certificate = certs.get(&name).await.unwrap();
         let spec = &certificate.data["spec"];
         assert_eq!(spec["dnsNames"], json!([host]));

@@ -105,7 +105,7 @@ async fn shapeblock_objects_outside_project_namespaces_are_refused_and_get_nothi
     let charts = Api::<DynamicObject>::namespaced_with(
         client.clone(),
         AGENT_NS,
-        &shapeblock_agent::controllers::appbuild::helm_chart_resource(),
+        &shapeblock_agent::controllers::deploy::helm_chart_resource(),
     );
     for namespace in [foreign.as_str(), AGENT_NS, "kube-system"] {
         let app = Api::<App>::namespaced(client.clone(), namespace)

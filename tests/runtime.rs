@@ -19,7 +19,7 @@ use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use shapeblock_agent::api::{App, AppBuild, AppBuildPhase, AppPhase, ReleaseReason};
-use shapeblock_agent::controllers::appbuild::{CONFIG_REVISION_ANNOTATION, PROCESS_LABEL, chart_name};
+use shapeblock_agent::controllers::deploy::{CONFIG_REVISION_ANNOTATION, PROCESS_LABEL, chart_name};
 use support::agent::*;
 use support::eventually;
 
@@ -406,7 +406,7 @@ async fn config_changes_release_without_a_build_keep_the_autoscaled_count_and_se
     let charts = Api::<DynamicObject>::namespaced_with(
         env.client.clone(),
         AGENT_NS,
-        &shapeblock_agent::controllers::appbuild::helm_chart_resource(),
+        &shapeblock_agent::controllers::deploy::helm_chart_resource(),
     );
     let release = chart_name(&project, "shop");
     places.insert(
@@ -509,7 +509,7 @@ async fn the_release_command_runs_as_web_before_the_release_and_a_failing_one_ch
     let charts = Api::<DynamicObject>::namespaced_with(
         env.client.clone(),
         AGENT_NS,
-        &shapeblock_agent::controllers::appbuild::helm_chart_resource(),
+        &shapeblock_agent::controllers::deploy::helm_chart_resource(),
     );
     assert!(
         charts

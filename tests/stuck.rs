@@ -18,7 +18,7 @@ use serde_json::json;
 use shapeblock_agent::api::{
     App, AppBuild, AppBuildPhase, AppPhase, BackingService, BackingServicePhase, Project,
 };
-use shapeblock_agent::controllers::appbuild::{chart_name, service_chart_name};
+use shapeblock_agent::controllers::deploy::{chart_name, service_chart_name};
 use support::agent::*;
 use support::{eventually, wait_event};
 

@@ -26,8 +26,8 @@ use proptest::test_runner::{Config, FileFailurePersistence, TestRunner};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use shapeblock_agent::api::{App, AppBuild, AppBuildPhase, AppPhase, AppSpec, BackingService};
-use shapeblock_agent::controllers::appbuild::{Release, UNIVERSAL_CHART, chart_values, values_content};
 use shapeblock_agent::controllers::backingservice::{catalog, desired};
+use shapeblock_agent::controllers::deploy::{Release, UNIVERSAL_CHART, chart_values, values_content};
 use shapeblock_testenv as testenv;
 
 const PROJECT: &str = "shop";
@@ -752,7 +752,7 @@ async fn a_lookup_in_a_config_var_is_released_as_text_not_run_by_the_install_job
 
     // What a template could read had one run anyway: the install Job's ServiceAccount may read
     // Secrets in its release's namespace and nowhere else.
-    let chart = shapeblock_agent::controllers::appbuild::chart_name(&project, "probe");
+    let chart = shapeblock_agent::controllers::deploy::chart_name(&project, "probe");
     let user = format!("system:serviceaccount:{AGENT_NS}:helm-{chart}");
     let other = ready_project(&env.client, "escape-other").await;
     for (namespace, name, verb, allowed) in [

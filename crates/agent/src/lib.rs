@@ -6,7 +6,8 @@
 //! - [`bridge`]: hub commands to custom resources, status to phase changes, the identity Secret.
 //! - [`tunnel`]: the agent side of the tunnel (enrollment, the mTLS stream, renewal).
 //! - [`leader`], [`startup`], [`runtime`]: leader election, what the leader does first, wiring.
-//! - [`rbac`], [`chart`]: the agent's RBAC rules and the chart files generated from them.
+//! - [`rbac`], [`chart`]: the agent's RBAC rules and the chart files generated from them;
+//!   [`names`]: the names both the rules and the controllers use.
 //! - [`cli`]: the `shapeblock-agent` command line.
 //!
 //! The custom resource types are the `shapeblock-api` crate and the protocol the
@@ -21,6 +22,7 @@ pub mod chart;
 pub mod cli;
 pub mod controllers;
 pub mod leader;
+pub mod names;
 pub mod rbac;
 pub mod runtime;
 pub mod startup;

@@ -213,7 +213,7 @@ pub const AGENT_CLUSTER_RULES: &[Rule] = &[
         api_groups: &["apiextensions.k8s.io"],
         resources: &["customresourcedefinitions"],
         verbs: &["get"],
-        resource_names: &[crate::controllers::appbuild::HELM_CHART_CRD],
+        resource_names: &[crate::names::HELM_CHART_CRD],
         why: "read which spec fields the served HelmChart CRD declares, to leave out those an older helm-controller lacks (failurePolicy); that one CRD only",
     },
 ];
@@ -264,8 +264,8 @@ pub const AGENT_NAMESPACE_RULES: &[Rule] = &[
         resources: &["configmaps"],
         verbs: &["get"],
         resource_names: &[
-            crate::controllers::backingservice::catalog::CONFIGMAP,
-            crate::controllers::app::KNOWN_HOSTS_CONFIGMAP,
+            crate::names::CATALOG_CONFIGMAP,
+            crate::names::KNOWN_HOSTS_CONFIGMAP,
         ],
         why: "read the cluster admin's BackingService catalog overrides and the SSH known_hosts that generated deploy keys carry to their clones; no other ConfigMap",
     },

@@ -4,7 +4,7 @@
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, Patch, PatchParams};
 
-use crate::controllers::FIELD_MANAGER;
+use crate::names::FIELD_MANAGER;
 
 /// Server-side applies the ShapeBlock CRDs (forcing ownership: this binary's schema wins).
 ///

@@ -19,11 +19,13 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
-use super::app_runtime::{self, RuntimeStatus};
+use super::release::owner_reference;
 use super::{APP_LABEL, ConditionSet, Context, Error, FIELD_MANAGER, MANAGED_BY, MANAGED_BY_LABEL, Result};
 use crate::api::{App, AppPhase, AppStatus, BackingService};
+use runtime::{self as app_runtime, RuntimeStatus};
 
 pub mod git_host;
+mod runtime;
 
 const KIND: &str = "App";
 /// Finalizer that removes an App's release (its HelmChart) when the App is deleted.
@@ -50,10 +52,7 @@ pub const SSH_PRIVATE_KEY: &str = "ssh-privatekey";
 const PUBLIC_KEY: &str = "ssh-publickey";
 /// Key of the SSH host keys, in deploy-key Secrets and in the agent's ConfigMap.
 pub const KNOWN_HOSTS: &str = "known_hosts";
-/// ConfigMap in the agent's namespace whose `known_hosts` lists the SSH host keys of the git
-/// servers: SSH clones check the server against it (never trust on first use). A fixed name,
-/// so the agent's Role can grant it and nothing else.
-pub const KNOWN_HOSTS_CONFIGMAP: &str = "shapeblock-known-hosts";
+pub use crate::names::KNOWN_HOSTS_CONFIGMAP;
 
 /// Runs the App controller until `shutdown`.
 pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
@@ -130,11 +129,11 @@ async fn reconcile(guard: Arc<DeserializeGuard<App>>, ctx: Arc<Context>) -> Resu
 /// the App, and with it the project's namespace, stuck.
 async fn cleanup(app: &App, ctx: &Context) -> Result<Action> {
     let project = app.namespace().unwrap_or_default();
-    let chart = super::appbuild::chart_name(&project, &app.name_any());
+    let chart = super::deploy::chart_name(&project, &app.name_any());
     let charts = Api::<kube::api::DynamicObject>::namespaced_with(
         ctx.client.clone(),
         &ctx.config.agent_namespace,
-        &super::appbuild::helm_chart_resource(),
+        &super::deploy::helm_chart_resource(),
     );
     match super::delete_if_present(&charts, &chart, &DeleteParams::background()).await {
         Ok(true) => {
@@ -574,11 +573,6 @@ fn comment(app: &App) -> String {
 /// Name of the generated deploy-key Secret (App names are at most 40 characters).
 pub fn deploy_key_name(app: &App) -> String {
     format!("{}-deploy-key", app.name_any())
-}
-
-pub(crate) fn owner_reference(app: &App) -> OwnerReference {
-    app.controller_owner_ref(&())
-        .expect("an App read from the apiserver has a name and uid")
 }
 
 /// The Secret holding a generated deploy key (`kubernetes.io/ssh-auth`).

@@ -18,8 +18,9 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 
-use super::appbuild::{AppJob, app_job, launch, pull_secrets_of, release_container};
+use super::deploy::{launch, pull_secrets_of, release_container};
 use super::job_state::{self, JobState};
+use super::jobs::{AppJob, app_job};
 use super::release::{self, Running};
 use super::{APP_LABEL, ConditionSet, Context, FIELD_MANAGER, Result};
 use crate::api::{App, AppBuild, AppRun, AppRunPhase, AppRunStatus, DEFAULT_RUN_TIMEOUT_SECONDS};

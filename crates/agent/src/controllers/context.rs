@@ -60,7 +60,7 @@ pub struct Context {
     /// The registry token signing key, loaded (or made) on first use.
     registry_signer: tokio::sync::OnceCell<super::registry::Signer>,
     /// What the served HelmChart CRD accepts, and when it was read.
-    helm_chart_fields: Mutex<Option<(Instant, super::appbuild::SpecFields)>>,
+    helm_chart_fields: Mutex<Option<(Instant, super::deploy::SpecFields)>>,
 }
 
 /// How long what the served HelmChart CRD accepts is trusted: a k3s upgrade can bring a newer
@@ -92,8 +92,8 @@ impl Context {
 
     /// What the served HelmChart CRD's spec accepts (read lazily, kept for ten minutes). A
     /// CRD the agent cannot read is taken to accept everything, as before.
-    pub async fn helm_chart_fields(&self) -> super::appbuild::SpecFields {
-        use super::appbuild::{HELM_CHART_CRD, SpecFields, served_spec_fields};
+    pub async fn helm_chart_fields(&self) -> super::deploy::SpecFields {
+        use super::deploy::{HELM_CHART_CRD, SpecFields, served_spec_fields};
         use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
         let cached = self.helm_chart_fields.lock().unwrap().clone();
         if let Some((at, fields)) = &cached
@@ -130,7 +130,7 @@ impl Context {
 
     /// Leaves out of `chart` what the served HelmChart CRD does not declare.
     pub async fn fit_helm_chart(&self, chart: &mut kube::api::DynamicObject) {
-        super::appbuild::fit_to_served(chart, &self.helm_chart_fields().await);
+        super::deploy::fit_to_served(chart, &self.helm_chart_fields().await);
     }
 
     /// Why `namespace` is not served, or `None` when it is a namespace the agent made for a

@@ -6,15 +6,16 @@
 //! Controllers know the CRD types and kube; never the tunnel or the protocol.
 
 pub mod app;
-mod app_runtime;
 pub mod appbuild;
 pub mod apprun;
 pub mod backingservice;
 mod conditions;
 mod context;
+pub mod deploy;
 mod error;
 pub mod install_access;
 mod job_state;
+mod jobs;
 pub mod metrics;
 pub mod project;
 pub mod registry;
@@ -28,8 +29,7 @@ pub use conditions::{ConditionSet, set_condition};
 pub use context::{CONTROLLERS, Config, Context};
 pub use error::{Error, Result};
 
-/// The field manager of everything the agent writes.
-pub const FIELD_MANAGER: &str = "shapeblock-agent";
+pub use crate::names::FIELD_MANAGER;
 /// Label on every object the agent creates.
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY: &str = "shapeblock-agent";

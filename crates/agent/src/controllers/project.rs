@@ -620,7 +620,7 @@ async fn project_helm_charts(
     let charts = Api::<kube::api::DynamicObject>::namespaced_with(
         ctx.client.clone(),
         &ctx.config.agent_namespace,
-        &super::appbuild::helm_chart_resource(),
+        &super::deploy::helm_chart_resource(),
     );
     let selector = format!("{PROJECT_LABEL}={project},{MANAGED_BY_LABEL}={MANAGED_BY}");
     let listed = charts

@@ -7,13 +7,13 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::ResourceExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::{Resource, ResourceExt};
 use serde_json::Value;
 
-use super::appbuild::{Refused, chart_values, processes};
 use super::backingservice::binding::Resolved;
+use super::deploy::{Refused, chart_values, processes};
 use super::{APP_LABEL, Context, FIELD_MANAGER, MANAGED_BY, MANAGED_BY_LABEL, Result};
 use crate::api::{App, AppBuild};
 
@@ -23,6 +23,12 @@ pub const CONFIG_SECRET_LABEL: &str = "apps.shapeblock.io/config-secret";
 /// The App's config Secret: its secret config vars, read by every process as environment.
 pub fn config_secret_name(app: &str) -> String {
     format!("{app}-config")
+}
+
+/// The owner reference of everything made for an App (its config Secret, its release Jobs).
+pub(crate) fn owner_reference(app: &App) -> OwnerReference {
+    app.controller_owner_ref(&())
+        .expect("an App read from the apiserver has a name and uid")
 }
 
 /// The App's config Secret as the agent creates it: empty (its values are the user's, set by
@@ -40,7 +46,7 @@ pub fn config_secret(app: &App) -> Secret {
                 ]
                 .into(),
             ),
-            owner_references: Some(vec![super::app::owner_reference(app)]),
+            owner_references: Some(vec![owner_reference(app)]),
             ..Default::default()
         },
         type_: Some("Opaque".into()),
@@ -85,7 +91,7 @@ pub async fn live_replicas(
         if process.autoscaling.is_none() {
             continue;
         }
-        let deployment = super::appbuild::deployment_name(&app.name_any(), &name);
+        let deployment = super::deploy::deployment_name(&app.name_any(), &name);
         if let Some(replicas) = deployments
             .get_opt(&deployment)
             .await?
@@ -115,7 +121,7 @@ pub async fn render(
         ctx.config.registry_secret.as_deref(),
     )
     .await?;
-    let release = super::appbuild::Release {
+    let release = super::deploy::Release {
         project: &project,
         app: &app.name_any(),
         build: running.build,
@@ -139,7 +145,7 @@ pub async fn render(
 
 /// The values of the App's HelmChart as deployed now, if there is one.
 pub async fn deployed_values(ctx: &Context, app: &App) -> Result<Option<Value>> {
-    let chart = super::appbuild::chart_name(&app.namespace().unwrap_or_default(), &app.name_any());
+    let chart = super::deploy::chart_name(&app.namespace().unwrap_or_default(), &app.name_any());
     let chart = match charts(ctx).get_opt(&chart).await {
         Ok(chart) => chart,
         // No HelmChart kind: nothing is deployed.
@@ -154,7 +160,7 @@ pub async fn deployed_values(ctx: &Context, app: &App) -> Result<Option<Value>> 
 
 /// Applies the App's HelmChart with `values`: the helm-controller upgrades the release.
 pub async fn apply(ctx: &Context, app: &App, build: &str, values: &Value) -> Result<()> {
-    let mut chart = super::appbuild::helm_chart_object(
+    let mut chart = super::deploy::helm_chart_object(
         &ctx.config.agent_namespace,
         &app.namespace().unwrap_or_default(),
         &app.name_any(),
@@ -178,12 +184,9 @@ pub async fn apply(ctx: &Context, app: &App, build: &str, values: &Value) -> Res
     }
     let same = applied.is_some_and(|applied| {
         let annotations = applied.annotations();
-        [
-            super::appbuild::BUILD_ANNOTATION,
-            super::appbuild::CONTENT_ANNOTATION,
-        ]
-        .iter()
-        .all(|key| annotations.get(*key) == chart.annotations().get(*key))
+        [super::deploy::BUILD_ANNOTATION, super::deploy::CONTENT_ANNOTATION]
+            .iter()
+            .all(|key| annotations.get(*key) == chart.annotations().get(*key))
     });
     if !same {
         ctx.fit_helm_chart(&mut chart).await;
@@ -203,7 +206,7 @@ fn charts(ctx: &Context) -> Api<DynamicObject> {
     Api::namespaced_with(
         ctx.client.clone(),
         &ctx.config.agent_namespace,
-        &super::appbuild::helm_chart_resource(),
+        &super::deploy::helm_chart_resource(),
     )
 }
 
@@ -236,7 +239,7 @@ pub fn config_fingerprint(
 }
 
 fn short_hash(bytes: &[u8]) -> String {
-    super::appbuild::sha256_hex_prefix(bytes, 8)
+    super::deploy::sha256_hex_prefix(bytes, 8)
 }
 
 /// Whether two renders differ only in replica counts and autoscalers (a scale, not a change

@@ -3,9 +3,7 @@
 //! this build's image, rolled out and available.
 
 mod failure;
-mod helmchart;
 mod jobs;
-mod values;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,24 +23,10 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
-pub use helmchart::{
-    BUILD_ANNOTATION, CONTENT_ANNOTATION, HELM_CHART_CRD, OPTIONAL_SPEC_FIELDS, SpecFields,
-    check_stored_size, fit_to_served, served_spec_fields, values_content,
-};
-pub use helmchart::{
-    UNIVERSAL_CHART, chart_name, release_status, resource as helm_chart_resource, service_chart_name,
-};
-pub(crate) use helmchart::{chart_object, helm_chart as helm_chart_object, sha256_hex_prefix};
-pub use jobs::{
-    AppJob, BUILD_LABEL, BuildSettings, RELEASE_CONTAINER, RELEASE_DEADLINE_SECONDS, app_job,
-    parse_build_report, parse_commit, release_job,
-};
-pub use values::{
-    ALLOWED_KEYS, CONFIG_REVISION_ANNOTATION, PROCESS_LABEL, Release, WEB, chart_values, deployment_name,
-    launch, processes, pull_secrets_of, release_container, tls_secret_name,
-};
-pub(crate) use values::{Refused, check_yaml_printable, env_list};
+pub use jobs::{BUILD_LABEL, BuildSettings, parse_build_report, parse_commit, release_job};
 
+use super::deploy::rollout::{Rollout, rollout};
+use super::deploy::{chart_name, chart_values, deployment_name, helmchart, processes, values};
 use super::job_state::{self, JobState};
 use super::registry::{self, PushTarget, RegistryError};
 use super::{APP_LABEL, ConditionSet, Context, Error, FIELD_MANAGER, MANAGED_BY, MANAGED_BY_LABEL, Result};
@@ -1473,78 +1457,6 @@ fn container_spec<'a>(pod: &'a Pod, name: &str) -> Option<&'a k8s_openapi::api::
         .flatten()
         .chain(spec.containers.iter())
         .find(|c| c.name == name)
-}
-
-enum Rollout {
-    /// This build's template is running: updated, available, as many as wanted.
-    Done,
-    /// Not there yet.
-    Progressing,
-    /// The rollout gave up.
-    Failed(String),
-}
-
-/// Whether the Deployment runs this build (its template carries the build and the image) and
-/// has rolled out completely.
-/// Whether `deployment` runs `build`'s `image`, updated and available (for the App's record
-/// of its releases).
-pub(crate) fn rolled_out(deployment: &Deployment, build: &str, image: &str) -> bool {
-    matches!(rollout(Some(deployment), build, image), Rollout::Done)
-}
-
-fn rollout(deployment: Option<&Deployment>, build: &str, image: &str) -> Rollout {
-    let Some(deployment) = deployment else {
-        return Rollout::Progressing;
-    };
-    let Some(spec) = deployment.spec.as_ref() else {
-        return Rollout::Progressing;
-    };
-    let template = &spec.template;
-    let ours = template
-        .metadata
-        .as_ref()
-        .and_then(|m| m.annotations.as_ref())
-        .and_then(|a| a.get(BUILD_ANNOTATION))
-        .map(String::as_str)
-        == Some(build);
-    let running_image = template
-        .spec
-        .as_ref()
-        .and_then(|s| s.containers.first())
-        .and_then(|c| c.image.clone())
-        .unwrap_or_default();
-    let image_matches = {
-        let (repository, tag) = values::split_image(image);
-        running_image == format!("{repository}:{tag}")
-    };
-    if !ours || !image_matches {
-        return Rollout::Progressing;
-    }
-    let Some(status) = deployment.status.as_ref() else {
-        return Rollout::Progressing;
-    };
-    if let Some(condition) = status
-        .conditions
-        .iter()
-        .flatten()
-        .find(|c| c.type_ == "Progressing" && c.reason.as_deref() == Some("ProgressDeadlineExceeded"))
-    {
-        return Rollout::Failed(format!(
-            "{} did not become available: {}",
-            deployment.name_any(),
-            condition.message.clone().unwrap_or_default()
-        ));
-    }
-    let desired = spec.replicas.unwrap_or(1);
-    let observed = status.observed_generation.unwrap_or(0) >= deployment.metadata.generation.unwrap_or(0);
-    let settled = status.updated_replicas.unwrap_or(0) == desired
-        && status.available_replicas.unwrap_or(0) == desired
-        && status.replicas.unwrap_or(0) == desired;
-    if observed && settled {
-        Rollout::Done
-    } else {
-        Rollout::Progressing
-    }
 }
 
 #[cfg(test)]

@@ -8,8 +8,7 @@ use serde::{Deserialize, Serialize};
 
 /// The built-in catalog.
 pub const BUILTIN: &str = include_str!("catalog.yaml");
-/// ConfigMap in the agent's namespace whose `catalog.yaml` key overrides built-in entries.
-pub const CONFIGMAP: &str = "shapeblock-catalog";
+pub use crate::names::CATALOG_CONFIGMAP as CONFIGMAP;
 /// Key of the ConfigMap holding the catalog YAML.
 pub const CONFIGMAP_KEY: &str = "catalog.yaml";
 

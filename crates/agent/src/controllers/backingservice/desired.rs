@@ -15,7 +15,7 @@ use serde_json::{Map, Value, json};
 
 use super::catalog::Entry;
 use crate::api::BackingService;
-use crate::controllers::appbuild::{Refused, check_yaml_printable, env_list};
+use crate::controllers::deploy::{Refused, check_yaml_printable, env_list};
 use crate::controllers::{MANAGED_BY, MANAGED_BY_LABEL, PROJECT_LABEL};
 
 /// Label naming the BackingService an object belongs to (Secrets, chart objects, PVCs).
@@ -394,7 +394,7 @@ mod tests {
             let service = service(kind, None);
             let credentials = Credentials::generate(entry).unwrap();
             let values = chart_values(&service, entry, None).unwrap();
-            let yaml = crate::controllers::appbuild::values_content(&values);
+            let yaml = crate::controllers::deploy::values_content(&values);
             assert!(!yaml.contains(&credentials.password), "{kind}");
             assert!(!yaml.contains(&credentials.root_password), "{kind}");
             let sts = &values["statefulSets"][kind.as_str()];

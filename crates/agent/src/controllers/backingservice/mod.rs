@@ -32,7 +32,7 @@ use serde_json::json;
 pub use catalog::{Catalog, Entry};
 pub use desired::{GENERATION_ANNOTATION, SERVICE_LABEL, connection_secret_name};
 
-use super::appbuild::{chart_object, helm_chart_resource, release_status, service_chart_name};
+use super::deploy::{chart_object, helm_chart_resource, release_status, service_chart_name};
 use super::job_state::{self, JobState};
 use super::{
     ConditionSet, Context, Error, FIELD_MANAGER, MANAGED_BY, MANAGED_BY_LABEL, PROJECT_LABEL, Result,
@@ -314,7 +314,7 @@ async fn apply(service: &BackingService, ctx: &Context) -> Result<Action> {
         BTreeMap::new(),
         &values,
     );
-    if let Err(too_large) = super::appbuild::check_stored_size(&chart) {
+    if let Err(too_large) = super::deploy::check_stored_size(&chart) {
         report
             .conditions
             .set("Installed", false, "ValuesTooLarge", &too_large);

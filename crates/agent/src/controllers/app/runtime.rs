@@ -10,9 +10,9 @@ use kube::api::{Api, ListParams, PostParams};
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 
-use super::release::{self, Running, config_secret_name};
-use super::{Context, Result};
 use crate::api::{App, AppBuild, DomainStatus, ReleaseReason, ReleaseRecord};
+use crate::controllers::release::{self, Running, config_secret_name};
+use crate::controllers::{APP_LABEL, ConditionSet, Context, Result, deploy, job_state, jobs};
 
 /// Releases kept in `status.releases`.
 pub const KEEP_RELEASES: usize = 20;
@@ -118,9 +118,7 @@ pub async fn release(
         // The revision the build released with is the one its pods carry.
         let released_revision = deployed
             .as_ref()
-            .and_then(|v| {
-                v["generic"]["podAnnotations"][super::appbuild::CONFIG_REVISION_ANNOTATION].as_str()
-            })
+            .and_then(|v| v["generic"]["podAnnotations"][deploy::CONFIG_REVISION_ANNOTATION].as_str())
             .and_then(|r| r.parse().ok())
             .unwrap_or(revision);
         record(runtime, reason, &image, &build, released_revision);
@@ -133,7 +131,7 @@ pub async fn release(
     // `latestBuild`, and releasing the running build over it would undo its deploy.
     let charted = deployed
         .as_ref()
-        .and_then(|v| v["generic"]["podAnnotations"][super::appbuild::BUILD_ANNOTATION].as_str());
+        .and_then(|v| v["generic"]["podAnnotations"][deploy::BUILD_ANNOTATION].as_str());
     for other in [status.latest_build.as_deref(), charted]
         .into_iter()
         .flatten()
@@ -158,14 +156,14 @@ pub async fn release(
         Err(refused) => return Ok(Some(format!("cannot release the running build again: {refused}"))),
     };
     // Values the helm-controller cannot store would never be released: say so, keep serving.
-    let chart = super::appbuild::helm_chart_object(
+    let chart = deploy::helm_chart_object(
         &ctx.config.agent_namespace,
         &namespace,
         &app.name_any(),
         &build,
         &values,
     );
-    if let Err(too_large) = super::appbuild::check_stored_size(&chart) {
+    if let Err(too_large) = deploy::check_stored_size(&chart) {
         return Ok(Some(format!(
             "cannot release the running build again: {too_large}"
         )));
@@ -266,18 +264,18 @@ pub async fn track_rollout(app: &App, ctx: &Context, runtime: &mut RuntimeStatus
         return Ok(false);
     };
     let deployments = Api::<Deployment>::namespaced(ctx.client.clone(), &app.namespace().unwrap_or_default())
-        .list(&ListParams::default().labels(&format!("{}={}", super::APP_LABEL, app.name_any())))
+        .list(&ListParams::default().labels(&format!("{}={}", APP_LABEL, app.name_any())))
         .await?
         .items;
     let revision = last.config_revision.to_string();
     let done = !deployments.is_empty()
         && deployments.iter().all(|d| {
-            super::appbuild::rolled_out(d, &build, &last.image)
+            deploy::rolled_out(d, &build, &last.image)
                 && d.spec
                     .as_ref()
                     .and_then(|s| s.template.metadata.as_ref())
                     .and_then(|m| m.annotations.as_ref())
-                    .and_then(|a| a.get(super::appbuild::CONFIG_REVISION_ANNOTATION))
+                    .and_then(|a| a.get(deploy::CONFIG_REVISION_ANNOTATION))
                     == Some(&revision)
         });
     if done {
@@ -293,7 +291,7 @@ pub async fn track_rollout(app: &App, ctx: &Context, runtime: &mut RuntimeStatus
 pub async fn certificates(
     app: &App,
     ctx: &Context,
-    conditions: &mut super::ConditionSet,
+    conditions: &mut ConditionSet,
     runtime: &mut RuntimeStatus,
 ) -> Result<bool> {
     runtime.domains = app
@@ -333,7 +331,7 @@ pub async fn certificates(
     );
     let mut pending = Vec::new();
     for host in &hosts {
-        let name = super::appbuild::tls_secret_name(&app.name_any(), host);
+        let name = deploy::tls_secret_name(&app.name_any(), host);
         let certificate = match certificates.get_opt(&name).await {
             Ok(certificate) => certificate,
             Err(kube::Error::Api(status)) if status.code == 404 => {
@@ -400,20 +398,16 @@ async fn release_command(
     let jobs = Api::<Job>::namespaced(ctx.client.clone(), &namespace);
     let Some(job) = jobs.get_opt(name).await? else {
         // Not a build's step: its log is the App's, not the running build's.
-        let job = super::appbuild::app_job(&super::appbuild::AppJob {
+        let job = jobs::app_job(&jobs::AppJob {
             namespace: &namespace,
             name,
-            labels: [(super::APP_LABEL.to_string(), app.name_any())].into(),
-            container: super::appbuild::RELEASE_CONTAINER,
-            web: &super::appbuild::release_container(values),
-            pull_secrets: super::appbuild::pull_secrets_of(values),
-            command: super::appbuild::launch(
-                &app.spec,
-                super::appbuild::RELEASE_CONTAINER,
-                &app.spec.release_command,
-            ),
-            owner: &super::app::owner_reference(app),
-            deadline_seconds: super::appbuild::RELEASE_DEADLINE_SECONDS,
+            labels: [(APP_LABEL.to_string(), app.name_any())].into(),
+            container: jobs::RELEASE_CONTAINER,
+            web: &deploy::release_container(values),
+            pull_secrets: deploy::pull_secrets_of(values),
+            command: deploy::launch(&app.spec, jobs::RELEASE_CONTAINER, &app.spec.release_command),
+            owner: &super::owner_reference(app),
+            deadline_seconds: jobs::RELEASE_DEADLINE_SECONDS,
             ttl_seconds_after_finished: ctx.config.builds.ttl_seconds_after_finished,
         });
         match jobs.create(&PostParams::default(), &job).await {
@@ -425,19 +419,19 @@ async fn release_command(
             "running the release command (Job {name}) before releasing"
         )));
     };
-    match super::job_state::state(&ctx.client, &job).await? {
-        super::job_state::JobState::Complete(_) => return Ok(None),
-        super::job_state::JobState::Failed { pod, .. } => {
+    match job_state::state(&ctx.client, &job).await? {
+        job_state::JobState::Complete(_) => return Ok(None),
+        job_state::JobState::Failed { pod, .. } => {
             let said = pod
                 .as_ref()
-                .and_then(|p| super::job_state::terminated(p, super::appbuild::RELEASE_CONTAINER))
-                .map(|t| super::job_state::exit_summary(&t))
+                .and_then(|p| job_state::terminated(p, jobs::RELEASE_CONTAINER))
+                .map(|t| job_state::exit_summary(&t))
                 .unwrap_or_else(|| "it did not finish".into());
             return Ok(Some(format!(
                 "the release command failed ({said}; Job {name}): the running release keeps serving; change the config or settings to try again"
             )));
         }
-        super::job_state::JobState::Running(_) => {}
+        job_state::JobState::Running(_) => {}
     }
     Ok(Some(format!(
         "running the release command (Job {name}) before releasing"

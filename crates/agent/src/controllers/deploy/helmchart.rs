@@ -126,8 +126,7 @@ pub(crate) fn chart_object(
     serde_json::from_value(object).expect("a HelmChart is a valid object")
 }
 
-/// Name of the helm-controller's HelmChart CRD.
-pub const HELM_CHART_CRD: &str = "helmcharts.helm.cattle.io";
+pub use crate::names::HELM_CHART_CRD;
 
 /// Fields of the HelmChart spec the agent writes that older helm-controllers do not have
 /// (`failurePolicy` came to `HelmChart.spec` long after the kind; a k3s embedding an older
