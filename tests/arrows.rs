@@ -146,6 +146,27 @@ fn violations(metadata: &Value) -> Vec<String> {
     found
 }
 
+/// The API crate takes kube's derive and core types, not its client: features are unified
+/// across the workspace, so this is checked where it is declared.
+#[test]
+fn the_api_crate_asks_kube_for_the_derive_only() {
+    let metadata = metadata();
+    let api = metadata["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "shapeblock-api")
+        .expect("shapeblock-api in the workspace");
+    let kube = api["dependencies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "kube" && d["kind"].is_null())
+        .expect("shapeblock-api depends on kube");
+    assert_eq!(kube["uses_default_features"], false, "{kube}");
+    assert_eq!(kube["features"], serde_json::json!(["derive"]), "{kube}");
+}
+
 #[test]
 fn dependency_arrows_point_one_way() {
     let found = violations(&metadata());
