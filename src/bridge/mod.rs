@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use crate::api::{App, AppBuild, AppRun, BackingService, GROUP, Project, Team};
 use crate::proto::v1::server_message::Body as Down;
 use crate::proto::v1::{
-    CancelBuild, CommandResult, Inventory, LogChunk, ObjectRef, PhaseChange, SetConfig, Sync,
+    CancelBuild, CommandResult, Inventory, LogChunk, ObjectRef, PhaseChange, SetConfig, StatusSnapshot, Sync,
 };
 use crate::proto::{
     check_cancel, check_manifest, check_object, check_prune_options, object_key, scope_is_empty,
@@ -640,11 +640,18 @@ impl Host for KubeHost {
         }
     }
 
-    async fn snapshot(&self) -> Vec<PhaseChange> {
+    async fn snapshot(&self) -> StatusSnapshot {
         // Level means the whole level: wait (bounded) until every kind's first list is in.
+        // Only then does the snapshot say it is complete, and only a complete one lets the
+        // hub mark what it does not list as deleted.
         let mut synced = self.synced.subscribe();
         let total = kinds().len();
-        let _ = tokio::time::timeout(Duration::from_secs(30), synced.wait_for(|n| *n >= total)).await;
+        let complete = tokio::time::timeout(Duration::from_secs(30), synced.wait_for(|n| *n >= total))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if !complete {
+            tracing::warn!("not every kind was listed within 30 s: the snapshot is partial, and the hub prunes nothing by it");
+        }
         let mut all: Vec<PhaseChange> = self
             .current
             .lock()
@@ -653,7 +660,10 @@ impl Host for KubeHost {
             .cloned()
             .collect();
         all.sort_by_key(|c| c.object.as_ref().map(object_key));
-        all
+        StatusSnapshot {
+            objects: all,
+            complete,
+        }
     }
 
     async fn inventory(&self) -> Inventory {

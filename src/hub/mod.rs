@@ -26,7 +26,7 @@ use crate::proto::v1::agent_tunnel_server::{AgentTunnel, AgentTunnelServer};
 use crate::proto::v1::server_message::Body as Down;
 use crate::proto::v1::{
     Ack, AgentMessage, Apply, CancelBuild, Delete, EnrollRequest, EnrollResponse, Heartbeat, HelloAck,
-    ObjectRef, PhaseChange, PruneScope, RenewRequest, ServerMessage, SetConfig, Sync,
+    ObjectRef, PhaseChange, PruneScope, RenewRequest, ServerMessage, SetConfig, StatusSnapshot, Sync,
 };
 use crate::proto::{self, MAX_MESSAGE_BYTES, ca_hash, hex, now_unix, object_key};
 use store::{ObjectStatus, Store, write};
@@ -40,8 +40,12 @@ pub struct HubConfig {
     pub listen: SocketAddr,
     /// Names and addresses the TLS server certificate is valid for (agents dial one of them).
     pub server_names: Vec<String>,
-    /// Lifetime of the client certificates the hub signs.
+    /// Lifetime of the client certificates the hub signs (default 45 days: see
+    /// [`crate::tunnel::renewal`] for why).
     pub cert_lifetime: Duration,
+    /// The CA signs as if the time were now plus this many seconds (negative: in the past).
+    /// 0 in production; tests use it to issue certificates that are weeks old.
+    pub ca_clock_offset_secs: i64,
     /// Heartbeat interval; a session with no message for 3 intervals is closed.
     pub heartbeat: Duration,
 }
@@ -52,7 +56,8 @@ impl HubConfig {
             data_dir,
             listen: ([127, 0, 0, 1], 0).into(),
             server_names: vec!["localhost".into(), "127.0.0.1".into()],
-            cert_lifetime: Duration::from_secs(24 * 3600),
+            cert_lifetime: crate::tunnel::renewal::DEFAULT_LIFETIME,
+            ca_clock_offset_secs: 0,
             heartbeat: Duration::from_secs(10),
         }
     }
@@ -81,6 +86,8 @@ struct Session {
 struct Inner {
     config: HubConfig,
     store: Store,
+    /// `HelloAck.store_id`.
+    store_id: String,
     ca: pki::Ca,
     sessions: Mutex<HashMap<String, Session>>,
     wake: Mutex<HashMap<String, Arc<Notify>>>,
@@ -88,6 +95,13 @@ struct Inner {
 }
 
 impl Inner {
+    /// Signs a client certificate of `cluster` at the CA's time.
+    fn sign(&self, csr_pem: &str, cluster: &str) -> Result<(String, String), pki::PkiError> {
+        let now = time::OffsetDateTime::now_utc() + time::Duration::seconds(self.config.ca_clock_offset_secs);
+        self.ca
+            .sign_client_at(csr_pem, cluster, self.config.cert_lifetime, now)
+    }
+
     fn wake(&self, cluster: &str) -> Arc<Notify> {
         self.wake
             .lock()
@@ -266,6 +280,15 @@ impl Hub {
         let store = open_store(&config.data_dir)?;
         // A previous process's sessions are gone, whatever the store says.
         store.mark_disconnected_all()?;
+        let store_id = store.id()?;
+        let tolerated = crate::tunnel::renewal::outage_tolerated(config.cert_lifetime);
+        if tolerated < crate::tunnel::renewal::OUTAGE_TOLERATED {
+            tracing::warn!(
+                lifetime_s = config.cert_lifetime.as_secs(),
+                tolerated_s = tolerated.as_secs(),
+                "client certificates of this lifetime strand an agent after a hub outage of {tolerated:?} (the default of 45 days tolerates 9 days)"
+            );
+        }
         let ca = pki::Ca::load_or_create(&config.data_dir)?;
         let (cert, key) = ca.server_cert(&config.server_names)?;
         pki::Ca::save_server(&config.data_dir, &cert)?;
@@ -282,6 +305,7 @@ impl Hub {
         let (stopping, _) = watch::channel(false);
         let inner = Arc::new(Inner {
             store,
+            store_id,
             sessions: Mutex::default(),
             wake: Mutex::default(),
             stopping,
@@ -421,8 +445,7 @@ impl AgentTunnel for Service {
         })?;
         let (cert_pem, key_hash) = self
             .inner
-            .ca
-            .sign_client(&req.csr_pem, &token.cluster, self.inner.config.cert_lifetime)
+            .sign(&req.csr_pem, &token.cluster)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         // A used token still answers the key it was first used with: an agent that crashed
         // after the hub signed, before it stored the certificate, retries with the same key.
@@ -454,12 +477,7 @@ impl AgentTunnel for Service {
         let cluster = cluster_of(&request)?;
         let (cert_pem, _) = self
             .inner
-            .ca
-            .sign_client(
-                &request.into_inner().csr_pem,
-                &cluster,
-                self.inner.config.cert_lifetime,
-            )
+            .sign(&request.into_inner().csr_pem, &cluster)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         tracing::info!(%cluster, "client certificate renewed");
         Ok(Response::new(self.response(&cluster, cert_pem)))
@@ -480,11 +498,10 @@ impl AgentTunnel for Service {
         let Some(Up::Hello(hello)) = first.body else {
             return Err(Status::invalid_argument("the first message must be hello"));
         };
-        let hello_text = format!("{hello:?}");
         let (epoch, last_agent_seq) = self
             .inner
             .store
-            .begin_session(&cluster, &hello_text)
+            .begin_session(&cluster, &hello)
             .map_err(internal)?;
         let (close, closed) = watch::channel(false);
         if let Some(old) = self
@@ -505,6 +522,7 @@ impl AgentTunnel for Service {
                 epoch,
                 last_agent_seq,
                 heartbeat_seconds: self.inner.config.heartbeat.as_secs().max(1) as u32,
+                store_id: self.inner.store_id.clone(),
             })),
         };
         tx.send(Ok(ack)).await.map_err(|_| Status::cancelled("closed"))?;
@@ -628,6 +646,42 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// The phase an object gets at the hub when a complete snapshot no longer lists it.
+pub const DELETED: &str = "Deleted";
+
+/// What a snapshot changes in what the hub knows: the objects whose status differs, and, when
+/// the snapshot is complete, every known object it does not list, marked [`DELETED`] (it
+/// was deleted while the hub was not told: the agent or the hub was down, or the agent
+/// restarted and its queue of phase changes with it).
+fn snapshot_changes(known: &[ObjectStatus], snapshot: &StatusSnapshot) -> Vec<ObjectStatus> {
+    let mut changes: Vec<ObjectStatus> = snapshot
+        .objects
+        .iter()
+        .map(status_of)
+        .filter(|status| !known.contains(status))
+        .collect();
+    if snapshot.complete {
+        let listed: std::collections::HashSet<String> = snapshot
+            .objects
+            .iter()
+            .map(|p| p.object.as_ref().map(object_key).unwrap_or_default())
+            .collect();
+        changes.extend(
+            known
+                .iter()
+                .filter(|o| o.phase != DELETED && !listed.contains(&o.key))
+                .map(|o| ObjectStatus {
+                    key: o.key.clone(),
+                    phase: DELETED.into(),
+                    observed_generation: o.observed_generation,
+                    reason: "NotInCluster".into(),
+                    message: "not in the agent's snapshot after a reconnect: deleted while the hub was not told".into(),
+                }),
+        );
+    }
+    changes
+}
+
 fn status_of(p: &PhaseChange) -> ObjectStatus {
     ObjectStatus {
         key: p.object.as_ref().map(object_key).unwrap_or_default(),
@@ -649,8 +703,20 @@ fn handle(
     let Some(body) = message.body else {
         return Err(Status::invalid_argument("message without a body"));
     };
-    match body {
-        Up::Heartbeat(_) | Up::Ack(_) => return Ok(None),
+    match &body {
+        Up::Heartbeat(Heartbeat { sent_at_ms }) => {
+            if *sent_at_ms > 0
+                && let Err(e) = inner.store.set_clock_skew(cluster, now_ms() - sent_at_ms)
+            {
+                tracing::warn!(%e, "clock skew");
+            }
+            return Ok(None);
+        }
+        Up::Inventory(inventory) => {
+            inner.store.set_inventory(cluster, inventory).map_err(internal)?;
+            return Ok(None);
+        }
+        Up::Ack(_) => return Ok(None),
         Up::Hello(_) => return Err(Status::invalid_argument("hello twice in one session")),
         _ if seq == 0 => return Err(Status::invalid_argument("sequenced message with seq 0")),
         _ => {}
@@ -685,14 +751,12 @@ fn handle(
                 }
                 Up::Snapshot(s) => {
                     // Level: whatever differs from what the hub knows becomes an event, so a
-                    // phase change lost to an agent restart still shows up once.
+                    // phase change lost to an agent restart still shows up once; and what a
+                    // complete snapshot does not list is gone.
                     let mut changed = Vec::new();
-                    for p in &s.objects {
-                        let status = status_of(p);
-                        if !known.contains(&status) {
-                            write::object(tx, cluster, &status)?;
-                            changed.push(format!("{}={}", status.key, status.phase));
-                        }
+                    for status in snapshot_changes(&known, s) {
+                        write::object(tx, cluster, &status)?;
+                        changed.push(format!("{}={}", status.key, status.phase));
                     }
                     if !changed.is_empty() {
                         write::event(tx, cluster, seq, epoch, "snapshot", "", &changed.join(" "))?;
@@ -702,7 +766,7 @@ fn handle(
                     let stream = proto::log_stream(l).map_err(store::StoreError::Invalid)?;
                     write::log(tx, cluster, &stream, l.offset, &l.data, l.truncated, l.eof)?;
                 }
-                Up::Hello(_) | Up::Heartbeat(_) | Up::Ack(_) => {}
+                Up::Hello(_) | Up::Heartbeat(_) | Up::Ack(_) | Up::Inventory(_) => {}
             }
             Ok(())
         })
@@ -758,6 +822,58 @@ mod tests {
         assert!(apply_command(&app("'a?b'")).is_err());
         let refused = sync_command(&[app("shop"), app("'a/b'")], None).unwrap_err();
         assert!(refused.to_string().starts_with("manifest 2: "), "{refused}");
+    }
+
+    fn phase(kind: &str, name: &str, phase: &str) -> PhaseChange {
+        PhaseChange {
+            object: Some(object(kind, if kind == "Project" { "" } else { "shop" }, name)),
+            phase: phase.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_complete_snapshot_marks_what_it_does_not_list_deleted_and_a_partial_one_does_not() {
+        let known: Vec<ObjectStatus> = [
+            phase("Project", "shop", "Ready"),
+            phase("App", "web", "Ready"),
+            phase("App", "old", "Deleted"),
+            phase("App", "gone", "Ready"),
+        ]
+        .iter()
+        .map(status_of)
+        .collect();
+        let listed = vec![phase("Project", "shop", "Ready"), phase("App", "web", "Building")];
+        let partial = snapshot_changes(
+            &known,
+            &StatusSnapshot {
+                objects: listed.clone(),
+                complete: false,
+            },
+        );
+        assert_eq!(
+            partial.iter().map(|s| (s.key.as_str(), s.phase.as_str())).collect::<Vec<_>>(),
+            [("App/shop/web", "Building")]
+        );
+        let complete = snapshot_changes(
+            &known,
+            &StatusSnapshot {
+                objects: listed,
+                complete: true,
+            },
+        );
+        assert_eq!(
+            complete.iter().map(|s| (s.key.as_str(), s.phase.as_str())).collect::<Vec<_>>(),
+            [("App/shop/web", "Building"), ("App/shop/gone", DELETED)],
+            "an object marked once is not marked again"
+        );
+        assert_eq!(complete[1].reason, "NotInCluster");
+        // Everything gone: all marked, once.
+        let empty = StatusSnapshot {
+            objects: vec![],
+            complete: true,
+        };
+        assert_eq!(snapshot_changes(&known, &empty).len(), 3);
     }
 
     #[test]
