@@ -338,7 +338,16 @@ pub async fn run(
             match &outcome {
                 Ok(()) => tracing::info!("session ended; reconnecting"),
                 Err(e) => {
-                    let text = e.to_string();
+                    // What makes two errors the same (an expiry's message counts its age).
+                    let text = match e {
+                        TunnelError::Expired {
+                            cluster,
+                            expired_at,
+                            attempt,
+                            ..
+                        } => format!("expired {cluster} {expired_at} {attempt}"),
+                        other => other.to_string(),
+                    };
                     let repeated = last_logged
                         .as_ref()
                         .is_some_and(|(t, at)| *t == text && at.elapsed() < Duration::from_secs(600));
