@@ -669,15 +669,19 @@ async fn a_killed_agent_converges_when_it_comes_back() {
         .await;
     }
     // The agent has begun on every Project (its namespace and quota are there)...
-    eventually(Duration::from_secs(60), "the agent to begin on every Project", || async {
-        for name in &names {
-            Api::<ResourceQuota>::namespaced(env.client.clone(), name)
-                .get_opt("shapeblock-quota")
-                .await
-                .ok()??;
-        }
-        Some(())
-    })
+    eventually(
+        Duration::from_secs(60),
+        "the agent to begin on every Project",
+        || async {
+            for name in &names {
+                Api::<ResourceQuota>::namespaced(env.client.clone(), name)
+                    .get_opt("shapeblock-quota")
+                    .await
+                    .ok()??;
+            }
+            Some(())
+        },
+    )
     .await;
     agent.kill();
     // ...and, at the kill (nothing changes them while no agent runs), finished none.
@@ -696,7 +700,10 @@ async fn a_killed_agent_converges_when_it_comes_back() {
         .iter()
         .filter(|(phase, _)| *phase != Some(ProjectPhase::Ready))
         .count();
-    assert_eq!(unfinished, PROJECTS, "no Project was Ready at the kill: {at_kill:?}");
+    assert_eq!(
+        unfinished, PROJECTS,
+        "no Project was Ready at the kill: {at_kill:?}"
+    );
 
     // What was missing is there now; only a new agent can finish the work.
     let source: Secret = serde_json::from_value(json!({

@@ -1447,15 +1447,22 @@ async fn a_week_long_hub_outage_does_not_strand_the_agent_it_renews_on_reconnect
     })
     .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(agent.wait_exit(Duration::ZERO).is_none(), "the agent runs through the outage");
+    assert!(
+        agent.wait_exit(Duration::ZERO).is_none(),
+        "the agent runs through the outage"
+    );
 
     // The hub is back, with the real clock: the agent renews on connect.
     let hub = hub_with_clock(data.path(), Some(addr), 0).await;
     let back = std::time::Instant::now();
-    let (renewed, took) = eventually(TIMEOUT, "a renewed certificate in the identity Secret", || async {
-        let id = env.stored_identity().await;
-        (id.cert_pem != old.cert_pem).then_some(id)
-    })
+    let (renewed, took) = eventually(
+        TIMEOUT,
+        "a renewed certificate in the identity Secret",
+        || async {
+            let id = env.stored_identity().await;
+            (id.cert_pem != old.cert_pem).then_some(id)
+        },
+    )
     .await;
     let now = shapeblock_agent::proto::now_unix();
     let (nb, na) = renewal::validity(&renewed.cert_pem).unwrap();
@@ -1500,9 +1507,14 @@ async fn an_expired_certificate_is_refused_with_the_remedy_and_a_fresh_token_rej
     let cluster = unique_name("c");
     // Enrolled with the install token, which stays in the agent's configuration.
     let install_token = past.create_token(&cluster, Duration::from_secs(300)).unwrap();
-    let expired = enroll::enroll(&past.url(), &install_token, &past.ca_hash(), &enroll::new_key().unwrap())
-        .await
-        .unwrap();
+    let expired = enroll::enroll(
+        &past.url(),
+        &install_token,
+        &past.ca_hash(),
+        &enroll::new_key().unwrap(),
+    )
+    .await
+    .unwrap();
     past.stop().await;
     env.store_identity(&expired).await;
     let hub = hub_with_clock(data.path(), Some(addr), 0).await;
@@ -1521,7 +1533,10 @@ async fn an_expired_certificate_is_refused_with_the_remedy_and_a_fresh_token_rej
     assert!(agent.wait_exit(Duration::ZERO).is_none(), "no crash");
     assert_eq!(agent.get("/healthz").await.map(|(code, _)| code), Some(200));
     let log = agent.log_tail(2000);
-    let said: Vec<&str> = log.lines().filter(|l| l.contains(&line) && l.contains("ERROR")).collect();
+    let said: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(&line) && l.contains("ERROR"))
+        .collect();
     println!("the agent said: {}", said.first().copied().unwrap_or_default());
     assert_eq!(said.len(), 1, "once, not at every retry:\n{log}");
     for remedy in [
@@ -1545,14 +1560,21 @@ async fn an_expired_certificate_is_refused_with_the_remedy_and_a_fresh_token_rej
     })
     .await;
     ready_at_hub(&hub, &cluster, &p1).await;
-    println!("re-joined and executed the queued command {:?} after the new token", started.elapsed());
+    println!(
+        "re-joined and executed the queued command {:?} after the new token",
+        started.elapsed()
+    );
     let identity = env.stored_identity().await;
     let now = shapeblock_agent::proto::now_unix();
     assert_eq!(identity.cluster_id, cluster, "the same cluster identity");
     assert!(identity.not_after - now > lifetime - DAY);
     assert!(identity.pending_key_pem.is_empty());
     assert_ne!(identity.key_pem, expired.key_pem, "a new key");
-    assert!(agent.log_tail(400).contains("re-enrolled with the hub after the certificate expired"));
+    assert!(
+        agent
+            .log_tail(400)
+            .contains("re-enrolled with the hub after the certificate expired")
+    );
     agent.terminate(Duration::from_secs(15)).expect("stops");
     hub.stop().await;
 }
@@ -1573,7 +1595,11 @@ async fn cluster_objects(client: &Client) -> std::collections::BTreeSet<String> 
     ] {
         let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
         for o in api.list_metadata(&ListParams::default()).await.unwrap() {
-            let ns = if namespaced { o.metadata.namespace.clone().unwrap_or_default() } else { String::new() };
+            let ns = if namespaced {
+                o.metadata.namespace.clone().unwrap_or_default()
+            } else {
+                String::new()
+            };
             out.insert(format!("{}/{ns}/{}", resource.kind, o.name_any()));
         }
     }
@@ -1592,12 +1618,19 @@ fn hub_objects(hub: &Hub, cluster: &str) -> std::collections::BTreeSet<String> {
 }
 
 async fn views_agree(hub: &Hub, cluster: &str, client: &Client, after: &str) {
-    let (_, took) = eventually(TIMEOUT, &format!("the hub's view to equal the cluster's {after}"), || async {
-        let (at_hub, in_cluster) = (hub_objects(hub, cluster), cluster_objects(client).await);
-        (at_hub == in_cluster).then_some(())
-    })
+    let (_, took) = eventually(
+        TIMEOUT,
+        &format!("the hub's view to equal the cluster's {after}"),
+        || async {
+            let (at_hub, in_cluster) = (hub_objects(hub, cluster), cluster_objects(client).await);
+            (at_hub == in_cluster).then_some(())
+        },
+    )
     .await;
-    println!("{after}: the hub's view equals the cluster's ({} objects) after {took:?}", cluster_objects(client).await.len());
+    println!(
+        "{after}: the hub's view equals the cluster's ({} objects) after {took:?}",
+        cluster_objects(client).await.len()
+    );
 }
 
 /// Deletes `key`'s object and, if the agent is not there to finalize it, takes its
@@ -1670,10 +1703,20 @@ async fn the_hubs_view_equals_the_clusters_after_deletes_while_the_tunnel_is_dow
     hub = hub_at(data.path(), addr).await;
     agent = env.hub_agent(&url, "sbt_spent", &pin).await;
     eventually(TIMEOUT, "the hub sees b deleted", || async {
-        (phase_at_hub(&hub, &cluster, &format!("Project//{b}")).await.as_deref() == Some("Deleted")).then_some(())
+        (phase_at_hub(&hub, &cluster, &format!("Project//{b}"))
+            .await
+            .as_deref()
+            == Some("Deleted"))
+        .then_some(())
     })
     .await;
-    views_agree(&hub, &cluster, &env.client, "hub down, delete, agent killed, hub back, agent back").await;
+    views_agree(
+        &hub,
+        &cluster,
+        &env.client,
+        "hub down, delete, agent killed, hub back, agent back",
+    )
+    .await;
 
     // 2. The agent is down; the App and Project c are deleted (their finalizers taken off,
     // as nothing finalizes them); the agent comes back.
@@ -1712,7 +1755,13 @@ async fn the_hubs_view_equals_the_clusters_after_deletes_while_the_tunnel_is_dow
     tokio::time::sleep(Duration::from_secs(2)).await;
     hub = hub_at(data.path(), addr).await;
     ready_at_hub(&hub, &cluster, &d).await;
-    views_agree(&hub, &cluster, &env.client, "both down, create and delete, agent back, hub back").await;
+    views_agree(
+        &hub,
+        &cluster,
+        &env.client,
+        "both down, create and delete, agent back, hub back",
+    )
+    .await;
     let events = hub.store().events(&cluster).unwrap();
     let marked = |key: &str| {
         events
@@ -1720,10 +1769,17 @@ async fn the_hubs_view_equals_the_clusters_after_deletes_while_the_tunnel_is_dow
             .filter(|e| e.3.contains(&format!("{key}=Deleted")) || (e.2 == key && e.3 == "Deleted"))
             .count()
     };
-    for key in [format!("Project//{a}"), format!("Project//{b}"), format!("Project//{c}"), app_key] {
+    for key in [
+        format!("Project//{a}"),
+        format!("Project//{b}"),
+        format!("Project//{c}"),
+        app_key,
+    ] {
         assert_eq!(marked(&key), 1, "{key} marked deleted once: {events:#?}");
     }
-    let _ = Api::<Project>::all(env.client.clone()).delete(&d, &Default::default()).await;
+    let _ = Api::<Project>::all(env.client.clone())
+        .delete(&d, &Default::default())
+        .await;
     agent.terminate(Duration::from_secs(15)).expect("stops");
     hub.stop().await;
 }
@@ -1763,16 +1819,25 @@ async fn a_restored_or_replaced_hub_store_gets_every_command_executed() {
 
     // What the agent said about itself, as fields.
     let row = eventually(TIMEOUT, "a clock skew from a heartbeat", || async {
-        hub.store().cluster(&cluster).ok()?.filter(|r| r.clock_skew_ms.is_some())
+        hub.store()
+            .cluster(&cluster)
+            .ok()?
+            .filter(|r| r.clock_skew_ms.is_some())
     })
     .await
     .0;
     assert_eq!(row.capabilities, shapeblock_agent::proto::capabilities());
     for capability in ["apply", "delete", "cancel", "sync", "set-config", "run-logs"] {
-        assert!(row.capabilities.iter().any(|c| c == capability), "{capability}: {row:?}");
+        assert!(
+            row.capabilities.iter().any(|c| c == capability),
+            "{capability}: {row:?}"
+        );
     }
     let skew = row.clock_skew_ms.unwrap();
-    println!("agent {:?}, capabilities {:?}, clock skew {skew} ms", row.agent_version, row.capabilities);
+    println!(
+        "agent {:?}, capabilities {:?}, clock skew {skew} ms",
+        row.agent_version, row.capabilities
+    );
     assert!(skew.abs() < 5_000, "one machine: {skew} ms");
     assert_eq!(row.agent_version.as_deref(), Some(env!("CARGO_PKG_VERSION")));
     let inventory = row.inventory.clone().unwrap();
@@ -1854,11 +1919,21 @@ async fn a_restored_or_replaced_hub_store_gets_every_command_executed() {
     }
     let commands = hub.store().commands(&cluster).unwrap();
     assert_eq!(commands.len(), 1);
-    let results = hub.store().events(&cluster).unwrap().into_iter().filter(|e| e.1 == "result").count();
+    let results = hub
+        .store()
+        .events(&cluster)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.1 == "result")
+        .count();
     assert_eq!(results, 1, "one result, for its one command");
-    agent.terminate(Duration::from_secs(15)).expect("the same agent process throughout");
+    agent
+        .terminate(Duration::from_secs(15))
+        .expect("the same agent process throughout");
     for p in [&p1, &p2, &p3, &p4, &p5] {
-        let _ = Api::<Project>::all(env.client.clone()).delete(p, &Default::default()).await;
+        let _ = Api::<Project>::all(env.client.clone())
+            .delete(p, &Default::default())
+            .await;
     }
     hub.stop().await;
 }

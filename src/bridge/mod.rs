@@ -650,7 +650,9 @@ impl Host for KubeHost {
             .await
             .is_ok_and(|r| r.is_ok());
         if !complete {
-            tracing::warn!("not every kind was listed within 30 s: the snapshot is partial, and the hub prunes nothing by it");
+            tracing::warn!(
+                "not every kind was listed within 30 s: the snapshot is partial, and the hub prunes nothing by it"
+            );
         }
         let mut all: Vec<PhaseChange> = self
             .current

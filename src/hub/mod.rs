@@ -675,7 +675,9 @@ fn snapshot_changes(known: &[ObjectStatus], snapshot: &StatusSnapshot) -> Vec<Ob
                     phase: DELETED.into(),
                     observed_generation: o.observed_generation,
                     reason: "NotInCluster".into(),
-                    message: "not in the agent's snapshot after a reconnect: deleted while the hub was not told".into(),
+                    message:
+                        "not in the agent's snapshot after a reconnect: deleted while the hub was not told"
+                            .into(),
                 }),
         );
     }
@@ -852,7 +854,10 @@ mod tests {
             },
         );
         assert_eq!(
-            partial.iter().map(|s| (s.key.as_str(), s.phase.as_str())).collect::<Vec<_>>(),
+            partial
+                .iter()
+                .map(|s| (s.key.as_str(), s.phase.as_str()))
+                .collect::<Vec<_>>(),
             [("App/shop/web", "Building")]
         );
         let complete = snapshot_changes(
@@ -863,7 +868,10 @@ mod tests {
             },
         );
         assert_eq!(
-            complete.iter().map(|s| (s.key.as_str(), s.phase.as_str())).collect::<Vec<_>>(),
+            complete
+                .iter()
+                .map(|s| (s.key.as_str(), s.phase.as_str()))
+                .collect::<Vec<_>>(),
             [("App/shop/web", "Building"), ("App/shop/gone", DELETED)],
             "an object marked once is not marked again"
         );

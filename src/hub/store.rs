@@ -145,13 +145,7 @@ impl Store {
 
     /// The identity of this store, made when it was created.
     pub fn id(&self) -> Result<String> {
-        self.with(|c| {
-            Ok(c.query_row(
-                "SELECT value FROM meta WHERE key = 'store_id'",
-                [],
-                |r| r.get(0),
-            )?)
-        })
+        self.with(|c| Ok(c.query_row("SELECT value FROM meta WHERE key = 'store_id'", [], |r| r.get(0))?))
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
@@ -270,9 +264,7 @@ impl Store {
 
     pub fn clusters(&self) -> Result<Vec<ClusterRow>> {
         self.with(|c| {
-            let mut stmt = c.prepare(&format!(
-                "SELECT {CLUSTER_COLUMNS} FROM clusters ORDER BY id"
-            ))?;
+            let mut stmt = c.prepare(&format!("SELECT {CLUSTER_COLUMNS} FROM clusters ORDER BY id"))?;
             let rows = stmt.query_map([], cluster_row)?.collect::<Result<Vec<_>, _>>()?;
             Ok(rows)
         })
@@ -664,11 +656,18 @@ mod tests {
         assert_eq!(row.capabilities[0], "apply");
         assert_eq!(row.capabilities[1].len(), 64, "bounded");
         let inventory = row.inventory.unwrap();
-        assert_eq!((inventory.node_count, inventory.kubernetes_version.as_str()), (3, "v1.35.0"));
+        assert_eq!(
+            (inventory.node_count, inventory.kubernetes_version.as_str()),
+            (3, "v1.35.0")
+        );
         assert_eq!(row.clock_skew_ms, Some(-250));
         drop(store);
         assert_eq!(Store::open(&path).unwrap().id().unwrap(), id, "kept across opens");
         std::fs::remove_file(&path).unwrap();
-        assert_ne!(Store::open(&path).unwrap().id().unwrap(), id, "a new store, a new id");
+        assert_ne!(
+            Store::open(&path).unwrap().id().unwrap(),
+            id,
+            "a new store, a new id"
+        );
     }
 }

@@ -182,8 +182,7 @@ impl Delivery {
             self.executed_upto = 0;
             // Results answer commands of the old numbering: sent to this store they would
             // mark other commands done. The hub resends what it has not seen answered.
-            self.outbox
-                .retain(|m| !matches!(m.body, Some(Up::Result(_))));
+            self.outbox.retain(|m| !matches!(m.body, Some(Up::Result(_))));
             let mut seq = last_agent_seq;
             for m in self.outbox.iter_mut() {
                 seq += 1;
@@ -196,11 +195,7 @@ impl Delivery {
         self.outbox.retain(|m| m.seq > last_agent_seq);
         self.next_seq = self.next_seq.max(last_agent_seq);
         self.acked_upto = self.acked_upto.max(last_agent_seq);
-        if self
-            .outbox
-            .front()
-            .is_some_and(|m| m.seq != last_agent_seq + 1)
-        {
+        if self.outbox.front().is_some_and(|m| m.seq != last_agent_seq + 1) {
             // A first session of this process after a store change it cannot tell from the
             // id: renumber what is left.
             let mut seq = last_agent_seq;
@@ -287,7 +282,11 @@ async fn reenroll(
     }
     let identity = match enroll::enroll(&config.hub_url, token, pin, &stored.pending_key_pem).await {
         Ok(identity) => identity,
-        Err(e) => return Err(expired(format!("; re-enrolling with the configured token failed: {e}"))),
+        Err(e) => {
+            return Err(expired(format!(
+                "; re-enrolling with the configured token failed: {e}"
+            )));
+        }
     };
     if identity.cluster_id != stored.cluster_id {
         tracing::warn!(before = %stored.cluster_id, now = %identity.cluster_id, "the new token enrolled this agent as another cluster");
@@ -598,7 +597,10 @@ mod tests {
     use crate::proto::v1::PhaseChange;
 
     fn message(seq: u64, body: Up) -> AgentMessage {
-        AgentMessage { seq, body: Some(body) }
+        AgentMessage {
+            seq,
+            body: Some(body),
+        }
     }
 
     fn result(command_seq: u64) -> Up {

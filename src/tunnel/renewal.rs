@@ -52,7 +52,11 @@ pub fn renewal_point(not_before: i64, not_after: i64, jitter: f64) -> i64 {
 /// default lifetime's margin is left).
 pub fn renew_at(identity: &Identity) -> Option<i64> {
     let (not_before, not_after) = validity(&identity.cert_pem)?;
-    Some(renewal_point(not_before, not_after, jitter_of(&identity.cert_pem)))
+    Some(renewal_point(
+        not_before,
+        not_after,
+        jitter_of(&identity.cert_pem),
+    ))
 }
 
 /// Whether the certificate should be renewed at `now` (Unix seconds).
@@ -93,7 +97,11 @@ mod tests {
             let at = renewal_point(0, lifetime, jitter);
             assert!((31 * DAY..=36 * DAY).contains(&at), "{jitter}: day {}", at / DAY);
             let left = lifetime - at;
-            assert!(left >= 9 * DAY, "{jitter}: {} days left", left as f64 / DAY as f64);
+            assert!(
+                left >= 9 * DAY,
+                "{jitter}: {} days left",
+                left as f64 / DAY as f64
+            );
             assert!(left > OUTAGE_TOLERATED.as_secs() as i64);
         }
         assert_eq!(outage_tolerated(DEFAULT_LIFETIME).as_secs() as i64 / DAY, 9);
