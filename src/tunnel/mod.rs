@@ -165,8 +165,14 @@ impl Delivery {
     /// the store is not the one they were numbered by: replaced (another store id) or restored
     /// from a backup (it lost messages it had acked). Skipping by `executed_upto` then would
     /// silence the agent: the hub numbers new commands from its own store. Returns why it
-    /// reset, if it did.
-    fn converge(&mut self, store_id: &str, last_agent_seq: u64) -> Option<String> {
+    /// reset, if it did; Err for a seq no hub store can hold (numbering on from it would
+    /// overflow).
+    fn converge(&mut self, store_id: &str, last_agent_seq: u64) -> Result<Option<String>, String> {
+        if last_agent_seq > i64::MAX as u64 {
+            return Err(format!(
+                "the hub's hello ack says it has agent seq {last_agent_seq}, beyond any store's range"
+            ));
+        }
         let reason = match &self.store_id {
             Some(known) if known != store_id => Some(format!(
                 "the hub's store is another one (id {known:?}, now {store_id:?})"
@@ -190,7 +196,7 @@ impl Delivery {
             }
             self.next_seq = seq;
             self.acked_upto = last_agent_seq;
-            return reason;
+            return Ok(reason);
         }
         self.outbox.retain(|m| m.seq > last_agent_seq);
         self.next_seq = self.next_seq.max(last_agent_seq);
@@ -205,21 +211,24 @@ impl Delivery {
             }
             self.next_seq = seq;
         }
-        None
+        Ok(None)
     }
 
-    /// The hub acked everything up to `seq`; the acked messages leave the outbox.
-    fn acked(&mut self, seq: u64, host: &dyn Host) {
+    /// The hub acked everything up to `seq`; the acked messages leave the outbox. Returns the
+    /// log chunks among them (now durably at the hub).
+    fn acked(&mut self, seq: u64) -> Vec<LogChunk> {
         self.acked_upto = self.acked_upto.max(seq);
+        let mut delivered = Vec::new();
         while self.outbox.front().is_some_and(|m| m.seq <= seq) {
             if let Some(AgentMessage {
                 body: Some(Up::Log(chunk)),
                 ..
             }) = self.outbox.pop_front()
             {
-                host.log_delivered(&chunk);
+                delivered.push(chunk);
             }
         }
+        delivered
     }
 }
 
@@ -480,7 +489,10 @@ async fn session(
             "hub's first message was not a hello ack".into(),
         ));
     };
-    if let Some(reason) = delivery.converge(&ack.store_id, ack.last_agent_seq) {
+    if let Some(reason) = delivery
+        .converge(&ack.store_id, ack.last_agent_seq)
+        .map_err(TunnelError::Session)?
+    {
         tracing::warn!(
             store_id = %ack.store_id,
             "{reason}: every command it sends is executed, whatever its seq"
@@ -528,7 +540,11 @@ async fn session(
                     .ok_or_else(|| TunnelError::Session("hub closed the stream".into()))?;
                 last_heard = Instant::now();
                 match message.body {
-                    Some(Down::Ack(Ack { seq })) => delivery.acked(seq, host),
+                    Some(Down::Ack(Ack { seq })) => {
+                        for chunk in delivery.acked(seq) {
+                            host.log_delivered(&chunk);
+                        }
+                    }
                     Some(Down::Heartbeat(_)) => {}
                     Some(Down::HelloAck(_)) => return Err(TunnelError::Session("second hello ack".into())),
                     body if message.seq > 0 => {
@@ -615,23 +631,101 @@ mod tests {
         Up::Phase(PhaseChange::default())
     }
 
+    /// What a hub sends that changes the delivery state, hostile: hello acks with any store id
+    /// and seq, acks of any seq, interleaved with the agent's own messages.
+    #[derive(Debug, Clone)]
+    enum Event {
+        HelloAck(String, u64),
+        Ack(u64),
+        Send(bool),
+    }
+
+    fn event() -> impl proptest::strategy::Strategy<Value = Event> {
+        use proptest::prelude::*;
+        let seq = prop_oneof![0..40u64, any::<u64>(), Just(u64::MAX)];
+        prop_oneof![
+            (
+                prop_oneof![
+                    Just("a".to_string()),
+                    Just("b".to_string()),
+                    Just(String::new()),
+                    any::<String>()
+                ],
+                seq.clone()
+            )
+                .prop_map(|(id, n)| Event::HelloAck(id, n)),
+            seq.prop_map(Event::Ack),
+            any::<bool>().prop_map(Event::Send),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: std::env::var("SHAPEBLOCK_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2048),
+            failure_persistence: None,
+            ..Default::default()
+        })]
+
+        /// Fuzz target for the agent's delivery state under any hub: never a panic, and the
+        /// outbox stays numbered without gaps, after what the hub has, below `next_seq`.
+        #[test]
+        fn any_sequence_of_hello_acks_and_acks_keeps_the_outbox_numbered(
+            events in proptest::collection::vec(event(), 0..40)
+        ) {
+            let mut d = Delivery::default();
+            let mut hub_has = 0u64;
+            for e in events {
+                match e {
+                    Event::HelloAck(id, n) => {
+                        let refused = d.converge(&id, n).is_err();
+                        proptest::prop_assert_eq!(refused, n > i64::MAX as u64);
+                        if !refused {
+                            hub_has = n;
+                        }
+                    }
+                    Event::Ack(n) => {
+                        d.acked(n);
+                    }
+                    Event::Send(result) => {
+                        if d.next_seq < u64::MAX - 1 {
+                            sequenced(&mut d, if result { super::tests::result(1) } else { phase() });
+                        }
+                    }
+                }
+                let seqs: Vec<u64> = d.outbox.iter().map(|m| m.seq).collect();
+                proptest::prop_assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{:?}", seqs);
+                if let Some(last) = seqs.last() {
+                    proptest::prop_assert!(*last <= d.next_seq);
+                }
+                if let Some(first) = seqs.first() {
+                    // What is resent comes after what the hub has (acks may run ahead of it).
+                    proptest::prop_assert!(*first > hub_has.min(d.acked_upto), "{:?} after {}", seqs, hub_has);
+                }
+            }
+        }
+    }
+
     #[test]
     fn executed_commands_are_forgotten_when_the_hubs_store_is_replaced_or_restored() {
         let mut d = Delivery::default();
-        assert_eq!(d.converge("store-a", 0), None, "a first session resets nothing");
+        assert_eq!(
+            d.converge("store-a", 0),
+            Ok(None),
+            "a first session resets nothing"
+        );
         d.executed_upto = 7;
         d.next_seq = 5;
         d.acked_upto = 3;
         d.outbox = [message(4, result(7)), message(5, phase())].into();
         // The same store again, which has 4: nothing forgotten.
-        assert_eq!(d.converge("store-a", 4), None);
+        assert_eq!(d.converge("store-a", 4), Ok(None));
         assert_eq!(d.executed_upto, 7);
         assert_eq!(d.outbox.iter().map(|m| m.seq).collect::<Vec<_>>(), [5]);
 
         // Another store: commands of its numbering are all executed; results of the old one
         // are not sent to it; the rest is renumbered after what it has.
         d.outbox = [message(5, phase()), message(6, result(7)), message(7, phase())].into();
-        let why = d.converge("store-b", 0).expect("a reset");
+        let why = d.converge("store-b", 0).unwrap().expect("a reset");
         assert!(why.contains("another one"), "{why}");
         assert_eq!(d.executed_upto, 0);
         assert_eq!(d.outbox.iter().map(|m| m.seq).collect::<Vec<_>>(), [1, 2]);
@@ -642,8 +736,22 @@ mod tests {
         d.executed_upto = 9;
         d.acked_upto = 40;
         d.outbox.clear();
-        let why = d.converge("store-b", 12).expect("a reset");
+        let why = d.converge("store-b", 12).unwrap().expect("a reset");
         assert!(why.contains("lost messages"), "{why}");
         assert_eq!((d.executed_upto, d.next_seq, d.acked_upto), (0, 12, 12));
+    }
+
+    /// Regression: the crash the delivery target found. A hello ack with `last_agent_seq`
+    /// near `u64::MAX` overflowed the renumbering (a panic that ended the tunnel task in a
+    /// debug build, wrapped numbers in a release one); it is refused and the session ends.
+    #[test]
+    fn a_hello_ack_beyond_any_stores_range_is_refused() {
+        let mut d = Delivery::default();
+        d.converge("a", 3).unwrap();
+        sequenced(&mut d, phase());
+        let refused = d.converge("a", u64::MAX).unwrap_err();
+        assert!(refused.contains("beyond any store's range"), "{refused}");
+        assert_eq!(d.outbox.len(), 1, "nothing lost");
+        assert_eq!(d.converge("a", 3), Ok(None));
     }
 }
