@@ -373,7 +373,10 @@ pub fn check_set_config(command: &v1::SetConfig) -> Result<(), String> {
     for name in command.set.keys().chain(&command.unset) {
         if !is_env_name(name) {
             return Err(format!(
-                "{name:?} is not a config var name: letters, digits and '_', not starting with a digit, at most 255"
+                "{} is not a config var name: letters, digits and '_', not starting with a digit, at most 255",
+                // The hub's words, quoted in part (found by the bridge's fuzz target: a
+                // 70,000-character name came back whole in the result).
+                shown(name)
             ));
         }
     }
@@ -456,6 +459,16 @@ pub fn now_unix() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression (found by the bridge's fuzz target): a config var name of 70,000 characters
+    /// came back whole in the failed result, and from there into the hub's store and events.
+    #[test]
+    fn a_huge_config_var_name_is_quoted_in_part() {
+        let name = "x-".repeat(35_000);
+        let refused = check_set_config(&command(&[(&name, "v")], &[])).unwrap_err();
+        assert!(refused.chars().count() < 200, "{} chars", refused.chars().count());
+        assert!(refused.contains("is not a config var name"), "{refused}");
+    }
 
     #[test]
     fn capabilities_name_every_command_the_agent_executes() {
