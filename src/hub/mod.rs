@@ -782,7 +782,11 @@ fn handle(
                 }
                 Up::Log(l) => {
                     let stream = proto::log_stream(l).map_err(store::StoreError::Invalid)?;
-                    write::log(tx, cluster, &stream, l.offset, &l.data, l.truncated, l.eof)?;
+                    if let Some((from, to)) = write::log(tx, cluster, &stream, l.offset, &l.data, l.truncated, l.eof)? {
+                        tracing::warn!(%cluster, %stream, from, to, "log chunk after a gap: this store lacks bytes the agent delivered (restored or replaced?)");
+                        let detail = format!("bytes {from}..{to} missing: the store lost them");
+                        write::event(tx, cluster, seq, epoch, "log-gap", &stream, &detail)?;
+                    }
                 }
                 Up::Hello(_) | Up::Heartbeat(_) | Up::Ack(_) | Up::Inventory(_) => {}
             }

@@ -576,8 +576,11 @@ pub mod write {
     }
 
     /// Appends a log chunk. A chunk that overlaps what is stored is cut to the new bytes, so a
-    /// replay never duplicates a byte; one that leaves a gap is refused (the agent counts
-    /// offsets itself, so a gap is a bug worth seeing).
+    /// replay never duplicates a byte. One that leaves a gap is stored after a truncation
+    /// marker where the gap begins, and the gap (start, end) is returned: the agent counts
+    /// offsets itself, so a gap means this store lost bytes it had acknowledged (restored
+    /// from a backup, replaced). Refusing the chunk would end every session of the agent on
+    /// the same resend.
     pub fn log(
         tx: &rusqlite::Transaction<'_>,
         cluster: &str,
@@ -586,7 +589,7 @@ pub mod write {
         data: &[u8],
         truncated: bool,
         eof: bool,
-    ) -> Result<()> {
+    ) -> Result<Option<(u64, u64)>> {
         // Stored chunks never overlap, so the last one by offset ends the log: one index
         // lookup, not a scan of every chunk (a 1 GiB log is 32,768 of them).
         let end: u64 = tx
@@ -597,21 +600,24 @@ pub mod write {
             )
             .optional()?
             .unwrap_or(0);
+        let mut gap = None;
         if offset > end && !truncated {
-            return Err(StoreError::Invalid(format!(
-                "log {stream}: chunk at offset {offset} leaves a gap after {end}"
-            )));
+            tx.execute(
+                "INSERT OR REPLACE INTO logs (cluster, stream, offset, data, truncated, eof) VALUES (?1, ?2, ?3, x'', 1, 0)",
+                params![cluster, stream, end],
+            )?;
+            gap = Some((end, offset));
         }
         let skip = end.saturating_sub(offset) as usize;
         if skip >= data.len() && !truncated && !eof {
-            return Ok(());
+            return Ok(gap);
         }
         let data = data.get(skip..).unwrap_or_default();
         tx.execute(
             "INSERT OR REPLACE INTO logs (cluster, stream, offset, data, truncated, eof) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![cluster, stream, offset.max(end), data, truncated as i64, eof as i64],
         )?;
-        Ok(())
+        Ok(gap)
     }
 }
 
