@@ -276,9 +276,7 @@ async fn reenroll(
 ) -> Result<Identity, TunnelError> {
     let expired = |attempt: String| TunnelError::Expired {
         cluster: stored.cluster_id.clone(),
-        expired_at: time::OffsetDateTime::from_unix_timestamp(stored.not_after)
-            .map(|t| t.to_string())
-            .unwrap_or_else(|_| stored.not_after.to_string()),
+        expired_at: rfc3339(stored.not_after),
         ago: now - stored.not_after,
         attempt,
     };
@@ -303,6 +301,22 @@ async fn reenroll(
     store.save(&identity).await.map_err(TunnelError::Store)?;
     tracing::info!(cluster = %identity.cluster_id, not_after = identity.not_after, "re-enrolled with the hub after the certificate expired");
     Ok(identity)
+}
+
+/// `2026-12-01T03:38:51Z` (UTC) for Unix seconds.
+fn rfc3339(unix: i64) -> String {
+    match time::OffsetDateTime::from_unix_timestamp(unix) {
+        Ok(t) => format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        ),
+        Err(_) => format!("{unix} (Unix seconds)"),
+    }
 }
 
 /// Full jitter: a uniform delay in `[0, d]`.
@@ -362,7 +376,8 @@ pub async fn run(
                     if repeated {
                         tracing::debug!(error = %e, "tunnel: {e}");
                     } else if matches!(e, TunnelError::Expired { .. } | TunnelError::NotEnrolled) {
-                        tracing::error!(error = %e, "tunnel: {e}");
+                        // The whole remedy, once (not again as a field).
+                        tracing::error!("tunnel: {e}");
                         last_logged = Some((text, Instant::now()));
                     } else {
                         tracing::warn!(error = %e, "tunnel: {e}");
@@ -703,6 +718,12 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn expiry_times_are_shown_as_rfc3339() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_796_096_331), "2026-12-01T03:38:51Z");
     }
 
     #[test]
