@@ -543,6 +543,9 @@ async fn session(
     let mut inventory_check = tokio::time::interval(config.inventory_check);
     inventory_check.tick().await;
     let mut inventory_sent = Instant::now();
+    // Hubs before store ids end a session on an agent message they cannot decode: they get
+    // the inventory in the hello only.
+    let hub_takes_inventory = !ack.store_id.is_empty();
     let mut last_heard = Instant::now();
     loop {
         let room = delivery.outbox.len() < config.outbox_limit;
@@ -594,7 +597,7 @@ async fn session(
                 let m = sequenced(delivery, Up::Log(chunk));
                 up.send(m).await.map_err(|_| TunnelError::Session("closed".into()))?;
             }
-            _ = inventory_check.tick() => {
+            _ = inventory_check.tick(), if hub_takes_inventory => {
                 let fresh = host.inventory().await;
                 if fresh != inventory || inventory_sent.elapsed() >= INVENTORY_MAX_AGE {
                     inventory = fresh;
