@@ -1,5 +1,5 @@
 //! The agent against the real control plane, running as its own process under its own
-//! ServiceAccount token with exactly the RBAC rules of `src/rbac.rs`.
+//! ServiceAccount token with exactly the RBAC rules of `crates/agent/src/rbac.rs`.
 //!
 //! Tests here run one at a time (one agent per cluster, as in production).
 
@@ -649,28 +649,89 @@ async fn an_undecodable_object_does_not_stall_the_others() {
 
 #[tokio::test]
 async fn a_killed_agent_converges_when_it_comes_back() {
+    const PROJECTS: usize = 10;
     let env = env().await;
-    let agent = env.agent(&[]).await;
-    let names: Vec<String> = (0..10).map(|i| unique_name(&format!("restart{i}"))).collect();
+    let projects = Api::<Project>::all(env.client.clone());
+    // The agent copies this pull secret into every project before the project is Ready; it
+    // does not exist yet, so no Project can be Ready when the agent is killed: the kill falls
+    // in the middle of the work, whatever the machine's speed.
+    let secret = unique_name("restart-credentials");
+    let flag = format!("--registry-secret={secret}");
+    let agent = env.agent(&[&flag]).await;
+    let names: Vec<String> = (0..PROJECTS)
+        .map(|i| unique_name(&format!("restart{i}")))
+        .collect();
     for name in &names {
         create(
-            Api::<Project>::all(env.client.clone()),
+            projects.clone(),
             project_manifest(name, json!({"resourceQuota": {"pods": "5"}})),
         )
         .await;
     }
+    // The agent has begun on every Project (its namespace and quota are there)...
+    eventually(
+        Duration::from_secs(60),
+        "the agent to begin on every Project",
+        || async {
+            for name in &names {
+                Api::<ResourceQuota>::namespaced(env.client.clone(), name)
+                    .get_opt("shapeblock-quota")
+                    .await
+                    .ok()??;
+            }
+            Some(())
+        },
+    )
+    .await;
     agent.kill();
-    let _agent = env.agent(&[]).await;
+    // ...and, at the kill (nothing changes them while no agent runs), finished none.
+    let mut at_kill = Vec::new();
+    for name in &names {
+        let project = projects.get(name).await.unwrap();
+        let ready = project
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+            .map(|c| (c.status.clone(), c.reason.clone()));
+        at_kill.push((project.status.and_then(|s| s.phase), ready));
+    }
+    println!("at the kill: {at_kill:?}");
+    let unfinished = at_kill
+        .iter()
+        .filter(|(phase, _)| *phase != Some(ProjectPhase::Ready))
+        .count();
+    assert_eq!(
+        unfinished, PROJECTS,
+        "no Project was Ready at the kill: {at_kill:?}"
+    );
+
+    // What was missing is there now; only a new agent can finish the work.
+    let source: Secret = serde_json::from_value(json!({
+        "metadata": {"name": secret},
+        "type": "kubernetes.io/dockerconfigjson",
+        "data": {".dockerconfigjson": "eyJhdXRocyI6e319"},
+    }))
+    .unwrap();
+    let secrets = Api::<Secret>::namespaced(env.client.clone(), AGENT_NS);
+    secrets.create(&PostParams::default(), &source).await.unwrap();
+    let started = std::time::Instant::now();
+    let _agent = env.agent(&[&flag]).await;
     for name in &names {
         wait_project(&env.client, name, ProjectPhase::Ready).await;
         assert!(
-            Api::<ResourceQuota>::namespaced(env.client.clone(), name)
-                .get_opt("shapeblock-quota")
+            Api::<Secret>::namespaced(env.client.clone(), name)
+                .get_opt(&secret)
                 .await
                 .unwrap()
-                .is_some()
+                .is_some(),
+            "{name} has its pull secret copy"
         );
     }
+    println!(
+        "the restarted agent made the {unfinished} unfinished Projects Ready in {:?}",
+        started.elapsed()
+    );
+    let _ = secrets.delete(&secret, &DeleteParams::default()).await;
 }
 
 #[tokio::test]

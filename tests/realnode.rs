@@ -1,4 +1,4 @@
-//! The real node (src/testenv/realnode.rs): a kubelet with containerd and runc beside the kwok
+//! The real node (crates/testenv/src/realnode.rs): a kubelet with containerd and runc beside the kwok
 //! nodes. A pod there runs a real container from a locally built image, its readiness probe is
 //! the kubelet's own HTTP request, and the test reaches the pod at its pod IP.
 

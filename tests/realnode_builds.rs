@@ -1,4 +1,4 @@
-//! Builds on the real node (src/testenv/realnode.rs, src/testenv/buildfarm.rs), nothing
+//! Builds on the real node (crates/testenv/src/realnode.rs, crates/testenv/src/buildfarm.rs), nothing
 //! simulated on the way: the agent's resolve and clone steps run Debian's git against a real
 //! git server, kaniko (built from its Go module) builds the sample app's Dockerfile on a base
 //! image made here and pushes to a token-auth registry with the build's own token, the

@@ -377,12 +377,9 @@ async fn commands_become_resources_status_comes_back_and_nothing_is_lost_across_
     .await;
     let row = hub.store().cluster(&cluster).unwrap().unwrap();
     assert!(row.connected);
-    let hello = row.hello.unwrap_or_default();
-    assert!(hello.contains("node_count: 2"), "inventory in hello: {hello}");
-    assert!(
-        hello.contains("kubernetes_version: \"v1.35"),
-        "inventory in hello: {hello}"
-    );
+    let inventory = row.inventory.clone().expect("the inventory, as fields");
+    assert_eq!(inventory.node_count, 2, "{row:?}");
+    assert!(inventory.kubernetes_version.starts_with("v1.35"), "{row:?}");
 
     // The identity is in the agent's Secret; the key never went to the hub.
     let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(env.client.clone(), AGENT_NS);
@@ -1035,21 +1032,6 @@ async fn hostile_messages_are_refused_and_the_hub_keeps_serving() {
         ),
         ("a second hello", hello(), tonic::Code::InvalidArgument),
         (
-            "a log chunk leaving a gap",
-            AgentMessage {
-                seq: 1,
-                body: Some(Up::Log(LogChunk {
-                    build: "b".into(),
-                    namespace: "n".into(),
-                    container: "c".into(),
-                    offset: 1000,
-                    data: b"x".to_vec(),
-                    ..Default::default()
-                })),
-            },
-            tonic::Code::InvalidArgument,
-        ),
-        (
             "5 MiB in one message",
             AgentMessage {
                 seq: 1,
@@ -1071,12 +1053,46 @@ async fn hostile_messages_are_refused_and_the_hub_keeps_serving() {
         println!("{what}: {:?} {}", status.code(), status.message());
     }
     // Still serving, with nothing recorded from those sessions.
-    let (_up, mut down) = session().await;
+    let (up, mut down) = session().await;
     let Some(Down::HelloAck(ack)) = down.message().await.unwrap().unwrap().body else {
         panic!("hello ack");
     };
     assert_eq!(ack.last_agent_seq, 0, "nothing hostile was recorded");
-    assert!(hub.store().log("hostile", "n/b/c").unwrap().0.is_empty());
+    // A chunk after a gap (what a store restored from a backup gets) is kept after a
+    // marker, the gap is an event, and the session goes on.
+    up.send(AgentMessage {
+        seq: 1,
+        body: Some(Up::Log(LogChunk {
+            build: "b".into(),
+            namespace: "n".into(),
+            container: "c".into(),
+            offset: 1000,
+            data: b"x".to_vec(),
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let acked = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(Down::Ack(a)) = down.message().await.unwrap().unwrap().body {
+                return a.seq;
+            }
+        }
+    })
+    .await
+    .expect("an ack, not the end of the session");
+    assert_eq!(acked, 1);
+    let (bytes, truncated, eof) = hub.store().log("hostile", "n/b/c").unwrap();
+    assert_eq!((bytes.as_slice(), truncated, eof), (&b"x"[..], true, false));
+    assert_eq!(hub.store().log_end("hostile", "n/b/c").unwrap(), (1001, false));
+    let events = hub.store().events("hostile").unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.1 == "log-gap" && e.3.contains("bytes 0..1000 missing")),
+        "{events:?}"
+    );
     let huge = format!("{}\n# {}", project("huge"), "x".repeat(3 << 20));
     let refused = hub.apply("hostile", &huge).unwrap_err();
     assert!(refused.to_string().contains("limit"), "{refused}");
@@ -1322,5 +1338,618 @@ async fn a_backing_service_applied_through_the_hub_reports_ready_upstream_and_go
     agent
         .terminate(Duration::from_secs(15))
         .expect("agent stops on SIGTERM");
+    hub.stop().await;
+}
+
+// ---- certificates that outlive a hub outage, a hub view that equals the cluster, store
+// identity ----
+
+const DAY: i64 = 24 * 3600;
+
+impl Env {
+    /// [`Env::hub_agent`] with more arguments.
+    async fn hub_agent_with(&self, hub_url: &str, token: &str, pin: &str, extra: &[&str]) -> AgentProcess {
+        let log = self.dir.join(format!("{}.log", unique_name("tunnel-agent")));
+        let mut args = vec![
+            "--log=shapeblock_agent=debug,info".to_string(),
+            format!("--hub-address={hub_url}"),
+            format!("--enroll-token={token}"),
+            format!("--ca-hash={pin}"),
+            "--heartbeat-seconds=2".to_string(),
+            "--reconnect-max-seconds=2".to_string(),
+            "--registry-secret=".to_string(),
+            "--registry=registry.example.com".to_string(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        AgentProcess::start(
+            Path::new(env!("CARGO_BIN_EXE_shapeblock-agent")),
+            &self.kubeconfig,
+            AGENT_NS,
+            &log,
+            &args,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Puts `identity` into the agent's identity Secret, as an agent that enrolled earlier left
+    /// it.
+    async fn store_identity(&self, identity: &Identity) {
+        use shapeblock_agent::tunnel::IdentityStore;
+        shapeblock_agent::bridge::identity::SecretIdentityStore::new(
+            self.client.clone(),
+            AGENT_NS,
+            shapeblock_agent::bridge::identity::IDENTITY_SECRET,
+        )
+        .save(identity)
+        .await
+        .unwrap();
+    }
+
+    async fn stored_identity(&self) -> Identity {
+        use shapeblock_agent::tunnel::IdentityStore;
+        shapeblock_agent::bridge::identity::SecretIdentityStore::new(
+            self.client.clone(),
+            AGENT_NS,
+            shapeblock_agent::bridge::identity::IDENTITY_SECRET,
+        )
+        .load()
+        .await
+        .unwrap()
+        .expect("an identity Secret")
+    }
+}
+
+/// A hub whose CA signs as if it were `offset_secs` from now, on `addr` (0: any port).
+async fn hub_with_clock(dir: &Path, addr: Option<std::net::SocketAddr>, offset_secs: i64) -> Hub {
+    provider();
+    let mut config = HubConfig::new(dir.to_path_buf());
+    config.heartbeat = Duration::from_secs(2);
+    config.ca_clock_offset_secs = offset_secs;
+    if let Some(addr) = addr {
+        config.listen = addr;
+    }
+    for _ in 0..50 {
+        match Hub::start(config.clone()).await {
+            Ok(hub) => return hub,
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    panic!("cannot start the hub");
+}
+
+fn days(secs: i64) -> f64 {
+    secs as f64 / DAY as f64
+}
+
+/// The worst case for the renewal policy: an agent renewed nothing until its latest renewal
+/// point (80 % of 45 days), then the hub was down for 7 days, so its certificate is at 95.6 %
+/// of its lifetime when the hub comes back. The hub's CA clock is set back to issue such a
+/// certificate; the agent runs through the outage and renews on its first connection.
+#[tokio::test]
+async fn a_week_long_hub_outage_does_not_strand_the_agent_it_renews_on_reconnect() {
+    use shapeblock_agent::tunnel::renewal;
+    let env = env().await;
+    let data = tempfile::tempdir().unwrap();
+    let lifetime = renewal::DEFAULT_LIFETIME.as_secs() as i64;
+    let outage = renewal::OUTAGE_TOLERATED.as_secs() as i64;
+    let age = lifetime * 8 / 10 + outage;
+    let past = hub_with_clock(data.path(), None, -age).await;
+    let (addr, pin) = (past.address(), past.ca_hash());
+    let url = past.url();
+    let cluster = unique_name("c");
+    let old = enroll_new(&past, &cluster).await;
+    past.stop().await;
+    env.store_identity(&old).await;
+    let now = shapeblock_agent::proto::now_unix();
+    let (not_before, not_after) = renewal::validity(&old.cert_pem).unwrap();
+    println!(
+        "certificate: lifetime {:.1} days, issued {:.1} days ago, {:.1} days left ({:.1} % used); renewal point at {:.1} % (day {:.1})",
+        days(not_after - not_before),
+        days(now - not_before),
+        days(not_after - now),
+        100.0 * (now - not_before) as f64 / (not_after - not_before) as f64,
+        100.0 * (renewal::renew_at(&old).unwrap() - not_before) as f64 / (not_after - not_before) as f64,
+        days(renewal::renew_at(&old).unwrap() - not_before),
+    );
+    assert!(renewal::due(&old, now) && !renewal::expired(&old, now));
+
+    // The hub is down: the agent (its token long spent) keeps trying, and does not exit.
+    let mut agent = env.hub_agent(&url, "sbt_spent", &pin).await;
+    let down = std::time::Instant::now();
+    eventually(TIMEOUT, "the agent to notice the hub is down", || async {
+        agent.log_tail(200).contains("cannot reach the hub").then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        agent.wait_exit(Duration::ZERO).is_none(),
+        "the agent runs through the outage"
+    );
+
+    // The hub is back, with the real clock: the agent renews on connect.
+    let hub = hub_with_clock(data.path(), Some(addr), 0).await;
+    let back = std::time::Instant::now();
+    let (renewed, took) = eventually(
+        TIMEOUT,
+        "a renewed certificate in the identity Secret",
+        || async {
+            let id = env.stored_identity().await;
+            (id.cert_pem != old.cert_pem).then_some(id)
+        },
+    )
+    .await;
+    let now = shapeblock_agent::proto::now_unix();
+    let (nb, na) = renewal::validity(&renewed.cert_pem).unwrap();
+    println!(
+        "hub down {:?} (simulated outage: {:.0} days); renewed {took:?} after the hub came back; new certificate valid {:.1} days from now (renewal at day {:.1})",
+        back - down,
+        days(outage),
+        days(na - now),
+        days(renewal::renew_at(&renewed).unwrap() - nb),
+    );
+    assert_eq!(renewed.cluster_id, cluster, "the same cluster");
+    assert!(na - now > lifetime - DAY, "a fresh certificate");
+    assert!(!renewal::due(&renewed, now));
+    let p = unique_name("outage");
+    hub.apply(&cluster, &project(&p)).unwrap();
+    ready_at_hub(&hub, &cluster, &p).await;
+    assert!(
+        agent
+            .log_tail(400)
+            .contains("past its renewal point: renewing on connect"),
+        "{}",
+        agent.log_tail(100)
+    );
+    agent
+        .terminate(Duration::from_secs(15))
+        .expect("the same agent process throughout");
+    hub.stop().await;
+}
+
+/// Past expiry the only way back is a new token. An agent whose certificate expired says so
+/// (when, and what to run), keeps running without a crash loop or a flood of logs, and a
+/// fresh token for the same cluster re-joins it with its cluster id, its commands and its
+/// state at the hub.
+#[tokio::test]
+async fn an_expired_certificate_is_refused_with_the_remedy_and_a_fresh_token_rejoins_the_same_cluster() {
+    use shapeblock_agent::tunnel::renewal;
+    let env = env().await;
+    let data = tempfile::tempdir().unwrap();
+    let lifetime = renewal::DEFAULT_LIFETIME.as_secs() as i64;
+    let past = hub_with_clock(data.path(), None, -(lifetime + DAY)).await;
+    let addr = past.address();
+    let cluster = unique_name("c");
+    // Enrolled with the install token, which stays in the agent's configuration.
+    let install_token = past.create_token(&cluster, Duration::from_secs(300)).unwrap();
+    let expired = enroll::enroll(
+        &past.url(),
+        &install_token,
+        &past.ca_hash(),
+        &enroll::new_key().unwrap(),
+    )
+    .await
+    .unwrap();
+    past.stop().await;
+    env.store_identity(&expired).await;
+    let hub = hub_with_clock(data.path(), Some(addr), 0).await;
+    let (url, pin) = (hub.url(), hub.ca_hash());
+    let p1 = unique_name("rejoin");
+    let seq = hub.apply(&cluster, &project(&p1)).unwrap();
+
+    let mut agent = env.hub_agent(&url, &install_token, &pin).await;
+    let line = format!("the client certificate of cluster \"{cluster}\" expired at");
+    eventually(TIMEOUT, "the expiry in the agent's log", || async {
+        agent.log_tail(300).contains(&line).then_some(())
+    })
+    .await;
+    // Retried every 2 s for 8 s more: the process stays up, healthy, and says it once.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(agent.wait_exit(Duration::ZERO).is_none(), "no crash");
+    assert_eq!(agent.get("/healthz").await.map(|(code, _)| code), Some(200));
+    let log = agent.log_tail(2000);
+    let said: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(&line) && l.contains("ERROR"))
+        .collect();
+    println!("the agent said: {}", said.first().copied().unwrap_or_default());
+    assert_eq!(said.len(), 1, "once, not at every retry:\n{log}");
+    for remedy in [
+        format!("shapeblock-hub token create --cluster {cluster}"),
+        "--set enrollment.token=".to_string(),
+        "re-enrolling with the configured token failed".to_string(),
+        "already used".to_string(),
+    ] {
+        assert!(said[0].contains(&remedy), "{remedy:?} in {}", said[0]);
+    }
+    assert!(result_of(&hub, &cluster, seq).await.is_none(), "nothing ran");
+
+    // The remedy: a token for the same cluster, given to the agent (a new pod, as a
+    // `helm upgrade --set enrollment.token=…` makes).
+    let token = hub.create_token(&cluster, Duration::from_secs(300)).unwrap();
+    agent.kill();
+    let started = std::time::Instant::now();
+    let agent = env.hub_agent(&url, &token, &pin).await;
+    eventually(TIMEOUT, "the command queued before the re-join", || {
+        result_of(&hub, &cluster, seq)
+    })
+    .await;
+    ready_at_hub(&hub, &cluster, &p1).await;
+    println!(
+        "re-joined and executed the queued command {:?} after the new token",
+        started.elapsed()
+    );
+    let identity = env.stored_identity().await;
+    let now = shapeblock_agent::proto::now_unix();
+    assert_eq!(identity.cluster_id, cluster, "the same cluster identity");
+    assert!(identity.not_after - now > lifetime - DAY);
+    assert!(identity.pending_key_pem.is_empty());
+    assert_ne!(identity.key_pem, expired.key_pem, "a new key");
+    assert!(
+        agent
+            .log_tail(400)
+            .contains("re-enrolled with the hub after the certificate expired")
+    );
+    agent.terminate(Duration::from_secs(15)).expect("stops");
+    hub.stop().await;
+}
+
+/// The objects of all six kinds in the cluster, as `Kind/namespace/name`.
+async fn cluster_objects(client: &Client) -> std::collections::BTreeSet<String> {
+    use kube::api::{DynamicObject, ListParams};
+    use kube::discovery::ApiResource;
+    use shapeblock_agent::api::{App, AppBuild, AppRun, BackingService, Team};
+    let mut out = std::collections::BTreeSet::new();
+    for (resource, namespaced) in [
+        (ApiResource::erase::<Project>(&()), false),
+        (ApiResource::erase::<App>(&()), true),
+        (ApiResource::erase::<AppBuild>(&()), true),
+        (ApiResource::erase::<AppRun>(&()), true),
+        (ApiResource::erase::<BackingService>(&()), true),
+        (ApiResource::erase::<Team>(&()), false),
+    ] {
+        let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
+        for o in api.list_metadata(&ListParams::default()).await.unwrap() {
+            let ns = if namespaced {
+                o.metadata.namespace.clone().unwrap_or_default()
+            } else {
+                String::new()
+            };
+            out.insert(format!("{}/{ns}/{}", resource.kind, o.name_any()));
+        }
+    }
+    out
+}
+
+/// What the hub shows as existing (not Deleted).
+fn hub_objects(hub: &Hub, cluster: &str) -> std::collections::BTreeSet<String> {
+    hub.store()
+        .objects(cluster)
+        .unwrap()
+        .into_iter()
+        .filter(|o| o.phase != "Deleted")
+        .map(|o| o.key)
+        .collect()
+}
+
+async fn views_agree(hub: &Hub, cluster: &str, client: &Client, after: &str) {
+    let (_, took) = eventually(
+        TIMEOUT,
+        &format!("the hub's view to equal the cluster's {after}"),
+        || async {
+            let (at_hub, in_cluster) = (hub_objects(hub, cluster), cluster_objects(client).await);
+            (at_hub == in_cluster).then_some(())
+        },
+    )
+    .await;
+    println!(
+        "{after}: the hub's view equals the cluster's ({} objects) after {took:?}",
+        cluster_objects(client).await.len()
+    );
+}
+
+/// Deletes `key`'s object and, if the agent is not there to finalize it, takes its
+/// finalizers off (as an operator would); waits until it is gone.
+async fn delete_for_good(client: &Client, kind: &str, namespace: &str, name: &str) {
+    use kube::api::{DynamicObject, Patch, PatchParams};
+    use kube::discovery::ApiResource;
+    let resource = match kind {
+        "Project" => ApiResource::erase::<Project>(&()),
+        "App" => ApiResource::erase::<shapeblock_agent::api::App>(&()),
+        other => panic!("{other}"),
+    };
+    let api: Api<DynamicObject> = if namespace.is_empty() {
+        Api::all_with(client.clone(), &resource)
+    } else {
+        Api::namespaced_with(client.clone(), namespace, &resource)
+    };
+    let _ = api.delete(name, &Default::default()).await;
+    let _ = api
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"metadata": {"finalizers": null}})),
+        )
+        .await;
+    eventually(TIMEOUT, &format!("{kind} {name} gone"), || async {
+        api.get_opt(name).await.ok()?.is_none().then_some(())
+    })
+    .await;
+}
+
+/// Objects deleted while the hub or the agent was away: the snapshot after the reconnect
+/// marks them Deleted at the hub, and after every restart sequence the hub's view (what it
+/// does not show as Deleted) equals the objects in the cluster.
+#[tokio::test]
+async fn the_hubs_view_equals_the_clusters_after_deletes_while_the_tunnel_is_down() {
+    let env = env().await;
+    let data = tempfile::tempdir().unwrap();
+    let mut hub = hub(data.path()).await;
+    let cluster = unique_name("c");
+    let token = hub.create_token(&cluster, Duration::from_secs(300)).unwrap();
+    let (url, pin, addr) = (hub.url(), hub.ca_hash(), hub.address());
+    let mut agent = env.hub_agent(&url, &token, &pin).await;
+    let [a, b, c] = ["view-a", "view-b", "view-c"].map(unique_name);
+    for p in [&a, &b, &c] {
+        hub.apply(&cluster, &project(p)).unwrap();
+        ready_at_hub(&hub, &cluster, p).await;
+    }
+    let app = manifest(
+        "App",
+        &a,
+        "web",
+        serde_json::json!({"registry": {"url": "registry.example.com"}, "git": {"url": "https://github.com/example/web.git"}}),
+    );
+    let seq = hub.apply(&cluster, &app).unwrap();
+    eventually(TIMEOUT, "the App applied", || result_of(&hub, &cluster, seq)).await;
+    let app_key = format!("App/{a}/web");
+    eventually(TIMEOUT, "the hub knows the App", || async {
+        phase_at_hub(&hub, &cluster, &app_key).await.map(|_| ())
+    })
+    .await;
+    views_agree(&hub, &cluster, &env.client, "at the start").await;
+
+    // 1. The hub is down; Project b is deleted (the agent finalizes it and queues the
+    // change); the agent is then killed, and its queue with it; the hub comes back, then the
+    // agent.
+    hub.stop().await;
+    delete_for_good(&env.client, "Project", "", &b).await;
+    agent.kill();
+    hub = hub_at(data.path(), addr).await;
+    agent = env.hub_agent(&url, "sbt_spent", &pin).await;
+    eventually(TIMEOUT, "the hub sees b deleted", || async {
+        (phase_at_hub(&hub, &cluster, &format!("Project//{b}"))
+            .await
+            .as_deref()
+            == Some("Deleted"))
+        .then_some(())
+    })
+    .await;
+    views_agree(
+        &hub,
+        &cluster,
+        &env.client,
+        "hub down, delete, agent killed, hub back, agent back",
+    )
+    .await;
+
+    // 2. The agent is down; the App and Project c are deleted (their finalizers taken off,
+    // as nothing finalizes them); the agent comes back.
+    agent.kill();
+    delete_for_good(&env.client, "App", &a, "web").await;
+    delete_for_good(&env.client, "Project", "", &c).await;
+    agent = env.hub_agent(&url, "sbt_spent", &pin).await;
+    for key in [app_key.clone(), format!("Project//{c}")] {
+        eventually(TIMEOUT, &format!("the hub sees {key} deleted"), || async {
+            (phase_at_hub(&hub, &cluster, &key).await.as_deref() == Some("Deleted")).then_some(())
+        })
+        .await;
+    }
+    let gone = hub
+        .store()
+        .objects(&cluster)
+        .unwrap()
+        .into_iter()
+        .find(|o| o.key == app_key)
+        .unwrap();
+    assert_eq!(gone.reason, "NotInCluster", "{gone:?}");
+    views_agree(&hub, &cluster, &env.client, "agent down, delete, agent back").await;
+
+    // 3. Both down; a Project is created directly in the cluster and Project a deleted; the
+    // agent comes back first, then the hub.
+    hub.stop().await;
+    agent.kill();
+    let d = unique_name("view-d");
+    let mine: Project = serde_yaml::from_str(&project(&d)).unwrap();
+    Api::<Project>::all(env.client.clone())
+        .create(&Default::default(), &mine)
+        .await
+        .unwrap();
+    delete_for_good(&env.client, "Project", "", &a).await;
+    let agent = env.hub_agent(&url, "sbt_spent", &pin).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    hub = hub_at(data.path(), addr).await;
+    ready_at_hub(&hub, &cluster, &d).await;
+    views_agree(
+        &hub,
+        &cluster,
+        &env.client,
+        "both down, create and delete, agent back, hub back",
+    )
+    .await;
+    let events = hub.store().events(&cluster).unwrap();
+    let marked = |key: &str| {
+        events
+            .iter()
+            .filter(|e| e.3.contains(&format!("{key}=Deleted")) || (e.2 == key && e.3 == "Deleted"))
+            .count()
+    };
+    for key in [
+        format!("Project//{a}"),
+        format!("Project//{b}"),
+        format!("Project//{c}"),
+        app_key,
+    ] {
+        assert_eq!(marked(&key), 1, "{key} marked deleted once: {events:#?}");
+    }
+    let _ = Api::<Project>::all(env.client.clone())
+        .delete(&d, &Default::default())
+        .await;
+    agent.terminate(Duration::from_secs(15)).expect("stops");
+    hub.stop().await;
+}
+
+/// Copies the store files (the hub is stopped, so they are consistent).
+fn copy_store(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for name in ["hub.sqlite", "hub.sqlite-wal", "hub.sqlite-shm"] {
+        let _ = std::fs::remove_file(to.join(name));
+        if from.join(name).exists() {
+            std::fs::copy(from.join(name), to.join(name)).unwrap();
+        }
+    }
+}
+
+/// A hub store restored from a backup, then one replaced by an empty store, while the agent
+/// keeps running: the agent notices each (the lost acks; the new store id) and executes
+/// every command the hub sends, although their seqs are ones it executed before. The
+/// hello's capabilities, the heartbeat's clock and the inventory (as fields, refreshed when
+/// the cluster changes) are checked on the way.
+#[tokio::test]
+async fn a_restored_or_replaced_hub_store_gets_every_command_executed() {
+    use k8s_openapi::api::core::v1::Node;
+    let env = env().await;
+    let data = tempfile::tempdir().unwrap();
+    let backup = tempfile::tempdir().unwrap();
+    let mut hub = hub(data.path()).await;
+    let cluster = unique_name("c");
+    let token = hub.create_token(&cluster, Duration::from_secs(300)).unwrap();
+    let (url, pin, addr) = (hub.url(), hub.ca_hash(), hub.address());
+    let agent = env
+        .hub_agent_with(&url, &token, &pin, &["--inventory-seconds=1"])
+        .await;
+    let p1 = unique_name("store");
+    let seq1 = hub.apply(&cluster, &project(&p1)).unwrap();
+    ready_at_hub(&hub, &cluster, &p1).await;
+
+    // What the agent said about itself, as fields.
+    let row = eventually(TIMEOUT, "a clock skew from a heartbeat", || async {
+        hub.store()
+            .cluster(&cluster)
+            .ok()?
+            .filter(|r| r.clock_skew_ms.is_some())
+    })
+    .await
+    .0;
+    assert_eq!(row.capabilities, shapeblock_agent::proto::capabilities());
+    for capability in ["apply", "delete", "cancel", "sync", "set-config", "run-logs"] {
+        assert!(
+            row.capabilities.iter().any(|c| c == capability),
+            "{capability}: {row:?}"
+        );
+    }
+    let skew = row.clock_skew_ms.unwrap();
+    println!(
+        "agent {:?}, capabilities {:?}, clock skew {skew} ms",
+        row.agent_version, row.capabilities
+    );
+    assert!(skew.abs() < 5_000, "one machine: {skew} ms");
+    assert_eq!(row.agent_version.as_deref(), Some(env!("CARGO_PKG_VERSION")));
+    let inventory = row.inventory.clone().unwrap();
+    assert_eq!(inventory.node_count, 2);
+    // A node joins: the hub has the new count within the check interval, not at a reconnect.
+    let epoch = hub.session_epoch(&cluster).unwrap();
+    let node_name = unique_name("extra-node");
+    let node: Node = serde_json::from_value(serde_json::json!({"metadata": {"name": node_name}})).unwrap();
+    let nodes: Api<Node> = Api::all(env.client.clone());
+    nodes.create(&Default::default(), &node).await.unwrap();
+    let (_, took) = eventually(TIMEOUT, "the inventory refreshed", || async {
+        let row = hub.store().cluster(&cluster).ok()??;
+        (row.inventory?.node_count == 3).then_some(())
+    })
+    .await;
+    nodes.delete(&node_name, &Default::default()).await.unwrap();
+    eventually(TIMEOUT, "the inventory refreshed again", || async {
+        let row = hub.store().cluster(&cluster).ok()??;
+        (row.inventory?.node_count == 2).then_some(())
+    })
+    .await;
+    assert_eq!(hub.session_epoch(&cluster), Some(epoch), "in the same session");
+    println!("inventory refreshed {took:?} after a node joined");
+
+    // A backup of the store now, with command 1 done.
+    hub.stop().await;
+    // Let the old hub's sessions end and its store close.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    copy_store(data.path(), backup.path());
+    hub = hub_at(data.path(), addr).await;
+    let store_id = hub.store().id().unwrap();
+    let p2 = unique_name("store");
+    let seq2 = hub.apply(&cluster, &project(&p2)).unwrap();
+    let p3 = unique_name("store");
+    let seq3 = hub.apply(&cluster, &project(&p3)).unwrap();
+    ready_at_hub(&hub, &cluster, &p3).await;
+    assert_eq!((seq1, seq2, seq3), (1, 2, 3));
+
+    // The store restored from the backup: it numbers its next command 2 again.
+    hub.stop().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    copy_store(backup.path(), data.path());
+    hub = hub_at(data.path(), addr).await;
+    assert_eq!(hub.store().id().unwrap(), store_id, "a backup has the same id");
+    let p4 = unique_name("store");
+    let seq4 = hub.apply(&cluster, &project(&p4)).unwrap();
+    assert_eq!(seq4, 2, "a seq the agent has executed before");
+    let (ok, message) = eventually(TIMEOUT, "the command after the restore answered", || {
+        result_of(&hub, &cluster, seq4)
+    })
+    .await
+    .0;
+    assert!(ok, "{message}");
+    ready_at_hub(&hub, &cluster, &p4).await;
+    assert!(agent.log_tail(600).contains("lost messages it had acknowledged"));
+
+    // The store replaced by an empty one (the CA kept): a new id, commands from 1 again.
+    hub.stop().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for name in ["hub.sqlite", "hub.sqlite-wal", "hub.sqlite-shm"] {
+        let _ = std::fs::remove_file(data.path().join(name));
+    }
+    hub = hub_at(data.path(), addr).await;
+    assert_ne!(hub.store().id().unwrap(), store_id);
+    let p5 = unique_name("store");
+    let seq5 = hub.apply(&cluster, &project(&p5)).unwrap();
+    assert_eq!(seq5, 1);
+    let (ok, message) = eventually(TIMEOUT, "the command of the new store answered", || {
+        result_of(&hub, &cluster, seq5)
+    })
+    .await
+    .0;
+    assert!(ok, "{message}");
+    ready_at_hub(&hub, &cluster, &p5).await;
+    assert!(agent.log_tail(600).contains("the hub's store is another one"));
+    // The new store knows every Project by the snapshot, and no stale result reached it.
+    for p in [&p1, &p2, &p3, &p4] {
+        ready_at_hub(&hub, &cluster, p).await;
+    }
+    let commands = hub.store().commands(&cluster).unwrap();
+    assert_eq!(commands.len(), 1);
+    let results = hub
+        .store()
+        .events(&cluster)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.1 == "result")
+        .count();
+    assert_eq!(results, 1, "one result, for its one command");
+    agent
+        .terminate(Duration::from_secs(15))
+        .expect("the same agent process throughout");
+    for p in [&p1, &p2, &p3, &p4, &p5] {
+        let _ = Api::<Project>::all(env.client.clone())
+            .delete(p, &Default::default())
+            .await;
+    }
     hub.stop().await;
 }

@@ -335,6 +335,15 @@ struct HubArgs {
         value_name = "SECONDS"
     )]
     reconnect_max_seconds: u64,
+    /// How often the cluster inventory (nodes, allocatable, Kubernetes version) is read, in
+    /// seconds; it goes to the hub when it changed, and at least every 10 minutes.
+    #[arg(
+        long,
+        env = "SHAPEBLOCK_INVENTORY_SECONDS",
+        default_value_t = 120,
+        value_name = "SECONDS"
+    )]
+    inventory_seconds: u64,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -415,6 +424,7 @@ fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
                 ca_hash: args.hub.ca_hash,
                 heartbeat: std::time::Duration::from_secs(args.hub.heartbeat_seconds.max(1)),
                 backoff_max: std::time::Duration::from_secs(args.hub.reconnect_max_seconds.max(1)),
+                inventory_check: std::time::Duration::from_secs(args.hub.inventory_seconds.max(1)),
                 ..crate::tunnel::TunnelConfig::new(url)
             },
             identity_secret: args.hub.identity_secret,

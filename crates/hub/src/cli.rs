@@ -38,7 +38,9 @@ enum Command {
         /// Names and IPs for the server certificate (repeat).
         #[arg(long = "name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
         names: Vec<String>,
-        #[arg(long, default_value_t = 86400)]
+        /// Lifetime of the client certificates (default 45 days; agents renew at 70-80 % of
+        /// it, so this tolerates a hub outage of 9 days; below 35 days it is less than 7).
+        #[arg(long, default_value_t = shapeblock_proto::certificates::DEFAULT_LIFETIME.as_secs())]
         cert_lifetime_seconds: u64,
         #[arg(long, default_value_t = 10)]
         heartbeat_seconds: u64,
@@ -412,7 +414,28 @@ impl Cli {
                 for c in hub::open_store(&data)?.clusters()? {
                     let state = if c.connected { "connected" } else { "disconnected" };
                     let ago = shapeblock_proto::now_unix().saturating_sub(c.last_seen);
-                    println!("{}\t{state}\tepoch {}\tlast seen {ago}s ago", c.id, c.epoch);
+                    let inventory = c
+                        .inventory
+                        .as_ref()
+                        .map(|i| {
+                            format!(
+                                "kubernetes {} · {} nodes · {} mCPU · {} MiB",
+                                i.kubernetes_version,
+                                i.node_count,
+                                i.allocatable_cpu_millis,
+                                i.allocatable_memory_bytes >> 20
+                            )
+                        })
+                        .unwrap_or_else(|| "no inventory".into());
+                    let version = c.agent_version.as_deref().unwrap_or("-");
+                    let skew = c
+                        .clock_skew_ms
+                        .map(|ms| format!("clock skew {ms} ms"))
+                        .unwrap_or_else(|| "clock skew unknown".into());
+                    println!(
+                        "{}\t{state}\tepoch {}\tlast seen {ago}s ago\tagent {version}\t{inventory}\t{skew}",
+                        c.id, c.epoch
+                    );
                 }
             }
             Command::Events { cluster } => {

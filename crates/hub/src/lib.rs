@@ -27,7 +27,7 @@ use shapeblock_proto::v1::agent_tunnel_server::{AgentTunnel, AgentTunnelServer};
 use shapeblock_proto::v1::server_message::Body as Down;
 use shapeblock_proto::v1::{
     Ack, AgentMessage, Apply, CancelBuild, Delete, EnrollRequest, EnrollResponse, Heartbeat, HelloAck,
-    ObjectRef, PhaseChange, PruneScope, RenewRequest, ServerMessage, SetConfig, Sync,
+    ObjectRef, PhaseChange, PruneScope, RenewRequest, ServerMessage, SetConfig, StatusSnapshot, Sync,
 };
 use shapeblock_proto::{self as proto, MAX_MESSAGE_BYTES, ca_hash, hex, now_unix, object_key};
 use store::{ObjectStatus, Store, write};
@@ -41,8 +41,12 @@ pub struct HubConfig {
     pub listen: SocketAddr,
     /// Names and addresses the TLS server certificate is valid for (agents dial one of them).
     pub server_names: Vec<String>,
-    /// Lifetime of the client certificates the hub signs.
+    /// Lifetime of the client certificates the hub signs (default 45 days: see
+    /// [`shapeblock_proto::certificates`] for why).
     pub cert_lifetime: Duration,
+    /// The CA signs as if the time were now plus this many seconds (negative: in the past).
+    /// 0 in production; tests use it to issue certificates that are weeks old.
+    pub ca_clock_offset_secs: i64,
     /// Heartbeat interval; a session with no message for 3 intervals is closed.
     pub heartbeat: Duration,
 }
@@ -53,7 +57,8 @@ impl HubConfig {
             data_dir,
             listen: ([127, 0, 0, 1], 0).into(),
             server_names: vec!["localhost".into(), "127.0.0.1".into()],
-            cert_lifetime: Duration::from_secs(24 * 3600),
+            cert_lifetime: shapeblock_proto::certificates::DEFAULT_LIFETIME,
+            ca_clock_offset_secs: 0,
             heartbeat: Duration::from_secs(10),
         }
     }
@@ -82,6 +87,8 @@ struct Session {
 struct Inner {
     config: HubConfig,
     store: Store,
+    /// `HelloAck.store_id`.
+    store_id: String,
     ca: pki::Ca,
     sessions: Mutex<HashMap<String, Session>>,
     wake: Mutex<HashMap<String, Arc<Notify>>>,
@@ -89,6 +96,13 @@ struct Inner {
 }
 
 impl Inner {
+    /// Signs a client certificate of `cluster` at the CA's time.
+    fn sign(&self, csr_pem: &str, cluster: &str) -> Result<(String, String), pki::PkiError> {
+        let now = time::OffsetDateTime::now_utc() + time::Duration::seconds(self.config.ca_clock_offset_secs);
+        self.ca
+            .sign_client_at(csr_pem, cluster, self.config.cert_lifetime, now)
+    }
+
     fn wake(&self, cluster: &str) -> Arc<Notify> {
         self.wake
             .lock()
@@ -267,6 +281,15 @@ impl Hub {
         let store = open_store(&config.data_dir)?;
         // A previous process's sessions are gone, whatever the store says.
         store.mark_disconnected_all()?;
+        let store_id = store.id()?;
+        let tolerated = shapeblock_proto::certificates::outage_tolerated(config.cert_lifetime);
+        if tolerated < shapeblock_proto::certificates::OUTAGE_TOLERATED {
+            tracing::warn!(
+                lifetime_s = config.cert_lifetime.as_secs(),
+                tolerated_s = tolerated.as_secs(),
+                "client certificates of this lifetime strand an agent after a hub outage of {tolerated:?} (the default of 45 days tolerates 9 days)"
+            );
+        }
         let ca = pki::Ca::load_or_create(&config.data_dir)?;
         let (cert, key) = ca.server_cert(&config.server_names)?;
         pki::Ca::save_server(&config.data_dir, &cert)?;
@@ -283,6 +306,7 @@ impl Hub {
         let (stopping, _) = watch::channel(false);
         let inner = Arc::new(Inner {
             store,
+            store_id,
             sessions: Mutex::default(),
             wake: Mutex::default(),
             stopping,
@@ -422,8 +446,7 @@ impl AgentTunnel for Service {
         })?;
         let (cert_pem, key_hash) = self
             .inner
-            .ca
-            .sign_client(&req.csr_pem, &token.cluster, self.inner.config.cert_lifetime)
+            .sign(&req.csr_pem, &token.cluster)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         // A used token still answers the key it was first used with: an agent that crashed
         // after the hub signed, before it stored the certificate, retries with the same key.
@@ -455,12 +478,7 @@ impl AgentTunnel for Service {
         let cluster = cluster_of(&request)?;
         let (cert_pem, _) = self
             .inner
-            .ca
-            .sign_client(
-                &request.into_inner().csr_pem,
-                &cluster,
-                self.inner.config.cert_lifetime,
-            )
+            .sign(&request.into_inner().csr_pem, &cluster)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         tracing::info!(%cluster, "client certificate renewed");
         Ok(Response::new(self.response(&cluster, cert_pem)))
@@ -481,11 +499,10 @@ impl AgentTunnel for Service {
         let Some(Up::Hello(hello)) = first.body else {
             return Err(Status::invalid_argument("the first message must be hello"));
         };
-        let hello_text = format!("{hello:?}");
         let (epoch, last_agent_seq) = self
             .inner
             .store
-            .begin_session(&cluster, &hello_text)
+            .begin_session(&cluster, &hello)
             .map_err(internal)?;
         let (close, closed) = watch::channel(false);
         if let Some(old) = self
@@ -506,6 +523,7 @@ impl AgentTunnel for Service {
                 epoch,
                 last_agent_seq,
                 heartbeat_seconds: self.inner.config.heartbeat.as_secs().max(1) as u32,
+                store_id: self.inner.store_id.clone(),
             })),
         };
         tx.send(Ok(ack)).await.map_err(|_| Status::cancelled("closed"))?;
@@ -629,6 +647,44 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// The phase an object gets at the hub when a complete snapshot no longer lists it.
+pub const DELETED: &str = "Deleted";
+
+/// What a snapshot changes in what the hub knows: the objects whose status differs, and, when
+/// the snapshot is complete, every known object it does not list, marked [`DELETED`] (it
+/// was deleted while the hub was not told: the agent or the hub was down, or the agent
+/// restarted and its queue of phase changes with it).
+fn snapshot_changes(known: &[ObjectStatus], snapshot: &StatusSnapshot) -> Vec<ObjectStatus> {
+    let mut changes: Vec<ObjectStatus> = snapshot
+        .objects
+        .iter()
+        .map(status_of)
+        .filter(|status| !known.contains(status))
+        .collect();
+    if snapshot.complete {
+        let listed: std::collections::HashSet<String> = snapshot
+            .objects
+            .iter()
+            .map(|p| p.object.as_ref().map(object_key).unwrap_or_default())
+            .collect();
+        changes.extend(
+            known
+                .iter()
+                .filter(|o| o.phase != DELETED && !listed.contains(&o.key))
+                .map(|o| ObjectStatus {
+                    key: o.key.clone(),
+                    phase: DELETED.into(),
+                    observed_generation: o.observed_generation,
+                    reason: "NotInCluster".into(),
+                    message:
+                        "not in the agent's snapshot after a reconnect: deleted while the hub was not told"
+                            .into(),
+                }),
+        );
+    }
+    changes
+}
+
 fn status_of(p: &PhaseChange) -> ObjectStatus {
     ObjectStatus {
         key: p.object.as_ref().map(object_key).unwrap_or_default(),
@@ -650,10 +706,38 @@ fn handle(
     let Some(body) = message.body else {
         return Err(Status::invalid_argument("message without a body"));
     };
-    match body {
-        Up::Heartbeat(_) | Up::Ack(_) => return Ok(None),
+    match &body {
+        Up::Heartbeat(Heartbeat { sent_at_ms }) => {
+            if *sent_at_ms > 0
+                && let Err(e) = inner.store.set_clock_skew(cluster, now_ms() - sent_at_ms)
+            {
+                tracing::warn!(%e, "clock skew");
+            }
+            return Ok(None);
+        }
+        Up::Inventory(inventory) => {
+            inner.store.set_inventory(cluster, inventory).map_err(internal)?;
+            return Ok(None);
+        }
+        Up::Ack(_) => return Ok(None),
         Up::Hello(_) => return Err(Status::invalid_argument("hello twice in one session")),
         _ if seq == 0 => return Err(Status::invalid_argument("sequenced message with seq 0")),
+        _ => {}
+    }
+    // The store keeps numbers as SQLite integers (i64): larger ones are the agent's error,
+    // not the store's (found by the fuzz targets below).
+    const LIMIT: u64 = i64::MAX as u64;
+    let too_large = |what: &str, n: u64| {
+        Status::invalid_argument(format!("{what} {n} is out of range (at most {LIMIT})"))
+    };
+    if seq > LIMIT {
+        return Err(too_large("seq", seq));
+    }
+    match &body {
+        Up::Result(r) if r.command_seq > LIMIT => return Err(too_large("command seq", r.command_seq)),
+        Up::Log(l) if l.offset.saturating_add(l.data.len() as u64) > LIMIT => {
+            return Err(too_large("log offset", l.offset));
+        }
         _ => {}
     }
     let store = &inner.store;
@@ -686,14 +770,12 @@ fn handle(
                 }
                 Up::Snapshot(s) => {
                     // Level: whatever differs from what the hub knows becomes an event, so a
-                    // phase change lost to an agent restart still shows up once.
+                    // phase change lost to an agent restart still shows up once; and what a
+                    // complete snapshot does not list is gone.
                     let mut changed = Vec::new();
-                    for p in &s.objects {
-                        let status = status_of(p);
-                        if !known.contains(&status) {
-                            write::object(tx, cluster, &status)?;
-                            changed.push(format!("{}={}", status.key, status.phase));
-                        }
+                    for status in snapshot_changes(&known, s) {
+                        write::object(tx, cluster, &status)?;
+                        changed.push(format!("{}={}", status.key, status.phase));
                     }
                     if !changed.is_empty() {
                         write::event(tx, cluster, seq, epoch, "snapshot", "", &changed.join(" "))?;
@@ -701,9 +783,13 @@ fn handle(
                 }
                 Up::Log(l) => {
                     let stream = proto::log_stream(l).map_err(store::StoreError::Invalid)?;
-                    write::log(tx, cluster, &stream, l.offset, &l.data, l.truncated, l.eof)?;
+                    if let Some((from, to)) = write::log(tx, cluster, &stream, l.offset, &l.data, l.truncated, l.eof)? {
+                        tracing::warn!(%cluster, %stream, from, to, "log chunk after a gap: this store lacks bytes the agent delivered (restored or replaced?)");
+                        let detail = format!("bytes {from}..{to} missing: the store lost them");
+                        write::event(tx, cluster, seq, epoch, "log-gap", &stream, &detail)?;
+                    }
                 }
-                Up::Hello(_) | Up::Heartbeat(_) | Up::Ack(_) => {}
+                Up::Hello(_) | Up::Heartbeat(_) | Up::Ack(_) | Up::Inventory(_) => {}
             }
             Ok(())
         })
@@ -761,6 +847,64 @@ mod tests {
         assert!(refused.to_string().starts_with("manifest 2: "), "{refused}");
     }
 
+    fn phase(kind: &str, name: &str, phase: &str) -> PhaseChange {
+        PhaseChange {
+            object: Some(object(kind, if kind == "Project" { "" } else { "shop" }, name)),
+            phase: phase.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_complete_snapshot_marks_what_it_does_not_list_deleted_and_a_partial_one_does_not() {
+        let known: Vec<ObjectStatus> = [
+            phase("Project", "shop", "Ready"),
+            phase("App", "web", "Ready"),
+            phase("App", "old", "Deleted"),
+            phase("App", "gone", "Ready"),
+        ]
+        .iter()
+        .map(status_of)
+        .collect();
+        let listed = vec![phase("Project", "shop", "Ready"), phase("App", "web", "Building")];
+        let partial = snapshot_changes(
+            &known,
+            &StatusSnapshot {
+                objects: listed.clone(),
+                complete: false,
+            },
+        );
+        assert_eq!(
+            partial
+                .iter()
+                .map(|s| (s.key.as_str(), s.phase.as_str()))
+                .collect::<Vec<_>>(),
+            [("App/shop/web", "Building")]
+        );
+        let complete = snapshot_changes(
+            &known,
+            &StatusSnapshot {
+                objects: listed,
+                complete: true,
+            },
+        );
+        assert_eq!(
+            complete
+                .iter()
+                .map(|s| (s.key.as_str(), s.phase.as_str()))
+                .collect::<Vec<_>>(),
+            [("App/shop/web", "Building"), ("App/shop/gone", DELETED)],
+            "an object marked once is not marked again"
+        );
+        assert_eq!(complete[1].reason, "NotInCluster");
+        // Everything gone: all marked, once.
+        let empty = StatusSnapshot {
+            objects: vec![],
+            complete: true,
+        };
+        assert_eq!(snapshot_changes(&known, &empty).len(), 3);
+    }
+
     #[test]
     fn a_prune_is_queued_only_with_a_scope() {
         let manifests = [
@@ -783,5 +927,261 @@ mod tests {
             ..Prune::projects(["shop"])
         };
         assert!(sync_command(&manifests, Some(too_much)).is_err());
+    }
+}
+
+/// Fuzz targets for the hub's decoding of every agent message, with a fixed case budget in the
+/// default run (`SHAPEBLOCK_FUZZ_CASES` raises it for a longer run, e.g. 200000): arbitrary
+/// bytes, and well-formed messages of every kind with hostile strings and numbers, go through
+/// what a session does with a received message (decode, then [`handle`] against a real store).
+/// Every one must end in a reply or a clean `Status` that is the agent's fault, never a
+/// panic and never "hub store failed".
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+    use shapeblock_proto::v1::{Hello, Inventory, LogChunk};
+    use std::sync::LazyLock;
+
+    pub(crate) fn cases() -> u32 {
+        std::env::var("SHAPEBLOCK_FUZZ_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2048)
+    }
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        inner: Inner,
+        epoch: u64,
+    }
+
+    const CLUSTER: &str = "fuzz";
+
+    static FIXTURE: LazyLock<Fixture> = LazyLock::new(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("hub.sqlite")).unwrap();
+        let store_id = store.id().unwrap();
+        let hello = Hello::default();
+        let (epoch, _) = store.begin_session(CLUSTER, &hello).unwrap();
+        let ca = pki::Ca::load_or_create(dir.path()).unwrap();
+        let (stopping, _) = watch::channel(false);
+        let (close, _) = watch::channel(false);
+        let inner = Inner {
+            config: HubConfig::new(dir.path().to_path_buf()),
+            store,
+            store_id,
+            ca,
+            sessions: Mutex::new(HashMap::from([(CLUSTER.to_string(), Session { epoch, close })])),
+            wake: Mutex::default(),
+            stopping,
+        };
+        Fixture {
+            _dir: dir,
+            inner,
+            epoch,
+        }
+    });
+
+    /// What a session does with one received message; Err is the Status the session ends with.
+    fn receive(bytes: &[u8]) -> Result<(), Status> {
+        let message = AgentMessage::decode(bytes).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        deliver(message)
+    }
+
+    fn deliver(message: AgentMessage) -> Result<(), Status> {
+        let f = &*FIXTURE;
+        handle(&f.inner, CLUSTER, f.epoch, message).map(drop)
+    }
+
+    fn clean(outcome: Result<(), Status>) -> Result<(), TestCaseError> {
+        if let Err(status) = outcome {
+            prop_assert!(
+                matches!(status.code(), tonic::Code::InvalidArgument | tonic::Code::Aborted),
+                "{:?}: {}",
+                status.code(),
+                status.message()
+            );
+            prop_assert!(status.message().len() < 2048, "a short reason");
+        }
+        // The store still answers.
+        prop_assert!(FIXTURE.inner.store.objects(CLUSTER).is_ok());
+        Ok(())
+    }
+
+    fn hostile() -> BoxedStrategy<String> {
+        prop_oneof![
+            any::<String>(),
+            Just(String::new()),
+            Just("\0".to_string()),
+            Just("Project//x".to_string()),
+            Just("'; DROP TABLE objects; --".to_string()),
+            Just("x".repeat(70_000)),
+            "[a-z0-9/.-]{0,80}",
+            proptest::sample::select(vec!["Project", "App", "AppBuild", "AppRun", "Team", "Deleted"])
+                .prop_map(String::from),
+        ]
+        .boxed()
+    }
+
+    fn number() -> BoxedStrategy<u64> {
+        prop_oneof![
+            any::<u64>(),
+            0..64u64,
+            Just(i64::MAX as u64),
+            Just(i64::MAX as u64 + 1),
+            Just(u64::MAX)
+        ]
+        .boxed()
+    }
+
+    fn object() -> BoxedStrategy<Option<ObjectRef>> {
+        proptest::option::of(
+            (hostile(), hostile(), hostile()).prop_map(|(kind, namespace, name)| ObjectRef {
+                kind,
+                namespace,
+                name,
+            }),
+        )
+        .boxed()
+    }
+
+    fn phase() -> BoxedStrategy<PhaseChange> {
+        (
+            object(),
+            hostile(),
+            any::<i64>(),
+            any::<i64>(),
+            hostile(),
+            hostile(),
+        )
+            .prop_map(
+                |(object, phase, observed_generation, generation, reason, message)| PhaseChange {
+                    object,
+                    phase,
+                    observed_generation,
+                    generation,
+                    reason,
+                    message,
+                },
+            )
+            .boxed()
+    }
+
+    fn inventory() -> BoxedStrategy<Inventory> {
+        (hostile(), any::<u32>(), any::<u64>(), any::<u64>())
+            .prop_map(|(v, n, c, m)| Inventory {
+                kubernetes_version: v,
+                node_count: n,
+                allocatable_cpu_millis: c,
+                allocatable_memory_bytes: m,
+            })
+            .boxed()
+    }
+
+    fn body() -> BoxedStrategy<Up> {
+        prop_oneof![
+            (
+                hostile(),
+                proptest::collection::vec(hostile(), 0..4),
+                proptest::option::of(inventory())
+            )
+                .prop_map(|(agent_version, capabilities, inventory)| Up::Hello(Hello {
+                    agent_version,
+                    capabilities,
+                    inventory
+                })),
+            any::<i64>().prop_map(|sent_at_ms| Up::Heartbeat(Heartbeat { sent_at_ms })),
+            number().prop_map(|seq| Up::Ack(Ack { seq })),
+            (number(), any::<bool>(), hostile(), object()).prop_map(|(command_seq, ok, message, object)| {
+                Up::Result(shapeblock_proto::v1::CommandResult {
+                    command_seq,
+                    ok,
+                    message,
+                    object,
+                })
+            }),
+            phase().prop_map(Up::Phase),
+            (proptest::collection::vec(phase(), 0..6), any::<bool>())
+                .prop_map(|(objects, complete)| Up::Snapshot(StatusSnapshot { objects, complete })),
+            (
+                hostile(),
+                hostile(),
+                hostile(),
+                number(),
+                proptest::collection::vec(any::<u8>(), 0..64),
+                any::<bool>(),
+                any::<bool>(),
+                hostile()
+            )
+                .prop_map(
+                    |(build, namespace, container, offset, data, eof, truncated, kind)| Up::Log(LogChunk {
+                        build,
+                        namespace,
+                        container,
+                        offset,
+                        data,
+                        eof,
+                        truncated,
+                        kind
+                    })
+                ),
+            inventory().prop_map(Up::Inventory),
+        ]
+        .boxed()
+    }
+
+    /// Regression: the first crash the targets found. A seq (or command seq, or log end)
+    /// above `i64::MAX` failed the SQLite write, and the session ended with `INTERNAL` "hub
+    /// store failed" and an error in the hub's log, as if the store were broken.
+    #[test]
+    fn numbers_beyond_the_stores_range_are_the_agents_error_not_the_stores() {
+        let huge = i64::MAX as u64 + 1;
+        for message in [
+            AgentMessage {
+                seq: huge,
+                body: Some(Up::Phase(PhaseChange::default())),
+            },
+            AgentMessage {
+                seq: 1,
+                body: Some(Up::Result(shapeblock_proto::v1::CommandResult {
+                    command_seq: u64::MAX,
+                    ..Default::default()
+                })),
+            },
+            AgentMessage {
+                seq: 1,
+                body: Some(Up::Log(LogChunk {
+                    offset: huge - 1,
+                    data: vec![1, 2],
+                    ..Default::default()
+                })),
+            },
+        ] {
+            let status = deliver(message).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+            assert!(status.message().contains("out of range"), "{status:?}");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: cases(), failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_bytes_from_an_agent_end_in_a_reply_or_a_clean_status(
+            bytes in proptest::collection::vec(any::<u8>(), 0..256)
+        ) {
+            clean(receive(&bytes))?;
+        }
+
+        #[test]
+        fn well_formed_hostile_agent_messages_end_in_a_reply_or_a_clean_status(
+            seq in number(),
+            body in proptest::option::of(body()),
+        ) {
+            let message = AgentMessage { seq, body };
+            // Both ways in: as the struct, and through the wire encoding.
+            clean(receive(&message.encode_to_vec()))?;
+        }
     }
 }

@@ -125,6 +125,18 @@ impl Ca {
         cluster: &str,
         lifetime: Duration,
     ) -> Result<(String, String), PkiError> {
+        self.sign_client_at(csr_pem, cluster, lifetime, time::OffsetDateTime::now_utc())
+    }
+
+    /// [`Ca::sign_client`] as if the time were `now` (the hub's clock is injectable, so tests
+    /// can issue a certificate that is weeks old).
+    pub fn sign_client_at(
+        &self,
+        csr_pem: &str,
+        cluster: &str,
+        lifetime: Duration,
+        now: time::OffsetDateTime,
+    ) -> Result<(String, String), PkiError> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| PkiError::Invalid(format!("invalid CSR: {e}")))?;
         let mut params = CertificateParams::default();
@@ -134,7 +146,6 @@ impl Ca {
         )];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        let now = time::OffsetDateTime::now_utc();
         // A minute of back-dating absorbs clock skew between hub and cluster.
         params.not_before = now - time::Duration::minutes(1);
         params.not_after = now + time::Duration::try_from(lifetime).unwrap_or(time::Duration::DAY);

@@ -44,7 +44,7 @@ pub struct CommandRow {
     pub message: Option<String>,
 }
 
-/// A cluster's delivery state.
+/// A cluster's delivery state and what its agent said about itself.
 #[derive(Debug, Clone, Default)]
 pub struct ClusterRow {
     pub id: String,
@@ -52,7 +52,37 @@ pub struct ClusterRow {
     pub last_agent_seq: u64,
     pub connected: bool,
     pub last_seen: i64,
-    pub hello: Option<String>,
+    /// From the last hello.
+    pub agent_version: Option<String>,
+    pub capabilities: Vec<String>,
+    /// The latest inventory (hello or refresh).
+    pub inventory: Option<InventoryRow>,
+    /// Hub clock minus the agent's, in ms, from its last heartbeat (network delay included).
+    pub clock_skew_ms: Option<i64>,
+}
+
+/// A cluster's inventory as stored: named fields (JSON in the store).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct InventoryRow {
+    pub kubernetes_version: String,
+    pub node_count: u32,
+    pub allocatable_cpu_millis: u64,
+    pub allocatable_memory_bytes: u64,
+    /// When the hub received it, Unix seconds.
+    pub received_at: i64,
+}
+
+impl InventoryRow {
+    pub fn from_proto(inventory: &shapeblock_proto::v1::Inventory, received_at: i64) -> Self {
+        Self {
+            // The agent's words: bounded before they are kept.
+            kubernetes_version: inventory.kubernetes_version.chars().take(64).collect(),
+            node_count: inventory.node_count,
+            allocatable_cpu_millis: inventory.allocatable_cpu_millis,
+            allocatable_memory_bytes: inventory.allocatable_memory_bytes,
+            received_at,
+        }
+    }
 }
 
 /// The current status of one object, as the agent last reported it.
@@ -66,6 +96,7 @@ pub struct ObjectStatus {
 }
 
 const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS clusters (
   id TEXT PRIMARY KEY, epoch INTEGER NOT NULL DEFAULT 0, last_agent_seq INTEGER NOT NULL DEFAULT 0,
   next_command_seq INTEGER NOT NULL DEFAULT 1, connected INTEGER NOT NULL DEFAULT 0,
@@ -97,9 +128,24 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
+        // The store's identity, made once with the store: agents tie what they executed to
+        // it, so a replaced store is noticed (see `HelloAck.store_id`).
+        let mut id = [0u8; 16];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
+            .map_err(|_| StoreError::Invalid("no system randomness".into()))?;
+        conn.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', ?1)",
+            params![shapeblock_proto::hex(&id)],
+        )?;
         Ok(Self {
             conn: Mutex::new(conn),
         })
+    }
+
+    /// The identity of this store, made when it was created.
+    pub fn id(&self) -> Result<String> {
+        self.with(|c| Ok(c.query_row("SELECT value FROM meta WHERE key = 'store_id'", [], |r| r.get(0))?))
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
@@ -208,7 +254,7 @@ impl Store {
     pub fn cluster(&self, cluster: &str) -> Result<Option<ClusterRow>> {
         self.with(|c| {
             Ok(c.query_row(
-                "SELECT id, epoch, last_agent_seq, connected, last_seen, hello FROM clusters WHERE id = ?1",
+                &format!("SELECT {CLUSTER_COLUMNS} FROM clusters WHERE id = ?1"),
                 params![cluster],
                 cluster_row,
             )
@@ -218,23 +264,62 @@ impl Store {
 
     pub fn clusters(&self) -> Result<Vec<ClusterRow>> {
         self.with(|c| {
-            let mut stmt = c.prepare(
-                "SELECT id, epoch, last_agent_seq, connected, last_seen, hello FROM clusters ORDER BY id",
-            )?;
+            let mut stmt = c.prepare(&format!("SELECT {CLUSTER_COLUMNS} FROM clusters ORDER BY id"))?;
             let rows = stmt.query_map([], cluster_row)?.collect::<Result<Vec<_>, _>>()?;
             Ok(rows)
         })
     }
 
-    /// Starts a session: a new epoch, connected; returns (epoch, last agent seq recorded).
-    pub fn begin_session(&self, cluster: &str, hello: &str) -> Result<(u64, u64)> {
+    /// Starts a session: a new epoch, connected, what the hello says kept as fields; returns
+    /// (epoch, last agent seq recorded).
+    pub fn begin_session(&self, cluster: &str, hello: &shapeblock_proto::v1::Hello) -> Result<(u64, u64)> {
+        let now = now_unix();
+        // The agent's words: bounded before they are kept.
+        let version: String = hello.agent_version.chars().take(64).collect();
+        let capabilities: Vec<String> = hello
+            .capabilities
+            .iter()
+            .take(64)
+            .map(|c| c.chars().take(64).collect())
+            .collect();
+        let capabilities = serde_json::to_string(&capabilities).unwrap_or_default();
+        let inventory = hello
+            .inventory
+            .as_ref()
+            .map(|i| serde_json::to_string(&InventoryRow::from_proto(i, now)).unwrap_or_default());
         self.with(|c| {
             Self::ensure_cluster(c, cluster)?;
             Ok(c.query_row(
-                "UPDATE clusters SET epoch = epoch + 1, connected = 1, last_seen = ?2, hello = ?3 WHERE id = ?1 RETURNING epoch, last_agent_seq",
-                params![cluster, now_unix(), hello],
+                "UPDATE clusters SET epoch = epoch + 1, connected = 1, last_seen = ?2, hello = NULL,
+                   agent_version = ?3, capabilities = ?4, inventory = coalesce(?5, inventory)
+                 WHERE id = ?1 RETURNING epoch, last_agent_seq",
+                params![cluster, now, version, capabilities, inventory],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )?)
+        })
+    }
+
+    /// Keeps a fresh inventory of a cluster.
+    pub fn set_inventory(&self, cluster: &str, inventory: &shapeblock_proto::v1::Inventory) -> Result<()> {
+        let row = InventoryRow::from_proto(inventory, now_unix());
+        let json = serde_json::to_string(&row).unwrap_or_default();
+        self.with(|c| {
+            c.execute(
+                "UPDATE clusters SET inventory = ?2 WHERE id = ?1",
+                params![cluster, json],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Keeps the clock skew measured from a heartbeat.
+    pub fn set_clock_skew(&self, cluster: &str, skew_ms: i64) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE clusters SET clock_skew_ms = ?2 WHERE id = ?1",
+                params![cluster, skew_ms],
+            )?;
+            Ok(())
         })
     }
 
@@ -365,14 +450,46 @@ impl Store {
     }
 }
 
+/// Columns added after the first release: a store made by an older hub gets them on open.
+const ADDED_COLUMNS: [(&str, &str, &str); 4] = [
+    ("clusters", "agent_version", "TEXT"),
+    ("clusters", "capabilities", "TEXT"),
+    ("clusters", "inventory", "TEXT"),
+    ("clusters", "clock_skew_ms", "INTEGER"),
+];
+
+fn migrate(conn: &Connection) -> Result<()> {
+    for (table, column, kind) in ADDED_COLUMNS {
+        let present: bool = conn.query_row(
+            "SELECT count(*) FROM pragma_table_info(?1) WHERE name = ?2",
+            params![table, column],
+            |r| r.get::<_, i64>(0).map(|n| n > 0),
+        )?;
+        if !present {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"))?;
+        }
+    }
+    Ok(())
+}
+
+const CLUSTER_COLUMNS: &str =
+    "id, epoch, last_agent_seq, connected, last_seen, agent_version, capabilities, inventory, clock_skew_ms";
+
 fn cluster_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ClusterRow> {
+    let capabilities: Option<String> = r.get(6)?;
+    let inventory: Option<String> = r.get(7)?;
     Ok(ClusterRow {
         id: r.get(0)?,
         epoch: r.get(1)?,
         last_agent_seq: r.get(2)?,
         connected: r.get::<_, i64>(3)? != 0,
         last_seen: r.get(4)?,
-        hello: r.get(5)?,
+        agent_version: r.get(5)?,
+        capabilities: capabilities
+            .and_then(|c| serde_json::from_str(&c).ok())
+            .unwrap_or_default(),
+        inventory: inventory.and_then(|i| serde_json::from_str(&i).ok()),
+        clock_skew_ms: r.get(8)?,
     })
 }
 
@@ -459,8 +576,11 @@ pub mod write {
     }
 
     /// Appends a log chunk. A chunk that overlaps what is stored is cut to the new bytes, so a
-    /// replay never duplicates a byte; one that leaves a gap is refused (the agent counts
-    /// offsets itself, so a gap is a bug worth seeing).
+    /// replay never duplicates a byte. One that leaves a gap is stored after a truncation
+    /// marker where the gap begins, and the gap (start, end) is returned: the agent counts
+    /// offsets itself, so a gap means this store lost bytes it had acknowledged (restored
+    /// from a backup, replaced). Refusing the chunk would end every session of the agent on
+    /// the same resend.
     pub fn log(
         tx: &rusqlite::Transaction<'_>,
         cluster: &str,
@@ -469,7 +589,7 @@ pub mod write {
         data: &[u8],
         truncated: bool,
         eof: bool,
-    ) -> Result<()> {
+    ) -> Result<Option<(u64, u64)>> {
         // Stored chunks never overlap, so the last one by offset ends the log: one index
         // lookup, not a scan of every chunk (a 1 GiB log is 32,768 of them).
         let end: u64 = tx
@@ -480,20 +600,80 @@ pub mod write {
             )
             .optional()?
             .unwrap_or(0);
+        let mut gap = None;
         if offset > end && !truncated {
-            return Err(StoreError::Invalid(format!(
-                "log {stream}: chunk at offset {offset} leaves a gap after {end}"
-            )));
+            tx.execute(
+                "INSERT OR REPLACE INTO logs (cluster, stream, offset, data, truncated, eof) VALUES (?1, ?2, ?3, x'', 1, 0)",
+                params![cluster, stream, end],
+            )?;
+            gap = Some((end, offset));
         }
         let skip = end.saturating_sub(offset) as usize;
         if skip >= data.len() && !truncated && !eof {
-            return Ok(());
+            return Ok(gap);
         }
         let data = data.get(skip..).unwrap_or_default();
         tx.execute(
             "INSERT OR REPLACE INTO logs (cluster, stream, offset, data, truncated, eof) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![cluster, stream, offset.max(end), data, truncated as i64, eof as i64],
         )?;
-        Ok(())
+        Ok(gap)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_keeps_its_id_an_old_one_gains_the_new_columns_and_a_new_one_has_another_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.sqlite");
+        // A store as hubs before these columns made it, with a cluster in it.
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE clusters (id TEXT PRIMARY KEY, epoch INTEGER NOT NULL DEFAULT 0,
+                   last_agent_seq INTEGER NOT NULL DEFAULT 0, next_command_seq INTEGER NOT NULL DEFAULT 1,
+                   connected INTEGER NOT NULL DEFAULT 0, last_seen INTEGER NOT NULL DEFAULT 0, hello TEXT);
+                 INSERT INTO clusters (id, hello) VALUES ('old', 'Hello { .. }');",
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let id = store.id().unwrap();
+        assert_eq!(id.len(), 32);
+        let old = store.cluster("old").unwrap().unwrap();
+        assert_eq!((old.agent_version, old.inventory), (None, None));
+        let hello = shapeblock_proto::v1::Hello {
+            agent_version: "1.2.3".into(),
+            capabilities: vec!["apply".into(), "x".repeat(500)],
+            inventory: Some(shapeblock_proto::v1::Inventory {
+                kubernetes_version: "v1.35.0".into(),
+                node_count: 3,
+                allocatable_cpu_millis: 6000,
+                allocatable_memory_bytes: 1 << 34,
+            }),
+        };
+        store.begin_session("old", &hello).unwrap();
+        store.set_clock_skew("old", -250).unwrap();
+        let row = store.cluster("old").unwrap().unwrap();
+        assert_eq!(row.agent_version.as_deref(), Some("1.2.3"));
+        assert_eq!(row.capabilities[0], "apply");
+        assert_eq!(row.capabilities[1].len(), 64, "bounded");
+        let inventory = row.inventory.unwrap();
+        assert_eq!(
+            (inventory.node_count, inventory.kubernetes_version.as_str()),
+            (3, "v1.35.0")
+        );
+        assert_eq!(row.clock_skew_ms, Some(-250));
+        drop(store);
+        assert_eq!(Store::open(&path).unwrap().id().unwrap(), id, "kept across opens");
+        std::fs::remove_file(&path).unwrap();
+        assert_ne!(
+            Store::open(&path).unwrap().id().unwrap(),
+            id,
+            "a new store, a new id"
+        );
     }
 }

@@ -1,6 +1,8 @@
 //! The tunnel protocol: generated types of `proto/shapeblock/agent/v1/agent.proto` and the few
-//! conventions both sides share (the CA pin format, the identity in a client certificate).
-//! See `docs/protocol.md`.
+//! conventions both sides share (the CA pin format, the identity in a client certificate, the
+//! certificate lifetime policy in [`certificates`]). See `docs/protocol.md`.
+
+pub mod certificates;
 
 #[allow(clippy::all, clippy::pedantic)]
 pub mod v1 {
@@ -36,6 +38,14 @@ pub fn cluster_of_certificate(der: &[u8]) -> Option<String> {
         GeneralName::URI(uri) => uri.strip_prefix(IDENTITY_URI_PREFIX).map(str::to_string),
         _ => None,
     })
+}
+
+/// `not_before` and `not_after` of a certificate (DER), Unix seconds.
+pub fn validity(der: &[u8]) -> Option<(i64, i64)> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let v = cert.validity();
+    Some((v.not_before.timestamp(), v.not_after.timestamp()))
 }
 
 /// `not_after` of a certificate (DER), Unix seconds.
@@ -365,7 +375,10 @@ pub fn check_set_config(command: &v1::SetConfig) -> Result<(), String> {
     for name in command.set.keys().chain(&command.unset) {
         if !is_env_name(name) {
             return Err(format!(
-                "{name:?} is not a config var name: letters, digits and '_', not starting with a digit, at most 255"
+                "{} is not a config var name: letters, digits and '_', not starting with a digit, at most 255",
+                // The hub's words, quoted in part (found by the bridge's fuzz target: a
+                // 70,000-character name came back whole in the result).
+                shown(name)
             ));
         }
     }
@@ -388,6 +401,55 @@ pub fn is_env_name(name: &str) -> bool {
         && !name.starts_with(|c: char| c.is_ascii_digit())
 }
 
+// ---- capabilities ----
+
+/// The name `Hello.capabilities` gives a command the agent executes; `None` for server
+/// messages that are not commands. Exhaustive on purpose: a new command does not compile
+/// until it has a name here, and [`COMMAND_CAPABILITIES`] is checked against this in a test.
+pub fn command_capability(body: &v1::server_message::Body) -> Option<&'static str> {
+    use v1::server_message::Body;
+    match body {
+        Body::Apply(_) => Some("apply"),
+        Body::Delete(_) => Some("delete"),
+        Body::CancelBuild(_) => Some("cancel"),
+        Body::Sync(_) => Some("sync"),
+        Body::SetConfig(_) => Some("set-config"),
+        Body::HelloAck(_) | Body::Heartbeat(_) | Body::Ack(_) => None,
+    }
+}
+
+/// Every command kind the agent executes, by [`command_capability`]'s names.
+pub const COMMAND_CAPABILITIES: [&str; 5] = ["apply", "delete", "cancel", "sync", "set-config"];
+
+/// What the agent does besides commands: level snapshots (`complete-snapshot`: it says when a
+/// snapshot lists everything, so the hub may prune by it), build and run logs, periodic
+/// inventory, and delivery state tied to the hub's store id.
+pub const FEATURE_CAPABILITIES: [&str; 6] = [
+    "snapshot",
+    "complete-snapshot",
+    "logs",
+    "run-logs",
+    "inventory",
+    "store-id",
+];
+
+/// `Hello.capabilities`: the commands, then the features.
+pub fn capabilities() -> Vec<String> {
+    COMMAND_CAPABILITIES
+        .iter()
+        .chain(FEATURE_CAPABILITIES.iter())
+        .map(|c| c.to_string())
+        .collect()
+}
+
+/// Unix milliseconds now.
+pub fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// Unix seconds now.
 pub fn now_unix() -> i64 {
     std::time::SystemTime::now()
@@ -399,6 +461,41 @@ pub fn now_unix() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression (found by the bridge's fuzz target): a config var name of 70,000 characters
+    /// came back whole in the failed result, and from there into the hub's store and events.
+    #[test]
+    fn a_huge_config_var_name_is_quoted_in_part() {
+        let name = "x-".repeat(35_000);
+        let refused = check_set_config(&command(&[(&name, "v")], &[])).unwrap_err();
+        assert!(refused.chars().count() < 200, "{} chars", refused.chars().count());
+        assert!(refused.contains("is not a config var name"), "{refused}");
+    }
+
+    #[test]
+    fn capabilities_name_every_command_the_agent_executes() {
+        use v1::server_message::Body;
+        let commands = [
+            Body::Apply(Default::default()),
+            Body::Delete(Default::default()),
+            Body::CancelBuild(Default::default()),
+            Body::Sync(Default::default()),
+            Body::SetConfig(Default::default()),
+        ];
+        let named: Vec<&str> = commands.iter().filter_map(command_capability).collect();
+        assert_eq!(named, COMMAND_CAPABILITIES, "one name per command, in the list");
+        for other in [
+            Body::HelloAck(Default::default()),
+            Body::Heartbeat(Default::default()),
+            Body::Ack(Default::default()),
+        ] {
+            assert_eq!(command_capability(&other), None);
+        }
+        let all = capabilities();
+        assert!(all.iter().any(|c| c == "set-config") && all.iter().any(|c| c == "run-logs"));
+        let unique: std::collections::HashSet<&String> = all.iter().collect();
+        assert_eq!(unique.len(), all.len());
+    }
 
     fn command(set: &[(&str, &str)], unset: &[&str]) -> v1::SetConfig {
         v1::SetConfig {

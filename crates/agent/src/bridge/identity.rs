@@ -48,6 +48,7 @@ impl IdentityStore for SecretIdentityStore {
             cert_pem: text(&data, "tls.crt"),
             ca_pem: text(&data, "ca.crt"),
             not_after: text(&data, "notAfter").parse().unwrap_or(0),
+            pending_key_pem: text(&data, "pending.key"),
         }))
     }
 
@@ -69,6 +70,7 @@ impl IdentityStore for SecretIdentityStore {
                 ("tls.crt".to_string(), entry(&identity.cert_pem)),
                 ("ca.crt".to_string(), entry(&identity.ca_pem)),
                 ("notAfter".to_string(), entry(&identity.not_after.to_string())),
+                ("pending.key".to_string(), entry(&identity.pending_key_pem)),
             ])),
             ..Default::default()
         };

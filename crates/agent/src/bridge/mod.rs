@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use crate::api::{App, AppBuild, AppRun, BackingService, GROUP, Project, Team};
 use crate::proto::v1::server_message::Body as Down;
 use crate::proto::v1::{
-    CancelBuild, CommandResult, Inventory, LogChunk, ObjectRef, PhaseChange, SetConfig, Sync,
+    CancelBuild, CommandResult, Inventory, LogChunk, ObjectRef, PhaseChange, SetConfig, StatusSnapshot, Sync,
 };
 use crate::proto::{
     check_cancel, check_manifest, check_object, check_prune_options, object_key, scope_is_empty,
@@ -640,11 +640,20 @@ impl Host for KubeHost {
         }
     }
 
-    async fn snapshot(&self) -> Vec<PhaseChange> {
+    async fn snapshot(&self) -> StatusSnapshot {
         // Level means the whole level: wait (bounded) until every kind's first list is in.
+        // Only then does the snapshot say it is complete, and only a complete one lets the
+        // hub mark what it does not list as deleted.
         let mut synced = self.synced.subscribe();
         let total = kinds().len();
-        let _ = tokio::time::timeout(Duration::from_secs(30), synced.wait_for(|n| *n >= total)).await;
+        let complete = tokio::time::timeout(Duration::from_secs(30), synced.wait_for(|n| *n >= total))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if !complete {
+            tracing::warn!(
+                "not every kind was listed within 30 s: the snapshot is partial, and the hub prunes nothing by it"
+            );
+        }
         let mut all: Vec<PhaseChange> = self
             .current
             .lock()
@@ -653,7 +662,10 @@ impl Host for KubeHost {
             .cloned()
             .collect();
         all.sort_by_key(|c| c.object.as_ref().map(object_key));
-        all
+        StatusSnapshot {
+            objects: all,
+            complete,
+        }
     }
 
     async fn inventory(&self) -> Inventory {
@@ -739,5 +751,227 @@ mod tests {
         assert_eq!(memory_bytes("1000Ki"), 1_024_000);
         assert_eq!(memory_bytes("1G"), 1_000_000_000);
         assert_eq!(memory_bytes("42"), 42);
+    }
+}
+
+/// Fuzz target for the agent's decoding of every server message, with a fixed case budget
+/// (`SHAPEBLOCK_FUZZ_CASES` for a longer run): arbitrary bytes, and well-formed messages of
+/// every kind with hostile strings, go through the decoding and the checks each command
+/// passes in this module before any apiserver request (the same functions, in the same
+/// order). Each must end in a clean refusal (a short reason for the failed `CommandResult`)
+/// or a request that names only valid objects, never a panic.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use crate::proto::v1::{Apply, Delete, PruneScope, ServerMessage};
+    use proptest::prelude::*;
+    use prost::Message;
+
+    fn cases() -> u32 {
+        std::env::var("SHAPEBLOCK_FUZZ_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2048)
+    }
+
+    /// What the bridge does with a command before its first request: Ok names the objects
+    /// it would request, Err is the refusal.
+    fn before_any_request(body: &Down) -> Result<Vec<ObjectRef>, String> {
+        match body {
+            Down::Apply(a) => {
+                let (object, value) = check_manifest(&a.manifest)?;
+                let (resource, _) = kind(&object.kind).ok_or("unknown kind")?;
+                let version = value
+                    .get("apiVersion")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or_default();
+                if version != resource.api_version {
+                    return Err(format!(
+                        "apiVersion {} is not {}",
+                        crate::proto::shown(version),
+                        resource.api_version
+                    ));
+                }
+                Ok(vec![object])
+            }
+            Down::Delete(d) => {
+                let object = d.object.clone().ok_or("delete names no object")?;
+                check_object(&object)?;
+                Ok(vec![object])
+            }
+            Down::CancelBuild(c) => {
+                check_cancel(c)?;
+                Ok(vec![ObjectRef::new("AppBuild", &c.namespace, &c.build)])
+            }
+            Down::SetConfig(c) => {
+                crate::proto::check_set_config(c)?;
+                Ok(vec![ObjectRef::new("App", &c.namespace, &c.app)])
+            }
+            Down::Sync(s) => {
+                check_prune_options(s)?;
+                let mut objects = Vec::new();
+                let mut wanted = HashSet::new();
+                for manifest in &s.manifests {
+                    if let Ok((object, _)) = check_manifest(manifest) {
+                        wanted.insert(object_key(&object));
+                        objects.push(object);
+                    }
+                }
+                if let Some(scope) = s.prune_scope.as_ref().filter(|s| !scope_is_empty(Some(s))) {
+                    // What the cluster has: valid names, some in scope.
+                    let managed: Vec<ObjectRef> = scope
+                        .projects
+                        .iter()
+                        .filter(|p| crate::proto::is_dns_label(p))
+                        .flat_map(|p| [ObjectRef::new("Project", "", p), ObjectRef::new("App", p, "web")])
+                        .chain([ObjectRef::new("Project", "", "other")])
+                        .collect();
+                    let remove = prune::plan(scope, &managed, &wanted, s.prune_max_percent, s.force)?;
+                    objects.extend(remove);
+                }
+                Ok(objects)
+            }
+            Down::HelloAck(_) | Down::Heartbeat(_) | Down::Ack(_) => Ok(Vec::new()),
+        }
+    }
+
+    fn check(bytes: &[u8]) -> Result<(), TestCaseError> {
+        let Ok(message) = ServerMessage::decode(bytes) else {
+            // The gRPC layer ends the stream with a Status; nothing is executed.
+            return Ok(());
+        };
+        let Some(body) = message.body else {
+            // Answered "unknown command" by the tunnel.
+            return Ok(());
+        };
+        let outcome = before_any_request(&body);
+        match outcome {
+            Ok(objects) => {
+                for object in objects {
+                    prop_assert!(check_object(&object).is_ok(), "a request for {:?}", object);
+                }
+            }
+            Err(reason) => prop_assert!(
+                reason.chars().count() < 1200,
+                "a short reason for {}: {} chars: {}",
+                crate::proto::command_capability(&body).unwrap_or("?"),
+                reason.chars().count(),
+                reason.chars().take(300).collect::<String>()
+            ),
+        }
+        Ok(())
+    }
+
+    fn hostile() -> BoxedStrategy<String> {
+        prop_oneof![
+            any::<String>(),
+            Just(String::new()),
+            Just("x".repeat(70_000)),
+            "[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?",
+            "[a-zA-Z0-9./?#% _-]{0,70}",
+            Just("../web".to_string()),
+            Just("kube-system".to_string()),
+        ]
+        .boxed()
+    }
+
+    /// Manifests: arbitrary text, YAML and JSON of each kind with hostile names, deep
+    /// nesting, alias bombs, several documents.
+    fn manifest() -> BoxedStrategy<String> {
+        let kinds = proptest::sample::select(vec![
+            "Project",
+            "App",
+            "AppBuild",
+            "AppRun",
+            "BackingService",
+            "Team",
+            "ConfigMap",
+            "",
+        ]);
+        prop_oneof![
+            hostile(),
+            (kinds.clone(), hostile(), hostile()).prop_map(|(kind, name, namespace)| format!(
+                "apiVersion: apps.shapeblock.io/v1alpha1\nkind: {kind}\nmetadata:\n  name: {name:?}\n  namespace: {namespace:?}\nspec: {{}}\n"
+            )),
+            (kinds, hostile(), hostile()).prop_map(|(kind, name, namespace)| serde_json::json!({
+                "apiVersion": "apps.shapeblock.io/v1alpha1", "kind": kind,
+                "metadata": {"name": name, "namespace": namespace}, "spec": {"x": [1, {"y": null}]}
+            }).to_string()),
+            (1..5000usize).prop_map(|depth| format!("{}{}", "[".repeat(depth), "]".repeat(depth))),
+            (1..5000usize).prop_map(|depth| "a:\n".to_string() + &"  - ".repeat(depth)),
+            Just("a: &a [*a, *a, *a, *a, *a, *a, *a, *a]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a]\nc: [*b, *b, *b, *b, *b, *b, *b, *b]\n".to_string()),
+            Just("apiVersion: apps.shapeblock.io/v1alpha1\nkind: Project\nmetadata: {name: a}\n---\nkind: App\n".to_string()),
+            Just("apiVersion: apps.shapeblock.io/v1alpha1\nkind: Project\nmetadata: {name: 1e999}\n".to_string()),
+            Just("!!binary AAAA".to_string()),
+        ]
+        .boxed()
+    }
+
+    fn body() -> BoxedStrategy<Down> {
+        let names = || proptest::collection::vec(hostile(), 0..4);
+        prop_oneof![
+            manifest().prop_map(|manifest| Down::Apply(Apply { manifest })),
+            proptest::option::of((hostile(), hostile(), hostile())).prop_map(|o| Down::Delete(Delete {
+                object: o.map(|(k, ns, n)| ObjectRef {
+                    kind: k,
+                    namespace: ns,
+                    name: n
+                })
+            })),
+            (hostile(), hostile())
+                .prop_map(|(namespace, build)| Down::CancelBuild(CancelBuild { namespace, build })),
+            (
+                proptest::collection::vec(manifest(), 0..4),
+                any::<bool>(),
+                proptest::option::of((names(), names(), names())),
+                prop_oneof![0..120u32, any::<u32>()],
+                any::<bool>()
+            )
+                .prop_map(|(manifests, prune, scope, prune_max_percent, force)| Down::Sync(
+                    Sync {
+                        manifests,
+                        prune,
+                        prune_scope: scope.map(|(projects, kinds, namespaces)| PruneScope {
+                            projects,
+                            kinds,
+                            namespaces
+                        }),
+                        prune_max_percent,
+                        force
+                    }
+                )),
+            (
+                hostile(),
+                hostile(),
+                proptest::collection::hash_map(hostile(), hostile(), 0..4),
+                names()
+            )
+                .prop_map(|(namespace, app, set, unset)| Down::SetConfig(SetConfig {
+                    namespace,
+                    app,
+                    set,
+                    unset
+                })),
+        ]
+        .boxed()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: cases(), failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_bytes_from_a_hub_end_in_a_refusal_or_a_valid_request(
+            bytes in proptest::collection::vec(any::<u8>(), 0..256)
+        ) {
+            check(&bytes)?;
+        }
+
+        #[test]
+        fn well_formed_hostile_commands_end_in_a_refusal_or_a_valid_request(
+            seq in any::<u64>(),
+            body in body(),
+        ) {
+            check(&ServerMessage { seq, body: Some(body) }.encode_to_vec())?;
+        }
     }
 }

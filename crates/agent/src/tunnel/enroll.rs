@@ -216,6 +216,7 @@ pub async fn enroll(hub_url: &str, token: &str, pin: &str, key_pem: &str) -> Res
         cert_pem: response.certificate_pem,
         ca_pem: response.ca_pem,
         not_after: response.not_after,
+        pending_key_pem: String::new(),
     })
 }
 
@@ -242,5 +243,6 @@ pub async fn renew(
             response.ca_pem
         },
         not_after: response.not_after,
+        pending_key_pem: String::new(),
     })
 }

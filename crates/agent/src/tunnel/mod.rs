@@ -8,6 +8,7 @@
 
 pub mod enroll;
 pub mod queue;
+pub mod renewal;
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -22,9 +23,9 @@ use crate::proto::v1::agent_message::Body as Up;
 use crate::proto::v1::agent_tunnel_client::AgentTunnelClient;
 use crate::proto::v1::server_message::Body as Down;
 use crate::proto::v1::{
-    Ack, AgentMessage, CommandResult, Heartbeat, Hello, Inventory, LogChunk, PhaseChange, StatusSnapshot,
+    Ack, AgentMessage, CommandResult, Heartbeat, Hello, Inventory, LogChunk, StatusSnapshot,
 };
-use crate::proto::{MAX_MESSAGE_BYTES, now_unix};
+use crate::proto::{MAX_MESSAGE_BYTES, now_unix, now_unix_ms};
 pub use queue::PhaseQueue;
 
 /// The agent's credentials for the hub. The key is PEM PKCS#8 and never leaves the cluster.
@@ -36,6 +37,10 @@ pub struct Identity {
     pub ca_pem: String,
     /// Unix seconds.
     pub not_after: i64,
+    /// A key made for re-enrolling after the certificate expired, kept beside the expired
+    /// certificate until a token is traded for a new one (so a crash in between retries with
+    /// the same key, and the expired certificate still tells what happened).
+    pub pending_key_pem: String,
 }
 
 impl Identity {
@@ -61,9 +66,15 @@ pub enum TunnelError {
     )]
     NotEnrolled,
     #[error(
-        "the client certificate expired at {0} (Unix seconds) and could not be renewed: re-enroll with a new token (`shapeblock-hub token create`, then set --enroll-token and delete the agent's identity Secret)"
+        "the client certificate of cluster {cluster:?} expired at {expired_at} ({ago} s ago), so the hub cannot authenticate this agent{attempt}. Re-enroll it under the same cluster id: on the hub run `shapeblock-hub token create --cluster {cluster}`, then give the agent the token (`helm upgrade shapeblock-agent <chart> -n <namespace> --reuse-values --set enrollment.token=<token>`, or --enroll-token / SHAPEBLOCK_ENROLL_TOKEN); the agent keeps its identity Secret, and the hub keeps the cluster's commands and state"
     )]
-    Expired(i64),
+    Expired {
+        cluster: String,
+        expired_at: String,
+        ago: i64,
+        /// What re-enrolling with the configured token said, if one is configured.
+        attempt: String,
+    },
     #[error("identity store: {0}")]
     Store(String),
     #[error("session: {0}")]
@@ -75,8 +86,9 @@ pub enum TunnelError {
 pub trait Host: Send + Sync + 'static {
     /// Carries out one command; never fails the session (failures are results).
     async fn execute(&self, command: Down) -> CommandResult;
-    /// The current phase of every resource the agent manages (sent after every connect).
-    async fn snapshot(&self) -> Vec<PhaseChange>;
+    /// The current phase of every resource the agent manages (sent after every connect),
+    /// `complete` when every kind's first list was in.
+    async fn snapshot(&self) -> StatusSnapshot;
     /// Kubernetes version, nodes, allocatable.
     async fn inventory(&self) -> Inventory;
     /// Phase changes, coalesced per object.
@@ -108,7 +120,13 @@ pub struct TunnelConfig {
     /// Most sequenced messages waiting for an ack; above it the agent stops producing
     /// (phase changes stay coalesced in the queue, log readers wait).
     pub outbox_limit: usize,
+    /// How often the inventory is read; it is sent when it changed, and at least every
+    /// [`INVENTORY_MAX_AGE`].
+    pub inventory_check: Duration,
 }
+
+/// The longest the hub goes without a fresh inventory from a connected agent.
+pub const INVENTORY_MAX_AGE: Duration = Duration::from_secs(600);
 
 impl TunnelConfig {
     pub fn new(hub_url: String) -> Self {
@@ -120,6 +138,7 @@ impl TunnelConfig {
             backoff_min: Duration::from_millis(200),
             backoff_max: Duration::from_secs(30),
             outbox_limit: 256,
+            inventory_check: Duration::from_secs(120),
         }
     }
 }
@@ -131,7 +150,86 @@ struct Delivery {
     outbox: VecDeque<AgentMessage>,
     /// Highest command seq executed by this process: a command resent by the hub because its
     /// result was not recorded yet is not run twice (it would be harmless: apply is idempotent).
+    /// Valid for one store of the hub only (see [`Delivery::converge`]).
     executed_upto: u64,
+    /// The hub store `executed_upto` and the numbering belong to (`None` before the first
+    /// session; empty from hubs that send none).
+    store_id: Option<String>,
+    /// Highest agent seq the current store acked.
+    acked_upto: u64,
+}
+
+impl Delivery {
+    /// Converges with the hub's `HelloAck`: drops what it has, renumbers from it if this
+    /// process is new (an agent restart starts at 0), and forgets the executed commands when
+    /// the store is not the one they were numbered by: replaced (another store id) or restored
+    /// from a backup (it lost messages it had acked). Skipping by `executed_upto` then would
+    /// silence the agent: the hub numbers new commands from its own store. Returns why it
+    /// reset, if it did; Err for a seq no hub store can hold (numbering on from it would
+    /// overflow).
+    fn converge(&mut self, store_id: &str, last_agent_seq: u64) -> Result<Option<String>, String> {
+        if last_agent_seq > i64::MAX as u64 {
+            return Err(format!(
+                "the hub's hello ack says it has agent seq {last_agent_seq}, beyond any store's range"
+            ));
+        }
+        let reason = match &self.store_id {
+            Some(known) if known != store_id => Some(format!(
+                "the hub's store is another one (id {known:?}, now {store_id:?})"
+            )),
+            Some(_) if last_agent_seq < self.acked_upto => Some(format!(
+                "the hub's store lost messages it had acknowledged (it has up to {last_agent_seq}, it acknowledged {}): restored from a backup?",
+                self.acked_upto
+            )),
+            _ => None,
+        };
+        self.store_id = Some(store_id.to_string());
+        if reason.is_some() {
+            self.executed_upto = 0;
+            // Results answer commands of the old numbering: sent to this store they would
+            // mark other commands done. The hub resends what it has not seen answered.
+            self.outbox.retain(|m| !matches!(m.body, Some(Up::Result(_))));
+            let mut seq = last_agent_seq;
+            for m in self.outbox.iter_mut() {
+                seq += 1;
+                m.seq = seq;
+            }
+            self.next_seq = seq;
+            self.acked_upto = last_agent_seq;
+            return Ok(reason);
+        }
+        self.outbox.retain(|m| m.seq > last_agent_seq);
+        self.next_seq = self.next_seq.max(last_agent_seq);
+        self.acked_upto = self.acked_upto.max(last_agent_seq);
+        if self.outbox.front().is_some_and(|m| m.seq != last_agent_seq + 1) {
+            // A first session of this process after a store change it cannot tell from the
+            // id: renumber what is left.
+            let mut seq = last_agent_seq;
+            for m in self.outbox.iter_mut() {
+                seq += 1;
+                m.seq = seq;
+            }
+            self.next_seq = seq;
+        }
+        Ok(None)
+    }
+
+    /// The hub acked everything up to `seq`; the acked messages leave the outbox. Returns the
+    /// log chunks among them (now durably at the hub).
+    fn acked(&mut self, seq: u64) -> Vec<LogChunk> {
+        self.acked_upto = self.acked_upto.max(seq);
+        let mut delivered = Vec::new();
+        while self.outbox.front().is_some_and(|m| m.seq <= seq) {
+            if let Some(AgentMessage {
+                body: Some(Up::Log(chunk)),
+                ..
+            }) = self.outbox.pop_front()
+            {
+                delivered.push(chunk);
+            }
+        }
+        delivered
+    }
 }
 
 /// Loads the identity, or enrolls (saving the new key *before* the CSR goes out, so a crash
@@ -146,8 +244,9 @@ pub async fn ensure_identity(
         .map_err(TunnelError::Store)?
         .unwrap_or_default();
     if stored.is_complete() {
-        if stored.not_after > 0 && stored.not_after <= now_unix() {
-            return Err(TunnelError::Expired(stored.not_after));
+        let now = now_unix();
+        if renewal::expired(&stored, now) {
+            return reenroll(config, store, stored, now).await;
         }
         return Ok(stored);
     }
@@ -163,6 +262,61 @@ pub async fn ensure_identity(
     store.save(&identity).await.map_err(TunnelError::Store)?;
     tracing::info!(cluster = %identity.cluster_id, not_after = identity.not_after, "enrolled with the hub");
     Ok(identity)
+}
+
+/// An expired certificate: with a token configured, trade it for a new certificate of the
+/// cluster the token names (a new key, saved beside the expired certificate first);
+/// otherwise, or when the hub refuses the token, an error that names the expiry and the
+/// remedy.
+async fn reenroll(
+    config: &TunnelConfig,
+    store: &dyn IdentityStore,
+    mut stored: Identity,
+    now: i64,
+) -> Result<Identity, TunnelError> {
+    let expired = |attempt: String| TunnelError::Expired {
+        cluster: stored.cluster_id.clone(),
+        expired_at: rfc3339(stored.not_after),
+        ago: now - stored.not_after,
+        attempt,
+    };
+    let (Some(token), Some(pin)) = (&config.enroll_token, &config.ca_hash) else {
+        return Err(expired(String::new()));
+    };
+    if stored.pending_key_pem.is_empty() {
+        stored.pending_key_pem = enroll::new_key()?;
+        store.save(&stored).await.map_err(TunnelError::Store)?;
+    }
+    let identity = match enroll::enroll(&config.hub_url, token, pin, &stored.pending_key_pem).await {
+        Ok(identity) => identity,
+        Err(e) => {
+            return Err(expired(format!(
+                "; re-enrolling with the configured token failed: {e}"
+            )));
+        }
+    };
+    if identity.cluster_id != stored.cluster_id {
+        tracing::warn!(before = %stored.cluster_id, now = %identity.cluster_id, "the new token enrolled this agent as another cluster");
+    }
+    store.save(&identity).await.map_err(TunnelError::Store)?;
+    tracing::info!(cluster = %identity.cluster_id, not_after = identity.not_after, "re-enrolled with the hub after the certificate expired");
+    Ok(identity)
+}
+
+/// `2026-12-01T03:38:51Z` (UTC) for Unix seconds.
+fn rfc3339(unix: i64) -> String {
+    match time::OffsetDateTime::from_unix_timestamp(unix) {
+        Ok(t) => format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        ),
+        Err(_) => format!("{unix} (Unix seconds)"),
+    }
 }
 
 /// Full jitter: a uniform delay in `[0, d]`.
@@ -191,6 +345,9 @@ pub async fn run(
             .build()
     };
     let mut delays = backoff();
+    // The same error again (an expired certificate, no token) is logged once every 10 minutes,
+    // not at every retry.
+    let mut last_logged: Option<(String, Instant)> = None;
     let work = async {
         loop {
             let started = Instant::now();
@@ -202,7 +359,31 @@ pub async fn run(
             };
             match &outcome {
                 Ok(()) => tracing::info!("session ended; reconnecting"),
-                Err(e) => tracing::warn!(error = %e, "tunnel: {e}"),
+                Err(e) => {
+                    // What makes two errors the same (an expiry's message counts its age).
+                    let text = match e {
+                        TunnelError::Expired {
+                            cluster,
+                            expired_at,
+                            attempt,
+                            ..
+                        } => format!("expired {cluster} {expired_at} {attempt}"),
+                        other => other.to_string(),
+                    };
+                    let repeated = last_logged
+                        .as_ref()
+                        .is_some_and(|(t, at)| *t == text && at.elapsed() < Duration::from_secs(600));
+                    if repeated {
+                        tracing::debug!(error = %e, "tunnel: {e}");
+                    } else if matches!(e, TunnelError::Expired { .. } | TunnelError::NotEnrolled) {
+                        // The whole remedy, once (not again as a field).
+                        tracing::error!("tunnel: {e}");
+                        last_logged = Some((text, Instant::now()));
+                    } else {
+                        tracing::warn!(error = %e, "tunnel: {e}");
+                        last_logged = Some((text, Instant::now()));
+                    }
+                }
             }
             // A session that lived a while starts the backoff over.
             if started.elapsed() > config.backoff_max {
@@ -227,6 +408,32 @@ fn sequenced(delivery: &mut Delivery, body: Up) -> AgentMessage {
     };
     delivery.outbox.push_back(message.clone());
     message
+}
+
+/// Renews the certificate over `client` and saves it; Ok(false) when the hub refused (the
+/// session goes on with the current certificate, which is still valid).
+async fn try_renew(
+    client: &mut AgentTunnelClient<tonic::transport::Channel>,
+    identity: &Identity,
+    store: &dyn IdentityStore,
+) -> Result<bool, TunnelError> {
+    let now = now_unix();
+    match enroll::renew(client, identity).await {
+        Ok(renewed) => {
+            store.save(&renewed).await.map_err(TunnelError::Store)?;
+            tracing::info!(
+                not_after = renewed.not_after,
+                old_not_after = identity.not_after,
+                left_s = identity.not_after - now,
+                "client certificate renewed; reconnecting with it"
+            );
+            Ok(true)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, left_s = identity.not_after - now, "client certificate renewal failed; retrying in a minute");
+            Ok(false)
+        }
+    }
 }
 
 /// One session, until it breaks (an error) or the certificate was renewed (Ok: reconnect with
@@ -254,16 +461,29 @@ async fn session(
     let mut client = AgentTunnelClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    // Past the renewal point (after a hub outage, or an agent that was down): renew before
+    // anything else, whatever the session would have lasted.
+    let mut next_renew_try = Instant::now();
+    if renewal::due(identity, now_unix()) {
+        tracing::info!(
+            not_after = identity.not_after,
+            renew_at = renewal::renew_at(identity),
+            "the client certificate is past its renewal point: renewing on connect"
+        );
+        if try_renew(&mut client, identity, store).await? {
+            return Ok(());
+        }
+        next_renew_try = Instant::now() + Duration::from_secs(60);
+    }
     // Bounded: when the hub reads slowly, `send` waits and nothing new is produced.
     let (up, up_rx) = mpsc::channel::<AgentMessage>(32);
+    let mut inventory = host.inventory().await;
     let hello = AgentMessage {
         seq: 0,
         body: Some(Up::Hello(Hello {
             agent_version: env!("CARGO_PKG_VERSION").into(),
-            capabilities: ["apply", "delete", "sync", "snapshot", "cancel", "logs"]
-                .map(String::from)
-                .to_vec(),
-            inventory: Some(host.inventory().await),
+            capabilities: crate::proto::capabilities(),
+            inventory: Some(inventory.clone()),
         })),
     };
     up.send(hello)
@@ -284,26 +504,19 @@ async fn session(
             "hub's first message was not a hello ack".into(),
         ));
     };
-    // Converge the delivery state with the hub's: drop what it has, renumber from it if this
-    // process is new (an agent restart starts at 0).
-    delivery.outbox.retain(|m| m.seq > ack.last_agent_seq);
-    delivery.next_seq = delivery.next_seq.max(ack.last_agent_seq);
-    if delivery
-        .outbox
-        .front()
-        .is_some_and(|m| m.seq != ack.last_agent_seq + 1)
+    if let Some(reason) = delivery
+        .converge(&ack.store_id, ack.last_agent_seq)
+        .map_err(TunnelError::Session)?
     {
-        // The hub lost messages it had acked (its store was replaced): renumber what is left.
-        let mut seq = ack.last_agent_seq;
-        for m in delivery.outbox.iter_mut() {
-            seq += 1;
-            m.seq = seq;
-        }
-        delivery.next_seq = seq;
+        tracing::warn!(
+            store_id = %ack.store_id,
+            "{reason}: every command it sends is executed, whatever its seq"
+        );
     }
     tracing::info!(
         epoch = ack.epoch,
         last_agent_seq = ack.last_agent_seq,
+        store_id = %ack.store_id,
         resend = delivery.outbox.len(),
         "session up"
     );
@@ -314,7 +527,7 @@ async fn session(
             .map_err(|_| TunnelError::Session("closed".into()))?;
     }
     let snapshot = host.snapshot().await;
-    let m = sequenced(delivery, Up::Snapshot(StatusSnapshot { objects: snapshot }));
+    let m = sequenced(delivery, Up::Snapshot(snapshot));
     up.send(m)
         .await
         .map_err(|_| TunnelError::Session("closed".into()))?;
@@ -327,10 +540,13 @@ async fn session(
         config.heartbeat
     };
     let mut beat = tokio::time::interval(heartbeat);
+    let mut inventory_check = tokio::time::interval(config.inventory_check);
+    inventory_check.tick().await;
+    let mut inventory_sent = Instant::now();
+    // Hubs before store ids end a session on an agent message they cannot decode: they get
+    // the inventory in the hello only.
+    let hub_takes_inventory = !ack.store_id.is_empty();
     let mut last_heard = Instant::now();
-    // Renew at 2/3 of the remaining lifetime (checked every heartbeat).
-    let lifetime = (identity.not_after - now_unix()).max(0);
-    let renew_at = now_unix() + lifetime * 2 / 3;
     loop {
         let room = delivery.outbox.len() < config.outbox_limit;
         // Logs may fill only half the outbox: results and phase changes always find room.
@@ -343,10 +559,8 @@ async fn session(
                 last_heard = Instant::now();
                 match message.body {
                     Some(Down::Ack(Ack { seq })) => {
-                        while delivery.outbox.front().is_some_and(|m| m.seq <= seq) {
-                            if let Some(AgentMessage { body: Some(Up::Log(chunk)), .. }) = delivery.outbox.pop_front() {
-                                host.log_delivered(&chunk);
-                            }
+                        for chunk in delivery.acked(seq) {
+                            host.log_delivered(&chunk);
                         }
                     }
                     Some(Down::Heartbeat(_)) => {}
@@ -383,20 +597,185 @@ async fn session(
                 let m = sequenced(delivery, Up::Log(chunk));
                 up.send(m).await.map_err(|_| TunnelError::Session("closed".into()))?;
             }
+            _ = inventory_check.tick(), if hub_takes_inventory => {
+                let fresh = host.inventory().await;
+                if fresh != inventory || inventory_sent.elapsed() >= INVENTORY_MAX_AGE {
+                    inventory = fresh;
+                    inventory_sent = Instant::now();
+                    let m = AgentMessage { seq: 0, body: Some(Up::Inventory(inventory.clone())) };
+                    let _ = up.try_send(m);
+                }
+            }
             _ = beat.tick() => {
                 if last_heard.elapsed() > heartbeat * 3 {
                     return Err(TunnelError::Session(format!("no message from the hub for {:?}: reconnecting", last_heard.elapsed())));
                 }
-                let hb = AgentMessage { seq: 0, body: Some(Up::Heartbeat(Heartbeat { sent_at_ms: 0 })) };
+                // The sender's clock: the hub keeps the skew between the two.
+                let hb = AgentMessage { seq: 0, body: Some(Up::Heartbeat(Heartbeat { sent_at_ms: now_unix_ms() })) };
                 // try_send: a full queue already proves the stream is busy.
                 let _ = up.try_send(hb);
-                if identity.not_after > 0 && now_unix() >= renew_at {
-                    let renewed = enroll::renew(&mut client, identity).await?;
-                    store.save(&renewed).await.map_err(TunnelError::Store)?;
-                    tracing::info!(not_after = renewed.not_after, "client certificate renewed; reconnecting with it");
-                    return Ok(());
+                if Instant::now() >= next_renew_try && renewal::due(identity, now_unix()) {
+                    if try_renew(&mut client, identity, store).await? {
+                        return Ok(());
+                    }
+                    next_renew_try = Instant::now() + Duration::from_secs(60);
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::v1::PhaseChange;
+
+    fn message(seq: u64, body: Up) -> AgentMessage {
+        AgentMessage {
+            seq,
+            body: Some(body),
+        }
+    }
+
+    fn result(command_seq: u64) -> Up {
+        Up::Result(CommandResult {
+            command_seq,
+            ok: true,
+            ..Default::default()
+        })
+    }
+
+    fn phase() -> Up {
+        Up::Phase(PhaseChange::default())
+    }
+
+    /// What a hub sends that changes the delivery state, hostile: hello acks with any store id
+    /// and seq, acks of any seq, interleaved with the agent's own messages.
+    #[derive(Debug, Clone)]
+    enum Event {
+        HelloAck(String, u64),
+        Ack(u64),
+        Send(bool),
+    }
+
+    fn event() -> impl proptest::strategy::Strategy<Value = Event> {
+        use proptest::prelude::*;
+        let seq = prop_oneof![0..40u64, any::<u64>(), Just(u64::MAX)];
+        prop_oneof![
+            (
+                prop_oneof![
+                    Just("a".to_string()),
+                    Just("b".to_string()),
+                    Just(String::new()),
+                    any::<String>()
+                ],
+                seq.clone()
+            )
+                .prop_map(|(id, n)| Event::HelloAck(id, n)),
+            seq.prop_map(Event::Ack),
+            any::<bool>().prop_map(Event::Send),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: std::env::var("SHAPEBLOCK_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2048),
+            failure_persistence: None,
+            ..Default::default()
+        })]
+
+        /// Fuzz target for the agent's delivery state under any hub: never a panic, and the
+        /// outbox stays numbered without gaps, after what the hub has, below `next_seq`.
+        #[test]
+        fn any_sequence_of_hello_acks_and_acks_keeps_the_outbox_numbered(
+            events in proptest::collection::vec(event(), 0..40)
+        ) {
+            let mut d = Delivery::default();
+            let mut hub_has = 0u64;
+            for e in events {
+                match e {
+                    Event::HelloAck(id, n) => {
+                        let refused = d.converge(&id, n).is_err();
+                        proptest::prop_assert_eq!(refused, n > i64::MAX as u64);
+                        if !refused {
+                            hub_has = n;
+                        }
+                    }
+                    Event::Ack(n) => {
+                        d.acked(n);
+                    }
+                    Event::Send(result) => {
+                        if d.next_seq < u64::MAX - 1 {
+                            sequenced(&mut d, if result { super::tests::result(1) } else { phase() });
+                        }
+                    }
+                }
+                let seqs: Vec<u64> = d.outbox.iter().map(|m| m.seq).collect();
+                proptest::prop_assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{:?}", seqs);
+                if let Some(last) = seqs.last() {
+                    proptest::prop_assert!(*last <= d.next_seq);
+                }
+                if let Some(first) = seqs.first() {
+                    // What is resent comes after what the hub has (acks may run ahead of it).
+                    proptest::prop_assert!(*first > hub_has.min(d.acked_upto), "{:?} after {}", seqs, hub_has);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn expiry_times_are_shown_as_rfc3339() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_796_096_331), "2026-12-01T03:38:51Z");
+    }
+
+    #[test]
+    fn executed_commands_are_forgotten_when_the_hubs_store_is_replaced_or_restored() {
+        let mut d = Delivery::default();
+        assert_eq!(
+            d.converge("store-a", 0),
+            Ok(None),
+            "a first session resets nothing"
+        );
+        d.executed_upto = 7;
+        d.next_seq = 5;
+        d.acked_upto = 3;
+        d.outbox = [message(4, result(7)), message(5, phase())].into();
+        // The same store again, which has 4: nothing forgotten.
+        assert_eq!(d.converge("store-a", 4), Ok(None));
+        assert_eq!(d.executed_upto, 7);
+        assert_eq!(d.outbox.iter().map(|m| m.seq).collect::<Vec<_>>(), [5]);
+
+        // Another store: commands of its numbering are all executed; results of the old one
+        // are not sent to it; the rest is renumbered after what it has.
+        d.outbox = [message(5, phase()), message(6, result(7)), message(7, phase())].into();
+        let why = d.converge("store-b", 0).unwrap().expect("a reset");
+        assert!(why.contains("another one"), "{why}");
+        assert_eq!(d.executed_upto, 0);
+        assert_eq!(d.outbox.iter().map(|m| m.seq).collect::<Vec<_>>(), [1, 2]);
+        assert!(d.outbox.iter().all(|m| !matches!(m.body, Some(Up::Result(_)))));
+        assert_eq!(d.next_seq, 2);
+
+        // The same store id, restored from a backup: it has less than it acked.
+        d.executed_upto = 9;
+        d.acked_upto = 40;
+        d.outbox.clear();
+        let why = d.converge("store-b", 12).unwrap().expect("a reset");
+        assert!(why.contains("lost messages"), "{why}");
+        assert_eq!((d.executed_upto, d.next_seq, d.acked_upto), (0, 12, 12));
+    }
+
+    /// Regression: the crash the delivery target found. A hello ack with `last_agent_seq`
+    /// near `u64::MAX` overflowed the renumbering (a panic that ended the tunnel task in a
+    /// debug build, wrapped numbers in a release one); it is refused and the session ends.
+    #[test]
+    fn a_hello_ack_beyond_any_stores_range_is_refused() {
+        let mut d = Delivery::default();
+        d.converge("a", 3).unwrap();
+        sequenced(&mut d, phase());
+        let refused = d.converge("a", u64::MAX).unwrap_err();
+        assert!(refused.contains("beyond any store's range"), "{refused}");
+        assert_eq!(d.outbox.len(), 1, "nothing lost");
+        assert_eq!(d.converge("a", 3), Ok(None));
     }
 }
