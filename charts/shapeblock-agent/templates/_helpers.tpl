@@ -1,6 +1,6 @@
 {{/*
 Names are fixed, not derived from the release: the RBAC rules, the Lease and the identity
-Secret have fixed names in src/rbac.rs, and one agent serves a whole cluster.
+Secret have fixed names in crates/agent/src/rbac.rs, and one agent serves a whole cluster.
 */}}
 {{- define "shapeblock-agent.name" -}}shapeblock-agent{{- end -}}
 

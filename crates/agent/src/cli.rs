@@ -41,7 +41,7 @@ enum Command {
         out: Option<PathBuf>,
     },
     /// Write the Helm chart's generated files (its `crds/` and `templates/rbac.yaml`, from the
-    /// Rust types and `src/rbac.rs`) into the chart directory.
+    /// Rust types and `crates/agent/src/rbac.rs`) into the chart directory.
     Chart {
         #[arg(long, value_name = "DIR", default_value = "charts/shapeblock-agent")]
         out: PathBuf,

@@ -529,7 +529,7 @@ mod tests {
             std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
         assert!(
             readme.contains(&markdown_table()),
-            "README.md's RBAC table differs from src/rbac.rs: paste `shapeblock-agent rbac --markdown`"
+            "README.md's RBAC table differs from crates/agent/src/rbac.rs: paste `shapeblock-agent rbac --markdown`"
         );
     }
 
