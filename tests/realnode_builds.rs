@@ -211,6 +211,21 @@ async fn http_get(address: &str, path: &str) -> std::io::Result<(u16, String)> {
         .map_err(|e| std::io::Error::other(e.to_string()))
 }
 
+/// `GET path` printed as a transcript: request, status, headers, body.
+async fn transcript(address: &str, path: &str) -> String {
+    let endpoint = testenv::images::Endpoint::plain(address);
+    match endpoint.request("GET", path, &[], &[]).await {
+        Ok((status, headers, body)) => {
+            let headers: Vec<String> = headers.iter().map(|(n, v)| format!("< {n}: {v}")).collect();
+            format!(
+                "> GET http://{address}{path}\n< {status}\n{}\n<\n{body}",
+                headers.join("\n")
+            )
+        }
+        Err(e) => format!("> GET http://{address}{path}\n! {e}"),
+    }
+}
+
 async fn app_pods(client: &Client, project: &str) -> Vec<Pod> {
     Api::<Pod>::namespaced(client.clone(), project)
         .list(&ListParams::default())
@@ -319,7 +334,10 @@ async fn a_dockerfile_app_goes_from_a_commit_to_a_pod_answering_http_and_rolls_o
     })
     .await;
     let (code, body) = http_get(&format!("{}:8080", addresses[0]), "/").await.unwrap();
-    eprintln!("GET http://{}:8080/ → {code} {body:?}", addresses[0]);
+    eprintln!(
+        "before the rollout:\n{}",
+        transcript(&format!("{}:8080", addresses[0]), "/").await
+    );
     assert_eq!((code, body.as_str()), (200, "commit 1\n"));
     let _ = app_pods(&client, &project).await;
 
@@ -332,19 +350,19 @@ async fn a_dockerfile_app_goes_from_a_commit_to_a_pod_answering_http_and_rolls_o
     let probe = {
         let (client, project, stop) = (client.clone(), project.clone(), stop.clone());
         tokio::spawn(async move {
-            let mut transcript: BTreeMap<String, usize> = BTreeMap::new();
+            let mut answers: BTreeMap<String, usize> = BTreeMap::new();
             let mut failures = Vec::new();
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let ready = ready_endpoints(&client, &project, "web").await;
                 for address in ready {
                     match http_get(&format!("{address}:8080"), "/").await {
-                        Ok((200, body)) => *transcript.entry(body).or_default() += 1,
+                        Ok((200, body)) => *answers.entry(body).or_default() += 1,
                         other => failures.push(format!("{address}: {other:?}")),
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            (transcript, failures)
+            (answers, failures)
         })
     };
     let started = Instant::now();
@@ -389,15 +407,20 @@ async fn a_dockerfile_app_goes_from_a_commit_to_a_pod_answering_http_and_rolls_o
     )
     .await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (transcript, failures) = probe.await.unwrap();
-    eprintln!("GETs during the rollout: {transcript:?}, failed: {failures:?}");
+    let (answers, failures) = probe.await.unwrap();
+    eprintln!("GETs during the rollout: {answers:?}, failed: {failures:?}");
+    let after = ready_endpoints(&client, &project, "web").await;
+    eprintln!(
+        "after the rollout:\n{}",
+        transcript(&format!("{}:8080", after[0]), "/").await
+    );
     assert!(
         failures.is_empty(),
         "requests failed during the rollout: {failures:?}"
     );
     assert!(
-        transcript.contains_key("commit 1\n") && transcript.contains_key("commit 2\n"),
-        "{transcript:?}"
+        answers.contains_key("commit 1\n") && answers.contains_key("commit 2\n"),
+        "{answers:?}"
     );
 
     // The same inputs again: the image is reused, no build Job at all.

@@ -328,6 +328,17 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// Restarts kube-apiserver on the same port and data (SIGTERM, then SIGKILL after 5 s), as a
+    /// control-plane upgrade or crash does; returns once it answers `/readyz` again, with how
+    /// long it was away.
+    pub async fn restart_apiserver(&mut self) -> Result<Duration> {
+        let started = Instant::now();
+        self.apiserver.restart(Duration::from_secs(5))?;
+        let client = self.client().await?;
+        wait_ready(&mut self.apiserver, Duration::from_secs(60), || readyz(&client)).await?;
+        Ok(started.elapsed())
+    }
+
     /// The admin kubeconfig (user in `system:masters`).
     pub fn kubeconfig(&self) -> &Path {
         &self.kubeconfig

@@ -18,6 +18,10 @@ pub struct ManagedProcess {
     name: String,
     child: Child,
     log: PathBuf,
+    // What it was started with, for `restart`.
+    binary: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl ManagedProcess {
@@ -38,6 +42,31 @@ impl ManagedProcess {
         log: &Path,
     ) -> Result<Self> {
         let out = File::create(log).map_err(|e| Error::io(format!("create {}", log.display()), e))?;
+        Self::spawn_to(name, binary, args, env, log, out)
+    }
+
+    /// Stops the process (SIGTERM, SIGKILL after `grace`) and starts it again with the same
+    /// binary, arguments and environment, appending to the same log. The new process dies with
+    /// the thread that calls this.
+    pub fn restart(&mut self, grace: Duration) -> Result<()> {
+        self.stop(grace);
+        let out = File::options()
+            .append(true)
+            .open(&self.log)
+            .map_err(|e| Error::io(format!("open {}", self.log.display()), e))?;
+        let next = Self::spawn_to(&self.name, &self.binary, &self.args, &self.env, &self.log, out)?;
+        *self = next;
+        Ok(())
+    }
+
+    fn spawn_to(
+        name: &str,
+        binary: &Path,
+        args: &[String],
+        env: &[(String, String)],
+        log: &Path,
+        out: File,
+    ) -> Result<Self> {
         let err = out.try_clone().map_err(|e| Error::io("clone log handle", e))?;
         let parent = std::process::id() as libc::pid_t;
         let mut command = Command::new(binary);
@@ -70,6 +99,9 @@ impl ManagedProcess {
             name: name.to_owned(),
             child,
             log: log.to_owned(),
+            binary: binary.to_owned(),
+            args: args.to_vec(),
+            env: env.to_vec(),
         })
     }
 
