@@ -278,6 +278,30 @@ async fn run() {
         .map(|i| format!("step {i:>4} {}", "b".repeat(60)))
         .collect();
     let names: Vec<String> = (0..projects).map(|i| format!("soak-{i}")).collect();
+    let refs: Vec<&str> = build_lines.iter().map(String::as_str).collect();
+    for name in &names {
+        logs().script(name, "build", &refs);
+    }
+    let big_lines: Vec<String> = (0..(log_mib << 20) / 1024)
+        .map(|i| format!("{i:>10} {}", "z".repeat(1024 - 12)))
+        .collect();
+    let big_refs: Vec<&str> = big_lines.iter().map(String::as_str).collect();
+    logs().script("soak-log", "build", &big_refs);
+    let mut expected_logs: BTreeMap<String, usize> = BTreeMap::new();
+
+    for name in names.iter().chain(["soak-log".to_string()].iter()) {
+        apply(&hub, &project_manifest(name)).await;
+        apply(&hub, &app_manifest(name)).await;
+    }
+    // The pods' outcomes are set per namespace: once the namespaces exist.
+    let namespaces_api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    for name in names.iter().chain(["soak-log".to_string()].iter()) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while namespaces_api.get_opt(name).await.ok().flatten().is_none() {
+            assert!(Instant::now() < deadline, "namespace {name} not made");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
     for name in names.iter().chain(["soak-log".to_string()].iter()) {
         set_pod_outcome(
             &client,
@@ -309,21 +333,6 @@ async fn run() {
         )
         .await
         .unwrap();
-    }
-    let refs: Vec<&str> = build_lines.iter().map(String::as_str).collect();
-    for name in &names {
-        logs().script(name, "build", &refs);
-    }
-    let big_lines: Vec<String> = (0..(log_mib << 20) / 1024)
-        .map(|i| format!("{i:>10} {}", "z".repeat(1024 - 12)))
-        .collect();
-    let big_refs: Vec<&str> = big_lines.iter().map(String::as_str).collect();
-    logs().script("soak-log", "build", &big_refs);
-    let mut expected_logs: BTreeMap<String, usize> = BTreeMap::new();
-
-    for name in names.iter().chain(["soak-log".to_string()].iter()) {
-        apply(&hub, &project_manifest(name)).await;
-        apply(&hub, &app_manifest(name)).await;
     }
     apply(&hub, &build_manifest("soak-log", "web-big")).await;
     expected_logs.insert(
