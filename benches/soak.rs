@@ -29,10 +29,10 @@ use kube::api::Api;
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use shapeblock_agent::api::{AppBuild, AppRun, Project};
-use shapeblock_agent::hub::{Hub, HubConfig};
+use shapeblock_hub::{Hub, HubConfig};
 use shapeblock_agent::proto::v1::ObjectRef;
-use shapeblock_agent::testenv::agent::{self, AgentProcess};
-use shapeblock_agent::testenv::{ControlPlane, Options, PodOutcome, PodSelector, logs, set_pod_outcome};
+use shapeblock_testenv::agent::{self, AgentProcess};
+use shapeblock_testenv::{ControlPlane, Options, PodOutcome, PodSelector, logs, set_pod_outcome};
 
 const CLUSTER: &str = "soak";
 /// The hub of the soak; `None` only while a restart holds the lock.
