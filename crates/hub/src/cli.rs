@@ -44,6 +44,20 @@ enum Command {
         cert_lifetime_seconds: u64,
         #[arg(long, default_value_t = 10)]
         heartbeat_seconds: u64,
+        /// Serve the server-facing API (`shapeblock.hub.v1`: TLS, API keys) here.
+        #[arg(long, env = "SHAPEBLOCK_HUB_API_ADDR")]
+        api_addr: Option<std::net::SocketAddr>,
+        /// Events the hub holds for one API watcher; one that leaves them unread for
+        /// --watch-stall-ms is cut (RESOURCE_EXHAUSTED) and resumes from its cursor.
+        #[arg(long, default_value_t = hub::api::DEFAULT_WATCH_BUFFER)]
+        watch_buffer: usize,
+        #[arg(long, default_value_t = hub::api::DEFAULT_WATCH_STALL.as_millis() as u64)]
+        watch_stall_ms: u64,
+    },
+    /// API keys for the hub's API.
+    ApiKey {
+        #[command(subcommand)]
+        command: ApiKeyCommand,
     },
     /// Enrollment tokens.
     Token {
@@ -160,6 +174,16 @@ enum Command {
 }
 
 #[derive(Subcommand, Debug)]
+enum ApiKeyCommand {
+    /// Create a key on the data directory (the first one; later ones can come from the API)
+    /// and print it: it is shown once, only its hash is stored.
+    Create {
+        #[arg(long)]
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum TokenCommand {
     /// Create a one-time token and print the one-line install (`helm install …`).
     Create {
@@ -232,6 +256,9 @@ impl Cli {
                 names,
                 cert_lifetime_seconds,
                 heartbeat_seconds,
+                api_addr,
+                watch_buffer,
+                watch_stall_ms,
             } => {
                 init_tracing("info");
                 let _ = rustls::crypto::ring::default_provider().install_default();
@@ -242,10 +269,16 @@ impl Cli {
                         server_names: names,
                         cert_lifetime: Duration::from_secs(cert_lifetime_seconds),
                         heartbeat: Duration::from_secs(heartbeat_seconds.max(1)),
+                        api_listen: api_addr,
+                        watch_buffer,
+                        watch_stall: Duration::from_millis(watch_stall_ms),
                         ..HubConfig::new(data)
                     };
                     let hub = hub::Hub::start(config).await?;
                     println!("listening on {} (CA {})", hub.url(), hub.ca_hash());
+                    if let Some(api) = hub.api_address() {
+                        println!("API on https://{api}");
+                    }
                     shutdown_on_signals().await;
                     hub.stop().await;
                     Ok::<_, Box<dyn std::error::Error>>(())
@@ -272,6 +305,14 @@ impl Cli {
                     &shapeblock_proto::ca_hash(&ca.cert_der),
                 );
                 println!("{line}");
+            }
+            Command::ApiKey {
+                command: ApiKeyCommand::Create { name },
+            } => {
+                let store = hub::open_store(&data)?;
+                let (row, secret) = hub::api::create_api_key(&store, &name)?;
+                eprintln!("API key {} ({}) created; it is shown once:", row.id, row.name);
+                println!("{secret}");
             }
             Command::DevCerts { out, names } => {
                 std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;

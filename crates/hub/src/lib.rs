@@ -5,6 +5,7 @@
 //!
 //! It knows the proto, TLS, its store and its CA; it never talks to Kubernetes.
 
+pub mod api;
 pub mod cli;
 pub mod pki;
 pub mod store;
@@ -30,7 +31,7 @@ use shapeblock_proto::v1::{
     ObjectRef, PhaseChange, PruneScope, RenewRequest, ServerMessage, SetConfig, StatusSnapshot, Sync,
 };
 use shapeblock_proto::{self as proto, MAX_MESSAGE_BYTES, ca_hash, hex, now_unix, object_key};
-use store::{ObjectStatus, Store, write};
+use store::{FeedEvent, ObjectStatus, Store, feed, write};
 
 /// How the hub runs.
 #[derive(Clone, Debug)]
@@ -49,6 +50,12 @@ pub struct HubConfig {
     pub ca_clock_offset_secs: i64,
     /// Heartbeat interval; a session with no message for 3 intervals is closed.
     pub heartbeat: Duration,
+    /// The server-facing API's listen address (`shapeblock.hub.v1`); `None`: not served.
+    pub api_listen: Option<SocketAddr>,
+    /// Events the hub holds for one API watcher (its memory bound) ...
+    pub watch_buffer: usize,
+    /// ... and how long they may stay unread before the watcher is cut as too slow.
+    pub watch_stall: Duration,
 }
 
 impl HubConfig {
@@ -60,6 +67,9 @@ impl HubConfig {
             cert_lifetime: shapeblock_proto::certificates::DEFAULT_LIFETIME,
             ca_clock_offset_secs: 0,
             heartbeat: Duration::from_secs(10),
+            api_listen: None,
+            watch_buffer: api::DEFAULT_WATCH_BUFFER,
+            watch_stall: api::DEFAULT_WATCH_STALL,
         }
     }
 }
@@ -81,7 +91,15 @@ pub enum HubError {
 
 struct Session {
     epoch: u64,
-    close: watch::Sender<bool>,
+    close: watch::Sender<Close>,
+}
+
+/// Why a session is told to end.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Close {
+    Open,
+    Superseded,
+    Revoked,
 }
 
 struct Inner {
@@ -93,14 +111,39 @@ struct Inner {
     sessions: Mutex<HashMap<String, Session>>,
     wake: Mutex<HashMap<String, Arc<Notify>>>,
     stopping: watch::Sender<bool>,
+    /// What agents dial (the default address in install lines).
+    agent_url: String,
 }
 
 impl Inner {
-    /// Signs a client certificate of `cluster` at the CA's time.
-    fn sign(&self, csr_pem: &str, cluster: &str) -> Result<(String, String), pki::PkiError> {
+    /// Signs a client certificate of `cluster` at the CA's time, and records its serial (what
+    /// a revocation refuses).
+    fn sign(&self, csr_pem: &str, cluster: &str) -> Result<(String, String), Status> {
         let now = time::OffsetDateTime::now_utc() + time::Duration::seconds(self.config.ca_clock_offset_secs);
-        self.ca
+        let (pem, key_hash) = self
+            .ca
             .sign_client_at(csr_pem, cluster, self.config.cert_lifetime, now)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let der = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+            .map_err(|e| internal(format!("signed certificate: {e}")))?;
+        let serial = certificate_serial(&der).ok_or_else(|| internal("signed certificate has no serial"))?;
+        let not_after = proto::not_after(&der).unwrap_or(0);
+        self.store
+            .add_certificate(&serial, cluster, not_after)
+            .map_err(internal)?;
+        Ok((pem, key_hash))
+    }
+
+    /// Asks the live session of `cluster`, if any, to end.
+    fn close_session(&self, cluster: &str, why: Close) {
+        if let Some(session) = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(cluster)
+        {
+            let _ = session.close.send(why);
+        }
     }
 
     fn wake(&self, cluster: &str) -> Arc<Notify> {
@@ -118,6 +161,7 @@ pub struct Hub {
     inner: Arc<Inner>,
     addr: SocketAddr,
     server: tokio::task::JoinHandle<()>,
+    api: Option<(SocketAddr, tokio::task::JoinHandle<()>)>,
 }
 
 /// A DNS-label-like cluster id: it goes into a URI SAN and the store.
@@ -133,6 +177,13 @@ pub fn valid_cluster_id(id: &str) -> bool {
 
 fn token_hash(token: &str) -> String {
     hex(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref())
+}
+
+/// The serial number of a certificate (DER), hex.
+pub fn certificate_serial(der: &[u8]) -> Option<String> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    Some(hex(cert.tbs_certificate.raw_serial()))
 }
 
 /// Opens the store of a hub data directory (for the CLI, which may run beside a live hub).
@@ -303,6 +354,16 @@ impl Hub {
             addr: config.listen,
             source,
         })?;
+        let api_listener =
+            match config.api_listen {
+                Some(api_addr) => Some(tokio::net::TcpListener::bind(api_addr).await.map_err(|source| {
+                    HubError::Listen {
+                        addr: api_addr,
+                        source,
+                    }
+                })?),
+                None => None,
+            };
         let (stopping, _) = watch::channel(false);
         let inner = Arc::new(Inner {
             store,
@@ -312,7 +373,12 @@ impl Hub {
             stopping,
             config: config.clone(),
             ca,
+            agent_url: format!("https://{addr}"),
         });
+        let api = match api_listener {
+            Some(listener) => Some(api::serve(inner.clone(), listener, &cert, &key)?),
+            None => None,
+        };
         let tls = ServerTlsConfig::new()
             .identity(Identity::from_pem(cert, key))
             .client_ca_root(Certificate::from_pem(&inner.ca.cert_pem))
@@ -338,7 +404,17 @@ impl Hub {
             }
         });
         tracing::info!(%addr, ca_hash = %ca_hash(&inner.ca.cert_der), "hub listening");
-        Ok(Self { inner, addr, server })
+        Ok(Self {
+            inner,
+            addr,
+            server,
+            api,
+        })
+    }
+
+    /// The API's address, if it is served.
+    pub fn api_address(&self) -> Option<SocketAddr> {
+        self.api.as_ref().map(|(addr, _)| *addr)
     }
 
     pub fn address(&self) -> SocketAddr {
@@ -406,12 +482,14 @@ impl Hub {
     /// dies) and the listener closes.
     pub async fn stop(self) {
         let _ = self.inner.stopping.send(true);
-        let mut server = self.server;
-        if tokio::time::timeout(Duration::from_secs(5), &mut server)
-            .await
-            .is_err()
-        {
-            server.abort();
+        let servers = std::iter::once(self.server).chain(self.api.map(|(_, server)| server));
+        for mut server in servers {
+            if tokio::time::timeout(Duration::from_secs(5), &mut server)
+                .await
+                .is_err()
+            {
+                server.abort();
+            }
         }
     }
 }
@@ -444,10 +522,7 @@ impl AgentTunnel for Service {
         let token = store.token(&hash).map_err(internal)?.ok_or_else(|| {
             Status::unauthenticated("unknown enrollment token: create one with `shapeblock-hub token create`")
         })?;
-        let (cert_pem, key_hash) = self
-            .inner
-            .sign(&req.csr_pem, &token.cluster)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let (cert_pem, key_hash) = self.inner.sign(&req.csr_pem, &token.cluster)?;
         // A used token still answers the key it was first used with: an agent that crashed
         // after the hub signed, before it stored the certificate, retries with the same key.
         if let Some(bound) = &token.bound_key {
@@ -470,16 +545,15 @@ impl AgentTunnel for Service {
                 "enrollment token already used (by another key)",
             ));
         }
+        // A new token after a revocation: the cluster is a member again.
+        store.rejoined(&token.cluster).map_err(internal)?;
         tracing::info!(cluster = %token.cluster, "cluster enrolled");
         Ok(Response::new(self.response(&token.cluster, cert_pem)))
     }
 
     async fn renew(&self, request: Request<RenewRequest>) -> Result<Response<EnrollResponse>, Status> {
-        let cluster = cluster_of(&request)?;
-        let (cert_pem, _) = self
-            .inner
-            .sign(&request.into_inner().csr_pem, &cluster)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let (cluster, _) = self.admitted(&request)?;
+        let (cert_pem, _) = self.inner.sign(&request.into_inner().csr_pem, &cluster)?;
         tracing::info!(%cluster, "client certificate renewed");
         Ok(Response::new(self.response(&cluster, cert_pem)))
     }
@@ -490,7 +564,7 @@ impl AgentTunnel for Service {
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::TunnelStream>, Status> {
-        let cluster = cluster_of(&request)?;
+        let (cluster, not_after) = self.admitted(&request)?;
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
             .await
@@ -504,7 +578,10 @@ impl AgentTunnel for Service {
             .store
             .begin_session(&cluster, &hello)
             .map_err(internal)?;
-        let (close, closed) = watch::channel(false);
+        if let Err(e) = self.inner.store.set_session_certificate(&cluster, not_after) {
+            tracing::warn!(%e, "certificate expiry");
+        }
+        let (close, closed) = watch::channel(Close::Open);
         if let Some(old) = self
             .inner
             .sessions
@@ -513,7 +590,7 @@ impl AgentTunnel for Service {
             .insert(cluster.clone(), Session { epoch, close })
         {
             tracing::info!(%cluster, old = old.epoch, new = epoch, "newer session replaces the older");
-            let _ = old.close.send(true);
+            let _ = old.close.send(Close::Superseded);
         }
         tracing::info!(%cluster, epoch, last_agent_seq, agent = %hello.agent_version, "session started");
         let (tx, rx) = mpsc::channel(64);
@@ -533,6 +610,32 @@ impl AgentTunnel for Service {
 }
 
 impl Service {
+    /// The cluster of the client certificate and its expiry, if the certificate is not
+    /// revoked: checked before anything else of a session or renewal, so a revoked
+    /// cluster's still-valid certificate gets nothing.
+    fn admitted<T>(&self, request: &Request<T>) -> Result<(String, i64), Status> {
+        let cluster = cluster_of(request)?;
+        let leaf = request
+            .peer_certs()
+            .and_then(|certs| certs.first().map(|c| c.to_vec()))
+            .unwrap_or_default();
+        let serial = certificate_serial(&leaf)
+            .ok_or_else(|| Status::unauthenticated("the client certificate cannot be read"))?;
+        if !self
+            .inner
+            .store
+            .certificate_allowed(&cluster, &serial)
+            .map_err(internal)?
+        {
+            tracing::warn!(%cluster, %serial, "a revoked certificate was refused");
+            return Err(Status::permission_denied(format!(
+                "cluster {cluster:?} was revoked at the hub: its certificate is no longer accepted; \
+                 to join again, enroll with a new token (`shapeblock-hub token create --cluster {cluster}`)"
+            )));
+        }
+        Ok((cluster, proto::not_after(&leaf).unwrap_or(0)))
+    }
+
     fn response(&self, cluster: &str, cert_pem: String) -> EnrollResponse {
         let not_after = rustls::pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes())
             .ok()
@@ -562,7 +665,7 @@ async fn session(
     epoch: u64,
     mut inbound: Streaming<AgentMessage>,
     tx: mpsc::Sender<Result<ServerMessage, Status>>,
-    mut closed: watch::Receiver<bool>,
+    mut closed: watch::Receiver<Close>,
 ) {
     let wake = inner.wake(&cluster);
     let mut stopping = inner.stopping.subscribe();
@@ -575,7 +678,10 @@ async fn session(
     let mut pending_ack: Option<ServerMessage> = None;
     let reason: Status = loop {
         tokio::select! {
-            _ = closed.changed() => break Status::aborted("superseded by a newer session of this cluster"),
+            _ = closed.changed() => match *closed.borrow() {
+                Close::Revoked => break Status::permission_denied("cluster revoked at the hub: enroll again with a new token"),
+                Close::Superseded | Close::Open => break Status::aborted("superseded by a newer session of this cluster"),
+            },
             _ = stopping.changed() => break Status::unavailable("hub shutting down"),
             message = inbound.message() => match message {
                 Ok(Some(message)) => {
@@ -612,6 +718,7 @@ async fn session(
         // holds commands in the store, not in memory).
         match inner.store.pending_commands(&cluster, sent_upto, 32) {
             Ok(rows) => {
+                let sent_before = sent_upto;
                 for row in rows {
                     let Ok(permit) = tx.try_reserve() else { break };
                     match ServerMessage::decode(row.body.as_slice()) {
@@ -623,11 +730,17 @@ async fn session(
                     }
                     sent_upto = row.seq;
                 }
+                if sent_upto > sent_before
+                    && let Err(e) = inner.store.mark_delivered(&cluster, sent_upto)
+                {
+                    tracing::warn!(%e, "marking commands delivered");
+                }
             }
             Err(e) => tracing::error!(%e, "reading commands"),
         }
     };
     tracing::info!(%cluster, epoch, reason = %reason.message(), "session ended");
+    let said = reason.message().to_string();
     let _ = tx.try_send(Err(reason));
     {
         let mut sessions = inner.sessions.lock().unwrap_or_else(|e| e.into_inner());
@@ -635,7 +748,7 @@ async fn session(
             sessions.remove(&cluster);
         }
     }
-    if let Err(e) = inner.store.end_session(&cluster, epoch) {
+    if let Err(e) = inner.store.end_session(&cluster, epoch, &said) {
         tracing::warn!(%e, "end session");
     }
 }
@@ -683,6 +796,19 @@ fn snapshot_changes(known: &[ObjectStatus], snapshot: &StatusSnapshot) -> Vec<Ob
         );
     }
     changes
+}
+
+fn phase_event(cluster: &str, epoch: u64, status: &ObjectStatus) -> FeedEvent {
+    FeedEvent {
+        cluster: cluster.into(),
+        kind: feed::PHASE.into(),
+        epoch,
+        object: status.key.clone(),
+        phase: status.phase.clone(),
+        reason: status.reason.clone(),
+        message: status.message.clone(),
+        ..Default::default()
+    }
 }
 
 fn status_of(p: &PhaseChange) -> ObjectStatus {
@@ -760,12 +886,26 @@ fn handle(
                         r.message
                     );
                     write::event(tx, cluster, seq, epoch, "result", &object, &detail)?;
+                    write::feed(
+                        tx,
+                        &FeedEvent {
+                            cluster: cluster.into(),
+                            kind: feed::RESULT.into(),
+                            epoch,
+                            object,
+                            message: r.message.clone(),
+                            command_seq: r.command_seq,
+                            ok: r.ok,
+                            ..Default::default()
+                        },
+                    )?;
                 }
                 Up::Phase(p) => {
                     let status = status_of(p);
                     if !known.contains(&status) {
                         write::object(tx, cluster, &status)?;
                         write::event(tx, cluster, seq, epoch, "phase", &status.key, &status.phase)?;
+                        write::feed(tx, &phase_event(cluster, epoch, &status))?;
                     }
                 }
                 Up::Snapshot(s) => {
@@ -775,6 +915,7 @@ fn handle(
                     let mut changed = Vec::new();
                     for status in snapshot_changes(&known, s) {
                         write::object(tx, cluster, &status)?;
+                        write::feed(tx, &phase_event(cluster, epoch, &status))?;
                         changed.push(format!("{}={}", status.key, status.phase));
                     }
                     if !changed.is_empty() {
@@ -783,10 +924,28 @@ fn handle(
                 }
                 Up::Log(l) => {
                     let stream = proto::log_stream(l).map_err(store::StoreError::Invalid)?;
-                    if let Some((from, to)) = write::log(tx, cluster, &stream, l.offset, &l.data, l.truncated, l.eof)? {
+                    let written = write::log(tx, cluster, &stream, l.offset, &l.data, l.truncated, l.eof)?;
+                    let log_event = |kind: &str, message: String, truncated: bool| FeedEvent {
+                        cluster: cluster.into(),
+                        kind: kind.into(),
+                        epoch,
+                        object: stream.clone(),
+                        message,
+                        truncated,
+                        ..Default::default()
+                    };
+                    if written.opened {
+                        write::feed(tx, &log_event(feed::LOG_OPENED, l.kind.chars().take(64).collect(), false))?;
+                    }
+                    if let Some((from, to)) = written.gap {
                         tracing::warn!(%cluster, %stream, from, to, "log chunk after a gap: this store lacks bytes the agent delivered (restored or replaced?)");
                         let detail = format!("bytes {from}..{to} missing: the store lost them");
                         write::event(tx, cluster, seq, epoch, "log-gap", &stream, &detail)?;
+                        write::feed(tx, &log_event(feed::LOG_GAP, detail, true))?;
+                    }
+                    if written.ended {
+                        let end = l.offset.saturating_add(l.data.len() as u64);
+                        write::feed(tx, &log_event(feed::LOG_ENDED, format!("{end} bytes"), l.truncated))?;
                     }
                 }
                 Up::Hello(_) | Up::Heartbeat(_) | Up::Ack(_) | Up::Inventory(_) => {}
@@ -966,7 +1125,7 @@ mod fuzz {
         let (epoch, _) = store.begin_session(CLUSTER, &hello).unwrap();
         let ca = pki::Ca::load_or_create(dir.path()).unwrap();
         let (stopping, _) = watch::channel(false);
-        let (close, _) = watch::channel(false);
+        let (close, _) = watch::channel(Close::Open);
         let inner = Inner {
             config: HubConfig::new(dir.path().to_path_buf()),
             store,
@@ -975,6 +1134,7 @@ mod fuzz {
             sessions: Mutex::new(HashMap::from([(CLUSTER.to_string(), Session { epoch, close })])),
             wake: Mutex::default(),
             stopping,
+            agent_url: "https://127.0.0.1:7443".into(),
         };
         Fixture {
             _dir: dir,

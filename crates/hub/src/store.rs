@@ -15,12 +15,18 @@ pub enum StoreError {
     Sql(#[from] rusqlite::Error),
     #[error("{0}")]
     Invalid(String),
+    /// The request contradicts what the store holds (an idempotency key reused).
+    #[error("{0}")]
+    Conflict(String),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 pub struct Store {
     conn: Mutex<Connection>,
+    /// Bumped after every commit that may have added to the feed: watchers wait on it
+    /// instead of polling the store in a tight loop.
+    tick: tokio::sync::watch::Sender<u64>,
 }
 
 /// A token as stored (only its hash is kept).
@@ -42,6 +48,9 @@ pub struct CommandRow {
     pub done: bool,
     pub ok: Option<bool>,
     pub message: Option<String>,
+    /// Sent to the agent at least once.
+    pub delivered: bool,
+    pub created_at: i64,
 }
 
 /// A cluster's delivery state and what its agent said about itself.
@@ -59,6 +68,10 @@ pub struct ClusterRow {
     pub inventory: Option<InventoryRow>,
     /// Hub clock minus the agent's, in ms, from its last heartbeat (network delay included).
     pub clock_skew_ms: Option<i64>,
+    /// `not_after` of the certificate of the latest session (Unix seconds; 0: unknown).
+    pub cert_not_after: i64,
+    /// Revoked, and not enrolled again since.
+    pub revoked: bool,
 }
 
 /// A cluster's inventory as stored: named fields (JSON in the store).
@@ -95,6 +108,87 @@ pub struct ObjectStatus {
     pub message: String,
 }
 
+/// A command to queue ([`Store::add_command_once`]).
+pub struct Queued<'a> {
+    pub cluster: &'a str,
+    /// Encoded `ServerMessage` without its seq.
+    pub body: &'a [u8],
+    /// For the `queued` event: the command's kind and the object it names (if one).
+    pub kind: &'a str,
+    pub object: &'a str,
+    /// (key, digest of the request).
+    pub idempotency: Option<(&'a str, &'a str)>,
+}
+
+/// What the feed's `kind` column holds.
+pub mod feed {
+    pub const PHASE: &str = "phase";
+    pub const RESULT: &str = "result";
+    pub const QUEUED: &str = "queued";
+    pub const SESSION_UP: &str = "session-up";
+    pub const SESSION_DOWN: &str = "session-down";
+    pub const LOG_OPENED: &str = "log-opened";
+    pub const LOG_ENDED: &str = "log-ended";
+    pub const LOG_GAP: &str = "log-gap";
+    pub const REVOKED: &str = "revoked";
+}
+
+/// One entry of the feed: everything the hub records, numbered in the order it was
+/// committed (SQLite `AUTOINCREMENT` inside the writing transaction, and writers take turns,
+/// so a reader never sees id n+1 before id n).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FeedEvent {
+    pub id: u64,
+    pub cluster: String,
+    pub kind: String,
+    pub at_ms: i64,
+    pub epoch: u64,
+    pub object: String,
+    pub phase: String,
+    pub reason: String,
+    pub message: String,
+    pub command_seq: u64,
+    pub ok: bool,
+    pub truncated: bool,
+}
+
+/// An API key as stored (only its hash is kept).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiKeyRow {
+    pub id: String,
+    pub name: String,
+    pub created_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
+/// A log stream: how much is stored and whether it ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogStreamRow {
+    pub stream: String,
+    pub length: u64,
+    pub ended: bool,
+    pub truncated: bool,
+}
+
+/// Bytes of a log from an offset ([`Store::read_log`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LogRead {
+    pub offset: u64,
+    pub data: Vec<u8>,
+    pub next_offset: u64,
+    pub truncated: bool,
+    /// Nothing follows `next_offset` (complete, or cut short when `truncated`).
+    pub eof: bool,
+}
+
+/// What revoking a token found.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum TokenRevoke {
+    Revoked,
+    Used,
+    Unknown,
+}
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS clusters (
@@ -117,6 +211,22 @@ CREATE TABLE IF NOT EXISTS logs (
   cluster TEXT NOT NULL, stream TEXT NOT NULL, offset INTEGER NOT NULL, data BLOB NOT NULL,
   truncated INTEGER NOT NULL DEFAULT 0, eof INTEGER NOT NULL DEFAULT 0,
   PRIMARY KEY (cluster, stream, offset));
+CREATE TABLE IF NOT EXISTS feed (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, cluster TEXT NOT NULL, kind TEXT NOT NULL,
+  at_ms INTEGER NOT NULL, epoch INTEGER NOT NULL DEFAULT 0, object TEXT NOT NULL DEFAULT '',
+  phase TEXT NOT NULL DEFAULT '', reason TEXT NOT NULL DEFAULT '', message TEXT NOT NULL DEFAULT '',
+  command_seq INTEGER NOT NULL DEFAULT 0, ok INTEGER NOT NULL DEFAULT 0,
+  truncated INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS feed_by_cluster ON feed (cluster, id);
+CREATE TABLE IF NOT EXISTS api_keys (
+  id TEXT PRIMARY KEY, name TEXT NOT NULL, hash TEXT NOT NULL UNIQUE, created_at INTEGER NOT NULL,
+  revoked_at INTEGER);
+CREATE TABLE IF NOT EXISTS certificates (
+  serial TEXT PRIMARY KEY, cluster TEXT NOT NULL, not_after INTEGER NOT NULL,
+  issued_at INTEGER NOT NULL, revoked INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS idempotency (
+  cluster TEXT NOT NULL, key TEXT NOT NULL, request TEXT NOT NULL, seq INTEGER NOT NULL,
+  PRIMARY KEY (cluster, key));
 ";
 
 impl Store {
@@ -140,7 +250,17 @@ impl Store {
         )?;
         Ok(Self {
             conn: Mutex::new(conn),
+            tick: tokio::sync::watch::channel(0).0,
         })
+    }
+
+    /// Changes whenever the feed may have grown (in this process).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.tick.subscribe()
+    }
+
+    fn bump(&self) {
+        self.tick.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// The identity of this store, made when it was created.
@@ -165,8 +285,8 @@ impl Store {
         self.with(|c| {
             Self::ensure_cluster(c, cluster)?;
             c.execute(
-                "INSERT INTO tokens (hash, cluster, expires_at) VALUES (?1, ?2, ?3)",
-                params![token_hash, cluster, expires_at],
+                "INSERT INTO tokens (hash, cluster, expires_at, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![token_hash, cluster, expires_at, now_unix()],
             )?;
             Ok(())
         })
@@ -203,8 +323,40 @@ impl Store {
 
     /// Queues a command (an encoded `ServerMessage` body) for a cluster; returns its seq.
     pub fn add_command(&self, cluster: &str, body: &[u8]) -> Result<u64> {
-        self.with(|c| {
+        let queued = Queued {
+            cluster,
+            body,
+            kind: "",
+            object: "",
+            idempotency: None,
+        };
+        Ok(self.add_command_once(&queued)?.0)
+    }
+
+    /// Queues a command, recording a `queued` event; with an idempotency key (and a digest
+    /// of the request), a key seen before returns the command it queued then (and true),
+    /// queuing nothing; the same key with another request is refused.
+    pub fn add_command_once(&self, queued: &Queued<'_>) -> Result<(u64, bool)> {
+        let cluster = queued.cluster;
+        let outcome = self.with(|c| {
             let tx = c.transaction()?;
+            if let Some((key, request)) = queued.idempotency {
+                let earlier: Option<(u64, String)> = tx
+                    .query_row(
+                        "SELECT seq, request FROM idempotency WHERE cluster = ?1 AND key = ?2",
+                        params![cluster, key],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()?;
+                if let Some((seq, digest)) = earlier {
+                    if digest != request {
+                        return Err(StoreError::Conflict(format!(
+                            "idempotency key {key:?} was used for another request (command {seq})"
+                        )));
+                    }
+                    return Ok((seq, true));
+                }
+            }
             Self::ensure_cluster(&tx, cluster)?;
             let seq: u64 = tx.query_row(
                 "UPDATE clusters SET next_command_seq = next_command_seq + 1 WHERE id = ?1 RETURNING next_command_seq - 1",
@@ -213,11 +365,30 @@ impl Store {
             )?;
             tx.execute(
                 "INSERT INTO commands (cluster, seq, body, created_at) VALUES (?1, ?2, ?3, ?4)",
-                params![cluster, seq, body, now_unix()],
+                params![cluster, seq, queued.body, now_unix()],
+            )?;
+            if let Some((key, request)) = queued.idempotency {
+                tx.execute(
+                    "INSERT INTO idempotency (cluster, key, request, seq) VALUES (?1, ?2, ?3, ?4)",
+                    params![cluster, key, request, seq],
+                )?;
+            }
+            write::feed(
+                &tx,
+                &FeedEvent {
+                    cluster: cluster.into(),
+                    kind: feed::QUEUED.into(),
+                    object: queued.object.into(),
+                    message: queued.kind.into(),
+                    command_seq: seq,
+                    ..Default::default()
+                },
             )?;
             tx.commit()?;
-            Ok(seq)
-        })
+            Ok((seq, false))
+        })?;
+        self.bump();
+        Ok(outcome)
     }
 
     /// Commands without a result, from `after` on, in order, at most `limit`.
@@ -233,7 +404,7 @@ impl Store {
     fn commands_where(&self, cluster: &str, cond: &str, after: u64, limit: u32) -> Result<Vec<CommandRow>> {
         self.with(|c| {
             let sql = format!(
-                "SELECT seq, body, done, ok, message FROM commands WHERE cluster = ?1 AND {cond} ORDER BY seq LIMIT ?3"
+                "SELECT seq, body, done, ok, message, delivered, created_at FROM commands WHERE cluster = ?1 AND {cond} ORDER BY seq LIMIT ?3"
             );
             let mut stmt = c.prepare(&sql)?;
             let rows = stmt
@@ -244,10 +415,31 @@ impl Store {
                         done: r.get::<_, i64>(2)? != 0,
                         ok: r.get::<_, Option<i64>>(3)?.map(|v| v != 0),
                         message: r.get(4)?,
+                        delivered: r.get::<_, i64>(5)? != 0,
+                        created_at: r.get(6)?,
                     })
                 })?
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(rows)
+        })
+    }
+
+    /// One command of a cluster.
+    pub fn command(&self, cluster: &str, seq: u64) -> Result<Option<CommandRow>> {
+        Ok(self
+            .commands_where(cluster, "seq = ?2", seq, 1)?
+            .into_iter()
+            .next())
+    }
+
+    /// Marks the commands sent in a session, up to `seq`, delivered.
+    pub fn mark_delivered(&self, cluster: &str, upto: u64) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE commands SET delivered = 1 WHERE cluster = ?1 AND seq <= ?2 AND delivered = 0",
+                params![cluster, upto],
+            )?;
+            Ok(())
         })
     }
 
@@ -287,15 +479,41 @@ impl Store {
             .inventory
             .as_ref()
             .map(|i| serde_json::to_string(&InventoryRow::from_proto(i, now)).unwrap_or_default());
-        self.with(|c| {
-            Self::ensure_cluster(c, cluster)?;
-            Ok(c.query_row(
+        let begun = self.with(|c| {
+            let tx = c.transaction()?;
+            Self::ensure_cluster(&tx, cluster)?;
+            let (epoch, last): (u64, u64) = tx.query_row(
                 "UPDATE clusters SET epoch = epoch + 1, connected = 1, last_seen = ?2, hello = NULL,
                    agent_version = ?3, capabilities = ?4, inventory = coalesce(?5, inventory)
                  WHERE id = ?1 RETURNING epoch, last_agent_seq",
                 params![cluster, now, version, capabilities, inventory],
                 |r| Ok((r.get(0)?, r.get(1)?)),
-            )?)
+            )?;
+            write::feed(
+                &tx,
+                &FeedEvent {
+                    cluster: cluster.into(),
+                    kind: feed::SESSION_UP.into(),
+                    epoch,
+                    message: format!("agent {version}"),
+                    ..Default::default()
+                },
+            )?;
+            tx.commit()?;
+            Ok((epoch, last))
+        })?;
+        self.bump();
+        Ok(begun)
+    }
+
+    /// Keeps the expiry of the certificate a session was opened with.
+    pub fn set_session_certificate(&self, cluster: &str, not_after: i64) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE clusters SET cert_not_after = ?2 WHERE id = ?1",
+                params![cluster, not_after],
+            )?;
+            Ok(())
         })
     }
 
@@ -323,15 +541,30 @@ impl Store {
         })
     }
 
-    /// Ends a session if it is still the current epoch.
-    pub fn end_session(&self, cluster: &str, epoch: u64) -> Result<()> {
+    /// Ends a session (a `session-down` event with `reason`); marks the cluster
+    /// disconnected if it is still the current epoch.
+    pub fn end_session(&self, cluster: &str, epoch: u64, reason: &str) -> Result<()> {
         self.with(|c| {
-            c.execute(
+            let tx = c.transaction()?;
+            tx.execute(
                 "UPDATE clusters SET connected = 0 WHERE id = ?1 AND epoch = ?2",
                 params![cluster, epoch],
             )?;
+            write::feed(
+                &tx,
+                &FeedEvent {
+                    cluster: cluster.into(),
+                    kind: feed::SESSION_DOWN.into(),
+                    epoch,
+                    message: reason.chars().take(512).collect(),
+                    ..Default::default()
+                },
+            )?;
+            tx.commit()?;
             Ok(())
-        })
+        })?;
+        self.bump();
+        Ok(())
     }
 
     pub fn mark_disconnected_all(&self) -> Result<()> {
@@ -378,6 +611,11 @@ impl Store {
             )?;
             tx.commit()?;
             Ok(true)
+        })
+        .inspect(|recorded| {
+            if *recorded {
+                self.bump();
+            }
         })
     }
 
@@ -448,14 +686,324 @@ impl Store {
             Ok((out, truncated, eof))
         })
     }
+
+    /// Stores a new API key (its hash only).
+    pub fn add_api_key(&self, id: &str, name: &str, hash: &str) -> Result<ApiKeyRow> {
+        let created_at = now_unix();
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO api_keys (id, name, hash, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![id, name, hash, created_at],
+            )?;
+            Ok(ApiKeyRow {
+                id: id.into(),
+                name: name.into(),
+                created_at,
+                revoked_at: None,
+            })
+        })
+    }
+
+    /// The key with this hash, if it exists and is not revoked.
+    pub fn valid_api_key(&self, hash: &str) -> Result<Option<ApiKeyRow>> {
+        self.with(|c| {
+            Ok(c.query_row(
+                "SELECT id, name, created_at, revoked_at FROM api_keys WHERE hash = ?1 AND revoked_at IS NULL",
+                params![hash],
+                api_key_row,
+            )
+            .optional()?)
+        })
+    }
+
+    pub fn api_keys(&self) -> Result<Vec<ApiKeyRow>> {
+        self.with(|c| {
+            let mut stmt =
+                c.prepare("SELECT id, name, created_at, revoked_at FROM api_keys ORDER BY rowid")?;
+            let rows = stmt.query_map([], api_key_row)?.collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    /// Revokes a key (again: a no-op); `None` if there is none with this id.
+    pub fn revoke_api_key(&self, id: &str) -> Result<Option<ApiKeyRow>> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE api_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
+                params![id, now_unix()],
+            )?;
+            Ok(c.query_row(
+                "SELECT id, name, created_at, revoked_at FROM api_keys WHERE id = ?1",
+                params![id],
+                api_key_row,
+            )
+            .optional()?)
+        })
+    }
+
+    /// Tokens (hash, row), of one cluster or all, newest last.
+    pub fn tokens(&self, cluster: Option<&str>) -> Result<Vec<(String, TokenRow)>> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT hash, cluster, expires_at, bound_key, cert_pem FROM tokens
+                 WHERE ?1 IS NULL OR cluster = ?1 ORDER BY created_at, rowid",
+            )?;
+            let rows = stmt
+                .query_map(params![cluster], |r| {
+                    Ok((
+                        r.get(0)?,
+                        TokenRow {
+                            cluster: r.get(1)?,
+                            expires_at: r.get(2)?,
+                            bound_key: r.get(3)?,
+                            cert_pem: r.get(4)?,
+                        },
+                    ))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    /// Deletes a token nobody has used.
+    pub fn revoke_token(&self, token_hash: &str) -> Result<TokenRevoke> {
+        self.with(|c| {
+            let bound: Option<Option<String>> = c
+                .query_row(
+                    "SELECT bound_key FROM tokens WHERE hash = ?1",
+                    params![token_hash],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok(match bound {
+                None => TokenRevoke::Unknown,
+                Some(Some(_)) => TokenRevoke::Used,
+                Some(None) => {
+                    c.execute("DELETE FROM tokens WHERE hash = ?1", params![token_hash])?;
+                    TokenRevoke::Revoked
+                }
+            })
+        })
+    }
+
+    /// Records a certificate the CA signed for a cluster.
+    pub fn add_certificate(&self, serial: &str, cluster: &str, not_after: i64) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT OR IGNORE INTO certificates (serial, cluster, not_after, issued_at) VALUES (?1, ?2, ?3, ?4)",
+                params![serial, cluster, not_after, now_unix()],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// A revoked cluster enrolled again with a new token: a member again.
+    pub fn rejoined(&self, cluster: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute("UPDATE clusters SET revoked = 0 WHERE id = ?1", params![cluster])?;
+            Ok(())
+        })
+    }
+
+    /// Whether a certificate of `cluster` with `serial` may open a session: not revoked; one
+    /// the store has no record of (signed by a hub from before the record) only if the
+    /// cluster was never revoked.
+    pub fn certificate_allowed(&self, cluster: &str, serial: &str) -> Result<bool> {
+        self.with(|c| {
+            let revoked: Option<i64> = c
+                .query_row(
+                    "SELECT revoked FROM certificates WHERE serial = ?1 AND cluster = ?2",
+                    params![serial, cluster],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(revoked) = revoked {
+                return Ok(revoked == 0);
+            }
+            let ever_revoked: Option<i64> = c
+                .query_row(
+                    "SELECT revoked_at FROM clusters WHERE id = ?1",
+                    params![cluster],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .flatten();
+            Ok(ever_revoked.is_none())
+        })
+    }
+
+    /// Revokes every certificate of a cluster and drops its tokens (used ones too: a used
+    /// token answers its key with the revoked certificate); false if the cluster is unknown.
+    pub fn revoke_cluster(&self, cluster: &str) -> Result<bool> {
+        let found = self.with(|c| {
+            let tx = c.transaction()?;
+            let n = tx.execute(
+                "UPDATE clusters SET revoked = 1, revoked_at = ?2 WHERE id = ?1",
+                params![cluster, now_unix()],
+            )?;
+            if n == 0 {
+                return Ok(false);
+            }
+            tx.execute(
+                "UPDATE certificates SET revoked = 1 WHERE cluster = ?1",
+                params![cluster],
+            )?;
+            tx.execute("DELETE FROM tokens WHERE cluster = ?1", params![cluster])?;
+            write::feed(
+                &tx,
+                &FeedEvent {
+                    cluster: cluster.into(),
+                    kind: feed::REVOKED.into(),
+                    ..Default::default()
+                },
+            )?;
+            tx.commit()?;
+            Ok(true)
+        })?;
+        if found {
+            self.bump();
+        }
+        Ok(found)
+    }
+
+    /// Feed entries after `after`, of one cluster or all, in order, at most `limit`.
+    pub fn feed_after(&self, cluster: Option<&str>, after: u64, limit: u32) -> Result<Vec<FeedEvent>> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT id, cluster, kind, at_ms, epoch, object, phase, reason, message, command_seq, ok, truncated
+                 FROM feed WHERE id > ?2 AND (?1 IS NULL OR cluster = ?1) ORDER BY id LIMIT ?3",
+            )?;
+            let rows = stmt
+                .query_map(params![cluster, after, limit], |r| {
+                    Ok(FeedEvent {
+                        id: r.get(0)?,
+                        cluster: r.get(1)?,
+                        kind: r.get(2)?,
+                        at_ms: r.get(3)?,
+                        epoch: r.get(4)?,
+                        object: r.get(5)?,
+                        phase: r.get(6)?,
+                        reason: r.get(7)?,
+                        message: r.get(8)?,
+                        command_seq: r.get(9)?,
+                        ok: r.get::<_, i64>(10)? != 0,
+                        truncated: r.get::<_, i64>(11)? != 0,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    /// The log streams of a cluster.
+    pub fn log_streams(&self, cluster: &str) -> Result<Vec<LogStreamRow>> {
+        self.with(|c| {
+            // The last chunk by offset ends a stream (chunks never overlap).
+            let mut stmt = c.prepare(
+                "SELECT stream, offset + length(data), eof, truncated FROM logs AS l
+                 WHERE cluster = ?1 AND offset = (SELECT max(offset) FROM logs WHERE cluster = l.cluster AND stream = l.stream)
+                 ORDER BY stream",
+            )?;
+            let rows = stmt
+                .query_map(params![cluster], |r| {
+                    let (eof, truncated) = (r.get::<_, i64>(2)? != 0, r.get::<_, i64>(3)? != 0);
+                    Ok(LogStreamRow {
+                        stream: r.get(0)?,
+                        length: r.get(1)?,
+                        ended: eof || truncated,
+                        truncated,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    /// At most `limit` bytes of a log from `offset`, up to the first truncation marker.
+    pub fn read_log(&self, cluster: &str, stream: &str, offset: u64, limit: usize) -> Result<LogRead> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT offset, data, truncated, eof FROM logs
+                 WHERE cluster = ?1 AND stream = ?2 AND offset + length(data) >= ?3 ORDER BY offset LIMIT 512",
+            )?;
+            let rows = stmt
+                .query_map(params![cluster, stream, offset], |r| {
+                    Ok((
+                        r.get::<_, u64>(0)?,
+                        r.get::<_, Vec<u8>>(1)?,
+                        r.get::<_, i64>(2)? != 0,
+                        r.get::<_, i64>(3)? != 0,
+                    ))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(read_rows(offset, limit, &rows))
+        })
+    }
+}
+
+/// [`Store::read_log`] over the chunks that end at or after `offset`, in order.
+fn read_rows(offset: u64, limit: usize, rows: &[(u64, Vec<u8>, bool, bool)]) -> LogRead {
+    let mut out = LogRead {
+        offset,
+        next_offset: offset,
+        ..Default::default()
+    };
+    let mut pos = offset;
+    for (i, (start, data, truncated, eof)) in rows.iter().enumerate() {
+        if *start > pos {
+            // Inside the bytes a marker says are missing: jump over them.
+            if !out.data.is_empty() {
+                break;
+            }
+            pos = *start;
+            out.offset = pos;
+        }
+        let skip = (pos - start) as usize;
+        let rest = data.get(skip..).unwrap_or_default();
+        let room = limit.saturating_sub(out.data.len());
+        let taken = rest.len().min(room);
+        out.data.extend_from_slice(&rest[..taken]);
+        pos += taken as u64;
+        if taken < rest.len() {
+            break;
+        }
+        if *truncated {
+            out.truncated = true;
+            match rows.get(i + 1) {
+                Some((next, ..)) => pos = pos.max(*next),
+                None => out.eof = true,
+            }
+            break;
+        }
+        if *eof {
+            out.eof = true;
+            break;
+        }
+    }
+    out.next_offset = pos;
+    out
+}
+
+fn api_key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ApiKeyRow> {
+    Ok(ApiKeyRow {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        created_at: r.get(2)?,
+        revoked_at: r.get(3)?,
+    })
 }
 
 /// Columns added after the first release: a store made by an older hub gets them on open.
-const ADDED_COLUMNS: [(&str, &str, &str); 4] = [
+const ADDED_COLUMNS: [(&str, &str, &str); 9] = [
     ("clusters", "agent_version", "TEXT"),
     ("clusters", "capabilities", "TEXT"),
     ("clusters", "inventory", "TEXT"),
     ("clusters", "clock_skew_ms", "INTEGER"),
+    ("clusters", "cert_not_after", "INTEGER NOT NULL DEFAULT 0"),
+    ("clusters", "revoked", "INTEGER NOT NULL DEFAULT 0"),
+    ("clusters", "revoked_at", "INTEGER"),
+    ("commands", "delivered", "INTEGER NOT NULL DEFAULT 0"),
+    ("tokens", "created_at", "INTEGER NOT NULL DEFAULT 0"),
 ];
 
 fn migrate(conn: &Connection) -> Result<()> {
@@ -472,8 +1020,7 @@ fn migrate(conn: &Connection) -> Result<()> {
     Ok(())
 }
 
-const CLUSTER_COLUMNS: &str =
-    "id, epoch, last_agent_seq, connected, last_seen, agent_version, capabilities, inventory, clock_skew_ms";
+const CLUSTER_COLUMNS: &str = "id, epoch, last_agent_seq, connected, last_seen, agent_version, capabilities, inventory, clock_skew_ms, cert_not_after, revoked";
 
 fn cluster_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ClusterRow> {
     let capabilities: Option<String> = r.get(6)?;
@@ -490,12 +1037,47 @@ fn cluster_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ClusterRow> {
             .unwrap_or_default(),
         inventory: inventory.and_then(|i| serde_json::from_str(&i).ok()),
         clock_skew_ms: r.get(8)?,
+        cert_not_after: r.get(9)?,
+        revoked: r.get::<_, i64>(10)? != 0,
     })
 }
 
 /// Writes for [`Store::record`]'s callback.
 pub mod write {
     use super::*;
+
+    /// Appends to the feed (its id and time are the store's).
+    pub fn feed(conn: &Connection, e: &FeedEvent) -> Result<()> {
+        conn.execute(
+            "INSERT INTO feed (cluster, kind, at_ms, epoch, object, phase, reason, message, command_seq, ok, truncated)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![
+                e.cluster,
+                e.kind,
+                shapeblock_proto::now_unix_ms(),
+                e.epoch,
+                e.object,
+                e.phase,
+                e.reason,
+                e.message,
+                e.command_seq,
+                e.ok as i64,
+                e.truncated as i64
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// What [`log`] stored.
+    #[derive(Debug, Default, PartialEq)]
+    pub struct LogWrite {
+        /// The bytes (start, end) this store lacks before the chunk.
+        pub gap: Option<(u64, u64)>,
+        /// The stream's first record.
+        pub opened: bool,
+        /// The record that ends the stream (eof or truncated).
+        pub ended: bool,
+    }
 
     pub fn event(
         tx: &rusqlite::Transaction<'_>,
@@ -577,7 +1159,7 @@ pub mod write {
 
     /// Appends a log chunk. A chunk that overlaps what is stored is cut to the new bytes, so a
     /// replay never duplicates a byte. One that leaves a gap is stored after a truncation
-    /// marker where the gap begins, and the gap (start, end) is returned: the agent counts
+    /// marker where the gap begins, and the gap (start, end) is reported: the agent counts
     /// offsets itself, so a gap means this store lost bytes it had acknowledged (restored
     /// from a backup, replaced). Refusing the chunk would end every session of the agent on
     /// the same resend.
@@ -589,17 +1171,17 @@ pub mod write {
         data: &[u8],
         truncated: bool,
         eof: bool,
-    ) -> Result<Option<(u64, u64)>> {
+    ) -> Result<LogWrite> {
         // Stored chunks never overlap, so the last one by offset ends the log: one index
         // lookup, not a scan of every chunk (a 1 GiB log is 32,768 of them).
-        let end: u64 = tx
+        let last: Option<(u64, bool)> = tx
             .query_row(
-                "SELECT offset + length(data) FROM logs WHERE cluster = ?1 AND stream = ?2 ORDER BY offset DESC LIMIT 1",
+                "SELECT offset + length(data), eof OR truncated FROM logs WHERE cluster = ?1 AND stream = ?2 ORDER BY offset DESC LIMIT 1",
                 params![cluster, stream],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get::<_, i64>(1)? != 0)),
             )
-            .optional()?
-            .unwrap_or(0);
+            .optional()?;
+        let (end, ended_before) = last.unwrap_or((0, false));
         let mut gap = None;
         if offset > end && !truncated {
             tx.execute(
@@ -610,20 +1192,99 @@ pub mod write {
         }
         let skip = end.saturating_sub(offset) as usize;
         if skip >= data.len() && !truncated && !eof {
-            return Ok(gap);
+            return Ok(LogWrite {
+                gap,
+                ..Default::default()
+            });
         }
         let data = data.get(skip..).unwrap_or_default();
         tx.execute(
             "INSERT OR REPLACE INTO logs (cluster, stream, offset, data, truncated, eof) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![cluster, stream, offset.max(end), data, truncated as i64, eof as i64],
         )?;
-        Ok(gap)
+        Ok(LogWrite {
+            gap,
+            opened: last.is_none(),
+            ended: (truncated || eof) && !ended_before,
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_log_reads_from_any_offset_jumps_a_gap_after_its_marker_and_says_where_it_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("hub.sqlite")).unwrap();
+        store.add_token("h", "c", i64::MAX).unwrap();
+        let (epoch, _) = store.begin_session("c", &Default::default()).unwrap();
+        let mut seq = 0;
+        let mut chunk = |offset: u64, data: &[u8], eof: bool| {
+            seq += 1;
+            let mut written = write::LogWrite::default();
+            store
+                .record("c", epoch, seq, |tx| {
+                    written = write::log(tx, "c", "ns/b/build", offset, data, false, eof)?;
+                    Ok(())
+                })
+                .unwrap();
+            written
+        };
+        assert!(chunk(0, b"hello ", false).opened);
+        // A chunk past the end: the store lost bytes 6..10.
+        let gapped = chunk(10, b"world", false);
+        assert_eq!(
+            (gapped.gap, gapped.opened, gapped.ended),
+            (Some((6, 10)), false, false)
+        );
+        let read = |offset, limit| store.read_log("c", "ns/b/build", offset, limit).unwrap();
+        let first = read(0, 1 << 20);
+        assert_eq!(
+            (
+                first.data.as_slice(),
+                first.truncated,
+                first.eof,
+                first.next_offset
+            ),
+            (&b"hello "[..], true, false, 10)
+        );
+        let second = read(first.next_offset, 1 << 20);
+        assert_eq!(
+            (second.offset, second.data.as_slice(), second.eof),
+            (10, &b"world"[..], false)
+        );
+        assert_eq!(read(2, 3).data, b"llo");
+        assert_eq!(read(8, 100).offset, 10, "inside the gap: from its end");
+        assert!(chunk(15, b"!", true).ended);
+        let last = read(15, 100);
+        assert_eq!(
+            (last.data.as_slice(), last.eof, last.next_offset),
+            (&b"!"[..], true, 16)
+        );
+        let streams = store.log_streams("c").unwrap();
+        assert_eq!(
+            streams,
+            [LogStreamRow {
+                stream: "ns/b/build".into(),
+                length: 16,
+                ended: true,
+                truncated: false
+            }]
+        );
+        let kinds: Vec<String> = store
+            .feed_after(Some("c"), 0, 100)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.kind)
+            .collect();
+        assert_eq!(
+            kinds,
+            [feed::SESSION_UP],
+            "log events are the hub's, written in handle"
+        );
+    }
 
     #[test]
     fn a_store_keeps_its_id_an_old_one_gains_the_new_columns_and_a_new_one_has_another_id() {

@@ -1,0 +1,1004 @@
+//! The hub's server-facing API (`shapeblock.hub.v1`) with real parts: the `shapeblock-hub`
+//! binary serving it over TLS with its CA, API keys made by its CLI, a client that knows only
+//! the proto, and (where a test says so) the real `shapeblock-agent` binary on the test
+//! cluster, enrolled with the install line the API printed.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::Api;
+use rustls::pki_types::pem::PemObject;
+use shapeblock_hub::api::v1::hub_client::HubClient;
+use shapeblock_hub::api::v1::{self as api, CommandState, EventKind};
+use shapeblock_testenv::agent::AgentProcess;
+use support::agent::{AGENT_NS, Env, hub_env};
+use support::{eventually, unique_name};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::{Code, Request, Status};
+
+const TIMEOUT: Duration = Duration::from_secs(45);
+
+/// A `shapeblock-hub serve` process with its API on, in its own data directory.
+struct HubProcess {
+    child: Child,
+    dir: tempfile::TempDir,
+    agent_url: String,
+    api_url: String,
+    ca_pem: String,
+    /// The first API key, made by the CLI on the data directory.
+    key: String,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn hub_cli(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_shapeblock-hub"))
+        .arg("--data-dir")
+        .arg(dir)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+impl HubProcess {
+    async fn start(extra: &[&str]) -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let made = hub_cli(dir.path(), &["api-key", "create", "--name", "test"]);
+        assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+        let key = String::from_utf8(made.stdout).unwrap().trim().to_string();
+        assert!(key.starts_with("sbk_"), "{key}");
+        let (port, api_port) = (free_port(), free_port());
+        let log = std::fs::File::create(dir.path().join("hub.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_shapeblock-hub"))
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--api-addr",
+                &format!("127.0.0.1:{api_port}"),
+                "--heartbeat-seconds",
+                "2",
+            ])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for p in [port, api_port] {
+            while tokio::net::TcpStream::connect(("127.0.0.1", p)).await.is_err() {
+                assert!(Instant::now() < deadline, "the hub process did not listen");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let ca_pem = std::fs::read_to_string(dir.path().join("ca.pem")).unwrap();
+        Self {
+            child,
+            dir,
+            agent_url: format!("https://127.0.0.1:{port}"),
+            api_url: format!("https://127.0.0.1:{api_port}"),
+            ca_pem,
+            key,
+        }
+    }
+
+    async fn channel(&self, endpoint: impl FnOnce(Endpoint) -> Endpoint) -> Channel {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.ca_pem))
+            .domain_name("127.0.0.1");
+        endpoint(Endpoint::from_shared(self.api_url.clone()).unwrap())
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    /// A client with the hub's first key.
+    async fn client(&self) -> Client {
+        self.client_with(Some(&self.key)).await
+    }
+
+    async fn client_with(&self, key: Option<&str>) -> Client {
+        HubClient::with_interceptor(self.channel(|e| e).await, Bearer(key.map(str::to_string)))
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("hub.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for HubProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Clone)]
+struct Bearer(Option<String>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(key) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {key}").parse().unwrap());
+        }
+        Ok(request)
+    }
+}
+
+type Client = HubClient<InterceptedService<Channel, Bearer>>;
+
+fn project(name: &str) -> String {
+    support::hub::project(name)
+}
+
+/// A cluster the hub knows (it has a token), with no agent.
+async fn cluster_with_token(client: &mut Client) -> (String, api::CreateEnrollmentTokenResponse) {
+    let cluster = unique_name("c");
+    let token = client
+        .create_enrollment_token(api::CreateEnrollmentTokenRequest {
+            cluster_id: cluster.clone(),
+            ttl_seconds: 300,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (cluster, token)
+}
+
+async fn apply(
+    client: &mut Client,
+    cluster: &str,
+    manifest: &str,
+    key: &str,
+) -> Result<api::CommandAccepted, Status> {
+    client
+        .apply(api::ApplyRequest {
+            cluster_id: cluster.into(),
+            manifest: manifest.into(),
+            idempotency_key: key.into(),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Every event after `after` the hub has now (read until the stream is quiet for 300 ms).
+async fn events(client: &mut Client, cluster: &str, after: u64) -> Vec<api::Event> {
+    let mut stream = client
+        .watch_events(api::WatchEventsRequest {
+            cluster_id: cluster.into(),
+            after_id: after,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Ok(next) = tokio::time::timeout(Duration::from_millis(300), stream.message()).await {
+        match next.unwrap() {
+            Some(event) => out.push(event),
+            None => break,
+        }
+    }
+    out
+}
+
+fn queued(events: &[api::Event]) -> usize {
+    events
+        .iter()
+        .filter(|e| e.kind() == EventKind::CommandQueued)
+        .count()
+}
+
+fn assert_refused(result: Result<impl std::fmt::Debug, Status>, code: Code, words: &str) {
+    let status = result.expect_err("refused");
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(
+        status.message().contains(words),
+        "{:?} lacks {words:?}",
+        status.message()
+    );
+}
+
+// ---- bad input: a clear error, nothing changed ----
+
+/// The calls a caller without a valid key tries: a token, a command, a revocation, a key.
+async fn try_everything(client: &mut Client, cluster: &str) -> Vec<Status> {
+    let mut refused = Vec::new();
+    let token = client
+        .create_enrollment_token(api::CreateEnrollmentTokenRequest {
+            cluster_id: unique_name("intruder"),
+            ..Default::default()
+        })
+        .await;
+    refused.push(token.expect_err("token refused"));
+    refused.push(
+        apply(client, cluster, &project("intruder"), "")
+            .await
+            .expect_err("apply refused"),
+    );
+    let revoke = client
+        .revoke_cluster(api::RevokeClusterRequest {
+            cluster_id: cluster.into(),
+        })
+        .await;
+    refused.push(revoke.expect_err("revoke refused"));
+    let key = client
+        .create_api_key(api::CreateApiKeyRequest { name: "mine".into() })
+        .await;
+    refused.push(key.expect_err("key refused"));
+    let watch = client.watch_events(api::WatchEventsRequest::default()).await;
+    refused.push(watch.map(drop).expect_err("watch refused"));
+    refused
+}
+
+/// Nothing of what [`try_everything`] tried happened.
+async fn nothing_changed(client: &mut Client, cluster: &str, tokens_before: usize) {
+    let tokens = client
+        .list_enrollment_tokens(api::ListEnrollmentTokensRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .tokens;
+    assert_eq!(tokens.len(), tokens_before, "{tokens:?}");
+    let c = client
+        .get_cluster(api::GetClusterRequest {
+            cluster_id: cluster.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!c.revoked);
+    assert_eq!(queued(&events(client, "", 0).await), 0);
+    let keys = client
+        .list_api_keys(api::ListApiKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    assert!(keys.iter().all(|k| k.name != "mine"), "{keys:?}");
+}
+
+#[tokio::test]
+async fn a_call_without_an_api_key_is_unauthenticated_and_changes_nothing() {
+    let hub = HubProcess::start(&[]).await;
+    let mut admin = hub.client().await;
+    let (cluster, _) = cluster_with_token(&mut admin).await;
+    let mut anonymous = hub.client_with(None).await;
+    for status in try_everything(&mut anonymous, &cluster).await {
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        assert!(status.message().contains("API key is required"), "{status:?}");
+    }
+    nothing_changed(&mut admin, &cluster, 1).await;
+}
+
+#[tokio::test]
+async fn a_wrong_api_key_is_unauthenticated_and_changes_nothing() {
+    let hub = HubProcess::start(&[]).await;
+    let mut admin = hub.client().await;
+    let (cluster, _) = cluster_with_token(&mut admin).await;
+    // The right shape, one character off; and not a key at all.
+    let mut off = hub.key.clone();
+    let last = if off.ends_with('0') { "1" } else { "0" };
+    off.replace_range(off.len() - 1.., last);
+    for key in [off.as_str(), "hunter2"] {
+        let mut wrong = hub.client_with(Some(key)).await;
+        for status in try_everything(&mut wrong, &cluster).await {
+            assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+            assert!(
+                status.message().contains("unknown or revoked API key"),
+                "{status:?}"
+            );
+        }
+    }
+    nothing_changed(&mut admin, &cluster, 1).await;
+}
+
+#[tokio::test]
+async fn a_revoked_api_key_is_unauthenticated_and_changes_nothing() {
+    let hub = HubProcess::start(&[]).await;
+    let mut admin = hub.client().await;
+    let (cluster, _) = cluster_with_token(&mut admin).await;
+    // A second key, made through the API, works until it is revoked.
+    let made = admin
+        .create_api_key(api::CreateApiKeyRequest { name: "ci".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut second = hub.client_with(Some(&made.secret)).await;
+    let listed = second
+        .list_api_keys(api::ListApiKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    assert_eq!(
+        listed.iter().map(|k| k.name.as_str()).collect::<Vec<_>>(),
+        ["test", "ci"]
+    );
+    assert!(
+        !format!("{listed:?}").contains(&made.secret[4..]),
+        "a listing never shows a key"
+    );
+    let id = made.key.unwrap().id;
+    let revoked = admin
+        .revoke_api_key(api::RevokeApiKeyRequest { id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(revoked.key.unwrap().revoked_at > 0);
+    for status in try_everything(&mut second, &cluster).await {
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        assert!(
+            status.message().contains("unknown or revoked API key"),
+            "{status:?}"
+        );
+    }
+    nothing_changed(&mut admin, &cluster, 1).await;
+    assert_refused(
+        admin
+            .revoke_api_key(api::RevokeApiKeyRequest { id: "nope".into() })
+            .await,
+        Code::NotFound,
+        "no API key",
+    );
+}
+
+#[tokio::test]
+async fn a_manifest_that_is_not_yaml_is_invalid_argument_and_nothing_is_queued() {
+    let hub = HubProcess::start(&[]).await;
+    let mut client = hub.client().await;
+    let (cluster, _) = cluster_with_token(&mut client).await;
+    assert_refused(
+        apply(&mut client, &cluster, "kind: [Project\nmetadata: {name: x", "").await,
+        Code::InvalidArgument,
+        "invalid manifest",
+    );
+    assert_refused(
+        apply(&mut client, &cluster, "just words", "").await,
+        Code::InvalidArgument,
+        "manifest has no kind",
+    );
+    assert_eq!(queued(&events(&mut client, "", 0).await), 0);
+}
+
+#[tokio::test]
+async fn a_manifest_of_a_kind_that_is_not_shapeblocks_is_invalid_argument_and_nothing_is_queued() {
+    let hub = HubProcess::start(&[]).await;
+    let mut client = hub.client().await;
+    let (cluster, _) = cluster_with_token(&mut client).await;
+    let config_map = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\n  namespace: default\n";
+    let status = apply(&mut client, &cluster, config_map, "").await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("ConfigMap"), "{status:?}");
+    // In a sync too, with the manifest's place in the list.
+    let sync = client
+        .sync(api::SyncRequest {
+            cluster_id: cluster.clone(),
+            manifests: vec![project("fine"), config_map.into()],
+            ..Default::default()
+        })
+        .await;
+    assert_refused(sync, Code::InvalidArgument, "manifest 2");
+    assert_eq!(queued(&events(&mut client, "", 0).await), 0);
+}
+
+#[tokio::test]
+async fn a_manifest_too_large_is_invalid_argument_and_nothing_is_queued() {
+    let hub = HubProcess::start(&[]).await;
+    let mut client = hub.client().await;
+    let (cluster, _) = cluster_with_token(&mut client).await;
+    let huge = format!("{}  description: {}\n", project("big"), "x".repeat(3 << 20));
+    assert_refused(
+        apply(&mut client, &cluster, &huge, "").await,
+        Code::InvalidArgument,
+        "the limit is",
+    );
+    assert_eq!(queued(&events(&mut client, "", 0).await), 0);
+}
+
+#[tokio::test]
+async fn an_unknown_cluster_is_not_found() {
+    let hub = HubProcess::start(&[]).await;
+    let mut client = hub.client().await;
+    let nobody = unique_name("nobody");
+    assert_refused(
+        apply(&mut client, &nobody, &project("p"), "").await,
+        Code::NotFound,
+        &nobody,
+    );
+    let id = || nobody.clone();
+    assert_refused(
+        client
+            .get_cluster(api::GetClusterRequest { cluster_id: id() })
+            .await,
+        Code::NotFound,
+        "no cluster",
+    );
+    assert_refused(
+        client
+            .revoke_cluster(api::RevokeClusterRequest { cluster_id: id() })
+            .await,
+        Code::NotFound,
+        "no cluster",
+    );
+    assert_refused(
+        client
+            .get_command(api::GetCommandRequest {
+                cluster_id: id(),
+                command_id: 1,
+            })
+            .await,
+        Code::NotFound,
+        "no cluster",
+    );
+    assert_refused(
+        client
+            .list_objects(api::ListObjectsRequest { cluster_id: id() })
+            .await,
+        Code::NotFound,
+        "no cluster",
+    );
+    let watch = client
+        .watch_events(api::WatchEventsRequest {
+            cluster_id: id(),
+            after_id: 0,
+        })
+        .await;
+    assert_refused(watch.map(drop), Code::NotFound, "no cluster");
+    assert_refused(
+        client
+            .cancel_build(api::CancelBuildRequest {
+                cluster_id: id(),
+                namespace: "shop".into(),
+                build: "web-1".into(),
+                ..Default::default()
+            })
+            .await,
+        Code::NotFound,
+        "no cluster",
+    );
+    assert!(
+        client
+            .list_clusters(api::ListClustersRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .clusters
+            .is_empty(),
+        "nothing made on the way"
+    );
+}
+
+// ---- events ----
+
+#[tokio::test]
+async fn watch_events_resume_from_a_cursor_with_no_gap_and_no_duplicate() {
+    let hub = HubProcess::start(&[]).await;
+    let mut client = hub.client().await;
+    let (a, _) = cluster_with_token(&mut client).await;
+    let (b, _) = cluster_with_token(&mut client).await;
+    for i in 0..40 {
+        let cluster = if i % 4 == 0 { &b } else { &a };
+        apply(&mut client, cluster, &project(&format!("p{i}")), "")
+            .await
+            .unwrap();
+    }
+    // Read 15, then go away mid-stream.
+    let mut stream = client
+        .watch_events(api::WatchEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got = Vec::new();
+    while got.len() < 15 {
+        got.push(stream.message().await.unwrap().unwrap());
+    }
+    drop(stream);
+    // Resume from the cursor while more is recorded.
+    let cursor = got.last().unwrap().id;
+    let mut resumed = hub.client().await;
+    let mut stream = resumed
+        .watch_events(api::WatchEventsRequest {
+            cluster_id: String::new(),
+            after_id: cursor,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let writer = {
+        let mut client = hub.client().await;
+        let a = a.clone();
+        tokio::spawn(async move {
+            for i in 40..80 {
+                apply(&mut client, &a, &project(&format!("p{i}")), "")
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    while got.len() < 80 {
+        let event = tokio::time::timeout(TIMEOUT, stream.message())
+            .await
+            .expect("events keep coming")
+            .unwrap()
+            .unwrap();
+        got.push(event);
+    }
+    writer.await.unwrap();
+    let ids: Vec<u64> = got.iter().map(|e| e.id).collect();
+    assert_eq!(ids, (1..=80).collect::<Vec<u64>>(), "no gap, no duplicate");
+    assert!(got.iter().all(|e| e.kind() == EventKind::CommandQueued));
+    assert_eq!(got[1].object, "Project//p1");
+    // One cluster's: only its events, in order, resumable the same way.
+    let only_b = events(&mut client, &b, 0).await;
+    assert_eq!(only_b.len(), 10);
+    assert!(only_b.iter().all(|e| e.cluster_id == b));
+    assert!(only_b.windows(2).all(|w| w[0].id < w[1].id));
+    let after = events(&mut client, &b, only_b[4].id).await;
+    assert_eq!(after, only_b[5..]);
+}
+
+#[tokio::test]
+async fn a_slow_watcher_is_cut_with_resource_exhausted_and_resumes_from_its_cursor() {
+    let hub = HubProcess::start(&["--watch-buffer", "8", "--watch-stall-ms", "1000"]).await;
+    let mut client = hub.client().await;
+    let (cluster, _) = cluster_with_token(&mut client).await;
+    // A watcher that reads nothing: a small window, so the hub's buffers fill soon.
+    let channel = hub
+        .channel(|e| {
+            e.initial_stream_window_size(1024)
+                .initial_connection_window_size(65535)
+        })
+        .await;
+    let mut slow = HubClient::with_interceptor(channel, Bearer(Some(hub.key.clone())));
+    let mut stream = slow
+        .watch_events(api::WatchEventsRequest {
+            cluster_id: cluster.clone(),
+            after_id: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Enough events to pass what HTTP/2 buffers on both sides, written for longer than the
+    // hub waits for a watcher that reads nothing.
+    let total = 1500u64;
+    let long = "x".repeat(50);
+    let started = Instant::now();
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let hub_client = hub.client();
+            let (cluster, long) = (cluster.clone(), long.clone());
+            async move {
+                let mut client = hub_client.await;
+                for i in (w..total).step_by(8) {
+                    apply(&mut client, &cluster, &project(&format!("{long}-{i}")), "")
+                        .await
+                        .unwrap();
+                }
+            }
+        })
+        .collect();
+    futures::future::join_all(writers).await;
+    eprintln!("{total} events recorded in {:?}", started.elapsed());
+    let rss_after_writes = rss_kib(hub.child.id());
+    // Now read: every event up to the cut, in order, then the status.
+    let mut got: Vec<u64> = Vec::new();
+    let status = loop {
+        match tokio::time::timeout(TIMEOUT, stream.message())
+            .await
+            .expect("the stream ends")
+        {
+            Ok(Some(event)) => got.push(event.id),
+            Ok(None) => panic!("ended without a status after {} events", got.len()),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("watch again with after_id"),
+        "{status:?}"
+    );
+    let cut_at = *got.last().expect("some events before the cut");
+    assert!(cut_at < total, "cut before the end ({cut_at})");
+    assert!(
+        started.elapsed() > Duration::from_secs(1),
+        "the writes outlast the stall allowed"
+    );
+    assert!(
+        status.message().contains(&format!("({cut_at})")),
+        "the status names the cursor: {status:?}"
+    );
+    assert_eq!(got, (1..=cut_at).collect::<Vec<u64>>());
+    eprintln!(
+        "cut after {cut_at} of {total} events; hub RSS {} KiB after the writes",
+        rss_after_writes
+    );
+    // Resume from the cursor: the rest, no gap, no duplicate.
+    let mut stream = client
+        .watch_events(api::WatchEventsRequest {
+            cluster_id: cluster.clone(),
+            after_id: cut_at,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while got.len() < total as usize {
+        let event = tokio::time::timeout(TIMEOUT, stream.message())
+            .await
+            .expect("the rest comes")
+            .unwrap()
+            .unwrap();
+        got.push(event.id);
+    }
+    assert_eq!(got, (1..=total).collect::<Vec<u64>>());
+    assert!(hub.log().contains("slow watcher cut"), "{}", hub.log());
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+// ---- with the real agent ----
+
+/// The agent enrolled with the install line the API printed for `token`.
+async fn agent_from_install_line(
+    env: &Env,
+    hub: &HubProcess,
+    token: &api::CreateEnrollmentTokenResponse,
+) -> AgentProcess {
+    let line = &token.install_line;
+    let value = |key: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("{key} in {line}"))
+            .to_string()
+    };
+    assert_eq!(value("enrollment.token"), token.secret);
+    assert_eq!(value("hub.address"), hub.agent_url);
+    let log = env.dir.join(format!("{}.log", unique_name("api-agent")));
+    let args = [
+        "--log=shapeblock_agent=debug,info".to_string(),
+        format!("--hub-address={}", value("hub.address")),
+        format!("--enroll-token={}", value("enrollment.token")),
+        format!("--ca-hash={}", value("hub.caHash")),
+        "--heartbeat-seconds=2".to_string(),
+        "--reconnect-max-seconds=1".to_string(),
+        "--registry-secret=".to_string(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    AgentProcess::start(
+        Path::new(env!("CARGO_BIN_EXE_shapeblock-agent")),
+        &env.kubeconfig,
+        AGENT_NS,
+        &log,
+        &args,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+async fn cluster_state(client: &mut Client, cluster: &str) -> api::Cluster {
+    client
+        .get_cluster(api::GetClusterRequest {
+            cluster_id: cluster.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn connected(client: &mut Client, cluster: &str) -> api::Cluster {
+    let client = client.clone();
+    eventually(TIMEOUT, "the agent connected", || {
+        let mut client = client.clone();
+        async move {
+            let c = cluster_state(&mut client, cluster).await;
+            (c.connected && c.inventory.is_some()).then_some(c)
+        }
+    })
+    .await
+    .0
+}
+
+async fn command_done(client: &mut Client, cluster: &str, id: u64) -> api::Command {
+    eventually(TIMEOUT, &format!("command {id} answered"), || {
+        let mut client = client.clone();
+        async move {
+            let c = client
+                .get_command(api::GetCommandRequest {
+                    cluster_id: cluster.into(),
+                    command_id: id,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            matches!(c.state(), CommandState::Succeeded | CommandState::Failed).then_some(c)
+        }
+    })
+    .await
+    .0
+}
+
+#[tokio::test]
+async fn commands_through_the_api_are_queued_once_per_idempotency_key_and_reach_the_agent() {
+    let env = hub_env().await;
+    let hub = HubProcess::start(&[]).await;
+    let mut client = hub.client().await;
+    let (cluster, token) = cluster_with_token(&mut client).await;
+    // Queued before the agent is there: the command waits in the store.
+    let name = unique_name("api");
+    let first = apply(&mut client, &cluster, &project(&name), "create-project-1")
+        .await
+        .unwrap();
+    let waiting = client
+        .get_command(api::GetCommandRequest {
+            cluster_id: cluster.clone(),
+            command_id: first.command_id,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(waiting.state(), CommandState::Queued);
+    assert_eq!(
+        (waiting.kind.as_str(), waiting.object.as_str()),
+        ("apply", format!("Project//{name}").as_str())
+    );
+    // The product server retries the same request: the same command, nothing more queued.
+    let retried = apply(&mut client, &cluster, &project(&name), "create-project-1")
+        .await
+        .unwrap();
+    assert_eq!(retried.command_id, first.command_id);
+    assert!(retried.replayed && !first.replayed);
+    assert_refused(
+        apply(&mut client, &cluster, &project("other"), "create-project-1").await,
+        Code::FailedPrecondition,
+        "used for another request",
+    );
+
+    let agent = agent_from_install_line(&env, &hub, &token).await;
+    let c = connected(&mut client, &cluster).await;
+    assert!(c.session_epoch >= 1 && !c.agent_version.is_empty(), "{c:?}");
+    assert!(c.capabilities.iter().any(|k| k == "apply"), "{c:?}");
+    let now = shapeblock_proto::now_unix();
+    assert!(c.certificate_not_after > now + 30 * 86400, "{c:?}");
+    assert!(c.last_heartbeat >= now - 10, "{c:?}");
+    let done = command_done(&mut client, &cluster, first.command_id).await;
+    assert_eq!(done.state(), CommandState::Succeeded, "{done:?}");
+    let key = format!("Project//{name}");
+    eventually(TIMEOUT, "the Project Ready in the object status", || {
+        let mut client = client.clone();
+        let (cluster, key) = (cluster.clone(), key.clone());
+        async move {
+            let objects = client
+                .list_objects(api::ListObjectsRequest { cluster_id: cluster })
+                .await
+                .unwrap()
+                .into_inner()
+                .objects;
+            objects.into_iter().find(|o| o.key == key && o.phase == "Ready")
+        }
+    })
+    .await;
+
+    // A set-config value: in no response, event or log, whatever becomes of the command.
+    let secret_value = format!("s3cret-{}", unique_name("v"));
+    let set = client
+        .set_config(api::SetConfigRequest {
+            cluster_id: cluster.clone(),
+            namespace: name.clone(),
+            app: "web".into(),
+            set: [("DATABASE_PASSWORD".to_string(), secret_value.clone())].into(),
+            unset: vec![],
+            idempotency_key: "config-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let answered = command_done(&mut client, &cluster, set.command_id).await;
+    assert_eq!(answered.kind, "set-config");
+
+    let all = events(&mut client, &cluster, 0).await;
+    let kinds = |kind: EventKind| all.iter().filter(|e| e.kind() == kind).count();
+    assert_eq!(
+        kinds(EventKind::CommandQueued),
+        2,
+        "one per command, none for the retry: {all:#?}"
+    );
+    assert!(kinds(EventKind::SessionUp) >= 1);
+    let result = all
+        .iter()
+        .find(|e| e.kind() == EventKind::CommandResult && e.command_id == first.command_id)
+        .expect("the result as an event");
+    assert!(result.ok && result.object == key, "{result:?}");
+    assert!(
+        all.iter()
+            .any(|e| e.kind() == EventKind::Phase && e.object == key && e.phase == "Ready"),
+        "{all:#?}"
+    );
+    let shown = format!(
+        "{set:?}{answered:?}{all:?}{:?}{}",
+        cluster_state(&mut client, &cluster).await,
+        hub.log()
+    );
+    assert!(!shown.contains(&secret_value), "a config value leaked");
+
+    agent.terminate(Duration::from_secs(15)).expect("stops");
+    let _ = Api::<shapeblock_agent::api::Project>::all(env.client.clone())
+        .delete(&name, &Default::default())
+        .await;
+}
+
+/// Opens a tunnel with a client certificate; the hub's answer.
+async fn tunnel_with(hub: &HubProcess, cert_pem: &str, key_pem: &str) -> Result<(), Status> {
+    use shapeblock_proto::v1::agent_message::Body as Up;
+    use shapeblock_proto::v1::agent_tunnel_client::AgentTunnelClient;
+    use shapeblock_proto::v1::{AgentMessage, Hello};
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&hub.ca_pem))
+        .domain_name("127.0.0.1")
+        .identity(tonic::transport::Identity::from_pem(cert_pem, key_pem));
+    let channel = Endpoint::from_shared(hub.agent_url.clone())
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    tx.send(AgentMessage {
+        seq: 0,
+        body: Some(Up::Hello(Hello {
+            agent_version: "revoked-test".into(),
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let mut down = AgentTunnelClient::new(channel)
+        .tunnel(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    down.message().await?;
+    Ok(())
+}
+
+async fn identity(env: &Env) -> (String, String) {
+    let secret = Api::<Secret>::namespaced(env.client.clone(), AGENT_NS)
+        .get("shapeblock-agent-identity")
+        .await
+        .unwrap();
+    let data = secret.data.unwrap_or_default();
+    let text = |k: &str| String::from_utf8(data[k].0.clone()).unwrap();
+    (text("tls.crt"), text("tls.key"))
+}
+
+#[tokio::test]
+async fn a_revoked_cluster_is_refused_with_its_still_valid_certificate_and_rejoins_with_a_new_token() {
+    let env = hub_env().await;
+    let hub = HubProcess::start(&[]).await;
+    let mut client = hub.client().await;
+    let (cluster, token) = cluster_with_token(&mut client).await;
+    let agent = agent_from_install_line(&env, &hub, &token).await;
+    let before = connected(&mut client, &cluster).await;
+    let (cert, key) = identity(&env).await;
+    let (_, not_after) = shapeblock_proto::validity(
+        &rustls::pki_types::CertificateDer::from_pem_slice(cert.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    assert!(
+        not_after > shapeblock_proto::now_unix() + 86400,
+        "the certificate is valid for weeks"
+    );
+    let spare = client
+        .create_enrollment_token(api::CreateEnrollmentTokenRequest {
+            cluster_id: cluster.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let revoked_at = Instant::now();
+    let revoked = client
+        .revoke_cluster(api::RevokeClusterRequest {
+            cluster_id: cluster.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(revoked.revoked);
+    let polling = client.clone();
+    let (_, closed_in) = eventually(Duration::from_secs(5), "the session closed", || {
+        let mut client = polling.clone();
+        let cluster = cluster.clone();
+        async move { (!cluster_state(&mut client, &cluster).await.connected).then_some(()) }
+    })
+    .await;
+    let closed_in = revoked_at.elapsed().min(closed_in + Duration::from_millis(100));
+    eprintln!("session closed {closed_in:?} after the revocation");
+    assert!(closed_in < Duration::from_secs(1), "{closed_in:?}");
+
+    // The still-valid certificate gets nothing: no session, no renewal.
+    let refused = tunnel_with(&hub, &cert, &key).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("revoked"), "{refused:?}");
+    // The agent keeps trying with it and stays out; its tokens went with the revocation.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = cluster_state(&mut client, &cluster).await;
+    assert!(!after.connected && after.revoked, "{after:?}");
+    assert_eq!(after.session_epoch, before.session_epoch, "no session since");
+    let tokens = client
+        .list_enrollment_tokens(api::ListEnrollmentTokensRequest {
+            cluster_id: cluster.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tokens;
+    assert!(tokens.is_empty(), "{tokens:?}");
+    assert_refused(
+        client
+            .revoke_enrollment_token(api::RevokeEnrollmentTokenRequest {
+                id: spare.token.unwrap().id,
+            })
+            .await,
+        Code::NotFound,
+        "no token",
+    );
+    let all = events(&mut client, &cluster, 0).await;
+    assert!(all.iter().any(|e| e.kind() == EventKind::ClusterRevoked));
+    let down = all
+        .iter()
+        .rfind(|e| e.kind() == EventKind::SessionDown)
+        .expect("the session's end as an event");
+    assert!(down.message.contains("revoked"), "{down:?}");
+
+    // Joining again takes a new token (and a new identity).
+    agent.terminate(Duration::from_secs(15)).expect("stops");
+    let _ = Api::<Secret>::namespaced(env.client.clone(), AGENT_NS)
+        .delete("shapeblock-agent-identity", &Default::default())
+        .await;
+    let fresh = client
+        .create_enrollment_token(api::CreateEnrollmentTokenRequest {
+            cluster_id: cluster.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let agent = agent_from_install_line(&env, &hub, &fresh).await;
+    let back = connected(&mut client, &cluster).await;
+    assert!(
+        !back.revoked && back.session_epoch > before.session_epoch,
+        "{back:?}"
+    );
+    // The old certificate stays refused.
+    let refused = tunnel_with(&hub, &cert, &key).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    agent.terminate(Duration::from_secs(15)).expect("stops");
+}
