@@ -100,12 +100,11 @@ impl Connected {
         .await;
     }
 
-    /// Runs `shapeblock-hub --data-dir <the hub's> ARGS`, as an operator would beside the
-    /// running hub: (success, stdout, stderr).
+    /// Runs `shapeblock-hub ARGS` against the running hub's API, as an operator would:
+    /// (success, stdout, stderr).
     fn cli(&self, args: &[&str]) -> (bool, String, String) {
         let output = std::process::Command::new(env!("CARGO_BIN_EXE_shapeblock-hub"))
-            .arg("--data-dir")
-            .arg(self.data.path())
+            .args(support::hub::api_args(&self.hub, self.data.path()))
             .args(args)
             .output()
             .unwrap();

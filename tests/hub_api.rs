@@ -1002,3 +1002,127 @@ async fn a_revoked_cluster_is_refused_with_its_still_valid_certificate_and_rejoi
     assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
     agent.terminate(Duration::from_secs(15)).expect("stops");
 }
+
+// ---- the CLI: a client of the API ----
+
+#[tokio::test]
+async fn the_cli_goes_through_the_api_with_flags_or_environment_and_says_what_it_needs() {
+    let hub = HubProcess::start(&[]).await;
+    let ca = hub.dir.path().join("ca.pem");
+    // Run from another directory, with no data directory: nothing local to fall back on.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let run = |args: &[String], env: &[(&str, &str)]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_shapeblock-hub"))
+            .current_dir(elsewhere.path())
+            .env_remove("SHAPEBLOCK_HUB_API")
+            .env_remove("SHAPEBLOCK_HUB_API_KEY")
+            .env_remove("SHAPEBLOCK_HUB_CA")
+            .envs(env.iter().copied())
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let bare = |args: &[&str]| -> Vec<String> { args.iter().map(|a| a.to_string()).collect() };
+    let flags = [
+        "--hub",
+        hub.api_url.as_str(),
+        "--api-key",
+        hub.key.as_str(),
+        "--ca",
+        ca.to_str().unwrap(),
+    ];
+    let with = |rest: &[&str]| -> Vec<String> { flags.iter().chain(rest).map(|a| a.to_string()).collect() };
+    let cluster = unique_name("cli");
+
+    let (ok, line, stderr) = run(&with(&["token", "create", "--cluster", &cluster]), &[]);
+    assert!(ok, "{stderr}");
+    assert!(line.starts_with("helm install shapeblock-agent "), "{line}");
+    assert!(line.contains(&format!("hub.address={}", hub.agent_url)), "{line}");
+
+    // The same through the environment.
+    let env = [
+        ("SHAPEBLOCK_HUB_API", hub.api_url.as_str()),
+        ("SHAPEBLOCK_HUB_API_KEY", hub.key.as_str()),
+        ("SHAPEBLOCK_HUB_CA", ca.to_str().unwrap()),
+    ];
+    let (ok, listed, stderr) = run(&bare(&["token", "list"]), &env);
+    assert!(ok, "{stderr}");
+    assert!(listed.contains(&cluster) && listed.contains("unused"), "{listed}");
+
+    let manifest = elsewhere.path().join("p.yaml");
+    std::fs::write(&manifest, project("from-cli")).unwrap();
+    let apply = with(&[
+        "apply",
+        "--cluster",
+        &cluster,
+        "-f",
+        manifest.to_str().unwrap(),
+        "--idempotency-key",
+        "k1",
+    ]);
+    let (ok, first, stderr) = run(&apply, &[]);
+    assert!(ok, "{stderr}");
+    assert_eq!(first.trim(), format!("queued command 1 for {cluster}"));
+    let (ok, again, _) = run(&apply, &[]);
+    assert!(
+        ok && again.contains("queued command 1 ") && again.contains("already queued"),
+        "{again}"
+    );
+    let (ok, state, _) = run(&with(&["command", "--cluster", &cluster, "--id", "1"]), &[]);
+    assert!(
+        ok && state.contains("apply\tProject//from-cli\tqueued"),
+        "{state}"
+    );
+    let (ok, events, _) = run(&with(&["events", "--cluster", &cluster]), &[]);
+    assert!(ok, "{events}");
+    assert_eq!(events.lines().count(), 1, "one queued command: {events}");
+    assert!(events.contains("command_queued\tProject//from-cli"), "{events}");
+    let (ok, clusters, _) = run(&with(&["clusters"]), &[]);
+    assert!(
+        ok && clusters.contains(&format!("{cluster}\tdisconnected")),
+        "{clusters}"
+    );
+    let (ok, _, stderr) = run(&with(&["revoke", "--cluster", &cluster]), &[]);
+    assert!(ok, "{stderr}");
+    let (_, clusters, _) = run(&with(&["clusters"]), &[]);
+    assert!(clusters.contains(&format!("{cluster}\trevoked")), "{clusters}");
+
+    // Refusals come back with the API's code and reason.
+    let (ok, _, stderr) = run(
+        &with(&["apply", "--cluster", "nobody", "-f", manifest.to_str().unwrap()]),
+        &[],
+    );
+    assert!(
+        !ok && stderr.contains("NotFound") && stderr.contains("nobody"),
+        "{stderr}"
+    );
+    let wrong = [
+        "--hub",
+        &hub.api_url,
+        "--api-key",
+        "sbk_wrong",
+        "--ca",
+        ca.to_str().unwrap(),
+        "clusters",
+    ];
+    let (ok, _, stderr) = run(&bare(&wrong), &[]);
+    assert!(!ok && stderr.contains("Unauthenticated"), "{stderr}");
+    // What it needs, said.
+    let (ok, _, stderr) = run(&bare(&["clusters"]), &[]);
+    assert!(!ok && stderr.contains("--hub"), "{stderr}");
+    let (ok, _, stderr) = run(&bare(&["--hub", &hub.api_url, "clusters"]), &[]);
+    assert!(!ok && stderr.contains("--api-key"), "{stderr}");
+    // A second key through the API (the first came from the data directory).
+    let (ok, key, stderr) = run(&with(&["api-key", "create", "--name", "second"]), &[]);
+    assert!(ok && key.trim().starts_with("sbk_"), "{stderr}");
+    let (ok, keys, _) = run(&with(&["api-key", "list"]), &[]);
+    assert!(
+        ok && keys.contains("\ttest\tvalid") && keys.contains("\tsecond\tvalid"),
+        "{keys}"
+    );
+}

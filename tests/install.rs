@@ -99,10 +99,9 @@ async fn the_printed_install_line_installs_an_agent_that_enrolls_and_connects() 
     let cluster = unique_name("install");
     let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/shapeblock-agent");
 
-    // The hub's CLI prints the line, working on the running hub's data directory.
-    let printed = support::hub::cli([
-        "--data-dir".as_ref(),
-        data.path().as_os_str(),
+    // The hub's CLI prints the line, through the running hub's API.
+    let api = support::hub::api_args(&hub, data.path());
+    let printed = support::hub::cli(api.iter().map(|a| a.as_os_str()).chain([
         "token".as_ref(),
         "create".as_ref(),
         "--cluster".as_ref(),
@@ -111,7 +110,7 @@ async fn the_printed_install_line_installs_an_agent_that_enrolls_and_connects() 
         hub.url().as_ref(),
         "--chart".as_ref(),
         chart.as_os_str(),
-    ]);
+    ]));
     let line = printed.trim_end();
     assert_eq!(line.lines().count(), 1, "one line: {printed}");
     assert!(line.starts_with("helm install shapeblock-agent "), "{line}");

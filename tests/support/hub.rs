@@ -7,12 +7,27 @@ use std::time::Duration;
 
 use shapeblock_hub::{Hub, HubConfig};
 
-/// A hub with its data in `dir`, on a free loopback port, heartbeat 2 s.
+/// A hub with its data in `dir`, on a free loopback port, heartbeat 2 s, its API on another.
 pub async fn start(dir: &Path) -> Hub {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut config = HubConfig::new(dir.to_path_buf());
     config.heartbeat = Duration::from_secs(2);
+    config.api_listen = Some(([127, 0, 0, 1], 0).into());
     Hub::start(config).await.expect("start the hub")
+}
+
+/// What the CLI needs to call `hub`'s API (data in `dir`): `--hub`, a new `--api-key`, `--ca`.
+pub fn api_args(hub: &Hub, dir: &Path) -> Vec<std::ffi::OsString> {
+    let (_, key) = shapeblock_hub::api::create_api_key(hub.store(), "test").expect("an API key");
+    let api = hub.api_address().expect("the hub serves its API");
+    vec![
+        "--hub".into(),
+        format!("https://{api}").into(),
+        "--api-key".into(),
+        key.into(),
+        "--ca".into(),
+        dir.join("ca.pem").into(),
+    ]
 }
 
 /// A Project manifest as the hub sends it.

@@ -1,6 +1,7 @@
-//! `shapeblock-hub`: the reference hub's commands. `serve` runs it; the others work on its
-//! data directory directly (SQLite in WAL mode), beside a running hub, which picks up new
-//! commands within half a second.
+//! `shapeblock-hub`: the reference hub's commands. `serve` runs it, `dev-certs`, `ca-hash` and
+//! the first `api-key create` work on its data directory; everything else is a client of the
+//! hub's API (`--hub`, `--api-key`, `--ca`), so the CLI works against a remote hub the same way
+//! as against a local one.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,8 +10,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use serde::Deserialize;
 
+use crate::api::v1 as api;
 use crate::{self as hub, HubConfig};
-use shapeblock_proto::v1::ObjectRef;
 
 /// The reference ShapeBlock hub: enrollment tokens, CSR signing, agent sessions, commands,
 /// and a record of events and build and run logs.
@@ -22,9 +23,19 @@ use shapeblock_proto::v1::ObjectRef;
     long_about = None
 )]
 pub struct Cli {
-    /// Where the CA, the server certificate and the store live.
+    /// Where the CA, the server certificate and the store live (serve, dev-certs, ca-hash,
+    /// and `api-key create` without --hub).
     #[arg(long, env = "SHAPEBLOCK_HUB_DATA", default_value = "hub-data", global = true)]
     data_dir: PathBuf,
+    /// The hub's API (`https://host:port`, what `serve --api-addr` listens on).
+    #[arg(long, env = "SHAPEBLOCK_HUB_API", global = true)]
+    hub: Option<String>,
+    /// An API key (`sbk_…`).
+    #[arg(long, env = "SHAPEBLOCK_HUB_API_KEY", global = true, hide_env_values = true)]
+    api_key: Option<String>,
+    /// The hub's CA certificate (PEM); default: `ca.pem` in --data-dir.
+    #[arg(long, env = "SHAPEBLOCK_HUB_CA", global = true)]
+    ca: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -82,6 +93,9 @@ enum Command {
         cluster: String,
         #[arg(short = 'f', long)]
         file: PathBuf,
+        /// A retry with the same key queues nothing new.
+        #[arg(long, default_value = "")]
+        idempotency_key: String,
     },
     /// Queue a delete.
     Delete {
@@ -155,10 +169,35 @@ enum Command {
     },
     /// Clusters and whether they are connected.
     Clusters,
-    /// Events (phase changes, command results) of a cluster.
-    Events {
+    /// Refuse a cluster's certificates from now on and close its session; joining again
+    /// takes a new token.
+    Revoke {
         #[arg(long)]
         cluster: String,
+    },
+    /// The latest phase of every resource of a cluster.
+    Objects {
+        #[arg(long)]
+        cluster: String,
+    },
+    /// A command's state: queued, delivered, succeeded or failed (with the message).
+    #[command(name = "command")]
+    Inspect {
+        #[arg(long)]
+        cluster: String,
+        #[arg(long)]
+        id: u64,
+    },
+    /// What the hub records (phase changes, command results, sessions, log streams), of one
+    /// cluster or all, from after an event id.
+    Events {
+        #[arg(long)]
+        cluster: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// Keep printing as events are recorded (resuming after a cut).
+        #[arg(short, long)]
+        follow: bool,
     },
     /// A build log (`namespace/build/container`; containers are `resolve`, `clone`, `build`,
     /// `release`) or a one-off run's output (`namespace/runs/run/run`).
@@ -175,11 +214,16 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum ApiKeyCommand {
-    /// Create a key on the data directory (the first one; later ones can come from the API)
-    /// and print it: it is shown once, only its hash is stored.
+    /// Create a key and print it (shown once, only its hash is stored): through the API with
+    /// --hub, else on the data directory (how the first one is made).
     Create {
         #[arg(long)]
         name: String,
+    },
+    List,
+    Revoke {
+        #[arg(long)]
+        id: String,
     },
 }
 
@@ -192,8 +236,8 @@ enum TokenCommand {
         /// Validity in seconds.
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
-        /// The address agents dial.
-        #[arg(long, default_value = "https://127.0.0.1:7443")]
+        /// The address agents dial (default: the hub's agent listener as it sees it).
+        #[arg(long, default_value = "")]
         hub_address: String,
         /// The chart in the install line: a repository reference or a path.
         #[arg(long, default_value = INSTALL_CHART)]
@@ -201,6 +245,16 @@ enum TokenCommand {
         /// The namespace in the install line.
         #[arg(long, default_value = "shapeblock")]
         namespace: String,
+    },
+    /// Tokens (their ids, clusters, expiry, whether used).
+    List {
+        #[arg(long)]
+        cluster: Option<String>,
+    },
+    /// Revoke an unused token.
+    Revoke {
+        #[arg(long)]
+        id: String,
     },
 }
 
@@ -249,7 +303,7 @@ impl Cli {
     }
 
     fn execute(self) -> Result<(), Box<dyn std::error::Error>> {
-        let data = self.data_dir;
+        let data = self.data_dir.clone();
         match self.command {
             Command::Serve {
                 listen,
@@ -284,31 +338,9 @@ impl Cli {
                     Ok::<_, Box<dyn std::error::Error>>(())
                 })?;
             }
-            Command::Token {
-                command:
-                    TokenCommand::Create {
-                        cluster,
-                        ttl,
-                        hub_address,
-                        chart,
-                        namespace,
-                    },
-            } => {
-                let store = hub::open_store(&data)?;
-                let ca = hub::pki::Ca::load_or_create(&data)?;
-                let token = hub::create_token(&store, &cluster, Duration::from_secs(ttl))?;
-                let line = install_line(
-                    &chart,
-                    &namespace,
-                    &token,
-                    &hub_address,
-                    &shapeblock_proto::ca_hash(&ca.cert_der),
-                );
-                println!("{line}");
-            }
             Command::ApiKey {
                 command: ApiKeyCommand::Create { name },
-            } => {
+            } if self.hub.is_none() => {
                 let store = hub::open_store(&data)?;
                 let (row, secret) = hub::api::create_api_key(&store, &name)?;
                 eprintln!("API key {} ({}) created; it is shown once:", row.id, row.name);
@@ -327,192 +359,513 @@ impl Cli {
                     names.join(", ")
                 );
                 println!("CA hash: {}", shapeblock_proto::ca_hash(&ca.cert_der));
-                println!("start the hub:   shapeblock-hub --data-dir {dir} serve");
-                println!("install line:    shapeblock-hub --data-dir {dir} token create --cluster dev");
+                println!("start the hub:   shapeblock-hub --data-dir {dir} serve --api-addr 127.0.0.1:7444");
+                println!("first API key:   shapeblock-hub --data-dir {dir} api-key create --name admin");
+                println!(
+                    "install line:    shapeblock-hub --hub https://127.0.0.1:7444 --api-key sbk_… --ca {dir}/ca.pem token create --cluster dev"
+                );
             }
             Command::CaHash => {
                 let ca = hub::pki::Ca::load_or_create(&data)?;
                 println!("{}", shapeblock_proto::ca_hash(&ca.cert_der));
             }
-            Command::Apply { cluster, file } => {
-                let manifest =
-                    std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
-                let store = hub::open_store(&data)?;
-                let seq = store.add_command(&cluster, &hub::apply_command(&manifest)?)?;
-                println!("queued command {seq} for {cluster}");
-            }
-            Command::Delete {
-                cluster,
-                kind,
-                namespace,
-                name,
-            } => {
-                let store = hub::open_store(&data)?;
-                let body = hub::delete_command(ObjectRef {
-                    kind,
-                    namespace,
-                    name,
-                })?;
-                let seq = store.add_command(&cluster, &body)?;
-                println!("queued command {seq} for {cluster}");
-            }
-            Command::Sync {
-                cluster,
-                files,
-                prune,
-                prune_projects,
-                prune_kinds,
-                prune_namespaces,
-                prune_max_percent,
-                force,
-            } => {
-                let mut manifests = Vec::new();
-                for file in &files {
-                    let text =
-                        std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
-                    for document in serde_yaml::Deserializer::from_str(&text) {
-                        let value = serde_yaml::Value::deserialize(document)
-                            .map_err(|e| format!("{}: {e}", file.display()))?;
-                        if !value.is_null() {
-                            manifests.push(serde_yaml::to_string(&value)?);
-                        }
-                    }
-                }
-                let scope = shapeblock_proto::v1::PruneScope {
-                    projects: prune_projects,
-                    kinds: prune_kinds,
-                    namespaces: prune_namespaces,
+            command => {
+                let target = Target {
+                    hub: self.hub,
+                    api_key: self.api_key,
+                    ca: self.ca.unwrap_or_else(|| data.join("ca.pem")),
                 };
-                let said = if prune {
-                    format!(
-                        "prune in projects {:?}, kinds {:?}, namespaces {:?}",
-                        scope.projects, scope.kinds, scope.namespaces
-                    )
-                } else {
-                    "no prune".into()
-                };
-                let prune = prune.then_some(hub::Prune {
-                    scope,
-                    max_percent: prune_max_percent.unwrap_or(0),
-                    force,
-                });
-                let body = hub::sync_command(&manifests, prune)?;
-                let store = hub::open_store(&data)?;
-                let seq = store.add_command(&cluster, &body)?;
-                println!(
-                    "queued command {seq} for {cluster}: {} manifests, {said}",
-                    manifests.len()
-                );
-            }
-            Command::Cancel {
-                cluster,
-                namespace,
-                build,
-            } => {
-                let store = hub::open_store(&data)?;
-                let seq = store.add_command(&cluster, &hub::cancel_command(&namespace, &build)?)?;
-                println!("queued command {seq} for {cluster}");
-            }
-            Command::ConfigSet {
-                cluster,
-                namespace,
-                app,
-                vars,
-                env_file,
-                unset,
-            } => {
-                let mut lines = vars;
-                if let Some(file) = env_file {
-                    let text = std::fs::read_to_string(&file)
-                        .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-                    lines.extend(
-                        text.lines()
-                            .map(str::trim)
-                            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                            .map(str::to_string),
-                    );
-                }
-                let mut set = std::collections::HashMap::new();
-                for line in lines {
-                    let Some((name, value)) = line.split_once('=') else {
-                        let name = line.chars().take(64).collect::<String>();
-                        return Err(format!("{name:?} is not NAME=VALUE").into());
-                    };
-                    set.insert(name.trim().to_string(), value.to_string());
-                }
-                let names = set.len();
-                let command = shapeblock_proto::v1::SetConfig {
-                    namespace,
-                    app,
-                    set,
-                    unset,
-                };
-                let store = hub::open_store(&data)?;
-                let seq = store.add_command(&cluster, &hub::set_config_command(command)?)?;
-                println!("queued command {seq} for {cluster} ({names} to set)");
-            }
-            Command::Clusters => {
-                for c in hub::open_store(&data)?.clusters()? {
-                    let state = if c.connected { "connected" } else { "disconnected" };
-                    let ago = shapeblock_proto::now_unix().saturating_sub(c.last_seen);
-                    let inventory = c
-                        .inventory
-                        .as_ref()
-                        .map(|i| {
-                            format!(
-                                "kubernetes {} · {} nodes · {} mCPU · {} MiB",
-                                i.kubernetes_version,
-                                i.node_count,
-                                i.allocatable_cpu_millis,
-                                i.allocatable_memory_bytes >> 20
-                            )
-                        })
-                        .unwrap_or_else(|| "no inventory".into());
-                    let version = c.agent_version.as_deref().unwrap_or("-");
-                    let skew = c
-                        .clock_skew_ms
-                        .map(|ms| format!("clock skew {ms} ms"))
-                        .unwrap_or_else(|| "clock skew unknown".into());
-                    println!(
-                        "{}\t{state}\tepoch {}\tlast seen {ago}s ago\tagent {version}\t{inventory}\t{skew}",
-                        c.id, c.epoch
-                    );
-                }
-            }
-            Command::Events { cluster } => {
-                for (seq, kind, object, detail) in hub::open_store(&data)?.events(&cluster)? {
-                    println!("{seq}\t{kind}\t{object}\t{detail}");
-                }
-            }
-            Command::Logs {
-                cluster,
-                stream,
-                follow,
-            } => {
-                use std::io::Write;
-                let store = hub::open_store(&data)?;
-                let mut printed = 0;
-                loop {
-                    let (bytes, truncated, eof) = store.log(&cluster, &stream)?;
-                    let mut stdout = std::io::stdout();
-                    stdout.write_all(bytes.get(printed..).unwrap_or_default())?;
-                    stdout.flush()?;
-                    printed = printed.max(bytes.len());
-                    if truncated {
-                        eprintln!("[log truncated: its pod was gone before the rest could be read]");
-                    }
-                    if eof {
-                        eprintln!("[end of log]");
-                    }
-                    if !follow || truncated || eof {
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(500));
-                }
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                runtime.block_on(remote(target, command))?;
             }
         }
         Ok(())
     }
+}
+
+/// Where the API is and how to call it.
+struct Target {
+    hub: Option<String>,
+    api_key: Option<String>,
+    ca: PathBuf,
+}
+
+impl Target {
+    async fn connect(self) -> Result<hub::api::Client, Box<dyn std::error::Error>> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let address = self.hub.ok_or(
+            "this command goes through the hub's API: give --hub https://HOST:PORT (or SHAPEBLOCK_HUB_API)",
+        )?;
+        let key = self
+            .api_key
+            .ok_or("give an API key: --api-key (or SHAPEBLOCK_HUB_API_KEY); the first one comes from `shapeblock-hub --data-dir DIR api-key create --name NAME`")?;
+        let ca = std::fs::read_to_string(&self.ca).map_err(|e| {
+            format!(
+                "the hub's CA {}: {e} (give --ca or SHAPEBLOCK_HUB_CA)",
+                self.ca.display()
+            )
+        })?;
+        Ok(hub::api::connect(&address, &key, &ca).await?)
+    }
+}
+
+/// A status as the CLI prints it.
+fn said(status: tonic::Status) -> Box<dyn std::error::Error> {
+    format!("{:?}: {}", status.code(), status.message()).into()
+}
+
+fn queued(accepted: api::CommandAccepted, what: &str) {
+    let again = if accepted.replayed {
+        " (already queued by an earlier request with this idempotency key)"
+    } else {
+        ""
+    };
+    println!(
+        "queued command {} for {}{what}{again}",
+        accepted.command_id, accepted.cluster_id
+    );
+}
+
+/// The manifests of YAML files (multi-document), each as its own YAML.
+fn manifests_of(files: &[PathBuf]) -> Result<Vec<String>, Box<dyn std::error::Error>> {
+    let mut manifests = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+        for document in serde_yaml::Deserializer::from_str(&text) {
+            let value =
+                serde_yaml::Value::deserialize(document).map_err(|e| format!("{}: {e}", file.display()))?;
+            if !value.is_null() {
+                manifests.push(serde_yaml::to_string(&value)?);
+            }
+        }
+    }
+    Ok(manifests)
+}
+
+fn event_line(e: &api::Event) -> String {
+    let kind = e
+        .kind()
+        .as_str_name()
+        .trim_start_matches("EVENT_KIND_")
+        .to_lowercase();
+    let detail = match e.kind() {
+        api::EventKind::Phase => format!("{} {} {}", e.phase, e.reason, e.message),
+        api::EventKind::CommandResult => format!(
+            "command {} {}: {}",
+            e.command_id,
+            if e.ok { "ok" } else { "failed" },
+            e.message
+        ),
+        api::EventKind::CommandQueued => format!("command {} {}", e.command_id, e.message),
+        _ => e.message.clone(),
+    };
+    format!(
+        "{}\t{}\t{kind}\t{}\t{}",
+        e.id,
+        e.cluster_id,
+        e.object,
+        detail.trim_end()
+    )
+}
+
+async fn remote(target: Target, command: Command) -> Result<(), Box<dyn std::error::Error>> {
+    let mut client = target.connect().await?;
+    match command {
+        Command::Serve { .. } | Command::DevCerts { .. } | Command::CaHash => {
+            unreachable!("local commands run on the data directory")
+        }
+        Command::ApiKey { command } => match command {
+            ApiKeyCommand::Create { name } => {
+                let made = client
+                    .create_api_key(api::CreateApiKeyRequest { name })
+                    .await
+                    .map_err(said)?
+                    .into_inner();
+                let key = made.key.unwrap_or_default();
+                eprintln!("API key {} ({}) created; it is shown once:", key.id, key.name);
+                println!("{}", made.secret);
+            }
+            ApiKeyCommand::List => {
+                let keys = client
+                    .list_api_keys(api::ListApiKeysRequest {})
+                    .await
+                    .map_err(said)?
+                    .into_inner()
+                    .keys;
+                for k in keys {
+                    let state = if k.revoked_at > 0 { "revoked" } else { "valid" };
+                    println!("{}\t{}\t{state}\tcreated {}", k.id, k.name, k.created_at);
+                }
+            }
+            ApiKeyCommand::Revoke { id } => {
+                client
+                    .revoke_api_key(api::RevokeApiKeyRequest { id: id.clone() })
+                    .await
+                    .map_err(said)?;
+                println!("API key {id} revoked");
+            }
+        },
+        Command::Token { command } => match command {
+            TokenCommand::Create {
+                cluster,
+                ttl,
+                hub_address,
+                chart,
+                namespace,
+            } => {
+                let made = client
+                    .create_enrollment_token(api::CreateEnrollmentTokenRequest {
+                        cluster_id: cluster,
+                        ttl_seconds: ttl,
+                        hub_address,
+                        chart,
+                        namespace,
+                    })
+                    .await
+                    .map_err(said)?
+                    .into_inner();
+                println!("{}", made.install_line);
+            }
+            TokenCommand::List { cluster } => {
+                let tokens = client
+                    .list_enrollment_tokens(api::ListEnrollmentTokensRequest {
+                        cluster_id: cluster.unwrap_or_default(),
+                    })
+                    .await
+                    .map_err(said)?
+                    .into_inner()
+                    .tokens;
+                for t in tokens {
+                    let state = if t.used { "used" } else { "unused" };
+                    println!("{}\t{}\t{state}\texpires {}", t.id, t.cluster_id, t.expires_at);
+                }
+            }
+            TokenCommand::Revoke { id } => {
+                client
+                    .revoke_enrollment_token(api::RevokeEnrollmentTokenRequest { id: id.clone() })
+                    .await
+                    .map_err(said)?;
+                println!("token {id} revoked");
+            }
+        },
+        Command::Apply {
+            cluster,
+            file,
+            idempotency_key,
+        } => {
+            let manifest = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+            let accepted = client
+                .apply(api::ApplyRequest {
+                    cluster_id: cluster,
+                    manifest,
+                    idempotency_key,
+                })
+                .await
+                .map_err(said)?
+                .into_inner();
+            queued(accepted, "");
+        }
+        Command::Delete {
+            cluster,
+            kind,
+            namespace,
+            name,
+        } => {
+            let accepted = client
+                .delete(api::DeleteRequest {
+                    cluster_id: cluster,
+                    object: Some(api::ObjectRef {
+                        kind,
+                        namespace,
+                        name,
+                    }),
+                    idempotency_key: String::new(),
+                })
+                .await
+                .map_err(said)?
+                .into_inner();
+            queued(accepted, "");
+        }
+        Command::Sync {
+            cluster,
+            files,
+            prune,
+            prune_projects,
+            prune_kinds,
+            prune_namespaces,
+            prune_max_percent,
+            force,
+        } => {
+            let manifests = manifests_of(&files)?;
+            let scope = api::PruneScope {
+                projects: prune_projects,
+                kinds: prune_kinds,
+                namespaces: prune_namespaces,
+            };
+            let what = if prune {
+                format!(
+                    "prune in projects {:?}, kinds {:?}, namespaces {:?}",
+                    scope.projects, scope.kinds, scope.namespaces
+                )
+            } else {
+                "no prune".into()
+            };
+            let count = manifests.len();
+            let accepted = client
+                .sync(api::SyncRequest {
+                    cluster_id: cluster,
+                    manifests,
+                    prune: prune.then_some(scope),
+                    prune_max_percent: prune_max_percent.unwrap_or(0),
+                    force,
+                    idempotency_key: String::new(),
+                })
+                .await
+                .map_err(said)?
+                .into_inner();
+            queued(accepted, &format!(": {count} manifests, {what}"));
+        }
+        Command::Cancel {
+            cluster,
+            namespace,
+            build,
+        } => {
+            let accepted = client
+                .cancel_build(api::CancelBuildRequest {
+                    cluster_id: cluster,
+                    namespace,
+                    build,
+                    idempotency_key: String::new(),
+                })
+                .await
+                .map_err(said)?
+                .into_inner();
+            queued(accepted, "");
+        }
+        Command::ConfigSet {
+            cluster,
+            namespace,
+            app,
+            vars,
+            env_file,
+            unset,
+        } => {
+            let mut lines = vars;
+            if let Some(file) = env_file {
+                let text = std::fs::read_to_string(&file)
+                    .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+                lines.extend(
+                    text.lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                        .map(str::to_string),
+                );
+            }
+            let mut set = std::collections::HashMap::new();
+            for line in lines {
+                let Some((name, value)) = line.split_once('=') else {
+                    let name = line.chars().take(64).collect::<String>();
+                    return Err(format!("{name:?} is not NAME=VALUE").into());
+                };
+                set.insert(name.trim().to_string(), value.to_string());
+            }
+            let names = set.len();
+            let accepted = client
+                .set_config(api::SetConfigRequest {
+                    cluster_id: cluster,
+                    namespace,
+                    app,
+                    set,
+                    unset,
+                    idempotency_key: String::new(),
+                })
+                .await
+                .map_err(said)?
+                .into_inner();
+            queued(accepted, &format!(" ({names} to set)"));
+        }
+        Command::Clusters => {
+            let clusters = client
+                .list_clusters(api::ListClustersRequest {})
+                .await
+                .map_err(said)?
+                .into_inner()
+                .clusters;
+            for c in clusters {
+                let state = match (c.connected, c.revoked) {
+                    (_, true) => "revoked",
+                    (true, false) => "connected",
+                    (false, false) => "disconnected",
+                };
+                let ago = shapeblock_proto::now_unix().saturating_sub(c.last_heartbeat);
+                let inventory = c
+                    .inventory
+                    .as_ref()
+                    .map(|i| {
+                        format!(
+                            "kubernetes {} · {} nodes · {} mCPU · {} MiB",
+                            i.kubernetes_version,
+                            i.node_count,
+                            i.allocatable_cpu_millis,
+                            i.allocatable_memory_bytes >> 20
+                        )
+                    })
+                    .unwrap_or_else(|| "no inventory".into());
+                let version = if c.agent_version.is_empty() {
+                    "-"
+                } else {
+                    &c.agent_version
+                };
+                let skew = c
+                    .clock_skew_ms
+                    .map(|ms| format!("clock skew {ms} ms"))
+                    .unwrap_or_else(|| "clock skew unknown".into());
+                println!(
+                    "{}\t{state}\tepoch {}\tlast seen {ago}s ago\tagent {version}\t{inventory}\t{skew}",
+                    c.id, c.session_epoch
+                );
+            }
+        }
+        Command::Revoke { cluster } => {
+            client
+                .revoke_cluster(api::RevokeClusterRequest {
+                    cluster_id: cluster.clone(),
+                })
+                .await
+                .map_err(said)?;
+            println!(
+                "cluster {cluster} revoked: its certificates are refused; a new token lets it join again"
+            );
+        }
+        Command::Objects { cluster } => {
+            let objects = client
+                .list_objects(api::ListObjectsRequest { cluster_id: cluster })
+                .await
+                .map_err(said)?
+                .into_inner()
+                .objects;
+            for o in objects {
+                println!("{}\t{}\t{}\t{}", o.key, o.phase, o.reason, o.message);
+            }
+        }
+        Command::Inspect { cluster, id } => {
+            let c = client
+                .get_command(api::GetCommandRequest {
+                    cluster_id: cluster,
+                    command_id: id,
+                })
+                .await
+                .map_err(said)?
+                .into_inner();
+            let state = c
+                .state()
+                .as_str_name()
+                .trim_start_matches("COMMAND_STATE_")
+                .to_lowercase();
+            println!(
+                "{}\t{}\t{}\t{state}\t{}",
+                c.command_id, c.kind, c.object, c.message
+            );
+        }
+        Command::Events {
+            cluster,
+            after,
+            follow,
+        } => {
+            let mut after = after;
+            loop {
+                let mut stream = client
+                    .watch_events(api::WatchEventsRequest {
+                        cluster_id: cluster.clone().unwrap_or_default(),
+                        after_id: after,
+                    })
+                    .await
+                    .map_err(said)?
+                    .into_inner();
+                loop {
+                    // Without --follow: what is recorded now, then stop once the stream is quiet.
+                    let next = if follow {
+                        stream.message().await
+                    } else {
+                        match tokio::time::timeout(Duration::from_millis(500), stream.message()).await {
+                            Ok(next) => next,
+                            Err(_) => return Ok(()),
+                        }
+                    };
+                    match next {
+                        Ok(Some(e)) => {
+                            println!("{}", event_line(&e));
+                            after = e.id;
+                        }
+                        Ok(None) => return Ok(()),
+                        Err(status) if follow && status.code() == tonic::Code::ResourceExhausted => {
+                            eprintln!("[{}; resuming after {after}]", status.message());
+                            break;
+                        }
+                        Err(status) => return Err(said(status)),
+                    }
+                }
+            }
+        }
+        Command::Logs {
+            cluster,
+            stream,
+            follow,
+        } => {
+            use std::io::Write;
+            let mut offset = 0;
+            let mut follower = if follow {
+                Some(
+                    client
+                        .follow_log(api::FollowLogRequest {
+                            cluster_id: cluster.clone(),
+                            stream: stream.clone(),
+                            offset,
+                        })
+                        .await
+                        .map_err(said)?
+                        .into_inner(),
+                )
+            } else {
+                None
+            };
+            loop {
+                let data = match &mut follower {
+                    Some(follower) => match follower.message().await.map_err(said)? {
+                        Some(data) => data,
+                        None => break,
+                    },
+                    None => client
+                        .read_log(api::ReadLogRequest {
+                            cluster_id: cluster.clone(),
+                            stream: stream.clone(),
+                            offset,
+                            limit: 0,
+                        })
+                        .await
+                        .map_err(said)?
+                        .into_inner(),
+                };
+                let mut stdout = std::io::stdout();
+                stdout.write_all(&data.data)?;
+                stdout.flush()?;
+                if data.truncated {
+                    eprintln!("[log truncated: its pod was gone before the rest could be read]");
+                }
+                if data.eof && !data.truncated {
+                    eprintln!("[end of log]");
+                }
+                let moved = data.next_offset != offset;
+                offset = data.next_offset;
+                if data.eof || (follower.is_none() && !moved) {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Logs to stderr at `level` (or `RUST_LOG`), coloured on a terminal. The agent has its own

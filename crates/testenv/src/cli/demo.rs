@@ -102,6 +102,22 @@ pub const CLUSTER: &str = "local-demo";
 pub struct DemoHub {
     pub hub: shapeblock_hub::Hub,
     pub data_dir: PathBuf,
+    /// `https://127.0.0.1:PORT`: the hub's API.
+    pub api_url: String,
+    /// A file holding an API key for it (mode 0600).
+    pub api_key_file: PathBuf,
+}
+
+impl DemoHub {
+    /// The flags that point the hub's CLI at this hub's API.
+    pub fn cli_flags(&self) -> String {
+        format!(
+            "--hub {} --api-key $(cat {}) --ca {}",
+            self.api_url,
+            self.api_key_file.display(),
+            self.data_dir.join("ca.pem").display()
+        )
+    }
 }
 
 pub async fn start_hub(work_dir: &Path) -> Result<DemoHub, Box<dyn std::error::Error>> {
@@ -109,14 +125,35 @@ pub async fn start_hub(work_dir: &Path) -> Result<DemoHub, Box<dyn std::error::E
     let data_dir = work_dir.join("hub");
     let mut config = shapeblock_hub::HubConfig::new(data_dir.clone());
     config.heartbeat = Duration::from_secs(5);
+    config.api_listen = Some(([127, 0, 0, 1], 0).into());
     let hub = shapeblock_hub::Hub::start(config).await?;
+    let api = hub.api_address().ok_or("the hub's API is not served")?;
+    let (_, key) = shapeblock_hub::api::create_api_key(hub.store(), "demo")?;
+    let api_key_file = data_dir.join("api-key");
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&api_key_file)?;
+        writeln!(file, "{key}")?;
+    }
     println!(
-        "hub listening on {} (CA {}, store {})",
+        "hub listening on {} (CA {}, store {}), its API on https://{api} (key in {})",
         hub.url(),
         hub.ca_hash(),
-        data_dir.display()
+        data_dir.display(),
+        api_key_file.display()
     );
-    Ok(DemoHub { hub, data_dir })
+    Ok(DemoHub {
+        hub,
+        data_dir,
+        api_url: format!("https://{api}"),
+        api_key_file,
+    })
 }
 
 /// The sample manifests, in order, as the hub sends them.

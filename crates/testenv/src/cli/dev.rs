@@ -134,7 +134,7 @@ async fn up(
             .await?;
         super::demo::print_status(&client).await?;
         let hub_cli = std::env::current_exe()?.with_file_name("shapeblock-hub");
-        let hub_cli = format!("{} --data-dir {}", hub_cli.display(), hub.data_dir.display());
+        let hub_cli = format!("{} {}", hub_cli.display(), hub.cli_flags());
         println!();
         println!("Simulated here: the nodes (kwok: pods are scheduled and \"run\", nothing executes), the");
         println!(
