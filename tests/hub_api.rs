@@ -5,8 +5,7 @@
 
 mod support;
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Secret;
@@ -14,138 +13,13 @@ use kube::api::Api;
 use rustls::pki_types::pem::PemObject;
 use shapeblock_hub::api::v1::hub_client::HubClient;
 use shapeblock_hub::api::v1::{self as api, CommandState, EventKind};
-use shapeblock_testenv::agent::AgentProcess;
 use support::agent::{AGENT_NS, Env, hub_env};
+use support::hub_process::{Bearer, Client, HubProcess, agent_from_install_line};
 use support::{eventually, unique_name};
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
-use tonic::{Code, Request, Status};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+use tonic::{Code, Status};
 
 const TIMEOUT: Duration = Duration::from_secs(45);
-
-/// A `shapeblock-hub serve` process with its API on, in its own data directory.
-struct HubProcess {
-    child: Child,
-    dir: tempfile::TempDir,
-    agent_url: String,
-    api_url: String,
-    ca_pem: String,
-    /// The first API key, made by the CLI on the data directory.
-    key: String,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn hub_cli(dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_shapeblock-hub"))
-        .arg("--data-dir")
-        .arg(dir)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-impl HubProcess {
-    async fn start(extra: &[&str]) -> Self {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let dir = tempfile::tempdir().unwrap();
-        let made = hub_cli(dir.path(), &["api-key", "create", "--name", "test"]);
-        assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
-        let key = String::from_utf8(made.stdout).unwrap().trim().to_string();
-        assert!(key.starts_with("sbk_"), "{key}");
-        let (port, api_port) = (free_port(), free_port());
-        let log = std::fs::File::create(dir.path().join("hub.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_shapeblock-hub"))
-            .arg("--data-dir")
-            .arg(dir.path())
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--api-addr",
-                &format!("127.0.0.1:{api_port}"),
-                "--heartbeat-seconds",
-                "2",
-            ])
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        for p in [port, api_port] {
-            while tokio::net::TcpStream::connect(("127.0.0.1", p)).await.is_err() {
-                assert!(Instant::now() < deadline, "the hub process did not listen");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-        let ca_pem = std::fs::read_to_string(dir.path().join("ca.pem")).unwrap();
-        Self {
-            child,
-            dir,
-            agent_url: format!("https://127.0.0.1:{port}"),
-            api_url: format!("https://127.0.0.1:{api_port}"),
-            ca_pem,
-            key,
-        }
-    }
-
-    async fn channel(&self, endpoint: impl FnOnce(Endpoint) -> Endpoint) -> Channel {
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(&self.ca_pem))
-            .domain_name("127.0.0.1");
-        endpoint(Endpoint::from_shared(self.api_url.clone()).unwrap())
-            .tls_config(tls)
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
-    }
-
-    /// A client with the hub's first key.
-    async fn client(&self) -> Client {
-        self.client_with(Some(&self.key)).await
-    }
-
-    async fn client_with(&self, key: Option<&str>) -> Client {
-        HubClient::with_interceptor(self.channel(|e| e).await, Bearer(key.map(str::to_string)))
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("hub.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for HubProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-#[derive(Clone)]
-struct Bearer(Option<String>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(key) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", format!("Bearer {key}").parse().unwrap());
-        }
-        Ok(request)
-    }
-}
-
-type Client = HubClient<InterceptedService<Channel, Bearer>>;
 
 fn project(name: &str) -> String {
     support::hub::project(name)
@@ -664,43 +538,6 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 // ---- with the real agent ----
-
-/// The agent enrolled with the install line the API printed for `token`.
-async fn agent_from_install_line(
-    env: &Env,
-    hub: &HubProcess,
-    token: &api::CreateEnrollmentTokenResponse,
-) -> AgentProcess {
-    let line = &token.install_line;
-    let value = |key: &str| {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{key}=")))
-            .unwrap_or_else(|| panic!("{key} in {line}"))
-            .to_string()
-    };
-    assert_eq!(value("enrollment.token"), token.secret);
-    assert_eq!(value("hub.address"), hub.agent_url);
-    let log = env.dir.join(format!("{}.log", unique_name("api-agent")));
-    let args = [
-        "--log=shapeblock_agent=debug,info".to_string(),
-        format!("--hub-address={}", value("hub.address")),
-        format!("--enroll-token={}", value("enrollment.token")),
-        format!("--ca-hash={}", value("hub.caHash")),
-        "--heartbeat-seconds=2".to_string(),
-        "--reconnect-max-seconds=1".to_string(),
-        "--registry-secret=".to_string(),
-    ];
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    AgentProcess::start(
-        Path::new(env!("CARGO_BIN_EXE_shapeblock-agent")),
-        &env.kubeconfig,
-        AGENT_NS,
-        &log,
-        &args,
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}"))
-}
 
 async fn cluster_state(client: &mut Client, cluster: &str) -> api::Cluster {
     client

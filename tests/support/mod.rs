@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod chart;
 pub mod hub;
+pub mod hub_process;
 
 use std::path::Path;
 use std::time::{Duration, Instant};

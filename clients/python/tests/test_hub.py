@@ -1,0 +1,202 @@
+"""The client against a real hub and a real agent (see conftest.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncGenerator
+
+import pytest
+from conftest import Live
+
+from shapeblock_hub import (
+    FailedPrecondition,
+    HubClient,
+    HubError,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unauthenticated,
+    pb,
+    wait_for,
+)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def project(name: str) -> str:
+    return (
+        "apiVersion: apps.shapeblock.io/v1alpha1\nkind: Project\n"
+        f"metadata:\n  name: {name}\nspec: {{}}\n"
+    )
+
+
+async def test_a_wrong_key_is_unauthenticated(live: Live) -> None:
+    async with HubClient(live.api, "sbk_" + "0" * 64, live.ca_pem) as wrong:
+        with pytest.raises(Unauthenticated, match="unknown or revoked API key"):
+            await wrong.list_clusters()
+        with pytest.raises(Unauthenticated):
+            await wrong.apply(live.cluster, project(unique("nope")))
+
+
+async def test_the_connected_cluster_is_listed_with_what_its_agent_said(
+    hub: HubClient, live: Live
+) -> None:
+    cluster = await hub.get_cluster(live.cluster)
+    assert cluster.connected and not cluster.revoked
+    assert cluster.session_epoch >= 1
+    assert "apply" in cluster.capabilities
+    assert cluster.inventory.node_count >= 1
+    assert cluster.certificate_not_after > 0
+    assert live.cluster in [c.id for c in await hub.list_clusters()]
+
+
+async def test_tokens_are_created_listed_and_revoked_while_unused(hub: HubClient) -> None:
+    cluster = unique("py")
+    made = await hub.create_enrollment_token(cluster, ttl_seconds=600)
+    assert made.secret.startswith("sbt_")
+    assert made.install_line.startswith("helm install shapeblock-agent ")
+    assert f"enrollment.token={made.secret}" in made.install_line
+    listed = await hub.list_enrollment_tokens(cluster)
+    assert [(t.id, t.used) for t in listed] == [(made.token.id, False)]
+    assert made.secret not in str(listed), "a listing never shows a token"
+    await hub.revoke_enrollment_token(made.token.id)
+    assert await hub.list_enrollment_tokens(cluster) == []
+    with pytest.raises(NotFound):
+        await hub.revoke_enrollment_token(made.token.id)
+
+
+async def test_bad_input_gets_the_hubs_reason_and_queues_nothing(
+    hub: HubClient, live: Live
+) -> None:
+    with pytest.raises(InvalidArgument, match="invalid manifest"):
+        await hub.apply(live.cluster, "kind: [Project")
+    config_map = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x, namespace: default}\n"
+    with pytest.raises(InvalidArgument, match="ConfigMap"):
+        await hub.apply(live.cluster, config_map)
+    with pytest.raises(InvalidArgument, match="the limit is"):
+        await hub.apply(live.cluster, project("big") + "  x: " + "y" * (3 << 20) + "\n")
+    with pytest.raises(NotFound, match="no cluster"):
+        await hub.apply(unique("nobody"), project("p"))
+    with pytest.raises(NotFound):
+        await hub.get_cluster(unique("nobody"))
+
+
+async def test_an_applied_project_is_queued_once_per_key_and_comes_back_ready(
+    hub: HubClient, live: Live
+) -> None:
+    name = unique("py")
+    key = f"Project//{name}"
+    first = await hub.apply(live.cluster, project(name), idempotency_key=f"create-{name}")
+    again = await hub.apply(live.cluster, project(name), idempotency_key=f"create-{name}")
+    assert again.command_id == first.command_id and again.replayed and not first.replayed
+    with pytest.raises(FailedPrecondition, match="another request"):
+        await hub.apply(live.cluster, project(unique("other")), idempotency_key=f"create-{name}")
+
+    async def answered() -> pb.Command | None:
+        command = await hub.get_command(live.cluster, first.command_id)
+        done = (pb.COMMAND_STATE_SUCCEEDED, pb.COMMAND_STATE_FAILED)
+        return command if command.state in done else None
+
+    command = await wait_for(answered, what="the command's result")
+    assert command.state == pb.COMMAND_STATE_SUCCEEDED, command
+    assert (command.kind, command.object) == ("apply", key)
+
+    async def ready() -> bool:
+        objects = await hub.list_objects(live.cluster)
+        return any(o.key == key and o.phase == "Ready" for o in objects)
+
+    await wait_for(ready, what="the Project Ready")
+    # The feed has it all, in order: queued once, the result, the phase.
+    seen: list[pb.Event] = []
+
+    async def collect() -> None:
+        async for event in hub.watch_events(0, cluster_id=live.cluster):
+            seen.append(event)
+            if event.kind == pb.EVENT_KIND_PHASE and event.object == key and event.phase == "Ready":
+                return
+
+    await asyncio.wait_for(collect(), 30)
+    ids = [e.id for e in seen]
+    assert ids == sorted(set(ids))
+    mine = [e for e in seen if e.object == key]
+    kinds = [pb.EventKind.Name(e.kind) for e in mine]
+    assert kinds.count("EVENT_KIND_COMMAND_QUEUED") == 1, kinds
+    assert kinds.index("EVENT_KIND_COMMAND_QUEUED") < kinds.index("EVENT_KIND_COMMAND_RESULT")
+    await hub.delete(live.cluster, "Project", name)
+
+
+async def test_a_set_config_value_never_comes_back(hub: HubClient, live: Live) -> None:
+    value = unique("s3cret")
+    accepted = await hub.set_config(
+        live.cluster, unique("ns"), "web", set={"DATABASE_PASSWORD": value}
+    )
+
+    async def answered() -> pb.Command | None:
+        command = await hub.get_command(live.cluster, accepted.command_id)
+        return command if command.state >= pb.COMMAND_STATE_SUCCEEDED else None
+
+    command = await wait_for(answered, what="the set-config result")
+    events: list[pb.Event] = []
+
+    async def collect() -> None:
+        async for event in hub.watch_events(0, cluster_id=live.cluster):
+            events.append(event)
+            if event.kind == pb.EVENT_KIND_COMMAND_RESULT and (
+                event.command_id == accepted.command_id
+            ):
+                return
+
+    await asyncio.wait_for(collect(), 30)
+    assert value not in f"{accepted}{command}{events}"
+
+
+async def test_watch_events_resumes_by_itself_after_the_hub_cuts_a_slow_watcher(
+    live: Live,
+) -> None:
+    # The hub of this suite holds 8 events per watcher for half a second; this watcher stops
+    # reading (no window growth) while 1500 are recorded, then reads on.
+    slow_options = [("grpc.http2.bdp_probe", 0)]
+    async with (
+        HubClient(live.api, live.api_key, live.ca_pem) as writer,
+        HubClient(live.api, live.api_key, live.ca_pem, options=slow_options) as reader,
+    ):
+        cluster = unique("py-feed")
+        await writer.create_enrollment_token(cluster)
+        resumes: list[tuple[HubError, int]] = []
+        events: AsyncGenerator[pb.Event] = reader.watch_events(
+            0, cluster_id=cluster, on_resume=lambda e, at: resumes.append((e, at))
+        )
+        total = 1500
+        first = asyncio.ensure_future(anext(events))
+        await asyncio.sleep(0.2)
+        names = [f"{'x' * 50}-{i}" for i in range(total)]
+        for chunk in range(0, total, 50):
+            await asyncio.gather(
+                *(writer.apply(cluster, project(n)) for n in names[chunk : chunk + 50])
+            )
+        await asyncio.sleep(1.0)
+        got = [await first]
+        async for event in events:
+            got.append(event)
+            if len(got) == total:
+                break
+        await events.aclose()
+    assert resumes, "the hub cut the watcher at least once"
+    assert all(isinstance(e, ResourceExhausted) for e, _ in resumes)
+    assert all("watch again with after_id" in e.message for e, _ in resumes)
+    ids = [e.id for e in got]
+    assert ids == sorted(set(ids)), "in order, no duplicate"
+    assert sorted(e.object for e in got) == sorted(f"Project//{n}" for n in names), "no gap"
+
+
+async def test_logs_of_a_cluster_without_streams_read_empty(hub: HubClient) -> None:
+    cluster = unique("py-logs")
+    await hub.create_enrollment_token(cluster)
+    assert await hub.list_logs(cluster) == []
+    data = await hub.read_log(cluster, "ns/build-1/build")
+    assert (data.data, data.next_offset, data.eof) == (b"", 0, False)
+    with pytest.raises(NotFound):
+        await hub.list_logs(unique("nobody"))
