@@ -101,12 +101,13 @@ impl Connected {
     }
 
     /// Runs `shapeblock-hub ARGS` against the running hub's API, as an operator would:
-    /// (success, stdout, stderr).
-    fn cli(&self, args: &[&str]) -> (bool, String, String) {
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_shapeblock-hub"))
+    /// (success, stdout, stderr). Awaited, not waited for: the hub answers on this runtime.
+    async fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_shapeblock-hub"))
             .args(support::hub::api_args(&self.hub, self.data.path()))
             .args(args)
             .output()
+            .await
             .unwrap();
         (
             output.status.success(),
@@ -490,21 +491,27 @@ async fn prune_is_scoped_bounded_and_reports_what_it_removed() {
     let state = c.data.path().join("state.yaml");
     std::fs::write(&state, project(&a)).unwrap();
     let state = state.to_str().unwrap();
-    let (ok, _, stderr) = c.cli(&["sync", "--cluster", &c.cluster, "-f", state, "--prune"]);
+    let (ok, _, stderr) = c
+        .cli(&["sync", "--cluster", &c.cluster, "-f", state, "--prune"])
+        .await;
     assert!(!ok && stderr.contains("a prune needs a scope"), "{stderr}");
-    let (ok, _, stderr) = c.cli(&["sync", "--cluster", &c.cluster, "-f", state, "--force"]);
+    let (ok, _, stderr) = c
+        .cli(&["sync", "--cluster", &c.cluster, "-f", state, "--force"])
+        .await;
     assert!(!ok && stderr.contains("--prune"), "--force alone: {stderr}");
-    let (ok, stdout, stderr) = c.cli(&[
-        "sync",
-        "--cluster",
-        &c.cluster,
-        "-f",
-        state,
-        "--prune",
-        "--prune-project",
-        &a,
-        "--force",
-    ]);
+    let (ok, stdout, stderr) = c
+        .cli(&[
+            "sync",
+            "--cluster",
+            &c.cluster,
+            "-f",
+            state,
+            "--prune",
+            "--prune-project",
+            &a,
+            "--force",
+        ])
+        .await;
     assert!(ok, "{stderr}");
     let seq: u64 = stdout
         .strip_prefix("queued command ")

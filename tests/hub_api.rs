@@ -528,7 +528,7 @@ async fn a_slow_watcher_is_cut_with_resource_exhausted_and_resumes_from_its_curs
     assert!(hub.log().contains("slow watcher cut"), "{}", hub.log());
 }
 
-fn rss_kib(pid: u32) -> u64 {
+pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
@@ -961,5 +961,252 @@ async fn the_cli_goes_through_the_api_with_flags_or_environment_and_says_what_it
     assert!(
         ok && keys.contains("\ttest\tvalid") && keys.contains("\tsecond\tvalid"),
         "{keys}"
+    );
+}
+
+// ---- logs ----
+
+/// Build log chunks as an agent sends them (over its mTLS stream, with seqs, waiting for
+/// the acks), from a stand-in that speaks the agent protocol: only the log path is tested.
+async fn send_log_chunks(
+    hub: &HubProcess,
+    identity: &shapeblock_agent::tunnel::Identity,
+    first_seq: u64,
+    chunks: &[(u64, &[u8], bool)],
+) {
+    use shapeblock_proto::v1::agent_message::Body as Up;
+    use shapeblock_proto::v1::agent_tunnel_client::AgentTunnelClient;
+    use shapeblock_proto::v1::server_message::Body as Down;
+    use shapeblock_proto::v1::{AgentMessage, Hello, LogChunk};
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&hub.ca_pem))
+        .domain_name("127.0.0.1")
+        .identity(tonic::transport::Identity::from_pem(
+            &identity.cert_pem,
+            &identity.key_pem,
+        ));
+    let channel = Endpoint::from_shared(hub.agent_url.clone())
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tx.send(AgentMessage {
+        seq: 0,
+        body: Some(Up::Hello(Hello {
+            agent_version: "log-stand-in".into(),
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let mut down = AgentTunnelClient::new(channel)
+        .tunnel(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut last = 0;
+    for (i, (offset, data, eof)) in chunks.iter().enumerate() {
+        last = first_seq + i as u64;
+        let chunk = LogChunk {
+            build: "web-1".into(),
+            namespace: "shop".into(),
+            container: "build".into(),
+            offset: *offset,
+            data: data.to_vec(),
+            eof: *eof,
+            truncated: false,
+            kind: "AppBuild".into(),
+        };
+        tx.send(AgentMessage {
+            seq: last,
+            body: Some(Up::Log(chunk)),
+        })
+        .await
+        .unwrap();
+    }
+    // Every chunk acknowledged: stored.
+    while let Some(message) = down.message().await.unwrap() {
+        if let Some(Down::Ack(ack)) = message.body
+            && ack.seq >= last
+        {
+            break;
+        }
+    }
+}
+
+#[tokio::test]
+async fn logs_are_listed_read_from_an_offset_and_followed_to_their_end() {
+    use shapeblock_agent::tunnel::enroll;
+    let hub = HubProcess::start(&[]).await;
+    let mut client = hub.client().await;
+    let (cluster, token) = cluster_with_token(&mut client).await;
+    let key = enroll::new_key().unwrap();
+    let pin = token
+        .install_line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("hub.caHash="))
+        .unwrap()
+        .to_string();
+    let identity = enroll::enroll(&hub.agent_url, &token.secret, &pin, &key)
+        .await
+        .expect("enroll");
+    let stream = "shop/web-1/build";
+    send_log_chunks(
+        &hub,
+        &identity,
+        1,
+        &[(0, b"step 1\n", false), (7, b"step 2\n", false)],
+    )
+    .await;
+    let listed = client
+        .list_logs(api::ListLogsRequest {
+            cluster_id: cluster.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .streams;
+    assert_eq!(
+        listed,
+        [api::LogStream {
+            stream: stream.into(),
+            length: 14,
+            ended: false,
+            truncated: false
+        }]
+    );
+    let read = client
+        .read_log(api::ReadLogRequest {
+            cluster_id: cluster.clone(),
+            stream: stream.into(),
+            offset: 5,
+            limit: 4,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (read.data.as_slice(), read.next_offset, read.eof),
+        (&b"1\nst"[..], 9, false)
+    );
+
+    // A follower from offset 3 gets the rest as it arrives, then the end.
+    let mut follower = client
+        .follow_log(api::FollowLogRequest {
+            cluster_id: cluster.clone(),
+            stream: stream.into(),
+            offset: 3,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = follower.message().await.unwrap().unwrap();
+    assert_eq!((first.offset, first.data.as_slice()), (3, &b"p 1\nstep 2\n"[..]));
+    // The next session's chunks (the agent's seqs go on), the last one with the end.
+    send_log_chunks(&hub, &identity, 3, &[(14, b"done\n", false), (19, b"", true)]).await;
+    let mut rest = Vec::new();
+    let mut ended = false;
+    while let Some(data) = tokio::time::timeout(TIMEOUT, follower.message())
+        .await
+        .expect("the follower is told")
+        .unwrap()
+    {
+        rest.extend_from_slice(&data.data);
+        ended |= data.eof;
+    }
+    assert_eq!(rest, b"done\n");
+    assert!(ended, "the last message says the log ended");
+    let all = events(&mut client, &cluster, 0).await;
+    let log_events: Vec<(EventKind, &str)> = all
+        .iter()
+        .filter(|e| matches!(e.kind(), EventKind::LogOpened | EventKind::LogEnded))
+        .map(|e| (e.kind(), e.object.as_str()))
+        .collect();
+    assert_eq!(
+        log_events,
+        [(EventKind::LogOpened, stream), (EventKind::LogEnded, stream)]
+    );
+    let sessions = all.iter().filter(|e| e.kind() == EventKind::SessionUp).count();
+    assert_eq!(sessions, 2);
+}
+
+// ---- watchers that go ----
+
+async fn hub_info(client: &mut Client) -> api::HubInfo {
+    client.get_hub(api::GetHubRequest {}).await.unwrap().into_inner()
+}
+
+/// Opens `n` watchers at once, each reading one event, then drops them: half by ending the
+/// stream, half by closing the connection under it.
+async fn watchers_come_and_go(hub: &HubProcess, cluster: &str, n: usize) {
+    let shared = hub.client().await;
+    let opened = (0..n).map(|i| {
+        let mut shared = shared.clone();
+        let cluster = cluster.to_string();
+        async move {
+            let mut own = if i % 2 == 0 {
+                Some(hub.client().await)
+            } else {
+                None
+            };
+            let client = own.as_mut().unwrap_or(&mut shared);
+            let mut stream = client
+                .watch_events(api::WatchEventsRequest {
+                    cluster_id: cluster,
+                    after_id: 0,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            stream.message().await.unwrap().expect("an event");
+            drop(stream);
+            drop(own);
+        }
+    });
+    futures::future::join_all(opened).await;
+}
+
+#[tokio::test]
+async fn a_thousand_watchers_that_come_and_go_leave_no_task_and_no_memory_behind() {
+    let hub = HubProcess::start(&[]).await;
+    let mut client = hub.client().await;
+    let (cluster, _) = cluster_with_token(&mut client).await;
+    for i in 0..20 {
+        apply(&mut client, &cluster, &project(&format!("w{i}")), "")
+            .await
+            .unwrap();
+    }
+    // A first round warms the allocator and the TLS caches: the baseline is after it.
+    watchers_come_and_go(&hub, &cluster, 100).await;
+    let idle = |client: &Client| {
+        let client = client.clone();
+        async move {
+            eventually(Duration::from_secs(10), "every watcher's task ended", || {
+                let mut client = client.clone();
+                async move { (hub_info(&mut client).await.watchers == 0).then_some(()) }
+            })
+            .await
+        }
+    };
+    idle(&client).await;
+    let baseline = rss_kib(hub.child.id());
+    let started = Instant::now();
+    for _ in 0..10 {
+        watchers_come_and_go(&hub, &cluster, 100).await;
+    }
+    let took = started.elapsed();
+    let (_, settled_in) = idle(&client).await;
+    let after = rss_kib(hub.child.id());
+    eprintln!(
+        "1000 watchers came and went in {took:?}; tasks back to 0 within {settled_in:?}; hub RSS {baseline} KiB before, {after} KiB after"
+    );
+    let info = hub_info(&mut client).await;
+    assert_eq!((info.watchers, info.log_followers), (0, 0), "{info:?}");
+    assert!(
+        after < baseline + 8 * 1024,
+        "hub RSS grew from {baseline} KiB to {after} KiB"
     );
 }

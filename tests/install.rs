@@ -101,7 +101,7 @@ async fn the_printed_install_line_installs_an_agent_that_enrolls_and_connects() 
 
     // The hub's CLI prints the line, through the running hub's API.
     let api = support::hub::api_args(&hub, data.path());
-    let printed = support::hub::cli(api.iter().map(|a| a.as_os_str()).chain([
+    let printed = support::hub::cli_async(api.iter().map(|a| a.as_os_str()).chain([
         "token".as_ref(),
         "create".as_ref(),
         "--cluster".as_ref(),
@@ -110,7 +110,8 @@ async fn the_printed_install_line_installs_an_agent_that_enrolls_and_connects() 
         hub.url().as_ref(),
         "--chart".as_ref(),
         chart.as_os_str(),
-    ]));
+    ]))
+    .await;
     let line = printed.trim_end();
     assert_eq!(line.lines().count(), 1, "one line: {printed}");
     assert!(line.starts_with("helm install shapeblock-agent "), "{line}");

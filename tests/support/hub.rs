@@ -76,6 +76,26 @@ where
     String::from_utf8(output.stdout).unwrap()
 }
 
+/// [`cli`] awaited on the runtime, for a hub that serves on this runtime (waiting for the
+/// process there would stop the hub from answering it).
+pub async fn cli_async<I, S>(args: I) -> String
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_shapeblock-hub"))
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
 /// The result of command `seq` (ok, message) once the agent has answered it.
 pub async fn result_of(hub: &Hub, cluster: &str, seq: u64) -> Option<(bool, String)> {
     let row = hub

@@ -51,6 +51,8 @@ async def test_the_connected_cluster_is_listed_with_what_its_agent_said(
     assert cluster.inventory.node_count >= 1
     assert cluster.certificate_not_after > 0
     assert live.cluster in [c.id for c in await hub.list_clusters()]
+    info = await hub.get_hub()
+    assert info.ca_hash.startswith("sha256:") and info.sessions >= 1
 
 
 async def test_tokens_are_created_listed_and_revoked_while_unused(hub: HubClient) -> None:

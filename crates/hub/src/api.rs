@@ -97,6 +97,30 @@ impl From<HubError> for ApiError {
 
 type ApiResult<T> = Result<Response<T>, Status>;
 
+/// How many API streams are being served, for `GetHub` (and to show that a watcher that
+/// went left nothing behind).
+#[derive(Default)]
+pub(crate) struct Streams {
+    watchers: std::sync::atomic::AtomicU32,
+    followers: std::sync::atomic::AtomicU32,
+}
+
+/// Counts one stream while its task lives.
+struct Counted<'a>(&'a std::sync::atomic::AtomicU32);
+
+impl<'a> Counted<'a> {
+    fn new(counter: &'a std::sync::atomic::AtomicU32) -> Self {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(counter)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 fn sha256_hex(bytes: &[u8]) -> String {
     hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
 }
@@ -343,6 +367,25 @@ fn log_data(read: store::LogRead) -> v1::LogData {
 
 #[tonic::async_trait]
 impl HubApi for Api {
+    async fn get_hub(&self, _: Request<v1::GetHubRequest>) -> ApiResult<v1::HubInfo> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let sessions = self
+            .inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len();
+        Ok(Response::new(v1::HubInfo {
+            version: env!("CARGO_PKG_VERSION").into(),
+            ca_hash: proto::ca_hash(&self.inner.ca.cert_der),
+            agent_address: self.inner.agent_url.clone(),
+            store_id: self.inner.store_id.clone(),
+            watchers: self.inner.streams.watchers.load(Relaxed),
+            log_followers: self.inner.streams.followers.load(Relaxed),
+            sessions: sessions as u32,
+        }))
+    }
+
     async fn create_api_key(
         &self,
         request: Request<v1::CreateApiKeyRequest>,
@@ -711,6 +754,7 @@ async fn watch(
     (buffer, stall): (usize, Duration),
     tx: mpsc::Sender<Result<v1::Event, Status>>,
 ) {
+    let _counted = Counted::new(&inner.streams.watchers);
     let mut tick = inner.store.subscribe();
     let mut stopping = inner.stopping.subscribe();
     let mut poll = tokio::time::interval(POLL);
@@ -782,6 +826,7 @@ async fn follow(
     mut offset: u64,
     tx: mpsc::Sender<Result<v1::LogData, Status>>,
 ) {
+    let _counted = Counted::new(&inner.streams.followers);
     let mut tick = inner.store.subscribe();
     let mut stopping = inner.stopping.subscribe();
     let mut poll = tokio::time::interval(POLL);

@@ -113,6 +113,8 @@ struct Inner {
     stopping: watch::Sender<bool>,
     /// What agents dial (the default address in install lines).
     agent_url: String,
+    /// API streams being served (each a task with a bounded buffer).
+    streams: api::Streams,
 }
 
 impl Inner {
@@ -374,6 +376,7 @@ impl Hub {
             config: config.clone(),
             ca,
             agent_url: format!("https://{addr}"),
+            streams: api::Streams::default(),
         });
         let api = match api_listener {
             Some(listener) => Some(api::serve(inner.clone(), listener, &cert, &key)?),
@@ -1135,6 +1138,7 @@ mod fuzz {
             wake: Mutex::default(),
             stopping,
             agent_url: "https://127.0.0.1:7443".into(),
+            streams: api::Streams::default(),
         };
         Fixture {
             _dir: dir,

@@ -123,6 +123,11 @@ class HubClient:
         except grpc.aio.AioRpcError as e:
             raise _error(e) from None
 
+    async def get_hub(self) -> pb.HubInfo:
+        """The hub's version, CA hash, agent address, store id and live stream counts."""
+        response: pb.HubInfo = await self._call("GetHub", pb.GetHubRequest())
+        return response
+
     # ---- API keys ----
 
     async def create_api_key(self, name: str) -> pb.CreateApiKeyResponse:

@@ -43,6 +43,28 @@ EVENT_KIND_LOG_ENDED: EventKind
 EVENT_KIND_LOG_GAP: EventKind
 EVENT_KIND_CLUSTER_REVOKED: EventKind
 
+class GetHubRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class HubInfo(_message.Message):
+    __slots__ = ("version", "ca_hash", "agent_address", "store_id", "watchers", "log_followers", "sessions")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CA_HASH_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    STORE_ID_FIELD_NUMBER: _ClassVar[int]
+    WATCHERS_FIELD_NUMBER: _ClassVar[int]
+    LOG_FOLLOWERS_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    ca_hash: str
+    agent_address: str
+    store_id: str
+    watchers: int
+    log_followers: int
+    sessions: int
+    def __init__(self, version: _Optional[str] = ..., ca_hash: _Optional[str] = ..., agent_address: _Optional[str] = ..., store_id: _Optional[str] = ..., watchers: _Optional[int] = ..., log_followers: _Optional[int] = ..., sessions: _Optional[int] = ...) -> None: ...
+
 class CreateApiKeyRequest(_message.Message):
     __slots__ = ("name",)
     NAME_FIELD_NUMBER: _ClassVar[int]

@@ -34,6 +34,11 @@ class HubStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.GetHub = channel.unary_unary(
+                '/shapeblock.hub.v1.Hub/GetHub',
+                request_serializer=shapeblock_dot_hub_dot_v1_dot_hub__pb2.GetHubRequest.SerializeToString,
+                response_deserializer=shapeblock_dot_hub_dot_v1_dot_hub__pb2.HubInfo.FromString,
+                _registered_method=True)
         self.CreateApiKey = channel.unary_unary(
                 '/shapeblock.hub.v1.Hub/CreateApiKey',
                 request_serializer=shapeblock_dot_hub_dot_v1_dot_hub__pb2.CreateApiKeyRequest.SerializeToString,
@@ -138,6 +143,13 @@ class HubStub:
 
 class HubServicer:
     """Missing associated documentation comment in .proto file."""
+
+    def GetHub(self, request, context):
+        """The hub itself: what agents pin, its store, what it holds for API streams now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def CreateApiKey(self, request, context):
         """API keys. The first is created on the hub's data directory
@@ -279,6 +291,11 @@ class HubServicer:
 
 def add_HubServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'GetHub': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetHub,
+                    request_deserializer=shapeblock_dot_hub_dot_v1_dot_hub__pb2.GetHubRequest.FromString,
+                    response_serializer=shapeblock_dot_hub_dot_v1_dot_hub__pb2.HubInfo.SerializeToString,
+            ),
             'CreateApiKey': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateApiKey,
                     request_deserializer=shapeblock_dot_hub_dot_v1_dot_hub__pb2.CreateApiKeyRequest.FromString,
@@ -389,6 +406,33 @@ def add_HubServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Hub:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def GetHub(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shapeblock.hub.v1.Hub/GetHub',
+            shapeblock_dot_hub_dot_v1_dot_hub__pb2.GetHubRequest.SerializeToString,
+            shapeblock_dot_hub_dot_v1_dot_hub__pb2.HubInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def CreateApiKey(request,
