@@ -17,9 +17,11 @@ export SHAPEBLOCK_BIN_DIR
 
 cargo fmt --all -- --check
 cargo clippy --locked --workspace --all-targets -- -D warnings
-# The Python client (clients/python): ruff and mypy here; its pytest suite runs in
-# tests/python_client.rs against a real hub and agent.
+# The Python client (clients/python) and the FastAPI example on it: ruff and mypy here; their
+# pytest suites run in tests/python_client.rs and tests/fastapi_example.rs against a real hub
+# and agent.
 clients/python/tools/check.sh
+examples/fastapi/check.sh
 # One test at a time within each test binary: each runs agents, hubs and helm Jobs against a
 # whole simulated cluster on the same 2 cores, and concurrent ones turned into timeouts there
 # (tests/tunnel.rs, once in six full runs). Set RUST_TEST_THREADS to override.

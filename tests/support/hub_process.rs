@@ -147,6 +147,16 @@ pub async fn agent_from_install_line(
     hub: &HubProcess,
     token: &api::CreateEnrollmentTokenResponse,
 ) -> AgentProcess {
+    agent_from_install_line_with(env, hub, token, &[]).await
+}
+
+/// [`agent_from_install_line`] with more agent flags.
+pub async fn agent_from_install_line_with(
+    env: &Env,
+    hub: &HubProcess,
+    token: &api::CreateEnrollmentTokenResponse,
+    extra: &[&str],
+) -> AgentProcess {
     let line = &token.install_line;
     let value = |key: &str| {
         line.split_whitespace()
@@ -166,7 +176,8 @@ pub async fn agent_from_install_line(
         "--reconnect-max-seconds=1".to_string(),
         "--registry-secret=".to_string(),
     ];
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+    args.extend_from_slice(extra);
     AgentProcess::start(
         Path::new(env!("CARGO_BIN_EXE_shapeblock-agent")),
         &env.kubeconfig,
