@@ -29,6 +29,9 @@ pub mod v1 {
     tonic::include_proto!("shapeblock.hub.v1");
 }
 
+mod client;
+pub use client::{BearerKey, Client, ConnectError, connect};
+
 use v1::hub_server::{Hub as HubApi, HubServer};
 
 /// Events a watcher may have unread ([`crate::HubConfig::watch_buffer`]).
@@ -46,6 +49,9 @@ const LOG_FOLLOW_CHUNK: usize = 64 << 10;
 
 /// How often streams look at the store when nothing in this process said it changed.
 const POLL: Duration = Duration::from_millis(500);
+
+/// How long a watcher lets commits gather before it reads them.
+const COALESCE: Duration = Duration::from_millis(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -807,7 +813,11 @@ async fn watch(
             }
         }
         tokio::select! {
-            _ = tick.changed() => {}
+            _ = tick.changed() => {
+                // Commits come in bursts (a build's log, a snapshot): one read for a burst,
+                // not one per commit per watcher, keeps many watchers off the writers' lock.
+                tokio::time::sleep(COALESCE).await;
+            }
             _ = poll.tick() => {}
             _ = tx.closed() => return,
             _ = stopping.changed() => {
@@ -863,63 +873,4 @@ async fn follow(
             }
         }
     }
-}
-
-/// Puts the API key on every call of a [`Client`].
-#[derive(Clone)]
-pub struct BearerKey(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
-
-impl tonic::service::Interceptor for BearerKey {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        request.metadata_mut().insert("authorization", self.0.clone());
-        Ok(request)
-    }
-}
-
-/// A client of the API with its key (what the CLI and Rust callers use).
-pub type Client = v1::hub_client::HubClient<InterceptedService<tonic::transport::Channel, BearerKey>>;
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    #[error("the API key is not a header value")]
-    Key,
-    #[error("hub address {address:?}: {source}")]
-    Address {
-        address: String,
-        source: tonic::transport::Error,
-    },
-    #[error("cannot reach the hub's API at {address}: {source}")]
-    Connect {
-        address: String,
-        source: tonic::transport::Error,
-    },
-}
-
-/// Connects to the API at `address` (`https://host:port`), trusting `ca_pem` (the hub's CA).
-pub async fn connect(address: &str, api_key: &str, ca_pem: &str) -> Result<Client, ConnectError> {
-    let key = format!("Bearer {}", api_key.trim())
-        .parse()
-        .map_err(|_| ConnectError::Key)?;
-    let address = if address.contains("://") {
-        address.to_string()
-    } else {
-        format!("https://{address}")
-    };
-    let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(ca_pem));
-    let channel = tonic::transport::Endpoint::from_shared(address.clone())
-        .and_then(|e| e.tls_config(tls))
-        .map_err(|source| ConnectError::Address {
-            address: address.clone(),
-            source,
-        })?
-        .connect_timeout(Duration::from_secs(10))
-        .connect()
-        .await
-        .map_err(|source| ConnectError::Connect { address, source })?;
-    Ok(
-        v1::hub_client::HubClient::with_interceptor(channel, BearerKey(key))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES * 2)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES * 2),
-    )
 }
