@@ -555,7 +555,7 @@ impl AgentTunnel for Service {
     }
 
     async fn renew(&self, request: Request<RenewRequest>) -> Result<Response<EnrollResponse>, Status> {
-        let (cluster, _) = self.admitted(&request)?;
+        let (cluster, _, _) = self.admitted(&request)?;
         let (cert_pem, _) = self.inner.sign(&request.into_inner().csr_pem, &cluster)?;
         tracing::info!(%cluster, "client certificate renewed");
         Ok(Response::new(self.response(&cluster, cert_pem)))
@@ -567,7 +567,7 @@ impl AgentTunnel for Service {
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::TunnelStream>, Status> {
-        let (cluster, not_after) = self.admitted(&request)?;
+        let (cluster, not_after, serial) = self.admitted(&request)?;
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
             .await
@@ -595,6 +595,11 @@ impl AgentTunnel for Service {
             tracing::info!(%cluster, old = old.epoch, new = epoch, "newer session replaces the older");
             let _ = old.close.send(Close::Superseded);
         }
+        // A revocation between the check above and this session's registration found no
+        // session to close: look again now that it is registered.
+        if matches!(self.inner.store.certificate_allowed(&cluster, &serial), Ok(false)) {
+            self.inner.close_session(&cluster, Close::Revoked);
+        }
         tracing::info!(%cluster, epoch, last_agent_seq, agent = %hello.agent_version, "session started");
         let (tx, rx) = mpsc::channel(64);
         let ack = ServerMessage {
@@ -616,7 +621,7 @@ impl Service {
     /// The cluster of the client certificate and its expiry, if the certificate is not
     /// revoked: checked before anything else of a session or renewal, so a revoked
     /// cluster's still-valid certificate gets nothing.
-    fn admitted<T>(&self, request: &Request<T>) -> Result<(String, i64), Status> {
+    fn admitted<T>(&self, request: &Request<T>) -> Result<(String, i64, String), Status> {
         let cluster = cluster_of(request)?;
         let leaf = request
             .peer_certs()
@@ -636,7 +641,7 @@ impl Service {
                  to join again, enroll with a new token (`shapeblock-hub token create --cluster {cluster}`)"
             )));
         }
-        Ok((cluster, proto::not_after(&leaf).unwrap_or(0)))
+        Ok((cluster, proto::not_after(&leaf).unwrap_or(0), serial))
     }
 
     fn response(&self, cluster: &str, cert_pem: String) -> EnrollResponse {
