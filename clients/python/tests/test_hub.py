@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from collections.abc import AsyncGenerator
 
@@ -202,3 +203,27 @@ async def test_logs_of_a_cluster_without_streams_read_empty(hub: HubClient) -> N
     assert (data.data, data.next_offset, data.eof) == (b"", 0, False)
     with pytest.raises(NotFound):
         await hub.list_logs(unique("nobody"))
+
+
+async def test_a_build_log_is_followed_to_its_end_from_any_offset(
+    hub: HubClient, live: Live
+) -> None:
+    stream = os.environ.get("SHAPEBLOCK_TEST_BUILD_LOG", "")
+    assert stream, "SHAPEBLOCK_TEST_BUILD_LOG: the harness runs a build"
+    received = b""
+
+    async def follow() -> None:
+        nonlocal received
+        async for chunk in hub.follow_logs(live.cluster, stream):
+            assert chunk.offset == len(received), "in order, no gap"
+            received += chunk.data
+
+    # Followed from before the build writes (or while it does) until the end.
+    await asyncio.wait_for(follow(), 90)
+    assert received.splitlines() == [f"line {i}".encode() for i in range(500)]
+    # From an offset in the middle: the rest, and the stream is listed as ended.
+    middle = received.index(b"line 250\n")
+    rest = b"".join([c.data async for c in hub.follow_logs(live.cluster, stream, middle)])
+    assert rest == received[middle:]
+    listed = {s.stream: s for s in await hub.list_logs(live.cluster)}
+    assert listed[stream].ended and listed[stream].length == len(received)
