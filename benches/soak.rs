@@ -29,8 +29,8 @@ use kube::api::Api;
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use shapeblock_agent::api::{AppBuild, AppRun, Project};
-use shapeblock_hub::{Hub, HubConfig};
 use shapeblock_agent::proto::v1::ObjectRef;
+use shapeblock_hub::{Hub, HubConfig};
 use shapeblock_testenv::agent::{self, AgentProcess};
 use shapeblock_testenv::{ControlPlane, Options, PodOutcome, PodSelector, logs, set_pod_outcome};
 

@@ -10,6 +10,9 @@
 //! Everything listens on the real node's bridge address, which pods reach (their gateway) and
 //! this machine reaches too. Started once per test process ([`build_farm`]) beside the shared
 //! real node; its processes die with the process.
+//!
+//! Past 600 lines: each service is short, but they share one CA, one address and one
+//! lifetime, which is the point of putting them in one place.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};

@@ -9,6 +9,9 @@
 //!
 //! This is test support: production code never calls it (the agent and the hub crates have it
 //! as a dev-dependency only; tests/arrows.rs checks it).
+//!
+//! Past 600 lines: the control plane's start-up order (PKI, etcd, apiserver, controllers, CRDs,
+//! helm-controller) is one sequence; its parts with their own concern are the modules above.
 
 pub mod agent;
 pub mod buildfarm;

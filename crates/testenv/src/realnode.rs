@@ -20,6 +20,9 @@
 //! start that takes the same slot (a lock file held by the live owner).
 //!
 //! Needs root (cgroups, a bridge, mounts), which the test machine is.
+//!
+//! Past 600 lines: start-up, images and clean-up are one lifetime of one node; splitting them
+//! would hide the order the no-orphan guarantee depends on.
 
 use std::fs::File;
 use std::net::Ipv4Addr;

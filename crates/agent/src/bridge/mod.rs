@@ -1,6 +1,9 @@
 //! The bridge: commands from the hub become ShapeBlock custom resources (server-side apply
 //! under one field manager), and the status of those resources becomes phase changes for the
 //! hub. It knows the proto and the CRD types; never sockets or TLS (that is the tunnel's).
+//!
+//! Past 600 lines: the commands and the status relay share the field manager, the kinds table
+//! and the delivery rules; the log relay is `logs`.
 
 pub mod identity;
 pub mod logs;

@@ -7,6 +7,9 @@
 //! certificate (`auth.token.rootcertbundle`). No build ever sees a credential shared between
 //! projects. A tenant's own registry (another host) is pushed to with a Secret the tenant made
 //! for it, which must say so (a label and the registry host, settable only by Secret writers).
+//!
+//! One file past 600 lines: the token, its scope and the Secret checks are one trust decision
+//! and are read together when reviewing it.
 
 use std::collections::BTreeMap;
 

@@ -5,6 +5,8 @@
 //! It knows the proto and TLS, not Kubernetes: it talks to the rest of the agent through
 //! [`Host`] (commands in, phase changes out) and [`IdentityStore`] (where the key and
 //! certificate are kept), both implemented by the bridge.
+//!
+//! Past 600 lines: the session loop, delivery and renewal share one state machine.
 
 pub mod enroll;
 pub mod queue;

@@ -2,9 +2,14 @@
 //! Native Buildpacks. Pure functions of the App, the AppBuild and the agent's settings.
 //!
 //! Pod Security: project namespaces enforce `baseline`. Kaniko must run as root to unpack
-//! image layers (allowed by `baseline`, no privilege, no extra capabilities); buildpacks run as
-//! the builder image's own user (`cnb`, uid 1000), and the clone step runs as that user too so
-//! the workspace is theirs.
+//! image layers (allowed by `baseline`, no privilege, no extra capabilities); the buildpacks
+//! lifecycle starts as root and drops to the builder's user itself, after the sources are
+//! handed to that user; the clone runs as the git image's user (root: OpenSSH refuses a uid
+//! the image's passwd does not name).
+//!
+//! One file past 600 lines on purpose: the resolve Job, the two build Jobs and the release Job
+//! are one contract (the same pod skeleton, volumes, scripts and settings), and most of the
+//! length is the unit tests that pin it.
 
 use std::collections::BTreeMap;
 

@@ -6,6 +6,8 @@
 //! succeeded, and the StatefulSet runs this generation's template, updated and available.
 //! Deletion waits while Apps bind the service (unless forced), uninstalls the release, and then
 //! deletes or keeps the data volume claims as `deletionPolicy` says.
+//!
+//! Past 600 lines: the reconcile and the deletion path; the desired objects are `desired`.
 
 pub mod binding;
 pub mod catalog;

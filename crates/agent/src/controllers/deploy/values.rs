@@ -7,6 +7,9 @@
 //! like `extraDeploy`, `hooks` or `serviceAccount` would still render arbitrary objects, so
 //! user values are an allow-list of ShapeBlock keys that the agent translates; anything else
 //! is refused with `InvalidSpec`.
+//!
+//! Past 600 lines: the allow-list and its translation are one mapping, kept in one place so a
+//! key cannot be accepted in one file and translated in another.
 
 use std::collections::BTreeMap;
 
