@@ -19,9 +19,9 @@ COPY benches ./benches
 # crt-static on the gnu target: glibc linked in statically (glibc >= 2.34 has DNS built in,
 # so name lookups need no NSS module at run time). --target keeps the flag off build scripts.
 RUN RUSTFLAGS='-C target-feature=+crt-static' \
-    cargo build --locked --release -p shapeblock --no-default-features --bin shapeblock-agent \
+    cargo build --locked --profile image -p shapeblock --no-default-features --bin shapeblock-agent \
       --target x86_64-unknown-linux-gnu \
- && cp target/x86_64-unknown-linux-gnu/release/shapeblock-agent /shapeblock-agent \
+ && cp target/x86_64-unknown-linux-gnu/image/shapeblock-agent /shapeblock-agent \
  && ! ldd /shapeblock-agent
 
 # distroless/static: CA roots, /etc/passwd with nonroot (65532), tzdata; no shell, no libc.

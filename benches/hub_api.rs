@@ -86,26 +86,12 @@ async fn apply_latency() {
     let hub = Hub::start(config).await.unwrap();
     let cluster = "bench";
     let token = hub.create_token(cluster, Duration::from_secs(600)).unwrap();
-    let kubeconfig =
-        agent::install_agent_identity(&client, plane.kubeconfig(), "shapeblock", plane.work_dir())
-            .await
-            .unwrap();
-    let args = [
-        "--log=warn".to_string(),
-        format!("--hub-address={}", hub.url()),
-        format!("--enroll-token={token}"),
-        format!("--ca-hash={}", hub.ca_hash()),
-        "--heartbeat-seconds=2".into(),
-        "--reconnect-max-seconds=1".into(),
-        "--registry-secret=".into(),
-    ];
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let agent = agent::AgentProcess::start(
+    let agent = agent::AgentProcess::start_installed(
         Path::new(env!("CARGO_BIN_EXE_shapeblock-agent")),
-        &kubeconfig,
-        "shapeblock",
-        &plane.work_dir().join("agent.log"),
-        &args,
+        &client,
+        plane.kubeconfig(),
+        plane.work_dir(),
+        &agent::hub_flags(&hub.url(), &token, &hub.ca_hash(), "warn"),
     )
     .await
     .unwrap();

@@ -154,7 +154,9 @@ async fn hub_phase(hub: &SharedHub, key: &str) -> Option<String> {
     objects.into_iter().find(|o| o.key == key).map(|o| o.phase)
 }
 
-async fn wait_final(hub: &SharedHub, keys: &[String], finals: &[&str]) {
+/// Waits for every key to reach one of `finals` at the hub; on a timeout, prints what the
+/// cluster, the hub and the agent's logs say about the first key that did not, then panics.
+async fn wait_final(hub: &SharedHub, probe: &Probe, keys: &[String], finals: &[&str]) {
     let deadline = Instant::now() + Duration::from_secs(900);
     for key in keys {
         loop {
@@ -164,11 +166,109 @@ async fn wait_final(hub: &SharedHub, keys: &[String], finals: &[&str]) {
             {
                 break;
             }
-            assert!(
-                Instant::now() < deadline,
-                "{key} reached no final phase at the hub"
-            );
+            if Instant::now() >= deadline {
+                probe.diagnose(hub, key).await;
+                panic!("{key} reached no final phase at the hub (diagnosis above)");
+            }
             tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// What a stalled soak needs to be diagnosed: the cluster as kubectl would show it and the
+/// agents' logs (one file per start).
+struct Probe {
+    kubectl: PathBuf,
+    kubeconfig: PathBuf,
+    log_dir: PathBuf,
+}
+
+impl Probe {
+    fn kubectl(&self, args: &[&str]) -> String {
+        match std::process::Command::new(&self.kubectl)
+            .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+            .args(args)
+            .output()
+        {
+            Ok(out) => format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            Err(e) => format!("kubectl: {e}"),
+        }
+    }
+
+    async fn diagnose(&self, hub: &SharedHub, key: &str) {
+        let mut parts = key.splitn(3, '/');
+        let (kind, namespace, name) = (
+            parts.next().unwrap_or_default().to_lowercase(),
+            parts.next().unwrap_or_default(),
+            parts.next().unwrap_or_default(),
+        );
+        println!("==== diagnosis of {key}");
+        println!("-- the object in the cluster");
+        println!(
+            "{}",
+            self.kubectl(&["get", &kind, "-n", namespace, name, "-o", "yaml"])
+        );
+        println!("-- jobs, pods and events of {namespace}");
+        println!(
+            "{}",
+            self.kubectl(&["get", "jobs,pods", "-n", namespace, "-o", "wide"])
+        );
+        println!(
+            "{}",
+            self.kubectl(&["get", "events", "-n", namespace, "--sort-by=.lastTimestamp"])
+        );
+        println!("-- the hub");
+        {
+            let guard = hub.read().await;
+            if let Some(h) = guard.as_ref() {
+                let store = h.store();
+                for o in store.objects(CLUSTER).unwrap_or_default() {
+                    if o.key.contains(namespace) {
+                        println!("object {} {} {:?} {:?}", o.key, o.phase, o.reason, o.message);
+                    }
+                }
+                for (seq, kind, object, detail) in store.events(CLUSTER).unwrap_or_default() {
+                    if object.contains(name) && object.contains(namespace) || detail.contains(key) {
+                        println!(
+                            "event {seq} {kind} {object} {}",
+                            detail.chars().take(300).collect::<String>()
+                        );
+                    }
+                }
+                for c in store.commands(CLUSTER).unwrap_or_default() {
+                    if !c.done {
+                        println!("unanswered command {}", c.seq);
+                    }
+                }
+            }
+        }
+        println!("-- agent log lines naming {namespace}/{name} or warning (last 200)");
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&self.log_dir)
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        files.retain(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("agent-"))
+        });
+        files.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+        let mut lines = Vec::new();
+        for file in &files {
+            let text = std::fs::read_to_string(file).unwrap_or_default();
+            for line in text.lines() {
+                if line.contains(name) && line.contains(namespace)
+                    || line.contains("WARN")
+                    || line.contains("ERROR")
+                {
+                    lines.push(format!("{}: {line}", file.file_name().unwrap().to_string_lossy()));
+                }
+            }
+        }
+        for line in lines.iter().skip(lines.len().saturating_sub(200)) {
+            println!("{line}");
         }
     }
 }
@@ -245,16 +345,8 @@ async fn run() {
         ..config
     };
     let token = first.create_token(CLUSTER, Duration::from_secs(3600)).unwrap();
-    let args = vec![
-        "--log=info".to_string(),
-        format!("--hub-address={}", first.url()),
-        format!("--enroll-token={token}"),
-        format!("--ca-hash={}", first.ca_hash()),
-        "--heartbeat-seconds=2".into(),
-        "--reconnect-max-seconds=1".into(),
-        "--registry-secret=".into(),
-        "--registry=registry.example.com".into(),
-    ];
+    let mut args = agent::hub_flags(&first.url(), &token, &first.ca_hash(), "info");
+    args.push("--registry=registry.example.com".into());
     let hub: SharedHub = Arc::new(tokio::sync::RwLock::new(Some(first)));
     let agent_kubeconfig = agent::install_agent_identity(&client, &kubeconfig, "shapeblock", &work_dir)
         .await
@@ -267,6 +359,11 @@ async fn run() {
         starts: 0,
     };
     agent.start().await;
+    let probe = Probe {
+        kubectl: shapeblock_testenv::default_bin_dir().join("kubectl"),
+        kubeconfig: kubeconfig.clone(),
+        log_dir: work_dir.clone(),
+    };
 
     let uids = Arc::new(Mutex::new(HashMap::new()));
     watch_uids::<AppBuild>(client.clone(), "AppBuild", uids.clone());
@@ -398,7 +495,7 @@ async fn run() {
                 build_lines.iter().map(|l| l.len() + 1).sum(),
             );
         }
-        wait_final(&hub, &keys, &["Completed", "Failed", "Cancelled"]).await;
+        wait_final(&hub, &probe, &keys, &["Completed", "Failed", "Cancelled"]).await;
         build_keys.extend(keys);
         let mut keys = Vec::new();
         for name in &names {
@@ -406,12 +503,12 @@ async fn run() {
             apply(&hub, &run_manifest(name, &run)).await;
             keys.push(format!("AppRun/{name}/{run}"));
         }
-        wait_final(&hub, &keys, &["Succeeded", "Failed"]).await;
+        wait_final(&hub, &probe, &keys, &["Succeeded", "Failed"]).await;
         run_keys.extend(keys);
     }
     let (mut agent, away) = chaos.await.unwrap();
     build_keys.push("AppBuild/soak-log/web-big".into());
-    wait_final(&hub, &build_keys, &["Completed", "Failed", "Cancelled"]).await;
+    wait_final(&hub, &probe, &build_keys, &["Completed", "Failed", "Cancelled"]).await;
     let chaos_time = started.elapsed();
 
     // Counts.

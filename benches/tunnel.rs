@@ -21,10 +21,10 @@ use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use shapeblock_agent::api::Project;
 use shapeblock_agent::proto::v1::agent_message::Body as Up;
-use shapeblock_agent::proto::v1::agent_tunnel_client::AgentTunnelClient;
-use shapeblock_agent::proto::v1::{AgentMessage, Heartbeat, Hello};
+use shapeblock_agent::proto::v1::{AgentMessage, Heartbeat};
 use shapeblock_agent::tunnel::enroll;
 use shapeblock_hub::{Hub, HubConfig};
+use shapeblock_testenv::stand_in::StandIn;
 use shapeblock_testenv::{
     CertificateAuthority, ControlPlane, Options, PodOutcome, PodSelector, agent, logs, set_pod_outcome,
 };
@@ -80,26 +80,12 @@ async fn run() {
     let mut hub = Hub::start(config.clone()).await.unwrap();
     let cluster = "bench";
     let token = hub.create_token(cluster, Duration::from_secs(600)).unwrap();
-    let kubeconfig =
-        agent::install_agent_identity(&client, plane.kubeconfig(), "shapeblock", plane.work_dir())
-            .await
-            .unwrap();
-    let args = [
-        "--log=warn".to_string(),
-        format!("--hub-address={}", hub.url()),
-        format!("--enroll-token={token}"),
-        format!("--ca-hash={}", hub.ca_hash()),
-        "--heartbeat-seconds=2".into(),
-        "--reconnect-max-seconds=1".into(),
-        "--registry-secret=".into(),
-    ];
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let agent = agent::AgentProcess::start(
+    let agent = agent::AgentProcess::start_installed(
         Path::new(env!("CARGO_BIN_EXE_shapeblock-agent")),
-        &kubeconfig,
-        "shapeblock",
-        &plane.work_dir().join("agent.log"),
-        &args,
+        &client,
+        plane.kubeconfig(),
+        plane.work_dir(),
+        &agent::hub_flags(&hub.url(), &token, &hub.ca_hash(), "warn"),
     )
     .await
     .unwrap();
@@ -441,32 +427,16 @@ async fn many_agents() {
         let url = url.clone();
         let connected = connected.clone();
         sessions.push(tokio::spawn(async move {
-            let tls = tonic::transport::ClientTlsConfig::new()
-                .ca_certificate(tonic::transport::Certificate::from_pem(&identity.ca_pem))
-                .identity(tonic::transport::Identity::from_pem(&identity.cert_pem, &identity.key_pem))
-                .domain_name("127.0.0.1");
-            let channel = tonic::transport::Endpoint::from_shared(url)
-                .unwrap()
-                .tls_config(tls)
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
-            let (tx, rx) = tokio::sync::mpsc::channel(4);
-            tx.send(AgentMessage {
-                seq: 0,
-                body: Some(Up::Hello(Hello {
-                    agent_version: "bench".into(),
-                    ..Default::default()
-                })),
-            })
+            let StandIn { up: tx, mut down } = StandIn::dial(
+                &url,
+                &identity.ca_pem,
+                &identity.cert_pem,
+                &identity.key_pem,
+                "bench",
+                4,
+            )
             .await
             .unwrap();
-            let mut down = AgentTunnelClient::new(channel)
-                .tunnel(tokio_stream::wrappers::ReceiverStream::new(rx))
-                .await
-                .unwrap()
-                .into_inner();
             down.message().await.unwrap().expect("hello ack");
             connected.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let mut beat = tokio::time::interval(Duration::from_secs(5));

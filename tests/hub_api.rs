@@ -13,10 +13,10 @@ use kube::api::Api;
 use rustls::pki_types::pem::PemObject;
 use shapeblock_hub::api::v1::hub_client::HubClient;
 use shapeblock_hub::api::v1::{self as api, CommandState, EventKind};
+use shapeblock_testenv::stand_in::StandIn;
 use support::agent::{AGENT_NS, Env, hub_env};
 use support::hub_process::{Bearer, Client, HubProcess, agent_from_install_line};
 use support::{eventually, unique_name};
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 use tonic::{Code, Status};
 
 const TIMEOUT: Duration = Duration::from_secs(45);
@@ -692,35 +692,9 @@ async fn commands_through_the_api_are_queued_once_per_idempotency_key_and_reach_
 
 /// Opens a tunnel with a client certificate; the hub's answer.
 async fn tunnel_with(hub: &HubProcess, cert_pem: &str, key_pem: &str) -> Result<(), Status> {
-    use shapeblock_proto::v1::agent_message::Body as Up;
-    use shapeblock_proto::v1::agent_tunnel_client::AgentTunnelClient;
-    use shapeblock_proto::v1::{AgentMessage, Hello};
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&hub.ca_pem))
-        .domain_name("127.0.0.1")
-        .identity(tonic::transport::Identity::from_pem(cert_pem, key_pem));
-    let channel = Endpoint::from_shared(hub.agent_url.clone())
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .map_err(|e| Status::unavailable(e.to_string()))?;
-    let (tx, rx) = tokio::sync::mpsc::channel(2);
-    tx.send(AgentMessage {
-        seq: 0,
-        body: Some(Up::Hello(Hello {
-            agent_version: "revoked-test".into(),
-            ..Default::default()
-        })),
-    })
-    .await
-    .unwrap();
-    let mut down = AgentTunnelClient::new(channel)
-        .tunnel(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await?
-        .into_inner();
-    down.message().await?;
+    let mut stand_in =
+        StandIn::dial(&hub.agent_url, &hub.ca_pem, cert_pem, key_pem, "revoked-test", 2).await?;
+    stand_in.down.message().await?;
     Ok(())
 }
 
@@ -975,38 +949,18 @@ async fn send_log_chunks(
     chunks: &[(u64, &[u8], bool)],
 ) {
     use shapeblock_proto::v1::agent_message::Body as Up;
-    use shapeblock_proto::v1::agent_tunnel_client::AgentTunnelClient;
     use shapeblock_proto::v1::server_message::Body as Down;
-    use shapeblock_proto::v1::{AgentMessage, Hello, LogChunk};
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&hub.ca_pem))
-        .domain_name("127.0.0.1")
-        .identity(tonic::transport::Identity::from_pem(
-            &identity.cert_pem,
-            &identity.key_pem,
-        ));
-    let channel = Endpoint::from_shared(hub.agent_url.clone())
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
-    tx.send(AgentMessage {
-        seq: 0,
-        body: Some(Up::Hello(Hello {
-            agent_version: "log-stand-in".into(),
-            ..Default::default()
-        })),
-    })
+    use shapeblock_proto::v1::{AgentMessage, LogChunk};
+    let StandIn { up: tx, mut down } = StandIn::dial(
+        &hub.agent_url,
+        &hub.ca_pem,
+        &identity.cert_pem,
+        &identity.key_pem,
+        "log-stand-in",
+        16,
+    )
     .await
     .unwrap();
-    let mut down = AgentTunnelClient::new(channel)
-        .tunnel(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
     let mut last = 0;
     for (i, (offset, data, eof)) in chunks.iter().enumerate() {
         last = first_seq + i as u64;

@@ -19,9 +19,9 @@ esac
 
 # --target keeps RUSTFLAGS off the build scripts and proc macros, which must stay dynamic.
 # --no-default-features: the agent alone, without compiling the hub (SQLite) or the test harness.
-RUSTFLAGS='-C target-feature=+crt-static' cargo build --locked --release \
+RUSTFLAGS='-C target-feature=+crt-static' cargo build --locked --profile image \
   -p shapeblock --no-default-features --bin shapeblock-agent --target "$host" --target-dir "$target_dir" >&2
-bin=$target_dir/$host/release/shapeblock-agent
+bin=$target_dir/$host/image/shapeblock-agent
 
 "$bin" --version >&2
 "$bin" --help >/dev/null

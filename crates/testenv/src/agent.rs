@@ -112,6 +112,21 @@ where
     Ok(())
 }
 
+/// The flags by which a test's or a bench's agent joins a hub at `url`: heartbeats and
+/// reconnect back-off short enough that an outage heals within a test's patience, and no
+/// registry Secret (the tests that push set their own).
+pub fn hub_flags(url: &str, token: &str, ca_hash: &str, log: &str) -> Vec<String> {
+    vec![
+        format!("--log={log}"),
+        format!("--hub-address={url}"),
+        format!("--enroll-token={token}"),
+        format!("--ca-hash={ca_hash}"),
+        "--heartbeat-seconds=2".into(),
+        "--reconnect-max-seconds=1".into(),
+        "--registry-secret=".into(),
+    ]
+}
+
 /// A running `shapeblock-agent run`.
 pub struct AgentProcess {
     process: ManagedProcess,
@@ -179,6 +194,27 @@ impl AgentProcess {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Installs the agent's identity on the cluster `admin` reaches and starts `binary` with
+    /// `flags` (say [`hub_flags`]) under it; its log is `agent.log` in `work_dir`.
+    pub async fn start_installed(
+        binary: &Path,
+        admin: &Client,
+        admin_kubeconfig: &Path,
+        work_dir: &Path,
+        flags: &[String],
+    ) -> Result<Self> {
+        let kubeconfig = install_agent_identity(admin, admin_kubeconfig, "shapeblock", work_dir).await?;
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        Self::start(
+            binary,
+            &kubeconfig,
+            "shapeblock",
+            &work_dir.join("agent.log"),
+            &flags,
+        )
+        .await
     }
 
     /// `GET` one of the agent's HTTP endpoints: status and body.

@@ -26,6 +26,7 @@ mod process;
 pub mod proxy;
 pub mod realnode;
 pub mod registry;
+pub mod stand_in;
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
