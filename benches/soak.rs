@@ -388,6 +388,16 @@ async fn run() {
 
     for name in names.iter().chain(["soak-log".to_string()].iter()) {
         apply(&hub, &project_manifest(name)).await;
+    }
+    // As the agent's answer to an App sent too early says (and as a server does): an App once
+    // its Project is Ready, which is when its namespace exists.
+    let project_keys: Vec<String> = names
+        .iter()
+        .chain(["soak-log".to_string()].iter())
+        .map(|name| format!("Project//{name}"))
+        .collect();
+    wait_final(&hub, &probe, &project_keys, &["Ready"]).await;
+    for name in names.iter().chain(["soak-log".to_string()].iter()) {
         apply(&hub, &app_manifest(name)).await;
     }
     // The pods' outcomes are set per namespace: once the namespaces exist.

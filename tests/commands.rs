@@ -403,6 +403,28 @@ async fn commands_reach_only_namespaces_the_agent_made_for_a_project() {
     c.stop().await;
 }
 
+/// A server that sends a Project and its App back to back (no wait for the Project to be
+/// Ready) gets both applied: the App's command waits for the Project's namespace instead of
+/// being refused for arriving early. Without a Project there is nothing to wait for (above).
+#[tokio::test]
+async fn an_app_sent_right_after_its_project_waits_for_the_namespace() {
+    let env = env().await;
+    let c = env.connected().await;
+    let p = unique_name("eager");
+    let project_seq = c.hub.apply(&c.cluster, &project(&p)).unwrap();
+    let app_seq = c.hub.apply(&c.cluster, &app(&p, "web")).unwrap();
+    let (ok, message) = c.result(project_seq).await;
+    assert!(ok, "{message}");
+    let (ok, message) = c.result(app_seq).await;
+    assert!(ok, "the App was refused: {message}");
+    let apps: Api<App> = Api::namespaced(env.client.clone(), &p);
+    assert!(apps.get_opt("web").await.unwrap().is_some());
+    let _ = Api::<Project>::all(env.client.clone())
+        .delete(&p, &Default::default())
+        .await;
+    c.stop().await;
+}
+
 /// Prune removes only managed objects in its scope, not more than the stated share without
 /// force, never from an empty desired state or without a scope, and says what it removed or
 /// how many it would have.

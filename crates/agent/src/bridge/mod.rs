@@ -17,7 +17,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Node};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, PartialObjectMeta, Patch, PatchParams};
 use kube::discovery::ApiResource;
 use kube::runtime::watcher;
 use kube::{Client, Resource};
@@ -42,6 +42,11 @@ pub const MANAGED_BY: &str = "shapeblock-agent";
 /// Annotation the bridge sets on an AppBuild when the hub cancels it; the AppBuild controller
 /// acts on it.
 pub use crate::api::CANCEL_ANNOTATION;
+
+/// How long a command for a Project's namespace waits for the Project controller to make it.
+/// Making a namespace takes milliseconds to a few seconds on a busy apiserver; a command waits
+/// this long at most, once per command, and only when the Project exists.
+const NAMESPACE_WAIT: Duration = Duration::from_secs(15);
 
 /// The kinds the hub manages, with whether they are namespaced.
 fn kinds() -> Vec<(ApiResource, bool)> {
@@ -200,24 +205,52 @@ impl KubeHost {
                 "namespace {namespace} is the agent's own namespace, not a ShapeBlock project namespace"
             ))
         } else {
-            match Api::<Namespace>::all(self.client.clone())
-                .get_metadata_opt(namespace)
-                .await
-            {
+            match self.namespace_of_project(namespace).await {
                 Ok(Some(ns)) if is_project_namespace(&ns.metadata) => Ok(()),
                 Ok(Some(_)) => Err(format!(
                     "namespace {namespace} is not a ShapeBlock project namespace: the agent \
                      serves only the namespaces it made for a Project"
                 )),
                 Ok(None) => Err(format!(
-                    "namespace {namespace} does not exist: it is made for its Project; apply the \
-                     Project and send this once the Project is Ready"
+                    "namespace {namespace} does not exist: it is made for its Project, and no \
+                     Project {namespace} exists (or it did not make it within {}s); apply the \
+                     Project first",
+                    NAMESPACE_WAIT.as_secs()
                 )),
                 Err(e) => Err(format!("cannot read namespace {namespace}: {}", kube_message(&e))),
             }
         };
         seen.insert(namespace.to_string(), answer.clone());
         answer
+    }
+
+    /// The namespace's metadata; while its Project exists and the namespace does not yet (a
+    /// server that sends a Project and its App back to back, or both in one Sync), waits up to
+    /// [`NAMESPACE_WAIT`] for the Project controller to make it, so that the App is not refused
+    /// for arriving milliseconds early. Without a Project there is nothing to wait for.
+    async fn namespace_of_project(
+        &self,
+        namespace: &str,
+    ) -> Result<Option<PartialObjectMeta<Namespace>>, kube::Error> {
+        let namespaces = Api::<Namespace>::all(self.client.clone());
+        let found = namespaces.get_metadata_opt(namespace).await?;
+        if found.is_some() {
+            return Ok(found);
+        }
+        let project = Api::<Project>::all(self.client.clone())
+            .get_metadata_opt(namespace)
+            .await?;
+        if project.is_none_or(|p| p.metadata.deletion_timestamp.is_some()) {
+            return Ok(None);
+        }
+        let deadline = tokio::time::Instant::now() + NAMESPACE_WAIT;
+        while tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if let Some(ns) = namespaces.get_metadata_opt(namespace).await? {
+                return Ok(Some(ns));
+            }
+        }
+        Ok(None)
     }
 
     async fn apply(&self, manifest: &str, seen: &mut Seen) -> CommandResult {
