@@ -187,6 +187,7 @@ pub async fn run(settings: Settings, shutdown: ShutdownSignal) -> Result<(), Err
         let host = crate::bridge::KubeHost::start(
             client.clone(),
             &settings.controllers.agent_namespace,
+            ctx.metrics.app_log_streams.clone(),
             stop.clone(),
         );
         let store = Arc::new(crate::bridge::identity::SecretIdentityStore::new(

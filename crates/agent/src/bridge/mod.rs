@@ -5,6 +5,7 @@
 //! Past 600 lines: the commands and the status relay share the field manager, the kinds table
 //! and the delivery rules; the log relay is `logs`.
 
+pub mod app_logs;
 pub mod identity;
 pub mod logs;
 pub mod prune;
@@ -26,7 +27,8 @@ use tokio::sync::watch;
 use crate::api::{App, AppBuild, AppRun, BackingService, GROUP, Project, Team};
 use crate::proto::v1::server_message::Body as Down;
 use crate::proto::v1::{
-    CancelBuild, CommandResult, Inventory, LogChunk, ObjectRef, PhaseChange, SetConfig, StatusSnapshot, Sync,
+    AppLogChunk, CancelBuild, CommandResult, Inventory, LogChunk, ObjectRef, PhaseChange, SetConfig,
+    StartAppLogs, StatusSnapshot, Sync,
 };
 use crate::proto::{
     check_cancel, check_manifest, check_object, check_prune_options, object_key, scope_is_empty,
@@ -67,6 +69,7 @@ pub struct KubeHost {
     current: Mutex<HashMap<String, PhaseChange>>,
     synced: watch::Sender<usize>,
     logs: Arc<logs::LogRelay>,
+    app_logs: Arc<app_logs::AppLogs>,
 }
 
 fn failed(message: impl Into<String>, object: Option<ObjectRef>) -> CommandResult {
@@ -89,14 +92,17 @@ fn kube_message(e: &kube::Error) -> String {
 impl KubeHost {
     /// Starts watching the kinds; phase changes flow into the queue until `shutdown`.
     /// `agent_namespace` is the agent's own namespace, where no command writes.
+    /// `app_log_streams` counts the live App log follows being served.
     pub fn start(
         client: Client,
         agent_namespace: &str,
+        app_log_streams: prometheus_client::metrics::gauge::Gauge,
         shutdown: impl std::future::Future<Output = ()> + Send + Clone + 'static,
     ) -> Arc<Self> {
         let (synced, _) = watch::channel(0);
         let host = Arc::new(Self {
             logs: logs::LogRelay::start(client.clone(), shutdown.clone()),
+            app_logs: app_logs::AppLogs::new(client.clone(), agent_namespace, app_log_streams),
             client,
             agent_namespace: agent_namespace.to_string(),
             queue: PhaseQueue::default(),
@@ -639,7 +645,11 @@ impl Host for KubeHost {
             Down::CancelBuild(c) => self.cancel(c).await,
             Down::Sync(s) => self.sync(s).await,
             Down::SetConfig(c) => self.set_config(c).await,
-            Down::HelloAck(_) | Down::Heartbeat(_) | Down::Ack(_) => failed("not a command", None),
+            Down::HelloAck(_)
+            | Down::Heartbeat(_)
+            | Down::Ack(_)
+            | Down::StartAppLogs(_)
+            | Down::StopAppLogs(_) => failed("not a command", None),
         }
     }
 
@@ -705,6 +715,22 @@ impl Host for KubeHost {
 
     fn log_delivered(&self, chunk: &LogChunk) {
         self.logs.delivered(chunk);
+    }
+
+    fn start_app_logs(&self, start: StartAppLogs) {
+        self.app_logs.start(start);
+    }
+
+    fn stop_app_logs(&self, id: u64) {
+        self.app_logs.stop(id);
+    }
+
+    fn end_app_logs(&self) {
+        self.app_logs.stop_all();
+    }
+
+    async fn next_app_log(&self) -> AppLogChunk {
+        self.app_logs.next().await
     }
 }
 
@@ -834,7 +860,11 @@ mod fuzz {
                 }
                 Ok(objects)
             }
-            Down::HelloAck(_) | Down::Heartbeat(_) | Down::Ack(_) => Ok(Vec::new()),
+            Down::StartAppLogs(start) => {
+                crate::proto::check_app_logs(start)?;
+                Ok(Vec::new())
+            }
+            Down::HelloAck(_) | Down::Heartbeat(_) | Down::Ack(_) | Down::StopAppLogs(_) => Ok(Vec::new()),
         }
     }
 
