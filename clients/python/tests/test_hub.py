@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncGenerator
@@ -242,10 +243,12 @@ async def test_an_apps_live_logs_are_followed_scrubbed_and_stop_when_left(
 
     async def follow() -> None:
         # Started before the App's pod may exist: a pod that comes later is followed too.
-        async for data in hub.follow_app_logs(live.cluster, namespace, name, process="web"):
-            received.append(data)
-            if b"web ready\n" in text():
-                return
+        stream = hub.follow_app_logs(live.cluster, namespace, name, process="web")
+        async with contextlib.aclosing(stream):
+            async for data in stream:
+                received.append(data)
+                if b"web ready\n" in text():
+                    return
 
     await asyncio.wait_for(follow(), 150)
     lines = text().splitlines()
