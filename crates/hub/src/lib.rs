@@ -733,7 +733,8 @@ async fn session(
                     // A chunk nobody here waits for (its caller went, or a stop was lost):
                     // stop it again. At most one stop per chunk, and the agent's budget
                     // bounds the chunks.
-                    if let Some(id) = inner.app_logs.relay(&cluster, epoch, chunk)
+                    let stall = (inner.config.watch_stall, Instant::now());
+                    if let Some(id) = inner.app_logs.relay(&cluster, epoch, chunk, stall)
                         && let Some(stopper) = inner.control(&cluster, epoch)
                     {
                         let _ = stopper.try_send(Down::StopAppLogs(StopAppLogs { id }));

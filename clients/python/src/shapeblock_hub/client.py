@@ -401,9 +401,9 @@ class HubClient:
         """Live logs of an App's running pods (`heroku logs --tail`), new pods of a rollout
         included, as long as the caller iterates (or until `deadline` seconds have passed,
         which the hub enforces too). Each message is part of one pod container's log (`pod`,
-        `container`, `offset`); `truncated` says the agent dropped `dropped` bytes there to
-        stay within its rate. `tail_lines`: lines of each container's log from before the
-        call (None: 100; 0: only new lines).
+        `container`, `offset`); `truncated` says `dropped` bytes were dropped there (to
+        keep within the agent's rate, or while this caller fell behind). `tail_lines`: lines
+        of each container's log from before the call (None: 100; 0: only new lines).
 
         It does not resume by itself: a live log has no cursor, so following again shows the
         tail again. The hub's reasons are raised: `Unavailable` (the cluster is not

@@ -40,13 +40,34 @@ use crate::proto::{DEFAULT_TAIL_LINES, check_app_logs};
 pub const MAX_FOLLOWS: usize = 8;
 /// Pod containers one follow reads at once; pods beyond it are not followed.
 pub const MAX_SUBSTREAMS: usize = 64;
-/// Bytes per second one follow may send, after a burst of [`BURST_BYTES`].
-pub const RATE_BYTES: u64 = 512 * 1024;
-pub const BURST_BYTES: u64 = 2 * 1024 * 1024;
+/// KiB per second one follow may send by default (`--app-logs-kib-per-second`), after a
+/// burst of [`BURST_SECONDS`] of it.
+pub const DEFAULT_RATE_KIB: u64 = 512;
+pub const BURST_SECONDS: u64 = 4;
+
+/// How live follows are bounded and counted.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Bytes per second per follow.
+    pub rate: u64,
+    /// Follows being served (`shapeblock_app_log_streams`).
+    pub streams: Gauge,
+}
+
+impl Limits {
+    /// The burst: a few seconds of the rate, and never less than two reads.
+    fn burst(&self) -> u64 {
+        self.rate
+            .saturating_mul(BURST_SECONDS)
+            .max(2 * CHUNK_BYTES as u64)
+    }
+}
 /// Chunks waiting for the tunnel, over every follow.
 const CHANNEL: usize = 64;
 /// How often a substream looks at its pod while the container has not started (or restarts).
 const POD_POLL: Duration = Duration::from_secs(1);
+/// How often a substream that dropped bytes tells the hub, when no bytes come after them.
+const MARKER_EVERY: Duration = Duration::from_secs(1);
 /// How long a deleted pod's substream keeps reading the last lines its container writes.
 const GONE_GRACE: Duration = Duration::from_secs(2);
 
@@ -110,8 +131,7 @@ pub struct AppLogs {
     tx: mpsc::Sender<AppLogChunk>,
     rx: tokio::sync::Mutex<mpsc::Receiver<AppLogChunk>>,
     follows: Mutex<HashMap<u64, Follow>>,
-    /// Follows being served (`shapeblock_app_log_streams`).
-    gauge: Gauge,
+    limits: Limits,
 }
 
 /// Counts one follow while its task lives (also when it is aborted: the future is dropped).
@@ -124,7 +144,7 @@ impl Drop for Counted {
 }
 
 impl AppLogs {
-    pub fn new(client: Client, agent_namespace: &str, gauge: Gauge) -> Arc<Self> {
+    pub fn new(client: Client, agent_namespace: &str, limits: Limits) -> Arc<Self> {
         let (tx, rx) = mpsc::channel(CHANNEL);
         Arc::new(Self {
             client,
@@ -132,7 +152,7 @@ impl AppLogs {
             tx,
             rx: tokio::sync::Mutex::new(rx),
             follows: Mutex::default(),
-            gauge,
+            limits,
         })
     }
 
@@ -179,8 +199,8 @@ impl AppLogs {
                 true,
             );
         }
-        self.gauge.inc();
-        let counted = Counted(self.gauge.clone());
+        self.limits.streams.inc();
+        let counted = Counted(self.limits.streams.clone());
         let this = self.clone();
         let task = tokio::spawn(async move {
             let _counted = counted;
@@ -229,7 +249,11 @@ impl AppLogs {
         let mut events = watcher(pods.clone(), watcher::Config::default().labels(&selector))
             .default_backoff()
             .boxed();
-        let budget = Arc::new(Mutex::new(Budget::new(RATE_BYTES, BURST_BYTES, Instant::now())));
+        let budget = Arc::new(Mutex::new(Budget::new(
+            self.limits.rate,
+            self.limits.burst(),
+            Instant::now(),
+        )));
         let mut substreams = JoinSet::new();
         // Pods being followed, by uid, with what tells their substreams the pod was deleted.
         let mut followed: HashMap<String, watch::Sender<bool>> = HashMap::new();
@@ -409,10 +433,18 @@ impl Substream {
         let mut scrubber = Scrubber::default();
         let mut buffer = vec![0u8; CHUNK_BYTES];
         let mut out = Vec::with_capacity(CHUNK_BYTES);
+        // A run of dropped bytes is told when the next bytes are sent, or at the next tick
+        // when nothing more comes (a burst followed by silence).
+        let mut tick = tokio::time::interval(MARKER_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let read = tokio::select! {
                 read = stream.read(&mut buffer) => read,
                 _ = &mut deadline => break,
+                _ = tick.tick() => {
+                    self.flush_dropped();
+                    continue;
+                }
             };
             match read {
                 Ok(0) => break,
@@ -557,7 +589,11 @@ mod tests {
     #[test]
     fn over_a_minute_a_follow_sends_at_most_its_burst_and_rate() {
         let t0 = Instant::now();
-        let mut budget = Budget::new(RATE_BYTES, BURST_BYTES, t0);
+        let limits = Limits {
+            rate: DEFAULT_RATE_KIB * 1024,
+            streams: Gauge::default(),
+        };
+        let mut budget = Budget::new(limits.rate, limits.burst(), t0);
         let mut sent = 0u64;
         // A container writing 32 KiB every millisecond (32 MB/s).
         for ms in 0..60_000u64 {
@@ -565,7 +601,7 @@ mod tests {
                 sent += CHUNK_BYTES as u64;
             }
         }
-        let bound = BURST_BYTES + RATE_BYTES * 60;
+        let bound = limits.burst() + limits.rate * 60;
         assert!(
             sent <= bound && sent > bound - 2 * CHUNK_BYTES as u64,
             "{sent} of {bound}"

@@ -92,17 +92,16 @@ fn kube_message(e: &kube::Error) -> String {
 impl KubeHost {
     /// Starts watching the kinds; phase changes flow into the queue until `shutdown`.
     /// `agent_namespace` is the agent's own namespace, where no command writes.
-    /// `app_log_streams` counts the live App log follows being served.
     pub fn start(
         client: Client,
         agent_namespace: &str,
-        app_log_streams: prometheus_client::metrics::gauge::Gauge,
+        app_logs: app_logs::Limits,
         shutdown: impl std::future::Future<Output = ()> + Send + Clone + 'static,
     ) -> Arc<Self> {
         let (synced, _) = watch::channel(0);
         let host = Arc::new(Self {
             logs: logs::LogRelay::start(client.clone(), shutdown.clone()),
-            app_logs: app_logs::AppLogs::new(client.clone(), agent_namespace, app_log_streams),
+            app_logs: app_logs::AppLogs::new(client.clone(), agent_namespace, app_logs),
             client,
             agent_namespace: agent_namespace.to_string(),
             queue: PhaseQueue::default(),

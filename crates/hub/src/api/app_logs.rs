@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
@@ -17,7 +17,8 @@ use shapeblock_proto::v1::{AppLogChunk, StartAppLogs, StopAppLogs};
 use super::{Counted, v1};
 use crate::Inner;
 
-/// Messages a caller may leave unread before it is cut (each at most the agent's 32 KiB read).
+/// Messages the hub holds for a caller (each at most the agent's 32 KiB read); beyond them,
+/// chunks are dropped, and a caller that leaves them unread for the watch stall is cut.
 pub const BUFFER: usize = 64;
 /// Live followers of one cluster at once (the agent has its own limit too).
 pub const MAX_PER_CLUSTER: usize = 8;
@@ -31,9 +32,96 @@ struct Follower {
     tx: Sender,
     /// Tells the follower's task that the registry ended it (the status is sent already).
     done: Option<oneshot::Sender<()>>,
+    /// Since when chunks find the buffer full.
+    full_since: Option<Instant>,
+    /// What was dropped for a full buffer, per (pod, container), not yet told to the caller.
+    dropped: HashMap<(String, String), Dropped>,
+}
+
+/// A run of bytes of one substream the hub dropped.
+#[derive(Default)]
+struct Dropped {
+    /// Where the run starts, and how long it is.
+    offset: u64,
+    bytes: u64,
+    process: String,
+    /// The substream ended within the run.
+    eof: bool,
+}
+
+/// Substreams with dropped runs one caller may have; more is a caller to cut.
+const MAX_DROPPED_SUBSTREAMS: usize = 256;
+
+enum Pass {
+    Sent,
+    /// The buffer is full: the chunk is counted as dropped.
+    Dropped,
+    /// Too many substreams with dropped runs to keep track of.
+    TooMany,
+    /// The caller went.
+    Gone,
 }
 
 impl Follower {
+    fn new(epoch: u64, tx: Sender, done: oneshot::Sender<()>) -> Self {
+        Self {
+            epoch,
+            tx,
+            done: Some(done),
+            full_since: None,
+            dropped: HashMap::new(),
+        }
+    }
+
+    /// Sends the markers of earlier drops that fit, then `chunk` (after its substream's
+    /// marker) if it fits; one slot always stays free for the status that may end the caller.
+    fn pass(&mut self, chunk: AppLogChunk) -> Pass {
+        if self.tx.is_closed() {
+            return Pass::Gone;
+        }
+        let substream = (chunk.pod.clone(), chunk.container.clone());
+        let waiting: Vec<(String, String)> = self
+            .dropped
+            .keys()
+            .filter(|k| **k != substream)
+            .cloned()
+            .collect();
+        for other in waiting {
+            let Ok(mut permits) = self.tx.try_reserve_many(2) else {
+                break;
+            };
+            if let (Some(run), Some(permit)) = (self.dropped.remove(&other), permits.next()) {
+                permit.send(Ok(marker(&other, run)));
+            }
+        }
+        let own = self.dropped.contains_key(&substream);
+        match self.tx.try_reserve_many(if own { 3 } else { 2 }) {
+            Ok(mut permits) => {
+                if let (Some(run), Some(permit)) = (self.dropped.remove(&substream), permits.next()) {
+                    permit.send(Ok(marker(&substream, run)));
+                }
+                if let Some(permit) = permits.next() {
+                    permit.send(Ok(data(chunk)));
+                }
+                Pass::Sent
+            }
+            Err(mpsc::error::TrySendError::Closed(())) => Pass::Gone,
+            Err(mpsc::error::TrySendError::Full(())) => {
+                if !own && self.dropped.len() >= MAX_DROPPED_SUBSTREAMS {
+                    return Pass::TooMany;
+                }
+                let run = self.dropped.entry(substream).or_insert_with(|| Dropped {
+                    offset: chunk.offset,
+                    process: chunk.process.clone(),
+                    ..Default::default()
+                });
+                run.bytes += chunk.data.len() as u64 + chunk.dropped;
+                run.eof |= chunk.eof;
+                Pass::Dropped
+            }
+        }
+    }
+
     fn end(mut self, status: Status) {
         let _ = self.tx.try_send(Err(status));
         if let Some(done) = self.done.take() {
@@ -57,12 +145,20 @@ impl Registry {
         self.followers().remove(&(cluster.to_string(), id)).is_some()
     }
 
-    /// Passes one chunk from the agent to its caller. Some(id): nobody takes it (the caller
-    /// went, or was cut just now for not keeping up): the agent should stop that follow.
-    pub(crate) fn relay(&self, cluster: &str, epoch: u64, chunk: AppLogChunk) -> Option<u64> {
+    /// Passes one chunk from the agent to its caller. A caller whose buffer is full loses the
+    /// chunk (it gets a truncation marker for it once it reads again, as for what the agent
+    /// drops); one that leaves it full for `stall` is cut. Some(id): nobody takes it (the
+    /// caller went, or was cut just now): the agent should stop that follow.
+    pub(crate) fn relay(
+        &self,
+        cluster: &str,
+        epoch: u64,
+        chunk: AppLogChunk,
+        (stall, now): (Duration, Instant),
+    ) -> Option<u64> {
         let key = (cluster.to_string(), chunk.id);
         let mut followers = self.followers();
-        let Some(follower) = followers.get(&key).filter(|f| f.epoch == epoch) else {
+        let Some(follower) = followers.get_mut(&key).filter(|f| f.epoch == epoch) else {
             return Some(chunk.id);
         };
         if !chunk.ended.is_empty() {
@@ -76,25 +172,27 @@ impl Registry {
             }
             return None;
         }
-        // Two free slots: one for this, one kept for the status that may cut the caller.
-        let outcome = match follower.tx.try_reserve_many(2) {
-            Ok(mut permits) => {
-                if let Some(permit) = permits.next() {
-                    permit.send(Ok(data(chunk)));
-                }
-                return None;
+        match follower.pass(chunk) {
+            Pass::Sent => {
+                follower.full_since = None;
+                None
             }
-            Err(e) => e,
-        };
-        let follower = followers.remove(&key)?;
-        if let mpsc::error::TrySendError::Full(()) = outcome {
-            tracing::info!(cluster, id = key.1, "slow live log caller cut");
-            follower.end(Status::resource_exhausted(format!(
-                "this caller left {BUFFER} live log messages unread, the most the hub holds for one: \
-                 it was cut; follow again"
-            )));
+            Pass::Dropped if now.duration_since(*follower.full_since.get_or_insert(now)) < stall => None,
+            Pass::Dropped | Pass::TooMany => {
+                tracing::info!(cluster, id = key.1, "slow live log caller cut");
+                let follower = followers.remove(&key)?;
+                follower.end(Status::resource_exhausted(format!(
+                    "this caller left {BUFFER} live log messages unread for {} ms, the most the hub holds \
+                     for one: it was cut; follow again",
+                    stall.as_millis()
+                )));
+                Some(key.1)
+            }
+            Pass::Gone => {
+                followers.remove(&key);
+                Some(key.1)
+            }
         }
-        Some(key.1)
     }
 
     /// The session `epoch` of `cluster` ended: so does every follow it carried.
@@ -112,6 +210,19 @@ impl Registry {
                 )));
             }
         }
+    }
+}
+
+fn marker((pod, container): &(String, String), run: Dropped) -> v1::AppLogData {
+    v1::AppLogData {
+        pod: pod.clone(),
+        container: container.clone(),
+        process: run.process,
+        offset: run.offset,
+        truncated: true,
+        dropped: run.bytes,
+        eof: run.eof,
+        ..Default::default()
     }
 }
 
@@ -185,14 +296,7 @@ pub(crate) fn start(
                 "cluster {cluster} has {here} live log followers, the most the hub serves for one: follow again later"
             )));
         }
-        followers.insert(
-            (cluster.to_string(), id),
-            Follower {
-                epoch,
-                tx: tx.clone(),
-                done: Some(done),
-            },
-        );
+        followers.insert((cluster.to_string(), id), Follower::new(epoch, tx.clone(), done));
     }
     // The session may have ended between the look-up and the registration, before its end
     // could see this follower: then it is not served.
@@ -275,18 +379,13 @@ mod tests {
     }
 
     #[test]
-    fn a_caller_that_does_not_read_is_cut_with_resource_exhausted_and_its_follow_stopped() {
+    fn a_caller_that_does_not_read_loses_chunks_behind_a_marker_and_is_cut_after_the_stall() {
         let registry = Registry::default();
         let (tx, mut rx) = mpsc::channel(BUFFER + 1);
         let (done, mut done_rx) = oneshot::channel();
-        registry.followers().insert(
-            ("c".into(), 1),
-            Follower {
-                epoch: 3,
-                tx,
-                done: Some(done),
-            },
-        );
+        registry
+            .followers()
+            .insert(("c".into(), 1), Follower::new(3, tx, done));
         let chunk = |offset| AppLogChunk {
             id: 1,
             pod: "web-1".into(),
@@ -295,29 +394,58 @@ mod tests {
             data: b"line\n".to_vec(),
             ..Default::default()
         };
+        let t0 = Instant::now();
+        let stall = Duration::from_secs(5);
+        let at = |ms| (stall, t0 + Duration::from_millis(ms));
         for i in 0..BUFFER as u64 {
-            assert_eq!(registry.relay("c", 3, chunk(i * 5)), None);
+            assert_eq!(registry.relay("c", 3, chunk(i * 5), at(0)), None);
         }
         // Another epoch's chunk is not this follower's.
-        assert_eq!(registry.relay("c", 4, chunk(0)), Some(1));
-        assert_eq!(registry.relay("c", 3, chunk(999)), Some(1), "cut: stop it");
-        assert_eq!(
-            registry.relay("c", 3, chunk(1000)),
-            Some(1),
-            "gone: stop it again"
-        );
-        let mut got = 0;
+        assert_eq!(registry.relay("c", 4, chunk(0), at(0)), Some(1));
+        // Full: dropped, not cut, within the stall.
+        for i in 0..3u64 {
+            assert_eq!(
+                registry.relay("c", 3, chunk((BUFFER as u64 + i) * 5), at(100)),
+                None
+            );
+        }
+        // The caller reads some: a marker for what was dropped, then what comes next.
+        for i in 0..10u64 {
+            let data = rx.try_recv().unwrap().unwrap();
+            assert_eq!(data.offset, i * 5);
+        }
+        let next = (BUFFER as u64 + 3) * 5;
+        assert_eq!(registry.relay("c", 3, chunk(next), at(200)), None);
+        let mut got: Vec<v1::AppLogData> = Vec::new();
+        while let Ok(Ok(data)) = rx.try_recv() {
+            got.push(data);
+        }
+        assert_eq!(got.len(), BUFFER - 10 + 2, "the rest, a marker, the new chunk");
+        let marker = &got[got.len() - 2];
+        assert!(marker.truncated && marker.data.is_empty(), "{marker:?}");
+        assert_eq!((marker.offset, marker.dropped), (BUFFER as u64 * 5, 15));
+        assert_eq!(got[got.len() - 1].offset, next);
+        // Full again, for longer than the stall: cut, and the agent told to stop.
+        let mut offset = next + 5;
+        for _ in 0..=BUFFER {
+            assert_eq!(registry.relay("c", 3, chunk(offset), at(300)), None);
+            offset += 5;
+        }
+        assert_eq!(registry.relay("c", 3, chunk(offset), at(300 + 4_999)), None);
+        let cut = registry.relay("c", 3, chunk(offset + 5), at(300 + 5_001));
+        assert_eq!(cut, Some(1));
         let status = loop {
             match rx.try_recv().unwrap() {
-                Ok(data) => {
-                    assert_eq!(data.offset, got * 5);
-                    got += 1;
-                }
+                Ok(_) => continue,
                 Err(status) => break status,
             }
         };
-        assert_eq!(got, BUFFER as u64);
         assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
         assert!(done_rx.try_recv().is_ok());
+        assert_eq!(
+            registry.relay("c", 3, chunk(offset + 10), at(0)),
+            Some(1),
+            "gone: stop it again"
+        );
     }
 }

@@ -298,7 +298,9 @@ class HubServicer:
         included, for as long as the caller stays (or its deadline). Relayed from the agent over
         the cluster's session, never stored. A cluster not connected, or a session that ends,
         -> UNAVAILABLE (follow again); a caller that does not keep up, or more followers of a
-        cluster than the hub or the agent serve -> RESOURCE_EXHAUSTED; an agent without the
+        cluster than the hub or the agent serve -> RESOURCE_EXHAUSTED (a caller whose buffer is
+        full first loses messages, told by `truncated`, and is cut when it stays full for the
+        watch stall); an agent without the
         `app-logs` capability -> FAILED_PRECONDITION.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
