@@ -1464,6 +1464,59 @@ async fn live_app_logs_follow_an_apps_pods_new_ones_included_scrubbed_and_stop_w
         "a tail of 1 line: {got_both:?}"
     );
 
+    // The CLI prints each line after its pod and container.
+    let mut cli = tokio::process::Command::new(env!("CARGO_BIN_EXE_shapeblock-hub"))
+        .args(["--hub", &hub.api_url, "--api-key", &hub.key, "--ca"])
+        .arg(hub.dir.path().join("ca.pem"))
+        .args([
+            "app-logs",
+            "--cluster",
+            &cluster,
+            "--namespace",
+            &ns,
+            "--app",
+            "shop",
+        ])
+        .args(["--process", "web", "--tail", "1"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut printed = tokio::io::BufReader::new(cli.stdout.take().unwrap());
+    let mut line = String::new();
+    tokio::time::timeout(
+        TIMEOUT,
+        tokio::io::AsyncBufReadExt::read_line(&mut printed, &mut line),
+    )
+    .await
+    .expect("the CLI printed a line")
+    .unwrap();
+    assert_eq!(line, format!("{second}/web: listening on 8080\n"));
+    cli.kill().await.unwrap();
+
+    // More callers than the hub serves for one cluster (8): the one too many is refused.
+    eventually(TIMEOUT, "the CLI's follow gone", || {
+        let mut client = client.clone();
+        async move { (hub_info(&mut client).await.app_log_followers == 2).then_some(()) }
+    })
+    .await;
+    let mut many = Vec::new();
+    for _ in 0..6 {
+        let request = api::FollowAppLogsRequest {
+            tail_lines: Some(0),
+            ..follow_request(&cluster, &ns, "shop", "web")
+        };
+        many.push(client.follow_app_logs(request).await.unwrap().into_inner());
+    }
+    assert_refused(
+        client
+            .follow_app_logs(follow_request(&cluster, &ns, "shop", "web"))
+            .await,
+        Code::ResourceExhausted,
+        "the most the hub serves",
+    );
+    drop(many);
+
     // The callers go: the hub and the agent stop.
     drop(stream);
     drop(both);
