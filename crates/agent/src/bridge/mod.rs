@@ -861,7 +861,8 @@ mod fuzz {
             }
             Down::StartAppLogs(start) => {
                 crate::proto::check_app_logs(start)?;
-                Ok(Vec::new())
+                // Its names become a label selector in that App's namespace.
+                Ok(vec![ObjectRef::new("App", &start.namespace, &start.app)])
             }
             Down::HelloAck(_) | Down::Heartbeat(_) | Down::Ack(_) | Down::StopAppLogs(_) => Ok(Vec::new()),
         }
@@ -942,6 +943,26 @@ mod fuzz {
     fn body() -> BoxedStrategy<Down> {
         let names = || proptest::collection::vec(hostile(), 0..4);
         prop_oneof![
+            (
+                hostile(),
+                hostile(),
+                hostile(),
+                hostile(),
+                proptest::option::of(any::<u32>())
+            )
+                .prop_map(
+                    |(namespace, app, process, container, tail_lines)| Down::StartAppLogs(
+                        crate::proto::v1::StartAppLogs {
+                            id: 1,
+                            namespace,
+                            app,
+                            process,
+                            container,
+                            since_seconds: 0,
+                            tail_lines,
+                        }
+                    )
+                ),
             manifest().prop_map(|manifest| Down::Apply(Apply { manifest })),
             proptest::option::of((hostile(), hostile(), hostile())).prop_map(|o| Down::Delete(Delete {
                 object: o.map(|(k, ns, n)| ObjectRef {
