@@ -7,9 +7,14 @@
 //! 2. WatchEvents fan-out: `WATCHERS` (default 100) watchers of a `shapeblock-hub` process
 //!    while `WRITERS` (default 50) writers queue commands concurrently: events/s delivered (all
 //!    watchers together), p50/p99 lag from record (the event's time at the hub) to watcher,
-//!    and the hub's RSS; the floor is one watcher alone under the same writers.
+//!    and the hub's RSS; the floor is one watcher alone under the same writers;
+//! 3. live App logs: `LOG_MIB` (default 32) of 1 KiB lines written into an App pod's log
+//!    while a `FollowAppLogs` caller reads them through the agent, the tunnel and the hub:
+//!    bytes/s delivered and bytes dropped, next to reading the same pod's log straight from
+//!    the apiserver (the floor). The agent runs with `--app-logs-kib-per-second` `RATE_KIB`
+//!    (default 1048576, so that the budget does not hide the tunnel; its default is 512).
 //!
-//! `cargo bench --bench hub_api` (`PARTS=apply` or `PARTS=watch` for one part).
+//! `cargo bench --bench hub_api` (`PARTS=apply`, `PARTS=watch` or `PARTS=applogs` for one part).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -40,13 +45,16 @@ fn main() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let parts = std::env::var("PARTS").unwrap_or_else(|_| "apply,watch".into());
+        let parts = std::env::var("PARTS").unwrap_or_else(|_| "apply,watch,applogs".into());
         let wanted = |part: &str| parts.split(',').any(|p| p == part);
         if wanted("apply") {
             apply_latency().await;
         }
         if wanted("watch") {
             watch_fan_out().await;
+        }
+        if wanted("applogs") {
+            app_logs_throughput().await;
         }
     });
 }
@@ -356,4 +364,246 @@ async fn watch_fan_out() {
     );
     let _ = hub.kill();
     let _ = hub.wait();
+}
+
+async fn app_logs_throughput() {
+    use k8s_openapi::api::core::v1::{Namespace, Pod};
+    use kube::api::{LogParams, PostParams};
+    use shapeblock_testenv::{ContainerRef, PodOutcome, PodSelector, logs, set_pod_outcome};
+
+    let mib = knob("LOG_MIB", 32);
+    let rate_kib = knob("RATE_KIB", 1 << 20);
+    let plane = ControlPlane::start(Options::default())
+        .await
+        .expect("start the control plane");
+    let client = plane.client().await.unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut config = HubConfig::new(data.path().to_path_buf());
+    config.heartbeat = Duration::from_secs(2);
+    config.api_listen = Some(([127, 0, 0, 1], 0).into());
+    let hub = Hub::start(config).await.unwrap();
+    let cluster = "bench";
+    let token = hub.create_token(cluster, Duration::from_secs(600)).unwrap();
+    let kubeconfig =
+        agent::install_agent_identity(&client, plane.kubeconfig(), "shapeblock", plane.work_dir())
+            .await
+            .unwrap();
+    let args = [
+        "--log=warn".to_string(),
+        format!("--hub-address={}", hub.url()),
+        format!("--enroll-token={token}"),
+        format!("--ca-hash={}", hub.ca_hash()),
+        "--heartbeat-seconds=2".into(),
+        "--reconnect-max-seconds=1".into(),
+        "--registry-secret=".into(),
+        format!("--app-logs-kib-per-second={rate_kib}"),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let agent = agent::AgentProcess::start(
+        Path::new(env!("CARGO_BIN_EXE_shapeblock-agent")),
+        &kubeconfig,
+        "shapeblock",
+        &plane.work_dir().join("agent.log"),
+        &args,
+    )
+    .await
+    .unwrap();
+    let started = Instant::now();
+    while hub.session_epoch(cluster).is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the agent did not connect"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let ns = "livelogs";
+    hub.apply(cluster, &serde_json::to_string(&project_json(ns)).unwrap())
+        .unwrap();
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let started = Instant::now();
+    while !namespaces
+        .get_opt(ns)
+        .await
+        .unwrap()
+        .is_some_and(|n| n.labels().contains_key("apps.shapeblock.io/project"))
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no project namespace"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    set_pod_outcome(&client, &PodSelector::namespace(ns), &PodOutcome::Hang)
+        .await
+        .unwrap();
+    // A pod as the chart labels an App's web process.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "bench-web-0", "labels": {
+            "apps.shapeblock.io/app": "bench", "apps.shapeblock.io/process": "web"}},
+        "spec": {"containers": [{"name": "web", "image": "bench:1"}]},
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let started = Instant::now();
+    while pods
+        .get("bench-web-0")
+        .await
+        .unwrap()
+        .status
+        .and_then(|s| s.phase)
+        .as_deref()
+        != Some("Running")
+    {
+        assert!(started.elapsed() < Duration::from_secs(60), "the pod did not run");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, key) = shapeblock_hub::api::create_api_key(hub.store(), "bench").unwrap();
+    let ca = std::fs::read_to_string(data.path().join("ca.pem")).unwrap();
+    let address = format!("https://{}", hub.api_address().unwrap());
+    let mut api_client = shapeblock_hub::api::connect(&address, &key, &ca).await.unwrap();
+    let mut follow = api_client
+        .follow_app_logs(api::FollowAppLogsRequest {
+            cluster_id: cluster.into(),
+            namespace: ns.into(),
+            app: "bench".into(),
+            process: "web".into(),
+            tail_lines: Some(0),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Live once a first line comes through.
+    let log = ContainerRef::new(ns, "bench-web-0", "web");
+    let ready = "ready\n";
+    let (mut delivered, mut dropped) = (0u64, 0u64);
+    let mut marker = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            _ = marker.tick() => logs().append(&log, "ready"),
+            message = follow.message() => {
+                let d = message.unwrap().expect("the follow goes on");
+                delivered += d.data.len() as u64;
+                if d.data.ends_with(ready.as_bytes()) {
+                    break;
+                }
+            }
+        }
+    }
+    let base = delivered;
+    // Marker lines still in flight are counted in `base` below, not as the bench's bytes.
+    let line = "x".repeat(1023);
+    let lines_per_batch = 256;
+    let batch = vec![line.as_str(); lines_per_batch].join("\n");
+    let total = (mib as u64) << 20;
+    let batches = total / (1024 * lines_per_batch as u64);
+    let writer = tokio::spawn(async move {
+        for _ in 0..batches {
+            logs().append(&log, &batch);
+            tokio::task::yield_now().await;
+        }
+    });
+    let started = Instant::now();
+    let mut first_after = None;
+    let mut last_at = started;
+    // The last bytes may all be dropped: wait for them at most until the stream is quiet.
+    while delivered + dropped < base + total {
+        match tokio::time::timeout(Duration::from_secs(5), follow.message()).await {
+            Ok(Ok(Some(d))) => {
+                first_after.get_or_insert_with(|| started.elapsed());
+                last_at = Instant::now();
+                delivered += d.data.len() as u64;
+                dropped += d.dropped;
+            }
+            other => {
+                println!("  (the follow went quiet or ended: {other:?})");
+                break;
+            }
+        }
+    }
+    let through = last_at - started;
+    writer.await.unwrap();
+    let delivered = delivered.saturating_sub(base);
+    drop(follow);
+
+    let started = Instant::now();
+    let mut reader = pods
+        .log_stream(
+            "bench-web-0",
+            &LogParams {
+                container: Some("web".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let mut floor_bytes = 0u64;
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        use futures::AsyncReadExt;
+        let n = reader.read(&mut buffer).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        floor_bytes += n as u64;
+    }
+    let floor = started.elapsed();
+    // The live floor: the same amount written again while followed straight from the
+    // apiserver.
+    let mut live = pods
+        .log_stream(
+            "bench-web-0",
+            &LogParams {
+                container: Some("web".into()),
+                follow: true,
+                tail_lines: Some(0),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = ContainerRef::new(ns, "bench-web-0", "web");
+    let batch = vec![line.as_str(); lines_per_batch].join("\n");
+    let writer = tokio::spawn(async move {
+        for _ in 0..batches {
+            logs().append(&log, &batch);
+            tokio::task::yield_now().await;
+        }
+    });
+    let started = Instant::now();
+    let mut live_bytes = 0u64;
+    while live_bytes < batches * 1024 * lines_per_batch as u64 {
+        use futures::AsyncReadExt;
+        let n = live.read(&mut buffer).await.unwrap();
+        assert!(n > 0, "the direct follow ended");
+        live_bytes += n as u64;
+    }
+    let live_floor = started.elapsed();
+    writer.await.unwrap();
+    let mb = |bytes: u64, d: Duration| bytes as f64 / d.as_secs_f64() / 1e6;
+    println!(
+        "live App logs: {mib} MiB of 1 KiB lines written while followed (agent budget {rate_kib} KiB/s per follow):"
+    );
+    println!(
+        "  through agent, tunnel and hub: {:.1} MB/s delivered ({delivered} bytes in {:.2} s, first after {:?}), {dropped} bytes dropped ({:.1} %)",
+        mb(delivered, through),
+        through.as_secs_f64(),
+        first_after.unwrap_or_default(),
+        dropped as f64 * 100.0 / total as f64
+    );
+    println!(
+        "  floor: the same pod's log straight from the apiserver: {:.1} MB/s ({floor_bytes} bytes in {:.2} s)",
+        mb(floor_bytes, floor),
+        floor.as_secs_f64()
+    );
+    println!(
+        "  floor: the same amount written again while followed straight from the apiserver: {:.1} MB/s ({live_bytes} bytes in {:.2} s)",
+        mb(live_bytes, live_floor),
+        live_floor.as_secs_f64()
+    );
+    println!("  agent peak RSS {:.1} MiB", agent.peak_rss_kib() as f64 / 1024.0);
+    agent.terminate(Duration::from_secs(15));
+    hub.stop().await;
 }

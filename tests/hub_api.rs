@@ -1164,3 +1164,435 @@ async fn a_thousand_watchers_that_come_and_go_leave_no_task_and_no_memory_behind
         "hub RSS grew from {baseline} KiB to {after} KiB"
     );
 }
+
+// ---- live App logs ----
+
+const APP_IMAGE: &str = "registry.example.com/demo/shop:1.0";
+
+fn manifest(kind: &str, namespace: &str, name: &str, spec: serde_json::Value) -> String {
+    serde_json::json!({
+        "apiVersion": "apps.shapeblock.io/v1alpha1",
+        "kind": kind,
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    })
+    .to_string()
+}
+
+fn follow_request(cluster: &str, namespace: &str, app: &str, process: &str) -> api::FollowAppLogsRequest {
+    api::FollowAppLogsRequest {
+        cluster_id: cluster.into(),
+        namespace: namespace.into(),
+        app: app.into(),
+        process: process.into(),
+        ..Default::default()
+    }
+}
+
+/// Reads a live follow until `done` says the text so far is enough (or `TIMEOUT`).
+async fn read_until(
+    stream: &mut tonic::Streaming<api::AppLogData>,
+    got: &mut Vec<api::AppLogData>,
+    done: impl Fn(&[api::AppLogData]) -> bool,
+    what: &str,
+) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !done(got) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, stream.message()).await {
+            Ok(Ok(Some(data))) => got.push(data),
+            Ok(other) => panic!("the follow ended waiting for {what}: {other:?}"),
+            Err(_) => panic!("no {what} within 90 s; got {got:?}"),
+        }
+    }
+}
+
+/// The text of one pod container's substream, checking its offsets run on without a gap.
+fn substream(got: &[api::AppLogData], pod: &str, container: &str) -> String {
+    let mut offset = 0;
+    let mut text = Vec::new();
+    for data in got.iter().filter(|d| d.pod == pod && d.container == container) {
+        assert_eq!(
+            data.offset, offset,
+            "offsets of {pod}/{container} run on: {got:?}"
+        );
+        offset += data.data.len() as u64 + data.dropped;
+        text.extend_from_slice(&data.data);
+    }
+    String::from_utf8(text).unwrap()
+}
+
+async fn running_pods(env: &Env, namespace: &str, selector: &str) -> Vec<k8s_openapi::api::core::v1::Pod> {
+    use kube::ResourceExt;
+    let pods = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(env.client.clone(), namespace)
+        .list(&kube::api::ListParams::default().labels(selector))
+        .await
+        .unwrap();
+    pods.items
+        .into_iter()
+        .filter(|p| {
+            p.metadata.deletion_timestamp.is_none()
+                && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+                && !p.name_any().is_empty()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn live_app_logs_follow_an_apps_pods_new_ones_included_scrubbed_and_stop_when_the_caller_goes() {
+    use kube::ResourceExt;
+    use shapeblock_testenv::{ContainerRef, logs};
+    let env = hub_env().await;
+    let hub = HubProcess::start(&[]).await;
+    let mut client = hub.client().await;
+    let (cluster, token) = cluster_with_token(&mut client).await;
+    let agent = support::hub_process::agent_from_install_line_with(
+        &env,
+        &hub,
+        &token,
+        &["--registry=registry.example.com"],
+    )
+    .await;
+    let c = connected(&mut client, &cluster).await;
+    assert!(c.capabilities.iter().any(|k| k == "app-logs"), "{c:?}");
+
+    let ns = unique_name("live");
+    let secret = "hunter2hunter2";
+    logs().script(
+        &ns,
+        "web",
+        &[
+            "booting web",
+            &format!("connecting to postgres://shop:{secret}@db:5432/shop"),
+            "listening on 8080",
+        ],
+    );
+    logs().script(&ns, "worker", &["worker up"]);
+    apply(&mut client, &cluster, &project(&ns), "").await.unwrap();
+    let key = format!("Project//{ns}");
+    eventually(TIMEOUT, "the Project Ready", || {
+        let mut client = client.clone();
+        let (cluster, key) = (cluster.clone(), key.clone());
+        async move {
+            let objects = client
+                .list_objects(api::ListObjectsRequest { cluster_id: cluster })
+                .await
+                .ok()?
+                .into_inner()
+                .objects;
+            objects.into_iter().find(|o| o.key == key && o.phase == "Ready")
+        }
+    })
+    .await;
+    for m in [
+        manifest(
+            "App",
+            &ns,
+            "shop",
+            serde_json::json!({
+                "registry": {"url": "registry.example.com"},
+                "build": {"type": "image", "image": APP_IMAGE},
+                "processes": {
+                    "web": {"command": ["node", "server.js"], "port": 8080, "replicas": 1},
+                    "worker": {"command": ["node", "worker.js"], "replicas": 1},
+                },
+            }),
+        ),
+        manifest("AppBuild", &ns, "shop-1", serde_json::json!({"appName": "shop"})),
+    ] {
+        let accepted = apply(&mut client, &cluster, &m, "").await.unwrap();
+        let done = command_done(&mut client, &cluster, accepted.command_id).await;
+        assert_eq!(done.state(), CommandState::Succeeded, "{done:?}");
+    }
+    let web_selector = "apps.shapeblock.io/app=shop,apps.shapeblock.io/process=web";
+    let (pods, took) = eventually(Duration::from_secs(180), "the App's web pod running", || {
+        let env = &env;
+        let ns = ns.clone();
+        async move {
+            let pods = running_pods(env, &ns, web_selector).await;
+            (!pods.is_empty()).then_some(pods)
+        }
+    })
+    .await;
+    eprintln!("web pod running {took:?} after the App was applied");
+    let first = pods[0].name_any();
+
+    // The web process only: its scripted lines in order, the password scrubbed.
+    let started = Instant::now();
+    let mut stream = client
+        .follow_app_logs(follow_request(&cluster, &ns, "shop", "web"))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got = Vec::new();
+    read_until(
+        &mut stream,
+        &mut got,
+        |got| substream(got, &first, "web").contains("listening on 8080\n"),
+        "the web pod's scripted lines",
+    )
+    .await;
+    eprintln!("first lines {:?} after the call", started.elapsed());
+    assert_eq!(
+        substream(&got, &first, "web"),
+        "booting web\nconnecting to postgres://***@db:5432/shop\nlistening on 8080\n"
+    );
+    assert!(got.iter().all(|d| d.process == "web"), "{got:?}");
+    // A line written now arrives.
+    logs().append(&ContainerRef::new(&ns, &first, "web"), "GET /healthz 200");
+    read_until(
+        &mut stream,
+        &mut got,
+        |got| substream(got, &first, "web").ends_with("GET /healthz 200\n"),
+        "a line written during the follow",
+    )
+    .await;
+    let (info, _) = eventually(TIMEOUT, "one live follower at the hub and at the agent", || {
+        let mut client = client.clone();
+        let agent = &agent;
+        async move {
+            let info = hub_info(&mut client).await;
+            (info.app_log_followers == 1 && agent.metric("shapeblock_app_log_streams").await == 1.0)
+                .then_some(info)
+        }
+    })
+    .await;
+    assert_eq!(info.app_log_followers, 1);
+
+    // A new pod (the ReplicaSet replaces a deleted one, as in a rollout) is followed too.
+    Api::<k8s_openapi::api::core::v1::Pod>::namespaced(env.client.clone(), &ns)
+        .delete(&first, &Default::default())
+        .await
+        .unwrap();
+    read_until(
+        &mut stream,
+        &mut got,
+        |got| {
+            got.iter()
+                .filter(|d| d.pod != first)
+                .any(|d| substream(got, &d.pod, "web").contains("listening on 8080\n"))
+        },
+        "the new pod's lines",
+    )
+    .await;
+    let second = got.iter().find(|d| d.pod != first).unwrap().pod.clone();
+    assert_eq!(
+        substream(&got, &second, "web"),
+        "booting web\nconnecting to postgres://***@db:5432/shop\nlistening on 8080\n"
+    );
+    let all: Vec<u8> = got.iter().flat_map(|d| d.data.clone()).collect();
+    assert!(
+        !String::from_utf8_lossy(&all).contains(secret),
+        "the password was scrubbed"
+    );
+    assert!(
+        !got.iter().any(|d| d.truncated),
+        "nothing dropped at this rate: {got:?}"
+    );
+
+    // Every process, from the last line of each: the worker too.
+    let mut both = client
+        .follow_app_logs(api::FollowAppLogsRequest {
+            tail_lines: Some(1),
+            ..follow_request(&cluster, &ns, "shop", "")
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got_both = Vec::new();
+    read_until(
+        &mut both,
+        &mut got_both,
+        |got| {
+            got.iter()
+                .any(|d| d.process == "worker" && d.data == b"worker up\n")
+                && got
+                    .iter()
+                    .any(|d| d.process == "web" && d.data == b"listening on 8080\n")
+        },
+        "the last line of each process",
+    )
+    .await;
+    assert!(
+        !got_both.iter().any(|d| d.data.starts_with(b"booting")),
+        "a tail of 1 line: {got_both:?}"
+    );
+
+    // The CLI prints each line after its pod and container.
+    let mut cli = tokio::process::Command::new(env!("CARGO_BIN_EXE_shapeblock-hub"))
+        .args(["--hub", &hub.api_url, "--api-key", &hub.key, "--ca"])
+        .arg(hub.dir.path().join("ca.pem"))
+        .args([
+            "app-logs",
+            "--cluster",
+            &cluster,
+            "--namespace",
+            &ns,
+            "--app",
+            "shop",
+        ])
+        .args(["--process", "web", "--tail", "1"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut printed = tokio::io::BufReader::new(cli.stdout.take().unwrap());
+    let mut line = String::new();
+    tokio::time::timeout(
+        TIMEOUT,
+        tokio::io::AsyncBufReadExt::read_line(&mut printed, &mut line),
+    )
+    .await
+    .expect("the CLI printed a line")
+    .unwrap();
+    assert_eq!(line, format!("{second}/web: listening on 8080\n"));
+    cli.kill().await.unwrap();
+
+    // More callers than the hub serves for one cluster (8): the one too many is refused.
+    eventually(TIMEOUT, "the CLI's follow gone", || {
+        let mut client = client.clone();
+        async move { (hub_info(&mut client).await.app_log_followers == 2).then_some(()) }
+    })
+    .await;
+    let mut many = Vec::new();
+    for _ in 0..6 {
+        let request = api::FollowAppLogsRequest {
+            tail_lines: Some(0),
+            ..follow_request(&cluster, &ns, "shop", "web")
+        };
+        many.push(client.follow_app_logs(request).await.unwrap().into_inner());
+    }
+    assert_refused(
+        client
+            .follow_app_logs(follow_request(&cluster, &ns, "shop", "web"))
+            .await,
+        Code::ResourceExhausted,
+        "the most the hub serves",
+    );
+    drop(many);
+
+    // The callers go: the hub and the agent stop.
+    drop(stream);
+    drop(both);
+    let gone = Instant::now();
+    eventually(TIMEOUT, "no live follower left at the hub nor the agent", || {
+        let mut client = client.clone();
+        let agent = &agent;
+        async move {
+            let info = hub_info(&mut client).await;
+            (info.app_log_followers == 0 && agent.metric("shapeblock_app_log_streams").await == 0.0)
+                .then_some(())
+        }
+    })
+    .await;
+    eprintln!(
+        "callers gone -> follows stopped at the agent within {:?}",
+        gone.elapsed()
+    );
+
+    // A caller's deadline ends its follow as well.
+    let mut timed = tonic::Request::new(follow_request(&cluster, &ns, "shop", "web"));
+    timed.set_timeout(Duration::from_secs(2));
+    let mut stream = client.follow_app_logs(timed).await.unwrap().into_inner();
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                other => break other,
+            }
+        }
+    })
+    .await
+    .expect("the deadline ended the follow");
+    assert!(
+        matches!(&ended, Err(s) if s.code() == Code::DeadlineExceeded || s.code() == Code::Cancelled),
+        "{ended:?}"
+    );
+    eventually(TIMEOUT, "the timed-out follow stopped at the agent", || {
+        let agent = &agent;
+        async move { (agent.metric("shapeblock_app_log_streams").await == 0.0).then_some(()) }
+    })
+    .await;
+
+    // The session ends (the agent stops): the caller gets UNAVAILABLE with the reason.
+    let mut stream = client
+        .follow_app_logs(follow_request(&cluster, &ns, "shop", "web"))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got = Vec::new();
+    read_until(&mut stream, &mut got, |got| !got.is_empty(), "a first line").await;
+    agent.terminate(Duration::from_secs(15)).expect("stops");
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                other => break other,
+            }
+        }
+    })
+    .await
+    .expect("the follow ended with the session");
+    let status = ended.expect_err("a status");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("session"), "{status:?}");
+    assert_refused(
+        client
+            .follow_app_logs(follow_request(&cluster, &ns, "shop", "web"))
+            .await,
+        Code::Unavailable,
+        "not connected",
+    );
+    let _ = Api::<shapeblock_agent::api::Project>::all(env.client.clone())
+        .delete(&ns, &Default::default())
+        .await;
+}
+
+#[tokio::test]
+async fn live_app_logs_of_an_unknown_cluster_are_not_found_and_bad_names_are_invalid_argument() {
+    let hub = HubProcess::start(&[]).await;
+    let mut client = hub.client().await;
+    let (cluster, _) = cluster_with_token(&mut client).await;
+    assert_refused(
+        client
+            .follow_app_logs(follow_request("no-such-cluster", "shop", "web", ""))
+            .await,
+        Code::NotFound,
+        "no cluster",
+    );
+    for (request, words) in [
+        (follow_request(&cluster, "Shop", "web", ""), "namespace"),
+        (follow_request(&cluster, "shop", "../web", ""), "app"),
+        (follow_request(&cluster, "shop", &"a".repeat(41), ""), "app"),
+        (follow_request(&cluster, "shop", "web", "web,x!=y"), "process"),
+        (
+            api::FollowAppLogsRequest {
+                container: "web container".into(),
+                ..follow_request(&cluster, "shop", "web", "")
+            },
+            "container",
+        ),
+        (
+            api::FollowAppLogsRequest {
+                tail_lines: Some(10_001),
+                ..follow_request(&cluster, "shop", "web", "")
+            },
+            "tail_lines",
+        ),
+    ] {
+        assert_refused(
+            client.follow_app_logs(request).await,
+            Code::InvalidArgument,
+            words,
+        );
+    }
+    // Known, but no agent connected.
+    assert_refused(
+        client
+            .follow_app_logs(follow_request(&cluster, "shop", "web", ""))
+            .await,
+        Code::Unavailable,
+        "not connected",
+    );
+    assert_eq!(hub_info(&mut client).await.app_log_followers, 0);
+}

@@ -111,6 +111,12 @@ async fn the_python_clients_suite_passes_against_a_real_hub_and_agent() {
     let lines: Vec<String> = (0..500).map(|i| format!("line {i}")).collect();
     let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
     logs().script(&ns, "build", &lines);
+    // The App's web pod, once the build deployed it: what the suite follows live.
+    logs().script(
+        &ns,
+        "web",
+        &["web booting", "password=hunter2hunter2", "web ready"],
+    );
     let spec = serde_json::json!({
         "registry": {"url": "registry.example.com"},
         "build": {"type": "dockerfile"},
@@ -134,6 +140,7 @@ async fn the_python_clients_suite_passes_against_a_real_hub_and_agent() {
         .env("SHAPEBLOCK_HUB_CA", hub.dir.path().join("ca.pem"))
         .env("SHAPEBLOCK_TEST_CLUSTER", &cluster)
         .env("SHAPEBLOCK_TEST_BUILD_LOG", format!("{ns}/api-1/build"))
+        .env("SHAPEBLOCK_TEST_APP", format!("{ns}/api"))
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .output()
         .await

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncGenerator
@@ -227,3 +228,53 @@ async def test_a_build_log_is_followed_to_its_end_from_any_offset(
     assert rest == received[middle:]
     listed = {s.stream: s for s in await hub.list_logs(live.cluster)}
     assert listed[stream].ended and listed[stream].length == len(received)
+
+
+async def test_an_apps_live_logs_are_followed_scrubbed_and_stop_when_left(
+    hub: HubClient, live: Live
+) -> None:
+    app = os.environ.get("SHAPEBLOCK_TEST_APP", "")
+    assert app, "SHAPEBLOCK_TEST_APP: the harness deploys an App"
+    namespace, name = app.split("/")
+    received: list[pb.AppLogData] = []
+
+    def text() -> bytes:
+        return b"".join(d.data for d in received)
+
+    async def follow() -> None:
+        # Started before the App's pod may exist: a pod that comes later is followed too.
+        stream = hub.follow_app_logs(live.cluster, namespace, name, process="web")
+        async with contextlib.aclosing(stream):
+            async for data in stream:
+                received.append(data)
+                if b"web ready\n" in text():
+                    return
+
+    await asyncio.wait_for(follow(), 150)
+    lines = text().splitlines()
+    assert lines[0] == b"web booting" and lines[-1] == b"web ready", lines
+    assert b"hunter2hunter2" not in text(), "the password was scrubbed"
+    assert all(d.process == "web" and d.container == "web" for d in received)
+    pod = received[0].pod
+    offset = 0
+    for d in (d for d in received if d.pod == pod):
+        assert d.offset == offset, "in order, no gap"
+        offset += len(d.data) + d.dropped
+    # Leaving the loop stopped the follow.
+
+    async def none_left() -> bool:
+        return (await hub.get_hub()).app_log_followers == 0
+
+    await wait_for(none_left, what="no live log follower left")
+
+
+async def test_live_logs_refuse_bad_names_and_unknown_clusters(hub: HubClient, live: Live) -> None:
+    with pytest.raises(InvalidArgument, match="namespace"):
+        async for _ in hub.follow_app_logs(live.cluster, "Not_A_Namespace", "web"):
+            pass
+    with pytest.raises(InvalidArgument, match="process"):
+        async for _ in hub.follow_app_logs(live.cluster, "shop", "web", process="web,x"):
+            pass
+    with pytest.raises(NotFound):
+        async for _ in hub.follow_app_logs(unique("nowhere"), "shop", "web"):
+            pass

@@ -344,6 +344,15 @@ struct HubArgs {
         value_name = "SECONDS"
     )]
     inventory_seconds: u64,
+    /// Bytes per second, in KiB, each live App log follow may send to the hub (after a burst of
+    /// four seconds' worth); what exceeds it is dropped with a truncation marker.
+    #[arg(
+        long,
+        env = "SHAPEBLOCK_APP_LOGS_KIB_PER_SECOND",
+        default_value_t = crate::bridge::app_logs::DEFAULT_RATE_KIB,
+        value_name = "KIB"
+    )]
+    app_logs_kib_per_second: u64,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -428,6 +437,7 @@ fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
                 ..crate::tunnel::TunnelConfig::new(url)
             },
             identity_secret: args.hub.identity_secret,
+            app_logs_rate: args.hub.app_logs_kib_per_second.max(1).saturating_mul(1024),
         }),
         leader_election,
         apply_crds: args.apply_crds,

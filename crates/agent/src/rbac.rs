@@ -158,14 +158,14 @@ pub const AGENT_CLUSTER_RULES: &[Rule] = &[
         resources: &["pods"],
         verbs: &["get", "list", "watch"],
         resource_names: &[],
-        why: "read a build pod's termination message (commit, digest) and which step failed; the log relay watches build pods by label",
+        why: "read a build pod's termination message (commit, digest) and which step failed; the log relay watches build pods by label, live App logs an App's process pods",
     },
     Rule {
         api_groups: &[""],
         resources: &["pods/log"],
         verbs: &["get"],
         resource_names: &[],
-        why: "relay build pods' logs to the hub (with the tunnel); read the last lines of a failed build step's log when the tool left no message (kaniko's and the lifecycle's final error)",
+        why: "relay build pods' logs, and live logs of an App's process pods, to the hub (with the tunnel); read the last lines of a failed build step's log when the tool left no message (kaniko's and the lifecycle's final error)",
     },
     Rule {
         api_groups: &["cert-manager.io"],

@@ -37,6 +37,8 @@ pub struct TunnelSettings {
     pub config: crate::tunnel::TunnelConfig,
     /// Secret in the agent's namespace that keeps the key, certificate and CA.
     pub identity_secret: String,
+    /// Bytes per second each live App log follow may send.
+    pub app_logs_rate: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -187,6 +189,10 @@ pub async fn run(settings: Settings, shutdown: ShutdownSignal) -> Result<(), Err
         let host = crate::bridge::KubeHost::start(
             client.clone(),
             &settings.controllers.agent_namespace,
+            crate::bridge::app_logs::Limits {
+                rate: tunnel.app_logs_rate,
+                streams: ctx.metrics.app_log_streams.clone(),
+            },
             stop.clone(),
         );
         let store = Arc::new(crate::bridge::identity::SecretIdentityStore::new(

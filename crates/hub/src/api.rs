@@ -29,6 +29,7 @@ pub mod v1 {
     tonic::include_proto!("shapeblock.hub.v1");
 }
 
+pub(crate) mod app_logs;
 mod client;
 pub use client::{BearerKey, Client, ConnectError, connect};
 
@@ -109,6 +110,7 @@ type ApiResult<T> = Result<Response<T>, Status>;
 pub(crate) struct Streams {
     watchers: std::sync::atomic::AtomicU32,
     followers: std::sync::atomic::AtomicU32,
+    app_log_followers: std::sync::atomic::AtomicU32,
 }
 
 /// Counts one stream while its task lives.
@@ -389,6 +391,7 @@ impl HubApi for Api {
             watchers: self.inner.streams.watchers.load(Relaxed),
             log_followers: self.inner.streams.followers.load(Relaxed),
             sessions: sessions as u32,
+            app_log_followers: self.inner.streams.app_log_followers.load(Relaxed),
         }))
     }
 
@@ -745,6 +748,30 @@ impl HubApi for Api {
         // Sent with backpressure: a slow reader slows its own reads of the store, no more.
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(follow(self.inner.clone(), r.cluster_id, r.stream, r.offset, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type FollowAppLogsStream = Stream<v1::AppLogData>;
+
+    async fn follow_app_logs(
+        &self,
+        request: Request<v1::FollowAppLogsRequest>,
+    ) -> ApiResult<Self::FollowAppLogsStream> {
+        let deadline = app_logs::deadline(request.metadata());
+        let r = request.into_inner();
+        let start = proto::v1::StartAppLogs {
+            id: 0,
+            namespace: r.namespace,
+            app: r.app,
+            process: r.process,
+            container: r.container,
+            since_seconds: r.since_seconds,
+            tail_lines: r.tail_lines,
+        };
+        // Checked before anything else: these names become a label selector at the agent.
+        proto::check_app_logs(&start).map_err(ApiError::InvalidArgument)?;
+        self.known(&r.cluster_id)?;
+        let rx = app_logs::start(&self.inner, &r.cluster_id, start, deadline)?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

@@ -210,6 +210,28 @@ enum Command {
         #[arg(short, long)]
         follow: bool,
     },
+    /// Live logs of an App's running pods (`heroku logs --tail`), each line after its pod and
+    /// container, until interrupted.
+    AppLogs {
+        #[arg(long)]
+        cluster: String,
+        #[arg(long)]
+        namespace: String,
+        #[arg(long)]
+        app: String,
+        /// One process type (default: every one).
+        #[arg(long, default_value = "")]
+        process: String,
+        /// One container (default: every one).
+        #[arg(long, default_value = "")]
+        container: String,
+        /// Lines of each container's log from before (default 100; 0: only new lines).
+        #[arg(long)]
+        tail: Option<u32>,
+        /// Only lines of the last this many seconds.
+        #[arg(long, default_value_t = 0)]
+        since_seconds: u32,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -861,6 +883,54 @@ async fn remote(target: Target, command: Command) -> Result<(), Box<dyn std::err
                 offset = data.next_offset;
                 if data.eof || (follower.is_none() && !moved) {
                     break;
+                }
+            }
+        }
+        Command::AppLogs {
+            cluster,
+            namespace,
+            app,
+            process,
+            container,
+            tail,
+            since_seconds,
+        } => {
+            use std::io::Write;
+            let mut follower = client
+                .follow_app_logs(api::FollowAppLogsRequest {
+                    cluster_id: cluster,
+                    namespace,
+                    app,
+                    process,
+                    container,
+                    since_seconds,
+                    tail_lines: tail,
+                })
+                .await
+                .map_err(said)?
+                .into_inner();
+            // Lines split across chunks are put together per substream before printing.
+            let mut partial: std::collections::HashMap<(String, String), Vec<u8>> = Default::default();
+            while let Some(data) = follower.message().await.map_err(said)? {
+                let key = (data.pod.clone(), data.container.clone());
+                if data.truncated {
+                    eprintln!(
+                        "[{}/{}: {} bytes dropped by the agent's rate limit]",
+                        key.0, key.1, data.dropped
+                    );
+                }
+                let buffer = partial.entry(key.clone()).or_default();
+                buffer.extend_from_slice(&data.data);
+                let mut stdout = std::io::stdout();
+                while let Some(end) = buffer.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = buffer.drain(..=end).collect();
+                    write!(stdout, "{}/{}: ", key.0, key.1)?;
+                    stdout.write_all(&line)?;
+                }
+                stdout.flush()?;
+                if data.eof {
+                    partial.remove(&key);
+                    eprintln!("[{}/{}: ended]", key.0, key.1);
                 }
             }
         }

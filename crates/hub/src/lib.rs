@@ -28,7 +28,8 @@ use shapeblock_proto::v1::agent_tunnel_server::{AgentTunnel, AgentTunnelServer};
 use shapeblock_proto::v1::server_message::Body as Down;
 use shapeblock_proto::v1::{
     Ack, AgentMessage, Apply, CancelBuild, Delete, EnrollRequest, EnrollResponse, Heartbeat, HelloAck,
-    ObjectRef, PhaseChange, PruneScope, RenewRequest, ServerMessage, SetConfig, StatusSnapshot, Sync,
+    ObjectRef, PhaseChange, PruneScope, RenewRequest, ServerMessage, SetConfig, StatusSnapshot, StopAppLogs,
+    Sync,
 };
 use shapeblock_proto::{self as proto, MAX_MESSAGE_BYTES, ca_hash, hex, now_unix, object_key};
 use store::{FeedEvent, ObjectStatus, Store, feed, write};
@@ -92,6 +93,11 @@ pub enum HubError {
 struct Session {
     epoch: u64,
     close: watch::Sender<Close>,
+    /// What the agent said it does (`Hello.capabilities`).
+    capabilities: Vec<String>,
+    /// Unsequenced messages for the agent (live log starts and stops), sent by the session
+    /// task as its outbound queue has room.
+    control: mpsc::Sender<Down>,
 }
 
 /// Why a session is told to end.
@@ -115,6 +121,8 @@ struct Inner {
     agent_url: String,
     /// API streams being served (each a task with a bounded buffer).
     streams: api::Streams,
+    /// Live App log followers, by cluster and follow id.
+    app_logs: api::app_logs::Registry,
 }
 
 impl Inner {
@@ -146,6 +154,17 @@ impl Inner {
         {
             let _ = session.close.send(why);
         }
+    }
+
+    /// The control queue of `cluster`'s session, if it is still the one of `epoch` (or any
+    /// live one, with `epoch` 0).
+    fn control(&self, cluster: &str, epoch: u64) -> Option<mpsc::Sender<Down>> {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(cluster)
+            .filter(|s| epoch == 0 || s.epoch == epoch)
+            .map(|s| s.control.clone())
     }
 
     fn wake(&self, cluster: &str) -> Arc<Notify> {
@@ -377,6 +396,7 @@ impl Hub {
             ca,
             agent_url: format!("https://{addr}"),
             streams: api::Streams::default(),
+            app_logs: api::app_logs::Registry::default(),
         });
         let api = match api_listener {
             Some(listener) => Some(api::serve(inner.clone(), listener, &cert, &key)?),
@@ -585,12 +605,19 @@ impl AgentTunnel for Service {
             tracing::warn!(%e, "certificate expiry");
         }
         let (close, closed) = watch::channel(Close::Open);
+        let (control, control_rx) = mpsc::channel(api::app_logs::CONTROL_QUEUE);
+        let session_entry = Session {
+            epoch,
+            close,
+            capabilities: hello.capabilities.clone(),
+            control,
+        };
         if let Some(old) = self
             .inner
             .sessions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(cluster.clone(), Session { epoch, close })
+            .insert(cluster.clone(), session_entry)
         {
             tracing::info!(%cluster, old = old.epoch, new = epoch, "newer session replaces the older");
             let _ = old.close.send(Close::Superseded);
@@ -612,7 +639,13 @@ impl AgentTunnel for Service {
             })),
         };
         tx.send(Ok(ack)).await.map_err(|_| Status::cancelled("closed"))?;
-        tokio::spawn(session(self.inner.clone(), cluster, epoch, inbound, tx, closed));
+        tokio::spawn(session(
+            self.inner.clone(),
+            (cluster, epoch),
+            inbound,
+            tx,
+            (closed, control_rx),
+        ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
@@ -669,11 +702,10 @@ fn internal(e: impl std::fmt::Display) -> Status {
 /// heartbeats, and acks; records what the agent sends.
 async fn session(
     inner: Arc<Inner>,
-    cluster: String,
-    epoch: u64,
+    (cluster, epoch): (String, u64),
     mut inbound: Streaming<AgentMessage>,
     tx: mpsc::Sender<Result<ServerMessage, Status>>,
-    mut closed: watch::Receiver<Close>,
+    (mut closed, mut control): (watch::Receiver<Close>, mpsc::Receiver<Down>),
 ) {
     let wake = inner.wake(&cluster);
     let mut stopping = inner.stopping.subscribe();
@@ -691,7 +723,23 @@ async fn session(
                 Close::Superseded | Close::Open => break Status::aborted("superseded by a newer session of this cluster"),
             },
             _ = stopping.changed() => break Status::unavailable("hub shutting down"),
+            // Only with room: the session task is the one sender, so the try_send cannot fail.
+            Some(body) = control.recv(), if tx.capacity() > 0 => {
+                let _ = tx.try_send(Ok(ServerMessage { seq: 0, body: Some(body) }));
+            }
             message = inbound.message() => match message {
+                Ok(Some(AgentMessage { body: Some(Up::AppLog(chunk)), .. })) => {
+                    last_heard = Instant::now();
+                    // A chunk nobody here waits for (its caller went, or a stop was lost):
+                    // stop it again. At most one stop per chunk, and the agent's budget
+                    // bounds the chunks.
+                    let stall = (inner.config.watch_stall, Instant::now());
+                    if let Some(id) = inner.app_logs.relay(&cluster, epoch, chunk, stall)
+                        && let Some(stopper) = inner.control(&cluster, epoch)
+                    {
+                        let _ = stopper.try_send(Down::StopAppLogs(StopAppLogs { id }));
+                    }
+                }
                 Ok(Some(message)) => {
                     last_heard = Instant::now();
                     match handle(&inner, &cluster, epoch, message) {
@@ -756,6 +804,9 @@ async fn session(
             sessions.remove(&cluster);
         }
     }
+    // After the session is gone from the map: a follower that registers from now on finds no
+    // session, and one that registered before is ended here.
+    inner.app_logs.session_ended(&cluster, epoch, &said);
     if let Err(e) = inner.store.end_session(&cluster, epoch, &said) {
         tracing::warn!(%e, "end session");
     }
@@ -853,7 +904,8 @@ fn handle(
             inner.store.set_inventory(cluster, inventory).map_err(internal)?;
             return Ok(None);
         }
-        Up::Ack(_) => return Ok(None),
+        // Relayed by the session loop, never recorded.
+        Up::Ack(_) | Up::AppLog(_) => return Ok(None),
         Up::Hello(_) => return Err(Status::invalid_argument("hello twice in one session")),
         _ if seq == 0 => return Err(Status::invalid_argument("sequenced message with seq 0")),
         _ => {}
@@ -956,7 +1008,7 @@ fn handle(
                         write::feed(tx, &log_event(feed::LOG_ENDED, format!("{end} bytes"), l.truncated))?;
                     }
                 }
-                Up::Hello(_) | Up::Heartbeat(_) | Up::Ack(_) | Up::Inventory(_) => {}
+                Up::Hello(_) | Up::Heartbeat(_) | Up::Ack(_) | Up::Inventory(_) | Up::AppLog(_) => {}
             }
             Ok(())
         })
@@ -1139,11 +1191,20 @@ mod fuzz {
             store,
             store_id,
             ca,
-            sessions: Mutex::new(HashMap::from([(CLUSTER.to_string(), Session { epoch, close })])),
+            sessions: Mutex::new(HashMap::from([(
+                CLUSTER.to_string(),
+                Session {
+                    epoch,
+                    close,
+                    capabilities: Vec::new(),
+                    control: mpsc::channel(1).0,
+                },
+            )])),
             wake: Mutex::default(),
             stopping,
             agent_url: "https://127.0.0.1:7443".into(),
             streams: api::Streams::default(),
+            app_logs: api::app_logs::Registry::default(),
         };
         Fixture {
             _dir: dir,

@@ -414,7 +414,11 @@ pub fn command_capability(body: &v1::server_message::Body) -> Option<&'static st
         Body::CancelBuild(_) => Some("cancel"),
         Body::Sync(_) => Some("sync"),
         Body::SetConfig(_) => Some("set-config"),
-        Body::HelloAck(_) | Body::Heartbeat(_) | Body::Ack(_) => None,
+        Body::HelloAck(_)
+        | Body::Heartbeat(_)
+        | Body::Ack(_)
+        | Body::StartAppLogs(_)
+        | Body::StopAppLogs(_) => None,
     }
 }
 
@@ -424,14 +428,46 @@ pub const COMMAND_CAPABILITIES: [&str; 5] = ["apply", "delete", "cancel", "sync"
 /// What the agent does besides commands: level snapshots (`complete-snapshot`: it says when a
 /// snapshot lists everything, so the hub may prune by it), build and run logs, periodic
 /// inventory, and delivery state tied to the hub's store id.
-pub const FEATURE_CAPABILITIES: [&str; 6] = [
+pub const FEATURE_CAPABILITIES: [&str; 7] = [
     "snapshot",
     "complete-snapshot",
     "logs",
     "run-logs",
     "inventory",
     "store-id",
+    APP_LOGS_CAPABILITY,
 ];
+
+/// The agent follows live App logs (`StartAppLogs`, `StopAppLogs`).
+pub const APP_LOGS_CAPABILITY: &str = "app-logs";
+
+// ---- live App logs ----
+
+/// Lines of each container a live follow starts with when the caller does not say.
+pub const DEFAULT_TAIL_LINES: u32 = 100;
+/// The most a caller may ask for.
+pub const MAX_TAIL_LINES: u32 = 10_000;
+
+/// Checks a live follow before its names go into a label selector or a request path: the
+/// namespace, the App's name as its CRD accepts it, the process type and the container as
+/// DNS labels (label values and container names are), and the tail within its bound.
+pub fn check_app_logs(start: &v1::StartAppLogs) -> Result<(), String> {
+    check_namespace("namespace", &start.namespace)?;
+    let app = kind_names("App").ok_or("no App kind")?;
+    check_name(app, "app", &start.app)?;
+    for (field, value) in [("process", &start.process), ("container", &start.container)] {
+        if !value.is_empty() && !is_dns_label(value) {
+            return Err(format!(
+                "{field} {} is not a valid {field} name: 1-63 {LABEL_RULE}",
+                shown(value)
+            ));
+        }
+    }
+    if start.tail_lines.is_some_and(|n| n > MAX_TAIL_LINES) {
+        return Err(format!("tail_lines is at most {MAX_TAIL_LINES}"));
+    }
+    Ok(())
+}
 
 /// `Hello.capabilities`: the commands, then the features.
 pub fn capabilities() -> Vec<String> {
@@ -470,6 +506,39 @@ mod tests {
         let refused = check_set_config(&command(&[(&name, "v")], &[])).unwrap_err();
         assert!(refused.chars().count() < 200, "{} chars", refused.chars().count());
         assert!(refused.contains("is not a config var name"), "{refused}");
+    }
+
+    #[test]
+    fn live_log_follows_are_checked_before_their_names_become_a_selector() {
+        let start = |namespace: &str, app: &str, process: &str, container: &str| v1::StartAppLogs {
+            namespace: namespace.into(),
+            app: app.into(),
+            process: process.into(),
+            container: container.into(),
+            ..Default::default()
+        };
+        assert!(check_app_logs(&start("shop", "web", "", "")).is_ok());
+        assert!(check_app_logs(&start("shop", "web", "worker", "worker")).is_ok());
+        for (bad, field) in [
+            (start("", "web", "", ""), "namespace"),
+            (start("shop", "web,x=y", "", ""), "app"),
+            (start("shop", &"a".repeat(41), "", ""), "app"),
+            (
+                start("shop", "web", "web,apps.shapeblock.io/app!=x", ""),
+                "process",
+            ),
+            (start("shop", "web", "", "../x"), "container"),
+            (
+                v1::StartAppLogs {
+                    tail_lines: Some(MAX_TAIL_LINES + 1),
+                    ..start("shop", "web", "", "")
+                },
+                "tail_lines",
+            ),
+        ] {
+            let refused = check_app_logs(&bad).unwrap_err();
+            assert!(refused.starts_with(field), "{refused}");
+        }
     }
 
     #[test]

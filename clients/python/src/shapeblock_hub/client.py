@@ -386,6 +386,51 @@ class HubClient:
             finally:
                 call.cancel()
 
+    async def follow_app_logs(
+        self,
+        cluster_id: str,
+        namespace: str,
+        app: str,
+        *,
+        process: str = "",
+        container: str = "",
+        since_seconds: int = 0,
+        tail_lines: int | None = None,
+        deadline: float | None = None,
+    ) -> AsyncGenerator[pb.AppLogData]:
+        """Live logs of an App's running pods (`heroku logs --tail`), new pods of a rollout
+        included, as long as the caller iterates (or until `deadline` seconds have passed,
+        which the hub enforces too). Each message is part of one pod container's log (`pod`,
+        `container`, `offset`); `truncated` says `dropped` bytes were dropped there (to
+        keep within the agent's rate, or while this caller fell behind). `tail_lines`: lines
+        of each container's log from before the call (None: 100; 0: only new lines).
+
+        It does not resume by itself: a live log has no cursor, so following again shows the
+        tail again. The hub's reasons are raised: `Unavailable` (the cluster is not
+        connected, or its session ended), `ResourceExhausted` (this caller did not keep up,
+        or too many follow this cluster), `InvalidArgument`, `NotFound`. Leaving the loop
+        stops the follow at the agent."""
+        request = pb.FollowAppLogsRequest(
+            cluster_id=cluster_id,
+            namespace=namespace,
+            app=app,
+            process=process,
+            container=container,
+            since_seconds=since_seconds,
+        )
+        if tail_lines is not None:
+            request.tail_lines = tail_lines
+        call = self._stub.FollowAppLogs(request, timeout=deadline)
+        try:
+            async for data in call:
+                yield data
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and deadline is not None:
+                return
+            raise _error(e) from None
+        finally:
+            call.cancel()
+
 
 async def wait_for(
     check: Callable[[], Any], *, within: float = 45.0, interval: float = 0.2, what: str = ""

@@ -5,6 +5,7 @@
 //! Past 600 lines: the commands and the status relay share the field manager, the kinds table
 //! and the delivery rules; the log relay is `logs`.
 
+pub mod app_logs;
 pub mod identity;
 pub mod logs;
 pub mod prune;
@@ -26,7 +27,8 @@ use tokio::sync::watch;
 use crate::api::{App, AppBuild, AppRun, BackingService, GROUP, Project, Team};
 use crate::proto::v1::server_message::Body as Down;
 use crate::proto::v1::{
-    CancelBuild, CommandResult, Inventory, LogChunk, ObjectRef, PhaseChange, SetConfig, StatusSnapshot, Sync,
+    AppLogChunk, CancelBuild, CommandResult, Inventory, LogChunk, ObjectRef, PhaseChange, SetConfig,
+    StartAppLogs, StatusSnapshot, Sync,
 };
 use crate::proto::{
     check_cancel, check_manifest, check_object, check_prune_options, object_key, scope_is_empty,
@@ -72,6 +74,7 @@ pub struct KubeHost {
     current: Mutex<HashMap<String, PhaseChange>>,
     synced: watch::Sender<usize>,
     logs: Arc<logs::LogRelay>,
+    app_logs: Arc<app_logs::AppLogs>,
 }
 
 fn failed(message: impl Into<String>, object: Option<ObjectRef>) -> CommandResult {
@@ -97,11 +100,13 @@ impl KubeHost {
     pub fn start(
         client: Client,
         agent_namespace: &str,
+        app_logs: app_logs::Limits,
         shutdown: impl std::future::Future<Output = ()> + Send + Clone + 'static,
     ) -> Arc<Self> {
         let (synced, _) = watch::channel(0);
         let host = Arc::new(Self {
             logs: logs::LogRelay::start(client.clone(), shutdown.clone()),
+            app_logs: app_logs::AppLogs::new(client.clone(), agent_namespace, app_logs),
             client,
             agent_namespace: agent_namespace.to_string(),
             queue: PhaseQueue::default(),
@@ -672,7 +677,11 @@ impl Host for KubeHost {
             Down::CancelBuild(c) => self.cancel(c).await,
             Down::Sync(s) => self.sync(s).await,
             Down::SetConfig(c) => self.set_config(c).await,
-            Down::HelloAck(_) | Down::Heartbeat(_) | Down::Ack(_) => failed("not a command", None),
+            Down::HelloAck(_)
+            | Down::Heartbeat(_)
+            | Down::Ack(_)
+            | Down::StartAppLogs(_)
+            | Down::StopAppLogs(_) => failed("not a command", None),
         }
     }
 
@@ -738,6 +747,22 @@ impl Host for KubeHost {
 
     fn log_delivered(&self, chunk: &LogChunk) {
         self.logs.delivered(chunk);
+    }
+
+    fn start_app_logs(&self, start: StartAppLogs) {
+        self.app_logs.start(start);
+    }
+
+    fn stop_app_logs(&self, id: u64) {
+        self.app_logs.stop(id);
+    }
+
+    fn end_app_logs(&self) {
+        self.app_logs.stop_all();
+    }
+
+    async fn next_app_log(&self) -> AppLogChunk {
+        self.app_logs.next().await
     }
 }
 
@@ -867,7 +892,12 @@ mod fuzz {
                 }
                 Ok(objects)
             }
-            Down::HelloAck(_) | Down::Heartbeat(_) | Down::Ack(_) => Ok(Vec::new()),
+            Down::StartAppLogs(start) => {
+                crate::proto::check_app_logs(start)?;
+                // Its names become a label selector in that App's namespace.
+                Ok(vec![ObjectRef::new("App", &start.namespace, &start.app)])
+            }
+            Down::HelloAck(_) | Down::Heartbeat(_) | Down::Ack(_) | Down::StopAppLogs(_) => Ok(Vec::new()),
         }
     }
 
@@ -946,6 +976,26 @@ mod fuzz {
     fn body() -> BoxedStrategy<Down> {
         let names = || proptest::collection::vec(hostile(), 0..4);
         prop_oneof![
+            (
+                hostile(),
+                hostile(),
+                hostile(),
+                hostile(),
+                proptest::option::of(any::<u32>())
+            )
+                .prop_map(
+                    |(namespace, app, process, container, tail_lines)| Down::StartAppLogs(
+                        crate::proto::v1::StartAppLogs {
+                            id: 1,
+                            namespace,
+                            app,
+                            process,
+                            container,
+                            since_seconds: 0,
+                            tail_lines,
+                        }
+                    )
+                ),
             manifest().prop_map(|manifest| Down::Apply(Apply { manifest })),
             proptest::option::of((hostile(), hostile(), hostile())).prop_map(|o| Down::Delete(Delete {
                 object: o.map(|(k, ns, n)| ObjectRef {

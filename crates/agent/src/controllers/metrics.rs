@@ -5,6 +5,7 @@ use std::time::Instant;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -25,6 +26,8 @@ pub struct Metrics {
     reconciles: Family<KindLabel, Counter>,
     failures: Family<FailureLabels, Counter>,
     durations: Family<KindLabel, Histogram>,
+    /// Live App log follows being relayed to the hub.
+    pub app_log_streams: Gauge,
 }
 
 impl Default for Metrics {
@@ -46,11 +49,18 @@ impl Default for Metrics {
             "Reconcile duration, per kind",
             durations.clone(),
         );
+        let app_log_streams = Gauge::default();
+        registry.register(
+            "app_log_streams",
+            "Live App log follows being relayed to the hub",
+            app_log_streams.clone(),
+        );
         Self {
             registry,
             reconciles,
             failures,
             durations,
+            app_log_streams,
         }
     }
 }

@@ -25,7 +25,8 @@ use crate::proto::v1::agent_message::Body as Up;
 use crate::proto::v1::agent_tunnel_client::AgentTunnelClient;
 use crate::proto::v1::server_message::Body as Down;
 use crate::proto::v1::{
-    Ack, AgentMessage, CommandResult, Heartbeat, Hello, Inventory, LogChunk, StatusSnapshot,
+    Ack, AgentMessage, AppLogChunk, CommandResult, Heartbeat, Hello, Inventory, LogChunk, StartAppLogs,
+    StatusSnapshot,
 };
 use crate::proto::{MAX_MESSAGE_BYTES, now_unix, now_unix_ms};
 pub use queue::PhaseQueue;
@@ -100,6 +101,16 @@ pub trait Host: Send + Sync + 'static {
     async fn next_log(&self) -> LogChunk;
     /// The hub durably recorded this chunk (it was acknowledged).
     fn log_delivered(&self, chunk: &LogChunk);
+    /// Live App logs: follow (until stopped or the session ends) and stop. Never commands:
+    /// nothing is answered, stored or resent.
+    fn start_app_logs(&self, _start: StartAppLogs) {}
+    fn stop_app_logs(&self, _id: u64) {}
+    /// The session ended: every live follow it asked for stops.
+    fn end_app_logs(&self) {}
+    /// The next live App log chunk (waits for one). Must be cancel-safe, as `next_log`.
+    async fn next_app_log(&self) -> AppLogChunk {
+        std::future::pending().await
+    }
 }
 
 /// Where the identity is kept (a Secret in the agent's namespace).
@@ -355,7 +366,11 @@ pub async fn run(
             let started = Instant::now();
             let outcome = match ensure_identity(&config, store.as_ref()).await {
                 Ok(identity) => {
-                    session(&config, &identity, host.as_ref(), store.as_ref(), &mut delivery).await
+                    let outcome =
+                        session(&config, &identity, host.as_ref(), store.as_ref(), &mut delivery).await;
+                    // Live follows belong to the session that asked for them.
+                    host.end_app_logs();
+                    outcome
                 }
                 Err(e) => Err(e),
             };
@@ -567,6 +582,8 @@ async fn session(
                     }
                     Some(Down::Heartbeat(_)) => {}
                     Some(Down::HelloAck(_)) => return Err(TunnelError::Session("second hello ack".into())),
+                    Some(Down::StartAppLogs(start)) => host.start_app_logs(start),
+                    Some(Down::StopAppLogs(stop)) => host.stop_app_logs(stop.id),
                     body if message.seq > 0 => {
                         if message.seq <= delivery.executed_upto {
                             continue;
@@ -593,6 +610,11 @@ async fn session(
             }
             change = host.changes().next(), if room => {
                 let m = sequenced(delivery, Up::Phase(change));
+                up.send(m).await.map_err(|_| TunnelError::Session("closed".into()))?;
+            }
+            // Unsequenced: bounded by the follows' own budgets, not by the outbox.
+            chunk = host.next_app_log() => {
+                let m = AgentMessage { seq: 0, body: Some(Up::AppLog(chunk)) };
                 up.send(m).await.map_err(|_| TunnelError::Session("closed".into()))?;
             }
             chunk = host.next_log(), if log_room => {

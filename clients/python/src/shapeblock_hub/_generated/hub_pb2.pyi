@@ -48,7 +48,7 @@ class GetHubRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HubInfo(_message.Message):
-    __slots__ = ("version", "ca_hash", "agent_address", "store_id", "watchers", "log_followers", "sessions")
+    __slots__ = ("version", "ca_hash", "agent_address", "store_id", "watchers", "log_followers", "sessions", "app_log_followers")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CA_HASH_FIELD_NUMBER: _ClassVar[int]
     AGENT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,7 @@ class HubInfo(_message.Message):
     WATCHERS_FIELD_NUMBER: _ClassVar[int]
     LOG_FOLLOWERS_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    APP_LOG_FOLLOWERS_FIELD_NUMBER: _ClassVar[int]
     version: str
     ca_hash: str
     agent_address: str
@@ -63,7 +64,8 @@ class HubInfo(_message.Message):
     watchers: int
     log_followers: int
     sessions: int
-    def __init__(self, version: _Optional[str] = ..., ca_hash: _Optional[str] = ..., agent_address: _Optional[str] = ..., store_id: _Optional[str] = ..., watchers: _Optional[int] = ..., log_followers: _Optional[int] = ..., sessions: _Optional[int] = ...) -> None: ...
+    app_log_followers: int
+    def __init__(self, version: _Optional[str] = ..., ca_hash: _Optional[str] = ..., agent_address: _Optional[str] = ..., store_id: _Optional[str] = ..., watchers: _Optional[int] = ..., log_followers: _Optional[int] = ..., sessions: _Optional[int] = ..., app_log_followers: _Optional[int] = ...) -> None: ...
 
 class CreateApiKeyRequest(_message.Message):
     __slots__ = ("name",)
@@ -481,3 +483,41 @@ class LogData(_message.Message):
     truncated: bool
     eof: bool
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., next_offset: _Optional[int] = ..., truncated: _Optional[bool] = ..., eof: _Optional[bool] = ...) -> None: ...
+
+class FollowAppLogsRequest(_message.Message):
+    __slots__ = ("cluster_id", "namespace", "app", "process", "container", "since_seconds", "tail_lines")
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    APP_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_FIELD_NUMBER: _ClassVar[int]
+    SINCE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TAIL_LINES_FIELD_NUMBER: _ClassVar[int]
+    cluster_id: str
+    namespace: str
+    app: str
+    process: str
+    container: str
+    since_seconds: int
+    tail_lines: int
+    def __init__(self, cluster_id: _Optional[str] = ..., namespace: _Optional[str] = ..., app: _Optional[str] = ..., process: _Optional[str] = ..., container: _Optional[str] = ..., since_seconds: _Optional[int] = ..., tail_lines: _Optional[int] = ...) -> None: ...
+
+class AppLogData(_message.Message):
+    __slots__ = ("pod", "container", "process", "offset", "data", "truncated", "dropped", "eof")
+    POD_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    EOF_FIELD_NUMBER: _ClassVar[int]
+    pod: str
+    container: str
+    process: str
+    offset: int
+    data: bytes
+    truncated: bool
+    dropped: int
+    eof: bool
+    def __init__(self, pod: _Optional[str] = ..., container: _Optional[str] = ..., process: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., truncated: _Optional[bool] = ..., dropped: _Optional[int] = ..., eof: _Optional[bool] = ...) -> None: ...

@@ -139,6 +139,11 @@ class HubStub:
                 request_serializer=shapeblock_dot_hub_dot_v1_dot_hub__pb2.FollowLogRequest.SerializeToString,
                 response_deserializer=shapeblock_dot_hub_dot_v1_dot_hub__pb2.LogData.FromString,
                 _registered_method=True)
+        self.FollowAppLogs = channel.unary_stream(
+                '/shapeblock.hub.v1.Hub/FollowAppLogs',
+                request_serializer=shapeblock_dot_hub_dot_v1_dot_hub__pb2.FollowAppLogsRequest.SerializeToString,
+                response_deserializer=shapeblock_dot_hub_dot_v1_dot_hub__pb2.AppLogData.FromString,
+                _registered_method=True)
 
 
 class HubServicer:
@@ -288,6 +293,20 @@ class HubServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FollowAppLogs(self, request, context):
+        """Live logs of an App's running pods (`heroku logs --tail`), new pods of a rollout
+        included, for as long as the caller stays (or its deadline). Relayed from the agent over
+        the cluster's session, never stored. A cluster not connected, or a session that ends,
+        -> UNAVAILABLE (follow again); a caller that does not keep up, or more followers of a
+        cluster than the hub or the agent serve -> RESOURCE_EXHAUSTED (a caller whose buffer is
+        full first loses messages, told by `truncated`, and is cut when it stays full for the
+        watch stall); an agent without the
+        `app-logs` capability -> FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HubServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -395,6 +414,11 @@ def add_HubServicer_to_server(servicer, server):
                     servicer.FollowLog,
                     request_deserializer=shapeblock_dot_hub_dot_v1_dot_hub__pb2.FollowLogRequest.FromString,
                     response_serializer=shapeblock_dot_hub_dot_v1_dot_hub__pb2.LogData.SerializeToString,
+            ),
+            'FollowAppLogs': grpc.unary_stream_rpc_method_handler(
+                    servicer.FollowAppLogs,
+                    request_deserializer=shapeblock_dot_hub_dot_v1_dot_hub__pb2.FollowAppLogsRequest.FromString,
+                    response_serializer=shapeblock_dot_hub_dot_v1_dot_hub__pb2.AppLogData.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -964,6 +988,33 @@ class Hub:
             '/shapeblock.hub.v1.Hub/FollowLog',
             shapeblock_dot_hub_dot_v1_dot_hub__pb2.FollowLogRequest.SerializeToString,
             shapeblock_dot_hub_dot_v1_dot_hub__pb2.LogData.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FollowAppLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/shapeblock.hub.v1.Hub/FollowAppLogs',
+            shapeblock_dot_hub_dot_v1_dot_hub__pb2.FollowAppLogsRequest.SerializeToString,
+            shapeblock_dot_hub_dot_v1_dot_hub__pb2.AppLogData.FromString,
             options,
             channel_credentials,
             insecure,
