@@ -86,7 +86,36 @@ fn failed(message: impl Into<String>, object: Option<ObjectRef>) -> CommandResul
     }
 }
 
+tokio::task_local! {
+    /// Set while a command runs when one of its requests failed because the apiserver could
+    /// not answer (unreachable, 5xx, 429), not because of what was asked: such a failure says
+    /// nothing about the command, so [`KubeHost::execute`] runs it again instead of reporting
+    /// it. Task-local because every failure of every command kind goes through
+    /// [`kube_message`], which is the one place that sees the error itself.
+    static UNAVAILABLE: std::cell::Cell<bool>;
+}
+
+/// How long a command is retried while the apiserver cannot answer (an apiserver restart
+/// takes seconds). Past that the failure is reported with the apiserver's words. Commands are
+/// idempotent (server-side apply, delete, annotations), so running one again is safe. The
+/// session loop waits meanwhile; kept under three default heartbeats (30 s), after which the
+/// hub would end the session, and then the unanswered command comes again after the
+/// reconnect and runs again: no loss either way.
+const COMMAND_RETRY: Duration = Duration::from_secs(20);
+
+/// Whether `e` is the apiserver not answering rather than refusing.
+fn apiserver_unavailable(e: &kube::Error) -> bool {
+    match e {
+        kube::Error::Api(status) => status.code == 429 || status.code >= 500,
+        kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::ReadEvents(_) => true,
+        _ => false,
+    }
+}
+
 fn kube_message(e: &kube::Error) -> String {
+    if apiserver_unavailable(e) {
+        let _ = UNAVAILABLE.try_with(|u| u.set(true));
+    }
     match e {
         // The apiserver's own words: what the server shows its user.
         kube::Error::Api(status) => status.message.clone(),
@@ -256,6 +285,25 @@ impl KubeHost {
             }
         }
         Ok(None)
+    }
+
+    /// One run of a command: its result as the apiserver answered.
+    async fn execute_once(&self, command: Down) -> CommandResult {
+        match command {
+            Down::Apply(a) => self.apply(&a.manifest, &mut Seen::new()).await,
+            Down::Delete(d) => match d.object {
+                Some(o) => self.delete(o, &mut Seen::new()).await,
+                None => failed("delete names no object", None),
+            },
+            Down::CancelBuild(c) => self.cancel(c).await,
+            Down::Sync(s) => self.sync(s).await,
+            Down::SetConfig(c) => self.set_config(c).await,
+            Down::HelloAck(_)
+            | Down::Heartbeat(_)
+            | Down::Ack(_)
+            | Down::StartAppLogs(_)
+            | Down::StopAppLogs(_) => failed("not a command", None),
+        }
     }
 
     async fn apply(&self, manifest: &str, seen: &mut Seen) -> CommandResult {
@@ -668,20 +716,21 @@ fn memory_bytes(q: &str) -> u64 {
 #[tonic::async_trait]
 impl Host for KubeHost {
     async fn execute(&self, command: Down) -> CommandResult {
-        match command {
-            Down::Apply(a) => self.apply(&a.manifest, &mut Seen::new()).await,
-            Down::Delete(d) => match d.object {
-                Some(o) => self.delete(o, &mut Seen::new()).await,
-                None => failed("delete names no object", None),
-            },
-            Down::CancelBuild(c) => self.cancel(c).await,
-            Down::Sync(s) => self.sync(s).await,
-            Down::SetConfig(c) => self.set_config(c).await,
-            Down::HelloAck(_)
-            | Down::Heartbeat(_)
-            | Down::Ack(_)
-            | Down::StartAppLogs(_)
-            | Down::StopAppLogs(_) => failed("not a command", None),
+        let started = tokio::time::Instant::now();
+        let mut pause = Duration::from_millis(250);
+        loop {
+            let (result, unavailable) = UNAVAILABLE
+                .scope(std::cell::Cell::new(false), async {
+                    let result = self.execute_once(command.clone()).await;
+                    (result, UNAVAILABLE.with(|u| u.get()))
+                })
+                .await;
+            if result.ok || !unavailable || started.elapsed() + pause > COMMAND_RETRY {
+                return result;
+            }
+            tracing::info!(message = %result.message, "the apiserver could not answer a command; running it again");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(5));
         }
     }
 
@@ -769,6 +818,31 @@ impl Host for KubeHost {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_apiserver_not_answering_makes_a_command_run_again() {
+        let status = |code| {
+            kube::Error::Api(Box::new(kube::core::Status {
+                code,
+                ..Default::default()
+            }))
+        };
+        for code in [429, 500, 502, 503, 504] {
+            assert!(apiserver_unavailable(&status(code)), "{code}");
+        }
+        // What was asked is refused: reported as it is.
+        for code in [400, 403, 404, 409, 410, 422] {
+            assert!(!apiserver_unavailable(&status(code)), "{code}");
+        }
+        assert!(apiserver_unavailable(&kube::Error::Service(
+            "connection refused".into()
+        )));
+        assert!(!apiserver_unavailable(
+            &kube::Error::LinesCodecMaxLineLengthExceeded
+        ));
+        // Outside a command's scope the flag is simply not set (no panic).
+        let _ = kube_message(&status(503));
+    }
 
     #[test]
     fn only_namespaces_made_for_their_project_are_project_namespaces() {
