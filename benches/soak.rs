@@ -124,9 +124,12 @@ fn app_manifest(namespace: &str) -> String {
     .to_string()
 }
 
+/// A build var of its own gives every build its own inputs: the same inputs would reuse the
+/// first build's image (`ImageReused`), with no build container and so no log to count.
 fn build_manifest(namespace: &str, name: &str) -> String {
     serde_json::json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "AppBuild",
-        "metadata": {"name": name, "namespace": namespace}, "spec": {"appName": "web"}})
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"appName": "web", "buildVars": [{"key": "SOAK_BUILD", "value": name}]}})
     .to_string()
 }
 
