@@ -63,7 +63,13 @@ const ALLOWED_DIRECT: &[(&str, &[&str])] = &[
     ("shapeblock-hub", &["shapeblock-proto"]),
     (
         "shapeblock-testenv",
-        &["shapeblock-api", "shapeblock-agent", "shapeblock-hub"],
+        // proto: the agent stand-in (`testenv::stand_in`) speaks the tunnel protocol itself.
+        &[
+            "shapeblock-api",
+            "shapeblock-proto",
+            "shapeblock-agent",
+            "shapeblock-hub",
+        ],
     ),
     (
         "shapeblock",
