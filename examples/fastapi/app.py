@@ -10,6 +10,7 @@ reconnects with it misses nothing and sees nothing twice.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 from collections.abc import AsyncIterator
@@ -117,17 +118,37 @@ def event_json(e: pb.Event) -> dict[str, Any]:
     }
 
 
+async def until_disconnected(websocket: WebSocket) -> None:
+    """Returns when the browser goes (anything it sends is ignored)."""
+    while (await websocket.receive())["type"] != "websocket.disconnect":
+        pass
+
+
 @app.websocket("/ws/clusters/{cluster_id}/events")
 async def events(websocket: WebSocket, cluster_id: str, cursor: int = 0) -> None:
     """A cluster's events after `cursor`, live."""
     await websocket.accept()
-    try:
-        async for event in hub_of(app).watch_events(cursor, cluster_id=cluster_id):
-            await websocket.send_json(event_json(event))
-    except WebSocketDisconnect:
-        return
-    except HubError as e:
-        await websocket.close(code=4404 if isinstance(e, NotFound) else 1011, reason=e.message)
+
+    async def relay() -> None:
+        try:
+            async for event in hub_of(app).watch_events(cursor, cluster_id=cluster_id):
+                await websocket.send_json(event_json(event))
+        except WebSocketDisconnect:
+            return
+        except HubError as e:
+            await websocket.close(code=4404 if isinstance(e, NotFound) else 1011, reason=e.message)
+
+    # A watch with nothing new to send would not notice a browser that left until the next
+    # event, holding a hub watcher (and the server's shutdown) meanwhile: whichever ends
+    # first, the relay or the browser, ends both.
+    relaying = asyncio.ensure_future(relay())
+    gone = asyncio.ensure_future(until_disconnected(websocket))
+    await asyncio.wait({relaying, gone}, return_when=asyncio.FIRST_COMPLETED)
+    for task in (relaying, gone):
+        task.cancel()
+    relayed, _ = await asyncio.gather(relaying, gone, return_exceptions=True)
+    if isinstance(relayed, Exception):
+        raise relayed
 
 
 @app.websocket("/ws/clusters/{cluster_id}/logs")

@@ -45,7 +45,18 @@ def server() -> Iterator[str]:
         pytest.fail("run through `cargo test --test fastapi_example` (it starts hub and agent)")
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "app:app", "--port", str(port), "--log-level", "warning"],
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "app:app",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--timeout-graceful-shutdown",
+            "5",
+        ],
         cwd=HERE,
     )
     url = f"http://127.0.0.1:{port}"
@@ -61,7 +72,14 @@ def server() -> Iterator[str]:
         yield url
     finally:
         process.terminate()
-        process.wait(10)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            # Left running, it would hold pytest's stdout open and the cargo test that reads
+            # it would wait forever: the failure is reported, the server does not outlive it.
+            process.kill()
+            process.wait(10)
+            raise
 
 
 @pytest.fixture
