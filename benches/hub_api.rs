@@ -322,45 +322,14 @@ async fn watch_fan_out() {
     let watchers = knob("WATCHERS", 100);
     let writers = knob("WRITERS", 50);
     let per_writer = knob("PER_WRITER", 20);
-    let data = tempfile::tempdir().unwrap();
-    let made = std::process::Command::new(env!("CARGO_BIN_EXE_shapeblock-hub"))
-        .arg("--data-dir")
-        .arg(data.path())
-        .args(["api-key", "create", "--name", "bench"])
-        .output()
-        .unwrap();
-    let key = String::from_utf8(made.stdout).unwrap().trim().to_string();
-    let (port, api_port) = (free_port(), free_port());
-    let log = std::fs::File::create(data.path().join("hub.log")).unwrap();
-    let mut hub = std::process::Command::new(env!("CARGO_BIN_EXE_shapeblock-hub"))
-        .arg("--data-dir")
-        .arg(data.path())
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--api-addr",
-            &format!("127.0.0.1:{api_port}"),
-        ])
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(("127.0.0.1", api_port))
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "the hub process did not listen");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let ca = std::fs::read_to_string(data.path().join("ca.pem")).unwrap();
-    let address = format!("https://127.0.0.1:{api_port}");
-    let idle = rss_kib(hub.id());
+    // No agent here: the hub's heartbeat setting changes nothing measured.
+    let hub = HubProcess::start().await;
+    let (key, ca, address) = (hub.key.clone(), hub.ca.clone(), hub.api_address.clone());
+    let idle = rss_kib(hub.pid());
     let (alone_rate, alone_recorded, alone_lags, _) =
-        watch_round(&address, &key, &ca, hub.id(), (1, writers, per_writer)).await;
+        watch_round(&address, &key, &ca, hub.pid(), (1, writers, per_writer)).await;
     let (rate, recorded, lags, rss) =
-        watch_round(&address, &key, &ca, hub.id(), (watchers, writers, per_writer)).await;
+        watch_round(&address, &key, &ca, hub.pid(), (watchers, writers, per_writer)).await;
     println!(
         "WatchEvents: {watchers} watchers, {writers} concurrent writers x {per_writer} commands ({} events each watcher):",
         writers * per_writer
@@ -375,8 +344,6 @@ async fn watch_fan_out() {
         rss as f64 / 1024.0,
         idle as f64 / 1024.0
     );
-    let _ = hub.kill();
-    let _ = hub.wait();
 }
 
 async fn app_logs_throughput() {
