@@ -12,10 +12,8 @@ use std::time::Duration;
 use shapeblock_hub::api::v1 as api;
 use shapeblock_testenv::{PodOutcome, PodSelector, logs, set_pod_outcome};
 use support::agent::hub_env;
-use support::hub_process::{HubProcess, agent_from_install_line_with};
-use support::{eventually, unique_name};
-
-const TIMEOUT: Duration = Duration::from_secs(60);
+use support::hub_process::{HubProcess, agent_from_install_line_with, wait_phase_at_hub};
+use support::unique_name;
 
 #[tokio::test]
 async fn the_fastapi_example_follows_a_build_to_completed_and_its_log_across_a_reconnect() {
@@ -52,20 +50,7 @@ async fn the_fastapi_example_follows_a_build_to_completed_and_its_log_across_a_r
         .await
         .unwrap();
     let key = format!("Project//{ns}");
-    eventually(TIMEOUT, "the Project Ready at the hub", || {
-        let mut client = client.clone();
-        let (cluster, key) = (cluster.clone(), key.clone());
-        async move {
-            let objects = client
-                .list_objects(api::ListObjectsRequest { cluster_id: cluster })
-                .await
-                .ok()?
-                .into_inner()
-                .objects;
-            objects.into_iter().find(|o| o.key == key && o.phase == "Ready")
-        }
-    })
-    .await;
+    wait_phase_at_hub(&client, &cluster, &key, "Ready").await;
     // The build's pods: a resolved commit, a pushed digest, and 2,000 lines of build log.
     for (container, after, message) in [
         (

@@ -15,7 +15,7 @@ use shapeblock_hub::api::v1::hub_client::HubClient;
 use shapeblock_hub::api::v1::{self as api, CommandState, EventKind};
 use shapeblock_testenv::stand_in::StandIn;
 use support::agent::{AGENT_NS, Env, hub_env};
-use support::hub_process::{Bearer, Client, HubProcess, agent_from_install_line};
+use support::hub_process::{Bearer, Client, HubProcess, agent_from_install_line, wait_phase_at_hub};
 use support::{eventually, unique_name};
 use tonic::{Code, Status};
 
@@ -627,20 +627,7 @@ async fn commands_through_the_api_are_queued_once_per_idempotency_key_and_reach_
     let done = command_done(&mut client, &cluster, first.command_id).await;
     assert_eq!(done.state(), CommandState::Succeeded, "{done:?}");
     let key = format!("Project//{name}");
-    eventually(TIMEOUT, "the Project Ready in the object status", || {
-        let mut client = client.clone();
-        let (cluster, key) = (cluster.clone(), key.clone());
-        async move {
-            let objects = client
-                .list_objects(api::ListObjectsRequest { cluster_id: cluster })
-                .await
-                .unwrap()
-                .into_inner()
-                .objects;
-            objects.into_iter().find(|o| o.key == key && o.phase == "Ready")
-        }
-    })
-    .await;
+    wait_phase_at_hub(&client, &cluster, &key, "Ready").await;
 
     // A set-config value: in no response, event or log, whatever becomes of the command.
     let secret_value = format!("s3cret-{}", unique_name("v"));
@@ -1270,20 +1257,7 @@ async fn live_app_logs_follow_an_apps_pods_new_ones_included_scrubbed_and_stop_w
     logs().script(&ns, "worker", &["worker up"]);
     apply(&mut client, &cluster, &project(&ns), "").await.unwrap();
     let key = format!("Project//{ns}");
-    eventually(TIMEOUT, "the Project Ready", || {
-        let mut client = client.clone();
-        let (cluster, key) = (cluster.clone(), key.clone());
-        async move {
-            let objects = client
-                .list_objects(api::ListObjectsRequest { cluster_id: cluster })
-                .await
-                .ok()?
-                .into_inner()
-                .objects;
-            objects.into_iter().find(|o| o.key == key && o.phase == "Ready")
-        }
-    })
-    .await;
+    wait_phase_at_hub(&client, &cluster, &key, "Ready").await;
     for m in [
         manifest(
             "App",
@@ -1447,6 +1421,36 @@ async fn live_app_logs_follow_an_apps_pods_new_ones_included_scrubbed_and_stop_w
     .unwrap();
     assert_eq!(line, format!("{second}/web: listening on 8080\n"));
     cli.kill().await.unwrap();
+
+    // Since 3 seconds ago (lines the pods wrote at least 6 seconds ago are not shown): only
+    // what is written from now on, appended until the follow has started at the kubelet.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let mut recent = client
+        .follow_app_logs(api::FollowAppLogsRequest {
+            since_seconds: 3,
+            ..follow_request(&cluster, &ns, "shop", "web")
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got_recent = Vec::new();
+    for i in 0.. {
+        logs().append(
+            &ContainerRef::new(&ns, &second, "web"),
+            &format!("GET /since/{i} 200"),
+        );
+        if let Ok(message) = tokio::time::timeout(Duration::from_millis(500), recent.message()).await {
+            got_recent.push(message.unwrap().expect("the follow goes on"));
+            break;
+        }
+        assert!(i < 120, "no line written since the follow began within 60 s");
+    }
+    let text = String::from_utf8_lossy(&got_recent[0].data).to_string();
+    assert!(
+        text.starts_with("GET /since/") && !text.contains("booting") && !text.contains("healthz"),
+        "only lines from the last 3 seconds: {got_recent:?}"
+    );
+    drop(recent);
 
     // More callers than the hub serves for one cluster (8): the one too many is refused.
     eventually(TIMEOUT, "the CLI's follow gone", || {

@@ -12,8 +12,11 @@ use std::time::Duration;
 use shapeblock_hub::api::v1 as api;
 use shapeblock_testenv::{PodOutcome, PodSelector, logs, set_pod_outcome};
 use support::agent::hub_env;
-use support::hub_process::{HubProcess, agent_from_install_line_with};
+use support::hub_process::{HubProcess, agent_from_install_line_with, wait_phase_at_hub};
 use support::{eventually, unique_name};
+
+/// The scripted build log's lines (`line 0`, `line 1`, ...): about 380 KiB.
+const BUILD_LOG_LINES: usize = 40_000;
 
 fn manifest(kind: &str, namespace: &str, name: &str, spec: serde_json::Value) -> String {
     serde_json::json!({
@@ -79,20 +82,7 @@ async fn the_python_clients_suite_passes_against_a_real_hub_and_agent() {
         }
     };
     apply(support::hub::project(&ns)).await;
-    eventually(Duration::from_secs(45), "the Project Ready", || {
-        let mut client = client.clone();
-        let (cluster, key) = (cluster.clone(), format!("Project//{ns}"));
-        async move {
-            let objects = client
-                .list_objects(api::ListObjectsRequest { cluster_id: cluster })
-                .await
-                .ok()?
-                .into_inner()
-                .objects;
-            objects.into_iter().find(|o| o.key == key && o.phase == "Ready")
-        }
-    })
-    .await;
+    wait_phase_at_hub(&client, &cluster, &format!("Project//{ns}"), "Ready").await;
     for (container, message) in [
         ("resolve", "0123456789abcdef0123456789abcdef01234567".to_string()),
         ("build", format!("sha256:{}", "ab".repeat(32))),
@@ -108,7 +98,8 @@ async fn the_python_clients_suite_passes_against_a_real_hub_and_agent() {
         .await
         .unwrap();
     }
-    let lines: Vec<String> = (0..500).map(|i| format!("line {i}")).collect();
+    // Several of the hub's 64 KiB follow messages, so that a follow can break in the middle.
+    let lines: Vec<String> = (0..BUILD_LOG_LINES).map(|i| format!("line {i}")).collect();
     let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
     logs().script(&ns, "build", &lines);
     // The App's web pod, once the build deployed it: what the suite follows live.
@@ -140,6 +131,7 @@ async fn the_python_clients_suite_passes_against_a_real_hub_and_agent() {
         .env("SHAPEBLOCK_HUB_CA", hub.dir.path().join("ca.pem"))
         .env("SHAPEBLOCK_TEST_CLUSTER", &cluster)
         .env("SHAPEBLOCK_TEST_BUILD_LOG", format!("{ns}/api-1/build"))
+        .env("SHAPEBLOCK_TEST_BUILD_LOG_LINES", BUILD_LOG_LINES.to_string())
         .env("SHAPEBLOCK_TEST_APP", format!("{ns}/api"))
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .output()

@@ -170,6 +170,88 @@ async fn a_deploy_that_never_gets_a_release_fails_at_its_deadline_naming_the_ins
     assert!(waited >= Duration::from_secs(30), "failed after {waited:?}");
 }
 
+/// What an interrupted `helm upgrade` leaves (an apiserver restart in the middle of the
+/// helm-controller's Job, as the soak bench found): the release's next revision recorded
+/// `pending-upgrade`, so that helm refuses every later operation on it. Forged here from the
+/// deployed revision's own record, as helm writes one (gzipped JSON, base64, in the Secret).
+async fn leave_pending_upgrade(client: &Client, project: &str, release: &str) -> String {
+    use std::io::{Read, Write};
+    let secrets = Api::<Secret>::namespaced(client.clone(), project);
+    let deployed = secrets
+        .get(&format!("sh.helm.release.v1.{release}.v1"))
+        .await
+        .unwrap();
+    let encoded = &deployed.data.as_ref().unwrap()["release"].0;
+    let gzipped = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, encoded).unwrap();
+    let mut json = String::new();
+    flate2::read::GzDecoder::new(&gzipped[..])
+        .read_to_string(&mut json)
+        .unwrap();
+    let mut record: serde_json::Value = serde_json::from_str(&json).unwrap();
+    record["version"] = json!(2);
+    record["info"]["status"] = json!("pending-upgrade");
+    record["info"]["description"] = json!("Preparing upgrade");
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(record.to_string().as_bytes()).unwrap();
+    let data = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, gz.finish().unwrap());
+    let name = format!("sh.helm.release.v1.{release}.v2");
+    let mut labels = deployed.labels().clone();
+    labels.insert("version".into(), "2".into());
+    labels.insert("status".into(), "pending-upgrade".into());
+    let forged = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.clone()),
+            labels: Some(labels),
+            ..Default::default()
+        },
+        type_: deployed.type_.clone(),
+        data: Some([("release".to_string(), ByteString(data.into_bytes()))].into()),
+        ..Default::default()
+    };
+    secrets.create(&PostParams::default(), &forged).await.unwrap();
+    name
+}
+
+#[tokio::test]
+async fn a_release_an_interrupted_install_left_pending_is_cleared_and_the_next_build_rolls_out() {
+    let env = env().await;
+    let _agent = env.agent(&[]).await;
+    let project = ready_project(&env.client, "pending").await;
+    image_app(&env.client, &project, "web", json!({})).await;
+    create_build(&env.client, &project, "web-1", "web", json!({})).await;
+    wait_build(&env.client, &project, "web-1", AppBuildPhase::Completed).await;
+    let release = chart_name(&project, "web");
+    let forged = leave_pending_upgrade(&env.client, &project, &release).await;
+
+    // Helm refuses to upgrade past the pending revision: every attempt of the helm-controller's
+    // Job fails, and without the agent every later build would too.
+    create_build(&env.client, &project, "web-2", "web", json!({})).await;
+    let build = wait_build(&env.client, &project, "web-2", AppBuildPhase::Completed).await;
+    let status = build.status.unwrap();
+    eprintln!("{:?}: {:?}", status.reason, status.message);
+    // Helm wrote revision 2 again, this time deployed: the forged record is gone.
+    assert_eq!(status.release_revision, Some(2), "{status:?}");
+    let secrets = Api::<Secret>::namespaced(env.client.clone(), &project);
+    let record = secrets.get(&forged).await.unwrap();
+    assert_eq!(
+        record.labels().get("status").map(String::as_str),
+        Some("deployed"),
+        "{:?}",
+        record.labels()
+    );
+    let event = wait_event(&env.client, &project, "web-2", |e| {
+        e.type_.as_deref() == Some("Warning") && e.reason.as_deref() == Some("ReleaseRepaired")
+    })
+    .await;
+    let note = event.note.unwrap_or_default();
+    assert!(
+        note.contains(&format!(
+            "Helm release {release} revision 2 was left pending-upgrade"
+        )) && note.contains(&format!("helm-install-{release}")),
+        "{note}"
+    );
+}
+
 #[tokio::test]
 async fn a_credentials_secret_made_by_someone_else_fails_the_service_with_a_reason_and_an_event() {
     let env = env().await;

@@ -141,6 +141,30 @@ impl tonic::service::Interceptor for Bearer {
 
 pub type Client = HubClient<InterceptedService<Channel, Bearer>>;
 
+/// Waits until the hub's object status has `key` (`Kind/namespace/name`) of `cluster` in
+/// `phase`, as the product's UI would see it.
+pub async fn wait_phase_at_hub(client: &Client, cluster: &str, key: &str, phase: &str) -> api::ObjectStatus {
+    super::eventually(
+        Duration::from_secs(45),
+        &format!("{key} {phase} at the hub"),
+        || {
+            let mut client = client.clone();
+            let cluster = cluster.to_string();
+            async move {
+                let objects = client
+                    .list_objects(api::ListObjectsRequest { cluster_id: cluster })
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .objects;
+                objects.into_iter().find(|o| o.key == key && o.phase == phase)
+            }
+        },
+    )
+    .await
+    .0
+}
+
 /// The agent enrolled with the install line the API printed for `token`.
 pub async fn agent_from_install_line(
     env: &Env,

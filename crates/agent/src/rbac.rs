@@ -111,7 +111,7 @@ pub const AGENT_CLUSTER_RULES: &[Rule] = &[
         resources: &["secrets"],
         verbs: READ_WRITE,
         resource_names: &[],
-        why: "copy the registry pull secret into project namespaces, write each build's push-token Secret and keep the token signing key (agent namespace), keep App deploy keys, read the clone credentials an App names, generate BackingService credentials and connection Secrets, create each App's (empty) config Secret and read its version, never its values; watched by label, metadata only (RBAC cannot narrow by label)",
+        why: "copy the registry pull secret into project namespaces, write each build's push-token Secret and keep the token signing key (agent namespace), keep App deploy keys, read the clone credentials an App names, generate BackingService credentials and connection Secrets, create each App's (empty) config Secret and read its version, never its values; delete a Helm release record an interrupted install left pending once the install Job failed on it (deploy::pending); watched by label, metadata only (RBAC cannot narrow by label)",
     },
     Rule {
         api_groups: &[""],
@@ -151,7 +151,7 @@ pub const AGENT_CLUSTER_RULES: &[Rule] = &[
         resources: &["jobs"],
         verbs: &["get", "list", "watch", "create", "delete"],
         resource_names: &[],
-        why: "build and resolve Jobs in project namespaces, deleted once their result is recorded; read the helm-controller's install Job of a BackingService",
+        why: "build and resolve Jobs in project namespaces, deleted once their result is recorded; read the helm-controller's install Jobs, and delete one that failed on a release record left pending so that it runs again",
     },
     Rule {
         api_groups: &[""],

@@ -35,7 +35,7 @@ use serde_json::json;
 pub use jobs::{BUILD_LABEL, BuildSettings, parse_build_report, parse_commit, release_job};
 
 use super::deploy::rollout::{Rollout, rollout};
-use super::deploy::{chart_name, chart_values, deployment_name, helmchart, processes, values};
+use super::deploy::{chart_name, chart_values, deployment_name, helmchart, pending, processes, values};
 use super::job_state::{self, JobState};
 use super::registry::{self, PushTarget, RegistryError};
 use super::{APP_LABEL, ConditionSet, Context, Error, FIELD_MANAGER, MANAGED_BY, MANAGED_BY_LABEL, Result};

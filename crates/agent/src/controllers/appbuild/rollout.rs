@@ -126,10 +126,9 @@ impl Pipeline<'_> {
             rollouts.push((name, rollout(deployment.as_ref(), &self.build.name_any(), &image)));
         }
         // Only a release made after the baseline belongs to this change.
-        let ours = self
-            .newest_release(&project, &release)
-            .await?
-            .filter(|(version, _)| *version > baseline);
+        let records = pending::revisions(&self.ctx.client, &project, &release).await?;
+        let newest = pending::newest(&records);
+        let ours = newest.clone().filter(|(version, _)| *version > baseline);
         let release_status = ours.as_ref().map(|(_, status)| status.clone());
         if let Some((_, Rollout::Failed(message))) =
             rollouts.iter().find(|(_, r)| matches!(r, Rollout::Failed(_)))
@@ -170,6 +169,14 @@ impl Pipeline<'_> {
                 return self.conclude(status).await;
             }
         }
+        let job = format!("helm-install-{release}");
+        if newest
+            .as_ref()
+            .is_some_and(|(_, state)| state.starts_with("pending-"))
+            && self.repair_pending(&records, &release, &job, baseline).await?
+        {
+            return Ok(Action::requeue(POLL));
+        }
         if release_status.as_deref() == Some("failed") {
             return self
                 .finish(
@@ -179,7 +186,6 @@ impl Pipeline<'_> {
                 )
                 .await;
         }
-        let job = format!("helm-install-{release}");
         let installer = match ours {
             None => {
                 Api::<Job>::namespaced(self.ctx.client.clone(), &self.ctx.config.agent_namespace)
@@ -403,6 +409,35 @@ impl Pipeline<'_> {
             .next()?;
         let terminated = job_state::terminated(&pod, jobs::RELEASE_CONTAINER)?;
         Some(job_state::exit_summary(&terminated))
+    }
+
+    /// The newest release record is pending: true when it was cleared, once the helm-controller's Job failed on it (see `deploy::pending`). A cleared
+    /// revision at or below the baseline was left by an earlier deploy: helm writes that version
+    /// again for this build's change, so the baseline goes below it.
+    async fn repair_pending(
+        &self,
+        records: &[kube::core::PartialObjectMeta<Secret>],
+        release: &str,
+        job: &str,
+        baseline: u32,
+    ) -> Result<bool> {
+        let agent_namespace = &self.ctx.config.agent_namespace;
+        let installer = Api::<Job>::namespaced(self.ctx.client.clone(), agent_namespace)
+            .get_opt(job)
+            .await?;
+        let Some(stuck) = pending::stuck(records, installer.as_ref()) else {
+            return Ok(false);
+        };
+        pending::clear(&self.ctx.client, &self.namespace(), &stuck, agent_namespace, job).await?;
+        let note = stuck.describe(release, &format!("{agent_namespace}/{job}"));
+        tracing::warn!(build = %self.build.name_any(), "{note}");
+        self.event(EventType::Warning, "ReleaseRepaired", note).await;
+        if stuck.version <= baseline {
+            let mut status = self.status();
+            status.release_baseline = Some(stuck.version - 1);
+            self.write(status).await?;
+        }
+        Ok(true)
     }
 
     pub(super) async fn newest_release(

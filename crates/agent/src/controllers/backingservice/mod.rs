@@ -34,7 +34,7 @@ use serde_json::json;
 pub use catalog::{Catalog, Entry};
 pub use desired::{GENERATION_ANNOTATION, SERVICE_LABEL, connection_secret_name};
 
-use super::deploy::{chart_object, helm_chart_resource, release_status, service_chart_name};
+use super::deploy::{chart_object, helm_chart_resource, pending, release_status, service_chart_name};
 use super::job_state::{self, JobState};
 use super::{
     ConditionSet, Context, Error, FIELD_MANAGER, MANAGED_BY, MANAGED_BY_LABEL, PROJECT_LABEL, Result,
@@ -53,6 +53,8 @@ const POLL: Duration = Duration::from_secs(5);
 const RECHECK: Duration = Duration::from_secs(60);
 /// How often a service whose credentials Secret is in the way is looked at again.
 const CONFLICT_RECHECK: Duration = Duration::from_secs(15);
+/// After a stuck release record was cleared: the helm-controller recreates its Job within seconds.
+const REPAIRED_RECHECK: Duration = Duration::from_secs(5);
 
 /// Runs the BackingService controller until `shutdown`.
 pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
@@ -368,6 +370,27 @@ async fn apply(service: &BackingService, ctx: &Context) -> Result<Action> {
     let release_state = release_status(&ctx.client, &namespace, &release).await?;
     let rollout = rolled_out(statefulset.as_ref(), &generation);
 
+    if release_state
+        .as_deref()
+        .is_some_and(|s| s.starts_with("pending-"))
+    {
+        let records = pending::revisions(&ctx.client, &namespace, &release).await?;
+        if let Some(stuck) = pending::stuck(&records, job.as_ref()) {
+            let agent_namespace = &ctx.config.agent_namespace;
+            pending::clear(&ctx.client, &namespace, &stuck, agent_namespace, &job_name).await?;
+            let note = stuck.describe(&release, &format!("{agent_namespace}/{job_name}"));
+            tracing::warn!(service = %service.name_any(), "{note}");
+            ctx.publish(
+                &service.object_ref(&()),
+                EventType::Warning,
+                "ReleaseRepaired",
+                "Provision",
+                note,
+            )
+            .await;
+            return Ok(Action::requeue(REPAIRED_RECHECK));
+        }
+    }
     let installed = release_state.as_deref() == Some("deployed") && !job_running;
     if let Some(why) = &job_failed
         && !(installed && rollout.is_ok())

@@ -273,22 +273,8 @@ pub async fn newest_release(
     namespace: &str,
     release: &str,
 ) -> Result<Option<(u32, String)>, kube::Error> {
-    use k8s_openapi::api::core::v1::Secret;
-    use kube::ResourceExt;
-    use kube::api::{Api, ListParams};
-    let secrets = Api::<Secret>::namespaced(client.clone(), namespace)
-        .list_metadata(&ListParams::default().labels(&format!("owner=helm,name={release}")))
-        .await?;
-    Ok(secrets
-        .items
-        .iter()
-        .filter_map(|s| {
-            Some((
-                s.labels().get("version")?.parse::<u32>().ok()?,
-                s.labels().get("status")?.clone(),
-            ))
-        })
-        .max_by_key(|(version, _)| *version))
+    let records = super::pending::revisions(client, namespace, release).await?;
+    Ok(super::pending::newest(&records))
 }
 
 #[cfg(test)]

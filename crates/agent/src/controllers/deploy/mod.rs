@@ -5,6 +5,7 @@
 //! container) and BackingService (a service's chart) use it; it imports no controller.
 
 pub(crate) mod helmchart;
+pub(crate) mod pending;
 pub(crate) mod rollout;
 pub(crate) mod values;
 
