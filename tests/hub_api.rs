@@ -453,26 +453,51 @@ async fn a_slow_watcher_is_cut_with_resource_exhausted_and_resumes_from_its_curs
         .await
         .unwrap()
         .into_inner();
-    // Enough events to pass what HTTP/2 buffers on both sides, written for longer than the
-    // hub waits for a watcher that reads nothing.
-    let total = 1500u64;
+    // Written until the hub has cut the watcher: how many events HTTP/2 buffers on both
+    // sides depends on their size and the server's send buffer, not on this test, so a fixed
+    // count can fit entirely in the buffers and never stall anyone (as it did on a faster CI).
+    const MOST: u64 = 100_000;
     let long = "x".repeat(50);
     let started = Instant::now();
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let written = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writers: Vec<_> = (0..8)
-        .map(|w| {
+        .map(|_| {
             let hub_client = hub.client();
             let (cluster, long) = (cluster.clone(), long.clone());
+            let (next, written, cut) = (next.clone(), written.clone(), cut.clone());
             async move {
+                use std::sync::atomic::Ordering::SeqCst;
                 let mut client = hub_client.await;
-                for i in (w..total).step_by(8) {
+                while !cut.load(SeqCst) {
+                    let i = next.fetch_add(1, SeqCst);
+                    if i >= MOST {
+                        break;
+                    }
                     apply(&mut client, &cluster, &project(&format!("{long}-{i}")), "")
                         .await
                         .unwrap();
+                    written.fetch_add(1, SeqCst);
                 }
             }
         })
         .collect();
-    futures::future::join_all(writers).await;
+    let watch_for_the_cut = async {
+        use std::sync::atomic::Ordering::SeqCst;
+        while !hub.log().contains("slow watcher cut") && next.load(SeqCst) < MOST {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // A few more after the cut: what the resumed watch must bring too.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        cut.store(true, SeqCst);
+    };
+    tokio::join!(futures::future::join_all(writers), watch_for_the_cut);
+    let total = written.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        hub.log().contains("slow watcher cut"),
+        "no cut after {total} events"
+    );
     eprintln!("{total} events recorded in {:?}", started.elapsed());
     let rss_after_writes = rss_kib(hub.child.id());
     // Now read: every event up to the cut, in order, then the status.
@@ -1225,6 +1250,66 @@ async fn running_pods(env: &Env, namespace: &str, selector: &str) -> Vec<k8s_ope
         .collect()
 }
 
+/// A connected agent of `hub` and the App `shop` (processes web and worker) built and
+/// deployed in a new Project `ns` (whose pods' logs the caller scripts first): the agent, its
+/// cluster, the running web pods and how long they took.
+async fn shop_with_running_web(
+    env: &Env,
+    hub: &HubProcess,
+    client: &mut Client,
+    ns: &str,
+) -> (
+    shapeblock_testenv::agent::AgentProcess,
+    String,
+    Vec<k8s_openapi::api::core::v1::Pod>,
+    Duration,
+) {
+    let (cluster, token) = cluster_with_token(client).await;
+    let agent = support::hub_process::agent_from_install_line_with(
+        env,
+        hub,
+        &token,
+        &["--registry=registry.example.com"],
+    )
+    .await;
+    let c = connected(client, &cluster).await;
+    assert!(c.capabilities.iter().any(|k| k == "app-logs"), "{c:?}");
+
+    apply(client, &cluster, &project(ns), "").await.unwrap();
+    let key = format!("Project//{ns}");
+    wait_phase_at_hub(client, &cluster, &key, "Ready").await;
+    for m in [
+        manifest(
+            "App",
+            ns,
+            "shop",
+            serde_json::json!({
+                "registry": {"url": "registry.example.com"},
+                "build": {"type": "image", "image": APP_IMAGE},
+                "processes": {
+                    "web": {"command": ["node", "server.js"], "port": 8080, "replicas": 1},
+                    "worker": {"command": ["node", "worker.js"], "replicas": 1},
+                },
+            }),
+        ),
+        manifest("AppBuild", ns, "shop-1", serde_json::json!({"appName": "shop"})),
+    ] {
+        let accepted = apply(client, &cluster, &m, "").await.unwrap();
+        let done = command_done(client, &cluster, accepted.command_id).await;
+        assert_eq!(done.state(), CommandState::Succeeded, "{done:?}");
+    }
+    let web_selector = "apps.shapeblock.io/app=shop,apps.shapeblock.io/process=web";
+    let (pods, took) = eventually(Duration::from_secs(180), "the App's web pod running", || {
+        let ns = ns.to_string();
+        async move {
+            let pods = running_pods(env, &ns, web_selector).await;
+            (!pods.is_empty()).then_some(pods)
+        }
+    })
+    .await;
+    (agent, cluster, pods, took)
+}
+
 #[tokio::test]
 async fn live_app_logs_follow_an_apps_pods_new_ones_included_scrubbed_and_stop_when_the_caller_goes() {
     use kube::ResourceExt;
@@ -1232,17 +1317,6 @@ async fn live_app_logs_follow_an_apps_pods_new_ones_included_scrubbed_and_stop_w
     let env = hub_env().await;
     let hub = HubProcess::start(&[]).await;
     let mut client = hub.client().await;
-    let (cluster, token) = cluster_with_token(&mut client).await;
-    let agent = support::hub_process::agent_from_install_line_with(
-        &env,
-        &hub,
-        &token,
-        &["--registry=registry.example.com"],
-    )
-    .await;
-    let c = connected(&mut client, &cluster).await;
-    assert!(c.capabilities.iter().any(|k| k == "app-logs"), "{c:?}");
-
     let ns = unique_name("live");
     let secret = "hunter2hunter2";
     logs().script(
@@ -1255,39 +1329,7 @@ async fn live_app_logs_follow_an_apps_pods_new_ones_included_scrubbed_and_stop_w
         ],
     );
     logs().script(&ns, "worker", &["worker up"]);
-    apply(&mut client, &cluster, &project(&ns), "").await.unwrap();
-    let key = format!("Project//{ns}");
-    wait_phase_at_hub(&client, &cluster, &key, "Ready").await;
-    for m in [
-        manifest(
-            "App",
-            &ns,
-            "shop",
-            serde_json::json!({
-                "registry": {"url": "registry.example.com"},
-                "build": {"type": "image", "image": APP_IMAGE},
-                "processes": {
-                    "web": {"command": ["node", "server.js"], "port": 8080, "replicas": 1},
-                    "worker": {"command": ["node", "worker.js"], "replicas": 1},
-                },
-            }),
-        ),
-        manifest("AppBuild", &ns, "shop-1", serde_json::json!({"appName": "shop"})),
-    ] {
-        let accepted = apply(&mut client, &cluster, &m, "").await.unwrap();
-        let done = command_done(&mut client, &cluster, accepted.command_id).await;
-        assert_eq!(done.state(), CommandState::Succeeded, "{done:?}");
-    }
-    let web_selector = "apps.shapeblock.io/app=shop,apps.shapeblock.io/process=web";
-    let (pods, took) = eventually(Duration::from_secs(180), "the App's web pod running", || {
-        let env = &env;
-        let ns = ns.clone();
-        async move {
-            let pods = running_pods(env, &ns, web_selector).await;
-            (!pods.is_empty()).then_some(pods)
-        }
-    })
-    .await;
+    let (agent, cluster, pods, took) = shop_with_running_web(&env, &hub, &mut client, &ns).await;
     eprintln!("web pod running {took:?} after the App was applied");
     let first = pods[0].name_any();
 
@@ -1550,6 +1592,63 @@ async fn live_app_logs_follow_an_apps_pods_new_ones_included_scrubbed_and_stop_w
     let _ = Api::<shapeblock_agent::api::Project>::all(env.client.clone())
         .delete(&ns, &Default::default())
         .await;
+}
+
+#[tokio::test]
+async fn the_agent_serves_at_most_its_own_number_of_live_log_follows_when_the_hub_allows_more() {
+    use shapeblock_agent::bridge::app_logs::MAX_FOLLOWS;
+    let env = hub_env().await;
+    let allowed = (MAX_FOLLOWS + 2).to_string();
+    let hub = HubProcess::start(&["--app-log-followers", &allowed]).await;
+    let mut client = hub.client().await;
+    let ns = unique_name("cap");
+    shapeblock_testenv::logs().script(&ns, "web", &["web up"]);
+    let (_agent, cluster, _pods, _) = shop_with_running_web(&env, &hub, &mut client, &ns).await;
+    let follow = |client: &Client| {
+        let mut client = client.clone();
+        let request = api::FollowAppLogsRequest {
+            tail_lines: Some(1),
+            ..follow_request(&cluster, &ns, "shop", "web")
+        };
+        async move { client.follow_app_logs(request).await.unwrap().into_inner() }
+    };
+    // As many as the agent serves: each gets the web pod's last line.
+    let mut served = Vec::new();
+    for _ in 0..MAX_FOLLOWS {
+        let mut stream = follow(&client).await;
+        let mut got = Vec::new();
+        read_until(
+            &mut stream,
+            &mut got,
+            |got| !got.is_empty(),
+            "a line of the web pod",
+        )
+        .await;
+        served.push(stream);
+    }
+    // One more: the hub lets it through, the agent refuses it, and its reason reaches the caller.
+    let mut refused = follow(&client).await;
+    let status = tokio::time::timeout(TIMEOUT, refused.message())
+        .await
+        .expect("the agent answered")
+        .expect_err("the agent refused the follow");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains(&format!(
+            "this agent serves at most {MAX_FOLLOWS} live log follows at once"
+        )),
+        "{status:?}"
+    );
+    // One of them goes: the agent serves a new one.
+    drop(served.pop());
+    eventually(TIMEOUT, "a follow served again", || async {
+        let mut stream = follow(&client).await;
+        match tokio::time::timeout(Duration::from_secs(10), stream.message()).await {
+            Ok(Ok(Some(_))) => Some(()),
+            _ => None,
+        }
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -77,7 +77,11 @@ impl HubProcess {
         let deadline = Instant::now() + Duration::from_secs(30);
         for p in [port, api_port] {
             while tokio::net::TcpStream::connect(("127.0.0.1", p)).await.is_err() {
-                assert!(Instant::now() < deadline, "the hub process did not listen");
+                assert!(
+                    Instant::now() < deadline,
+                    "the hub process did not listen: {}",
+                    std::fs::read_to_string(dir.path().join("hub.log")).unwrap_or_default()
+                );
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }

@@ -30,6 +30,8 @@ pub mod v1 {
 }
 
 pub(crate) mod app_logs;
+
+pub use app_logs::MAX_PER_CLUSTER as DEFAULT_APP_LOG_FOLLOWERS;
 mod client;
 pub use client::{BearerKey, Client, ConnectError, connect};
 

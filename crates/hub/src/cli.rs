@@ -64,6 +64,9 @@ enum Command {
         watch_buffer: usize,
         #[arg(long, default_value_t = hub::api::DEFAULT_WATCH_STALL.as_millis() as u64)]
         watch_stall_ms: u64,
+        /// Live App log callers served at once for one cluster; more are RESOURCE_EXHAUSTED.
+        #[arg(long, default_value_t = hub::api::DEFAULT_APP_LOG_FOLLOWERS)]
+        app_log_followers: usize,
     },
     /// API keys for the hub's API.
     ApiKey {
@@ -335,6 +338,7 @@ impl Cli {
                 api_addr,
                 watch_buffer,
                 watch_stall_ms,
+                app_log_followers,
             } => {
                 init_tracing("info");
                 let _ = rustls::crypto::ring::default_provider().install_default();
@@ -348,6 +352,7 @@ impl Cli {
                         api_listen: api_addr,
                         watch_buffer,
                         watch_stall: Duration::from_millis(watch_stall_ms),
+                        app_log_followers,
                         ..HubConfig::new(data)
                     };
                     let hub = hub::Hub::start(config).await?;

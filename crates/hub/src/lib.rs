@@ -57,6 +57,9 @@ pub struct HubConfig {
     pub watch_buffer: usize,
     /// ... and how long they may stay unread before the watcher is cut as too slow.
     pub watch_stall: Duration,
+    /// Live App log callers the hub serves at once for one cluster (the agent has its own
+    /// bound, which this may exceed: then the agent's refusal reaches the caller).
+    pub app_log_followers: usize,
 }
 
 impl HubConfig {
@@ -71,6 +74,7 @@ impl HubConfig {
             api_listen: None,
             watch_buffer: api::DEFAULT_WATCH_BUFFER,
             watch_stall: api::DEFAULT_WATCH_STALL,
+            app_log_followers: api::DEFAULT_APP_LOG_FOLLOWERS,
         }
     }
 }

@@ -20,7 +20,8 @@ use crate::Inner;
 /// Messages the hub holds for a caller (each at most the agent's 32 KiB read); beyond them,
 /// chunks are dropped, and a caller that leaves them unread for the watch stall is cut.
 pub const BUFFER: usize = 64;
-/// Live followers of one cluster at once (the agent has its own limit too).
+/// Live followers of one cluster at once by default (`--app-log-followers`; the agent has its
+/// own limit too).
 pub const MAX_PER_CLUSTER: usize = 8;
 /// Starts and stops waiting for a session's outbound queue.
 pub(crate) const CONTROL_QUEUE: usize = 64;
@@ -291,7 +292,7 @@ pub(crate) fn start(
     {
         let mut followers = registry.followers();
         let here = followers.keys().filter(|(c, _)| c == cluster).count();
-        if here >= MAX_PER_CLUSTER {
+        if here >= inner.config.app_log_followers {
             return Err(Status::resource_exhausted(format!(
                 "cluster {cluster} has {here} live log followers, the most the hub serves for one: follow again later"
             )));
