@@ -718,3 +718,99 @@ async fn a_new_session_fences_the_old_one_even_mid_write(place: Place) {
         assert_eq!(store.events(&cluster).await.unwrap().len() as u64, last);
     }
 }
+
+/// Set in the child process of the test below.
+const CHILD_VAR: &str = "SHAPEBLOCK_TEST_POSTGRES_CHILD";
+
+/// Whether a process runs (exists and is not a zombie).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| Some(stat.rsplit_once(')')?.1.split_whitespace().next()? != "Z"))
+        .unwrap_or(false)
+}
+
+/// The children of `parent` (Postgres' children each make their own session, so they are not
+/// in the server's process group).
+fn children_of(parent: u32) -> Vec<u32> {
+    let mut members = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // After the command (in parentheses, may hold spaces): state, ppid.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest)
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        if fields.get(1) == Some(&parent.to_string().as_str()) {
+            members.push(pid);
+        }
+    }
+    members
+}
+
+/// The harness's promise: a test process that is killed (SIGKILL, nothing runs after it)
+/// leaves no Postgres behind, neither the server nor what it forked.
+#[test]
+fn a_postgres_started_by_a_killed_process_does_not_outlive_it() {
+    use std::io::{BufRead, Write as _};
+    const NAME: &str = "a_postgres_started_by_a_killed_process_does_not_outlive_it";
+    if std::env::var_os(CHILD_VAR).is_some() {
+        let postgres = Postgres::start().unwrap();
+        println!("postgres-pid {} {}", postgres.pid(), postgres.port());
+        std::io::stdout().flush().unwrap();
+        std::thread::sleep(Duration::from_secs(300));
+        return;
+    }
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+        .env(CHILD_VAR, "1")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let (pid, port) = stdout
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|line| {
+            // On the line libtest began with the test's name.
+            let (_, said) = line.split_once("postgres-pid ")?;
+            let mut words = said.split(' ');
+            Some((
+                words.next()?.parse::<u32>().ok()?,
+                words.next()?.parse::<u16>().ok()?,
+            ))
+        })
+        .expect("the child started a Postgres");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+        "the server listens"
+    );
+    let mut processes = children_of(pid);
+    assert!(
+        !processes.is_empty(),
+        "the server's helpers (checkpointer, writers, …)"
+    );
+    processes.push(pid);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while processes.iter().any(|p| running(*p)) {
+        let left: Vec<u32> = processes.iter().copied().filter(|p| running(*p)).collect();
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running 20 s after their test process was killed: {left:?} of {processes:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "nothing listens on its port"
+    );
+}

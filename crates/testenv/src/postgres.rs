@@ -1,8 +1,9 @@
 //! A real Postgres for tests, from Debian's `postgresql` package, started the way etcd is: its
 //! own data directory on tmpfs, a free loopback port, its unix socket inside the data
 //! directory (never `/var/run/postgresql`), and a child that dies with the thread that
-//! started it (process group and parent-death signal, see [`ManagedProcess`]); its backends
-//! notice the postmaster's death and exit. `initdb` refuses root, so as root both run as the
+//! started it (parent-death signal, see [`ManagedProcess`]); what the server forks makes its
+//! own session (so a signal to the server's group does not reach it) but exits as soon as it
+//! notices the server's death. `initdb` refuses root, so as root both run as the
 //! `postgres` OS user, which then owns the directory.
 //!
 //! Tests share one server per test process ([`Postgres::shared`]) and take a database each
@@ -190,8 +191,23 @@ impl Postgres {
     /// and data; waits until it accepts connections. What clients see: their connections
     /// break, new ones are refused until it is back.
     pub fn restart(&mut self) -> Result<()> {
+        self.shut_down_fast();
         self.server.restart(Duration::from_secs(10))?;
         self.wait_ready()
+    }
+
+    /// SIGINT, Postgres' fast shutdown: clients are disconnected rather than waited for (the
+    /// SIGTERM of [`ManagedProcess::stop`] is its smart shutdown, which waits for them).
+    fn shut_down_fast(&mut self) {
+        if self.server.exited().is_some() {
+            return;
+        }
+        // SAFETY: plain kill(2) on our child.
+        unsafe { libc::kill(self.server.pid() as libc::pid_t, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.server.exited().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn wait_ready(&mut self) -> Result<()> {
@@ -236,6 +252,7 @@ impl Postgres {
 
 impl Drop for Postgres {
     fn drop(&mut self) {
+        self.shut_down_fast();
         self.server.stop(Duration::from_secs(5));
         if !self.work_dir.as_os_str().is_empty() {
             let _ = std::fs::remove_dir_all(&self.work_dir);
