@@ -814,3 +814,43 @@ fn a_postgres_started_by_a_killed_process_does_not_outlive_it() {
         "nothing listens on its port"
     );
 }
+
+/// Postgres only: the migrations are recorded, a second start applies none, and a schema made
+/// by a newer hub is refused rather than used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_schema_is_versioned_and_one_newer_than_the_hub_is_refused() {
+    let (server, url) = tokio::task::spawn_blocking(|| {
+        let server = Postgres::shared().unwrap();
+        (server, server.database("hub_store").unwrap())
+    })
+    .await
+    .unwrap();
+    let location = Location::Postgres {
+        url: url.clone(),
+        pool_size: 2,
+    };
+    let id = Store::open(&location).await.unwrap().id().await.unwrap();
+    let versions = |server: &shapeblock_testenv::postgres::SharedPostgres| {
+        server
+            .psql(&url, "SELECT version FROM schema_migrations ORDER BY version")
+            .unwrap()
+    };
+    assert_eq!(versions(server), "1");
+    assert_eq!(Store::open(&location).await.unwrap().id().await.unwrap(), id);
+    assert_eq!(versions(server), "1", "nothing applied twice");
+    server
+        .psql(
+            &url,
+            "INSERT INTO schema_migrations (version, applied_at) VALUES (99, 0)",
+        )
+        .unwrap();
+    let refused = Store::open(&location)
+        .await
+        .err()
+        .expect("a newer schema is refused");
+    assert!(
+        refused.to_string().contains("version 99, made by a newer hub"),
+        "{refused}"
+    );
+    assert!(matches!(refused, StoreError::Config(_)));
+}

@@ -143,7 +143,15 @@ async fn enrollment_errors_are_distinct_and_a_retry_with_the_same_key_is_idempot
     assert_eq!(ok.cluster_id, "gamma");
 
     // Only token hashes are stored.
-    let db = std::fs::read(dir.path().join("hub.sqlite")).unwrap();
+    let db = match support::hub::database_for_tests(dir.path()) {
+        Some(url) => shapeblock_testenv::postgres::Postgres::shared()
+            .unwrap()
+            .psql(&url, "SELECT * FROM tokens")
+            .unwrap()
+            .into_bytes(),
+        None => std::fs::read(dir.path().join("hub.sqlite")).unwrap(),
+    };
+    assert!(!db.is_empty(), "the store was read");
     let needle = fresh.as_bytes();
     assert!(
         !db.windows(needle.len()).any(|w| w == needle),

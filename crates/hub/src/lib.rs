@@ -387,6 +387,9 @@ impl EncodeBody for Down {
 impl Hub {
     /// Loads or creates the CA and store in `config.data_dir` and starts serving.
     pub async fn start(config: HubConfig) -> Result<Self, HubError> {
+        // The CA lives here whichever store the hub has.
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| HubError::Invalid(format!("cannot create {}: {e}", config.data_dir.display())))?;
         let location = store_location(
             &config.data_dir,
             config.database_url.as_deref(),

@@ -50,6 +50,37 @@ impl SharedPostgres {
     pub fn admin_url(&self) -> String {
         url(self.port, "postgres")
     }
+
+    /// Runs `sql` with `psql` on the database at `url`; what it printed (unaligned, tuples
+    /// only: one row a line, `|` between columns).
+    pub fn psql(&self, url: &str, sql: &str) -> Result<String> {
+        psql(&self.bin_dir, url, sql)
+    }
+}
+
+fn psql(bin_dir: &Path, url: &str, sql: &str) -> Result<String> {
+    let output = Command::new(bin_dir.join("psql"))
+        .args([
+            "-X",
+            "-q",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            url,
+            "-c",
+            sql,
+        ])
+        .output()
+        .map_err(|e| Error::io("run psql", e))?;
+    if !output.status.success() {
+        return Err(Error::Postgres(format!(
+            "psql: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
 }
 
 impl Postgres {
@@ -173,6 +204,11 @@ impl Postgres {
     /// A new empty database; its URL.
     pub fn database(&self, prefix: &str) -> Result<String> {
         create_database(&self.bin_dir, self.port, prefix)
+    }
+
+    /// [`SharedPostgres::psql`].
+    pub fn psql(&self, url: &str, sql: &str) -> Result<String> {
+        psql(&self.bin_dir, url, sql)
     }
 
     pub fn port(&self) -> u16 {

@@ -670,27 +670,23 @@ impl Postgres {
     pub(super) async fn record(&self, cluster: &str, epoch: u64, seq: u64, writes: &[Write]) -> Result<bool> {
         let mut client = self.client().await?;
         let mut tx = Tx::new(client.transaction().await?);
-        // FOR UPDATE: a new session's epoch bump waits for this transaction, or this one
-        // sees the bumped epoch; so a fenced session never records after the new one began.
-        let row = tx
+        // First, in one statement: the message's seq is taken if its session is current and
+        // the seq is new. The row stays locked until the commit, so a new session's epoch bump
+        // waits for this transaction (or this one finds the bumped epoch and changes
+        // nothing): a fenced session never records after the new one began.
+        let taken = tx
             .opt(
-                "SELECT epoch, last_agent_seq FROM clusters WHERE id = $1 FOR UPDATE",
-                &[&cluster],
+                "UPDATE clusters SET last_agent_seq = $3, last_seen = $4
+                 WHERE id = $1 AND epoch = $2 AND last_agent_seq < $3 RETURNING 1",
+                &[&cluster, &big(epoch), &big(seq), &now_unix()],
             )
-            .await?
-            .ok_or_else(|| StoreError::Invalid(format!("no cluster {cluster:?} in the store")))?;
-        let (current, last) = (unbig(row.get(0)), unbig(row.get(1)));
-        if current != epoch || seq <= last {
+            .await?;
+        if taken.is_none() {
             return Ok(false);
         }
         for write in writes {
             tx.apply(cluster, epoch, seq, write).await?;
         }
-        tx.exec(
-            "UPDATE clusters SET last_agent_seq = $2, last_seen = $3 WHERE id = $1",
-            &[&cluster, &big(seq), &now_unix()],
-        )
-        .await?;
         tx.commit().await?;
         Ok(true)
     }
