@@ -106,7 +106,7 @@ async fn apply_latency() {
     config.api_listen = Some(([127, 0, 0, 1], 0).into());
     let hub = Hub::start(config).await.unwrap();
     let cluster = "bench";
-    let token = hub.create_token(cluster, Duration::from_secs(600)).unwrap();
+    let token = hub.create_token(cluster, Duration::from_secs(600)).await.unwrap();
     let agent = agent::AgentProcess::start_installed(
         Path::new(env!("CARGO_BIN_EXE_shapeblock-agent")),
         &client,
@@ -124,7 +124,9 @@ async fn apply_latency() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let (_, key) = shapeblock_hub::api::create_api_key(hub.store(), "bench").unwrap();
+    let (_, key) = shapeblock_hub::api::create_api_key(hub.store(), "bench")
+        .await
+        .unwrap();
     let ca = std::fs::read_to_string(data.path().join("ca.pem")).unwrap();
     let address = format!("https://{}", hub.api_address().unwrap());
     let mut api_client = shapeblock_hub::api::connect(&address, &key, &ca).await.unwrap();
@@ -180,7 +182,7 @@ async fn apply_latency() {
         let name = format!("queue-{i}");
         let manifest = serde_json::to_string(&project_json(&name)).unwrap();
         let started = Instant::now();
-        hub.apply(cluster, &manifest).unwrap();
+        hub.apply(cluster, &manifest).await.unwrap();
         queue.push(until_seen(name, started).await);
 
         let name = format!("api-{i}");
@@ -363,7 +365,7 @@ async fn app_logs_throughput() {
     config.api_listen = Some(([127, 0, 0, 1], 0).into());
     let hub = Hub::start(config).await.unwrap();
     let cluster = "bench";
-    let token = hub.create_token(cluster, Duration::from_secs(600)).unwrap();
+    let token = hub.create_token(cluster, Duration::from_secs(600)).await.unwrap();
     let kubeconfig =
         agent::install_agent_identity(&client, plane.kubeconfig(), "shapeblock", plane.work_dir())
             .await
@@ -398,6 +400,7 @@ async fn app_logs_throughput() {
     }
     let ns = "livelogs";
     hub.apply(cluster, &serde_json::to_string(&project_json(ns)).unwrap())
+        .await
         .unwrap();
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let started = Instant::now();
@@ -438,7 +441,9 @@ async fn app_logs_throughput() {
         assert!(started.elapsed() < Duration::from_secs(60), "the pod did not run");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (_, key) = shapeblock_hub::api::create_api_key(hub.store(), "bench").unwrap();
+    let (_, key) = shapeblock_hub::api::create_api_key(hub.store(), "bench")
+        .await
+        .unwrap();
     let ca = std::fs::read_to_string(data.path().join("ca.pem")).unwrap();
     let address = format!("https://{}", hub.api_address().unwrap());
     let mut api_client = shapeblock_hub::api::connect(&address, &key, &ca).await.unwrap();

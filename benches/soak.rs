@@ -143,7 +143,11 @@ fn run_manifest(namespace: &str, name: &str) -> String {
 /// Queues `manifest` at the hub (retrying while a restart has it down).
 async fn apply(hub: &SharedHub, manifest: &str) -> u64 {
     loop {
-        if let Some(Ok(seq)) = hub.read().await.as_ref().map(|h| h.apply(CLUSTER, manifest)) {
+        let queued = match hub.read().await.as_ref() {
+            Some(h) => Some(h.apply(CLUSTER, manifest).await),
+            None => None,
+        };
+        if let Some(Ok(seq)) = queued {
             return seq;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -153,7 +157,7 @@ async fn apply(hub: &SharedHub, manifest: &str) -> u64 {
 /// The hub's phase of `key`, if it has one.
 async fn hub_phase(hub: &SharedHub, key: &str) -> Option<String> {
     let hub = hub.read().await;
-    let objects = hub.as_ref()?.store().objects(CLUSTER).ok()?;
+    let objects = hub.as_ref()?.store().objects(CLUSTER).await.ok()?;
     objects.into_iter().find(|o| o.key == key).map(|o| o.phase)
 }
 
@@ -229,12 +233,12 @@ impl Probe {
             let guard = hub.read().await;
             if let Some(h) = guard.as_ref() {
                 let store = h.store();
-                for o in store.objects(CLUSTER).unwrap_or_default() {
+                for o in store.objects(CLUSTER).await.unwrap_or_default() {
                     if o.key.contains(namespace) {
                         println!("object {} {} {:?} {:?}", o.key, o.phase, o.reason, o.message);
                     }
                 }
-                for (seq, kind, object, detail) in store.events(CLUSTER).unwrap_or_default() {
+                for (seq, kind, object, detail) in store.events(CLUSTER).await.unwrap_or_default() {
                     if object.contains(name) && object.contains(namespace) || detail.contains(key) {
                         println!(
                             "event {seq} {kind} {object} {}",
@@ -242,7 +246,7 @@ impl Probe {
                         );
                     }
                 }
-                for c in store.commands(CLUSTER).unwrap_or_default() {
+                for c in store.commands(CLUSTER).await.unwrap_or_default() {
                     if !c.done {
                         println!("unanswered command {}", c.seq);
                     }
@@ -347,7 +351,10 @@ async fn run() {
         listen: first.address(),
         ..config
     };
-    let token = first.create_token(CLUSTER, Duration::from_secs(3600)).unwrap();
+    let token = first
+        .create_token(CLUSTER, Duration::from_secs(3600))
+        .await
+        .unwrap();
     let mut args = agent::hub_flags(&first.url(), &token, &first.ca_hash(), "info");
     args.push("--registry=registry.example.com".into());
     let hub: SharedHub = Arc::new(tokio::sync::RwLock::new(Some(first)));
@@ -527,14 +534,14 @@ async fn run() {
     // Counts.
     let hub_guard = hub.read().await;
     let store = hub_guard.as_ref().unwrap().store();
-    let commands = store.commands(CLUSTER).unwrap();
+    let commands = store.commands(CLUSTER).await.unwrap();
     let unanswered: Vec<u64> = commands.iter().filter(|c| !c.done).map(|c| c.seq).collect();
     let failed: Vec<(u64, Option<String>)> = commands
         .iter()
         .filter(|c| c.done && c.ok != Some(true))
         .map(|c| (c.seq, c.message.clone()))
         .collect();
-    let events = store.events(CLUSTER).unwrap();
+    let events = store.events(CLUSTER).await.unwrap();
     let mut recorded: BTreeMap<String, usize> = BTreeMap::new();
     let finals = ["Completed", "Failed", "Cancelled", "Succeeded"];
     for (_, kind, object, detail) in &events {
@@ -560,6 +567,7 @@ async fn run() {
     for key in build_keys.iter().chain(&run_keys) {
         let phase = store
             .objects(CLUSTER)
+            .await
             .unwrap()
             .into_iter()
             .find(|o| &o.key == key)
@@ -583,7 +591,7 @@ async fn run() {
     let mut log_bytes = 0usize;
     let mut logs_off = Vec::new();
     for (stream, expected) in &expected_logs {
-        let (bytes, truncated, eof) = store.log(CLUSTER, stream).unwrap();
+        let (bytes, truncated, eof) = store.log(CLUSTER, stream).await.unwrap();
         log_bytes += bytes.len();
         if bytes.len() != *expected || truncated || !eof {
             logs_off.push(format!(
@@ -598,11 +606,10 @@ async fn run() {
     let deleting = Instant::now();
     for name in names.iter().chain(["soak-log".to_string()].iter()) {
         loop {
-            let queued = hub
-                .read()
-                .await
-                .as_ref()
-                .map(|h| h.delete(CLUSTER, ObjectRef::new("Project", "", name)));
+            let queued = match hub.read().await.as_ref() {
+                Some(h) => Some(h.delete(CLUSTER, ObjectRef::new("Project", "", name)).await),
+                None => None,
+            };
             if let Some(Ok(_)) = queued {
                 break;
             }

@@ -79,7 +79,7 @@ async fn run() {
     config.heartbeat = Duration::from_secs(2);
     let mut hub = Hub::start(config.clone()).await.unwrap();
     let cluster = "bench";
-    let token = hub.create_token(cluster, Duration::from_secs(600)).unwrap();
+    let token = hub.create_token(cluster, Duration::from_secs(600)).await.unwrap();
     let agent = agent::AgentProcess::start_installed(
         Path::new(env!("CARGO_BIN_EXE_shapeblock-agent")),
         &client,
@@ -166,7 +166,7 @@ async fn command_latency(client: &Client, hub: &Hub, cluster: &str) {
         let name = format!("cmd-{i}");
         let manifest = serde_json::to_string(&project_json(&name)).unwrap();
         let started = Instant::now();
-        hub.apply(cluster, &manifest).unwrap();
+        hub.apply(cluster, &manifest).await.unwrap();
         wait(Duration::from_secs(30), || {
             seen.lock().unwrap().contains_key(&name)
         })
@@ -234,6 +234,7 @@ async fn log_relay(client: &Client, hub: &Hub, cluster: &str, agent: &agent::Age
 
     let ns = "logbench";
     hub.apply(cluster, &serde_json::to_string(&project_json(ns)).unwrap())
+        .await
         .unwrap();
     let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -273,23 +274,23 @@ async fn log_relay(client: &Client, hub: &Hub, cluster: &str, agent: &agent::Age
         "spec": {"registry": {"url": "registry.example.com"}, "build": {"type": "dockerfile"}, "git": {"url": "https://github.com/example/big.git"}}});
     let build = serde_json::json!({"apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "AppBuild",
         "metadata": {"name": "big-1", "namespace": ns}, "spec": {"appName": "big"}});
-    hub.apply(cluster, &app.to_string()).unwrap();
-    hub.apply(cluster, &build.to_string()).unwrap();
+    hub.apply(cluster, &app.to_string()).await.unwrap();
+    hub.apply(cluster, &build.to_string()).await.unwrap();
     let stream = format!("{ns}/big-1/build");
-    let end = || hub.store().log_end(cluster, &stream).unwrap();
+    let end = async || hub.store().log_end(cluster, &stream).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(3600);
-    while end().0 == 0 {
+    while end().await.0 == 0 {
         assert!(Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let started = Instant::now();
-    let first = end().0;
-    while !end().1 {
+    let first = end().await.0;
+    while !end().await.1 {
         assert!(Instant::now() < deadline, "the log did not end");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let elapsed = started.elapsed();
-    let (bytes, _) = end();
+    let (bytes, _) = end().await;
     assert_eq!(bytes as usize, total / LINE * LINE, "every byte at the hub");
     let rate = (bytes - first) as f64 / elapsed.as_secs_f64() / 1e6;
     println!(
@@ -403,9 +404,14 @@ async fn many_agents() {
     let idle = rss_kib(hub.id()).0;
 
     // Enrollment is not what is measured: done first, a few at a time.
-    let tokens: Vec<String> = (0..n)
-        .map(|i| shapeblock_hub::create_token(&store, &format!("a{i}"), Duration::from_secs(600)).unwrap())
-        .collect();
+    let mut tokens: Vec<String> = Vec::new();
+    for i in 0..n {
+        tokens.push(
+            shapeblock_hub::create_token(&store, &format!("a{i}"), Duration::from_secs(600))
+                .await
+                .unwrap(),
+        );
+    }
     let started = Instant::now();
     let identities: Vec<_> = futures::stream::iter(tokens)
         .map(|token| {
@@ -463,7 +469,13 @@ async fn many_agents() {
     let connect_time = started.elapsed() - enrolled;
     // Let heartbeats flow for a while: the figure is the steady state, not the rush.
     tokio::time::sleep(Duration::from_secs(15)).await;
-    let live = store.clusters().unwrap().iter().filter(|c| c.connected).count();
+    let live = store
+        .clusters()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|c| c.connected)
+        .count();
     let (rss, hwm) = rss_kib(hub.id());
     println!(
         "hub with {n} connected agents ({live} marked connected in its store): RSS {:.1} MiB, peak {:.1} MiB; idle {:.1} MiB ({:.1} KiB per agent); enrolling took {:.1}s, connecting {:.1}s",

@@ -38,7 +38,10 @@ impl Env {
         let data = tempfile::tempdir().unwrap();
         let hub = support::hub::start(data.path()).await;
         let cluster = unique_name("c");
-        let token = hub.create_token(&cluster, Duration::from_secs(300)).unwrap();
+        let token = hub
+            .create_token(&cluster, Duration::from_secs(300))
+            .await
+            .unwrap();
         let log = self.dir.join(format!("{}.log", unique_name("commands-agent")));
         let args = [
             "--log=shapeblock_agent=debug,info".to_string(),
@@ -77,7 +80,7 @@ impl Connected {
             body: Some(body),
         }
         .encode_to_vec();
-        let seq = self.hub.queue(&self.cluster, bytes).unwrap();
+        let seq = self.hub.queue(&self.cluster, bytes).await.unwrap();
         self.result(seq).await
     }
 
@@ -91,11 +94,11 @@ impl Connected {
 
     /// Applies a Project through the hub and waits until the hub has it Ready.
     async fn project(&self, name: &str) {
-        let seq = self.hub.apply(&self.cluster, &project(name)).unwrap();
+        let seq = self.hub.apply(&self.cluster, &project(name)).await.unwrap();
         let (ok, message) = self.result(seq).await;
         assert!(ok, "{message}");
         eventually(TIMEOUT, "the Project Ready at the hub", || async {
-            support::hub::project_ready(&self.hub, &self.cluster, name)
+            support::hub::project_ready(&self.hub, &self.cluster, name).await
         })
         .await;
     }
@@ -104,7 +107,7 @@ impl Connected {
     /// (success, stdout, stderr). Awaited, not waited for: the hub answers on this runtime.
     async fn cli(&self, args: &[&str]) -> (bool, String, String) {
         let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_shapeblock-hub"))
-            .args(support::hub::api_args(&self.hub, self.data.path()))
+            .args(support::hub::api_args(&self.hub, self.data.path()).await)
             .args(args)
             .output()
             .await
@@ -176,14 +179,14 @@ async fn names_kubernetes_refuses_change_nothing_and_the_stream_keeps_working() 
     let p = unique_name("names");
     c.project(&p).await;
     for name in ["web", "x"] {
-        let seq = c.hub.apply(&c.cluster, &app(&p, name)).unwrap();
+        let seq = c.hub.apply(&c.cluster, &app(&p, name)).await.unwrap();
         let (ok, message) = c.result(seq).await;
         assert!(ok, "{message}");
     }
 
     // The hub refuses to queue it.
     let hostile = object("App", &format!("{p}/apps/x?"), "web");
-    let refused = c.hub.delete(&c.cluster, hostile.clone()).unwrap_err();
+    let refused = c.hub.delete(&c.cluster, hostile.clone()).await.unwrap_err();
     assert!(
         refused.to_string().contains("is not a namespace name"),
         "{refused}"
@@ -271,7 +274,7 @@ async fn names_kubernetes_refuses_change_nothing_and_the_stream_keeps_working() 
     assert!(app_alive(&env.client, &p, "web").await && app_alive(&env.client, &p, "x").await);
 
     // The stream kept working: a valid delete deletes exactly its App.
-    let seq = c.hub.delete(&c.cluster, object("App", &p, "x")).unwrap();
+    let seq = c.hub.delete(&c.cluster, object("App", &p, "x")).await.unwrap();
     let (ok, message) = c.result(seq).await;
     assert!(ok, "{message}");
     eventually(TIMEOUT, "App x deleted", || app_going(&env.client, &p, "x")).await;
@@ -332,7 +335,7 @@ async fn commands_reach_only_namespaces_the_agent_made_for_a_project() {
         ),
         (missing.as_str(), format!("namespace {missing} does not exist")),
     ] {
-        let seq = c.hub.apply(&c.cluster, &app(namespace, "web")).unwrap();
+        let seq = c.hub.apply(&c.cluster, &app(namespace, "web")).await.unwrap();
         let (ok, message) = c.result(seq).await;
         assert!(!ok && message.contains(&said), "{namespace}: {message}");
         let seq = c
@@ -346,16 +349,21 @@ async fn commands_reach_only_namespaces_the_agent_made_for_a_project() {
                     unset: vec![],
                 },
             )
+            .await
             .unwrap();
         let (ok, message) = c.result(seq).await;
         assert!(
             !ok && message.contains(&said),
             "set-config in {namespace}: {message}"
         );
-        let seq = c.hub.cancel(&c.cluster, namespace, "web-1").unwrap();
+        let seq = c.hub.cancel(&c.cluster, namespace, "web-1").await.unwrap();
         let (ok, message) = c.result(seq).await;
         assert!(!ok && message.contains(&said), "cancel in {namespace}: {message}");
-        let seq = c.hub.delete(&c.cluster, object("App", namespace, "web")).unwrap();
+        let seq = c
+            .hub
+            .delete(&c.cluster, object("App", namespace, "web"))
+            .await
+            .unwrap();
         let (ok, message) = c.result(seq).await;
         assert!(!ok && message.contains(&said), "delete in {namespace}: {message}");
         if namespace != missing {
@@ -384,6 +392,7 @@ async fn commands_reach_only_namespaces_the_agent_made_for_a_project() {
     let seq = c
         .hub
         .sync(&c.cluster, &[app("kube-system", "web"), app(&p, "web")], None)
+        .await
         .unwrap();
     let (ok, message) = c.result(seq).await;
     assert!(!ok, "{message}");
@@ -411,8 +420,8 @@ async fn an_app_sent_right_after_its_project_waits_for_the_namespace() {
     let env = env().await;
     let c = env.connected().await;
     let p = unique_name("eager");
-    let project_seq = c.hub.apply(&c.cluster, &project(&p)).unwrap();
-    let app_seq = c.hub.apply(&c.cluster, &app(&p, "web")).unwrap();
+    let project_seq = c.hub.apply(&c.cluster, &project(&p)).await.unwrap();
+    let app_seq = c.hub.apply(&c.cluster, &app(&p, "web")).await.unwrap();
     let (ok, message) = c.result(project_seq).await;
     assert!(ok, "{message}");
     let (ok, message) = c.result(app_seq).await;
@@ -438,10 +447,10 @@ async fn prune_is_scoped_bounded_and_reports_what_it_removed() {
     }
     let a_apps = ["a1", "a2", "a3"];
     for name in a_apps {
-        let seq = c.hub.apply(&c.cluster, &app(&a, name)).unwrap();
+        let seq = c.hub.apply(&c.cluster, &app(&a, name)).await.unwrap();
         assert!(c.result(seq).await.0);
     }
-    let seq = c.hub.apply(&c.cluster, &app(&b, "b1")).unwrap();
+    let seq = c.hub.apply(&c.cluster, &app(&b, "b1")).await.unwrap();
     assert!(c.result(seq).await.0);
     let projects: Api<Project> = Api::all(env.client.clone());
     let all_there = || async {
@@ -465,14 +474,14 @@ async fn prune_is_scoped_bounded_and_reports_what_it_removed() {
         .await;
     assert!(!ok && message.contains("names no prune scope"), "{message}");
     // The hub does not queue one.
-    assert!(c.hub.sync(&c.cluster, &[], Some(Prune::default())).is_err());
+    assert!(c.hub.sync(&c.cluster, &[], Some(Prune::default())).await.is_err());
     // An empty desired state (an empty file, a bug in the server): nothing is pruned, even
     // with a share of 100%.
     let empty = Prune {
         max_percent: 100,
         ..Prune::projects([&a, &b])
     };
-    let seq = c.hub.sync(&c.cluster, &[], Some(empty)).unwrap();
+    let seq = c.hub.sync(&c.cluster, &[], Some(empty)).await.unwrap();
     let (ok, message) = c.result(seq).await;
     assert!(!ok, "{message}");
     assert!(
@@ -489,6 +498,7 @@ async fn prune_is_scoped_bounded_and_reports_what_it_removed() {
             &[project(&a), app(&a, "a1"), app(&a, "a2")],
             Some(Prune::projects([&a])),
         )
+        .await
         .unwrap();
     let (ok, message) = c.result(seq).await;
     assert!(ok, "{message}");
@@ -500,6 +510,7 @@ async fn prune_is_scoped_bounded_and_reports_what_it_removed() {
     let seq = c
         .hub
         .sync(&c.cluster, &[project(&a)], Some(Prune::projects([&a])))
+        .await
         .unwrap();
     let (ok, message) = c.result(seq).await;
     assert!(!ok, "{message}");
@@ -570,7 +581,7 @@ async fn prune_is_scoped_bounded_and_reports_what_it_removed() {
         force: true,
         ..Default::default()
     };
-    let seq = c.hub.sync(&c.cluster, &[], Some(by_kind)).unwrap();
+    let seq = c.hub.sync(&c.cluster, &[], Some(by_kind)).await.unwrap();
     let (ok, message) = c.result(seq).await;
     assert!(ok, "{message}");
     assert_eq!(message, format!("synced 0 resources, pruned 1: App/{b}/b1"));

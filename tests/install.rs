@@ -100,7 +100,7 @@ async fn the_printed_install_line_installs_an_agent_that_enrolls_and_connects() 
     let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/shapeblock-agent");
 
     // The hub's CLI prints the line, through the running hub's API.
-    let api = support::hub::api_args(&hub, data.path());
+    let api = support::hub::api_args(&hub, data.path()).await;
     let printed = support::hub::cli_async(api.iter().map(|a| a.as_os_str()).chain([
         "token".as_ref(),
         "create".as_ref(),
@@ -219,7 +219,7 @@ async fn the_printed_install_line_installs_an_agent_that_enrolls_and_connects() 
     .unwrap_or_else(|e| panic!("{e}"));
 
     eventually(TIMEOUT, "the hub reports the cluster connected", || async {
-        hub.store().cluster(&cluster).ok()??.connected.then_some(())
+        hub.store().cluster(&cluster).await.ok()??.connected.then_some(())
     })
     .await;
     eprintln!("agent started, enrolled and connected in {:?}", started.elapsed());
@@ -250,9 +250,11 @@ async fn the_printed_install_line_installs_an_agent_that_enrolls_and_connects() 
 
     // It works under the chart's RBAC alone: a Project sent through the hub becomes Ready.
     let project = unique_name("installed");
-    hub.apply(&cluster, &support::hub::project(&project)).unwrap();
+    hub.apply(&cluster, &support::hub::project(&project))
+        .await
+        .unwrap();
     eventually(TIMEOUT, "the hub sees the Project Ready", || async {
-        support::hub::project_ready(&hub, &cluster, &project)
+        support::hub::project_ready(&hub, &cluster, &project).await
     })
     .await;
 
@@ -331,7 +333,7 @@ async fn dev_certs_make_a_ca_that_the_hub_then_serves_with() {
     // hash enrolls.
     let hub = support::hub::start(&out).await;
     assert_eq!(hub.ca_hash(), printed);
-    let token = hub.create_token("dev", Duration::from_secs(60)).unwrap();
+    let token = hub.create_token("dev", Duration::from_secs(60)).await.unwrap();
     let key = shapeblock_agent::tunnel::enroll::new_key().unwrap();
     let url = hub.url().replace("127.0.0.1", "localhost");
     let identity = shapeblock_agent::tunnel::enroll::enroll(&url, &token, &printed, &key)

@@ -50,7 +50,10 @@ async fn one_replica_leads_a_killed_leader_is_replaced_within_the_lease_and_noth
     let data = tempfile::tempdir().unwrap();
     let hub = hub::start(data.path()).await;
     let cluster = unique_name("le");
-    let token = hub.create_token(&cluster, Duration::from_secs(300)).unwrap();
+    let token = hub
+        .create_token(&cluster, Duration::from_secs(300))
+        .await
+        .unwrap();
 
     let flags = |name: &str| {
         [
@@ -85,15 +88,15 @@ async fn one_replica_leads_a_killed_leader_is_replaced_within_the_lease_and_noth
     assert_eq!(a.metric("shapeblock_leader").await, 1.0);
     assert_eq!(b.metric("shapeblock_leader").await, 0.0);
     eventually(TIMEOUT, "the leader's tunnel is connected", || async {
-        hub.store().cluster(&cluster).ok()??.connected.then_some(())
+        hub.store().cluster(&cluster).await.ok()??.connected.then_some(())
     })
     .await;
     let epoch_a = hub.session_epoch(&cluster).expect("a session");
 
     let p1 = unique_name("lead");
-    let seq1 = hub.apply(&cluster, &project(&p1)).unwrap();
+    let seq1 = hub.apply(&cluster, &project(&p1)).await.unwrap();
     eventually(TIMEOUT, "the hub sees the first Project Ready", || async {
-        project_ready(&hub, &cluster, &p1)
+        project_ready(&hub, &cluster, &p1).await
     })
     .await;
     // The standby neither reconciles nor dials the hub.
@@ -123,7 +126,7 @@ async fn one_replica_leads_a_killed_leader_is_replaced_within_the_lease_and_noth
     );
     eventually(TIMEOUT, "the new leader's tunnel is connected", || async {
         let epoch = hub.session_epoch(&cluster)?;
-        (epoch > epoch_a && hub.store().cluster(&cluster).ok()??.connected).then_some(())
+        (epoch > epoch_a && hub.store().cluster(&cluster).await.ok()??.connected).then_some(())
     })
     .await;
     eprintln!(
@@ -131,9 +134,9 @@ async fn one_replica_leads_a_killed_leader_is_replaced_within_the_lease_and_noth
         killed.elapsed()
     );
     let p2 = unique_name("lead");
-    let seq2 = hub.apply(&cluster, &project(&p2)).unwrap();
+    let seq2 = hub.apply(&cluster, &project(&p2)).await.unwrap();
     eventually(TIMEOUT, "the hub sees the second Project Ready", || async {
-        project_ready(&hub, &cluster, &p2)
+        project_ready(&hub, &cluster, &p2).await
     })
     .await;
     assert_eq!(b.metric("shapeblock_leader").await, 1.0);
@@ -151,20 +154,20 @@ async fn one_replica_leads_a_killed_leader_is_replaced_within_the_lease_and_noth
     eprintln!("hand-over after SIGTERM (lease released): {graceful:?}");
     assert!(graceful < Duration::from_secs(LEASE_SECONDS), "took {graceful:?}");
     let p3 = unique_name("lead");
-    let seq3 = hub.apply(&cluster, &project(&p3)).unwrap();
+    let seq3 = hub.apply(&cluster, &project(&p3)).await.unwrap();
     eventually(TIMEOUT, "the hub sees the third Project Ready", || async {
-        project_ready(&hub, &cluster, &p3)
+        project_ready(&hub, &cluster, &p3).await
     })
     .await;
 
     // Nothing twice: one result per command, each Project Ready once at the hub, and Ready
     // Events only from the replica that led at the time.
-    let commands = hub.store().commands(&cluster).unwrap();
+    let commands = hub.store().commands(&cluster).await.unwrap();
     assert_eq!(
         commands.iter().map(|c| (c.seq, c.done)).collect::<Vec<_>>(),
         vec![(seq1, true), (seq2, true), (seq3, true)]
     );
-    let events = hub.store().events(&cluster).unwrap();
+    let events = hub.store().events(&cluster).await.unwrap();
     let results = events.iter().filter(|e| e.1 == "result").count();
     assert_eq!(results, 3, "one result per command: {events:#?}");
     for (p, replica) in [(&p1, "replica-a"), (&p2, "replica-b"), (&p3, "replica-c")] {

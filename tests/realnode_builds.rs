@@ -463,7 +463,10 @@ async fn real_failures_end_in_reasons_from_evidence() {
     let data = tempfile::tempdir().unwrap();
     let hub = support::hub::start(data.path()).await;
     let cluster = support::unique_name("real");
-    let token = hub.create_token(&cluster, Duration::from_secs(300)).unwrap();
+    let token = hub
+        .create_token(&cluster, Duration::from_secs(300))
+        .await
+        .unwrap();
     let real = real(&[
         &format!("--hub-address={}", hub.url()),
         &format!("--enroll-token={token}"),
@@ -522,7 +525,7 @@ async fn real_failures_end_in_reasons_from_evidence() {
         Duration::from_secs(60),
         "the failed build's log at the hub",
         || async {
-            let (bytes, _, eof) = hub.store().log(&cluster, &stream).ok()?;
+            let (bytes, _, eof) = hub.store().log(&cluster, &stream).await.ok()?;
             eof.then(|| String::from_utf8_lossy(&bytes).into_owned())
         },
     )

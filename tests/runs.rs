@@ -90,7 +90,10 @@ async fn secret_config_through_the_hub_and_one_off_runs_with_their_output_and_ex
     let data = tempfile::tempdir().unwrap();
     let hub = support::hub::start(data.path()).await;
     let cluster = support::unique_name("runs");
-    let token = hub.create_token(&cluster, Duration::from_secs(300)).unwrap();
+    let token = hub
+        .create_token(&cluster, Duration::from_secs(300))
+        .await
+        .unwrap();
     let agent = env
         .agent(&[
             &format!("--hub-address={}", hub.url()),
@@ -116,6 +119,7 @@ async fn secret_config_through_the_hub_and_one_off_runs_with_their_output_and_ex
                 unset: vec![],
             },
         )
+        .await
         .unwrap();
     let (ok, message) = result_of(&hub, &cluster, seq).await;
     assert!(ok, "{message}");
@@ -171,6 +175,7 @@ async fn secret_config_through_the_hub_and_one_off_runs_with_their_output_and_ex
     let stored = hub
         .store()
         .commands(&cluster)
+        .await
         .unwrap()
         .into_iter()
         .find(|c| c.seq == seq)
@@ -199,6 +204,7 @@ async fn secret_config_through_the_hub_and_one_off_runs_with_their_output_and_ex
                 unset: vec![],
             }),
         )
+        .await
         .unwrap();
     let no_app = hub
         .queue(
@@ -210,6 +216,7 @@ async fn secret_config_through_the_hub_and_one_off_runs_with_their_output_and_ex
                 unset: vec![],
             }),
         )
+        .await
         .unwrap();
     let (ok, message) = result_of(&hub, &cluster, bad_name).await;
     assert!(!ok && message.contains("not a config var name"), "{message}");
@@ -238,6 +245,7 @@ async fn secret_config_through_the_hub_and_one_off_runs_with_their_output_and_ex
         &cluster,
         &run_manifest(&project, "migrate-1", "shop", &["rake", "db:migrate"]),
     )
+    .await
     .unwrap();
     // While it runs: the Job is web's container with the command.
     let job = eventually(HUB_TIMEOUT, "the run's Job", || async {
@@ -278,7 +286,7 @@ async fn secret_config_through_the_hub_and_one_off_runs_with_their_output_and_ex
     assert_eq!(status.build.as_deref(), Some("shop-1"));
     let stream = format!("{project}/runs/migrate-1/run");
     let output = eventually(HUB_TIMEOUT, "the run's output at the hub", || async {
-        let (bytes, _, eof) = hub.store().log(&cluster, &stream).ok()?;
+        let (bytes, _, eof) = hub.store().log(&cluster, &stream).await.ok()?;
         eof.then(|| String::from_utf8_lossy(&bytes).into_owned())
     })
     .await
@@ -288,7 +296,7 @@ async fn secret_config_through_the_hub_and_one_off_runs_with_their_output_and_ex
         "== Migrating\nerror: relation \"orders\" does not exist\n"
     );
     eventually(HUB_TIMEOUT, "the hub to see the run failed", || async {
-        let objects = hub.store().objects(&cluster).ok()?;
+        let objects = hub.store().objects(&cluster).await.ok()?;
         let key = format!("AppRun/{project}/migrate-1");
         objects
             .iter()
@@ -321,8 +329,10 @@ async fn secret_config_through_the_hub_and_one_off_runs_with_their_output_and_ex
         &cluster,
         &run_manifest(&project, "seed-1", "shop", &["rake", "db:seed"]),
     )
+    .await
     .unwrap();
     hub.apply(&cluster, &run_manifest(&project, "lost-1", "nope", &["true"]))
+        .await
         .unwrap();
     let run = wait_run(&env.client, &project, "seed-1", AppRunPhase::Succeeded).await;
     assert_eq!(run.status.unwrap().exit_code, Some(0));
@@ -337,11 +347,11 @@ async fn secret_config_through_the_hub_and_one_off_runs_with_their_output_and_ex
         ("agent log", agent.log_tail(200_000)),
         (
             "hub events",
-            format!("{:?}", hub.store().events(&cluster).unwrap()),
+            format!("{:?}", hub.store().events(&cluster).await.unwrap()),
         ),
         (
             "hub objects",
-            format!("{:?}", hub.store().objects(&cluster).unwrap()),
+            format!("{:?}", hub.store().objects(&cluster).await.unwrap()),
         ),
         ("run output", output),
     ];

@@ -13,12 +13,30 @@ pub async fn start(dir: &Path) -> Hub {
     let mut config = HubConfig::new(dir.to_path_buf());
     config.heartbeat = Duration::from_secs(2);
     config.api_listen = Some(([127, 0, 0, 1], 0).into());
+    config.database_url = database_for_tests(dir);
     Hub::start(config).await.expect("start the hub")
 }
 
+/// The Postgres database of the test hub with data directory `dir` when
+/// `SHAPEBLOCK_TEST_HUB_STORE=postgres` (a new one for a new directory, the same one when a
+/// hub restarts on it), else `None` (SQLite in the data directory).
+pub fn database_for_tests(dir: &Path) -> Option<String> {
+    static DATABASES: std::sync::Mutex<Vec<(std::path::PathBuf, String)>> = std::sync::Mutex::new(Vec::new());
+    let mut databases = DATABASES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, url)) = databases.iter().find(|(d, _)| d == dir) {
+        return Some(url.clone());
+    }
+    let url = shapeblock_testenv::postgres::hub_database_for_tests("hub_test")
+        .expect("a database for the test hub")?;
+    databases.push((dir.to_path_buf(), url.clone()));
+    Some(url)
+}
+
 /// What the CLI needs to call `hub`'s API (data in `dir`): `--hub`, a new `--api-key`, `--ca`.
-pub fn api_args(hub: &Hub, dir: &Path) -> Vec<std::ffi::OsString> {
-    let (_, key) = shapeblock_hub::api::create_api_key(hub.store(), "test").expect("an API key");
+pub async fn api_args(hub: &Hub, dir: &Path) -> Vec<std::ffi::OsString> {
+    let (_, key) = shapeblock_hub::api::create_api_key(hub.store(), "test")
+        .await
+        .expect("an API key");
     let api = hub.api_address().expect("the hub serves its API");
     vec![
         "--hub".into(),
@@ -36,9 +54,9 @@ pub fn project(name: &str) -> String {
 }
 
 /// `Some` once the hub's store has Project `name` in phase Ready.
-pub fn project_ready(hub: &Hub, cluster: &str, name: &str) -> Option<()> {
+pub async fn project_ready(hub: &Hub, cluster: &str, name: &str) -> Option<()> {
     let key = format!("Project//{name}");
-    let objects = hub.store().objects(cluster).ok()?;
+    let objects = hub.store().objects(cluster).await.ok()?;
     objects
         .iter()
         .any(|o| o.key == key && o.phase == "Ready")
@@ -101,6 +119,7 @@ pub async fn result_of(hub: &Hub, cluster: &str, seq: u64) -> Option<(bool, Stri
     let row = hub
         .store()
         .commands(cluster)
+        .await
         .ok()?
         .into_iter()
         .find(|c| c.seq == seq)?;

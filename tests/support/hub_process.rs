@@ -49,7 +49,15 @@ impl HubProcess {
     pub async fn start(extra: &[&str]) -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let dir = tempfile::tempdir().unwrap();
-        let made = hub_cli(dir.path(), &["api-key", "create", "--name", "test"]);
+        let database = super::hub::database_for_tests(dir.path());
+        let database: Vec<String> = database
+            .map(|url| vec!["--database-url".to_string(), url])
+            .unwrap_or_default();
+        let database: Vec<&str> = database.iter().map(String::as_str).collect();
+        let made = hub_cli(
+            dir.path(),
+            &[&database[..], &["api-key", "create", "--name", "test"]].concat(),
+        );
         assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
         let key = String::from_utf8(made.stdout).unwrap().trim().to_string();
         assert!(key.starts_with("sbk_"), "{key}");
@@ -58,6 +66,7 @@ impl HubProcess {
         let child = Command::new(env!("CARGO_BIN_EXE_shapeblock-hub"))
             .arg("--data-dir")
             .arg(dir.path())
+            .args(&database)
             .args([
                 "serve",
                 "--listen",

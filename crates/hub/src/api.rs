@@ -14,7 +14,7 @@ use std::time::Duration;
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
-use tonic::service::interceptor::InterceptedService;
+use tonic::codegen::http;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
@@ -85,7 +85,7 @@ impl From<ApiError> for Status {
             }
             ApiError::Store(StoreError::Invalid(m)) => Status::invalid_argument(m),
             ApiError::Store(StoreError::Conflict(m)) => Status::failed_precondition(m),
-            ApiError::Store(StoreError::Sql(e)) => {
+            ApiError::Store(e) => {
                 tracing::error!(error = %e, "API call: hub store failed");
                 Status::internal("hub store failed; see the hub's log")
             }
@@ -144,7 +144,7 @@ fn random_hex(n: usize) -> Result<String, HubError> {
 
 /// Creates an API key named `name`: the stored row and the key (shown once; only its SHA-256
 /// is kept). 32 random bytes: a plain hash is enough, nobody can guess one to match.
-pub fn create_api_key(store: &Store, name: &str) -> Result<(ApiKeyRow, String), HubError> {
+pub async fn create_api_key(store: &Store, name: &str) -> Result<(ApiKeyRow, String), HubError> {
     let name = name.trim();
     if name.is_empty() || name.chars().count() > 64 || name.chars().any(char::is_control) {
         return Err(HubError::Invalid(
@@ -152,7 +152,9 @@ pub fn create_api_key(store: &Store, name: &str) -> Result<(ApiKeyRow, String), 
         ));
     }
     let secret = format!("{API_KEY_PREFIX}{}", random_hex(32)?);
-    let row = store.add_api_key(&random_hex(8)?, name, &sha256_hex(secret.as_bytes()))?;
+    let row = store
+        .add_api_key(&random_hex(8)?, name, &sha256_hex(secret.as_bytes()))
+        .await?;
     Ok((row, secret))
 }
 
@@ -172,7 +174,10 @@ pub(crate) fn serve(
     let service = HubServer::new(Api { inner: inner.clone() })
         .max_decoding_message_size(MAX_MESSAGE_BYTES * 2)
         .max_encoding_message_size(MAX_MESSAGE_BYTES * 2);
-    let service = InterceptedService::new(service, Auth { inner: inner.clone() });
+    let service = Auth {
+        service,
+        inner: inner.clone(),
+    };
     let router = Server::builder()
         .tls_config(tls)
         .map_err(|e| HubError::Invalid(format!("API TLS configuration: {e}")))?
@@ -194,30 +199,63 @@ pub(crate) fn serve(
     Ok((addr, task))
 }
 
-/// Every call needs a valid key: `authorization: Bearer <key>`.
+/// Every call needs a valid key: `authorization: Bearer <key>`. A service around the API's
+/// rather than an interceptor: the key is looked up in the store, which may wait on the
+/// network (Postgres), and interceptors cannot wait.
 #[derive(Clone)]
-struct Auth {
+struct Auth<S> {
+    service: S,
     inner: Arc<Inner>,
 }
 
-impl tonic::service::Interceptor for Auth {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        let header = request.metadata().get("authorization").ok_or_else(|| {
-            ApiError::Unauthenticated("an API key is required: authorization: Bearer <key>".into())
-        })?;
-        let key = header
-            .to_str()
-            .ok()
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
-            .ok_or_else(|| {
-                ApiError::Unauthenticated("the authorization header must be `Bearer <key>`".into())
-            })?;
-        match self.inner.store.valid_api_key(&sha256_hex(key.as_bytes())) {
-            Ok(Some(_)) => Ok(request),
-            Ok(None) => Err(ApiError::Unauthenticated("unknown or revoked API key".into()).into()),
-            Err(e) => Err(ApiError::Store(e).into()),
-        }
+impl<S: tonic::server::NamedService> tonic::server::NamedService for Auth<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> tonic::codegen::Service<http::Request<B>> for Auth<S>
+where
+    S: tonic::codegen::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.service.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        // The clone that was made ready serves this call; the fresh one waits for the next.
+        let fresh = self.service.clone();
+        let mut service = std::mem::replace(&mut self.service, fresh);
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            match authorized(&inner, request.headers()).await {
+                Ok(()) => service.call(request).await,
+                Err(e) => Ok(Status::from(e).into_http()),
+            }
+        })
+    }
+}
+
+async fn authorized(inner: &Inner, headers: &http::HeaderMap) -> Result<(), ApiError> {
+    let header = headers.get("authorization").ok_or_else(|| {
+        ApiError::Unauthenticated("an API key is required: authorization: Bearer <key>".into())
+    })?;
+    let key = header
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or_else(|| ApiError::Unauthenticated("the authorization header must be `Bearer <key>`".into()))?;
+    match inner.store.valid_api_key(&sha256_hex(key.as_bytes())).await? {
+        Some(_) => Ok(()),
+        None => Err(ApiError::Unauthenticated("unknown or revoked API key".into())),
     }
 }
 
@@ -232,14 +270,15 @@ impl Api {
         &self.inner.store
     }
 
-    fn known(&self, cluster: &str) -> Result<ClusterRow, ApiError> {
+    async fn known(&self, cluster: &str) -> Result<ClusterRow, ApiError> {
         self.store()
-            .cluster(cluster)?
+            .cluster(cluster)
+            .await?
             .ok_or_else(|| ApiError::NotFound(format!("no cluster {} at this hub", proto::shown(cluster))))
     }
 
     /// Queues `body` for a known cluster, once per idempotency key.
-    fn queue(
+    async fn queue(
         &self,
         cluster: &str,
         body: Vec<u8>,
@@ -247,7 +286,7 @@ impl Api {
         object: &str,
         idempotency_key: &str,
     ) -> Result<v1::CommandAccepted, ApiError> {
-        self.known(cluster)?;
+        self.known(cluster).await?;
         let key = idempotency_key.trim();
         if key.len() > 200 {
             return Err(ApiError::InvalidArgument(
@@ -262,7 +301,7 @@ impl Api {
             object,
             idempotency: (!key.is_empty()).then_some((key, digest.as_str())),
         };
-        let (seq, replayed) = self.store().add_command_once(&queued)?;
+        let (seq, replayed) = self.store().add_command_once(&queued).await?;
         if !replayed {
             self.inner.wake(cluster).notify_one();
         }
@@ -401,8 +440,9 @@ impl HubApi for Api {
         &self,
         request: Request<v1::CreateApiKeyRequest>,
     ) -> ApiResult<v1::CreateApiKeyResponse> {
-        let (row, secret) =
-            create_api_key(self.store(), &request.into_inner().name).map_err(ApiError::from)?;
+        let (row, secret) = create_api_key(self.store(), &request.into_inner().name)
+            .await
+            .map_err(ApiError::from)?;
         tracing::info!(id = %row.id, name = %row.name, "API key created");
         Ok(Response::new(v1::CreateApiKeyResponse {
             key: Some(api_key(row)),
@@ -411,7 +451,7 @@ impl HubApi for Api {
     }
 
     async fn list_api_keys(&self, _: Request<v1::ListApiKeysRequest>) -> ApiResult<v1::ListApiKeysResponse> {
-        let keys = self.store().api_keys().map_err(ApiError::from)?;
+        let keys = self.store().api_keys().await.map_err(ApiError::from)?;
         Ok(Response::new(v1::ListApiKeysResponse {
             keys: keys.into_iter().map(api_key).collect(),
         }))
@@ -425,6 +465,7 @@ impl HubApi for Api {
         let row = self
             .store()
             .revoke_api_key(&id)
+            .await
             .map_err(ApiError::from)?
             .ok_or_else(|| ApiError::NotFound(format!("no API key {}", proto::shown(&id))))?;
         tracing::info!(id = %row.id, name = %row.name, "API key revoked");
@@ -446,6 +487,7 @@ impl HubApi for Api {
             n => n,
         };
         let secret = crate::create_token(self.store(), &r.cluster_id, Duration::from_secs(ttl))
+            .await
             .map_err(ApiError::from)?;
         let or = |value: String, default: &str| {
             if value.is_empty() {
@@ -465,6 +507,7 @@ impl HubApi for Api {
         let token = self
             .store()
             .token(&id)
+            .await
             .map_err(ApiError::from)?
             .ok_or_else(|| ApiError::Internal("a token just created is not in the store".into()))?;
         tracing::info!(cluster = %r.cluster_id, "enrollment token created");
@@ -486,7 +529,7 @@ impl HubApi for Api {
     ) -> ApiResult<v1::ListEnrollmentTokensResponse> {
         let cluster = request.into_inner().cluster_id;
         let filter = (!cluster.is_empty()).then_some(cluster.as_str());
-        let tokens = self.store().tokens(filter).map_err(ApiError::from)?;
+        let tokens = self.store().tokens(filter).await.map_err(ApiError::from)?;
         Ok(Response::new(v1::ListEnrollmentTokensResponse {
             tokens: tokens
                 .into_iter()
@@ -505,7 +548,7 @@ impl HubApi for Api {
         request: Request<v1::RevokeEnrollmentTokenRequest>,
     ) -> ApiResult<v1::RevokeEnrollmentTokenResponse> {
         let id = request.into_inner().id;
-        match self.store().revoke_token(&id).map_err(ApiError::from)? {
+        match self.store().revoke_token(&id).await.map_err(ApiError::from)? {
             TokenRevoke::Revoked => Ok(Response::new(v1::RevokeEnrollmentTokenResponse {})),
             TokenRevoke::Used => Err(ApiError::FailedPrecondition(
                 "this token was used already: revoke the cluster instead".into(),
@@ -519,7 +562,7 @@ impl HubApi for Api {
         &self,
         _: Request<v1::ListClustersRequest>,
     ) -> ApiResult<v1::ListClustersResponse> {
-        let rows = self.store().clusters().map_err(ApiError::from)?;
+        let rows = self.store().clusters().await.map_err(ApiError::from)?;
         Ok(Response::new(v1::ListClustersResponse {
             clusters: rows.into_iter().map(cluster).collect(),
         }))
@@ -527,19 +570,19 @@ impl HubApi for Api {
 
     async fn get_cluster(&self, request: Request<v1::GetClusterRequest>) -> ApiResult<v1::Cluster> {
         Ok(Response::new(cluster(
-            self.known(&request.into_inner().cluster_id)?,
+            self.known(&request.into_inner().cluster_id).await?,
         )))
     }
 
     async fn revoke_cluster(&self, request: Request<v1::RevokeClusterRequest>) -> ApiResult<v1::Cluster> {
         let id = request.into_inner().cluster_id;
-        self.known(&id)?;
-        if !self.store().revoke_cluster(&id).map_err(ApiError::from)? {
+        self.known(&id).await?;
+        if !self.store().revoke_cluster(&id).await.map_err(ApiError::from)? {
             return Err(ApiError::NotFound(format!("no cluster {}", proto::shown(&id))).into());
         }
         self.inner.close_session(&id, Close::Revoked);
         tracing::warn!(cluster = %id, "cluster revoked");
-        Ok(Response::new(cluster(self.known(&id)?)))
+        Ok(Response::new(cluster(self.known(&id).await?)))
     }
 
     async fn apply(&self, request: Request<v1::ApplyRequest>) -> ApiResult<v1::CommandAccepted> {
@@ -548,13 +591,10 @@ impl HubApi for Api {
         let object = proto::check_manifest(&r.manifest)
             .map(|(o, _)| object_key(&o))
             .unwrap_or_default();
-        Ok(Response::new(self.queue(
-            &r.cluster_id,
-            body,
-            "apply",
-            &object,
-            &r.idempotency_key,
-        )?))
+        Ok(Response::new(
+            self.queue(&r.cluster_id, body, "apply", &object, &r.idempotency_key)
+                .await?,
+        ))
     }
 
     async fn delete(&self, request: Request<v1::DeleteRequest>) -> ApiResult<v1::CommandAccepted> {
@@ -569,13 +609,10 @@ impl HubApi for Api {
         };
         let key = object_key(&object);
         let body = crate::delete_command(object).map_err(ApiError::from)?;
-        Ok(Response::new(self.queue(
-            &r.cluster_id,
-            body,
-            "delete",
-            &key,
-            &r.idempotency_key,
-        )?))
+        Ok(Response::new(
+            self.queue(&r.cluster_id, body, "delete", &key, &r.idempotency_key)
+                .await?,
+        ))
     }
 
     async fn sync(&self, request: Request<v1::SyncRequest>) -> ApiResult<v1::CommandAccepted> {
@@ -590,13 +627,10 @@ impl HubApi for Api {
             force: r.force,
         });
         let body = crate::sync_command(&r.manifests, prune).map_err(ApiError::from)?;
-        Ok(Response::new(self.queue(
-            &r.cluster_id,
-            body,
-            "sync",
-            "",
-            &r.idempotency_key,
-        )?))
+        Ok(Response::new(
+            self.queue(&r.cluster_id, body, "sync", "", &r.idempotency_key)
+                .await?,
+        ))
     }
 
     async fn set_config(&self, request: Request<v1::SetConfigRequest>) -> ApiResult<v1::CommandAccepted> {
@@ -609,34 +643,29 @@ impl HubApi for Api {
             unset: r.unset,
         };
         let body = crate::set_config_command(command).map_err(ApiError::from)?;
-        Ok(Response::new(self.queue(
-            &r.cluster_id,
-            body,
-            "set-config",
-            &object,
-            &r.idempotency_key,
-        )?))
+        Ok(Response::new(
+            self.queue(&r.cluster_id, body, "set-config", &object, &r.idempotency_key)
+                .await?,
+        ))
     }
 
     async fn cancel_build(&self, request: Request<v1::CancelBuildRequest>) -> ApiResult<v1::CommandAccepted> {
         let r = request.into_inner();
         let body = crate::cancel_command(&r.namespace, &r.build).map_err(ApiError::from)?;
         let object = format!("AppBuild/{}/{}", r.namespace, r.build);
-        Ok(Response::new(self.queue(
-            &r.cluster_id,
-            body,
-            "cancel",
-            &object,
-            &r.idempotency_key,
-        )?))
+        Ok(Response::new(
+            self.queue(&r.cluster_id, body, "cancel", &object, &r.idempotency_key)
+                .await?,
+        ))
     }
 
     async fn get_command(&self, request: Request<v1::GetCommandRequest>) -> ApiResult<v1::Command> {
         let r = request.into_inner();
-        self.known(&r.cluster_id)?;
+        self.known(&r.cluster_id).await?;
         let row = self
             .store()
             .command(&r.cluster_id, r.command_id)
+            .await
             .map_err(ApiError::from)?
             .ok_or_else(|| {
                 ApiError::NotFound(format!(
@@ -672,7 +701,7 @@ impl HubApi for Api {
         let cluster = if r.cluster_id.is_empty() {
             None
         } else {
-            self.known(&r.cluster_id)?;
+            self.known(&r.cluster_id).await?;
             Some(r.cluster_id)
         };
         let buffer = self.inner.config.watch_buffer.max(1);
@@ -694,8 +723,8 @@ impl HubApi for Api {
         request: Request<v1::ListObjectsRequest>,
     ) -> ApiResult<v1::ListObjectsResponse> {
         let id = request.into_inner().cluster_id;
-        self.known(&id)?;
-        let objects = self.store().objects(&id).map_err(ApiError::from)?;
+        self.known(&id).await?;
+        let objects = self.store().objects(&id).await.map_err(ApiError::from)?;
         Ok(Response::new(v1::ListObjectsResponse {
             objects: objects
                 .into_iter()
@@ -713,8 +742,8 @@ impl HubApi for Api {
 
     async fn list_logs(&self, request: Request<v1::ListLogsRequest>) -> ApiResult<v1::ListLogsResponse> {
         let id = request.into_inner().cluster_id;
-        self.known(&id)?;
-        let streams = self.store().log_streams(&id).map_err(ApiError::from)?;
+        self.known(&id).await?;
+        let streams = self.store().log_streams(&id).await.map_err(ApiError::from)?;
         Ok(Response::new(v1::ListLogsResponse {
             streams: streams
                 .into_iter()
@@ -730,7 +759,7 @@ impl HubApi for Api {
 
     async fn read_log(&self, request: Request<v1::ReadLogRequest>) -> ApiResult<v1::LogData> {
         let r = request.into_inner();
-        self.known(&r.cluster_id)?;
+        self.known(&r.cluster_id).await?;
         let limit = match r.limit as usize {
             0 => LOG_READ_LIMIT,
             n => n.min(LOG_READ_LIMIT),
@@ -738,6 +767,7 @@ impl HubApi for Api {
         let read = self
             .store()
             .read_log(&r.cluster_id, &r.stream, r.offset, limit)
+            .await
             .map_err(ApiError::from)?;
         Ok(Response::new(log_data(read)))
     }
@@ -746,7 +776,7 @@ impl HubApi for Api {
 
     async fn follow_log(&self, request: Request<v1::FollowLogRequest>) -> ApiResult<Self::FollowLogStream> {
         let r = request.into_inner();
-        self.known(&r.cluster_id)?;
+        self.known(&r.cluster_id).await?;
         // Sent with backpressure: a slow reader slows its own reads of the store, no more.
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(follow(self.inner.clone(), r.cluster_id, r.stream, r.offset, tx));
@@ -772,7 +802,7 @@ impl HubApi for Api {
         };
         // Checked before anything else: these names become a label selector at the agent.
         proto::check_app_logs(&start).map_err(ApiError::InvalidArgument)?;
-        self.known(&r.cluster_id)?;
+        self.known(&r.cluster_id).await?;
         let rx = app_logs::start(&self.inner, &r.cluster_id, start, deadline)?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -798,7 +828,7 @@ async fn watch(
         // Mark what is seen before reading: a commit after the read changes the tick again.
         tick.borrow_and_update();
         loop {
-            let batch = match inner.store.feed_after(cluster.as_deref(), after, 256) {
+            let batch = match inner.store.feed_after(cluster.as_deref(), after, 256).await {
                 Ok(batch) => batch,
                 Err(e) => {
                     let _ = tx.try_send(Err(ApiError::Store(e).into()));
@@ -872,7 +902,11 @@ async fn follow(
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.borrow_and_update();
-        let read = match inner.store.read_log(&cluster, &stream, offset, LOG_FOLLOW_CHUNK) {
+        let read = match inner
+            .store
+            .read_log(&cluster, &stream, offset, LOG_FOLLOW_CHUNK)
+            .await
+        {
             Ok(read) => read,
             Err(e) => {
                 let _ = tx.send(Err(ApiError::Store(e).into())).await;

@@ -23,10 +23,20 @@ use crate::{self as hub, HubConfig};
     long_about = None
 )]
 pub struct Cli {
-    /// Where the CA, the server certificate and the store live (serve, dev-certs, ca-hash,
-    /// and `api-key create` without --hub).
+    /// Where the CA, the server certificate and (without --database-url) the store live
+    /// (serve, dev-certs, ca-hash, and `api-key create` without --hub).
     #[arg(long, env = "SHAPEBLOCK_HUB_DATA", default_value = "hub-data", global = true)]
     data_dir: PathBuf,
+    /// Keep the store in this Postgres database (`postgres://user:password@host:port/db`)
+    /// instead of `hub.sqlite` in --data-dir: what several hub replicas share. Its schema is
+    /// created and migrated at start-up. Without it, SQLite.
+    #[arg(
+        long,
+        env = "SHAPEBLOCK_HUB_DATABASE_URL",
+        global = true,
+        hide_env_values = true
+    )]
+    database_url: Option<String>,
     /// The hub's API (`https://host:port`, what `serve --api-addr` listens on).
     #[arg(long, env = "SHAPEBLOCK_HUB_API", global = true)]
     hub: Option<String>,
@@ -67,6 +77,10 @@ enum Command {
         /// Live App log callers served at once for one cluster; more are RESOURCE_EXHAUSTED.
         #[arg(long, default_value_t = hub::api::DEFAULT_APP_LOG_FOLLOWERS)]
         app_log_followers: usize,
+        /// Postgres connections the hub keeps at most (with --database-url); sessions and API
+        /// calls share them, so this bounds the database's load whatever the agent count.
+        #[arg(long, default_value_t = hub::store::DEFAULT_POOL_SIZE)]
+        database_pool: usize,
     },
     /// API keys for the hub's API.
     ApiKey {
@@ -339,6 +353,7 @@ impl Cli {
                 watch_buffer,
                 watch_stall_ms,
                 app_log_followers,
+                database_pool,
             } => {
                 init_tracing("info");
                 let _ = rustls::crypto::ring::default_provider().install_default();
@@ -353,6 +368,8 @@ impl Cli {
                         watch_buffer,
                         watch_stall: Duration::from_millis(watch_stall_ms),
                         app_log_followers,
+                        database_url: self.database_url,
+                        database_pool,
                         ..HubConfig::new(data)
                     };
                     let hub = hub::Hub::start(config).await?;
@@ -368,8 +385,15 @@ impl Cli {
             Command::ApiKey {
                 command: ApiKeyCommand::Create { name },
             } if self.hub.is_none() => {
-                let store = hub::open_store(&data)?;
-                let (row, secret) = hub::api::create_api_key(&store, &name)?;
+                let location =
+                    hub::store_location(&data, self.database_url.as_deref(), hub::store::DEFAULT_POOL_SIZE);
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                let (row, secret) = runtime.block_on(async {
+                    let store = hub::open_store_at(&location).await?;
+                    hub::api::create_api_key(&store, &name).await
+                })?;
                 eprintln!("API key {} ({}) created; it is shown once:", row.id, row.name);
                 println!("{secret}");
             }

@@ -32,13 +32,18 @@ use shapeblock_proto::v1::{
     Sync,
 };
 use shapeblock_proto::{self as proto, MAX_MESSAGE_BYTES, ca_hash, hex, now_unix, object_key};
-use store::{FeedEvent, ObjectStatus, Store, feed, write};
+use store::{FeedEvent, LogChunk, ObjectStatus, Store, Write, feed};
 
 /// How the hub runs.
 #[derive(Clone, Debug)]
 pub struct HubConfig {
-    /// CA, server certificate and store live here.
+    /// CA and server certificate live here, and the store unless `database_url` is set.
     pub data_dir: PathBuf,
+    /// A Postgres database for the store (`postgres://…`) instead of `hub.sqlite` in
+    /// `data_dir`: what several replicas share.
+    pub database_url: Option<String>,
+    /// Postgres connections this hub keeps at most.
+    pub database_pool: usize,
     /// gRPC listen address (port 0: any free port).
     pub listen: SocketAddr,
     /// Names and addresses the TLS server certificate is valid for (agents dial one of them).
@@ -66,6 +71,8 @@ impl HubConfig {
     pub fn new(data_dir: PathBuf) -> Self {
         Self {
             data_dir,
+            database_url: None,
+            database_pool: store::DEFAULT_POOL_SIZE,
             listen: ([127, 0, 0, 1], 0).into(),
             server_names: vec!["localhost".into(), "127.0.0.1".into()],
             cert_lifetime: shapeblock_proto::certificates::DEFAULT_LIFETIME,
@@ -132,7 +139,7 @@ struct Inner {
 impl Inner {
     /// Signs a client certificate of `cluster` at the CA's time, and records its serial (what
     /// a revocation refuses).
-    fn sign(&self, csr_pem: &str, cluster: &str) -> Result<(String, String), Status> {
+    async fn sign(&self, csr_pem: &str, cluster: &str) -> Result<(String, String), Status> {
         let now = time::OffsetDateTime::now_utc() + time::Duration::seconds(self.config.ca_clock_offset_secs);
         let (pem, key_hash) = self
             .ca
@@ -144,6 +151,7 @@ impl Inner {
         let not_after = proto::not_after(&der).unwrap_or(0);
         self.store
             .add_certificate(&serial, cluster, not_after)
+            .await
             .map_err(internal)?;
         Ok((pem, key_hash))
     }
@@ -215,12 +223,39 @@ pub fn certificate_serial(der: &[u8]) -> Option<String> {
 pub fn open_store(data_dir: &std::path::Path) -> Result<Store, HubError> {
     std::fs::create_dir_all(data_dir)
         .map_err(|e| HubError::Invalid(format!("cannot create {}: {e}", data_dir.display())))?;
-    Ok(Store::open(&data_dir.join("hub.sqlite"))?)
+    Ok(Store::open_sqlite(&data_dir.join("hub.sqlite"))?)
+}
+
+/// Where a hub with this data directory and (optional) database URL keeps its store: the
+/// database if one is given, else `hub.sqlite` in the data directory.
+pub fn store_location(
+    data_dir: &std::path::Path,
+    database_url: Option<&str>,
+    pool_size: usize,
+) -> store::Location {
+    match database_url {
+        Some(url) => store::Location::Postgres {
+            url: url.to_string(),
+            pool_size,
+        },
+        None => store::Location::Sqlite(data_dir.join("hub.sqlite")),
+    }
+}
+
+/// Opens the store at `location`, creating the data directory a SQLite store lives in.
+pub async fn open_store_at(location: &store::Location) -> Result<Store, HubError> {
+    if let store::Location::Sqlite(path) = location
+        && let Some(dir) = path.parent()
+    {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| HubError::Invalid(format!("cannot create {}: {e}", dir.display())))?;
+    }
+    Ok(Store::open(location).await?)
 }
 
 /// Creates a one-time enrollment token for `cluster`, valid for `ttl`; returns the token.
 /// Only its hash is stored.
-pub fn create_token(store: &Store, cluster: &str, ttl: Duration) -> Result<String, HubError> {
+pub async fn create_token(store: &Store, cluster: &str, ttl: Duration) -> Result<String, HubError> {
     if !valid_cluster_id(cluster) {
         return Err(HubError::Invalid(format!(
             "cluster id {cluster:?} must be 1-63 lower-case letters, digits and '-'"
@@ -230,7 +265,9 @@ pub fn create_token(store: &Store, cluster: &str, ttl: Duration) -> Result<Strin
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
         .map_err(|_| HubError::Invalid("no system randomness".into()))?;
     let token = format!("sbt_{}", hex(&bytes));
-    store.add_token(&token_hash(&token), cluster, now_unix() + ttl.as_secs() as i64)?;
+    store
+        .add_token(&token_hash(&token), cluster, now_unix() + ttl.as_secs() as i64)
+        .await?;
     Ok(token)
 }
 
@@ -354,10 +391,21 @@ impl EncodeBody for Down {
 impl Hub {
     /// Loads or creates the CA and store in `config.data_dir` and starts serving.
     pub async fn start(config: HubConfig) -> Result<Self, HubError> {
-        let store = open_store(&config.data_dir)?;
-        // A previous process's sessions are gone, whatever the store says.
-        store.mark_disconnected_all()?;
-        let store_id = store.id()?;
+        // The CA lives here whichever store the hub has.
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| HubError::Invalid(format!("cannot create {}: {e}", config.data_dir.display())))?;
+        let location = store_location(
+            &config.data_dir,
+            config.database_url.as_deref(),
+            config.database_pool,
+        );
+        let store = open_store_at(&location).await?;
+        // A previous process's sessions are gone, whatever the store says. (Right while one
+        // hub uses the store; with several replicas on one Postgres, each will end only the
+        // sessions it held.)
+        store.mark_disconnected_all().await?;
+        let store_id = store.id().await?;
+        tracing::info!(backend = store.backend(), "hub store open");
         let tolerated = shapeblock_proto::certificates::outage_tolerated(config.cert_lifetime);
         if tolerated < shapeblock_proto::certificates::OUTAGE_TOLERATED {
             tracing::warn!(
@@ -461,36 +509,41 @@ impl Hub {
         &self.inner.store
     }
 
-    pub fn create_token(&self, cluster: &str, ttl: Duration) -> Result<String, HubError> {
-        create_token(&self.inner.store, cluster, ttl)
+    pub async fn create_token(&self, cluster: &str, ttl: Duration) -> Result<String, HubError> {
+        create_token(&self.inner.store, cluster, ttl).await
     }
 
     /// Queues a server-side apply of `manifest` on `cluster`; returns the command's seq.
-    pub fn apply(&self, cluster: &str, manifest: &str) -> Result<u64, HubError> {
-        self.queue(cluster, apply_command(manifest)?)
+    pub async fn apply(&self, cluster: &str, manifest: &str) -> Result<u64, HubError> {
+        self.queue(cluster, apply_command(manifest)?).await
     }
 
-    pub fn delete(&self, cluster: &str, object: ObjectRef) -> Result<u64, HubError> {
-        self.queue(cluster, delete_command(object)?)
+    pub async fn delete(&self, cluster: &str, object: ObjectRef) -> Result<u64, HubError> {
+        self.queue(cluster, delete_command(object)?).await
     }
 
     /// Queues a `Sync` of `manifests`, pruning as `prune` says (`None`: no prune).
-    pub fn sync(&self, cluster: &str, manifests: &[String], prune: Option<Prune>) -> Result<u64, HubError> {
-        self.queue(cluster, sync_command(manifests, prune)?)
+    pub async fn sync(
+        &self,
+        cluster: &str,
+        manifests: &[String],
+        prune: Option<Prune>,
+    ) -> Result<u64, HubError> {
+        self.queue(cluster, sync_command(manifests, prune)?).await
     }
 
     /// Queues a change of an App's secret config vars.
-    pub fn set_config(&self, cluster: &str, command: SetConfig) -> Result<u64, HubError> {
-        self.queue(cluster, set_config_command(command)?)
+    pub async fn set_config(&self, cluster: &str, command: SetConfig) -> Result<u64, HubError> {
+        self.queue(cluster, set_config_command(command)?).await
     }
 
-    pub fn cancel(&self, cluster: &str, namespace: &str, build: &str) -> Result<u64, HubError> {
-        self.queue(cluster, cancel_command(namespace, build)?)
+    pub async fn cancel(&self, cluster: &str, namespace: &str, build: &str) -> Result<u64, HubError> {
+        self.queue(cluster, cancel_command(namespace, build)?).await
     }
 
     /// Queues any encoded `ServerMessage`, unchecked (tests use it for hostile input).
-    pub fn queue(&self, cluster: &str, body: Vec<u8>) -> Result<u64, HubError> {
-        let seq = self.inner.store.add_command(cluster, &body)?;
+    pub async fn queue(&self, cluster: &str, body: Vec<u8>) -> Result<u64, HubError> {
+        let seq = self.inner.store.add_command(cluster, &body).await?;
         self.inner.wake(cluster).notify_one();
         Ok(seq)
     }
@@ -546,10 +599,10 @@ impl AgentTunnel for Service {
         let req = request.into_inner();
         let store = &self.inner.store;
         let hash = token_hash(req.token.trim());
-        let token = store.token(&hash).map_err(internal)?.ok_or_else(|| {
+        let token = store.token(&hash).await.map_err(internal)?.ok_or_else(|| {
             Status::unauthenticated("unknown enrollment token: create one with `shapeblock-hub token create`")
         })?;
-        let (cert_pem, key_hash) = self.inner.sign(&req.csr_pem, &token.cluster)?;
+        let (cert_pem, key_hash) = self.inner.sign(&req.csr_pem, &token.cluster).await?;
         // A used token still answers the key it was first used with: an agent that crashed
         // after the hub signed, before it stored the certificate, retries with the same key.
         if let Some(bound) = &token.bound_key {
@@ -567,20 +620,24 @@ impl AgentTunnel for Service {
                 now_unix() - token.expires_at
             )));
         }
-        if !store.bind_token(&hash, &key_hash, &cert_pem).map_err(internal)? {
+        if !store
+            .bind_token(&hash, &key_hash, &cert_pem)
+            .await
+            .map_err(internal)?
+        {
             return Err(Status::permission_denied(
                 "enrollment token already used (by another key)",
             ));
         }
         // A new token after a revocation: the cluster is a member again.
-        store.rejoined(&token.cluster).map_err(internal)?;
+        store.rejoined(&token.cluster).await.map_err(internal)?;
         tracing::info!(cluster = %token.cluster, "cluster enrolled");
         Ok(Response::new(self.response(&token.cluster, cert_pem)))
     }
 
     async fn renew(&self, request: Request<RenewRequest>) -> Result<Response<EnrollResponse>, Status> {
-        let (cluster, _, _) = self.admitted(&request)?;
-        let (cert_pem, _) = self.inner.sign(&request.into_inner().csr_pem, &cluster)?;
+        let (cluster, _, _) = self.admitted(&request).await?;
+        let (cert_pem, _) = self.inner.sign(&request.into_inner().csr_pem, &cluster).await?;
         tracing::info!(%cluster, "client certificate renewed");
         Ok(Response::new(self.response(&cluster, cert_pem)))
     }
@@ -591,7 +648,7 @@ impl AgentTunnel for Service {
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::TunnelStream>, Status> {
-        let (cluster, not_after, serial) = self.admitted(&request)?;
+        let (cluster, not_after, serial) = self.admitted(&request).await?;
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
             .await
@@ -604,8 +661,14 @@ impl AgentTunnel for Service {
             .inner
             .store
             .begin_session(&cluster, &hello)
+            .await
             .map_err(internal)?;
-        if let Err(e) = self.inner.store.set_session_certificate(&cluster, not_after) {
+        if let Err(e) = self
+            .inner
+            .store
+            .set_session_certificate(&cluster, not_after)
+            .await
+        {
             tracing::warn!(%e, "certificate expiry");
         }
         let (close, closed) = watch::channel(Close::Open);
@@ -628,7 +691,10 @@ impl AgentTunnel for Service {
         }
         // A revocation between the check above and this session's registration found no
         // session to close: look again now that it is registered.
-        if matches!(self.inner.store.certificate_allowed(&cluster, &serial), Ok(false)) {
+        if matches!(
+            self.inner.store.certificate_allowed(&cluster, &serial).await,
+            Ok(false)
+        ) {
             self.inner.close_session(&cluster, Close::Revoked);
         }
         tracing::info!(%cluster, epoch, last_agent_seq, agent = %hello.agent_version, "session started");
@@ -658,7 +724,7 @@ impl Service {
     /// The cluster of the client certificate and its expiry, if the certificate is not
     /// revoked: checked before anything else of a session or renewal, so a revoked
     /// cluster's still-valid certificate gets nothing.
-    fn admitted<T>(&self, request: &Request<T>) -> Result<(String, i64, String), Status> {
+    async fn admitted<T>(&self, request: &Request<T>) -> Result<(String, i64, String), Status> {
         let cluster = cluster_of(request)?;
         let leaf = request
             .peer_certs()
@@ -670,6 +736,7 @@ impl Service {
             .inner
             .store
             .certificate_allowed(&cluster, &serial)
+            .await
             .map_err(internal)?
         {
             tracing::warn!(%cluster, %serial, "a revoked certificate was refused");
@@ -746,7 +813,7 @@ async fn session(
                 }
                 Ok(Some(message)) => {
                     last_heard = Instant::now();
-                    match handle(&inner, &cluster, epoch, message) {
+                    match handle(&inner, &cluster, epoch, message).await {
                         // Acks are cumulative: never wait to send one (waiting could deadlock
                         // with an agent that waits for us to read); keep the latest instead.
                         Ok(Some(reply)) => pending_ack = Some(reply),
@@ -766,7 +833,7 @@ async fn session(
                 }
                 let hb = ServerMessage { seq: 0, body: Some(Down::Heartbeat(Heartbeat { sent_at_ms: now_ms() })) };
                 if tx.try_send(Ok(hb)).is_err() { /* full: the stream is busy, which is liveness enough */ }
-                if let Err(e) = inner.store.touch(&cluster) { tracing::warn!(%e, "touch"); }
+                if let Err(e) = inner.store.touch(&cluster).await { tracing::warn!(%e, "touch"); }
             }
         }
         if let Some(ack) = pending_ack.take()
@@ -776,7 +843,7 @@ async fn session(
         }
         // Send what is pending, as far as the outbound queue has room (bounded: a slow agent
         // holds commands in the store, not in memory).
-        match inner.store.pending_commands(&cluster, sent_upto, 32) {
+        match inner.store.pending_commands(&cluster, sent_upto, 32).await {
             Ok(rows) => {
                 let sent_before = sent_upto;
                 for row in rows {
@@ -791,7 +858,7 @@ async fn session(
                     sent_upto = row.seq;
                 }
                 if sent_upto > sent_before
-                    && let Err(e) = inner.store.mark_delivered(&cluster, sent_upto)
+                    && let Err(e) = inner.store.mark_delivered(&cluster, sent_upto).await
                 {
                     tracing::warn!(%e, "marking commands delivered");
                 }
@@ -811,7 +878,7 @@ async fn session(
     // After the session is gone from the map: a follower that registers from now on finds no
     // session, and one that registered before is ended here.
     inner.app_logs.session_ended(&cluster, epoch, &said);
-    if let Err(e) = inner.store.end_session(&cluster, epoch, &said) {
+    if let Err(e) = inner.store.end_session(&cluster, epoch, &said).await {
         tracing::warn!(%e, "end session");
     }
 }
@@ -884,8 +951,86 @@ fn status_of(p: &PhaseChange) -> ObjectStatus {
     }
 }
 
+/// What recording a sequenced agent message writes, given what the hub knows of the
+/// cluster's objects (for phase changes and snapshots).
+fn writes_of(
+    cluster: &str,
+    epoch: u64,
+    known: &[ObjectStatus],
+    body: &Up,
+) -> Result<Vec<Write>, store::StoreError> {
+    let event = |kind: &str, object: &str, detail: String| Write::Event {
+        kind: kind.into(),
+        object: object.into(),
+        detail,
+    };
+    let mut writes = Vec::new();
+    match body {
+        Up::Result(r) => {
+            let object = r.object.as_ref().map(object_key).unwrap_or_default();
+            writes.push(Write::Result {
+                command_seq: r.command_seq,
+                ok: r.ok,
+                message: r.message.clone(),
+            });
+            let detail = format!(
+                "command {} {}: {}",
+                r.command_seq,
+                if r.ok { "ok" } else { "failed" },
+                r.message
+            );
+            writes.push(event("result", &object, detail));
+            writes.push(Write::Feed(FeedEvent {
+                cluster: cluster.into(),
+                kind: feed::RESULT.into(),
+                epoch,
+                object,
+                message: r.message.clone(),
+                command_seq: r.command_seq,
+                ok: r.ok,
+                ..Default::default()
+            }));
+        }
+        Up::Phase(p) => {
+            let status = status_of(p);
+            if !known.contains(&status) {
+                writes.push(event("phase", &status.key, status.phase.clone()));
+                writes.push(Write::Feed(phase_event(cluster, epoch, &status)));
+                writes.push(Write::Object(status));
+            }
+        }
+        Up::Snapshot(s) => {
+            // Level: whatever differs from what the hub knows becomes an event, so a phase
+            // change lost to an agent restart still shows up once; and what a complete
+            // snapshot does not list is gone.
+            let mut changed = Vec::new();
+            for status in snapshot_changes(known, s) {
+                changed.push(format!("{}={}", status.key, status.phase));
+                writes.push(Write::Feed(phase_event(cluster, epoch, &status)));
+                writes.push(Write::Object(status));
+            }
+            if !changed.is_empty() {
+                writes.push(event("snapshot", "", changed.join(" ")));
+            }
+        }
+        Up::Log(l) => {
+            let stream = proto::log_stream(l).map_err(store::StoreError::Invalid)?;
+            writes.push(Write::Log(LogChunk {
+                stream,
+                offset: l.offset,
+                data: l.data.clone(),
+                truncated: l.truncated,
+                eof: l.eof,
+                kind: l.kind.clone(),
+            }));
+        }
+        Up::Hello(_) | Up::Heartbeat(_) | Up::Ack(_) | Up::Inventory(_) | Up::AppLog(_) => {}
+    }
+    Ok(writes)
+}
+
 /// Records one agent message; the reply (an ack) if any. An error ends the session.
-fn handle(
+async fn handle(
     inner: &Inner,
     cluster: &str,
     epoch: u64,
@@ -898,14 +1043,18 @@ fn handle(
     match &body {
         Up::Heartbeat(Heartbeat { sent_at_ms }) => {
             if *sent_at_ms > 0
-                && let Err(e) = inner.store.set_clock_skew(cluster, now_ms() - sent_at_ms)
+                && let Err(e) = inner.store.set_clock_skew(cluster, now_ms() - sent_at_ms).await
             {
                 tracing::warn!(%e, "clock skew");
             }
             return Ok(None);
         }
         Up::Inventory(inventory) => {
-            inner.store.set_inventory(cluster, inventory).map_err(internal)?;
+            inner
+                .store
+                .set_inventory(cluster, inventory)
+                .await
+                .map_err(internal)?;
             return Ok(None);
         }
         // Relayed by the session loop, never recorded.
@@ -934,88 +1083,16 @@ fn handle(
     // What the hub knows of the cluster's objects, for phase changes and snapshots only: a
     // log chunk must not cost a read of every object.
     let known = match &body {
-        Up::Phase(_) | Up::Snapshot(_) => store.objects(cluster).map_err(internal)?,
+        Up::Phase(_) | Up::Snapshot(_) => store.objects(cluster).await.map_err(internal)?,
         _ => Vec::new(),
     };
+    let writes = writes_of(cluster, epoch, &known, &body).map_err(|e| match e {
+        store::StoreError::Invalid(m) => Status::invalid_argument(m),
+        other => internal(other),
+    })?;
     let recorded = store
-        .record(cluster, epoch, seq, |tx| {
-            match &body {
-                Up::Result(r) => {
-                    let object = r.object.as_ref().map(object_key).unwrap_or_default();
-                    write::result(tx, cluster, r.command_seq, r.ok, &r.message)?;
-                    let detail = format!(
-                        "command {} {}: {}",
-                        r.command_seq,
-                        if r.ok { "ok" } else { "failed" },
-                        r.message
-                    );
-                    write::event(tx, cluster, seq, epoch, "result", &object, &detail)?;
-                    write::feed(
-                        tx,
-                        &FeedEvent {
-                            cluster: cluster.into(),
-                            kind: feed::RESULT.into(),
-                            epoch,
-                            object,
-                            message: r.message.clone(),
-                            command_seq: r.command_seq,
-                            ok: r.ok,
-                            ..Default::default()
-                        },
-                    )?;
-                }
-                Up::Phase(p) => {
-                    let status = status_of(p);
-                    if !known.contains(&status) {
-                        write::object(tx, cluster, &status)?;
-                        write::event(tx, cluster, seq, epoch, "phase", &status.key, &status.phase)?;
-                        write::feed(tx, &phase_event(cluster, epoch, &status))?;
-                    }
-                }
-                Up::Snapshot(s) => {
-                    // Level: whatever differs from what the hub knows becomes an event, so a
-                    // phase change lost to an agent restart still shows up once; and what a
-                    // complete snapshot does not list is gone.
-                    let mut changed = Vec::new();
-                    for status in snapshot_changes(&known, s) {
-                        write::object(tx, cluster, &status)?;
-                        write::feed(tx, &phase_event(cluster, epoch, &status))?;
-                        changed.push(format!("{}={}", status.key, status.phase));
-                    }
-                    if !changed.is_empty() {
-                        write::event(tx, cluster, seq, epoch, "snapshot", "", &changed.join(" "))?;
-                    }
-                }
-                Up::Log(l) => {
-                    let stream = proto::log_stream(l).map_err(store::StoreError::Invalid)?;
-                    let written = write::log(tx, cluster, &stream, l.offset, &l.data, l.truncated, l.eof)?;
-                    let log_event = |kind: &str, message: String, truncated: bool| FeedEvent {
-                        cluster: cluster.into(),
-                        kind: kind.into(),
-                        epoch,
-                        object: stream.clone(),
-                        message,
-                        truncated,
-                        ..Default::default()
-                    };
-                    if written.opened {
-                        write::feed(tx, &log_event(feed::LOG_OPENED, l.kind.chars().take(64).collect(), false))?;
-                    }
-                    if let Some((from, to)) = written.gap {
-                        tracing::warn!(%cluster, %stream, from, to, "log chunk after a gap: this store lacks bytes the agent delivered (restored or replaced?)");
-                        let detail = format!("bytes {from}..{to} missing: the store lost them");
-                        write::event(tx, cluster, seq, epoch, "log-gap", &stream, &detail)?;
-                        write::feed(tx, &log_event(feed::LOG_GAP, detail, true))?;
-                    }
-                    if written.ended {
-                        let end = l.offset.saturating_add(l.data.len() as u64);
-                        write::feed(tx, &log_event(feed::LOG_ENDED, format!("{end} bytes"), l.truncated))?;
-                    }
-                }
-                Up::Hello(_) | Up::Heartbeat(_) | Up::Ack(_) | Up::Inventory(_) | Up::AppLog(_) => {}
-            }
-            Ok(())
-        })
+        .record(cluster, epoch, seq, &writes)
+        .await
         .map_err(|e| match e {
             store::StoreError::Invalid(m) => Status::invalid_argument(m),
             other => internal(other),
@@ -1164,6 +1241,8 @@ mod fuzz {
     use super::*;
     use proptest::prelude::*;
     use shapeblock_proto::v1::{Hello, Inventory, LogChunk};
+    // The SQLite backend answers without waiting: its futures complete on the first poll.
+    use futures::executor::block_on;
     use std::sync::LazyLock;
 
     pub(crate) fn cases() -> u32 {
@@ -1183,10 +1262,10 @@ mod fuzz {
 
     static FIXTURE: LazyLock<Fixture> = LazyLock::new(|| {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("hub.sqlite")).unwrap();
-        let store_id = store.id().unwrap();
+        let store = Store::open_sqlite(&dir.path().join("hub.sqlite")).unwrap();
+        let store_id = block_on(store.id()).unwrap();
         let hello = Hello::default();
-        let (epoch, _) = store.begin_session(CLUSTER, &hello).unwrap();
+        let (epoch, _) = block_on(store.begin_session(CLUSTER, &hello)).unwrap();
         let ca = pki::Ca::load_or_create(dir.path()).unwrap();
         let (stopping, _) = watch::channel(false);
         let (close, _) = watch::channel(Close::Open);
@@ -1225,7 +1304,7 @@ mod fuzz {
 
     fn deliver(message: AgentMessage) -> Result<(), Status> {
         let f = &*FIXTURE;
-        handle(&f.inner, CLUSTER, f.epoch, message).map(drop)
+        block_on(handle(&f.inner, CLUSTER, f.epoch, message)).map(drop)
     }
 
     fn clean(outcome: Result<(), Status>) -> Result<(), TestCaseError> {
@@ -1239,7 +1318,7 @@ mod fuzz {
             prop_assert!(status.message().len() < 2048, "a short reason");
         }
         // The store still answers.
-        prop_assert!(FIXTURE.inner.store.objects(CLUSTER).is_ok());
+        prop_assert!(block_on(FIXTURE.inner.store.objects(CLUSTER)).is_ok());
         Ok(())
     }
 

@@ -114,8 +114,10 @@ pub fn log_stream(chunk: &v1::LogChunk) -> Result<String, String> {
     match LogKind::of(kind) {
         Some(LogKind::Build) => Ok(format!("{namespace}/{name}/{container}")),
         Some(LogKind::Run) => Ok(format!("{namespace}/runs/{name}/{container}")),
+        // The kind is the agent's words: shown cut, so the reason stays short.
         None => Err(format!(
-            "log chunk of kind {kind:?}: only AppBuild and AppRun have logs"
+            "log chunk of kind {}: only AppBuild and AppRun have logs",
+            shown(kind)
         )),
     }
 }

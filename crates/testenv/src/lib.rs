@@ -22,6 +22,7 @@ mod kubeconfig;
 pub mod kubelet;
 pub mod nodes;
 mod pki;
+pub mod postgres;
 mod process;
 pub mod proxy;
 pub mod realnode;
@@ -88,6 +89,8 @@ pub enum Error {
     Shared(String),
     #[error("real node: {0}")]
     RealNode(String),
+    #[error("Postgres: {0}")]
+    Postgres(String),
 }
 
 impl Error {
@@ -207,7 +210,7 @@ impl ControlPlane {
                 });
             }
         }
-        remove_stale_work_dirs(&options.work_root);
+        remove_stale_work_dirs(&options.work_root, WORK_DIR_PREFIX);
         let work_dir = options.work_root.join(format!(
             "{WORK_DIR_PREFIX}{}-{}",
             std::process::id(),
@@ -782,13 +785,13 @@ pub async fn install_crds(client: &Client, dir: &Path) -> Result<()> {
 
 /// Removes work directories of control planes whose process is gone (a killed test run
 /// cannot clean up after itself; the next one does).
-fn remove_stale_work_dirs(root: &Path) {
+fn remove_stale_work_dirs(root: &Path, prefix: &str) {
     let Ok(entries) = std::fs::read_dir(root) else {
         return;
     };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(WORK_DIR_PREFIX)) else {
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(prefix)) else {
             continue;
         };
         let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {

@@ -22,7 +22,11 @@ pub struct ManagedProcess {
     binary: PathBuf,
     args: Vec<String>,
     env: Vec<(String, String)>,
+    user: Option<User>,
 }
+
+/// An OS user (uid, gid) a child runs as, for programs that refuse root (Postgres).
+pub type User = (u32, u32);
 
 impl ManagedProcess {
     /// Starts `binary` with `args`, output appended to `log`.
@@ -42,7 +46,14 @@ impl ManagedProcess {
         log: &Path,
     ) -> Result<Self> {
         let out = File::create(log).map_err(|e| Error::io(format!("create {}", log.display()), e))?;
-        Self::spawn_to(name, binary, args, env, log, out)
+        Self::spawn_to(name, binary, args, env, None, log, out)
+    }
+
+    /// [`ManagedProcess::spawn`] as another OS user. The parent-death signal is set after the
+    /// switch: changing the user clears it.
+    pub fn spawn_as(name: &str, binary: &Path, args: &[String], user: User, log: &Path) -> Result<Self> {
+        let out = File::create(log).map_err(|e| Error::io(format!("create {}", log.display()), e))?;
+        Self::spawn_to(name, binary, args, &[], Some(user), log, out)
     }
 
     /// Stops the process (SIGTERM, SIGKILL after `grace`) and starts it again with the same
@@ -54,7 +65,15 @@ impl ManagedProcess {
             .append(true)
             .open(&self.log)
             .map_err(|e| Error::io(format!("open {}", self.log.display()), e))?;
-        let next = Self::spawn_to(&self.name, &self.binary, &self.args, &self.env, &self.log, out)?;
+        let next = Self::spawn_to(
+            &self.name,
+            &self.binary,
+            &self.args,
+            &self.env,
+            self.user,
+            &self.log,
+            out,
+        )?;
         *self = next;
         Ok(())
     }
@@ -64,6 +83,7 @@ impl ManagedProcess {
         binary: &Path,
         args: &[String],
         env: &[(String, String)],
+        user: Option<User>,
         log: &Path,
         out: File,
     ) -> Result<Self> {
@@ -76,6 +96,10 @@ impl ManagedProcess {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
+        if let Some((uid, gid)) = user {
+            // std switches the user before the pre_exec hook below runs.
+            command.uid(uid).gid(gid);
+        }
         // SAFETY: only async-signal-safe libc calls between fork and exec.
         unsafe {
             command.pre_exec(move || {
@@ -102,6 +126,7 @@ impl ManagedProcess {
             binary: binary.to_owned(),
             args: args.to_vec(),
             env: env.to_vec(),
+            user,
         })
     }
 

@@ -77,7 +77,7 @@ pub async fn start_agent(
         .await?;
     let binary = agent_binary()?;
     let log = work_dir.join("agent.log");
-    let token = hub.hub.create_token(CLUSTER, Duration::from_secs(600))?;
+    let token = hub.hub.create_token(CLUSTER, Duration::from_secs(600)).await?;
     let args = [
         format!("--hub-address={}", hub.hub.url()),
         format!("--enroll-token={token}"),
@@ -128,7 +128,7 @@ pub async fn start_hub(work_dir: &Path) -> Result<DemoHub, Box<dyn std::error::E
     config.api_listen = Some(([127, 0, 0, 1], 0).into());
     let hub = shapeblock_hub::Hub::start(config).await?;
     let api = hub.api_address().ok_or("the hub's API is not served")?;
-    let (_, key) = shapeblock_hub::api::create_api_key(hub.store(), "demo")?;
+    let (_, key) = shapeblock_hub::api::create_api_key(hub.store(), "demo").await?;
     let api_key_file = data_dir.join("api-key");
     {
         use std::io::Write;
@@ -192,10 +192,10 @@ pub async fn send_samples_and_follow(
     println!("  {:>6}  {:<44} WHAT", "TIME", "OBJECT");
     let mut shown = 0;
     for (_, manifest) in &projects {
-        hub.hub.apply(CLUSTER, manifest)?;
+        hub.hub.apply(CLUSTER, manifest).await?;
     }
-    let projects_ready = |hub: &DemoHub| -> bool {
-        let objects = hub.hub.store().objects(CLUSTER).unwrap_or_default();
+    let projects_ready = async |hub: &DemoHub| -> bool {
+        let objects = hub.hub.store().objects(CLUSTER).await.unwrap_or_default();
         projects.iter().all(|(_, m)| {
             let name = serde_yaml::from_str::<serde_json::Value>(m)
                 .ok()
@@ -208,14 +208,14 @@ pub async fn send_samples_and_follow(
     };
     let mut rest_sent = false;
     while started.elapsed() < limit {
-        shown = print_new_events(hub, started, shown)?;
-        if !rest_sent && projects_ready(hub) {
+        shown = print_new_events(hub, started, shown).await?;
+        if !rest_sent && projects_ready(hub).await {
             for (_, manifest) in &rest {
-                hub.hub.apply(CLUSTER, manifest)?;
+                hub.hub.apply(CLUSTER, manifest).await?;
             }
             rest_sent = true;
         }
-        let objects = hub.hub.store().objects(CLUSTER)?;
+        let objects = hub.hub.store().objects(CLUSTER).await?;
         let phase_of = |key: &str| objects.iter().find(|o| o.key == key).map(|o| o.phase.clone());
         let build_done = phase_of(&format!("AppBuild/my-project/{DEMO_BUILD}"))
             .is_some_and(|p| matches!(p.as_str(), "Completed" | "Failed" | "Cancelled"));
@@ -224,9 +224,9 @@ pub async fn send_samples_and_follow(
         let run_done = phase_of(&format!("AppRun/my-project/{DEMO_RUN}"))
             .is_some_and(|p| matches!(p.as_str(), "Succeeded" | "Failed"));
         let stream = format!("my-project/runs/{DEMO_RUN}/run");
-        let (output, _, output_done) = hub.hub.store().log(CLUSTER, &stream)?;
+        let (output, _, output_done) = hub.hub.store().log(CLUSTER, &stream).await?;
         if build_done && database_done && run_done && output_done {
-            print_new_events(hub, started, shown)?;
+            print_new_events(hub, started, shown).await?;
             println!();
             println!(
                 "output of AppRun {DEMO_RUN}, as the hub received it (shapeblock-hub logs --stream {stream}):"
@@ -252,13 +252,13 @@ const DEMO_RUN_OUTPUT: &[&str] = &[
     "all checks passed",
 ];
 
-fn print_new_events(
+async fn print_new_events(
     hub: &DemoHub,
     started: std::time::Instant,
     shown: usize,
 ) -> Result<usize, Box<dyn std::error::Error>> {
-    let events = hub.hub.store().events(CLUSTER)?;
-    let objects = hub.hub.store().objects(CLUSTER)?;
+    let events = hub.hub.store().events(CLUSTER).await?;
+    let objects = hub.hub.store().objects(CLUSTER).await?;
     for (_, kind, object, detail) in events.iter().skip(shown) {
         let at = started.elapsed().as_secs_f64();
         match kind.as_str() {

@@ -1,6 +1,6 @@
-//! The hub's store: SQLite in WAL mode, so the CLI (`token create`, `apply`) and a running hub
-//! share one file safely, and a killed hub loses nothing that was acknowledged (every ack is
-//! sent after the transaction that recorded the message commits).
+//! The SQLite backend: one file in WAL mode, so the CLI and a running hub share it safely.
+//! One connection behind a mutex: writers take turns, which is what numbers the feed in
+//! commit order.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -9,184 +9,10 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use shapeblock_proto::now_unix;
 
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("hub store: {0}")]
-    Sql(#[from] rusqlite::Error),
-    #[error("{0}")]
-    Invalid(String),
-    /// The request contradicts what the store holds (an idempotency key reused).
-    #[error("{0}")]
-    Conflict(String),
-}
+use super::*;
 
-pub type Result<T, E = StoreError> = std::result::Result<T, E>;
-
-pub struct Store {
+pub(super) struct Sqlite {
     conn: Mutex<Connection>,
-    /// Bumped after every commit that may have added to the feed: watchers wait on it
-    /// instead of polling the store in a tight loop.
-    tick: tokio::sync::watch::Sender<u64>,
-}
-
-/// A token as stored (only its hash is kept).
-#[derive(Debug, Clone)]
-pub struct TokenRow {
-    pub cluster: String,
-    pub expires_at: i64,
-    /// SHA-256 (hex) of the public key of the first CSR signed with it.
-    pub bound_key: Option<String>,
-    pub cert_pem: Option<String>,
-}
-
-/// A command waiting for (or answered by) the agent.
-#[derive(Debug, Clone)]
-pub struct CommandRow {
-    pub seq: u64,
-    /// Encoded `ServerMessage` without its seq.
-    pub body: Vec<u8>,
-    pub done: bool,
-    pub ok: Option<bool>,
-    pub message: Option<String>,
-    /// Sent to the agent at least once.
-    pub delivered: bool,
-    pub created_at: i64,
-}
-
-/// A cluster's delivery state and what its agent said about itself.
-#[derive(Debug, Clone, Default)]
-pub struct ClusterRow {
-    pub id: String,
-    pub epoch: u64,
-    pub last_agent_seq: u64,
-    pub connected: bool,
-    pub last_seen: i64,
-    /// From the last hello.
-    pub agent_version: Option<String>,
-    pub capabilities: Vec<String>,
-    /// The latest inventory (hello or refresh).
-    pub inventory: Option<InventoryRow>,
-    /// Hub clock minus the agent's, in ms, from its last heartbeat (network delay included).
-    pub clock_skew_ms: Option<i64>,
-    /// `not_after` of the certificate of the latest session (Unix seconds; 0: unknown).
-    pub cert_not_after: i64,
-    /// Revoked, and not enrolled again since.
-    pub revoked: bool,
-}
-
-/// A cluster's inventory as stored: named fields (JSON in the store).
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct InventoryRow {
-    pub kubernetes_version: String,
-    pub node_count: u32,
-    pub allocatable_cpu_millis: u64,
-    pub allocatable_memory_bytes: u64,
-    /// When the hub received it, Unix seconds.
-    pub received_at: i64,
-}
-
-impl InventoryRow {
-    pub fn from_proto(inventory: &shapeblock_proto::v1::Inventory, received_at: i64) -> Self {
-        Self {
-            // The agent's words: bounded before they are kept.
-            kubernetes_version: inventory.kubernetes_version.chars().take(64).collect(),
-            node_count: inventory.node_count,
-            allocatable_cpu_millis: inventory.allocatable_cpu_millis,
-            allocatable_memory_bytes: inventory.allocatable_memory_bytes,
-            received_at,
-        }
-    }
-}
-
-/// The current status of one object, as the agent last reported it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ObjectStatus {
-    pub key: String,
-    pub phase: String,
-    pub observed_generation: i64,
-    pub reason: String,
-    pub message: String,
-}
-
-/// A command to queue ([`Store::add_command_once`]).
-pub struct Queued<'a> {
-    pub cluster: &'a str,
-    /// Encoded `ServerMessage` without its seq.
-    pub body: &'a [u8],
-    /// For the `queued` event: the command's kind and the object it names (if one).
-    pub kind: &'a str,
-    pub object: &'a str,
-    /// (key, digest of the request).
-    pub idempotency: Option<(&'a str, &'a str)>,
-}
-
-/// What the feed's `kind` column holds.
-pub mod feed {
-    pub const PHASE: &str = "phase";
-    pub const RESULT: &str = "result";
-    pub const QUEUED: &str = "queued";
-    pub const SESSION_UP: &str = "session-up";
-    pub const SESSION_DOWN: &str = "session-down";
-    pub const LOG_OPENED: &str = "log-opened";
-    pub const LOG_ENDED: &str = "log-ended";
-    pub const LOG_GAP: &str = "log-gap";
-    pub const REVOKED: &str = "revoked";
-}
-
-/// One entry of the feed: everything the hub records, numbered in the order it was
-/// committed (SQLite `AUTOINCREMENT` inside the writing transaction, and writers take turns,
-/// so a reader never sees id n+1 before id n).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct FeedEvent {
-    pub id: u64,
-    pub cluster: String,
-    pub kind: String,
-    pub at_ms: i64,
-    pub epoch: u64,
-    pub object: String,
-    pub phase: String,
-    pub reason: String,
-    pub message: String,
-    pub command_seq: u64,
-    pub ok: bool,
-    pub truncated: bool,
-}
-
-/// An API key as stored (only its hash is kept).
-#[derive(Debug, Clone, PartialEq)]
-pub struct ApiKeyRow {
-    pub id: String,
-    pub name: String,
-    pub created_at: i64,
-    pub revoked_at: Option<i64>,
-}
-
-/// A log stream: how much is stored and whether it ended.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LogStreamRow {
-    pub stream: String,
-    pub length: u64,
-    pub ended: bool,
-    pub truncated: bool,
-}
-
-/// Bytes of a log from an offset ([`Store::read_log`]).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct LogRead {
-    pub offset: u64,
-    pub data: Vec<u8>,
-    pub next_offset: u64,
-    pub truncated: bool,
-    /// Nothing follows `next_offset` (complete, or cut short when `truncated`).
-    pub eof: bool,
-}
-
-/// What revoking a token found.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum TokenRevoke {
-    Revoked,
-    Used,
-    Unknown,
 }
 
 const SCHEMA: &str = "
@@ -229,8 +55,8 @@ CREATE TABLE IF NOT EXISTS idempotency (
   PRIMARY KEY (cluster, key));
 ";
 
-impl Store {
-    pub fn open(path: &Path) -> Result<Self> {
+impl Sqlite {
+    pub(super) fn open(path: &Path) -> Result<Self> {
         let conn = Connection::open(path)?;
         // WAL: readers (the CLI) never block the hub; busy_timeout: the CLI and the hub take
         // turns instead of failing with SQLITE_BUSY.
@@ -239,28 +65,14 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
         migrate(&conn)?;
-        // The store's identity, made once with the store: agents tie what they executed to
-        // it, so a replaced store is noticed (see `HelloAck.store_id`).
-        let mut id = [0u8; 16];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
-            .map_err(|_| StoreError::Invalid("no system randomness".into()))?;
+        // The store's identity, made once with the store.
         conn.execute(
             "INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', ?1)",
-            params![shapeblock_proto::hex(&id)],
+            params![new_store_id()?],
         )?;
         Ok(Self {
             conn: Mutex::new(conn),
-            tick: tokio::sync::watch::channel(0).0,
         })
-    }
-
-    /// Changes whenever the feed may have grown (in this process).
-    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.tick.subscribe()
-    }
-
-    fn bump(&self) {
-        self.tick.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// The identity of this store, made when it was created.
@@ -321,24 +133,12 @@ impl Store {
         })
     }
 
-    /// Queues a command (an encoded `ServerMessage` body) for a cluster; returns its seq.
-    pub fn add_command(&self, cluster: &str, body: &[u8]) -> Result<u64> {
-        let queued = Queued {
-            cluster,
-            body,
-            kind: "",
-            object: "",
-            idempotency: None,
-        };
-        Ok(self.add_command_once(&queued)?.0)
-    }
-
     /// Queues a command, recording a `queued` event; with an idempotency key (and a digest
     /// of the request), a key seen before returns the command it queued then (and true),
     /// queuing nothing; the same key with another request is refused.
     pub fn add_command_once(&self, queued: &Queued<'_>) -> Result<(u64, bool)> {
         let cluster = queued.cluster;
-        let outcome = self.with(|c| {
+        self.with(|c| {
             let tx = c.transaction()?;
             if let Some((key, request)) = queued.idempotency {
                 let earlier: Option<(u64, String)> = tx
@@ -373,7 +173,7 @@ impl Store {
                     params![cluster, key, request, seq],
                 )?;
             }
-            write::feed(
+            write_feed(
                 &tx,
                 &FeedEvent {
                     cluster: cluster.into(),
@@ -386,29 +186,27 @@ impl Store {
             )?;
             tx.commit()?;
             Ok((seq, false))
-        })?;
-        self.bump();
-        Ok(outcome)
+        })
     }
 
-    /// Commands without a result, from `after` on, in order, at most `limit`.
-    pub fn pending_commands(&self, cluster: &str, after: u64, limit: u32) -> Result<Vec<CommandRow>> {
-        self.commands_where(cluster, "done = 0 AND seq > ?2", after, limit)
-    }
-
-    /// Every command of a cluster (for the CLI and tests).
-    pub fn commands(&self, cluster: &str) -> Result<Vec<CommandRow>> {
-        self.commands_where(cluster, "seq > ?2", 0, u32::MAX)
-    }
-
-    fn commands_where(&self, cluster: &str, cond: &str, after: u64, limit: u32) -> Result<Vec<CommandRow>> {
+    pub(super) fn commands_where(
+        &self,
+        cluster: &str,
+        which: Commands,
+        limit: u32,
+    ) -> Result<Vec<CommandRow>> {
+        let (cond, after) = match which {
+            Commands::After(after) => ("seq > ?2", after),
+            Commands::PendingAfter(after) => ("done = 0 AND seq > ?2", after),
+            Commands::Seq(seq) => ("seq = ?2", seq),
+        };
         self.with(|c| {
             let sql = format!(
                 "SELECT seq, body, done, ok, message, delivered, created_at FROM commands WHERE cluster = ?1 AND {cond} ORDER BY seq LIMIT ?3"
             );
             let mut stmt = c.prepare(&sql)?;
             let rows = stmt
-                .query_map(params![cluster, after, limit], |r| {
+                .query_map(params![cluster, big(after), limit], |r| {
                     Ok(CommandRow {
                         seq: r.get(0)?,
                         body: r.get(1)?,
@@ -422,14 +220,6 @@ impl Store {
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(rows)
         })
-    }
-
-    /// One command of a cluster.
-    pub fn command(&self, cluster: &str, seq: u64) -> Result<Option<CommandRow>> {
-        Ok(self
-            .commands_where(cluster, "seq = ?2", seq, 1)?
-            .into_iter()
-            .next())
     }
 
     /// Marks the commands sent in a session, up to `seq`, delivered.
@@ -466,20 +256,8 @@ impl Store {
     /// (epoch, last agent seq recorded).
     pub fn begin_session(&self, cluster: &str, hello: &shapeblock_proto::v1::Hello) -> Result<(u64, u64)> {
         let now = now_unix();
-        // The agent's words: bounded before they are kept.
-        let version: String = hello.agent_version.chars().take(64).collect();
-        let capabilities: Vec<String> = hello
-            .capabilities
-            .iter()
-            .take(64)
-            .map(|c| c.chars().take(64).collect())
-            .collect();
-        let capabilities = serde_json::to_string(&capabilities).unwrap_or_default();
-        let inventory = hello
-            .inventory
-            .as_ref()
-            .map(|i| serde_json::to_string(&InventoryRow::from_proto(i, now)).unwrap_or_default());
-        let begun = self.with(|c| {
+        let (version, capabilities, inventory) = hello_fields(hello, now);
+        self.with(|c| {
             let tx = c.transaction()?;
             Self::ensure_cluster(&tx, cluster)?;
             let (epoch, last): (u64, u64) = tx.query_row(
@@ -489,7 +267,7 @@ impl Store {
                 params![cluster, now, version, capabilities, inventory],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )?;
-            write::feed(
+            write_feed(
                 &tx,
                 &FeedEvent {
                     cluster: cluster.into(),
@@ -501,9 +279,7 @@ impl Store {
             )?;
             tx.commit()?;
             Ok((epoch, last))
-        })?;
-        self.bump();
-        Ok(begun)
+        })
     }
 
     /// Keeps the expiry of the certificate a session was opened with.
@@ -518,9 +294,7 @@ impl Store {
     }
 
     /// Keeps a fresh inventory of a cluster.
-    pub fn set_inventory(&self, cluster: &str, inventory: &shapeblock_proto::v1::Inventory) -> Result<()> {
-        let row = InventoryRow::from_proto(inventory, now_unix());
-        let json = serde_json::to_string(&row).unwrap_or_default();
+    pub fn set_inventory(&self, cluster: &str, json: &str) -> Result<()> {
         self.with(|c| {
             c.execute(
                 "UPDATE clusters SET inventory = ?2 WHERE id = ?1",
@@ -550,21 +324,19 @@ impl Store {
                 "UPDATE clusters SET connected = 0 WHERE id = ?1 AND epoch = ?2",
                 params![cluster, epoch],
             )?;
-            write::feed(
+            write_feed(
                 &tx,
                 &FeedEvent {
                     cluster: cluster.into(),
                     kind: feed::SESSION_DOWN.into(),
                     epoch,
-                    message: reason.chars().take(512).collect(),
+                    message: reason.into(),
                     ..Default::default()
                 },
             )?;
             tx.commit()?;
             Ok(())
-        })?;
-        self.bump();
-        Ok(())
+        })
     }
 
     pub fn mark_disconnected_all(&self) -> Result<()> {
@@ -584,16 +356,7 @@ impl Store {
         })
     }
 
-    /// Records one sequenced agent message, exactly once: returns false (and changes nothing)
-    /// when `seq` was already recorded or `epoch` is no longer current. `apply` runs in the
-    /// same transaction, so an ack is only ever sent for what is durably stored.
-    pub fn record(
-        &self,
-        cluster: &str,
-        epoch: u64,
-        seq: u64,
-        apply: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<()>,
-    ) -> Result<bool> {
+    pub fn record(&self, cluster: &str, epoch: u64, seq: u64, writes: &[Write]) -> Result<bool> {
         self.with(|c| {
             let tx = c.transaction()?;
             let (current, last): (u64, u64) = tx.query_row(
@@ -604,18 +367,15 @@ impl Store {
             if current != epoch || seq <= last {
                 return Ok(false);
             }
-            apply(&tx)?;
+            for write in writes {
+                apply(&tx, cluster, epoch, seq, write)?;
+            }
             tx.execute(
                 "UPDATE clusters SET last_agent_seq = ?2, last_seen = ?3 WHERE id = ?1",
                 params![cluster, seq, now_unix()],
             )?;
             tx.commit()?;
             Ok(true)
-        })
-        .inspect(|recorded| {
-            if *recorded {
-                self.bump();
-            }
         })
     }
 
@@ -835,7 +595,7 @@ impl Store {
     /// Revokes every certificate of a cluster and drops its tokens (used ones too: a used
     /// token answers its key with the revoked certificate); false if the cluster is unknown.
     pub fn revoke_cluster(&self, cluster: &str) -> Result<bool> {
-        let found = self.with(|c| {
+        self.with(|c| {
             let tx = c.transaction()?;
             let n = tx.execute(
                 "UPDATE clusters SET revoked = 1, revoked_at = ?2 WHERE id = ?1",
@@ -849,7 +609,7 @@ impl Store {
                 params![cluster],
             )?;
             tx.execute("DELETE FROM tokens WHERE cluster = ?1", params![cluster])?;
-            write::feed(
+            write_feed(
                 &tx,
                 &FeedEvent {
                     cluster: cluster.into(),
@@ -859,11 +619,7 @@ impl Store {
             )?;
             tx.commit()?;
             Ok(true)
-        })?;
-        if found {
-            self.bump();
-        }
-        Ok(found)
+        })
     }
 
     /// Feed entries after `after`, of one cluster or all, in order, at most `limit`.
@@ -874,7 +630,7 @@ impl Store {
                  FROM feed WHERE id > ?2 AND (?1 IS NULL OR cluster = ?1) ORDER BY id LIMIT ?3",
             )?;
             let rows = stmt
-                .query_map(params![cluster, after, limit], |r| {
+                .query_map(params![cluster, big(after), limit], |r| {
                     Ok(FeedEvent {
                         id: r.get(0)?,
                         cluster: r.get(1)?,
@@ -927,7 +683,7 @@ impl Store {
                  WHERE cluster = ?1 AND stream = ?2 AND offset + length(data) >= ?3 ORDER BY offset LIMIT 512",
             )?;
             let rows = stmt
-                .query_map(params![cluster, stream, offset], |r| {
+                .query_map(params![cluster, stream, big(offset)], |r| {
                     Ok((
                         r.get::<_, u64>(0)?,
                         r.get::<_, Vec<u8>>(1)?,
@@ -939,49 +695,6 @@ impl Store {
             Ok(read_rows(offset, limit, &rows))
         })
     }
-}
-
-/// [`Store::read_log`] over the chunks that end at or after `offset`, in order.
-fn read_rows(offset: u64, limit: usize, rows: &[(u64, Vec<u8>, bool, bool)]) -> LogRead {
-    let mut out = LogRead {
-        offset,
-        next_offset: offset,
-        ..Default::default()
-    };
-    let mut pos = offset;
-    for (i, (start, data, truncated, eof)) in rows.iter().enumerate() {
-        if *start > pos {
-            // Inside the bytes a marker says are missing: jump over them.
-            if !out.data.is_empty() {
-                break;
-            }
-            pos = *start;
-            out.offset = pos;
-        }
-        let skip = (pos - start) as usize;
-        let rest = data.get(skip..).unwrap_or_default();
-        let room = limit.saturating_sub(out.data.len());
-        let taken = rest.len().min(room);
-        out.data.extend_from_slice(&rest[..taken]);
-        pos += taken as u64;
-        if taken < rest.len() {
-            break;
-        }
-        if *truncated {
-            out.truncated = true;
-            match rows.get(i + 1) {
-                Some((next, ..)) => pos = pos.max(*next),
-                None => out.eof = true,
-            }
-            break;
-        }
-        if *eof {
-            out.eof = true;
-            break;
-        }
-    }
-    out.next_offset = pos;
-    out
 }
 
 fn api_key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ApiKeyRow> {
@@ -1042,249 +755,145 @@ fn cluster_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ClusterRow> {
     })
 }
 
-/// Writes for [`Store::record`]'s callback.
-pub mod write {
-    use super::*;
+/// Appends to the feed (its id and time are the store's).
+fn write_feed(conn: &Connection, e: &FeedEvent) -> Result<()> {
+    conn.execute(
+        "INSERT INTO feed (cluster, kind, at_ms, epoch, object, phase, reason, message, command_seq, ok, truncated)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        params![
+            e.cluster,
+            e.kind,
+            shapeblock_proto::now_unix_ms(),
+            e.epoch,
+            e.object,
+            e.phase,
+            e.reason,
+            e.message,
+            e.command_seq,
+            e.ok as i64,
+            e.truncated as i64
+        ],
+    )?;
+    Ok(())
+}
 
-    /// Appends to the feed (its id and time are the store's).
-    pub fn feed(conn: &Connection, e: &FeedEvent) -> Result<()> {
-        conn.execute(
-            "INSERT INTO feed (cluster, kind, at_ms, epoch, object, phase, reason, message, command_seq, ok, truncated)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-            params![
-                e.cluster,
-                e.kind,
-                shapeblock_proto::now_unix_ms(),
-                e.epoch,
-                e.object,
-                e.phase,
-                e.reason,
-                e.message,
-                e.command_seq,
-                e.ok as i64,
-                e.truncated as i64
-            ],
-        )?;
-        Ok(())
-    }
-
-    /// What [`log`] stored.
-    #[derive(Debug, Default, PartialEq)]
-    pub struct LogWrite {
-        /// The bytes (start, end) this store lacks before the chunk.
-        pub gap: Option<(u64, u64)>,
-        /// The stream's first record.
-        pub opened: bool,
-        /// The record that ends the stream (eof or truncated).
-        pub ended: bool,
-    }
-
-    pub fn event(
-        tx: &rusqlite::Transaction<'_>,
-        cluster: &str,
-        seq: u64,
-        epoch: u64,
-        kind: &str,
-        object: &str,
-        detail: &str,
-    ) -> Result<()> {
-        tx.execute(
-            "INSERT INTO events (cluster, agent_seq, epoch, kind, object, detail, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![cluster, seq, epoch, kind, object, detail, now_unix()],
-        )?;
-        Ok(())
-    }
-
-    pub fn object(tx: &rusqlite::Transaction<'_>, cluster: &str, status: &ObjectStatus) -> Result<()> {
-        tx.execute(
-            "INSERT INTO objects (cluster, object, phase, observed_generation, reason, message, at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-             ON CONFLICT (cluster, object) DO UPDATE SET phase = excluded.phase,
-               observed_generation = excluded.observed_generation, reason = excluded.reason,
-               message = excluded.message, at = excluded.at",
-            params![
-                cluster,
-                status.key,
-                status.phase,
-                status.observed_generation,
-                status.reason,
-                status.message,
-                now_unix()
-            ],
-        )?;
-        Ok(())
-    }
-
-    pub fn result(
-        tx: &rusqlite::Transaction<'_>,
-        cluster: &str,
-        command_seq: u64,
-        ok: bool,
-        message: &str,
-    ) -> Result<()> {
-        tx.execute(
-            "UPDATE commands SET done = 1, ok = ?3, message = ?4 WHERE cluster = ?1 AND seq = ?2",
-            params![cluster, command_seq, ok as i64, message],
-        )?;
-        // A done command is never sent again: the values of secret config vars are not
-        // needed any more, and the hub keeps only their names.
-        let body: Option<Vec<u8>> = tx
-            .query_row(
-                "SELECT body FROM commands WHERE cluster = ?1 AND seq = ?2",
-                params![cluster, command_seq],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if let Some(redacted) = body.as_deref().and_then(forget_config_values) {
+/// One write of [`Sqlite::record`], in its transaction.
+fn apply(tx: &rusqlite::Transaction<'_>, cluster: &str, epoch: u64, seq: u64, write: &Write) -> Result<()> {
+    match write {
+        Write::Event { kind, object, detail } => {
             tx.execute(
-                "UPDATE commands SET body = ?3 WHERE cluster = ?1 AND seq = ?2",
-                params![cluster, command_seq, redacted],
+                "INSERT INTO events (cluster, agent_seq, epoch, kind, object, detail, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![cluster, seq, epoch, kind, object, detail, now_unix()],
             )?;
         }
-        Ok(())
-    }
-
-    /// The body of a set-config command with its values emptied; `None` for other commands.
-    fn forget_config_values(body: &[u8]) -> Option<Vec<u8>> {
-        use prost::Message;
-        use shapeblock_proto::v1::ServerMessage;
-        use shapeblock_proto::v1::server_message::Body;
-        let mut message = ServerMessage::decode(body).ok()?;
-        let Some(Body::SetConfig(command)) = message.body.as_mut() else {
-            return None;
-        };
-        command.set.values_mut().for_each(String::clear);
-        Some(message.encode_to_vec())
-    }
-
-    /// Appends a log chunk. A chunk that overlaps what is stored is cut to the new bytes, so a
-    /// replay never duplicates a byte. One that leaves a gap is stored after a truncation
-    /// marker where the gap begins, and the gap (start, end) is reported: the agent counts
-    /// offsets itself, so a gap means this store lost bytes it had acknowledged (restored
-    /// from a backup, replaced). Refusing the chunk would end every session of the agent on
-    /// the same resend.
-    pub fn log(
-        tx: &rusqlite::Transaction<'_>,
-        cluster: &str,
-        stream: &str,
-        offset: u64,
-        data: &[u8],
-        truncated: bool,
-        eof: bool,
-    ) -> Result<LogWrite> {
-        // Stored chunks never overlap, so the last one by offset ends the log: one index
-        // lookup, not a scan of every chunk (a 1 GiB log is 32,768 of them).
-        let last: Option<(u64, bool)> = tx
-            .query_row(
-                "SELECT offset + length(data), eof OR truncated FROM logs WHERE cluster = ?1 AND stream = ?2 ORDER BY offset DESC LIMIT 1",
-                params![cluster, stream],
-                |r| Ok((r.get(0)?, r.get::<_, i64>(1)? != 0)),
-            )
-            .optional()?;
-        let (end, ended_before) = last.unwrap_or((0, false));
-        let mut gap = None;
-        if offset > end && !truncated {
+        Write::Object(status) => {
             tx.execute(
-                "INSERT OR REPLACE INTO logs (cluster, stream, offset, data, truncated, eof) VALUES (?1, ?2, ?3, x'', 1, 0)",
-                params![cluster, stream, end],
+                "INSERT INTO objects (cluster, object, phase, observed_generation, reason, message, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (cluster, object) DO UPDATE SET phase = excluded.phase,
+                   observed_generation = excluded.observed_generation, reason = excluded.reason,
+                   message = excluded.message, at = excluded.at",
+                params![
+                    cluster,
+                    status.key,
+                    status.phase,
+                    status.observed_generation,
+                    status.reason,
+                    status.message,
+                    now_unix()
+                ],
             )?;
-            gap = Some((end, offset));
         }
-        let skip = end.saturating_sub(offset) as usize;
-        if skip >= data.len() && !truncated && !eof {
-            return Ok(LogWrite {
-                gap,
-                ..Default::default()
-            });
+        Write::Result {
+            command_seq,
+            ok,
+            message,
+        } => {
+            tx.execute(
+                "UPDATE commands SET done = 1, ok = ?3, message = ?4 WHERE cluster = ?1 AND seq = ?2",
+                params![cluster, command_seq, *ok as i64, message],
+            )?;
+            let body: Option<Vec<u8>> = tx
+                .query_row(
+                    "SELECT body FROM commands WHERE cluster = ?1 AND seq = ?2",
+                    params![cluster, command_seq],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(redacted) = body.as_deref().and_then(forget_config_values) {
+                tx.execute(
+                    "UPDATE commands SET body = ?3 WHERE cluster = ?1 AND seq = ?2",
+                    params![cluster, command_seq, redacted],
+                )?;
+            }
         }
-        let data = data.get(skip..).unwrap_or_default();
+        Write::Feed(e) => write_feed(tx, e)?,
+        Write::Log(chunk) => {
+            let written = write_log(tx, cluster, chunk)?;
+            for implied in chunk.implied(cluster, epoch, &written) {
+                apply(tx, cluster, epoch, seq, &implied)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Appends a log chunk. A chunk that overlaps what is stored is cut to the new bytes, so a
+/// replay never duplicates a byte. One that leaves a gap is stored after a truncation
+/// marker where the gap begins, and the gap (start, end) is reported: the agent counts
+/// offsets itself, so a gap means this store lost bytes it had acknowledged (restored
+/// from a backup, replaced). Refusing the chunk would end every session of the agent on
+/// the same resend.
+fn write_log(tx: &rusqlite::Transaction<'_>, cluster: &str, chunk: &LogChunk) -> Result<LogWrite> {
+    let LogChunk {
+        stream,
+        offset,
+        data,
+        truncated,
+        eof,
+        ..
+    } = chunk;
+    let (offset, truncated, eof) = (*offset, *truncated, *eof);
+    // Stored chunks never overlap, so the last one by offset ends the log: one index
+    // lookup, not a scan of every chunk (a 1 GiB log is 32,768 of them).
+    let last: Option<(u64, bool)> = tx
+        .query_row(
+            "SELECT offset + length(data), eof OR truncated FROM logs WHERE cluster = ?1 AND stream = ?2 ORDER BY offset DESC LIMIT 1",
+            params![cluster, stream],
+            |r| Ok((r.get(0)?, r.get::<_, i64>(1)? != 0)),
+        )
+        .optional()?;
+    let (end, ended_before) = last.unwrap_or((0, false));
+    let mut gap = None;
+    if offset > end && !truncated {
         tx.execute(
-            "INSERT OR REPLACE INTO logs (cluster, stream, offset, data, truncated, eof) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![cluster, stream, offset.max(end), data, truncated as i64, eof as i64],
+            "INSERT OR REPLACE INTO logs (cluster, stream, offset, data, truncated, eof) VALUES (?1, ?2, ?3, x'', 1, 0)",
+            params![cluster, stream, end],
         )?;
-        Ok(LogWrite {
+        gap = Some((end, offset));
+    }
+    let skip = end.saturating_sub(offset) as usize;
+    if skip >= data.len() && !truncated && !eof {
+        return Ok(LogWrite {
             gap,
-            opened: last.is_none(),
-            ended: (truncated || eof) && !ended_before,
-        })
+            ..Default::default()
+        });
     }
+    let data = data.get(skip..).unwrap_or_default();
+    tx.execute(
+        "INSERT OR REPLACE INTO logs (cluster, stream, offset, data, truncated, eof) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![cluster, stream, offset.max(end), data, truncated as i64, eof as i64],
+    )?;
+    Ok(LogWrite {
+        gap,
+        opened: last.is_none(),
+        ended: (truncated || eof) && !ended_before,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_log_reads_from_any_offset_jumps_a_gap_after_its_marker_and_says_where_it_ends() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("hub.sqlite")).unwrap();
-        store.add_token("h", "c", i64::MAX).unwrap();
-        let (epoch, _) = store.begin_session("c", &Default::default()).unwrap();
-        let mut seq = 0;
-        let mut chunk = |offset: u64, data: &[u8], eof: bool| {
-            seq += 1;
-            let mut written = write::LogWrite::default();
-            store
-                .record("c", epoch, seq, |tx| {
-                    written = write::log(tx, "c", "ns/b/build", offset, data, false, eof)?;
-                    Ok(())
-                })
-                .unwrap();
-            written
-        };
-        assert!(chunk(0, b"hello ", false).opened);
-        // A chunk past the end: the store lost bytes 6..10.
-        let gapped = chunk(10, b"world", false);
-        assert_eq!(
-            (gapped.gap, gapped.opened, gapped.ended),
-            (Some((6, 10)), false, false)
-        );
-        let read = |offset, limit| store.read_log("c", "ns/b/build", offset, limit).unwrap();
-        let first = read(0, 1 << 20);
-        assert_eq!(
-            (
-                first.data.as_slice(),
-                first.truncated,
-                first.eof,
-                first.next_offset
-            ),
-            (&b"hello "[..], true, false, 10)
-        );
-        let second = read(first.next_offset, 1 << 20);
-        assert_eq!(
-            (second.offset, second.data.as_slice(), second.eof),
-            (10, &b"world"[..], false)
-        );
-        assert_eq!(read(2, 3).data, b"llo");
-        assert_eq!(read(8, 100).offset, 10, "inside the gap: from its end");
-        assert!(chunk(15, b"!", true).ended);
-        let last = read(15, 100);
-        assert_eq!(
-            (last.data.as_slice(), last.eof, last.next_offset),
-            (&b"!"[..], true, 16)
-        );
-        let streams = store.log_streams("c").unwrap();
-        assert_eq!(
-            streams,
-            [LogStreamRow {
-                stream: "ns/b/build".into(),
-                length: 16,
-                ended: true,
-                truncated: false
-            }]
-        );
-        let kinds: Vec<String> = store
-            .feed_after(Some("c"), 0, 100)
-            .unwrap()
-            .into_iter()
-            .map(|e| e.kind)
-            .collect();
-        assert_eq!(
-            kinds,
-            [feed::SESSION_UP],
-            "log events are the hub's, written in handle"
-        );
-    }
 
     #[test]
     fn a_store_keeps_its_id_an_old_one_gains_the_new_columns_and_a_new_one_has_another_id() {
@@ -1301,7 +910,7 @@ mod tests {
             )
             .unwrap();
         }
-        let store = Store::open(&path).unwrap();
+        let store = Sqlite::open(&path).unwrap();
         let id = store.id().unwrap();
         assert_eq!(id.len(), 32);
         let old = store.cluster("old").unwrap().unwrap();
@@ -1329,10 +938,14 @@ mod tests {
         );
         assert_eq!(row.clock_skew_ms, Some(-250));
         drop(store);
-        assert_eq!(Store::open(&path).unwrap().id().unwrap(), id, "kept across opens");
+        assert_eq!(
+            Sqlite::open(&path).unwrap().id().unwrap(),
+            id,
+            "kept across opens"
+        );
         std::fs::remove_file(&path).unwrap();
         assert_ne!(
-            Store::open(&path).unwrap().id().unwrap(),
+            Sqlite::open(&path).unwrap().id().unwrap(),
             id,
             "a new store, a new id"
         );

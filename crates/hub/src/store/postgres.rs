@@ -1,0 +1,991 @@
+//! The Postgres backend: what several hub replicas can share. A bounded pool (never a
+//! connection per agent), statements prepared once per connection, and versioned migrations
+//! applied at start-up in one transaction under an advisory lock, so replicas starting
+//! together migrate once.
+//!
+//! Same rows and meaning as the SQLite backend; flags are BOOLEAN, numbers BIGINT, blobs
+//! BYTEA. Numbers the hub holds as u64 are kept as BIGINT: the hub refuses agent numbers past
+//! i64::MAX before they reach the store, and a caller's cursor past it saturates.
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Transaction};
+use tokio_postgres::NoTls;
+use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
+
+use shapeblock_proto::now_unix;
+
+use super::*;
+
+type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+
+pub(super) struct Postgres {
+    pool: Pool,
+}
+
+/// Advisory lock keys (one namespace for the hub: "SBHB" and a number).
+const MIGRATION_LOCK: i64 = 0x5342_4842_0000_0001;
+/// Taken by every transaction that appends to the feed, until it commits: ids come from a
+/// sequence when the insert runs, so two concurrent writers could otherwise commit 6 before
+/// 5, and a watcher that read 6 would never see 5. Taking turns keeps "a reader never sees
+/// id n+1 before id n", as SQLite's one writer does.
+const FEED_LOCK: i64 = 0x5342_4842_0000_0002;
+
+/// The schema, one migration per version, applied in order and never edited once released:
+/// a change is a new entry.
+const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    r#"
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE clusters (
+  id TEXT PRIMARY KEY, epoch BIGINT NOT NULL DEFAULT 0, last_agent_seq BIGINT NOT NULL DEFAULT 0,
+  next_command_seq BIGINT NOT NULL DEFAULT 1, connected BOOLEAN NOT NULL DEFAULT FALSE,
+  last_seen BIGINT NOT NULL DEFAULT 0, agent_version TEXT, capabilities TEXT, inventory TEXT,
+  clock_skew_ms BIGINT, cert_not_after BIGINT NOT NULL DEFAULT 0,
+  revoked BOOLEAN NOT NULL DEFAULT FALSE, revoked_at BIGINT);
+CREATE TABLE tokens (
+  hash TEXT PRIMARY KEY, cluster TEXT NOT NULL, expires_at BIGINT NOT NULL,
+  bound_key TEXT, cert_pem TEXT, created_at BIGINT NOT NULL DEFAULT 0, n BIGSERIAL);
+CREATE TABLE commands (
+  cluster TEXT NOT NULL, seq BIGINT NOT NULL, body BYTEA NOT NULL, created_at BIGINT NOT NULL,
+  done BOOLEAN NOT NULL DEFAULT FALSE, ok BOOLEAN, message TEXT,
+  delivered BOOLEAN NOT NULL DEFAULT FALSE, PRIMARY KEY (cluster, seq));
+CREATE TABLE events (
+  cluster TEXT NOT NULL, agent_seq BIGINT NOT NULL, epoch BIGINT NOT NULL, kind TEXT NOT NULL,
+  object TEXT NOT NULL, detail TEXT NOT NULL, at BIGINT NOT NULL, PRIMARY KEY (cluster, agent_seq));
+CREATE TABLE objects (
+  cluster TEXT NOT NULL, object TEXT NOT NULL, phase TEXT NOT NULL, observed_generation BIGINT NOT NULL,
+  reason TEXT NOT NULL, message TEXT NOT NULL, at BIGINT NOT NULL, PRIMARY KEY (cluster, object));
+CREATE TABLE logs (
+  cluster TEXT NOT NULL, stream TEXT NOT NULL, "offset" BIGINT NOT NULL, data BYTEA NOT NULL,
+  truncated BOOLEAN NOT NULL DEFAULT FALSE, eof BOOLEAN NOT NULL DEFAULT FALSE,
+  PRIMARY KEY (cluster, stream, "offset"));
+CREATE TABLE feed (
+  id BIGSERIAL PRIMARY KEY, cluster TEXT NOT NULL, kind TEXT NOT NULL,
+  at_ms BIGINT NOT NULL, epoch BIGINT NOT NULL DEFAULT 0, object TEXT NOT NULL DEFAULT '',
+  phase TEXT NOT NULL DEFAULT '', reason TEXT NOT NULL DEFAULT '', message TEXT NOT NULL DEFAULT '',
+  command_seq BIGINT NOT NULL DEFAULT 0, ok BOOLEAN NOT NULL DEFAULT FALSE,
+  truncated BOOLEAN NOT NULL DEFAULT FALSE);
+CREATE INDEX feed_by_cluster ON feed (cluster, id);
+CREATE TABLE api_keys (
+  id TEXT PRIMARY KEY, name TEXT NOT NULL, hash TEXT NOT NULL UNIQUE, created_at BIGINT NOT NULL,
+  revoked_at BIGINT, n BIGSERIAL);
+CREATE TABLE certificates (
+  serial TEXT PRIMARY KEY, cluster TEXT NOT NULL, not_after BIGINT NOT NULL,
+  issued_at BIGINT NOT NULL, revoked BOOLEAN NOT NULL DEFAULT FALSE);
+CREATE TABLE idempotency (
+  cluster TEXT NOT NULL, key TEXT NOT NULL, request TEXT NOT NULL, seq BIGINT NOT NULL,
+  PRIMARY KEY (cluster, key));
+"#,
+)];
+
+/// The newest schema version this hub knows.
+pub(super) fn schema_version() -> i64 {
+    MIGRATIONS.last().map(|(v, _)| *v).unwrap_or(0)
+}
+
+fn unbig(n: i64) -> u64 {
+    n.max(0) as u64
+}
+
+const CLUSTER_COLUMNS: &str = "id, epoch, last_agent_seq, connected, last_seen, agent_version, capabilities, inventory, clock_skew_ms, cert_not_after, revoked";
+
+fn cluster_row(r: &Row) -> ClusterRow {
+    let capabilities: Option<String> = r.get(6);
+    let inventory: Option<String> = r.get(7);
+    ClusterRow {
+        id: r.get(0),
+        epoch: unbig(r.get(1)),
+        last_agent_seq: unbig(r.get(2)),
+        connected: r.get(3),
+        last_seen: r.get(4),
+        agent_version: r.get(5),
+        capabilities: capabilities
+            .and_then(|c| serde_json::from_str(&c).ok())
+            .unwrap_or_default(),
+        inventory: inventory.and_then(|i| serde_json::from_str(&i).ok()),
+        clock_skew_ms: r.get(8),
+        cert_not_after: r.get(9),
+        revoked: r.get(10),
+    }
+}
+
+fn api_key_row(r: &Row) -> ApiKeyRow {
+    ApiKeyRow {
+        id: r.get(0),
+        name: r.get(1),
+        created_at: r.get(2),
+        revoked_at: r.get(3),
+    }
+}
+
+fn token_row(r: &Row) -> TokenRow {
+    TokenRow {
+        cluster: r.get(0),
+        expires_at: r.get(1),
+        bound_key: r.get(2),
+        cert_pem: r.get(3),
+    }
+}
+
+/// A transaction and whether it holds [`FEED_LOCK`] yet.
+struct Tx<'a> {
+    tx: Transaction<'a>,
+    feed_locked: bool,
+}
+
+impl<'a> Tx<'a> {
+    fn new(tx: Transaction<'a>) -> Self {
+        Self {
+            tx,
+            feed_locked: false,
+        }
+    }
+
+    async fn exec(&self, sql: &str, params: Params<'_>) -> Result<u64> {
+        let statement = self.tx.prepare_cached(sql).await?;
+        Ok(self.tx.execute(&statement, params).await?)
+    }
+
+    async fn one(&self, sql: &str, params: Params<'_>) -> Result<Row> {
+        let statement = self.tx.prepare_cached(sql).await?;
+        Ok(self.tx.query_one(&statement, params).await?)
+    }
+
+    async fn opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>> {
+        let statement = self.tx.prepare_cached(sql).await?;
+        Ok(self.tx.query_opt(&statement, params).await?)
+    }
+
+    async fn commit(self) -> Result<()> {
+        Ok(self.tx.commit().await?)
+    }
+
+    async fn ensure_cluster(&self, cluster: &str) -> Result<()> {
+        self.exec(
+            "INSERT INTO clusters (id) VALUES ($1) ON CONFLICT (id) DO NOTHING",
+            &[&cluster],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Appends to the feed (its id and time are the store's), in turn with other writers.
+    async fn feed(&mut self, e: &FeedEvent) -> Result<()> {
+        if !self.feed_locked {
+            self.exec("SELECT pg_advisory_xact_lock($1)::TEXT", &[&FEED_LOCK])
+                .await?;
+            self.feed_locked = true;
+        }
+        self.exec(
+            "INSERT INTO feed (cluster, kind, at_ms, epoch, object, phase, reason, message, command_seq, ok, truncated)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            &[
+                &e.cluster,
+                &e.kind,
+                &shapeblock_proto::now_unix_ms(),
+                &big(e.epoch),
+                &e.object,
+                &e.phase,
+                &e.reason,
+                &e.message,
+                &big(e.command_seq),
+                &e.ok,
+                &e.truncated,
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// One write of [`Postgres::record`], with what a log chunk implies.
+    async fn apply(&mut self, cluster: &str, epoch: u64, seq: u64, write: &Write) -> Result<()> {
+        let Write::Log(chunk) = write else {
+            return self.apply_one(cluster, epoch, seq, write).await;
+        };
+        let written = self.log(cluster, chunk).await?;
+        for implied in chunk.implied(cluster, epoch, &written) {
+            self.apply_one(cluster, epoch, seq, &implied).await?;
+        }
+        Ok(())
+    }
+
+    /// A write other than a log chunk.
+    async fn apply_one(&mut self, cluster: &str, epoch: u64, seq: u64, write: &Write) -> Result<()> {
+        match write {
+            Write::Event { kind, object, detail } => {
+                self.exec(
+                    "INSERT INTO events (cluster, agent_seq, epoch, kind, object, detail, at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    &[&cluster, &big(seq), &big(epoch), kind, object, detail, &now_unix()],
+                )
+                .await?;
+            }
+            Write::Object(status) => {
+                self.exec(
+                    "INSERT INTO objects (cluster, object, phase, observed_generation, reason, message, at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)
+                     ON CONFLICT (cluster, object) DO UPDATE SET phase = excluded.phase,
+                       observed_generation = excluded.observed_generation, reason = excluded.reason,
+                       message = excluded.message, at = excluded.at",
+                    &[
+                        &cluster,
+                        &status.key,
+                        &status.phase,
+                        &status.observed_generation,
+                        &status.reason,
+                        &status.message,
+                        &now_unix(),
+                    ],
+                )
+                .await?;
+            }
+            Write::Result {
+                command_seq,
+                ok,
+                message,
+            } => {
+                let body = self
+                    .opt(
+                        "UPDATE commands SET done = TRUE, ok = $3, message = $4 WHERE cluster = $1 AND seq = $2 RETURNING body",
+                        &[&cluster, &big(*command_seq), ok, message],
+                    )
+                    .await?
+                    .map(|r| r.get::<_, Vec<u8>>(0));
+                if let Some(redacted) = body.as_deref().and_then(forget_config_values) {
+                    self.exec(
+                        "UPDATE commands SET body = $3 WHERE cluster = $1 AND seq = $2",
+                        &[&cluster, &big(*command_seq), &redacted],
+                    )
+                    .await?;
+                }
+            }
+            Write::Feed(e) => self.feed(e).await?,
+            Write::Log(_) => {
+                return Err(StoreError::Invalid("a log chunk implies no other chunk".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends a log chunk, as the SQLite backend does (see there: overlaps cut, a gap
+    /// stored as a truncation marker and reported).
+    async fn log(&self, cluster: &str, chunk: &LogChunk) -> Result<LogWrite> {
+        let (offset, truncated, eof) = (chunk.offset, chunk.truncated, chunk.eof);
+        let last = self
+            .opt(
+                r#"SELECT "offset" + octet_length(data), eof OR truncated FROM logs
+                   WHERE cluster = $1 AND stream = $2 ORDER BY "offset" DESC LIMIT 1"#,
+                &[&cluster, &chunk.stream],
+            )
+            .await?
+            .map(|r| (unbig(r.get::<_, i64>(0)), r.get::<_, bool>(1)));
+        let (end, ended_before) = last.unwrap_or((0, false));
+        const PUT: &str = r#"INSERT INTO logs (cluster, stream, "offset", data, truncated, eof) VALUES ($1, $2, $3, $4, $5, $6)
+            ON CONFLICT (cluster, stream, "offset") DO UPDATE SET data = excluded.data,
+              truncated = excluded.truncated, eof = excluded.eof"#;
+        let mut gap = None;
+        if offset > end && !truncated {
+            self.exec(
+                PUT,
+                &[
+                    &cluster,
+                    &chunk.stream,
+                    &big(end),
+                    &Vec::<u8>::new(),
+                    &true,
+                    &false,
+                ],
+            )
+            .await?;
+            gap = Some((end, offset));
+        }
+        let skip = end.saturating_sub(offset) as usize;
+        if skip >= chunk.data.len() && !truncated && !eof {
+            return Ok(LogWrite {
+                gap,
+                ..Default::default()
+            });
+        }
+        let data = chunk.data.get(skip..).unwrap_or_default();
+        self.exec(
+            PUT,
+            &[
+                &cluster,
+                &chunk.stream,
+                &big(offset.max(end)),
+                &data,
+                &truncated,
+                &eof,
+            ],
+        )
+        .await?;
+        Ok(LogWrite {
+            gap,
+            opened: last.is_none(),
+            ended: (truncated || eof) && !ended_before,
+        })
+    }
+}
+
+impl Postgres {
+    /// Connects a pool of at most `pool_size` connections to `url` and migrates the schema.
+    pub(super) async fn connect(url: &str, pool_size: usize) -> Result<Self> {
+        // The URL's own words are not repeated: it may hold a password.
+        let config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| StoreError::Config(format!("the database URL cannot be read: {e}")))?;
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        // Bounded waits: a database that is down or a pool that is exhausted becomes an
+        // error the session and the API report, not a call that hangs.
+        let pool = Pool::builder(manager)
+            .max_size(pool_size.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(Duration::from_secs(30)))
+            .create_timeout(Some(Duration::from_secs(10)))
+            .recycle_timeout(Some(Duration::from_secs(10)))
+            .build()
+            .map_err(|e| StoreError::Config(format!("connection pool: {e}")))?;
+        let store = Self { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        tx.batch_execute(&format!(
+            "SELECT pg_advisory_xact_lock({MIGRATION_LOCK});
+             CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL);"
+        ))
+        .await?;
+        let applied: i64 = tx
+            .query_one("SELECT coalesce(max(version), 0) FROM schema_migrations", &[])
+            .await?
+            .get(0);
+        if applied > schema_version() {
+            return Err(StoreError::Config(format!(
+                "the database's schema is version {applied}, made by a newer hub; this one knows up to {}",
+                schema_version()
+            )));
+        }
+        for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > applied) {
+            tx.batch_execute(sql).await?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)",
+                &[version, &now_unix()],
+            )
+            .await?;
+            tracing::info!(version, "hub store: schema migrated");
+        }
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES ('store_id', $1) ON CONFLICT (key) DO NOTHING",
+            &[&new_store_id()?],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object> {
+        Ok(self.pool.get().await?)
+    }
+
+    async fn exec(&self, sql: &str, params: Params<'_>) -> Result<u64> {
+        let client = self.client().await?;
+        let statement = client.prepare_cached(sql).await?;
+        Ok(client.execute(&statement, params).await?)
+    }
+
+    async fn rows(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>> {
+        let client = self.client().await?;
+        let statement = client.prepare_cached(sql).await?;
+        Ok(client.query(&statement, params).await?)
+    }
+
+    async fn opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>> {
+        let client = self.client().await?;
+        let statement = client.prepare_cached(sql).await?;
+        Ok(client.query_opt(&statement, params).await?)
+    }
+
+    pub(super) async fn id(&self) -> Result<String> {
+        let row = self
+            .opt("SELECT value FROM meta WHERE key = 'store_id'", &[])
+            .await?
+            .ok_or_else(|| StoreError::Invalid("the store has no id".into()))?;
+        Ok(row.get(0))
+    }
+
+    pub(super) async fn add_token(&self, token_hash: &str, cluster: &str, expires_at: i64) -> Result<()> {
+        let mut client = self.client().await?;
+        let tx = Tx::new(client.transaction().await?);
+        tx.ensure_cluster(cluster).await?;
+        tx.exec(
+            "INSERT INTO tokens (hash, cluster, expires_at, created_at) VALUES ($1, $2, $3, $4)",
+            &[&token_hash, &cluster, &expires_at, &now_unix()],
+        )
+        .await?;
+        tx.commit().await
+    }
+
+    pub(super) async fn token(&self, token_hash: &str) -> Result<Option<TokenRow>> {
+        Ok(self
+            .opt(
+                "SELECT cluster, expires_at, bound_key, cert_pem FROM tokens WHERE hash = $1",
+                &[&token_hash],
+            )
+            .await?
+            .as_ref()
+            .map(token_row))
+    }
+
+    pub(super) async fn bind_token(&self, token_hash: &str, key: &str, cert_pem: &str) -> Result<bool> {
+        let n = self
+            .exec(
+                "UPDATE tokens SET bound_key = $2, cert_pem = $3 WHERE hash = $1 AND bound_key IS NULL",
+                &[&token_hash, &key, &cert_pem],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    pub(super) async fn add_command_once(&self, queued: &Queued<'_>) -> Result<(u64, bool)> {
+        let cluster = queued.cluster;
+        let mut client = self.client().await?;
+        let mut tx = Tx::new(client.transaction().await?);
+        // The cluster's row first: it is what two callers queuing with one key take turns on,
+        // so the second sees the first's idempotency row.
+        tx.ensure_cluster(cluster).await?;
+        tx.exec("SELECT 1 FROM clusters WHERE id = $1 FOR UPDATE", &[&cluster])
+            .await?;
+        if let Some((key, request)) = queued.idempotency {
+            let earlier = tx
+                .opt(
+                    "SELECT seq, request FROM idempotency WHERE cluster = $1 AND key = $2",
+                    &[&cluster, &key],
+                )
+                .await?;
+            if let Some(row) = earlier {
+                let (seq, digest): (i64, String) = (row.get(0), row.get(1));
+                if digest != request {
+                    return Err(StoreError::Conflict(format!(
+                        "idempotency key {key:?} was used for another request (command {seq})"
+                    )));
+                }
+                return Ok((unbig(seq), true));
+            }
+        }
+        let seq: i64 = tx
+            .one(
+                "UPDATE clusters SET next_command_seq = next_command_seq + 1 WHERE id = $1 RETURNING next_command_seq - 1",
+                &[&cluster],
+            )
+            .await?
+            .get(0);
+        tx.exec(
+            "INSERT INTO commands (cluster, seq, body, created_at) VALUES ($1, $2, $3, $4)",
+            &[&cluster, &seq, &queued.body, &now_unix()],
+        )
+        .await?;
+        if let Some((key, request)) = queued.idempotency {
+            tx.exec(
+                "INSERT INTO idempotency (cluster, key, request, seq) VALUES ($1, $2, $3, $4)",
+                &[&cluster, &key, &request, &seq],
+            )
+            .await?;
+        }
+        tx.feed(&FeedEvent {
+            cluster: cluster.into(),
+            kind: feed::QUEUED.into(),
+            object: queued.object.into(),
+            message: queued.kind.into(),
+            command_seq: unbig(seq),
+            ..Default::default()
+        })
+        .await?;
+        tx.commit().await?;
+        Ok((unbig(seq), false))
+    }
+
+    pub(super) async fn commands_where(
+        &self,
+        cluster: &str,
+        which: Commands,
+        limit: u32,
+    ) -> Result<Vec<CommandRow>> {
+        let (cond, after) = match which {
+            Commands::After(after) => ("seq > $2", after),
+            Commands::PendingAfter(after) => ("NOT done AND seq > $2", after),
+            Commands::Seq(seq) => ("seq = $2", seq),
+        };
+        let sql = format!(
+            "SELECT seq, body, done, ok, message, delivered, created_at FROM commands WHERE cluster = $1 AND {cond} ORDER BY seq LIMIT $3"
+        );
+        let rows = self
+            .rows(&sql, &[&cluster, &big(after), &i64::from(limit)])
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| CommandRow {
+                seq: unbig(r.get(0)),
+                body: r.get(1),
+                done: r.get(2),
+                ok: r.get(3),
+                message: r.get(4),
+                delivered: r.get(5),
+                created_at: r.get(6),
+            })
+            .collect())
+    }
+
+    pub(super) async fn mark_delivered(&self, cluster: &str, upto: u64) -> Result<()> {
+        self.exec(
+            "UPDATE commands SET delivered = TRUE WHERE cluster = $1 AND seq <= $2 AND NOT delivered",
+            &[&cluster, &big(upto)],
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub(super) async fn cluster(&self, cluster: &str) -> Result<Option<ClusterRow>> {
+        Ok(self
+            .opt(
+                &format!("SELECT {CLUSTER_COLUMNS} FROM clusters WHERE id = $1"),
+                &[&cluster],
+            )
+            .await?
+            .as_ref()
+            .map(cluster_row))
+    }
+
+    pub(super) async fn clusters(&self) -> Result<Vec<ClusterRow>> {
+        let rows = self
+            .rows(
+                &format!("SELECT {CLUSTER_COLUMNS} FROM clusters ORDER BY id"),
+                &[],
+            )
+            .await?;
+        Ok(rows.iter().map(cluster_row).collect())
+    }
+
+    pub(super) async fn begin_session(
+        &self,
+        cluster: &str,
+        hello: &shapeblock_proto::v1::Hello,
+    ) -> Result<(u64, u64)> {
+        let now = now_unix();
+        let (version, capabilities, inventory) = hello_fields(hello, now);
+        let mut client = self.client().await?;
+        let mut tx = Tx::new(client.transaction().await?);
+        tx.ensure_cluster(cluster).await?;
+        let row = tx
+            .one(
+                "UPDATE clusters SET epoch = epoch + 1, connected = TRUE, last_seen = $2,
+                   agent_version = $3, capabilities = $4, inventory = coalesce($5, inventory)
+                 WHERE id = $1 RETURNING epoch, last_agent_seq",
+                &[&cluster, &now, &version, &capabilities, &inventory],
+            )
+            .await?;
+        let (epoch, last) = (unbig(row.get(0)), unbig(row.get(1)));
+        tx.feed(&FeedEvent {
+            cluster: cluster.into(),
+            kind: feed::SESSION_UP.into(),
+            epoch,
+            message: format!("agent {version}"),
+            ..Default::default()
+        })
+        .await?;
+        tx.commit().await?;
+        Ok((epoch, last))
+    }
+
+    pub(super) async fn set_session_certificate(&self, cluster: &str, not_after: i64) -> Result<()> {
+        self.exec(
+            "UPDATE clusters SET cert_not_after = $2 WHERE id = $1",
+            &[&cluster, &not_after],
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub(super) async fn set_inventory(&self, cluster: &str, json: &str) -> Result<()> {
+        self.exec(
+            "UPDATE clusters SET inventory = $2 WHERE id = $1",
+            &[&cluster, &json],
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub(super) async fn set_clock_skew(&self, cluster: &str, skew_ms: i64) -> Result<()> {
+        self.exec(
+            "UPDATE clusters SET clock_skew_ms = $2 WHERE id = $1",
+            &[&cluster, &skew_ms],
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub(super) async fn end_session(&self, cluster: &str, epoch: u64, reason: &str) -> Result<()> {
+        let mut client = self.client().await?;
+        let mut tx = Tx::new(client.transaction().await?);
+        tx.exec(
+            "UPDATE clusters SET connected = FALSE WHERE id = $1 AND epoch = $2",
+            &[&cluster, &big(epoch)],
+        )
+        .await?;
+        tx.feed(&FeedEvent {
+            cluster: cluster.into(),
+            kind: feed::SESSION_DOWN.into(),
+            epoch,
+            message: reason.into(),
+            ..Default::default()
+        })
+        .await?;
+        tx.commit().await
+    }
+
+    pub(super) async fn mark_disconnected_all(&self) -> Result<()> {
+        self.exec("UPDATE clusters SET connected = FALSE WHERE connected", &[])
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn touch(&self, cluster: &str) -> Result<()> {
+        self.exec(
+            "UPDATE clusters SET last_seen = $2 WHERE id = $1",
+            &[&cluster, &now_unix()],
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub(super) async fn record(&self, cluster: &str, epoch: u64, seq: u64, writes: &[Write]) -> Result<bool> {
+        let mut client = self.client().await?;
+        let mut tx = Tx::new(client.transaction().await?);
+        // First, in one statement: the message's seq is taken if its session is current and
+        // the seq is new. The row stays locked until the commit, so a new session's epoch bump
+        // waits for this transaction (or this one finds the bumped epoch and changes
+        // nothing): a fenced session never records after the new one began.
+        let taken = tx
+            .opt(
+                "UPDATE clusters SET last_agent_seq = $3, last_seen = $4
+                 WHERE id = $1 AND epoch = $2 AND last_agent_seq < $3 RETURNING 1",
+                &[&cluster, &big(epoch), &big(seq), &now_unix()],
+            )
+            .await?;
+        if taken.is_none() {
+            return Ok(false);
+        }
+        for write in writes {
+            tx.apply(cluster, epoch, seq, write).await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    pub(super) async fn events(&self, cluster: &str) -> Result<Vec<(u64, String, String, String)>> {
+        let rows = self
+            .rows(
+                "SELECT agent_seq, kind, object, detail FROM events WHERE cluster = $1 ORDER BY agent_seq",
+                &[&cluster],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (unbig(r.get(0)), r.get(1), r.get(2), r.get(3)))
+            .collect())
+    }
+
+    pub(super) async fn objects(&self, cluster: &str) -> Result<Vec<ObjectStatus>> {
+        let rows = self
+            .rows(
+                "SELECT object, phase, observed_generation, reason, message FROM objects WHERE cluster = $1 ORDER BY object",
+                &[&cluster],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| ObjectStatus {
+                key: r.get(0),
+                phase: r.get(1),
+                observed_generation: r.get(2),
+                reason: r.get(3),
+                message: r.get(4),
+            })
+            .collect())
+    }
+
+    pub(super) async fn log_end(&self, cluster: &str, stream: &str) -> Result<(u64, bool)> {
+        let end = self
+            .opt(
+                r#"SELECT "offset" + octet_length(data), eof OR truncated FROM logs
+                   WHERE cluster = $1 AND stream = $2 ORDER BY "offset" DESC LIMIT 1"#,
+                &[&cluster, &stream],
+            )
+            .await?
+            .map(|r| (unbig(r.get(0)), r.get(1)));
+        Ok(end.unwrap_or((0, false)))
+    }
+
+    pub(super) async fn log(&self, cluster: &str, stream: &str) -> Result<(Vec<u8>, bool, bool)> {
+        let rows = self
+            .rows(
+                r#"SELECT data, truncated, eof FROM logs WHERE cluster = $1 AND stream = $2 ORDER BY "offset""#,
+                &[&cluster, &stream],
+            )
+            .await?;
+        let mut out = Vec::new();
+        let (mut truncated, mut eof) = (false, false);
+        for r in &rows {
+            out.extend_from_slice(r.get::<_, &[u8]>(0));
+            truncated |= r.get::<_, bool>(1);
+            eof |= r.get::<_, bool>(2);
+        }
+        Ok((out, truncated, eof))
+    }
+
+    pub(super) async fn add_api_key(&self, id: &str, name: &str, hash: &str) -> Result<ApiKeyRow> {
+        let created_at = now_unix();
+        self.exec(
+            "INSERT INTO api_keys (id, name, hash, created_at) VALUES ($1, $2, $3, $4)",
+            &[&id, &name, &hash, &created_at],
+        )
+        .await?;
+        Ok(ApiKeyRow {
+            id: id.into(),
+            name: name.into(),
+            created_at,
+            revoked_at: None,
+        })
+    }
+
+    pub(super) async fn valid_api_key(&self, hash: &str) -> Result<Option<ApiKeyRow>> {
+        Ok(self
+            .opt(
+                "SELECT id, name, created_at, revoked_at FROM api_keys WHERE hash = $1 AND revoked_at IS NULL",
+                &[&hash],
+            )
+            .await?
+            .as_ref()
+            .map(api_key_row))
+    }
+
+    pub(super) async fn api_keys(&self) -> Result<Vec<ApiKeyRow>> {
+        let rows = self
+            .rows(
+                "SELECT id, name, created_at, revoked_at FROM api_keys ORDER BY n",
+                &[],
+            )
+            .await?;
+        Ok(rows.iter().map(api_key_row).collect())
+    }
+
+    pub(super) async fn revoke_api_key(&self, id: &str) -> Result<Option<ApiKeyRow>> {
+        self.exec(
+            "UPDATE api_keys SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL",
+            &[&id, &now_unix()],
+        )
+        .await?;
+        Ok(self
+            .opt(
+                "SELECT id, name, created_at, revoked_at FROM api_keys WHERE id = $1",
+                &[&id],
+            )
+            .await?
+            .as_ref()
+            .map(api_key_row))
+    }
+
+    pub(super) async fn tokens(&self, cluster: Option<&str>) -> Result<Vec<(String, TokenRow)>> {
+        let rows = self
+            .rows(
+                "SELECT hash, cluster, expires_at, bound_key, cert_pem FROM tokens
+                 WHERE $1::TEXT IS NULL OR cluster = $1 ORDER BY created_at, n",
+                &[&cluster],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    r.get(0),
+                    TokenRow {
+                        cluster: r.get(1),
+                        expires_at: r.get(2),
+                        bound_key: r.get(3),
+                        cert_pem: r.get(4),
+                    },
+                )
+            })
+            .collect())
+    }
+
+    pub(super) async fn revoke_token(&self, token_hash: &str) -> Result<TokenRevoke> {
+        // One statement decides: a token bound between a read and the delete is not deleted.
+        let deleted = self
+            .exec(
+                "DELETE FROM tokens WHERE hash = $1 AND bound_key IS NULL",
+                &[&token_hash],
+            )
+            .await?;
+        if deleted == 1 {
+            return Ok(TokenRevoke::Revoked);
+        }
+        let known = self
+            .opt("SELECT 1 FROM tokens WHERE hash = $1", &[&token_hash])
+            .await?
+            .is_some();
+        Ok(if known {
+            TokenRevoke::Used
+        } else {
+            TokenRevoke::Unknown
+        })
+    }
+
+    pub(super) async fn add_certificate(&self, serial: &str, cluster: &str, not_after: i64) -> Result<()> {
+        self.exec(
+            "INSERT INTO certificates (serial, cluster, not_after, issued_at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (serial) DO NOTHING",
+            &[&serial, &cluster, &not_after, &now_unix()],
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub(super) async fn rejoined(&self, cluster: &str) -> Result<()> {
+        self.exec("UPDATE clusters SET revoked = FALSE WHERE id = $1", &[&cluster])
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn certificate_allowed(&self, cluster: &str, serial: &str) -> Result<bool> {
+        let revoked = self
+            .opt(
+                "SELECT revoked FROM certificates WHERE serial = $1 AND cluster = $2",
+                &[&serial, &cluster],
+            )
+            .await?;
+        if let Some(row) = revoked {
+            return Ok(!row.get::<_, bool>(0));
+        }
+        let ever_revoked: Option<i64> = self
+            .opt("SELECT revoked_at FROM clusters WHERE id = $1", &[&cluster])
+            .await?
+            .and_then(|r| r.get(0));
+        Ok(ever_revoked.is_none())
+    }
+
+    pub(super) async fn revoke_cluster(&self, cluster: &str) -> Result<bool> {
+        let mut client = self.client().await?;
+        let mut tx = Tx::new(client.transaction().await?);
+        let n = tx
+            .exec(
+                "UPDATE clusters SET revoked = TRUE, revoked_at = $2 WHERE id = $1",
+                &[&cluster, &now_unix()],
+            )
+            .await?;
+        if n == 0 {
+            return Ok(false);
+        }
+        tx.exec(
+            "UPDATE certificates SET revoked = TRUE WHERE cluster = $1",
+            &[&cluster],
+        )
+        .await?;
+        tx.exec("DELETE FROM tokens WHERE cluster = $1", &[&cluster])
+            .await?;
+        tx.feed(&FeedEvent {
+            cluster: cluster.into(),
+            kind: feed::REVOKED.into(),
+            ..Default::default()
+        })
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    pub(super) async fn feed_after(
+        &self,
+        cluster: Option<&str>,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<FeedEvent>> {
+        let rows = self
+            .rows(
+                "SELECT id, cluster, kind, at_ms, epoch, object, phase, reason, message, command_seq, ok, truncated
+                 FROM feed WHERE id > $2 AND ($1::TEXT IS NULL OR cluster = $1) ORDER BY id LIMIT $3",
+                &[&cluster, &big(after), &i64::from(limit)],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| FeedEvent {
+                id: unbig(r.get(0)),
+                cluster: r.get(1),
+                kind: r.get(2),
+                at_ms: r.get(3),
+                epoch: unbig(r.get(4)),
+                object: r.get(5),
+                phase: r.get(6),
+                reason: r.get(7),
+                message: r.get(8),
+                command_seq: unbig(r.get(9)),
+                ok: r.get(10),
+                truncated: r.get(11),
+            })
+            .collect())
+    }
+
+    pub(super) async fn log_streams(&self, cluster: &str) -> Result<Vec<LogStreamRow>> {
+        // The last chunk by offset ends a stream (chunks never overlap).
+        let rows = self
+            .rows(
+                r#"SELECT DISTINCT ON (stream) stream, "offset" + octet_length(data), eof, truncated
+                   FROM logs WHERE cluster = $1 ORDER BY stream, "offset" DESC"#,
+                &[&cluster],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let (eof, truncated): (bool, bool) = (r.get(2), r.get(3));
+                LogStreamRow {
+                    stream: r.get(0),
+                    length: unbig(r.get(1)),
+                    ended: eof || truncated,
+                    truncated,
+                }
+            })
+            .collect())
+    }
+
+    pub(super) async fn read_log(
+        &self,
+        cluster: &str,
+        stream: &str,
+        offset: u64,
+        limit: usize,
+    ) -> Result<LogRead> {
+        let rows = self
+            .rows(
+                r#"SELECT "offset", data, truncated, eof FROM logs
+                   WHERE cluster = $1 AND stream = $2 AND "offset" + octet_length(data) >= $3
+                   ORDER BY "offset" LIMIT 512"#,
+                &[&cluster, &stream, &big(offset)],
+            )
+            .await?;
+        let rows: Vec<(u64, Vec<u8>, bool, bool)> = rows
+            .iter()
+            .map(|r| (unbig(r.get(0)), r.get(1), r.get(2), r.get(3)))
+            .collect();
+        Ok(read_rows(offset, limit, &rows))
+    }
+}
