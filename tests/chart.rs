@@ -8,63 +8,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
-use support::chart::{MANAGER, apply_all, chart_dir, helm, kinds, render};
-use support::{eventually, unique_name};
-
-/// A namespace that enforces Pod Security `restricted`, so a Pod the chart's Deployments make
-/// is refused unless its security context is restricted.
-async fn restricted_namespace(client: &Client, prefix: &str) -> String {
-    let name = unique_name(prefix);
-    let namespace: Namespace = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": name, "labels": {
-            "shapeblock.io/test": "true",
-            "pod-security.kubernetes.io/enforce": "restricted",
-            "pod-security.kubernetes.io/enforce-version": "latest",
-        }}
-    }))
-    .unwrap();
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &namespace)
-        .await
-        .unwrap();
-    name
-}
-
-/// Waits until the Deployment's ReplicaSet made `replicas` Pods (Pod Security admission
-/// would refuse them otherwise).
-async fn wait_pods(client: &Client, namespace: &str, app: &str, replicas: usize) -> Vec<Pod> {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    let selector = format!("app.kubernetes.io/name={app}");
-    eventually(
-        Duration::from_secs(60),
-        &format!("{replicas} Pods of {app} in {namespace}"),
-        || async {
-            let list = pods.list(&ListParams::default().labels(&selector)).await.ok()?;
-            (list.items.len() >= replicas).then_some(list.items)
-        },
-    )
-    .await
-    .0
-}
-
-fn env_of(deployment: &Deployment) -> Vec<(String, serde_json::Value)> {
-    support::first_container(deployment)
-        .env
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|e| {
-            let value = match (e.value, e.value_from) {
-                (Some(v), _) => serde_json::Value::String(v),
-                (None, from) => serde_json::to_value(from).unwrap(),
-            };
-            (e.name, value)
-        })
-        .collect()
-}
+use support::chart::{
+    MANAGER, apply_all, chart_dir, env_of, helm, kinds, render, restricted_namespace, wait_pods,
+};
 
 #[test]
 fn generated_chart_files_match_the_rust_sources() {

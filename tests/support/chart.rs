@@ -1,16 +1,19 @@
-//! The agent's Helm chart under test: rendered by the real `helm` and server-side applied, as
+//! The project's Helm charts under test: rendered by the real `helm` and server-side applied, as
 //! it would land in a cluster.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
-use kube::api::{DynamicObject, Patch, PatchParams};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde::Deserialize;
 use shapeblock_testenv as testenv;
 
-use super::api_for;
+use super::{api_for, eventually, unique_name};
 
 pub const MANAGER: &str = "shapeblock-chart-test";
 
@@ -32,10 +35,24 @@ pub fn helm() -> Command {
 /// `helm template` of the chart into `namespace` with `--set` values; the documents, or helm's
 /// error output.
 pub fn render(namespace: &str, values: &[&str]) -> Result<Vec<serde_json::Value>, String> {
+    render_chart(&chart_dir(), "shapeblock-agent", namespace, values)
+}
+
+pub fn hub_chart_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/shapeblock-hub")
+}
+
+/// `helm template` of the chart at `chart` as release `release`.
+pub fn render_chart(
+    chart: &Path,
+    release: &str,
+    namespace: &str,
+    values: &[&str],
+) -> Result<Vec<serde_json::Value>, String> {
     let mut command = helm();
     command
-        .args(["template", "shapeblock-agent"])
-        .arg(chart_dir())
+        .args(["template", release])
+        .arg(chart)
         .args(["--namespace", namespace, "--include-crds"]);
     for value in values {
         command.args(["--set", value]);
@@ -82,4 +99,56 @@ pub async fn apply_all(client: &Client, documents: &[serde_json::Value], namespa
         .await
         .unwrap_or_else(|e| panic!("apply {} {}: {e}", document["kind"], object.name_any()));
     }
+}
+
+/// A namespace that enforces Pod Security `restricted`, so a Pod the chart's Deployments make
+/// is refused unless its security context is restricted.
+pub async fn restricted_namespace(client: &Client, prefix: &str) -> String {
+    let name = unique_name(prefix);
+    let namespace: Namespace = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "labels": {
+            "shapeblock.io/test": "true",
+            "pod-security.kubernetes.io/enforce": "restricted",
+            "pod-security.kubernetes.io/enforce-version": "latest",
+        }}
+    }))
+    .unwrap();
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &namespace)
+        .await
+        .unwrap();
+    name
+}
+
+/// Waits until the Deployment's ReplicaSet made `replicas` Pods (Pod Security admission
+/// would refuse them otherwise).
+pub async fn wait_pods(client: &Client, namespace: &str, app: &str, replicas: usize) -> Vec<Pod> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let selector = format!("app.kubernetes.io/name={app}");
+    eventually(
+        Duration::from_secs(60),
+        &format!("{replicas} Pods of {app} in {namespace}"),
+        || async {
+            let list = pods.list(&ListParams::default().labels(&selector)).await.ok()?;
+            (list.items.len() >= replicas).then_some(list.items)
+        },
+    )
+    .await
+    .0
+}
+
+pub fn env_of(deployment: &Deployment) -> Vec<(String, serde_json::Value)> {
+    super::first_container(deployment)
+        .env
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|e| {
+            let value = match (e.value, e.value_from) {
+                (Some(v), _) => serde_json::Value::String(v),
+                (None, from) => serde_json::to_value(from).unwrap(),
+            };
+            (e.name, value)
+        })
+        .collect()
 }

@@ -37,17 +37,18 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- $replicas := 1 -}}
 {{- if not (kindIs "invalid" .Values.replicas) -}}
 {{- $replicas = int .Values.replicas -}}
-{{- else if $postgres -}}
-{{- $replicas = 2 -}}
+{{- end -}}
+{{- if gt $replicas 1 -}}
+{{- fail (printf "replicas=%d: the hub runs as one replica for now; several replicas on one Postgres need session ownership and command wake-ups shared through the database, which this version does not have yet" $replicas) -}}
 {{- end -}}
 {{- if and (not $postgres) (gt $replicas 1) -}}
 {{- fail (printf "replicas=%d needs database.existingSecret: without Postgres the hub keeps its store in SQLite, which one replica only may write" $replicas) -}}
 {{- end -}}
 {{- if and (gt $replicas 1) (not .Values.ca.existingSecret) -}}
-{{- fail "ca.existingSecret is required with more than one replica: every replica must sign with the one CA that agents pin (see the chart's README)" -}}
+{{- fail "ca.existingSecret is required with more than one replica: every replica must sign with the one CA that agents pin (see charts/README.md)" -}}
 {{- end -}}
 {{- if and $postgres (not .Values.ca.existingSecret) -}}
-{{- fail "ca.existingSecret is required with database.existingSecret: the data directory is then an emptyDir, and a CA the hub made itself there would be lost on restart while the store in Postgres still trusts it (see the chart's README)" -}}
+{{- fail "ca.existingSecret is required with database.existingSecret: the data directory is then an emptyDir, and a CA the hub made itself there would be lost on restart while the store in Postgres still trusts it (see charts/README.md)" -}}
 {{- end -}}
 {{- $replicas -}}
 {{- end -}}

@@ -1,0 +1,247 @@
+//! The hub's Helm chart: `helm lint` is clean, the schema and the templates refuse what cannot
+//! work (several SQLite writers, a CA that would not outlive its Pod), and what the real `helm`
+//! renders (SQLite on a volume; Postgres from a Secret) is accepted by the real apiserver with
+//! server-side apply, Pods passing Pod Security `restricted`.
+
+mod support;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::api::{Api, PostParams};
+use support::chart::{
+    apply_all, env_of, helm, hub_chart_dir, kinds, render_chart, restricted_namespace, wait_pods,
+};
+
+fn render(namespace: &str, values: &[&str]) -> Result<Vec<serde_json::Value>, String> {
+    render_chart(&hub_chart_dir(), "hub", namespace, values)
+}
+
+fn args_of(deployment: &Deployment) -> Vec<String> {
+    support::first_container(deployment)
+        .args
+        .clone()
+        .unwrap_or_default()
+}
+
+#[test]
+fn the_charts_version_is_the_workspaces() {
+    let chart = std::fs::read_to_string(hub_chart_dir().join("Chart.yaml")).unwrap();
+    let chart: serde_yaml::Value = serde_yaml::from_str(&chart).unwrap();
+    assert_eq!(chart["version"].as_str(), Some(env!("CARGO_PKG_VERSION")));
+    assert_eq!(chart["appVersion"].as_str(), Some(env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn helm_lint_is_clean_and_what_cannot_work_is_refused() {
+    let output = helm()
+        .arg("lint")
+        .arg("--strict")
+        .arg(hub_chart_dir())
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{text}");
+    assert!(
+        !text.contains("[WARNING]") && !text.contains("[ERROR]") && !text.contains("[INFO]"),
+        "{text}"
+    );
+    let refused = [
+        (vec!["replicas=2"], "one replica"),
+        (
+            vec!["replicas=2", "database.existingSecret=db", "ca.existingSecret=ca"],
+            "one replica",
+        ),
+        (
+            vec!["database.existingSecret=db"],
+            "ca.existingSecret is required",
+        ),
+        (vec!["replicas=0"], "replicas"),
+        (vec!["service.agents.type=ClusterIP"], "type"),
+        (vec!["database.existingSecret=Not_A_Name"], "existingSecret"),
+        (vec!["serverNames[0]=hub example.com"], "serverNames"),
+        (vec!["hub.certLifetimeSeconds=60"], "certLifetimeSeconds"),
+        (vec!["unknownKey=1"], "unknownKey"),
+    ];
+    for (values, needle) in refused {
+        let err = render("hub", &values).expect_err(&format!("{values:?} must be refused"));
+        assert!(err.contains(needle), "{values:?}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn sqlite_on_a_volume_renders_and_applies_server_side_and_the_pod_is_restricted() {
+    let client = support::client().await;
+    let namespace = restricted_namespace(&client, "hubchart-sqlite").await;
+    let documents = render(&namespace, &[]).unwrap();
+    assert_eq!(
+        kinds(&documents),
+        [
+            "Deployment/hub-shapeblock-hub",
+            "PersistentVolumeClaim/hub-shapeblock-hub",
+            "Service/hub-shapeblock-hub-agents",
+            "Service/hub-shapeblock-hub-api",
+            "ServiceAccount/hub-shapeblock-hub",
+        ]
+    );
+    apply_all(&client, &documents, &namespace).await;
+    let deployment = Api::<Deployment>::namespaced(client.clone(), &namespace)
+        .get("hub-shapeblock-hub")
+        .await
+        .unwrap();
+    let spec = deployment.spec.as_ref().unwrap();
+    assert_eq!(spec.replicas, Some(1));
+    assert_eq!(
+        spec.strategy.as_ref().unwrap().type_.as_deref(),
+        Some("Recreate"),
+        "one SQLite writer: the old Pod goes first"
+    );
+    let args = args_of(&deployment);
+    assert_eq!(args[0], "serve");
+    for name in [
+        "hub-shapeblock-hub-api",
+        &format!("hub-shapeblock-hub-api.{namespace}"),
+        &format!("hub-shapeblock-hub-api.{namespace}.svc"),
+    ] {
+        assert!(args.contains(&format!("--name={name}")), "{name} in {args:?}");
+    }
+    let env = env_of(&deployment);
+    assert!(
+        env.iter().all(|(n, _)| n != "SHAPEBLOCK_HUB_DATABASE_URL"),
+        "{env:?}"
+    );
+    let claim = Api::<PersistentVolumeClaim>::namespaced(client.clone(), &namespace)
+        .get("hub-shapeblock-hub")
+        .await
+        .unwrap();
+    assert_eq!(
+        claim.spec.unwrap().access_modes,
+        Some(vec!["ReadWriteOnce".to_string()])
+    );
+    let agents = Api::<Service>::namespaced(client.clone(), &namespace)
+        .get("hub-shapeblock-hub-agents")
+        .await
+        .unwrap();
+    assert_eq!(agents.spec.unwrap().type_.as_deref(), Some("LoadBalancer"));
+
+    let pods = wait_pods(&client, &namespace, "shapeblock-hub", 1).await;
+    let pod = pods[0].spec.as_ref().unwrap();
+    assert_eq!(
+        pod.automount_service_account_token,
+        Some(false),
+        "the hub never calls the API"
+    );
+    let security = pod.containers[0].security_context.as_ref().unwrap();
+    assert_eq!(security.read_only_root_filesystem, Some(true));
+    assert_eq!(security.allow_privilege_escalation, Some(false));
+}
+
+#[tokio::test]
+async fn postgres_from_a_secret_renders_and_applies_and_the_url_stays_in_the_secret() {
+    let client = support::client().await;
+    let namespace = restricted_namespace(&client, "hubchart-pg").await;
+    let url = "postgres://hub:s3cret-password@db.example.com:5432/hub";
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "hub-db"},
+        "stringData": {"url": url},
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(client.clone(), &namespace)
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    let values = [
+        "database.existingSecret=hub-db",
+        "database.pool=8",
+        "ca.existingSecret=hub-ca",
+        "serverNames[0]=hub.example.com",
+        "service.agents.type=NodePort",
+        "service.agents.nodePort=30743",
+        "hub.appLogFollowers=4",
+        "hub.watchStallMs=5000",
+        "networkPolicy.enabled=true",
+        "podDisruptionBudget=ignored",
+    ];
+    // An unknown key is refused rather than ignored; the rest renders.
+    let err = render(&namespace, &values).expect_err("an unknown key");
+    assert!(err.contains("podDisruptionBudget"), "{err}");
+    let documents = render(&namespace, &values[..values.len() - 1]).unwrap();
+    assert_eq!(
+        kinds(&documents),
+        [
+            "Deployment/hub-shapeblock-hub",
+            "NetworkPolicy/hub-shapeblock-hub",
+            "Service/hub-shapeblock-hub-agents",
+            "Service/hub-shapeblock-hub-api",
+            "ServiceAccount/hub-shapeblock-hub",
+        ],
+        "no volume claim: with Postgres nothing lasting is in the data directory"
+    );
+    let rendered = serde_json::to_string(&documents).unwrap();
+    assert!(
+        !rendered.contains("s3cret-password"),
+        "the database URL is in the manifests"
+    );
+    apply_all(&client, &documents, &namespace).await;
+
+    let deployment = Api::<Deployment>::namespaced(client.clone(), &namespace)
+        .get("hub-shapeblock-hub")
+        .await
+        .unwrap();
+    let args = args_of(&deployment);
+    for flag in [
+        "--database-pool=8",
+        "--name=hub.example.com",
+        "--app-log-followers=4",
+        "--watch-stall-ms=5000",
+    ] {
+        assert!(args.iter().any(|a| a == flag), "{flag} in {args:?}");
+    }
+    let env = env_of(&deployment);
+    let url_env = &env
+        .iter()
+        .find(|(n, _)| n == "SHAPEBLOCK_HUB_DATABASE_URL")
+        .expect("the database URL")
+        .1;
+    assert_eq!(url_env["secretKeyRef"]["name"], "hub-db", "{url_env}");
+    assert_eq!(url_env["secretKeyRef"]["key"], "url", "{url_env}");
+    let pod = deployment.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let volumes = pod.volumes.as_ref().unwrap();
+    let data = volumes.iter().find(|v| v.name == "data").unwrap();
+    assert!(data.empty_dir.is_some() && data.persistent_volume_claim.is_none());
+    let ca = volumes.iter().find(|v| v.name == "ca").unwrap();
+    assert_eq!(ca.secret.as_ref().unwrap().secret_name.as_deref(), Some("hub-ca"));
+
+    let agents = Api::<Service>::namespaced(client.clone(), &namespace)
+        .get("hub-shapeblock-hub-agents")
+        .await
+        .unwrap()
+        .spec
+        .unwrap();
+    assert_eq!(agents.type_.as_deref(), Some("NodePort"));
+    assert_eq!(agents.ports.unwrap()[0].node_port, Some(30743));
+
+    // The policy admits the agents' port from anywhere and the API port from the namespace.
+    let policy = Api::<NetworkPolicy>::namespaced(client.clone(), &namespace)
+        .get("hub-shapeblock-hub")
+        .await
+        .unwrap()
+        .spec
+        .unwrap();
+    let ingress = policy.ingress.unwrap_or_default();
+    let ports: Vec<String> = ingress
+        .iter()
+        .flat_map(|rule| rule.ports.clone().unwrap_or_default())
+        .filter_map(|p| p.port)
+        .map(|p| match p {
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n) => n.to_string(),
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(s) => s,
+        })
+        .collect();
+    assert!(ports.iter().any(|p| p == "agents" || p == "7443"), "{ports:?}");
+    assert!(ports.iter().any(|p| p == "api" || p == "7444"), "{ports:?}");
+
+    // The Pod is made (Pod Security `restricted` admits it) with the Secret's URL by reference.
+    wait_pods(&client, &namespace, "shapeblock-hub", 1).await;
+}
