@@ -12,7 +12,8 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use support::chart::{
-    MANAGER, apply_all, chart_dir, env_of, helm, kinds, render, restricted_namespace, wait_pods,
+    MANAGER, apply_all, assert_lint_clean, assert_refused, chart_dir, env_of, kinds, render,
+    restricted_namespace, wait_pods,
 };
 
 #[test]
@@ -45,19 +46,7 @@ fn generated_chart_files_match_the_rust_sources() {
 
 #[test]
 fn helm_lint_is_clean_and_the_schema_refuses_bad_values() {
-    let output = helm()
-        .arg("lint")
-        .arg("--strict")
-        .arg(chart_dir())
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{text}");
-    assert!(
-        !text.contains("[WARNING]") && !text.contains("[ERROR]") && !text.contains("[INFO]"),
-        "{text}"
-    );
+    assert_lint_clean(&chart_dir());
 
     let refused = [
         (vec!["hub.address=https://hub.example.com:443"], "caHash"),
@@ -73,10 +62,7 @@ fn helm_lint_is_clean_and_the_schema_refuses_bad_values() {
             "renewDeadlineSeconds must be shorter",
         ),
     ];
-    for (values, needle) in refused {
-        let err = render("shapeblock", &values).expect_err(&format!("{values:?} must be refused"));
-        assert!(err.contains(needle), "{values:?}: {err}");
-    }
+    assert_refused(|values| render("shapeblock", values), &refused);
 }
 
 #[tokio::test]

@@ -10,7 +10,8 @@ use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, PostParams};
 use support::chart::{
-    apply_all, env_of, helm, hub_chart_dir, kinds, render_chart, restricted_namespace, wait_pods,
+    apply_all, assert_lint_clean, assert_refused, env_of, hub_chart_dir, kinds, render_chart,
+    restricted_namespace, wait_pods,
 };
 
 fn render(namespace: &str, values: &[&str]) -> Result<Vec<serde_json::Value>, String> {
@@ -34,19 +35,7 @@ fn the_charts_version_is_the_workspaces() {
 
 #[test]
 fn helm_lint_is_clean_and_what_cannot_work_is_refused() {
-    let output = helm()
-        .arg("lint")
-        .arg("--strict")
-        .arg(hub_chart_dir())
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{text}");
-    assert!(
-        !text.contains("[WARNING]") && !text.contains("[ERROR]") && !text.contains("[INFO]"),
-        "{text}"
-    );
+    assert_lint_clean(&hub_chart_dir());
     let refused = [
         (vec!["replicas=2"], "one replica"),
         (
@@ -64,10 +53,7 @@ fn helm_lint_is_clean_and_what_cannot_work_is_refused() {
         (vec!["hub.certLifetimeSeconds=60"], "certLifetimeSeconds"),
         (vec!["unknownKey=1"], "unknownKey"),
     ];
-    for (values, needle) in refused {
-        let err = render("hub", &values).expect_err(&format!("{values:?} must be refused"));
-        assert!(err.contains(needle), "{values:?}: {err}");
-    }
+    assert_refused(|values| render("hub", values), &refused);
 }
 
 #[tokio::test]

@@ -101,6 +101,29 @@ pub async fn apply_all(client: &Client, documents: &[serde_json::Value], namespa
     }
 }
 
+/// `helm lint --strict` of the chart passes with nothing to say.
+pub fn assert_lint_clean(chart: &Path) {
+    let output = helm().arg("lint").arg("--strict").arg(chart).output().unwrap();
+    let text =
+        String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{text}");
+    assert!(
+        !text.contains("[WARNING]") && !text.contains("[ERROR]") && !text.contains("[INFO]"),
+        "{text}"
+    );
+}
+
+/// Each set of values fails to render, with helm's error naming what is wrong.
+pub fn assert_refused(
+    render: impl Fn(&[&str]) -> Result<Vec<serde_json::Value>, String>,
+    refused: &[(Vec<&str>, &str)],
+) {
+    for (values, needle) in refused {
+        let err = render(values).expect_err(&format!("{values:?} must be refused"));
+        assert!(err.contains(needle), "{values:?}: {err}");
+    }
+}
+
 /// A namespace that enforces Pod Security `restricted`, so a Pod the chart's Deployments make
 /// is refused unless its security context is restricted.
 pub async fn restricted_namespace(client: &Client, prefix: &str) -> String {
