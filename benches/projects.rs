@@ -2,7 +2,8 @@
 //! on a real control plane that also holds 1,000 unrelated 100 KiB Secrets, its peak RSS, and
 //! the ceiling: a bare kube client creating the same namespaces and Secrets.
 //!
-//! Run with `cargo bench --bench projects` (`PROJECTS=100` for a shorter run).
+//! Run with `cargo bench --bench projects` (`PROJECTS=100` for a shorter run; `AGENT_BINARY`
+//! for a profiler's wrapper of the agent, `AGENT_FLAGS` for more of its flags).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -64,12 +65,25 @@ async fn run(projects: usize) {
             .await
             .unwrap();
     pull_secret(&client).await;
+    // AGENT_FLAGS: more flags for the agent, to compare settings in the same conditions.
+    let flags: Vec<String> = std::iter::once("--log=warn".to_string())
+        .chain(
+            std::env::var("AGENT_FLAGS")
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(String::from),
+        )
+        .collect();
+    // AGENT_BINARY runs another binary in its place: a profiler's wrapper script that execs
+    // the agent, for example (its peak RSS is then the wrapper's).
+    let binary =
+        std::env::var("AGENT_BINARY").unwrap_or_else(|_| env!("CARGO_BIN_EXE_shapeblock-agent").into());
     let agent = agent::AgentProcess::start(
-        std::path::Path::new(env!("CARGO_BIN_EXE_shapeblock-agent")),
+        std::path::Path::new(&binary),
         &kubeconfig,
         "shapeblock",
         &plane.work_dir().join("agent.log"),
-        &["--log=warn"],
+        &flags.iter().map(String::as_str).collect::<Vec<_>>(),
     )
     .await
     .unwrap();

@@ -54,6 +54,17 @@ struct RunArgs {
     /// Kubeconfig to use instead of the in-cluster configuration (or `KUBECONFIG`).
     #[arg(long, env = "SHAPEBLOCK_KUBECONFIG", value_name = "FILE")]
     kubeconfig: Option<PathBuf>,
+    /// Speak HTTP/2 to the apiserver when it offers it: one connection for every watch and
+    /// request. `false` keeps kube's HTTP/1.1 client (a connection per request in flight),
+    /// for an apiserver proxy that mishandles HTTP/2.
+    #[arg(
+        long,
+        env = "SHAPEBLOCK_APISERVER_HTTP2",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_name = "BOOL"
+    )]
+    apiserver_http2: bool,
     /// The agent's own namespace: holds the registry pull secret it copies into projects.
     #[arg(
         long,
@@ -91,6 +102,16 @@ struct RunArgs {
         value_name = "SECONDS"
     )]
     resync_seconds: u64,
+    /// Reconciles each controller runs at once. Each holds its object and its requests in
+    /// flight; more than the apiserver serves at once only queues there.
+    #[arg(
+        long,
+        env = "SHAPEBLOCK_RECONCILE_CONCURRENCY",
+        default_value_t = crate::controllers::DEFAULT_CONCURRENCY,
+        value_parser = clap::value_parser!(u16).range(1..),
+        value_name = "N"
+    )]
+    reconcile_concurrency: u16,
     /// How long in-flight reconciles may take to finish after SIGTERM, in seconds.
     #[arg(
         long,
@@ -407,6 +428,7 @@ fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     let registry = args.registry.settings()?;
     let settings = crate::runtime::Settings {
         kubeconfig: args.kubeconfig,
+        apiserver_http2: args.apiserver_http2,
         http_addr: args.http_addr,
         shutdown_timeout: std::time::Duration::from_secs(args.shutdown_timeout_seconds),
         controllers: crate::controllers::Config {
@@ -414,6 +436,7 @@ fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
             registry_secret: (!args.registry_secret.is_empty()).then_some(args.registry_secret),
             registry,
             resync: std::time::Duration::from_secs(args.resync_seconds),
+            concurrency: args.reconcile_concurrency,
             instance: args.instance,
             builds: crate::controllers::appbuild::BuildSettings {
                 git_image: args.git_image,

@@ -21,6 +21,7 @@ pub mod bridge;
 pub mod chart;
 pub mod cli;
 pub mod controllers;
+pub mod kube_client;
 pub mod leader;
 pub mod names;
 pub mod rbac;

@@ -20,6 +20,8 @@ use crate::controllers::{self, Context, metrics::Metrics};
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub kubeconfig: Option<std::path::PathBuf>,
+    /// See [`crate::kube_client`]; `false`: kube's own HTTP/1.1 client.
+    pub apiserver_http2: bool,
     pub http_addr: SocketAddr,
     pub shutdown_timeout: Duration,
     pub controllers: controllers::Config,
@@ -290,7 +292,11 @@ async fn client(settings: &Settings) -> Result<kube::Client, Error> {
             .await
             .map_err(|e| Error::Config(e.to_string()))?,
     };
-    Ok(kube::Client::try_from(config)?)
+    if settings.apiserver_http2 {
+        crate::kube_client::client(config).map_err(|e| Error::Config(e.to_string()))
+    } else {
+        Ok(kube::Client::try_from(config)?)
+    }
 }
 
 /// A standby is ready: it is live, has read the lease, and takes over when the leader goes.

@@ -241,6 +241,11 @@ impl AgentProcess {
     }
 
     /// Peak resident memory (VmHWM) so far, in KiB.
+    /// Established TCP connections of the agent to `port`.
+    pub fn tcp_connections_to(&self, port: u16) -> usize {
+        super::process::tcp_connections_to(self.pid(), port)
+    }
+
     pub fn peak_rss_kib(&self) -> u64 {
         super::process::peak_rss_kib(self.pid()).unwrap_or(0)
     }

@@ -197,6 +197,40 @@ pub fn port_conflict(log_tail: &str) -> bool {
     log_tail.contains("address already in use")
 }
 
+/// Established TCP connections of process `pid` to `port` (on any address): its socket inodes
+/// matched against the kernel's TCP tables.
+pub fn tcp_connections_to(pid: u32, port: u16) -> usize {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return 0;
+    };
+    let inodes: std::collections::HashSet<String> = fds
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter_map(|target| {
+            let target = target.to_string_lossy().into_owned();
+            Some(target.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+        })
+        .collect();
+    let wanted = format!(":{port:04X}");
+    ["tcp", "tcp6"]
+        .iter()
+        .filter_map(|table| std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).ok())
+        .flat_map(|text| {
+            text.lines()
+                .skip(1)
+                .map(|line| line.split_whitespace().map(String::from).collect::<Vec<_>>())
+                .collect::<Vec<_>>()
+        })
+        // Columns: sl, local, remote, state (01: established), ..., inode (the tenth).
+        .filter(|columns| {
+            columns.len() > 9
+                && columns[2].ends_with(&wanted)
+                && columns[3] == "01"
+                && inodes.contains(&columns[9])
+        })
+        .count()
+}
+
 /// Peak resident memory (VmHWM) of a process so far, in KiB; `None` once it is gone.
 pub fn peak_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

@@ -12,7 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::core::{DeserializeGuard, PartialObjectMeta};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -50,7 +50,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         watcher::Config::default(),
     )
     .touched_objects();
-    let controller = Controller::new(runs, watcher::Config::default()).owns_stream(jobs);
+    let controller = super::controller(runs, watcher::Config::default(), &ctx).owns_stream(jobs);
     let store = controller.store();
     let waiting = store.clone();
     let controller = controller.watches_stream(apps, move |app: PartialObjectMeta<App>| {

@@ -24,6 +24,8 @@ pub struct Config {
     pub registry_secret: Option<String>,
     /// Periodic re-check of healthy objects, in case something changed unseen.
     pub resync: Duration,
+    /// Reconciles each controller runs at once.
+    pub concurrency: u16,
     /// Pod name, to tell Event sources apart when several replicas run.
     pub instance: Option<String>,
     /// Images and defaults of build Jobs.
@@ -38,6 +40,7 @@ impl Default for Config {
             agent_namespace: "shapeblock".into(),
             registry_secret: Some("registry-credentials".into()),
             resync: Duration::from_secs(30 * 60),
+            concurrency: super::DEFAULT_CONCURRENCY,
             instance: None,
             builds: Default::default(),
             registry: Default::default(),

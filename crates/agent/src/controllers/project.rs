@@ -16,7 +16,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::core::{DeserializeGuard, PartialObjectMeta};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
@@ -62,7 +62,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
     let (namespaces, namespace_writer) = reflector::store();
     let namespace_events = reflector(
         namespace_writer,
-        watcher(Api::<PartialObjectMeta<Namespace>>::all(client.clone()), owned()),
+        watcher(Api::<PartialObjectMeta<Namespace>>::all(client.clone()), owned()).modify(super::slim),
     )
     .touched_objects();
     let (quotas, quota_writer) = reflector::store();
@@ -71,13 +71,14 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         watcher(
             Api::<PartialObjectMeta<ResourceQuota>>::all(client.clone()),
             owned(),
-        ),
+        )
+        .modify(super::slim),
     )
     .touched_objects();
     let (limit_ranges, limit_writer) = reflector::store();
     let limit_events = reflector(
         limit_writer,
-        watcher(Api::<PartialObjectMeta<LimitRange>>::all(client.clone()), owned()),
+        watcher(Api::<PartialObjectMeta<LimitRange>>::all(client.clone()), owned()).modify(super::slim),
     )
     .touched_objects();
     let copies = watcher(
@@ -86,7 +87,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
     )
     .touched_objects();
 
-    let controller = Controller::new(projects, watcher::Config::default())
+    let controller = super::controller(projects, watcher::Config::default(), &ctx)
         .owns_stream(namespace_events)
         .owns_stream(quota_events)
         .owns_stream(limit_events)
@@ -102,7 +103,8 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
                 watcher(
                     Api::<Secret>::namespaced(client.clone(), &ctx.config.agent_namespace),
                     watcher::Config::default().fields(&format!("metadata.name={name}")),
-                ),
+                )
+                .modify(super::slim),
             )
             .touched_objects();
             let all = store.clone();

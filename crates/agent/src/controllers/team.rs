@@ -11,7 +11,7 @@ use k8s_openapi::api::rbac::v1::{RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::core::{DeserializeGuard, PartialObjectMeta};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -45,7 +45,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         watcher::Config::default().labels(PROJECT_LABEL),
     )
     .touched_objects();
-    let controller = Controller::new(teams, watcher::Config::default()).owns_stream(bindings);
+    let controller = super::controller(teams, watcher::Config::default(), &ctx).owns_stream(bindings);
     let store = controller.store();
     let teams_of_project = store.clone();
     let controller = controller.watches_stream(namespaces, move |ns: PartialObjectMeta<Namespace>| {

@@ -25,7 +25,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::core::{DeserializeGuard, PartialObjectMeta};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -65,7 +65,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         watcher::Config::default().labels(APP_LABEL),
     )
     .touched_objects();
-    let controller = Controller::new(builds, watcher::Config::default()).owns_stream(build_jobs);
+    let controller = super::controller(builds, watcher::Config::default(), &ctx).owns_stream(build_jobs);
     let store = controller.store();
     let by_deployment = store.clone();
     let by_chart = store.clone();

@@ -23,7 +23,7 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret};
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::core::{DeserializeGuard, PartialObjectMeta};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
@@ -79,7 +79,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY},{SERVICE_LABEL}")),
     )
     .touched_objects();
-    let controller = Controller::new(services, watcher::Config::default())
+    let controller = super::controller(services, watcher::Config::default(), &ctx)
         .owns_stream(secrets)
         .watches_stream(statefulsets, |sts: PartialObjectMeta<StatefulSet>| {
             labelled(sts.labels(), sts.namespace())
