@@ -159,6 +159,8 @@ async fn beat(inner: Arc<Inner>) {
     let mut beats = tokio::time::interval(replica.heartbeat);
     beats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut n = 0u32;
+    // Since when this replica's heartbeats have reached the database without a break.
+    let mut in_touch_since: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = beats.tick() => {}
@@ -171,6 +173,11 @@ async fn beat(inner: Arc<Inner>) {
             inner.store.replica_heartbeat(&replica.id),
         )
         .await;
+        if matches!(beat, Ok(Ok(_))) {
+            in_touch_since.get_or_insert_with(tokio::time::Instant::now);
+        } else {
+            in_touch_since = None;
+        }
         match beat {
             Ok(Ok(true)) => replica.database.store(true, Ordering::Relaxed),
             Ok(Ok(false)) => {
@@ -198,16 +205,22 @@ async fn beat(inner: Arc<Inner>) {
                 replica.database.store(false, Ordering::Relaxed);
             }
         }
-        match inner
-            .store
-            .hand_on_dead_replicas(&replica.id, replica.dead_after())
-            .await
-        {
-            Ok(handed) if !handed.is_empty() => {
-                tracing::warn!(clusters = handed.len(), "sessions of a dead replica handed on")
+        // After an outage of the database every heartbeat row is stale, this one's included:
+        // the others get a full dead-after window to beat again before any of them is
+        // declared dead, or every outage would end every replica's sessions.
+        let settled = in_touch_since.is_some_and(|since| since.elapsed() > replica.dead_after());
+        if settled {
+            match inner
+                .store
+                .hand_on_dead_replicas(&replica.id, replica.dead_after())
+                .await
+            {
+                Ok(handed) if !handed.is_empty() => {
+                    tracing::warn!(clusters = handed.len(), "sessions of a dead replica handed on")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::debug!(%e, "dead replica check"),
             }
-            Ok(_) => {}
-            Err(e) => tracing::debug!(%e, "dead replica check"),
         }
         if n.is_multiple_of(RESYNC_BEATS) {
             resync(&inner).await;
