@@ -1,7 +1,8 @@
 //! The hub's Helm chart: `helm lint` is clean, the schema and the templates refuse what cannot
-//! work (several SQLite writers, a CA that would not outlive its Pod), and what the real `helm`
-//! renders (SQLite on a volume; Postgres from a Secret) is accepted by the real apiserver with
-//! server-side apply, Pods passing Pod Security `restricted`.
+//! work (several SQLite writers, a CA that would not outlive its Pod or is not shared), and what
+//! the real `helm` renders (one SQLite replica on a volume; three replicas on Postgres from a
+//! Secret) is accepted by the real apiserver with server-side apply, Pods passing Pod Security
+//! `restricted`.
 
 mod support;
 
@@ -37,10 +38,14 @@ fn the_charts_version_is_the_workspaces() {
 fn helm_lint_is_clean_and_what_cannot_work_is_refused() {
     assert_lint_clean(&hub_chart_dir());
     let refused = [
-        (vec!["replicas=2"], "one replica"),
+        (vec!["replicas=2"], "needs database.existingSecret"),
         (
-            vec!["replicas=2", "database.existingSecret=db", "ca.existingSecret=ca"],
-            "one replica",
+            vec!["replicas=2", "ca.existingSecret=ca"],
+            "which one replica only may write",
+        ),
+        (
+            vec!["replicas=2", "database.existingSecret=db"],
+            "ca.existingSecret is required",
         ),
         (
             vec!["database.existingSecret=db"],
@@ -147,6 +152,8 @@ async fn postgres_from_a_secret_renders_and_applies_and_the_url_stays_in_the_sec
         "hub.appLogFollowers=4",
         "hub.watchStallMs=5000",
         "networkPolicy.enabled=true",
+        "replicas=3",
+        "hub.replicaHeartbeatMs=1000",
         "podDisruptionBudget=ignored",
     ];
     // An unknown key is refused rather than ignored; the rest renders.
@@ -158,11 +165,12 @@ async fn postgres_from_a_secret_renders_and_applies_and_the_url_stays_in_the_sec
         [
             "Deployment/hub-shapeblock-hub",
             "NetworkPolicy/hub-shapeblock-hub",
+            "PodDisruptionBudget/hub-shapeblock-hub",
             "Service/hub-shapeblock-hub-agents",
             "Service/hub-shapeblock-hub-api",
             "ServiceAccount/hub-shapeblock-hub",
         ],
-        "no volume claim: with Postgres nothing lasting is in the data directory"
+        "no volume claim: with Postgres nothing lasting is in the data directory; a budget for 3 replicas"
     );
     let rendered = serde_json::to_string(&documents).unwrap();
     assert!(
@@ -176,7 +184,10 @@ async fn postgres_from_a_secret_renders_and_applies_and_the_url_stays_in_the_sec
         .await
         .unwrap();
     let args = args_of(&deployment);
+    assert_eq!(deployment.spec.as_ref().unwrap().replicas, Some(3));
     for flag in [
+        "--health-addr=0.0.0.0:7445",
+        "--replica-heartbeat-ms=1000",
         "--database-pool=8",
         "--name=hub.example.com",
         "--app-log-followers=4",
@@ -198,6 +209,37 @@ async fn postgres_from_a_secret_renders_and_applies_and_the_url_stays_in_the_sec
     assert!(data.empty_dir.is_some() && data.persistent_volume_claim.is_none());
     let ca = volumes.iter().find(|v| v.name == "ca").unwrap();
     assert_eq!(ca.secret.as_ref().unwrap().secret_name.as_deref(), Some("hub-ca"));
+    // Ready on the database and the LISTEN connection, live on the process alone.
+    let container = &pod.containers[0];
+    let http = |probe: &Option<k8s_openapi::api::core::v1::Probe>| {
+        let get = probe.as_ref().unwrap().http_get.as_ref().unwrap();
+        (get.path.clone().unwrap_or_default(), get.port.clone())
+    };
+    let health = k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("health".into());
+    assert_eq!(
+        http(&container.readiness_probe),
+        ("/readyz".to_string(), health.clone())
+    );
+    assert_eq!(http(&container.liveness_probe), ("/livez".to_string(), health));
+    // Spread over nodes when it can be; one Pod at a time may be disrupted.
+    let spread = pod
+        .affinity
+        .as_ref()
+        .and_then(|a| a.pod_anti_affinity.as_ref())
+        .and_then(|a| a.preferred_during_scheduling_ignored_during_execution.as_ref())
+        .expect("soft anti-affinity with several replicas");
+    assert_eq!(spread[0].pod_affinity_term.topology_key, "kubernetes.io/hostname");
+    let budget =
+        Api::<k8s_openapi::api::policy::v1::PodDisruptionBudget>::namespaced(client.clone(), &namespace)
+            .get("hub-shapeblock-hub")
+            .await
+            .unwrap()
+            .spec
+            .unwrap();
+    assert_eq!(
+        budget.max_unavailable,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1))
+    );
 
     let agents = Api::<Service>::namespaced(client.clone(), &namespace)
         .get("hub-shapeblock-hub-agents")
@@ -228,6 +270,7 @@ async fn postgres_from_a_secret_renders_and_applies_and_the_url_stays_in_the_sec
     assert!(ports.iter().any(|p| p == "agents" || p == "7443"), "{ports:?}");
     assert!(ports.iter().any(|p| p == "api" || p == "7444"), "{ports:?}");
 
-    // The Pod is made (Pod Security `restricted` admits it) with the Secret's URL by reference.
-    wait_pods(&client, &namespace, "shapeblock-hub", 1).await;
+    // The Pods are made (Pod Security `restricted` admits them) with the Secret's URL by
+    // reference.
+    wait_pods(&client, &namespace, "shapeblock-hub", 3).await;
 }

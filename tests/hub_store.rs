@@ -6,9 +6,10 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use prost::Message;
+use shapeblock_hub::store::notify::Notice;
 use shapeblock_hub::store::{
-    FeedEvent, Location, LogChunk, LogStreamRow, ObjectStatus, Queued, Store, StoreError, TokenRevoke, Write,
-    feed,
+    FeedEvent, Location, LogChunk, LogStreamRow, ObjectStatus, Queued, Recorded, Store, StoreError,
+    TokenRevoke, Write, feed,
 };
 use shapeblock_proto::v1::server_message::Body as Down;
 use shapeblock_proto::v1::{Hello, Inventory, ServerMessage, SetConfig};
@@ -835,9 +836,9 @@ async fn a_postgres_schema_is_versioned_and_one_newer_than_the_hub_is_refused() 
             .psql(&url, "SELECT version FROM schema_migrations ORDER BY version")
             .unwrap()
     };
-    assert_eq!(versions(server), "1");
+    assert_eq!(versions(server), "1\n2");
     assert_eq!(Store::open(&location).await.unwrap().id().await.unwrap(), id);
-    assert_eq!(versions(server), "1", "nothing applied twice");
+    assert_eq!(versions(server), "1\n2", "nothing applied twice");
     server
         .psql(
             &url,
@@ -853,4 +854,184 @@ async fn a_postgres_schema_is_versioned_and_one_newer_than_the_hub_is_refused() 
         "{refused}"
     );
     assert!(matches!(refused, StoreError::Config(_)));
+}
+
+/// Two stores on one database, each registered as a replica: what two hub processes are.
+async fn two_replicas() -> (
+    Store,
+    Store,
+    String,
+    &'static shapeblock_testenv::postgres::SharedPostgres,
+) {
+    let (server, url) = tokio::task::spawn_blocking(|| {
+        let server = Postgres::shared().unwrap();
+        (server, server.database("hub_replicas").unwrap())
+    })
+    .await
+    .unwrap();
+    let location = Location::Postgres {
+        url: url.clone(),
+        pool_size: 4,
+    };
+    let a = Store::open(&location).await.unwrap();
+    let b = Store::open(&location).await.unwrap();
+    a.register_replica("replica-a", "a:1").await.unwrap();
+    b.register_replica("replica-b", "b:1").await.unwrap();
+    (a, b, url, server)
+}
+
+/// Postgres only: a session of another replica fences this one's in the transaction that
+/// would record (refused as fenced, not taken for a resend, so it is never acked), and a
+/// replica that stopped heartbeating has only its own clusters handed on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_fence_each_other_in_the_database_and_only_a_dead_ones_clusters_are_handed_on() {
+    let (a, b, url, server) = two_replicas().await;
+    let phase = |detail: &str| [event("phase", "Project//p", detail)];
+    let (old, _) = a.begin_session("c1", &Hello::default()).await.unwrap();
+    assert!(a.record("c1", old, 1, &phase("a1")).await.unwrap());
+    assert_eq!(
+        a.session_replica("c1").await.unwrap().as_deref(),
+        Some("replica-a")
+    );
+    // The agent reconnects to B: A's session is fenced, a resend on B is a duplicate.
+    let (new, last) = b.begin_session("c1", &Hello::default()).await.unwrap();
+    assert_eq!((new, last), (old + 1, 1));
+    assert_eq!(
+        a.session_replica("c1").await.unwrap().as_deref(),
+        Some("replica-b")
+    );
+    assert_eq!(
+        a.record_outcome("c1", old, 2, &phase("stale")).await.unwrap(),
+        Recorded::Fenced
+    );
+    assert_eq!(
+        b.record_outcome("c1", new, 1, &phase("a1")).await.unwrap(),
+        Recorded::Duplicate
+    );
+    assert_eq!(
+        b.record_outcome("c1", new, 2, &phase("b2")).await.unwrap(),
+        Recorded::New
+    );
+    let details: Vec<String> = a.events("c1").await.unwrap().into_iter().map(|e| e.3).collect();
+    assert_eq!(details, ["a1", "b2"]);
+    assert_eq!(
+        a.session_epochs(&["c1".into(), "unknown".into()]).await.unwrap(),
+        [("c1".to_string(), new, false)]
+    );
+
+    // A holds c3, B holds c2; A stops heartbeating.
+    let (c3, _) = a.begin_session("c3", &Hello::default()).await.unwrap();
+    let (c2, _) = b.begin_session("c2", &Hello::default()).await.unwrap();
+    assert!(a.replica_heartbeat("replica-a").await.unwrap());
+    assert!(
+        b.hand_on_dead_replicas("replica-b", Duration::from_secs(60))
+            .await
+            .unwrap()
+            .is_empty(),
+        "nobody is dead yet"
+    );
+    server
+        .psql(
+            &url,
+            "UPDATE replicas SET heartbeat_at = heartbeat_at - 120000 WHERE id = 'replica-a'",
+        )
+        .unwrap();
+    let feed_before = b.feed_after(None, 0, 10_000).await.unwrap().last().unwrap().id;
+    let handed = b
+        .hand_on_dead_replicas("replica-b", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(
+        handed,
+        [("c3".to_string(), c3 + 1)],
+        "only the dead replica's cluster"
+    );
+    assert!(!b.cluster("c3").await.unwrap().unwrap().connected);
+    assert!(b.cluster("c2").await.unwrap().unwrap().connected);
+    assert_eq!(b.cluster("c2").await.unwrap().unwrap().epoch, c2);
+    assert!(b.cluster("c1").await.unwrap().unwrap().connected);
+    let downs: Vec<(String, String)> = b
+        .feed_after(None, feed_before, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.cluster, e.kind))
+        .collect();
+    assert_eq!(downs, [("c3".to_string(), feed::SESSION_DOWN.to_string())]);
+    // Again: nothing more to hand on.
+    assert!(
+        b.hand_on_dead_replicas("replica-b", Duration::from_secs(60))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // A wakes up: its row is gone, and what it still writes for c3 is refused.
+    assert!(!a.replica_heartbeat("replica-a").await.unwrap());
+    assert_eq!(
+        a.record_outcome("c3", c3, 1, &phase("late")).await.unwrap(),
+        Recorded::Fenced
+    );
+    let replicas: Vec<String> = b.replicas().await.unwrap().into_iter().map(|r| r.0).collect();
+    assert_eq!(replicas, ["replica-b"]);
+}
+
+/// Postgres only: what one replica commits reaches another's LISTEN connection, ids only,
+/// once it is committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replicas_listen_connection_hears_sessions_commands_the_feed_and_revocations() {
+    let (a, b, _, _) = two_replicas().await;
+    let (notices, mut heard) = tokio::sync::mpsc::channel(64);
+    let (up, mut listening) = tokio::sync::watch::channel(false);
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let listener = tokio::spawn(shapeblock_hub::store::notify::listen(
+        b.listen_config().unwrap(),
+        notices,
+        up,
+        stopping,
+        Duration::from_secs(1),
+    ));
+    listening.wait_for(|up| *up).await.unwrap();
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(5), heard.recv())
+            .await
+            .expect("a notice")
+            .unwrap()
+    };
+    assert_eq!(next().await, Notice::Resync);
+    let (epoch, _) = a.begin_session("n1", &Hello::default()).await.unwrap();
+    assert_eq!(
+        next().await,
+        Notice::Session {
+            cluster: "n1".into(),
+            epoch
+        }
+    );
+    assert!(matches!(next().await, Notice::Feed { .. }), "session-up");
+    let seq = a.add_command("n1", b"x").await.unwrap();
+    assert_eq!(seq, 1);
+    assert_eq!(next().await, Notice::Command { cluster: "n1".into() });
+    let Notice::Feed { id } = next().await else {
+        panic!("queued")
+    };
+    assert_eq!(b.feed_after(None, id - 1, 1).await.unwrap()[0].kind, feed::QUEUED);
+    assert!(a.revoke_cluster("n1").await.unwrap());
+    assert_eq!(next().await, Notice::Revoked { cluster: "n1".into() });
+    let Notice::Feed { id: revoked } = next().await else {
+        panic!("revoked")
+    };
+    assert!(revoked > id);
+    // Nothing else was heard (a refused write notifies nothing).
+    assert!(
+        !a.record("n1", epoch + 5, 1, &[event("phase", "x", "y")])
+            .await
+            .unwrap()
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), heard.recv())
+            .await
+            .is_err(),
+        "no notice for what was not committed"
+    );
+    stop.send(true).unwrap();
+    listener.await.unwrap();
 }

@@ -31,15 +31,18 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- printf "%s-agents" (include "shapeblock-hub.fullname" . | trunc 56 | trimSuffix "-") -}}
 {{- end -}}
 
-{{/* The replica count (one, until replicas share their sessions through the database), after the check that keeps the CA of a Postgres-backed hub in a Secret. */}}
+{{/* The replica count, after the checks that keep SQLite to one process and the CA shared. */}}
 {{- define "shapeblock-hub.replicas" -}}
 {{- $postgres := ne .Values.database.existingSecret "" -}}
 {{- $replicas := 1 -}}
 {{- if not (kindIs "invalid" .Values.replicas) -}}
 {{- $replicas = int .Values.replicas -}}
 {{- end -}}
-{{- if gt $replicas 1 -}}
-{{- fail (printf "replicas=%d: the hub runs as one replica for now; several replicas on one Postgres need session ownership and command wake-ups shared through the database, which this version does not have yet" $replicas) -}}
+{{- if and (not $postgres) (gt $replicas 1) -}}
+{{- fail (printf "replicas=%d needs database.existingSecret: without Postgres the hub keeps its store in SQLite, which one replica only may write" $replicas) -}}
+{{- end -}}
+{{- if and (gt $replicas 1) (not .Values.ca.existingSecret) -}}
+{{- fail "ca.existingSecret is required with more than one replica: every replica must sign with the one CA that agents pin (see charts/README.md)" -}}
 {{- end -}}
 {{- if and $postgres (not .Values.ca.existingSecret) -}}
 {{- fail "ca.existingSecret is required with database.existingSecret: the data directory is then an emptyDir, and a CA the hub made itself there would be lost on restart while the store in Postgres still trusts it (see charts/README.md)" -}}

@@ -803,6 +803,24 @@ impl HubApi for Api {
         // Checked before anything else: these names become a label selector at the agent.
         proto::check_app_logs(&start).map_err(ApiError::InvalidArgument)?;
         self.known(&r.cluster_id).await?;
+        // Live logs come over the live session, which only the replica holding it has; they
+        // are not routed between replicas (yet): say so rather than hang or say "not
+        // connected".
+        if let Some(me) = self.inner.replica.as_ref()
+            && self.inner.control(&r.cluster_id, 0).is_none()
+            && let Some(other) = self
+                .store()
+                .session_replica(&r.cluster_id)
+                .await
+                .map_err(ApiError::from)?
+            && other != me.id
+        {
+            return Err(Status::unavailable(format!(
+                "the session of cluster {} is on another hub replica ({other}): live App logs are served only by the replica \
+                 holding it, not routed between replicas; call this replica's peer directly or retry",
+                r.cluster_id
+            )));
+        }
         let rx = app_logs::start(&self.inner, &r.cluster_id, start, deadline)?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

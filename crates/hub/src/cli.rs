@@ -81,6 +81,15 @@ enum Command {
         /// calls share them, so this bounds the database's load whatever the agent count.
         #[arg(long, default_value_t = hub::store::DEFAULT_POOL_SIZE)]
         database_pool: usize,
+        /// With --database-url this hub is one of possibly several replicas: it refreshes
+        /// its heartbeat row this often, and one silent for 3 beats is declared dead and the
+        /// clusters it held handed on.
+        #[arg(long, default_value_t = hub::replicas::DEFAULT_HEARTBEAT.as_millis() as u64)]
+        replica_heartbeat_ms: u64,
+        /// Serve `/livez` and `/readyz` (plain HTTP) here: ready while the database takes
+        /// this replica's heartbeat and its LISTEN connection is up; live while it answers.
+        #[arg(long, env = "SHAPEBLOCK_HUB_HEALTH_ADDR")]
+        health_addr: Option<std::net::SocketAddr>,
     },
     /// API keys for the hub's API.
     ApiKey {
@@ -354,6 +363,8 @@ impl Cli {
                 watch_stall_ms,
                 app_log_followers,
                 database_pool,
+                replica_heartbeat_ms,
+                health_addr,
             } => {
                 init_tracing("info");
                 let _ = rustls::crypto::ring::default_provider().install_default();
@@ -370,12 +381,20 @@ impl Cli {
                         app_log_followers,
                         database_url: self.database_url,
                         database_pool,
+                        replica_heartbeat: Duration::from_millis(replica_heartbeat_ms.max(50)),
+                        health_listen: health_addr,
                         ..HubConfig::new(data)
                     };
                     let hub = hub::Hub::start(config).await?;
                     println!("listening on {} (CA {})", hub.url(), hub.ca_hash());
                     if let Some(api) = hub.api_address() {
                         println!("API on https://{api}");
+                    }
+                    if let Some(health) = hub.health_address() {
+                        println!("health on http://{health} (/livez, /readyz)");
+                    }
+                    if let Some(replica) = hub.replica_id() {
+                        println!("replica {replica}");
                     }
                     shutdown_on_signals().await;
                     hub.stop().await;

@@ -8,6 +8,7 @@
 pub mod api;
 pub mod cli;
 pub mod pki;
+pub mod replicas;
 pub mod store;
 
 use std::collections::HashMap;
@@ -32,7 +33,7 @@ use shapeblock_proto::v1::{
     Sync,
 };
 use shapeblock_proto::{self as proto, MAX_MESSAGE_BYTES, ca_hash, hex, now_unix, object_key};
-use store::{FeedEvent, LogChunk, ObjectStatus, Store, Write, feed};
+use store::{FeedEvent, LogChunk, ObjectStatus, Recorded, Store, Write, feed};
 
 /// How the hub runs.
 #[derive(Clone, Debug)]
@@ -65,6 +66,11 @@ pub struct HubConfig {
     /// Live App log callers the hub serves at once for one cluster (the agent has its own
     /// bound, which this may exceed: then the agent's refusal reaches the caller).
     pub app_log_followers: usize,
+    /// How often a replica (a hub on Postgres) refreshes its heartbeat row; it is declared
+    /// dead after [`replicas::DEAD_AFTER_BEATS`] missed beats.
+    pub replica_heartbeat: Duration,
+    /// `/livez` and `/readyz` over plain HTTP here; `None`: not served.
+    pub health_listen: Option<SocketAddr>,
 }
 
 impl HubConfig {
@@ -82,6 +88,8 @@ impl HubConfig {
             watch_buffer: api::DEFAULT_WATCH_BUFFER,
             watch_stall: api::DEFAULT_WATCH_STALL,
             app_log_followers: api::DEFAULT_APP_LOG_FOLLOWERS,
+            replica_heartbeat: replicas::DEFAULT_HEARTBEAT,
+            health_listen: None,
         }
     }
 }
@@ -134,6 +142,8 @@ struct Inner {
     streams: api::Streams,
     /// Live App log followers, by cluster and follow id.
     app_logs: api::app_logs::Registry,
+    /// This process as one of several replicas on a shared Postgres; `None` on SQLite.
+    replica: Option<replicas::Replica>,
 }
 
 impl Inner {
@@ -179,6 +189,26 @@ impl Inner {
             .map(|s| s.control.clone())
     }
 
+    /// The wake-up of `cluster`'s sender, if this process has one (a session here now or
+    /// before): a notification about another replica's cluster makes none.
+    fn held_wake(&self, cluster: &str) -> Option<Arc<Notify>> {
+        self.wake
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(cluster)
+            .cloned()
+    }
+
+    /// How often a session looks for commands on its own: on SQLite the CLI may queue
+    /// from another process; on Postgres a notification wakes it, and this is the fallback
+    /// for one missed.
+    fn command_poll(&self) -> Duration {
+        match &self.replica {
+            None => Duration::from_millis(500),
+            Some(_) => Duration::from_secs(5),
+        }
+    }
+
     fn wake(&self, cluster: &str) -> Arc<Notify> {
         self.wake
             .lock()
@@ -195,6 +225,7 @@ pub struct Hub {
     addr: SocketAddr,
     server: tokio::task::JoinHandle<()>,
     api: Option<(SocketAddr, tokio::task::JoinHandle<()>)>,
+    health: Option<(SocketAddr, tokio::task::JoinHandle<()>)>,
 }
 
 /// A DNS-label-like cluster id: it goes into a URI SAN and the store.
@@ -400,10 +431,15 @@ impl Hub {
             config.database_pool,
         );
         let store = open_store_at(&location).await?;
-        // A previous process's sessions are gone, whatever the store says. (Right while one
-        // hub uses the store; with several replicas on one Postgres, each will end only the
-        // sessions it held.)
-        store.mark_disconnected_all().await?;
+        // On SQLite this is the only hub: a previous process's sessions are gone, whatever
+        // the store says. On Postgres other replicas may hold sessions; a previous process's
+        // are handed on once its heartbeat is stale, by whichever replica notices.
+        let replica = if store.replicated() {
+            Some(replicas::Replica::new(config.replica_heartbeat)?)
+        } else {
+            store.mark_disconnected_all().await?;
+            None
+        };
         let store_id = store.id().await?;
         tracing::info!(backend = store.backend(), "hub store open");
         let tolerated = shapeblock_proto::certificates::outage_tolerated(config.cert_lifetime);
@@ -427,6 +463,16 @@ impl Hub {
             addr: config.listen,
             source,
         })?;
+        let health_listener = match config.health_listen {
+            Some(addr) => Some(replicas::bind_health(addr).await?),
+            None => None,
+        };
+        if let Some(replica) = &replica {
+            // Registered before any session begins: a session owned by a replica without a
+            // row would be handed on at once.
+            store.register_replica(&replica.id, &addr.to_string()).await?;
+            tracing::info!(replica = %replica.id, "hub replica registered");
+        }
         let api_listener =
             match config.api_listen {
                 Some(api_addr) => Some(tokio::net::TcpListener::bind(api_addr).await.map_err(|source| {
@@ -449,6 +495,12 @@ impl Hub {
             agent_url: format!("https://{addr}"),
             streams: api::Streams::default(),
             app_logs: api::app_logs::Registry::default(),
+            replica,
+        });
+        replicas::start(&inner);
+        let health = health_listener.map(|listener| {
+            let addr = listener.local_addr().ok();
+            (addr, replicas::serve_health(inner.clone(), listener))
         });
         let api = match api_listener {
             Some(listener) => Some(api::serve(inner.clone(), listener, &cert, &key)?),
@@ -484,7 +536,23 @@ impl Hub {
             addr,
             server,
             api,
+            health: health.and_then(|(addr, task)| Some((addr?, task))),
         })
+    }
+
+    /// The health listener's address (`/livez`, `/readyz`), if it is served.
+    pub fn health_address(&self) -> Option<SocketAddr> {
+        self.health.as_ref().map(|(addr, _)| *addr)
+    }
+
+    /// This process's replica id (a hub on Postgres).
+    pub fn replica_id(&self) -> Option<&str> {
+        self.inner.replica.as_ref().map(|r| r.id.as_str())
+    }
+
+    /// Why the hub is not ready (`/readyz`), if it is not.
+    pub fn unready(&self) -> Option<String> {
+        replicas::unready(&self.inner)
     }
 
     /// The API's address, if it is served.
@@ -562,7 +630,9 @@ impl Hub {
     /// dies) and the listener closes.
     pub async fn stop(self) {
         let _ = self.inner.stopping.send(true);
-        let servers = std::iter::once(self.server).chain(self.api.map(|(_, server)| server));
+        let servers = std::iter::once(self.server)
+            .chain(self.api.map(|(_, server)| server))
+            .chain(self.health.map(|(_, server)| server));
         for mut server in servers {
             if tokio::time::timeout(Duration::from_secs(5), &mut server)
                 .await
@@ -697,6 +767,18 @@ impl AgentTunnel for Service {
         ) {
             self.inner.close_session(&cluster, Close::Revoked);
         }
+        // Likewise a newer session on another replica whose notification came before this
+        // one was registered: it found nothing to close here.
+        if self.inner.replica.is_some()
+            && let Ok(current) = self
+                .inner
+                .store
+                .session_epochs(std::slice::from_ref(&cluster))
+                .await
+            && current.iter().any(|(_, e, _)| *e > epoch)
+        {
+            self.inner.close_session(&cluster, Close::Superseded);
+        }
         tracing::info!(%cluster, epoch, last_agent_seq, agent = %hello.agent_version, "session started");
         let (tx, rx) = mpsc::channel(64);
         let ack = ServerMessage {
@@ -782,8 +864,9 @@ async fn session(
     let mut stopping = inner.stopping.subscribe();
     let heartbeat = inner.config.heartbeat;
     let mut beat = tokio::time::interval(heartbeat);
-    // Commands are also polled: the CLI adds them from another process.
-    let mut poll = tokio::time::interval(Duration::from_millis(500));
+    // Commands are also polled: the CLI adds them from another process, and a replica's
+    // notification may be missed while its LISTEN connection is down.
+    let mut poll = tokio::time::interval(inner.command_poll());
     let mut last_heard = Instant::now();
     let mut sent_upto = 0u64;
     let mut pending_ack: Option<ServerMessage> = None;
@@ -1091,23 +1174,17 @@ async fn handle(
         other => internal(other),
     })?;
     let recorded = store
-        .record(cluster, epoch, seq, &writes)
+        .record_outcome(cluster, epoch, seq, &writes)
         .await
         .map_err(|e| match e {
             store::StoreError::Invalid(m) => Status::invalid_argument(m),
             other => internal(other),
         })?;
-    if !recorded {
-        let current = inner
-            .sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(cluster)
-            .map(|s| s.epoch);
-        if current != Some(epoch) {
-            // A stale session's message: dropped, and the session ends.
-            return Err(Status::aborted("superseded by a newer session of this cluster"));
-        }
+    if recorded == Recorded::Fenced {
+        // A stale session's message (a newer session began, here or on another replica):
+        // dropped unacked, and the session ends.
+        tracing::info!(%cluster, epoch, seq, "a fenced session's message was refused");
+        return Err(Status::aborted("superseded by a newer session of this cluster"));
     }
     Ok(Some(ServerMessage {
         seq: 0,
@@ -1288,6 +1365,7 @@ mod fuzz {
             agent_url: "https://127.0.0.1:7443".into(),
             streams: api::Streams::default(),
             app_logs: api::app_logs::Registry::default(),
+            replica: None,
         };
         Fixture {
             _dir: dir,

@@ -232,6 +232,15 @@ impl Postgres {
         self.wait_ready()
     }
 
+    /// [`Postgres::restart`] with the server down for `outage` in between (clients meanwhile
+    /// find nothing listening).
+    pub fn restart_after(&mut self, outage: Duration) -> Result<()> {
+        self.shut_down_fast();
+        std::thread::sleep(outage);
+        self.server.restart(Duration::from_secs(10))?;
+        self.wait_ready()
+    }
+
     /// SIGINT, Postgres' fast shutdown: clients are disconnected rather than waited for (the
     /// SIGTERM of [`ManagedProcess::stop`] is its smart shutdown, which waits for them).
     fn shut_down_fast(&mut self) {

@@ -7,10 +7,12 @@
 //!
 //! The API is async for Postgres' sake; SQLite answers from under a mutex, as it always did.
 
+pub mod notify;
 mod postgres;
 mod sqlite;
 
 use std::path::Path;
+use std::time::Duration;
 
 /// Postgres connections a hub keeps at most, unless told otherwise (`--database-pool`).
 pub const DEFAULT_POOL_SIZE: usize = 16;
@@ -47,9 +49,8 @@ pub enum Location {
 pub struct Store {
     backend: Backend,
     /// Bumped after every commit that may have added to the feed: watchers wait on it
-    /// instead of polling the store in a tight loop. In-process only: a commit by another
-    /// replica on the same Postgres reaches this one's watchers through their poll (LISTEN/
-    /// NOTIFY would bump it here; see issue 20, several replicas).
+    /// instead of polling the store in a tight loop. A commit by another replica on the same
+    /// Postgres bumps it through the hub's LISTEN connection ([`Store::wake_watchers`]).
     tick: tokio::sync::watch::Sender<u64>,
 }
 
@@ -66,6 +67,19 @@ macro_rules! on_backend {
             Backend::Postgres(b) => b.$method($($arg),*).await,
         }
     };
+}
+
+/// What [`Store::record_outcome`] did with a sequenced agent message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// Recorded now, with its writes.
+    New,
+    /// Its seq was recorded before (a resend): nothing changed, and an ack is right.
+    Duplicate,
+    /// Its session's epoch is no longer the cluster's (a newer session began, perhaps on
+    /// another replica, or the session's replica was declared dead): nothing changed, and
+    /// the message must not be acked, or the agent would drop what nobody recorded.
+    Fenced,
 }
 
 /// One write of a sequenced agent message, applied by [`Store::record`] in the transaction
@@ -245,6 +259,80 @@ impl Store {
         self.tick.send_modify(|n| *n = n.wrapping_add(1));
     }
 
+    /// Wakes this process's watchers: another replica's commit may have added to the feed.
+    pub fn wake_watchers(&self) {
+        self.bump();
+    }
+
+    /// Whether several hub processes may share this store (Postgres): then each is a replica
+    /// with a heartbeat row, and sessions are owned by the replica that began them.
+    pub fn replicated(&self) -> bool {
+        matches!(self.backend, Backend::Postgres(_))
+    }
+
+    /// What a LISTEN connection of this store dials (Postgres only).
+    pub fn listen_config(&self) -> Option<tokio_postgres::Config> {
+        match &self.backend {
+            Backend::Sqlite(_) => None,
+            Backend::Postgres(b) => Some(b.config()),
+        }
+    }
+
+    /// Registers this process as replica `id` (its heartbeat row, `addr` for people reading
+    /// the table); the sessions it begins from now on are owned by it. SQLite: nothing.
+    pub async fn register_replica(&self, id: &str, addr: &str) -> Result<()> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(()),
+            Backend::Postgres(b) => b.register_replica(id, addr).await,
+        }
+    }
+
+    /// Refreshes this replica's heartbeat; false if its row is gone (another replica
+    /// declared it dead and handed its clusters on).
+    pub async fn replica_heartbeat(&self, id: &str) -> Result<bool> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(true),
+            Backend::Postgres(b) => b.replica_heartbeat(id).await,
+        }
+    }
+
+    /// Declares dead the replicas (other than `me`) whose heartbeat is older than
+    /// `dead_after`, and hands on the clusters they held: disconnected, their epoch moved on
+    /// (so a replica that was only stalled can record nothing more of them), a
+    /// `session-down` entry each. Returns the clusters handed on (id, new epoch).
+    pub async fn hand_on_dead_replicas(&self, me: &str, dead_after: Duration) -> Result<Vec<(String, u64)>> {
+        let handed = match &self.backend {
+            Backend::Sqlite(_) => Vec::new(),
+            Backend::Postgres(b) => b.hand_on_dead_replicas(me, dead_after).await?,
+        };
+        if !handed.is_empty() {
+            self.bump();
+        }
+        Ok(handed)
+    }
+
+    /// The current epoch of each of `clusters` and whether it is revoked (unknown ones
+    /// left out).
+    pub async fn session_epochs(&self, clusters: &[String]) -> Result<Vec<(String, u64, bool)>> {
+        on_backend!(self.session_epochs(clusters))
+    }
+
+    /// The replica whose session of `cluster` is live, if one is (Postgres only).
+    pub async fn session_replica(&self, cluster: &str) -> Result<Option<String>> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(None),
+            Backend::Postgres(b) => b.session_replica(cluster).await,
+        }
+    }
+
+    /// The replicas with a heartbeat row: (id, started_at ms, heartbeat_at ms, addr).
+    pub async fn replicas(&self) -> Result<Vec<(String, i64, i64, String)>> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(Vec::new()),
+            Backend::Postgres(b) => b.replicas().await,
+        }
+    }
+
     /// The identity of this store, made when it was created.
     pub async fn id(&self) -> Result<String> {
         on_backend!(self.id())
@@ -373,8 +461,19 @@ impl Store {
     /// in the same transaction, so an ack is only ever sent for what is durably stored, and
     /// a fenced session's writes are refused by the transaction that would have made them.
     pub async fn record(&self, cluster: &str, epoch: u64, seq: u64, writes: &[Write]) -> Result<bool> {
+        Ok(self.record_outcome(cluster, epoch, seq, writes).await? == Recorded::New)
+    }
+
+    /// [`Store::record`], telling a resend from a fenced session's message.
+    pub async fn record_outcome(
+        &self,
+        cluster: &str,
+        epoch: u64,
+        seq: u64,
+        writes: &[Write],
+    ) -> Result<Recorded> {
         let recorded = on_backend!(self.record(cluster, epoch, seq, writes))?;
-        if recorded {
+        if recorded == Recorded::New {
             self.bump();
         }
         Ok(recorded)

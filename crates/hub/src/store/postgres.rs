@@ -22,7 +22,29 @@ type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 
 pub(super) struct Postgres {
     pool: Pool,
+    /// What the pool dials, for the hub's LISTEN connection.
+    config: tokio_postgres::Config,
+    /// The replica this process registered as: the owner of the sessions it begins.
+    replica: std::sync::OnceLock<String>,
 }
+
+/// The channels the hub NOTIFYs on (in the transaction that makes the change, so a listener
+/// hears of it once it is committed). Payloads carry ids only; a listener reads the rest.
+pub mod channel {
+    /// `cluster \t epoch`: a session of `cluster` began (or was handed on) at `epoch`; a
+    /// replica holding an older one closes it.
+    pub const SESSION: &str = "sb_session";
+    /// `cluster`: a command was queued; the replica holding its session sends it.
+    pub const COMMAND: &str = "sb_command";
+    /// `id`: the feed grew up to `id`; watchers read on.
+    pub const FEED: &str = "sb_feed";
+    /// `cluster`: revoked; its live session ends wherever it is.
+    pub const REVOKE: &str = "sb_revoke";
+}
+
+/// The database's clock in ms: replicas' heartbeats are compared on one clock, whatever
+/// their hosts' clocks say.
+const DB_NOW_MS: &str = "(extract(epoch FROM clock_timestamp()) * 1000)::BIGINT";
 
 /// Advisory lock keys (one namespace for the hub: "SBHB" and a number).
 const MIGRATION_LOCK: i64 = 0x5342_4842_0000_0001;
@@ -34,9 +56,10 @@ const FEED_LOCK: i64 = 0x5342_4842_0000_0002;
 
 /// The schema, one migration per version, applied in order and never edited once released:
 /// a change is a new entry.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    r#"
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        r#"
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE clusters (
   id TEXT PRIMARY KEY, epoch BIGINT NOT NULL DEFAULT 0, last_agent_seq BIGINT NOT NULL DEFAULT 0,
@@ -78,7 +101,20 @@ CREATE TABLE idempotency (
   cluster TEXT NOT NULL, key TEXT NOT NULL, request TEXT NOT NULL, seq BIGINT NOT NULL,
   PRIMARY KEY (cluster, key));
 "#,
-)];
+    ),
+    // Several replicas: a heartbeat row each, and the replica that owns a cluster's live
+    // session (NULL: none, or a hub from before replicas, whose sessions are gone).
+    (
+        2,
+        r#"
+CREATE TABLE replicas (
+  id TEXT PRIMARY KEY, started_at BIGINT NOT NULL, heartbeat_at BIGINT NOT NULL,
+  addr TEXT NOT NULL DEFAULT '');
+ALTER TABLE clusters ADD COLUMN replica TEXT;
+CREATE INDEX clusters_by_replica ON clusters (replica) WHERE connected;
+"#,
+    ),
+];
 
 /// The newest schema version this hub knows.
 pub(super) fn schema_version() -> i64 {
@@ -178,9 +214,12 @@ impl<'a> Tx<'a> {
                 .await?;
             self.feed_locked = true;
         }
+        // The NOTIFY in the same statement: no round trip more, and delivered on commit.
         self.exec(
-            "INSERT INTO feed (cluster, kind, at_ms, epoch, object, phase, reason, message, command_seq, ok, truncated)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            "WITH added AS (
+               INSERT INTO feed (cluster, kind, at_ms, epoch, object, phase, reason, message, command_seq, ok, truncated)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING id)
+             SELECT pg_notify('sb_feed', id::TEXT) FROM added",
             &[
                 &e.cluster,
                 &e.kind,
@@ -352,7 +391,13 @@ impl Postgres {
             .recycle_timeout(Some(Duration::from_secs(10)))
             .build()
             .map_err(|e| StoreError::Config(format!("connection pool: {e}")))?;
-        let store = Self { pool };
+        let store = Self {
+            pool,
+            config: url
+                .parse()
+                .map_err(|e| StoreError::Config(format!("the database URL cannot be read: {e}")))?,
+            replica: std::sync::OnceLock::new(),
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -501,6 +546,7 @@ impl Postgres {
             )
             .await?;
         }
+        tx.exec("SELECT pg_notify('sb_command', $1)", &[&cluster]).await?;
         tx.feed(&FeedEvent {
             cluster: cluster.into(),
             kind: feed::QUEUED.into(),
@@ -585,15 +631,21 @@ impl Postgres {
         let mut client = self.client().await?;
         let mut tx = Tx::new(client.transaction().await?);
         tx.ensure_cluster(cluster).await?;
+        let replica = self.replica.get().map(String::as_str);
         let row = tx
             .one(
                 "UPDATE clusters SET epoch = epoch + 1, connected = TRUE, last_seen = $2,
-                   agent_version = $3, capabilities = $4, inventory = coalesce($5, inventory)
+                   agent_version = $3, capabilities = $4, inventory = coalesce($5, inventory), replica = $6
                  WHERE id = $1 RETURNING epoch, last_agent_seq",
-                &[&cluster, &now, &version, &capabilities, &inventory],
+                &[&cluster, &now, &version, &capabilities, &inventory, &replica],
             )
             .await?;
         let (epoch, last) = (unbig(row.get(0)), unbig(row.get(1)));
+        tx.exec(
+            "SELECT pg_notify('sb_session', $1)",
+            &[&format!("{cluster}\t{epoch}")],
+        )
+        .await?;
         tx.feed(&FeedEvent {
             cluster: cluster.into(),
             kind: feed::SESSION_UP.into(),
@@ -637,7 +689,7 @@ impl Postgres {
         let mut client = self.client().await?;
         let mut tx = Tx::new(client.transaction().await?);
         tx.exec(
-            "UPDATE clusters SET connected = FALSE WHERE id = $1 AND epoch = $2",
+            "UPDATE clusters SET connected = FALSE, replica = NULL WHERE id = $1 AND epoch = $2",
             &[&cluster, &big(epoch)],
         )
         .await?;
@@ -650,6 +702,127 @@ impl Postgres {
         })
         .await?;
         tx.commit().await
+    }
+
+    pub(super) fn config(&self) -> tokio_postgres::Config {
+        self.config.clone()
+    }
+
+    pub(super) async fn register_replica(&self, id: &str, addr: &str) -> Result<()> {
+        self.exec(
+            &format!(
+                "INSERT INTO replicas (id, started_at, heartbeat_at, addr) VALUES ($1, {DB_NOW_MS}, {DB_NOW_MS}, $2)
+                 ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at"
+            ),
+            &[&id, &addr],
+        )
+        .await?;
+        if self.replica.set(id.to_string()).is_err() && self.replica.get().map(String::as_str) != Some(id) {
+            return Err(StoreError::Invalid(
+                "this store is registered as another replica already".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub(super) async fn replica_heartbeat(&self, id: &str) -> Result<bool> {
+        let n = self
+            .exec(
+                &format!("UPDATE replicas SET heartbeat_at = {DB_NOW_MS} WHERE id = $1"),
+                &[&id],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    pub(super) async fn hand_on_dead_replicas(
+        &self,
+        me: &str,
+        dead_after: Duration,
+    ) -> Result<Vec<(String, u64)>> {
+        let dead_after_ms = i64::try_from(dead_after.as_millis()).unwrap_or(i64::MAX);
+        let mut client = self.client().await?;
+        let mut tx = Tx::new(client.transaction().await?);
+        let dead = tx
+            .tx
+            .query(
+                &format!(
+                    "DELETE FROM replicas WHERE id <> $1 AND heartbeat_at < {DB_NOW_MS} - $2 RETURNING id"
+                ),
+                &[&me, &dead_after_ms],
+            )
+            .await?;
+        for row in &dead {
+            tracing::warn!(replica = %row.get::<_, String>(0), "hub replica stopped heartbeating: declared dead");
+        }
+        // A live session whose replica has no row is gone with it (or was begun by a hub from
+        // before replicas). The conditions are on the row itself: one that a replica is
+        // beginning a session of is locked, and once it commits Postgres checks them again on
+        // the new row (now owned by a live replica), so a fresh session is never handed on.
+        let handed = tx
+            .tx
+            .query(
+                "UPDATE clusters SET connected = FALSE, replica = NULL, epoch = epoch + 1
+                 WHERE connected
+                   AND (replica IS NULL OR NOT EXISTS (SELECT 1 FROM replicas r WHERE r.id = clusters.replica))
+                 RETURNING id, epoch",
+                &[],
+            )
+            .await?;
+        let handed: Vec<(String, u64)> = handed.iter().map(|r| (r.get(0), unbig(r.get(1)))).collect();
+        for (cluster, epoch) in &handed {
+            tx.exec(
+                "SELECT pg_notify('sb_session', $1)",
+                &[&format!("{cluster}\t{epoch}")],
+            )
+            .await?;
+            tx.feed(&FeedEvent {
+                cluster: cluster.clone(),
+                kind: feed::SESSION_DOWN.into(),
+                epoch: *epoch,
+                message: "its hub replica stopped heartbeating: handed on".into(),
+                ..Default::default()
+            })
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(handed)
+    }
+
+    pub(super) async fn session_epochs(&self, clusters: &[String]) -> Result<Vec<(String, u64, bool)>> {
+        let rows = self
+            .rows(
+                "SELECT id, epoch, revoked FROM clusters WHERE id = ANY($1)",
+                &[&clusters],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), unbig(r.get(1)), r.get(2)))
+            .collect())
+    }
+
+    pub(super) async fn session_replica(&self, cluster: &str) -> Result<Option<String>> {
+        Ok(self
+            .opt(
+                "SELECT replica FROM clusters WHERE id = $1 AND connected",
+                &[&cluster],
+            )
+            .await?
+            .and_then(|r| r.get(0)))
+    }
+
+    pub(super) async fn replicas(&self) -> Result<Vec<(String, i64, i64, String)>> {
+        let rows = self
+            .rows(
+                "SELECT id, started_at, heartbeat_at, addr FROM replicas ORDER BY started_at, id",
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect())
     }
 
     pub(super) async fn mark_disconnected_all(&self) -> Result<()> {
@@ -667,7 +840,13 @@ impl Postgres {
         Ok(())
     }
 
-    pub(super) async fn record(&self, cluster: &str, epoch: u64, seq: u64, writes: &[Write]) -> Result<bool> {
+    pub(super) async fn record(
+        &self,
+        cluster: &str,
+        epoch: u64,
+        seq: u64,
+        writes: &[Write],
+    ) -> Result<Recorded> {
         let mut client = self.client().await?;
         let mut tx = Tx::new(client.transaction().await?);
         // First, in one statement: the message's seq is taken if its session is current and
@@ -682,13 +861,22 @@ impl Postgres {
             )
             .await?;
         if taken.is_none() {
-            return Ok(false);
+            // Which refusal it was, read in the same transaction: only a resend may be acked.
+            let current = tx
+                .opt("SELECT epoch FROM clusters WHERE id = $1", &[&cluster])
+                .await?
+                .map(|r| unbig(r.get(0)));
+            return Ok(if current == Some(epoch) {
+                Recorded::Duplicate
+            } else {
+                Recorded::Fenced
+            });
         }
         for write in writes {
             tx.apply(cluster, epoch, seq, write).await?;
         }
         tx.commit().await?;
-        Ok(true)
+        Ok(Recorded::New)
     }
 
     pub(super) async fn events(&self, cluster: &str) -> Result<Vec<(u64, String, String, String)>> {
@@ -902,6 +1090,7 @@ impl Postgres {
         .await?;
         tx.exec("DELETE FROM tokens WHERE cluster = $1", &[&cluster])
             .await?;
+        tx.exec("SELECT pg_notify('sb_revoke', $1)", &[&cluster]).await?;
         tx.feed(&FeedEvent {
             cluster: cluster.into(),
             kind: feed::REVOKED.into(),

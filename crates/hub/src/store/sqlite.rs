@@ -339,6 +339,22 @@ impl Sqlite {
         })
     }
 
+    pub fn session_epochs(&self, clusters: &[String]) -> Result<Vec<(String, u64, bool)>> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached("SELECT epoch, revoked FROM clusters WHERE id = ?1")?;
+            let mut out = Vec::new();
+            for cluster in clusters {
+                let row: Option<(u64, bool)> = stmt
+                    .query_row(params![cluster], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()?;
+                if let Some((epoch, revoked)) = row {
+                    out.push((cluster.clone(), epoch, revoked));
+                }
+            }
+            Ok(out)
+        })
+    }
+
     pub fn mark_disconnected_all(&self) -> Result<()> {
         self.with(|c| {
             c.execute("UPDATE clusters SET connected = 0", [])?;
@@ -356,7 +372,7 @@ impl Sqlite {
         })
     }
 
-    pub fn record(&self, cluster: &str, epoch: u64, seq: u64, writes: &[Write]) -> Result<bool> {
+    pub fn record(&self, cluster: &str, epoch: u64, seq: u64, writes: &[Write]) -> Result<Recorded> {
         self.with(|c| {
             let tx = c.transaction()?;
             let (current, last): (u64, u64) = tx.query_row(
@@ -364,8 +380,11 @@ impl Sqlite {
                 params![cluster],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )?;
-            if current != epoch || seq <= last {
-                return Ok(false);
+            if current != epoch {
+                return Ok(Recorded::Fenced);
+            }
+            if seq <= last {
+                return Ok(Recorded::Duplicate);
             }
             for write in writes {
                 apply(&tx, cluster, epoch, seq, write)?;
@@ -375,7 +394,7 @@ impl Sqlite {
                 params![cluster, seq, now_unix()],
             )?;
             tx.commit()?;
-            Ok(true)
+            Ok(Recorded::New)
         })
     }
 
