@@ -283,6 +283,39 @@ impl Set {
     }
 }
 
+/// Queues `n` deletes of `cluster` through `client`, each after the last was executed (by the
+/// stand-in whose results `done` collects); how long each took from the API call, sorted.
+async fn executed_after(
+    client: &mut Client,
+    cluster: &str,
+    prefix: &str,
+    n: u64,
+    done: &Arc<Mutex<Done>>,
+) -> Vec<Duration> {
+    let mut latencies = Vec::new();
+    for i in 0..n {
+        let queued = Instant::now();
+        let seq = client
+            .delete(api::DeleteRequest {
+                cluster_id: cluster.into(),
+                ..delete_body(&format!("{prefix}{i}"))
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .command_id;
+        // Looked at often: the figure is the delivery's, not the look's.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done.lock().unwrap().executed.contains_key(&seq) {
+            assert!(Instant::now() < deadline, "command {seq} executed");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        latencies.push(queued.elapsed());
+    }
+    latencies.sort();
+    latencies
+}
+
 fn delete_body(name: &str) -> api::DeleteRequest {
     api::DeleteRequest {
         object: Some(api::ObjectRef {
@@ -557,10 +590,6 @@ async fn a_newer_session_on_another_replica_closes_the_older_at_once_and_a_stall
         "{}",
         set.dump_logs()
     );
-    assert!(
-        !set.sql("SELECT count(*) FROM feed WHERE phase = 'FromStaleA'")
-            .starts_with('1')
-    );
     assert_eq!(
         set.sql("SELECT count(*) FROM feed WHERE phase = 'FromStaleA'"),
         "0"
@@ -611,54 +640,10 @@ async fn a_command_queued_on_one_replica_reaches_a_session_on_another_at_once_an
         .await
         .unwrap()
         .into_inner();
-    let mut queuer = set.client(0).await;
-    let mut latencies = Vec::new();
     let n = 10u64;
-    for i in 0..n {
-        let queued = Instant::now();
-        let accepted = queuer
-            .delete(api::DeleteRequest {
-                cluster_id: "cross".into(),
-                ..delete_body(&format!("p{i}"))
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let seq = accepted.command_id;
-        // Looked at often: the figure is the delivery's, not the look's.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !done.lock().unwrap().executed.contains_key(&seq) {
-            assert!(Instant::now() < deadline, "command {seq} executed");
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        let took = queued.elapsed();
-        let _ = took;
-        let took = queued.elapsed();
-        latencies.push(took);
-    }
-    latencies.sort();
+    let latencies = executed_after(&mut set.client(0).await, "cross", "p", n, &done).await;
     // The same through the replica that holds the session, for comparison.
-    let mut local = set.client(1).await;
-    let mut same = Vec::new();
-    for i in 0..n {
-        let queued = Instant::now();
-        let seq = local
-            .delete(api::DeleteRequest {
-                cluster_id: "cross".into(),
-                ..delete_body(&format!("q{i}"))
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .command_id;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !done.lock().unwrap().executed.contains_key(&seq) {
-            assert!(Instant::now() < deadline, "command {seq} executed");
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        same.push(queued.elapsed());
-    }
-    same.sort();
+    let same = executed_after(&mut set.client(1).await, "cross", "q", n, &done).await;
     println!(
         "API call to executed, session on replica 1: queued on replica 0 median {:?} max {:?}; on replica 1 median {:?} max {:?} ({n} each)",
         latencies[latencies.len() / 2],
