@@ -295,15 +295,7 @@ async fn executed_after(
     let mut latencies = Vec::new();
     for i in 0..n {
         let queued = Instant::now();
-        let seq = client
-            .delete(api::DeleteRequest {
-                cluster_id: cluster.into(),
-                ..delete_body(&format!("{prefix}{i}"))
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .command_id;
+        let seq = queue_delete(client, cluster, &format!("{prefix}{i}")).await;
         // Looked at often: the figure is the delivery's, not the look's.
         let deadline = Instant::now() + Duration::from_secs(10);
         while !done.lock().unwrap().executed.contains_key(&seq) {
@@ -325,6 +317,19 @@ fn delete_body(name: &str) -> api::DeleteRequest {
         }),
         ..Default::default()
     }
+}
+
+/// Queues a delete of Project `name` on `cluster` through `client`; its command id.
+async fn queue_delete(client: &mut Client, cluster: &str, name: &str) -> u64 {
+    client
+        .delete(api::DeleteRequest {
+            cluster_id: cluster.into(),
+            ..delete_body(name)
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .command_id
 }
 
 /// What a stand-in agent did: how often each command was delivered and executed, and the
@@ -819,15 +824,7 @@ async fn a_killed_replica_hands_on_only_its_clusters_and_every_command_is_execut
             let mut client = clients[(i + round) % clients.len()].clone();
             let c = c.clone();
             calls.push(async move {
-                let seq = client
-                    .delete(api::DeleteRequest {
-                        cluster_id: c.clone(),
-                        ..delete_body(&format!("r{round}"))
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .command_id;
+                let seq = queue_delete(&mut client, &c, &format!("r{round}")).await;
                 (c, seq)
             });
         }
