@@ -8,7 +8,8 @@
 //! 4. hub RSS with `AGENTS` (default 1,000) concurrently connected agents (lightweight
 //!    in-process clients), against the hub idle.
 //!
-//! `cargo bench --bench tunnel` (`COMMANDS=`, `LOG_MIB=`, `AGENTS=` for shorter runs).
+//! `cargo bench --bench tunnel` (`COMMANDS=`, `LOG_MIB=`, `AGENTS=` for shorter runs;
+//! `AGENT_BINARY`, `AGENT_FLAGS` to run another agent build or more of its flags).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -80,12 +81,23 @@ async fn run() {
     let mut hub = Hub::start(config.clone()).await.unwrap();
     let cluster = "bench";
     let token = hub.create_token(cluster, Duration::from_secs(600)).await.unwrap();
+    // AGENT_BINARY and AGENT_FLAGS: another agent binary (a profiler's wrapper, another
+    // build) and more flags, to compare in the same conditions.
+    let binary =
+        std::env::var("AGENT_BINARY").unwrap_or_else(|_| env!("CARGO_BIN_EXE_shapeblock-agent").into());
+    let mut flags = agent::hub_flags(&hub.url(), &token, &hub.ca_hash(), "warn");
+    flags.extend(
+        std::env::var("AGENT_FLAGS")
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(String::from),
+    );
     let agent = agent::AgentProcess::start_installed(
-        Path::new(env!("CARGO_BIN_EXE_shapeblock-agent")),
+        Path::new(&binary),
         &client,
         plane.kubeconfig(),
         plane.work_dir(),
-        &agent::hub_flags(&hub.url(), &token, &hub.ca_hash(), "warn"),
+        &flags,
     )
     .await
     .unwrap();
