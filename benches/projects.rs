@@ -65,21 +65,12 @@ async fn run(projects: usize) {
             .await
             .unwrap();
     pull_secret(&client).await;
-    // AGENT_FLAGS: more flags for the agent, to compare settings in the same conditions.
-    let flags: Vec<String> = std::iter::once("--log=warn".to_string())
-        .chain(
-            std::env::var("AGENT_FLAGS")
-                .unwrap_or_default()
-                .split_whitespace()
-                .map(String::from),
-        )
-        .collect();
-    // AGENT_BINARY runs another binary in its place: a profiler's wrapper script that execs
-    // the agent, for example (its peak RSS is then the wrapper's).
-    let binary =
-        std::env::var("AGENT_BINARY").unwrap_or_else(|_| env!("CARGO_BIN_EXE_shapeblock-agent").into());
+    // AGENT_BINARY / AGENT_FLAGS: a profiler's wrapper (its peak RSS is then the wrapper's),
+    // another build, more flags.
+    let (binary, extra) = agent::bench_overrides(env!("CARGO_BIN_EXE_shapeblock-agent"));
+    let flags: Vec<String> = std::iter::once("--log=warn".to_string()).chain(extra).collect();
     let agent = agent::AgentProcess::start(
-        std::path::Path::new(&binary),
+        &binary,
         &kubeconfig,
         "shapeblock",
         &plane.work_dir().join("agent.log"),

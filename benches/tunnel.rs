@@ -12,7 +12,6 @@
 //! `AGENT_BINARY`, `AGENT_FLAGS` to run another agent build or more of its flags).
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -81,26 +80,14 @@ async fn run() {
     let mut hub = Hub::start(config.clone()).await.unwrap();
     let cluster = "bench";
     let token = hub.create_token(cluster, Duration::from_secs(600)).await.unwrap();
-    // AGENT_BINARY and AGENT_FLAGS: another agent binary (a profiler's wrapper, another
-    // build) and more flags, to compare in the same conditions.
-    let binary =
-        std::env::var("AGENT_BINARY").unwrap_or_else(|_| env!("CARGO_BIN_EXE_shapeblock-agent").into());
+    // AGENT_BINARY / AGENT_FLAGS: another build or more flags, compared in the same conditions.
+    let (binary, extra) = agent::bench_overrides(env!("CARGO_BIN_EXE_shapeblock-agent"));
     let mut flags = agent::hub_flags(&hub.url(), &token, &hub.ca_hash(), "warn");
-    flags.extend(
-        std::env::var("AGENT_FLAGS")
-            .unwrap_or_default()
-            .split_whitespace()
-            .map(String::from),
-    );
-    let agent = agent::AgentProcess::start_installed(
-        Path::new(&binary),
-        &client,
-        plane.kubeconfig(),
-        plane.work_dir(),
-        &flags,
-    )
-    .await
-    .unwrap();
+    flags.extend(extra);
+    let agent =
+        agent::AgentProcess::start_installed(&binary, &client, plane.kubeconfig(), plane.work_dir(), &flags)
+            .await
+            .unwrap();
     wait(Duration::from_secs(60), || hub.session_epoch(cluster).is_some()).await;
 
     // `PARTS=logs,agents` runs some parts only.

@@ -133,6 +133,20 @@ pub struct AgentProcess {
     http: String,
 }
 
+/// The agent binary a bench runs and the flags it adds, from the environment: `AGENT_BINARY`
+/// instead of `default_binary` (a profiler's wrapper script that execs the agent, another
+/// build), and `AGENT_FLAGS` (whitespace-separated), to compare settings in the same
+/// conditions.
+pub fn bench_overrides(default_binary: &str) -> (PathBuf, Vec<String>) {
+    let binary = std::env::var("AGENT_BINARY").unwrap_or_else(|_| default_binary.into());
+    let flags = std::env::var("AGENT_FLAGS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    (PathBuf::from(binary), flags)
+}
+
 impl AgentProcess {
     /// Starts the agent binary with `kubeconfig` and extra flags, and waits until `/readyz`.
     ///
