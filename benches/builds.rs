@@ -15,7 +15,7 @@ use kube::api::{Api, PostParams};
 use serde_json::json;
 use shapeblock_agent::api::{App, AppBuild, AppBuildPhase, Project, ProjectPhase};
 use shapeblock_agent::controllers::deploy::{Release, UNIVERSAL_CHART, chart_values};
-use shapeblock_testenv::{ControlPlane, Options, agent};
+use shapeblock_testenv::{self as testenv, ControlPlane, Options, agent};
 
 const PROJECTS: usize = 10;
 
@@ -37,7 +37,11 @@ fn main() {
 async fn run() {
     let apps = knob("APPS", 50);
     let builds = knob("BUILDS", 4);
-    let options = Options::default();
+    // The apiserver counts the agent's requests (its audit log), not the agent itself.
+    let options = Options {
+        audit: true,
+        ..Options::default()
+    };
     let helm = options.bin_dir.join("helm");
     let plane = ControlPlane::start(options)
         .await
@@ -117,6 +121,7 @@ async fn run() {
     let elapsed = started.elapsed();
     let rss = agent.peak_rss_kib();
     breakdown(&client).await;
+    let total_builds = (apps * builds) as f64;
     // How much reconciling it took, per kind.
     if let Some((200, metrics)) = agent.get("/metrics").await {
         for line in metrics.lines().filter(|l| {
@@ -125,7 +130,38 @@ async fn run() {
         }) {
             println!("  {line}");
         }
+        let reconciles = |kind: &str| {
+            metrics
+                .lines()
+                .find(|l| l.starts_with(&format!("shapeblock_reconciles_total{{kind=\"{kind}\"}}")))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        println!(
+            "  reconciles per build: AppBuild {:.1}, App {:.1} (goal: <= 5 in all)",
+            reconciles("AppBuild") / total_builds,
+            reconciles("App") / total_builds
+        );
     }
+    // Everything the agent asked the apiserver since it started (Project and App set-up
+    // included), per verb and resource, from the apiserver's audit log.
+    let user = format!(
+        "system:serviceaccount:shapeblock:{}",
+        shapeblock_agent::rbac::AGENT_NAME
+    );
+    let requests = testenv::audit::requests_by(&plane.audit_log().expect("audit log"), &user).unwrap();
+    let sum: u64 = requests.values().sum();
+    let mut top: Vec<_> = requests.iter().collect();
+    top.sort_by(|a, b| b.1.cmp(a.1));
+    println!(
+        "  apiserver requests by the agent: {sum} ({:.1} per build); most: {}",
+        sum as f64 / total_builds,
+        top.iter()
+            .take(8)
+            .map(|(what, n)| format!("{what} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     println!(
         "agent: {} AppBuilds ({apps} Apps x {builds}, image strategy) Completed in {:.1}s; ratio to bare helm {:.2}x; agent peak RSS {:.1} MiB",
         apps * builds,

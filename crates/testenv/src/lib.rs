@@ -14,6 +14,7 @@
 //! helm-controller) is one sequence; its parts with their own concern are the modules above.
 
 pub mod agent;
+pub mod audit;
 pub mod buildfarm;
 pub mod cli;
 pub mod haproxy;
@@ -127,6 +128,9 @@ pub struct Options {
     pub helm_crds_dir: PathBuf,
     /// How long each component may take to become ready.
     pub ready_timeout: Duration,
+    /// Whether kube-apiserver writes an audit log of every request (see
+    /// [`ControlPlane::audit_log`]); benches count a client's requests from it.
+    pub audit: bool,
 }
 
 impl Default for Options {
@@ -140,6 +144,7 @@ impl Default for Options {
             helm_controller: true,
             helm_crds_dir: workspace_root().join("charts/shapeblock-agent/files/helm-controller-crds"),
             ready_timeout: Duration::from_secs(60),
+            audit: false,
         }
     }
 }
@@ -345,6 +350,13 @@ impl ControlPlane {
         let client = self.client().await?;
         wait_ready(&mut self.apiserver, Duration::from_secs(60), || readyz(&client)).await?;
         Ok(started.elapsed())
+    }
+
+    /// The apiserver's audit log, if [`Options::audit`] asked for one (read it with
+    /// [`audit::requests_by`]).
+    pub fn audit_log(&self) -> Option<PathBuf> {
+        let path = self.work_dir.join(AUDIT_LOG);
+        path.exists().then_some(path)
     }
 
     /// The admin kubeconfig (user in `system:masters`).
@@ -616,6 +628,8 @@ async fn start_etcd(options: &Options, work_dir: &Path) -> Result<(ManagedProces
     Err(last_error.expect("at least one attempt"))
 }
 
+const AUDIT_LOG: &str = "kube-apiserver-audit.log";
+
 async fn start_apiserver(
     options: &Options,
     work_dir: &Path,
@@ -628,7 +642,7 @@ async fn start_apiserver(
     let mut last_error = None;
     for _ in 0..PORT_ATTEMPTS {
         let port = process::free_port()?;
-        let args = vec![
+        let mut args = vec![
             format!("--etcd-servers={etcd_url}"),
             "--bind-address=127.0.0.1".into(),
             "--advertise-address=127.0.0.1".into(),
@@ -654,6 +668,13 @@ async fn start_apiserver(
             "--enable-admission-plugins=PodNodeSelector,PodTolerationRestriction".into(),
             "--v=1".into(),
         ];
+        if options.audit {
+            let policy = work_dir.join("audit-policy.yaml");
+            std::fs::write(&policy, audit::POLICY)
+                .map_err(|e| Error::io(format!("write {}", policy.display()), e))?;
+            args.push(format!("--audit-policy-file={}", policy.display()));
+            args.push(format!("--audit-log-path={}", work_dir.join(AUDIT_LOG).display()));
+        }
         let mut apiserver = ManagedProcess::spawn(
             "kube-apiserver",
             &options.bin_dir.join("kube-apiserver"),
