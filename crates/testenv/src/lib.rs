@@ -16,6 +16,7 @@
 pub mod agent;
 pub mod buildfarm;
 pub mod cli;
+pub mod fleet;
 pub mod haproxy;
 pub mod helm_runner;
 pub mod images;
