@@ -371,6 +371,7 @@ async fn measure(
     })
     .await;
     let connect = started.elapsed();
+    let reconnects = |agents: &[SimAgent]| sum(agents, |t| &t.sessions) - n as u64;
     println!(
         "  {n} sessions up in {:.1} s ({:.0}/s)",
         connect.as_secs_f64(),
@@ -382,7 +383,7 @@ async fn measure(
     let cpu_now = || {
         (
             pids.iter().map(|p| fleet::cpu_time(*p)).collect::<Vec<_>>(),
-            postgres_group.map(fleet::group_cpu_time),
+            postgres_group.map(fleet::tree_cpu_time),
             fleet::cpu_time(std::process::id()),
             Instant::now(),
         )
@@ -397,6 +398,7 @@ async fn measure(
     let bench_cpu = percent(me0, me1);
     let loaded = kib_of(&pids);
     let fds: Vec<usize> = pids.iter().map(|p| fleet::open_fds(*p)).collect();
+    println!("  reconnects so far: {}", reconnects(&agents));
     println!(
         "  steady {:.0} s: hub CPU {cpu:.1?} % of a core, Postgres {postgres_cpu:.1?} %, this process {bench_cpu:.1} %; RSS {:?} KiB; fds {fds:?}",
         window,
@@ -435,6 +437,7 @@ async fn measure(
     })
     .await;
     let sync_acked = started.elapsed();
+    println!("  reconnects so far: {}", reconnects(&agents));
     println!(
         "  Sync to all {n}: queued in {:.1} s, all acknowledged in {:.1} s ({:.0} commands/s)",
         sync_queued.as_secs_f64(),
@@ -474,6 +477,7 @@ async fn measure(
     )
     .await;
     let events_took = started.elapsed();
+    println!("  reconnects so far: {}", reconnects(&agents));
     println!(
         "  {events} phase changes recorded in {:.1} s ({:.0} rows/s)",
         events_took.as_secs_f64(),
@@ -545,7 +549,30 @@ async fn measure(
     assert_eq!(sum(&agents, |t| &t.results_acked), total_queued);
     assert_eq!(sum(&agents, |t| &t.phases_acked), events);
     let redelivered = sum(&agents, |t| &t.delivered) - executed;
-    let reconnects = sum(&agents, |t| &t.sessions) - n as u64;
+    let reconnects = reconnects(&agents);
+    // What the hubs warned about (a replica declared dead, a store error), as counts.
+    for (i, hub) in hubs.iter().enumerate() {
+        let mut warned: std::collections::BTreeMap<String, usize> = Default::default();
+        for line in hub
+            .log()
+            .lines()
+            .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        {
+            // `<time>  WARN <target>: <message> <fields>`: the message is what repeats.
+            let what = line.split_once(": ").map_or(line, |(_, m)| m);
+            let what: String = what
+                .split(" cluster=")
+                .next()
+                .unwrap_or(what)
+                .chars()
+                .take(100)
+                .collect();
+            *warned.entry(what).or_default() += 1;
+        }
+        for (what, count) in warned {
+            println!("  hub {i} warned {count}x: {what}");
+        }
+    }
     let checked: Vec<(usize, usize, usize)> = futures::stream::iter(identities.iter())
         .map(|identity| async move {
             let commands = store.commands(&identity.cluster).await.unwrap();
@@ -769,7 +796,7 @@ fn print_table(knobs: &Knobs, issued: Duration, results: &[Figures]) {
                 _ => "-".into(),
             })
             .collect(),
-        &format!("<= {} pool + 1 LISTEN per replica", knobs.pool),
+        &format!("<= ({} pool + 1 heartbeat + 1 LISTEN) per replica", knobs.pool),
     );
     let width = |i: usize| {
         rows.iter()

@@ -287,8 +287,9 @@ pub fn cpu_time(pid: u32) -> Duration {
     cpu_of_stat(&stat)
 }
 
-/// CPU time of every process in process group `group` (a Postgres server and its backends).
-pub fn group_cpu_time(group: u32) -> Duration {
+/// CPU time of a process and its children (a Postgres server and its backends: they are
+/// in sessions of their own, so their process group is not the server's).
+pub fn tree_cpu_time(parent: u32) -> Duration {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Duration::ZERO;
     };
@@ -301,7 +302,10 @@ pub fn group_cpu_time(group: u32) -> Duration {
                 .all(|b| b.is_ascii_digit())
         })
         .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
-        .filter(|stat| stat_field(stat, 4) == Some(u64::from(group)))
+        .filter(|stat| {
+            stat_field(stat, 3) == Some(u64::from(parent))
+                || stat.split_whitespace().next() == Some(&parent.to_string())
+        })
         .map(|stat| cpu_of_stat(&stat))
         .sum()
 }
@@ -462,6 +466,7 @@ mod tests {
     #[test]
     fn stat_fields_are_read_after_a_command_name_with_spaces() {
         let stat = "42 (tokio worker) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 1 2 3";
+        assert_eq!(stat_field(stat, 3), Some(1), "the parent");
         assert_eq!(stat_field(stat, 4), Some(42), "the process group");
         let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
         assert_eq!(cpu_of_stat(stat), Duration::from_secs_f64(300.0 / ticks));
