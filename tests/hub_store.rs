@@ -584,7 +584,11 @@ async fn the_feed_is_in_commit_order_filtered_by_cluster_and_wakes_watchers(plac
         ]
     );
     assert!(all.windows(2).all(|w| w[0].id < w[1].id));
-    assert_eq!(store.feed_end().await.unwrap(), all[2].id, "the end is the last entry");
+    assert_eq!(
+        store.feed_end().await.unwrap(),
+        all[2].id,
+        "the end is the last entry"
+    );
     assert!(store.feed_after(None, all[2].id, 100).await.unwrap().is_empty());
     let phase = &all[2];
     assert_eq!(
