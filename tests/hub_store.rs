@@ -542,6 +542,7 @@ async fn a_session_keeps_what_the_agent_said_and_ends_only_its_own_epoch(place: 
 
 async fn the_feed_is_in_commit_order_filtered_by_cluster_and_wakes_watchers(place: Place) {
     let store = place.open().await;
+    assert_eq!(store.feed_end().await.unwrap(), 0, "an empty feed ends at 0");
     let mut tick = store.subscribe();
     tick.borrow_and_update();
     let (a, _) = store.begin_session("a", &Hello::default()).await.unwrap();
@@ -583,6 +584,12 @@ async fn the_feed_is_in_commit_order_filtered_by_cluster_and_wakes_watchers(plac
         ]
     );
     assert!(all.windows(2).all(|w| w[0].id < w[1].id));
+    assert_eq!(
+        store.feed_end().await.unwrap(),
+        all[2].id,
+        "the end is the last entry"
+    );
+    assert!(store.feed_after(None, all[2].id, 100).await.unwrap().is_empty());
     let phase = &all[2];
     assert_eq!(
         (
@@ -973,6 +980,69 @@ async fn replicas_fence_each_other_in_the_database_and_only_a_dead_ones_clusters
     );
     let replicas: Vec<String> = b.replicas().await.unwrap().into_iter().map(|r| r.0).collect();
     assert_eq!(replicas, ["replica-b"]);
+}
+
+/// Postgres only: a replica's heartbeat does not wait for the pool. With every pooled
+/// connection waiting its turn on the feed (10,000 agents sending at once), a heartbeat on
+/// the pool missed its deadline and the other replicas declared a healthy replica dead and
+/// handed on all its clusters (`benches/hub_scale.rs`); it has a connection of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replicas_heartbeat_is_answered_while_every_pooled_connection_waits_on_the_feed() {
+    let (server, url) = tokio::task::spawn_blocking(|| {
+        let server = Postgres::shared().unwrap();
+        (server, server.database("hub_busy").unwrap())
+    })
+    .await
+    .unwrap();
+    let store = Store::open(&Location::Postgres {
+        url: url.clone(),
+        pool_size: 1,
+    })
+    .await
+    .unwrap();
+    store.register_replica("busy", "a:1").await.unwrap();
+    let (epoch, _) = store.begin_session("c", &Hello::default()).await.unwrap();
+    // Another connection holds the feed's lock for 4 s (FEED_LOCK in store/postgres.rs)...
+    let holder = std::thread::spawn(move || {
+        server
+            .psql(
+                &url,
+                "BEGIN; SELECT pg_advisory_xact_lock(5999437101915963394); SELECT pg_sleep(4); COMMIT;",
+            )
+            .unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // ... so a write with a feed entry holds the pool's only connection, waiting.
+    let store = std::sync::Arc::new(store);
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let phase = [Write::Feed(FeedEvent {
+                cluster: "c".into(),
+                kind: feed::PHASE.into(),
+                ..Default::default()
+            })];
+            store.record("c", epoch, 1, &phase).await.unwrap()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    assert!(store.replica_heartbeat("busy").await.unwrap());
+    assert!(
+        store
+            .hand_on_dead_replicas("busy", Duration::from_secs(60))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let took = started.elapsed();
+    assert!(!writer.is_finished(), "the write still waits on the feed");
+    assert!(
+        took < Duration::from_secs(2),
+        "the heartbeat waited for the pool: {took:?}"
+    );
+    assert!(writer.await.unwrap(), "then the write is recorded");
+    holder.join().unwrap();
 }
 
 /// Postgres only: what one replica commits reaches another's LISTEN connection, ids only,

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use prost::Message;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::http;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
@@ -189,7 +189,7 @@ pub(crate) fn serve(
             let _ = stop.changed().await;
         };
         if let Err(err) = router
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
+            .serve_with_incoming_shutdown(crate::incoming(listener), signal)
             .await
         {
             tracing::error!(%err, "hub API server failed");

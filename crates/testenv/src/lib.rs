@@ -17,6 +17,7 @@ pub mod agent;
 pub mod audit;
 pub mod buildfarm;
 pub mod cli;
+pub mod fleet;
 pub mod haproxy;
 pub mod helm_runner;
 pub mod images;

@@ -556,6 +556,11 @@ impl Store {
         Ok(found)
     }
 
+    /// The id of the feed's last entry (0: none yet): where a reader of what is new starts.
+    pub async fn feed_end(&self) -> Result<u64> {
+        on_backend!(self.feed_end())
+    }
+
     /// Feed entries after `after`, of one cluster or all, in order, at most `limit`.
     pub async fn feed_after(&self, cluster: Option<&str>, after: u64, limit: u32) -> Result<Vec<FeedEvent>> {
         on_backend!(self.feed_after(cluster, after, limit))

@@ -22,6 +22,12 @@ type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 
 pub(super) struct Postgres {
     pool: Pool,
+    /// One connection of its own for this replica's liveness (its heartbeat row, the dead
+    /// replica check): on the shared pool, a heartbeat waited behind every session's write
+    /// whenever the feed's writers queued (10,000 agents sending at once), missed its
+    /// deadline, and the other replicas declared a healthy replica dead and handed on all
+    /// its clusters (`benches/hub_scale.rs` found it: thousands of reconnects).
+    control: Pool,
     /// What the pool dials, for the hub's LISTEN connection.
     config: tokio_postgres::Config,
     /// The replica this process registered as: the owner of the sessions it begins.
@@ -367,35 +373,46 @@ impl<'a> Tx<'a> {
     }
 }
 
+/// The URL's own words are not repeated in the error: it may hold a password.
+fn config_of(url: &str) -> Result<tokio_postgres::Config> {
+    url.parse()
+        .map_err(|e| StoreError::Config(format!("the database URL cannot be read: {e}")))
+}
+
+/// Bounded waits: a database that is down or a pool that is exhausted becomes an error the
+/// session and the API report, not a call that hangs.
+fn bounded_pool(manager: Manager, size: usize) -> Result<Pool> {
+    Pool::builder(manager)
+        .max_size(size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(Duration::from_secs(30)))
+        .create_timeout(Some(Duration::from_secs(10)))
+        .recycle_timeout(Some(Duration::from_secs(10)))
+        .build()
+        .map_err(|e| StoreError::Config(format!("connection pool: {e}")))
+}
+
 impl Postgres {
     /// Connects a pool of at most `pool_size` connections to `url` and migrates the schema.
     pub(super) async fn connect(url: &str, pool_size: usize) -> Result<Self> {
-        // The URL's own words are not repeated: it may hold a password.
-        let config: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e| StoreError::Config(format!("the database URL cannot be read: {e}")))?;
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        // Bounded waits: a database that is down or a pool that is exhausted becomes an
-        // error the session and the API report, not a call that hangs.
-        let pool = Pool::builder(manager)
-            .max_size(pool_size.max(1))
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(Duration::from_secs(30)))
-            .create_timeout(Some(Duration::from_secs(10)))
-            .recycle_timeout(Some(Duration::from_secs(10)))
-            .build()
-            .map_err(|e| StoreError::Config(format!("connection pool: {e}")))?;
+        let config = config_of(url)?;
+        let manager = |config: &tokio_postgres::Config| {
+            Manager::from_config(
+                config.clone(),
+                NoTls,
+                ManagerConfig {
+                    recycling_method: RecyclingMethod::Fast,
+                },
+            )
+        };
+        let pool = bounded_pool(manager(&config), pool_size.max(1))?;
+        // Its connection is made on first use: only a replica (a hub serving) uses it, never
+        // the CLI.
+        let control = bounded_pool(manager(&config), 1)?;
         let store = Self {
             pool,
-            config: url
-                .parse()
-                .map_err(|e| StoreError::Config(format!("the database URL cannot be read: {e}")))?,
+            control,
+            config,
             replica: std::sync::OnceLock::new(),
         };
         store.migrate().await?;
@@ -708,8 +725,15 @@ impl Postgres {
         self.config.clone()
     }
 
+    /// A statement on the replica's own connection ([`Postgres::control`]).
+    async fn control_exec(&self, sql: &str, params: Params<'_>) -> Result<u64> {
+        let client = self.control.get().await?;
+        let statement = client.prepare_cached(sql).await?;
+        Ok(client.execute(&statement, params).await?)
+    }
+
     pub(super) async fn register_replica(&self, id: &str, addr: &str) -> Result<()> {
-        self.exec(
+        self.control_exec(
             &format!(
                 "INSERT INTO replicas (id, started_at, heartbeat_at, addr) VALUES ($1, {DB_NOW_MS}, {DB_NOW_MS}, $2)
                  ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at"
@@ -727,7 +751,7 @@ impl Postgres {
 
     pub(super) async fn replica_heartbeat(&self, id: &str) -> Result<bool> {
         let n = self
-            .exec(
+            .control_exec(
                 &format!("UPDATE replicas SET heartbeat_at = {DB_NOW_MS} WHERE id = $1"),
                 &[&id],
             )
@@ -741,7 +765,7 @@ impl Postgres {
         dead_after: Duration,
     ) -> Result<Vec<(String, u64)>> {
         let dead_after_ms = i64::try_from(dead_after.as_millis()).unwrap_or(i64::MAX);
-        let mut client = self.client().await?;
+        let mut client = self.control.get().await?;
         let mut tx = Tx::new(client.transaction().await?);
         let dead = tx
             .tx
@@ -1099,6 +1123,11 @@ impl Postgres {
         .await?;
         tx.commit().await?;
         Ok(true)
+    }
+
+    pub(super) async fn feed_end(&self) -> Result<u64> {
+        let row = self.opt("SELECT coalesce(max(id), 0) FROM feed", &[]).await?;
+        Ok(row.map(|r| unbig(r.get(0))).unwrap_or(0))
     }
 
     pub(super) async fn feed_after(

@@ -641,6 +641,14 @@ impl Sqlite {
         })
     }
 
+    /// The id of the feed's last entry (0: none yet).
+    pub fn feed_end(&self) -> Result<u64> {
+        self.with(|c| {
+            let end: i64 = c.query_row("SELECT coalesce(max(id), 0) FROM feed", [], |r| r.get(0))?;
+            Ok(end.max(0) as u64)
+        })
+    }
+
     /// Feed entries after `after`, of one cluster or all, in order, at most `limit`.
     pub fn feed_after(&self, cluster: Option<&str>, after: u64, limit: u32) -> Result<Vec<FeedEvent>> {
         self.with(|c| {
