@@ -1041,7 +1041,8 @@ async fn logs_are_listed_read_from_an_offset_and_followed_to_their_end() {
             stream: stream.into(),
             length: 14,
             ended: false,
-            truncated: false
+            truncated: false,
+            first_offset: 0,
         }]
     );
     let read = client
