@@ -955,6 +955,9 @@ async fn remote(target: Target, command: Command) -> Result<(), Box<dyn std::err
                         .map_err(said)?
                         .into_inner(),
                 };
+                if offset == 0 && data.offset > 0 && data.offset == data.first_offset {
+                    eprintln!("[bytes 0..{} pruned by the hub's retention]", data.offset);
+                }
                 let mut stdout = std::io::stdout();
                 stdout.write_all(&data.data)?;
                 stdout.flush()?;

@@ -446,11 +446,26 @@ fn start_retention(inner: &Arc<Inner>) {
                 _ = stopping.changed() => return,
             }
             let started = std::time::Instant::now();
-            match inner
-                .store
-                .prune(shapeblock_proto::now_unix_ms(), &inner.config.retention)
+            let pass = if inner.store.replicated() {
+                inner
+                    .store
+                    .prune(shapeblock_proto::now_unix_ms(), &inner.config.retention)
+                    .await
+            } else {
+                // SQLite's statements are synchronous: a pass through a backlog runs on a
+                // blocking thread, not on a worker the sessions' tasks need.
+                let on = inner.clone();
+                let runtime = tokio::runtime::Handle::current();
+                tokio::task::spawn_blocking(move || {
+                    runtime.block_on(
+                        on.store
+                            .prune(shapeblock_proto::now_unix_ms(), &on.config.retention),
+                    )
+                })
                 .await
-            {
+                .unwrap_or_else(|e| Err(store::StoreError::Config(format!("retention pass: {e}"))))
+            };
+            match pass {
                 Ok(p) if !p.ran => tracing::debug!("retention: another replica is pruning; skipped"),
                 Ok(p) => tracing::info!(
                     feed = p.feed,

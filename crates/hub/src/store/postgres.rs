@@ -1168,26 +1168,28 @@ impl Postgres {
     /// a session-level advisory lock on one pooled connection, every statement on it and
     /// each its own transaction, the lock let go on the same connection at the end.
     pub(super) async fn prune(&self, now_ms: i64, policy: &Retention) -> Result<Pruned> {
-        let client = self.client().await?;
+        // Armed from before the lock is asked for until it is let go: a pass whose future is
+        // dropped in between (cancelled, or the runtime stopping) may hold the lock.
+        let mut held = LockHeld(Some(self.client().await?));
+        let client = held.0.as_ref().expect("just set");
         let locked: bool = client
             .query_one("SELECT pg_try_advisory_lock($1)", &[&RETENTION_LOCK])
             .await?
             .get(0);
         if !locked {
+            held.release();
             tracing::debug!("retention: another replica's pass is running; skipping this round");
             return Ok(Pruned::default());
         }
-        let pass = Pass(&client).run(now_ms, policy).await;
+        let pass = Pass(client).run(now_ms, policy).await;
         let unlocked = client
             .query_one("SELECT pg_advisory_unlock($1)", &[&RETENTION_LOCK])
             .await
             .map(|r| r.get::<_, bool>(0));
-        if !matches!(unlocked, Ok(true)) {
-            // A connection that may still hold the lock must not go back to the pool: its
-            // next user would hold it unknowingly and every replica would skip retention
-            // for as long as it lives. Closed, it lets go.
+        if matches!(unlocked, Ok(true)) {
+            held.release();
+        } else {
             tracing::warn!("retention: the advisory lock could not be released; closing its connection");
-            drop(deadpool_postgres::Object::take(client));
         }
         pass
     }
@@ -1268,6 +1270,26 @@ fn feed_event(r: &Row, at: usize) -> FeedEvent {
 
 /// A retention pass on the one connection that holds [`RETENTION_LOCK`].
 struct Pass<'a>(&'a deadpool_postgres::Object);
+
+/// The connection of a retention pass while it may hold [`RETENTION_LOCK`]. Dropped so, it is
+/// closed rather than put back in the pool: its next user would hold the lock unknowingly,
+/// and every replica would skip retention for as long as it lives. Closed, it lets go.
+struct LockHeld(Option<deadpool_postgres::Object>);
+
+impl LockHeld {
+    /// The lock is not held (never taken, or let go): the connection goes back to the pool.
+    fn release(&mut self) {
+        self.0.take();
+    }
+}
+
+impl Drop for LockHeld {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            drop(deadpool_postgres::Object::take(client));
+        }
+    }
+}
 
 /// Deletes the oldest feed entries up to an id, a batch at most, and raises the
 /// pruned-through marks of their clusters and of all ('') in the same statement.
