@@ -1041,7 +1041,8 @@ async fn logs_are_listed_read_from_an_offset_and_followed_to_their_end() {
             stream: stream.into(),
             length: 14,
             ended: false,
-            truncated: false
+            truncated: false,
+            first_offset: 0,
         }]
     );
     let read = client
@@ -1100,6 +1101,160 @@ async fn logs_are_listed_read_from_an_offset_and_followed_to_their_end() {
 }
 
 // ---- watchers that go ----
+
+/// The `shapeblock-resume-from` trailer of an OUT_OF_RANGE answer, as a number.
+fn resume_from(status: &Status) -> u64 {
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    status
+        .metadata()
+        .get(shapeblock_hub::api::RESUME_FROM)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {} in {status:?}", shapeblock_hub::api::RESUME_FROM))
+}
+
+/// Retention through the real hub: its background pass (every second here) prunes a
+/// cluster's events and log bytes over their caps, and what an API reader gets is truthful:
+/// a pruned cursor or offset is OUT_OF_RANGE with where to resume, offset 0 and cursor 0
+/// read what is kept, and the hub says which replica answered.
+#[tokio::test]
+async fn retention_prunes_in_the_background_and_a_reader_of_what_went_is_told_where_to_resume() {
+    use shapeblock_agent::tunnel::enroll;
+    let hub = HubProcess::start(&[
+        "--retention-interval-seconds",
+        "1",
+        "--retain-events-per-cluster",
+        "4",
+        "--retain-log-bytes-per-cluster",
+        "10",
+    ])
+    .await;
+    let mut client = hub.client().await;
+    let (cluster, token) = cluster_with_token(&mut client).await;
+    let key = enroll::new_key().unwrap();
+    let pin = token
+        .install_line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("hub.caHash="))
+        .unwrap()
+        .to_string();
+    let identity = enroll::enroll(&hub.agent_url, &token.secret, &pin, &key)
+        .await
+        .expect("enroll");
+    let first_event = events(&mut client, &cluster, 0).await[0].id;
+    for i in 0..6 {
+        apply(&mut client, &cluster, &project(&format!("p{i}")), "")
+            .await
+            .unwrap();
+    }
+    let stream = "shop/web-1/build";
+    // 21 bytes, a cap of 10: the two oldest chunks go, the stream is still being written.
+    send_log_chunks(
+        &hub,
+        &identity,
+        1,
+        &[
+            (0, b"step 1\n", false),
+            (7, b"step 2\n", false),
+            (14, b"step 3\n", false),
+        ],
+    )
+    .await;
+    let (listed, _) = eventually(TIMEOUT, "the retention pass", || {
+        let mut client = client.clone();
+        let cluster = cluster.clone();
+        async move {
+            let streams = client
+                .list_logs(api::ListLogsRequest { cluster_id: cluster })
+                .await
+                .unwrap()
+                .into_inner()
+                .streams;
+            (streams.first()?.first_offset > 0).then_some(streams)
+        }
+    })
+    .await;
+    assert_eq!(
+        listed,
+        [api::LogStream {
+            stream: stream.into(),
+            length: 21,
+            ended: false,
+            truncated: false,
+            first_offset: 14,
+        }]
+    );
+    let read = |offset| {
+        let mut client = client.clone();
+        let cluster = cluster.clone();
+        async move {
+            client
+                .read_log(api::ReadLogRequest {
+                    cluster_id: cluster,
+                    stream: stream.into(),
+                    offset,
+                    limit: 0,
+                })
+                .await
+                .map(|r| r.into_inner())
+        }
+    };
+    let refused = read(3).await.expect_err("offset 3 was pruned");
+    assert_eq!(resume_from(&refused), 14);
+    assert!(refused.message().contains("read from offset 14"), "{refused:?}");
+    let kept = read(0).await.unwrap();
+    assert_eq!(
+        (
+            kept.offset,
+            kept.first_offset,
+            kept.data.as_slice(),
+            kept.next_offset
+        ),
+        (14, 14, &b"step 3\n"[..], 21)
+    );
+    let mut follower = client
+        .follow_log(api::FollowLogRequest {
+            cluster_id: cluster.clone(),
+            stream: stream.into(),
+            offset: 3,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let refused = follower.message().await.expect_err("following from offset 3");
+    assert_eq!(resume_from(&refused), 14);
+
+    // Events: the cluster keeps its newest four; its first cursor is gone.
+    let mut stale = client
+        .watch_events(api::WatchEventsRequest {
+            cluster_id: cluster.clone(),
+            after_id: first_event,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let refused = tokio::time::timeout(TIMEOUT, stale.message())
+        .await
+        .unwrap()
+        .expect_err("a pruned cursor");
+    let resume = resume_from(&refused);
+    assert!(resume > first_event, "{refused:?}");
+    assert!(refused.message().contains("ListObjects"), "{refused:?}");
+    let from_zero = events(&mut client, &cluster, 0).await;
+    assert!(
+        !from_zero.is_empty() && from_zero.len() <= 4 && from_zero[0].id > resume,
+        "{from_zero:?}"
+    );
+    assert_eq!(events(&mut client, &cluster, resume).await, from_zero);
+
+    // The replica that answered: the one the hub printed (a hub on Postgres), else none.
+    let printed = hub
+        .log()
+        .lines()
+        .find_map(|l| l.strip_prefix("replica ").map(str::to_string))
+        .unwrap_or_default();
+    assert_eq!(hub_info(&mut client).await.replica_id, printed);
+}
 
 async fn hub_info(client: &mut Client) -> api::HubInfo {
     client.get_hub(api::GetHubRequest {}).await.unwrap().into_inner()

@@ -57,6 +57,8 @@ fn helm_lint_is_clean_and_what_cannot_work_is_refused() {
         (vec!["serverNames[0]=hub example.com"], "serverNames"),
         (vec!["hub.certLifetimeSeconds=60"], "certLifetimeSeconds"),
         (vec!["unknownKey=1"], "unknownKey"),
+        (vec!["retention.logBytesPerCluster=1GB"], "logBytesPerCluster"),
+        (vec!["retention.eventsDays=-1"], "eventsDays"),
     ];
     assert_refused(|values| render("hub", values), &refused);
 }
@@ -90,6 +92,10 @@ async fn sqlite_on_a_volume_renders_and_applies_server_side_and_the_pod_is_restr
     );
     let args = args_of(&deployment);
     assert_eq!(args[0], "serve");
+    assert!(
+        !args.iter().any(|a| a.starts_with("--retain")),
+        "no retention value set: the hub's defaults, {args:?}"
+    );
     for name in [
         "hub-shapeblock-hub-api",
         &format!("hub-shapeblock-hub-api.{namespace}"),
@@ -154,6 +160,10 @@ async fn postgres_from_a_secret_renders_and_applies_and_the_url_stays_in_the_sec
         "networkPolicy.enabled=true",
         "replicas=3",
         "hub.replicaHeartbeatMs=1000",
+        "retention.eventsDays=0",
+        "retention.logsDays=7",
+        "retention.logBytesPerCluster=512MiB",
+        "retention.intervalSeconds=300",
         "podDisruptionBudget=ignored",
     ];
     // An unknown key is refused rather than ignored; the rest renders.
@@ -192,9 +202,18 @@ async fn postgres_from_a_secret_renders_and_applies_and_the_url_stays_in_the_sec
         "--name=hub.example.com",
         "--app-log-followers=4",
         "--watch-stall-ms=5000",
+        // 0 is passed (that rule off), not taken for "the hub's default".
+        "--retain-events-days=0",
+        "--retain-logs-days=7",
+        "--retain-log-bytes-per-cluster=512MiB",
+        "--retention-interval-seconds=300",
     ] {
         assert!(args.iter().any(|a| a == flag), "{flag} in {args:?}");
     }
+    assert!(
+        !args.iter().any(|a| a.starts_with("--retain-events-per-cluster")),
+        "an unset retention value keeps the hub's default: {args:?}"
+    );
     let env = env_of(&deployment);
     let url_env = &env
         .iter()

@@ -50,6 +50,10 @@ pub const API_KEY_PREFIX: &str = "sbk_";
 const LOG_READ_LIMIT: usize = 1 << 20;
 const LOG_FOLLOW_CHUNK: usize = 64 << 10;
 
+/// The trailer of an OUT_OF_RANGE answer that names where reading can go on (an event id to
+/// watch after, a log offset to read from): what retention pruned lies before it.
+pub const RESUME_FROM: &str = "shapeblock-resume-from";
+
 /// How often streams look at the store when nothing in this process said it changed.
 const POLL: Duration = Duration::from_millis(500);
 
@@ -85,7 +89,19 @@ impl From<ApiError> for Status {
             }
             ApiError::Store(StoreError::Invalid(m)) => Status::invalid_argument(m),
             ApiError::Store(StoreError::Conflict(m)) => Status::failed_precondition(m),
-            ApiError::Store(e) => {
+            ApiError::Store(StoreError::Pruned { message, resume }) => {
+                let mut status = Status::out_of_range(message);
+                status
+                    .metadata_mut()
+                    .insert(RESUME_FROM, tonic::metadata::MetadataValue::from(resume));
+                status
+            }
+            ApiError::Store(
+                e @ (StoreError::Sql(_)
+                | StoreError::Postgres(_)
+                | StoreError::Pool(_)
+                | StoreError::Config(_)),
+            ) => {
                 tracing::error!(error = %e, "API call: hub store failed");
                 Status::internal("hub store failed; see the hub's log")
             }
@@ -411,6 +427,7 @@ fn log_data(read: store::LogRead) -> v1::LogData {
         next_offset: read.next_offset,
         truncated: read.truncated,
         eof: read.eof,
+        first_offset: read.first_offset,
     }
 }
 
@@ -433,6 +450,12 @@ impl HubApi for Api {
             log_followers: self.inner.streams.followers.load(Relaxed),
             sessions: sessions as u32,
             app_log_followers: self.inner.streams.app_log_followers.load(Relaxed),
+            replica_id: self
+                .inner
+                .replica
+                .as_ref()
+                .map(|r| r.id.clone())
+                .unwrap_or_default(),
         }))
     }
 
@@ -750,6 +773,7 @@ impl HubApi for Api {
                 .map(|s| v1::LogStream {
                     stream: s.stream,
                     length: s.length,
+                    first_offset: s.first_offset,
                     ended: s.ended,
                     truncated: s.truncated,
                 })
@@ -846,7 +870,7 @@ async fn watch(
         // Mark what is seen before reading: a commit after the read changes the tick again.
         tick.borrow_and_update();
         loop {
-            let batch = match inner.store.feed_after(cluster.as_deref(), after, 256).await {
+            let batch = match inner.store.feed_resume(cluster.as_deref(), after, 256).await {
                 Ok(batch) => batch,
                 Err(e) => {
                     let _ = tx.try_send(Err(ApiError::Store(e).into()));

@@ -90,6 +90,31 @@ enum Command {
         /// this replica's heartbeat and its LISTEN connection is up; live while it answers.
         #[arg(long, env = "SHAPEBLOCK_HUB_HEALTH_ADDR")]
         health_addr: Option<std::net::SocketAddr>,
+        /// Retention: prune events (the WatchEvents feed and the agents' event history)
+        /// recorded more than this many days ago; 0: keep them forever. A watcher resuming
+        /// from a pruned cursor gets OUT_OF_RANGE with the cursor to resume from.
+        #[arg(long, env = "SHAPEBLOCK_HUB_RETAIN_EVENTS_DAYS", default_value_t = hub::store::retention::DEFAULT_EVENTS_DAYS)]
+        retain_events_days: u64,
+        /// Retention: keep at most this many events (a count, not bytes: events are small
+        /// and alike) per cluster, the newest; 0: no cap.
+        #[arg(long, env = "SHAPEBLOCK_HUB_RETAIN_EVENTS_PER_CLUSTER", default_value_t = hub::store::retention::DEFAULT_EVENTS_PER_CLUSTER)]
+        retain_events_per_cluster: u64,
+        /// Retention: prune build and run logs that ended (complete or truncated) more than
+        /// this many days ago, whole; 0: keep them forever. A log still being written is
+        /// never pruned by age.
+        #[arg(long, env = "SHAPEBLOCK_HUB_RETAIN_LOGS_DAYS", default_value_t = hub::store::retention::DEFAULT_LOGS_DAYS)]
+        retain_logs_days: u64,
+        /// Retention: keep at most this many bytes of log data per cluster (e.g. `1GiB`,
+        /// `512MiB`, binary units); over it the oldest bytes go first: the streams written
+        /// longest ago, whole if they ended, else their oldest chunks (a live stream keeps
+        /// its offsets; reading a pruned range is OUT_OF_RANGE). 0: no cap.
+        #[arg(long, env = "SHAPEBLOCK_HUB_RETAIN_LOG_BYTES_PER_CLUSTER", default_value = "1GiB",
+              value_parser = hub::store::retention::parse_bytes)]
+        retain_log_bytes_per_cluster: u64,
+        /// How often retention runs (on Postgres one replica at a time, the others skip the
+        /// round); 0: never, whatever the --retain-* flags say.
+        #[arg(long, env = "SHAPEBLOCK_HUB_RETENTION_INTERVAL_SECONDS", default_value_t = hub::store::retention::DEFAULT_INTERVAL.as_secs())]
+        retention_interval_seconds: u64,
     },
     /// API keys for the hub's API.
     ApiKey {
@@ -365,6 +390,11 @@ impl Cli {
                 database_pool,
                 replica_heartbeat_ms,
                 health_addr,
+                retain_events_days,
+                retain_events_per_cluster,
+                retain_logs_days,
+                retain_log_bytes_per_cluster,
+                retention_interval_seconds,
             } => {
                 init_tracing("info");
                 let _ = rustls::crypto::ring::default_provider().install_default();
@@ -383,6 +413,13 @@ impl Cli {
                         database_pool,
                         replica_heartbeat: Duration::from_millis(replica_heartbeat_ms.max(50)),
                         health_listen: health_addr,
+                        retention: hub::store::Retention::from_flags(
+                            retain_events_days,
+                            retain_events_per_cluster,
+                            retain_logs_days,
+                            retain_log_bytes_per_cluster,
+                        ),
+                        retention_interval: Duration::from_secs(retention_interval_seconds),
                         ..HubConfig::new(data)
                     };
                     let hub = hub::Hub::start(config).await?;
@@ -918,6 +955,9 @@ async fn remote(target: Target, command: Command) -> Result<(), Box<dyn std::err
                         .map_err(said)?
                         .into_inner(),
                 };
+                if offset == 0 && data.offset > 0 && data.offset == data.first_offset {
+                    eprintln!("[bytes 0..{} pruned by the hub's retention]", data.offset);
+                }
                 let mut stdout = std::io::stdout();
                 stdout.write_all(&data.data)?;
                 stdout.flush()?;

@@ -72,6 +72,11 @@ pub struct HubConfig {
     pub replica_heartbeat: Duration,
     /// `/livez` and `/readyz` over plain HTTP here; `None`: not served.
     pub health_listen: Option<SocketAddr>,
+    /// What the store keeps of events and logs ([`store::retention`]) ...
+    pub retention: store::Retention,
+    /// ... enforced by a pass this often (zero: never; on Postgres one replica's pass at a
+    /// time, the others skip the round).
+    pub retention_interval: Duration,
 }
 
 impl HubConfig {
@@ -91,6 +96,8 @@ impl HubConfig {
             app_log_followers: api::DEFAULT_APP_LOG_FOLLOWERS,
             replica_heartbeat: replicas::DEFAULT_HEARTBEAT,
             health_listen: None,
+            retention: store::Retention::defaults(),
+            retention_interval: store::retention::DEFAULT_INTERVAL,
         }
     }
 }
@@ -418,6 +425,62 @@ impl EncodeBody for Down {
     }
 }
 
+/// Prunes the store every `retention_interval` until the hub stops, the first pass one
+/// interval after the start (a hub restarting in a loop does not prune in a loop). A pass
+/// that fails is logged and tried again next round: retention is late, never wrong.
+fn start_retention(inner: &Arc<Inner>) {
+    let every = inner.config.retention_interval;
+    if every.is_zero() || inner.config.retention.keeps_everything() {
+        tracing::info!("retention off: the store keeps every event and log");
+        return;
+    }
+    let inner = inner.clone();
+    tokio::spawn(async move {
+        let mut stopping = inner.stopping.subscribe();
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => {}
+                _ = stopping.changed() => return,
+            }
+            let started = std::time::Instant::now();
+            let pass = if inner.store.replicated() {
+                inner
+                    .store
+                    .prune(shapeblock_proto::now_unix_ms(), &inner.config.retention)
+                    .await
+            } else {
+                // SQLite's statements are synchronous: a pass through a backlog runs on a
+                // blocking thread, not on a worker the sessions' tasks need.
+                let on = inner.clone();
+                let runtime = tokio::runtime::Handle::current();
+                tokio::task::spawn_blocking(move || {
+                    runtime.block_on(
+                        on.store
+                            .prune(shapeblock_proto::now_unix_ms(), &on.config.retention),
+                    )
+                })
+                .await
+                .unwrap_or_else(|e| Err(store::StoreError::Config(format!("retention pass: {e}"))))
+            };
+            match pass {
+                Ok(p) if !p.ran => tracing::debug!("retention: another replica is pruning; skipped"),
+                Ok(p) => tracing::info!(
+                    feed = p.feed,
+                    events = p.events,
+                    log_chunks = p.log_chunks,
+                    log_bytes = p.log_bytes,
+                    log_streams = p.log_streams,
+                    ms = started.elapsed().as_millis() as u64,
+                    "retention pass"
+                ),
+                Err(e) => tracing::warn!(%e, "retention pass failed; trying again next round"),
+            }
+        }
+    });
+}
+
 impl Hub {
     /// Loads or creates the CA and store in `config.data_dir` and starts serving.
     pub async fn start(config: HubConfig) -> Result<Self, HubError> {
@@ -500,6 +563,7 @@ impl Hub {
         if inner.replica.is_none() {
             tokio::spawn(watch_queued(inner.clone()));
         }
+        start_retention(&inner);
         let health = health_listener.map(|listener| {
             let addr = listener.local_addr().ok();
             (addr, replicas::serve_health(inner.clone(), listener))

@@ -9,6 +9,7 @@
 
 pub mod notify;
 mod postgres;
+pub mod retention;
 mod sqlite;
 
 use std::path::Path;
@@ -16,6 +17,8 @@ use std::time::Duration;
 
 /// Postgres connections a hub keeps at most, unless told otherwise (`--database-pool`).
 pub const DEFAULT_POOL_SIZE: usize = 16;
+
+pub use retention::{PRUNE_BATCH, Pruned, RETENTION_LOCK, Retention};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -33,6 +36,10 @@ pub enum StoreError {
     /// The request contradicts what the store holds (an idempotency key reused).
     #[error("{0}")]
     Conflict(String),
+    /// What was asked for was pruned by retention: reading on from `resume` (an event id, a
+    /// log offset) is truthful again, what lies before it is gone.
+    #[error("{message}")]
+    Pruned { message: String, resume: u64 },
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -572,8 +579,51 @@ impl Store {
     }
 
     /// At most `limit` bytes of a log from `offset`, up to the first truncation marker.
+    /// Offset 0 reads from the first byte kept; another offset whose bytes retention pruned
+    /// is refused ([`StoreError::Pruned`], resume at the first byte kept) rather than
+    /// answered with the bytes after it as if they followed.
     pub async fn read_log(&self, cluster: &str, stream: &str, offset: u64, limit: usize) -> Result<LogRead> {
-        on_backend!(self.read_log(cluster, stream, offset, limit))
+        let read = on_backend!(self.read_log(cluster, stream, offset, limit))?;
+        if offset > 0 && offset < read.first_offset && read.offset != offset {
+            return Err(StoreError::Pruned {
+                message: format!(
+                    "bytes 0..{first} of log {stream} were pruned by the hub's retention: offset {offset} is gone; \
+                     read from offset {first} (the first byte kept)",
+                    first = read.first_offset
+                ),
+                resume: read.first_offset,
+            });
+        }
+        Ok(read)
+    }
+
+    /// [`Store::feed_after`] for a reader resuming from a cursor: `after` 0 reads from the
+    /// oldest entry kept; another `after` from which retention pruned entries (of `cluster`,
+    /// or of any cluster) is refused with [`StoreError::Pruned`], naming the cursor from which
+    /// nothing is missing, rather than answered with a silent hole.
+    pub async fn feed_resume(&self, cluster: Option<&str>, after: u64, limit: u32) -> Result<Vec<FeedEvent>> {
+        let (through, events) = on_backend!(self.feed_page(cluster, after, limit))?;
+        if after > 0 && after < through {
+            let scope = match cluster {
+                Some(c) => format!("of cluster {c}"),
+                None => "of every cluster".to_string(),
+            };
+            return Err(StoreError::Pruned {
+                message: format!(
+                    "events {scope} after id {after} were pruned by the hub's retention (up to id {through}): \
+                     re-read current state (ListObjects, GetCommand) and watch again with after_id {through}"
+                ),
+                resume: through,
+            });
+        }
+        Ok(events)
+    }
+
+    /// One retention pass at `now_ms` (Unix ms; the background task passes the clock, tests
+    /// pass any time). On Postgres only one replica prunes at a time: a pass that finds
+    /// another replica's pass running skips ([`Pruned::ran`] false).
+    pub async fn prune(&self, now_ms: i64, policy: &Retention) -> Result<Pruned> {
+        on_backend!(self.prune(now_ms, policy))
     }
 }
 
@@ -721,7 +771,10 @@ pub struct ApiKeyRow {
 #[derive(Debug, Clone, PartialEq)]
 pub struct LogStreamRow {
     pub stream: String,
+    /// Where the stream ends (bytes written so far, pruned ones included).
     pub length: u64,
+    /// The first byte kept: retention pruned the bytes before it (0: none pruned).
+    pub first_offset: u64,
     pub ended: bool,
     pub truncated: bool,
 }
@@ -735,6 +788,8 @@ pub struct LogRead {
     pub truncated: bool,
     /// Nothing follows `next_offset` (complete, or cut short when `truncated`).
     pub eof: bool,
+    /// The stream's first byte kept: retention pruned the bytes before it (0: none pruned).
+    pub first_offset: u64,
 }
 
 /// What revoking a token found.
@@ -745,11 +800,13 @@ pub enum TokenRevoke {
     Unknown,
 }
 
-/// [`Store::read_log`] over the chunks that end at or after `offset`, in order.
-fn read_rows(offset: u64, limit: usize, rows: &[(u64, Vec<u8>, bool, bool)]) -> LogRead {
+/// [`Store::read_log`] over the chunks that end at or after `offset`, in order; `first` is
+/// the offset of the stream's first chunk kept.
+fn read_rows(offset: u64, limit: usize, first: u64, rows: &[(u64, Vec<u8>, bool, bool)]) -> LogRead {
     let mut out = LogRead {
         offset,
         next_offset: offset,
+        first_offset: first,
         ..Default::default()
     };
     let mut pos = offset;

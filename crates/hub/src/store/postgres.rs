@@ -16,6 +16,7 @@ use tokio_postgres::types::ToSql;
 
 use shapeblock_proto::now_unix;
 
+use super::retention::{self, Cut, StreamSize};
 use super::*;
 
 type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
@@ -118,6 +119,19 @@ CREATE TABLE replicas (
   addr TEXT NOT NULL DEFAULT '');
 ALTER TABLE clusters ADD COLUMN replica TEXT;
 CREATE INDEX clusters_by_replica ON clusters (replica) WHERE connected;
+"#,
+    ),
+    // Retention: when each log chunk was written (chunks from before are dated by the
+    // upgrade: a constant default, so no table rewrite), the indexes the prune statements
+    // walk, and the highest feed id pruned per cluster ('' for all clusters).
+    (
+        3,
+        r#"
+ALTER TABLE logs ADD COLUMN at_ms BIGINT NOT NULL DEFAULT (extract(epoch FROM now()) * 1000)::BIGINT;
+ALTER TABLE logs ALTER COLUMN at_ms DROP DEFAULT;
+CREATE INDEX logs_ended ON logs (at_ms) WHERE eof OR truncated;
+CREATE INDEX events_by_at ON events (at);
+CREATE TABLE feed_pruned (cluster TEXT PRIMARY KEY, through BIGINT NOT NULL);
 "#,
     ),
 ];
@@ -326,9 +340,10 @@ impl<'a> Tx<'a> {
             .await?
             .map(|r| (unbig(r.get::<_, i64>(0)), r.get::<_, bool>(1)));
         let (end, ended_before) = last.unwrap_or((0, false));
-        const PUT: &str = r#"INSERT INTO logs (cluster, stream, "offset", data, truncated, eof) VALUES ($1, $2, $3, $4, $5, $6)
+        const PUT: &str = r#"INSERT INTO logs (cluster, stream, "offset", data, truncated, eof, at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7)
             ON CONFLICT (cluster, stream, "offset") DO UPDATE SET data = excluded.data,
-              truncated = excluded.truncated, eof = excluded.eof"#;
+              truncated = excluded.truncated, eof = excluded.eof, at_ms = excluded.at_ms"#;
+        let at_ms = shapeblock_proto::now_unix_ms();
         let mut gap = None;
         if offset > end && !truncated {
             self.exec(
@@ -340,6 +355,7 @@ impl<'a> Tx<'a> {
                     &Vec::<u8>::new(),
                     &true,
                     &false,
+                    &at_ms,
                 ],
             )
             .await?;
@@ -362,6 +378,7 @@ impl<'a> Tx<'a> {
                 &data,
                 &truncated,
                 &eof,
+                &at_ms,
             ],
         )
         .await?;
@@ -1138,35 +1155,80 @@ impl Postgres {
     ) -> Result<Vec<FeedEvent>> {
         let rows = self
             .rows(
-                "SELECT id, cluster, kind, at_ms, epoch, object, phase, reason, message, command_seq, ok, truncated
-                 FROM feed WHERE id > $2 AND ($1::TEXT IS NULL OR cluster = $1) ORDER BY id LIMIT $3",
+                &format!(
+                    "SELECT {FEED_COLUMNS} FROM feed WHERE id > $2 AND ($1::TEXT IS NULL OR cluster = $1) ORDER BY id LIMIT $3"
+                ),
                 &[&cluster, &big(after), &i64::from(limit)],
             )
             .await?;
-        Ok(rows
+        Ok(rows.iter().map(|r| feed_event(r, 0)).collect())
+    }
+
+    /// [`Postgres::feed_after`] and the highest id retention pruned of that scope, in one
+    /// statement: one snapshot, so a pass committing meanwhile is seen in both or neither.
+    pub(super) async fn feed_page(
+        &self,
+        cluster: Option<&str>,
+        after: u64,
+        limit: u32,
+    ) -> Result<(u64, Vec<FeedEvent>)> {
+        let rows = self
+            .rows(
+                &format!(
+                    "WITH mark AS (SELECT coalesce((SELECT through FROM feed_pruned WHERE cluster = $4), 0) AS through)
+                     SELECT mark.through, f.* FROM mark LEFT JOIN LATERAL (
+                       SELECT {FEED_COLUMNS} FROM feed WHERE id > $2 AND ($1::TEXT IS NULL OR cluster = $1)
+                       ORDER BY id LIMIT $3) AS f ON TRUE
+                     ORDER BY f.id"
+                ),
+                &[&cluster, &big(after), &i64::from(limit), &cluster.unwrap_or("")],
+            )
+            .await?;
+        let through = rows.first().map(|r| unbig(r.get(0))).unwrap_or(0);
+        let events = rows
             .iter()
-            .map(|r| FeedEvent {
-                id: unbig(r.get(0)),
-                cluster: r.get(1),
-                kind: r.get(2),
-                at_ms: r.get(3),
-                epoch: unbig(r.get(4)),
-                object: r.get(5),
-                phase: r.get(6),
-                reason: r.get(7),
-                message: r.get(8),
-                command_seq: unbig(r.get(9)),
-                ok: r.get(10),
-                truncated: r.get(11),
-            })
-            .collect())
+            .filter(|r| r.get::<_, Option<i64>>(1).is_some())
+            .map(|r| feed_event(r, 1))
+            .collect();
+        Ok((through, events))
+    }
+
+    /// One retention pass (see [`super::retention`]), if no other replica's is running: under
+    /// a session-level advisory lock on one pooled connection, every statement on it and
+    /// each its own transaction, the lock let go on the same connection at the end.
+    pub(super) async fn prune(&self, now_ms: i64, policy: &Retention) -> Result<Pruned> {
+        // Armed from before the lock is asked for until it is let go: a pass whose future is
+        // dropped in between (cancelled, or the runtime stopping) may hold the lock.
+        let mut held = LockHeld(Some(self.client().await?));
+        let client = held.0.as_ref().expect("just set");
+        let locked: bool = client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&RETENTION_LOCK])
+            .await?
+            .get(0);
+        if !locked {
+            held.release();
+            tracing::debug!("retention: another replica's pass is running; skipping this round");
+            return Ok(Pruned::default());
+        }
+        let pass = Pass(client).run(now_ms, policy).await;
+        let unlocked = client
+            .query_one("SELECT pg_advisory_unlock($1)", &[&RETENTION_LOCK])
+            .await
+            .map(|r| r.get::<_, bool>(0));
+        if matches!(unlocked, Ok(true)) {
+            held.release();
+        } else {
+            tracing::warn!("retention: the advisory lock could not be released; closing its connection");
+        }
+        pass
     }
 
     pub(super) async fn log_streams(&self, cluster: &str) -> Result<Vec<LogStreamRow>> {
         // The last chunk by offset ends a stream (chunks never overlap).
         let rows = self
             .rows(
-                r#"SELECT DISTINCT ON (stream) stream, "offset" + octet_length(data), eof, truncated
+                r#"SELECT DISTINCT ON (stream) stream, "offset" + octet_length(data), eof, truncated,
+                     (SELECT min("offset") FROM logs AS f WHERE f.cluster = logs.cluster AND f.stream = logs.stream)
                    FROM logs WHERE cluster = $1 ORDER BY stream, "offset" DESC"#,
                 &[&cluster],
             )
@@ -1178,6 +1240,7 @@ impl Postgres {
                 LogStreamRow {
                     stream: r.get(0),
                     length: unbig(r.get(1)),
+                    first_offset: unbig(r.get(4)),
                     ended: eof || truncated,
                     truncated,
                 }
@@ -1194,16 +1257,323 @@ impl Postgres {
     ) -> Result<LogRead> {
         let rows = self
             .rows(
-                r#"SELECT "offset", data, truncated, eof FROM logs
+                r#"SELECT "offset", data, truncated, eof,
+                     (SELECT min("offset") FROM logs WHERE cluster = $1 AND stream = $2)
+                   FROM logs
                    WHERE cluster = $1 AND stream = $2 AND "offset" + octet_length(data) >= $3
                    ORDER BY "offset" LIMIT 512"#,
                 &[&cluster, &stream, &big(offset)],
             )
             .await?;
+        // The first offset kept is read in the same statement as the chunks (one snapshot):
+        // a pass pruning between two reads could not make either lie about the other.
+        let first = rows.first().map(|r| unbig(r.get(4))).unwrap_or(0);
         let rows: Vec<(u64, Vec<u8>, bool, bool)> = rows
             .iter()
             .map(|r| (unbig(r.get(0)), r.get(1), r.get(2), r.get(3)))
             .collect();
-        Ok(read_rows(offset, limit, &rows))
+        Ok(read_rows(offset, limit, first, &rows))
+    }
+}
+
+const FEED_COLUMNS: &str =
+    "id, cluster, kind, at_ms, epoch, object, phase, reason, message, command_seq, ok, truncated";
+
+/// A feed entry from [`FEED_COLUMNS`] starting at column `at`.
+fn feed_event(r: &Row, at: usize) -> FeedEvent {
+    FeedEvent {
+        id: unbig(r.get(at)),
+        cluster: r.get(at + 1),
+        kind: r.get(at + 2),
+        at_ms: r.get(at + 3),
+        epoch: unbig(r.get(at + 4)),
+        object: r.get(at + 5),
+        phase: r.get(at + 6),
+        reason: r.get(at + 7),
+        message: r.get(at + 8),
+        command_seq: unbig(r.get(at + 9)),
+        ok: r.get(at + 10),
+        truncated: r.get(at + 11),
+    }
+}
+
+/// A retention pass on the one connection that holds [`RETENTION_LOCK`].
+struct Pass<'a>(&'a deadpool_postgres::Object);
+
+/// The connection of a retention pass while it may hold [`RETENTION_LOCK`]. Dropped so, it is
+/// closed rather than put back in the pool: its next user would hold the lock unknowingly,
+/// and every replica would skip retention for as long as it lives. Closed, it lets go.
+struct LockHeld(Option<deadpool_postgres::Object>);
+
+impl LockHeld {
+    /// The lock is not held (never taken, or let go): the connection goes back to the pool.
+    fn release(&mut self) {
+        self.0.take();
+    }
+}
+
+impl Drop for LockHeld {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            drop(deadpool_postgres::Object::take(client));
+        }
+    }
+}
+
+/// Deletes the oldest feed entries up to an id, a batch at most, and raises the
+/// pruned-through marks of their clusters and of all ('') in the same statement.
+const DELETE_FEED: &str = "
+WITH d AS (DELETE FROM feed WHERE id IN (SELECT id FROM feed WHERE id <= $1 ORDER BY id LIMIT $2) RETURNING cluster, id),
+  marks AS (SELECT cluster, max(id) AS through FROM d WHERE cluster <> '' GROUP BY cluster
+            UNION ALL SELECT '', max(id) FROM d HAVING count(*) > 0),
+  up AS (INSERT INTO feed_pruned (cluster, through) SELECT cluster, through FROM marks
+         ON CONFLICT (cluster) DO UPDATE SET through = greatest(feed_pruned.through, excluded.through))
+SELECT count(*) FROM d";
+
+/// [`DELETE_FEED`] of one cluster (`$3`).
+const DELETE_CLUSTER_FEED: &str = "
+WITH d AS (DELETE FROM feed WHERE id IN
+             (SELECT id FROM feed WHERE cluster = $3 AND id <= $1 ORDER BY id LIMIT $2) RETURNING cluster, id),
+  marks AS (SELECT cluster, max(id) AS through FROM d WHERE cluster <> '' GROUP BY cluster
+            UNION ALL SELECT '', max(id) FROM d HAVING count(*) > 0),
+  up AS (INSERT INTO feed_pruned (cluster, through) SELECT cluster, through FROM marks
+         ON CONFLICT (cluster) DO UPDATE SET through = greatest(feed_pruned.through, excluded.through))
+SELECT count(*) FROM d";
+
+impl Pass<'_> {
+    async fn rows(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>> {
+        let statement = self.0.prepare_cached(sql).await?;
+        Ok(self.0.query(&statement, params).await?)
+    }
+
+    async fn exec(&self, sql: &str, params: Params<'_>) -> Result<u64> {
+        let statement = self.0.prepare_cached(sql).await?;
+        Ok(self.0.execute(&statement, params).await?)
+    }
+
+    async fn run(&self, now_ms: i64, policy: &Retention) -> Result<Pruned> {
+        let mut out = Pruned::ran();
+        let batch = PRUNE_BATCH as i64;
+        if let Some(age) = policy.events_max_age {
+            let cut_ms = now_ms.saturating_sub(retention::ms(age));
+            // The feed by its oldest ids: the first that is not old enough stops the pass, so
+            // what goes is a prefix in id order (what a cursor can be compared with).
+            loop {
+                let rows = self
+                    .rows("SELECT id, at_ms FROM feed ORDER BY id LIMIT $1", &[&batch])
+                    .await?;
+                let upto = rows
+                    .iter()
+                    .map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1)))
+                    .take_while(|(_, at)| *at < cut_ms)
+                    .last()
+                    .map(|(id, _)| id);
+                let Some(upto) = upto else { break };
+                let n = unbig(self.rows(DELETE_FEED, &[&upto, &batch]).await?[0].get(0));
+                out.feed += n;
+                if n == 0 {
+                    break;
+                }
+            }
+            let cut_s = cut_ms.div_euclid(1000);
+            loop {
+                let n = self
+                    .exec(
+                        "DELETE FROM events WHERE (cluster, agent_seq) IN
+                           (SELECT cluster, agent_seq FROM events WHERE at < $1 LIMIT $2)",
+                        &[&cut_s, &batch],
+                    )
+                    .await?;
+                out.events += n;
+                if n < PRUNE_BATCH as u64 {
+                    break;
+                }
+            }
+        }
+        if let Some(cap) = policy.events_per_cluster {
+            let cap = big(cap);
+            let over = self
+                .rows(
+                    "SELECT cluster FROM feed GROUP BY cluster HAVING count(*) > $1",
+                    &[&cap],
+                )
+                .await?;
+            for row in &over {
+                let cluster: String = row.get(0);
+                let boundary = self
+                    .rows(
+                        "SELECT id FROM feed WHERE cluster = $1 ORDER BY id DESC LIMIT 1 OFFSET $2",
+                        &[&cluster, &cap],
+                    )
+                    .await?;
+                let Some(boundary) = boundary.first().map(|r| r.get::<_, i64>(0)) else {
+                    continue;
+                };
+                loop {
+                    let n = unbig(
+                        self.rows(DELETE_CLUSTER_FEED, &[&boundary, &batch, &cluster])
+                            .await?[0]
+                            .get(0),
+                    );
+                    out.feed += n;
+                    if n == 0 {
+                        break;
+                    }
+                }
+            }
+            let over = self
+                .rows(
+                    "SELECT cluster FROM events GROUP BY cluster HAVING count(*) > $1",
+                    &[&cap],
+                )
+                .await?;
+            for row in &over {
+                let cluster: String = row.get(0);
+                let boundary = self
+                    .rows(
+                        "SELECT agent_seq FROM events WHERE cluster = $1 ORDER BY agent_seq DESC LIMIT 1 OFFSET $2",
+                        &[&cluster, &cap],
+                    )
+                    .await?;
+                let Some(boundary) = boundary.first().map(|r| r.get::<_, i64>(0)) else {
+                    continue;
+                };
+                loop {
+                    let n = self
+                        .exec(
+                            "DELETE FROM events WHERE cluster = $1 AND agent_seq IN
+                               (SELECT agent_seq FROM events WHERE cluster = $1 AND agent_seq <= $2 ORDER BY agent_seq LIMIT $3)",
+                            &[&cluster, &boundary, &batch],
+                        )
+                        .await?;
+                    out.events += n;
+                    if n < PRUNE_BATCH as u64 {
+                        break;
+                    }
+                }
+            }
+        }
+        if let Some(age) = policy.logs_max_age {
+            let cut_ms = now_ms.saturating_sub(retention::ms(age));
+            loop {
+                // Streams whose last chunk ends them and was written before the cut.
+                let ended = self
+                    .rows(
+                        r#"SELECT cluster, stream FROM logs AS l WHERE (eof OR truncated) AND at_ms < $1
+                             AND "offset" = (SELECT max("offset") FROM logs AS m WHERE m.cluster = l.cluster AND m.stream = l.stream)
+                           LIMIT $2"#,
+                        &[&cut_ms, &batch],
+                    )
+                    .await?;
+                if ended.is_empty() {
+                    break;
+                }
+                for row in &ended {
+                    self.delete_stream(row.get(0), row.get(1), &mut out).await?;
+                }
+            }
+        }
+        if let Some(cap) = policy.log_bytes_per_cluster {
+            let over = self
+                .rows(
+                    "SELECT cluster, sum(octet_length(data))::BIGINT FROM logs GROUP BY cluster
+                     HAVING sum(octet_length(data)) > $1",
+                    &[&big(cap)],
+                )
+                .await?;
+            for row in &over {
+                let (cluster, total): (String, i64) = (row.get(0), row.get(1));
+                let mut streams: Vec<StreamSize> = self
+                    .rows(
+                        r#"SELECT stream, sum(octet_length(data))::BIGINT, max(at_ms),
+                             (SELECT eof OR truncated FROM logs AS e WHERE e.cluster = $1 AND e.stream = l.stream
+                              ORDER BY "offset" DESC LIMIT 1)
+                           FROM logs AS l WHERE cluster = $1 GROUP BY stream"#,
+                        &[&cluster],
+                    )
+                    .await?
+                    .iter()
+                    .map(|r| StreamSize {
+                        stream: r.get(0),
+                        bytes: unbig(r.get(1)),
+                        last_at_ms: r.get(2),
+                        ended: r.get(3),
+                    })
+                    .collect();
+                retention::oldest_first(&mut streams);
+                let mut excess = unbig(total).saturating_sub(cap);
+                for s in &streams {
+                    match retention::cut(s, excess) {
+                        None => break,
+                        Some(Cut::Whole(stream)) => {
+                            excess =
+                                excess.saturating_sub(self.delete_stream(&cluster, &stream, &mut out).await?);
+                        }
+                        Some(Cut::Prefix(stream, need)) => {
+                            excess = excess
+                                .saturating_sub(self.delete_prefix(&cluster, &stream, need, &mut out).await?);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes a stream, oldest chunks first (its end last: a reader meanwhile is told its
+    /// prefix is gone); returns the bytes freed.
+    async fn delete_stream(&self, cluster: &str, stream: &str, out: &mut Pruned) -> Result<u64> {
+        let mut freed = 0;
+        loop {
+            let deleted = self
+                .rows(
+                    r#"DELETE FROM logs WHERE cluster = $1 AND stream = $2 AND "offset" IN
+                         (SELECT "offset" FROM logs WHERE cluster = $1 AND stream = $2 ORDER BY "offset" LIMIT $3)
+                       RETURNING octet_length(data)::BIGINT"#,
+                    &[&cluster, &stream, &(PRUNE_BATCH as i64)],
+                )
+                .await?;
+            out.log_chunks += deleted.len() as u64;
+            let bytes: u64 = deleted.iter().map(|r| unbig(r.get(0))).sum();
+            out.log_bytes += bytes;
+            freed += bytes;
+            if deleted.len() < PRUNE_BATCH {
+                break;
+            }
+        }
+        out.log_streams += 1;
+        Ok(freed)
+    }
+
+    /// Deletes the oldest chunks of a stream, never its last, until `need` bytes are freed
+    /// or only the last is left; returns the bytes freed.
+    async fn delete_prefix(&self, cluster: &str, stream: &str, need: u64, out: &mut Pruned) -> Result<u64> {
+        let mut freed = 0;
+        while freed < need {
+            let chunks: Vec<(u64, u64)> = self
+                .rows(
+                    r#"SELECT "offset", octet_length(data)::BIGINT FROM logs WHERE cluster = $1 AND stream = $2
+                         AND "offset" < (SELECT max("offset") FROM logs WHERE cluster = $1 AND stream = $2)
+                       ORDER BY "offset" LIMIT $3"#,
+                    &[&cluster, &stream, &(PRUNE_BATCH as i64)],
+                )
+                .await?
+                .iter()
+                .map(|r| (unbig(r.get(0)), unbig(r.get(1))))
+                .collect();
+            let Some((upto, bytes)) = retention::prefix_upto(&chunks, need - freed) else {
+                break;
+            };
+            let n = self
+                .exec(
+                    r#"DELETE FROM logs WHERE cluster = $1 AND stream = $2 AND "offset" <= $3"#,
+                    &[&cluster, &stream, &big(upto)],
+                )
+                .await?;
+            out.log_chunks += n;
+            out.log_bytes += bytes;
+            freed += bytes;
+        }
+        Ok(freed)
     }
 }

@@ -5,10 +5,13 @@
 use std::path::Path;
 use std::sync::Mutex;
 
+use std::collections::HashMap;
+
 use rusqlite::{Connection, OptionalExtension, params};
 
 use shapeblock_proto::now_unix;
 
+use super::retention::{self, Cut, StreamSize};
 use super::*;
 
 pub(super) struct Sqlite {
@@ -53,6 +56,13 @@ CREATE TABLE IF NOT EXISTS certificates (
 CREATE TABLE IF NOT EXISTS idempotency (
   cluster TEXT NOT NULL, key TEXT NOT NULL, request TEXT NOT NULL, seq INTEGER NOT NULL,
   PRIMARY KEY (cluster, key));
+CREATE TABLE IF NOT EXISTS feed_pruned (cluster TEXT PRIMARY KEY, through INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS events_by_at ON events (at);
+";
+
+/// Indexes on columns [`ADDED_COLUMNS`] may have just added.
+const ADDED_INDEXES: &str = "
+CREATE INDEX IF NOT EXISTS logs_ended ON logs (at_ms) WHERE eof OR truncated;
 ";
 
 impl Sqlite {
@@ -65,6 +75,7 @@ impl Sqlite {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
         migrate(&conn)?;
+        conn.execute_batch(ADDED_INDEXES)?;
         // The store's identity, made once with the store.
         conn.execute(
             "INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', ?1)",
@@ -651,30 +662,22 @@ impl Sqlite {
 
     /// Feed entries after `after`, of one cluster or all, in order, at most `limit`.
     pub fn feed_after(&self, cluster: Option<&str>, after: u64, limit: u32) -> Result<Vec<FeedEvent>> {
+        self.with(|c| feed_rows(c, cluster, after, limit))
+    }
+
+    /// [`Sqlite::feed_after`] and the highest id retention pruned of that scope, read
+    /// together (under the one connection's lock: no pass runs between the two reads).
+    pub fn feed_page(&self, cluster: Option<&str>, after: u64, limit: u32) -> Result<(u64, Vec<FeedEvent>)> {
         self.with(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT id, cluster, kind, at_ms, epoch, object, phase, reason, message, command_seq, ok, truncated
-                 FROM feed WHERE id > ?2 AND (?1 IS NULL OR cluster = ?1) ORDER BY id LIMIT ?3",
-            )?;
-            let rows = stmt
-                .query_map(params![cluster, big(after), limit], |r| {
-                    Ok(FeedEvent {
-                        id: r.get(0)?,
-                        cluster: r.get(1)?,
-                        kind: r.get(2)?,
-                        at_ms: r.get(3)?,
-                        epoch: r.get(4)?,
-                        object: r.get(5)?,
-                        phase: r.get(6)?,
-                        reason: r.get(7)?,
-                        message: r.get(8)?,
-                        command_seq: r.get(9)?,
-                        ok: r.get::<_, i64>(10)? != 0,
-                        truncated: r.get::<_, i64>(11)? != 0,
-                    })
-                })?
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(rows)
+            let rows = feed_rows(c, cluster, after, limit)?;
+            let through: Option<u64> = c
+                .query_row(
+                    "SELECT through FROM feed_pruned WHERE cluster = ?1",
+                    params![cluster.unwrap_or("")],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok((through.unwrap_or(0), rows))
         })
     }
 
@@ -683,7 +686,8 @@ impl Sqlite {
         self.with(|c| {
             // The last chunk by offset ends a stream (chunks never overlap).
             let mut stmt = c.prepare(
-                "SELECT stream, offset + length(data), eof, truncated FROM logs AS l
+                "SELECT stream, offset + length(data), eof, truncated,
+                   (SELECT min(offset) FROM logs WHERE cluster = l.cluster AND stream = l.stream) FROM logs AS l
                  WHERE cluster = ?1 AND offset = (SELECT max(offset) FROM logs WHERE cluster = l.cluster AND stream = l.stream)
                  ORDER BY stream",
             )?;
@@ -693,6 +697,7 @@ impl Sqlite {
                     Ok(LogStreamRow {
                         stream: r.get(0)?,
                         length: r.get(1)?,
+                        first_offset: r.get(4)?,
                         ended: eof || truncated,
                         truncated,
                     })
@@ -719,9 +724,310 @@ impl Sqlite {
                     ))
                 })?
                 .collect::<Result<Vec<_>, _>>()?;
-            Ok(read_rows(offset, limit, &rows))
+            let first: Option<u64> = c.query_row(
+                "SELECT min(offset) FROM logs WHERE cluster = ?1 AND stream = ?2",
+                params![cluster, stream],
+                |r| r.get(0),
+            )?;
+            Ok(read_rows(offset, limit, first.unwrap_or(0), &rows))
         })
     }
+}
+
+/// Retention (see [`super::retention`]): every statement is its own transaction, taken
+/// under the connection's lock and let go before the next, so recording goes on between.
+impl Sqlite {
+    pub fn prune(&self, now_ms: i64, policy: &Retention) -> Result<Pruned> {
+        let mut out = Pruned::ran();
+        let batch = PRUNE_BATCH as i64;
+        if let Some(age) = policy.events_max_age {
+            let cut_ms = now_ms.saturating_sub(retention::ms(age));
+            // The feed by its oldest ids: the first that is not old enough stops the pass, so
+            // what goes is a prefix in id order (what a cursor can be compared with).
+            loop {
+                let upto = self.with(|c| {
+                    let mut stmt = c.prepare_cached("SELECT id, at_ms FROM feed ORDER BY id LIMIT ?1")?;
+                    let rows = stmt
+                        .query_map(params![batch], |r| Ok((r.get::<_, u64>(0)?, r.get::<_, i64>(1)?)))?
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Ok(rows
+                        .iter()
+                        .take_while(|(_, at)| *at < cut_ms)
+                        .last()
+                        .map(|(id, _)| *id))
+                })?;
+                let Some(upto) = upto else { break };
+                let n = self.with(|c| delete_feed(c, None, upto))?;
+                out.feed += n;
+                if n == 0 {
+                    break;
+                }
+            }
+            let cut_s = cut_ms.div_euclid(1000);
+            loop {
+                let n = self.with(|c| {
+                    Ok(c.execute(
+                        "DELETE FROM events WHERE (cluster, agent_seq) IN
+                           (SELECT cluster, agent_seq FROM events WHERE at < ?1 LIMIT ?2)",
+                        params![cut_s, batch],
+                    )? as u64)
+                })?;
+                out.events += n;
+                if n < PRUNE_BATCH as u64 {
+                    break;
+                }
+            }
+        }
+        if let Some(cap) = policy.events_per_cluster {
+            let cap = big(cap);
+            let over: Vec<String> = self.with(|c| {
+                let mut stmt = c.prepare("SELECT cluster FROM feed GROUP BY cluster HAVING count(*) > ?1")?;
+                Ok(stmt
+                    .query_map(params![cap], |r| r.get(0))?
+                    .collect::<Result<Vec<_>, _>>()?)
+            })?;
+            for cluster in &over {
+                let boundary: Option<u64> = self.with(|c| {
+                    Ok(c.query_row(
+                        "SELECT id FROM feed WHERE cluster = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2",
+                        params![cluster, cap],
+                        |r| r.get(0),
+                    )
+                    .optional()?)
+                })?;
+                let Some(boundary) = boundary else { continue };
+                loop {
+                    let n = self.with(|c| delete_feed(c, Some(cluster), boundary))?;
+                    out.feed += n;
+                    if n == 0 {
+                        break;
+                    }
+                }
+            }
+            let over: Vec<String> = self.with(|c| {
+                let mut stmt =
+                    c.prepare("SELECT cluster FROM events GROUP BY cluster HAVING count(*) > ?1")?;
+                Ok(stmt
+                    .query_map(params![cap], |r| r.get(0))?
+                    .collect::<Result<Vec<_>, _>>()?)
+            })?;
+            for cluster in &over {
+                let boundary: Option<u64> = self.with(|c| {
+                    Ok(c.query_row(
+                        "SELECT agent_seq FROM events WHERE cluster = ?1 ORDER BY agent_seq DESC LIMIT 1 OFFSET ?2",
+                        params![cluster, cap],
+                        |r| r.get(0),
+                    )
+                    .optional()?)
+                })?;
+                let Some(boundary) = boundary else { continue };
+                loop {
+                    let n = self.with(|c| {
+                        Ok(c.execute(
+                            "DELETE FROM events WHERE cluster = ?1 AND agent_seq IN
+                               (SELECT agent_seq FROM events WHERE cluster = ?1 AND agent_seq <= ?2 ORDER BY agent_seq LIMIT ?3)",
+                            params![cluster, big(boundary), batch],
+                        )? as u64)
+                    })?;
+                    out.events += n;
+                    if n < PRUNE_BATCH as u64 {
+                        break;
+                    }
+                }
+            }
+        }
+        if let Some(age) = policy.logs_max_age {
+            let cut_ms = now_ms.saturating_sub(retention::ms(age));
+            loop {
+                // Streams whose last chunk ends them and was written before the cut.
+                let ended: Vec<(String, String)> = self.with(|c| {
+                    let mut stmt = c.prepare_cached(
+                        "SELECT cluster, stream FROM logs AS l WHERE (eof OR truncated) AND at_ms < ?1
+                           AND offset = (SELECT max(offset) FROM logs WHERE cluster = l.cluster AND stream = l.stream)
+                         LIMIT ?2",
+                    )?;
+                    Ok(stmt
+                        .query_map(params![cut_ms, batch], |r| Ok((r.get(0)?, r.get(1)?)))?
+                        .collect::<Result<Vec<_>, _>>()?)
+                })?;
+                if ended.is_empty() {
+                    break;
+                }
+                for (cluster, stream) in &ended {
+                    self.delete_stream(cluster, stream, &mut out)?;
+                }
+            }
+        }
+        if let Some(cap) = policy.log_bytes_per_cluster {
+            let over: Vec<(String, u64)> = self.with(|c| {
+                let mut stmt = c.prepare(
+                    "SELECT cluster, sum(length(data)) FROM logs GROUP BY cluster HAVING sum(length(data)) > ?1",
+                )?;
+                Ok(stmt
+                    .query_map(params![big(cap)], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<Vec<_>, _>>()?)
+            })?;
+            for (cluster, total) in &over {
+                let mut streams = self.with(|c| stream_sizes(c, cluster))?;
+                retention::oldest_first(&mut streams);
+                let mut excess = total.saturating_sub(cap);
+                for s in &streams {
+                    match retention::cut(s, excess) {
+                        None => break,
+                        Some(Cut::Whole(stream)) => {
+                            excess = excess.saturating_sub(self.delete_stream(cluster, &stream, &mut out)?);
+                        }
+                        Some(Cut::Prefix(stream, need)) => {
+                            excess =
+                                excess.saturating_sub(self.delete_prefix(cluster, &stream, need, &mut out)?);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes a stream, oldest chunks first (its end last: a reader meanwhile is told its
+    /// prefix is gone); returns the bytes freed.
+    fn delete_stream(&self, cluster: &str, stream: &str, out: &mut Pruned) -> Result<u64> {
+        let mut freed = 0;
+        loop {
+            let deleted: Vec<u64> = self.with(|c| {
+                let mut stmt = c.prepare_cached(
+                    "DELETE FROM logs WHERE cluster = ?1 AND stream = ?2 AND offset IN
+                       (SELECT offset FROM logs WHERE cluster = ?1 AND stream = ?2 ORDER BY offset LIMIT ?3)
+                     RETURNING length(data)",
+                )?;
+                Ok(stmt
+                    .query_map(params![cluster, stream, PRUNE_BATCH as i64], |r| r.get(0))?
+                    .collect::<Result<Vec<_>, _>>()?)
+            })?;
+            out.log_chunks += deleted.len() as u64;
+            let bytes: u64 = deleted.iter().sum();
+            out.log_bytes += bytes;
+            freed += bytes;
+            if deleted.len() < PRUNE_BATCH {
+                break;
+            }
+        }
+        out.log_streams += 1;
+        Ok(freed)
+    }
+
+    /// Deletes the oldest chunks of a stream, never its last, until `need` bytes are freed
+    /// or only the last is left; returns the bytes freed.
+    fn delete_prefix(&self, cluster: &str, stream: &str, need: u64, out: &mut Pruned) -> Result<u64> {
+        let mut freed = 0;
+        while freed < need {
+            let chunks: Vec<(u64, u64)> = self.with(|c| {
+                let mut stmt = c.prepare_cached(
+                    "SELECT offset, length(data) FROM logs WHERE cluster = ?1 AND stream = ?2
+                       AND offset < (SELECT max(offset) FROM logs WHERE cluster = ?1 AND stream = ?2)
+                     ORDER BY offset LIMIT ?3",
+                )?;
+                Ok(stmt
+                    .query_map(params![cluster, stream, PRUNE_BATCH as i64], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })?
+                    .collect::<Result<Vec<_>, _>>()?)
+            })?;
+            let Some((upto, bytes)) = retention::prefix_upto(&chunks, need - freed) else {
+                break;
+            };
+            let n = self.with(|c| {
+                Ok(c.execute(
+                    "DELETE FROM logs WHERE cluster = ?1 AND stream = ?2 AND offset <= ?3",
+                    params![cluster, stream, big(upto)],
+                )? as u64)
+            })?;
+            out.log_chunks += n;
+            out.log_bytes += bytes;
+            freed += bytes;
+        }
+        Ok(freed)
+    }
+}
+
+/// Feed entries after `after`, of one cluster or all, in order, at most `limit`.
+fn feed_rows(c: &Connection, cluster: Option<&str>, after: u64, limit: u32) -> Result<Vec<FeedEvent>> {
+    let mut stmt = c.prepare_cached(
+        "SELECT id, cluster, kind, at_ms, epoch, object, phase, reason, message, command_seq, ok, truncated
+         FROM feed WHERE id > ?2 AND (?1 IS NULL OR cluster = ?1) ORDER BY id LIMIT ?3",
+    )?;
+    let rows = stmt
+        .query_map(params![cluster, big(after), limit], |r| {
+            Ok(FeedEvent {
+                id: r.get(0)?,
+                cluster: r.get(1)?,
+                kind: r.get(2)?,
+                at_ms: r.get(3)?,
+                epoch: r.get(4)?,
+                object: r.get(5)?,
+                phase: r.get(6)?,
+                reason: r.get(7)?,
+                message: r.get(8)?,
+                command_seq: r.get(9)?,
+                ok: r.get::<_, i64>(10)? != 0,
+                truncated: r.get::<_, i64>(11)? != 0,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// Deletes the oldest feed entries (of `cluster`, or of all) up to id `upto`, at most a batch,
+/// and raises the pruned-through marks (the cluster's and the overall one) in the same
+/// transaction; returns how many went.
+fn delete_feed(c: &mut Connection, cluster: Option<&str>, upto: u64) -> Result<u64> {
+    let tx = c.transaction()?;
+    let deleted: Vec<(String, u64)> = {
+        let mut stmt = tx.prepare_cached(
+            "DELETE FROM feed WHERE id IN
+               (SELECT id FROM feed WHERE id <= ?1 AND (?2 IS NULL OR cluster = ?2) ORDER BY id LIMIT ?3)
+             RETURNING cluster, id",
+        )?;
+        stmt.query_map(params![big(upto), cluster, PRUNE_BATCH as i64], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?
+        .collect::<Result<Vec<_>, _>>()?
+    };
+    let mut through: HashMap<&str, u64> = HashMap::new();
+    for (cluster, id) in &deleted {
+        for key in [cluster.as_str(), ""] {
+            let mark = through.entry(key).or_default();
+            *mark = (*mark).max(*id);
+        }
+    }
+    for (key, id) in &through {
+        tx.execute(
+            "INSERT INTO feed_pruned (cluster, through) VALUES (?1, ?2)
+             ON CONFLICT (cluster) DO UPDATE SET through = max(through, excluded.through)",
+            params![key, big(*id)],
+        )?;
+    }
+    tx.commit()?;
+    Ok(deleted.len() as u64)
+}
+
+/// A cluster's streams as the size rule sees them.
+fn stream_sizes(c: &Connection, cluster: &str) -> Result<Vec<StreamSize>> {
+    let mut stmt = c.prepare(
+        "SELECT stream, sum(length(data)), max(at_ms),
+           (SELECT eof OR truncated FROM logs AS e WHERE e.cluster = ?1 AND e.stream = l.stream ORDER BY offset DESC LIMIT 1)
+         FROM logs AS l WHERE cluster = ?1 GROUP BY stream",
+    )?;
+    let rows = stmt
+        .query_map(params![cluster], |r| {
+            Ok(StreamSize {
+                stream: r.get(0)?,
+                bytes: r.get(1)?,
+                last_at_ms: r.get(2)?,
+                ended: r.get::<_, i64>(3)? != 0,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
 }
 
 fn api_key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ApiKeyRow> {
@@ -734,7 +1040,7 @@ fn api_key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ApiKeyRow> {
 }
 
 /// Columns added after the first release: a store made by an older hub gets them on open.
-const ADDED_COLUMNS: [(&str, &str, &str); 9] = [
+const ADDED_COLUMNS: [(&str, &str, &str); 10] = [
     ("clusters", "agent_version", "TEXT"),
     ("clusters", "capabilities", "TEXT"),
     ("clusters", "inventory", "TEXT"),
@@ -744,6 +1050,8 @@ const ADDED_COLUMNS: [(&str, &str, &str); 9] = [
     ("clusters", "revoked_at", "INTEGER"),
     ("commands", "delivered", "INTEGER NOT NULL DEFAULT 0"),
     ("tokens", "created_at", "INTEGER NOT NULL DEFAULT 0"),
+    // When a chunk was written (Unix ms), for retention by age.
+    ("logs", "at_ms", "INTEGER NOT NULL DEFAULT 0"),
 ];
 
 fn migrate(conn: &Connection) -> Result<()> {
@@ -755,6 +1063,14 @@ fn migrate(conn: &Connection) -> Result<()> {
         )?;
         if !present {
             conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"))?;
+            if (table, column) == ("logs", "at_ms") {
+                // Chunks from before the column are dated by the upgrade, not the epoch: a
+                // retention age then counts from now rather than pruning them at once.
+                conn.execute(
+                    "UPDATE logs SET at_ms = ?1",
+                    params![shapeblock_proto::now_unix_ms()],
+                )?;
+            }
         }
     }
     Ok(())
@@ -894,8 +1210,8 @@ fn write_log(tx: &rusqlite::Transaction<'_>, cluster: &str, chunk: &LogChunk) ->
     let mut gap = None;
     if offset > end && !truncated {
         tx.execute(
-            "INSERT OR REPLACE INTO logs (cluster, stream, offset, data, truncated, eof) VALUES (?1, ?2, ?3, x'', 1, 0)",
-            params![cluster, stream, end],
+            "INSERT OR REPLACE INTO logs (cluster, stream, offset, data, truncated, eof, at_ms) VALUES (?1, ?2, ?3, x'', 1, 0, ?4)",
+            params![cluster, stream, end, shapeblock_proto::now_unix_ms()],
         )?;
         gap = Some((end, offset));
     }
@@ -908,8 +1224,16 @@ fn write_log(tx: &rusqlite::Transaction<'_>, cluster: &str, chunk: &LogChunk) ->
     }
     let data = data.get(skip..).unwrap_or_default();
     tx.execute(
-        "INSERT OR REPLACE INTO logs (cluster, stream, offset, data, truncated, eof) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![cluster, stream, offset.max(end), data, truncated as i64, eof as i64],
+        "INSERT OR REPLACE INTO logs (cluster, stream, offset, data, truncated, eof, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            cluster,
+            stream,
+            offset.max(end),
+            data,
+            truncated as i64,
+            eof as i64,
+            shapeblock_proto::now_unix_ms()
+        ],
     )?;
     Ok(LogWrite {
         gap,

@@ -48,7 +48,7 @@ class GetHubRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HubInfo(_message.Message):
-    __slots__ = ("version", "ca_hash", "agent_address", "store_id", "watchers", "log_followers", "sessions", "app_log_followers")
+    __slots__ = ("version", "ca_hash", "agent_address", "store_id", "watchers", "log_followers", "sessions", "app_log_followers", "replica_id")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CA_HASH_FIELD_NUMBER: _ClassVar[int]
     AGENT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,7 @@ class HubInfo(_message.Message):
     LOG_FOLLOWERS_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     APP_LOG_FOLLOWERS_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     version: str
     ca_hash: str
     agent_address: str
@@ -65,7 +66,8 @@ class HubInfo(_message.Message):
     log_followers: int
     sessions: int
     app_log_followers: int
-    def __init__(self, version: _Optional[str] = ..., ca_hash: _Optional[str] = ..., agent_address: _Optional[str] = ..., store_id: _Optional[str] = ..., watchers: _Optional[int] = ..., log_followers: _Optional[int] = ..., sessions: _Optional[int] = ..., app_log_followers: _Optional[int] = ...) -> None: ...
+    replica_id: str
+    def __init__(self, version: _Optional[str] = ..., ca_hash: _Optional[str] = ..., agent_address: _Optional[str] = ..., store_id: _Optional[str] = ..., watchers: _Optional[int] = ..., log_followers: _Optional[int] = ..., sessions: _Optional[int] = ..., app_log_followers: _Optional[int] = ..., replica_id: _Optional[str] = ...) -> None: ...
 
 class CreateApiKeyRequest(_message.Message):
     __slots__ = ("name",)
@@ -431,16 +433,18 @@ class ListLogsRequest(_message.Message):
     def __init__(self, cluster_id: _Optional[str] = ...) -> None: ...
 
 class LogStream(_message.Message):
-    __slots__ = ("stream", "length", "ended", "truncated")
+    __slots__ = ("stream", "length", "ended", "truncated", "first_offset")
     STREAM_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     ENDED_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    FIRST_OFFSET_FIELD_NUMBER: _ClassVar[int]
     stream: str
     length: int
     ended: bool
     truncated: bool
-    def __init__(self, stream: _Optional[str] = ..., length: _Optional[int] = ..., ended: _Optional[bool] = ..., truncated: _Optional[bool] = ...) -> None: ...
+    first_offset: int
+    def __init__(self, stream: _Optional[str] = ..., length: _Optional[int] = ..., ended: _Optional[bool] = ..., truncated: _Optional[bool] = ..., first_offset: _Optional[int] = ...) -> None: ...
 
 class ListLogsResponse(_message.Message):
     __slots__ = ("streams",)
@@ -471,18 +475,20 @@ class FollowLogRequest(_message.Message):
     def __init__(self, cluster_id: _Optional[str] = ..., stream: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class LogData(_message.Message):
-    __slots__ = ("offset", "data", "next_offset", "truncated", "eof")
+    __slots__ = ("offset", "data", "next_offset", "truncated", "eof", "first_offset")
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     NEXT_OFFSET_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     EOF_FIELD_NUMBER: _ClassVar[int]
+    FIRST_OFFSET_FIELD_NUMBER: _ClassVar[int]
     offset: int
     data: bytes
     next_offset: int
     truncated: bool
     eof: bool
-    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., next_offset: _Optional[int] = ..., truncated: _Optional[bool] = ..., eof: _Optional[bool] = ...) -> None: ...
+    first_offset: int
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., next_offset: _Optional[int] = ..., truncated: _Optional[bool] = ..., eof: _Optional[bool] = ..., first_offset: _Optional[int] = ...) -> None: ...
 
 class FollowAppLogsRequest(_message.Message):
     __slots__ = ("cluster_id", "namespace", "app", "process", "container", "since_seconds", "tail_lines")

@@ -259,7 +259,11 @@ class HubServicer:
     def WatchEvents(self, request, context):
         """Everything the hub records, in the order it recorded it, from `after_id` on; for one
         cluster or all. Event ids increase by one for each event the hub records: resuming
-        with the last id received gives no gap and no duplicate.
+        with the last id received gives no gap and no duplicate. Retention prunes the oldest
+        events: `after_id` 0 starts from the oldest kept; resuming from an id after which events
+        of the scope (the cluster, or any) were pruned -> OUT_OF_RANGE with the id to watch again
+        from (`shapeblock-resume-from`): re-read current state (ListObjects) first, the events
+        between are gone.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -281,7 +285,10 @@ class HubServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReadLog(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Offset 0 reads from the first byte kept (`LogData.offset` says where that is); another
+        offset whose bytes retention pruned -> OUT_OF_RANGE with the first offset kept
+        (`shapeblock-resume-from`). FollowLog likewise, also when a reader falls that far behind.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
