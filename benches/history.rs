@@ -84,7 +84,8 @@ async fn run() {
             let api = projects_api.clone();
             async move {
                 let project: Project =
-                    serde_json::from_value(json!({"metadata": {"name": format!("h{p}")}, "spec": {}})).unwrap();
+                    serde_json::from_value(json!({"metadata": {"name": format!("h{p}")}, "spec": {}}))
+                        .unwrap();
                 api.create(&PostParams::default(), &project).await
             }
         })
@@ -131,7 +132,11 @@ async fn run() {
         .unwrap()
         .items
         .len();
-    assert_eq!(builds, apps * history, "the agent pruned or lost builds of the history");
+    assert_eq!(
+        builds,
+        apps * history,
+        "the agent pruned or lost builds of the history"
+    );
     let rss = agent.peak_rss_kib();
     println!(
         "agent: {apps} Apps x {history} AppBuilds, 2 processes each: every App Ready {:.1}s after start; agent peak RSS {:.1} MiB (goal <= 25), {:.1} MiB over the floor",
