@@ -19,7 +19,7 @@ use futures::StreamExt;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
-use shapeblock_agent::api::Project;
+use shapeblock_agent::api::{AppBuild, Project};
 use shapeblock_agent::proto::v1::agent_message::Body as Up;
 use shapeblock_agent::proto::v1::{AgentMessage, Heartbeat};
 use shapeblock_agent::tunnel::enroll;
@@ -83,6 +83,8 @@ async fn run() {
     // AGENT_BINARY / AGENT_FLAGS: another build or more flags, compared in the same conditions.
     let (binary, extra) = agent::bench_overrides(env!("CARGO_BIN_EXE_shapeblock-agent"));
     let mut flags = agent::hub_flags(&hub.url(), &token, &hub.ca_hash(), "warn");
+    // The cluster registry the log part's build pushes to (with a token of its own).
+    flags.push("--registry=registry.example.com".into());
     flags.extend(extra);
     let agent =
         agent::AgentProcess::start_installed(&binary, &client, plane.kubeconfig(), plane.work_dir(), &flags)
@@ -282,8 +284,24 @@ async fn log_relay(client: &Client, hub: &Hub, cluster: &str, agent: &agent::Age
     let stream = format!("{ns}/big-1/build");
     let end = async || hub.store().log_end(cluster, &stream).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(3600);
+    let builds: Api<AppBuild> = Api::namespaced(client.clone(), ns);
+    let mut looked = Instant::now();
     while end().await.0 == 0 {
         assert!(Instant::now() < deadline);
+        // A build that ended before its log began will never relay one: say why, now.
+        if looked.elapsed() > Duration::from_secs(1) {
+            looked = Instant::now();
+            if let Some(status) = builds.get("big-1").await.unwrap().status
+                && status.phase.is_some_and(|p| p.is_final())
+            {
+                panic!(
+                    "AppBuild big-1 ended {:?} before any log: {} {}",
+                    status.phase,
+                    status.reason.unwrap_or_default(),
+                    status.message.unwrap_or_default()
+                );
+            }
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let started = Instant::now();
