@@ -412,13 +412,15 @@ async fn write_status(
         return Ok(());
     }
     let patch = json!({"apiVersion": App::api_version(&()), "kind": KIND, "status": status});
-    Api::<App>::namespaced(ctx.client.clone(), &app.namespace().unwrap_or_default())
+    let written = Api::<App>::namespaced(ctx.client.clone(), &app.namespace().unwrap_or_default())
         .patch_status(
             &app.name_any(),
             &PatchParams::apply(FIELD_MANAGER).force(),
             &Patch::Apply(patch),
         )
         .await?;
+    // The status is the last thing a reconcile writes: its watch event would find nothing to do.
+    ctx.expect_echo(&written);
     Ok(())
 }
 

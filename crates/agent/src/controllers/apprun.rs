@@ -360,7 +360,8 @@ impl Step<'_> {
             logs: Vec::new(),
             ..status
         };
-        super::apply_status_at_version(self.ctx, self.run, &status).await
+        super::apply_status_at_version(self.ctx, self.run, &status).await?;
+        Ok(())
     }
 }
 

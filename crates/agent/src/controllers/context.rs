@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Client;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -64,6 +65,42 @@ pub struct Context {
     registry_signer: tokio::sync::OnceCell<super::registry::Signer>,
     /// What the served HelmChart CRD accepts, and when it was read.
     helm_chart_fields: Mutex<Option<(Instant, super::deploy::SpecFields)>>,
+    /// Versions of objects this agent wrote and already went on from (uid → resourceVersion):
+    /// their watch events bring nothing new, and a reconcile for each was most of a build's.
+    echoes: Echoes,
+}
+
+/// Versions of objects written and already gone on from, by uid: see [`Context::expect_echo`].
+#[derive(Default)]
+pub(crate) struct Echoes(Mutex<HashMap<String, String>>);
+
+/// More echoes than this waiting at once means their watch events are not coming (a watch
+/// that restarted past them): forgetting them all costs a reconcile each, nothing else.
+const MAX_ECHOES: usize = 10_000;
+
+impl Echoes {
+    fn expect(&self, meta: &ObjectMeta) {
+        let (Some(uid), Some(version)) = (meta.uid.clone(), meta.resource_version.clone()) else {
+            return;
+        };
+        let mut echoes = self.0.lock().unwrap();
+        if echoes.len() >= MAX_ECHOES {
+            echoes.clear();
+        }
+        echoes.insert(uid, version);
+    }
+
+    fn take(&self, meta: &ObjectMeta) -> bool {
+        let (Some(uid), Some(version)) = (&meta.uid, &meta.resource_version) else {
+            return false;
+        };
+        let mut echoes = self.0.lock().unwrap();
+        if echoes.get(uid) == Some(version) {
+            echoes.remove(uid);
+            return true;
+        }
+        false
+    }
 }
 
 /// How long what the served HelmChart CRD accepts is trusted: a k3s upgrade can bring a newer
@@ -90,7 +127,20 @@ impl Context {
             helm_charts_served: AtomicBool::new(true),
             registry_signer: tokio::sync::OnceCell::new(),
             helm_chart_fields: Mutex::new(None),
+            echoes: Echoes::default(),
         }
+    }
+
+    /// Records that this agent wrote `object` (as returned by the apiserver) and has acted on
+    /// what it holds, so that its own watch event does not reconcile it again.
+    pub(crate) fn expect_echo(&self, object: &impl kube::Resource) {
+        self.echoes.expect(object.meta());
+    }
+
+    /// Whether `object` is the watch event of a write [`expect_echo`](Self::expect_echo)
+    /// recorded (forgotten once seen). Any other version, newer or not, is news.
+    pub(crate) fn is_echo(&self, object: &impl kube::Resource) -> bool {
+        self.echoes.take(object.meta())
     }
 
     /// What the served HelmChart CRD's spec accepts (read lazily, kept for ten minutes). A
@@ -302,6 +352,43 @@ mod tests {
         assert!(backoff_delay(3) >= Duration::from_secs(4));
         assert!(backoff_delay(30) <= Duration::from_secs(600));
         assert!(backoff_delay(30) >= Duration::from_secs(300));
+    }
+
+    #[test]
+    fn only_the_version_written_is_an_echo_and_only_once() {
+        let meta = |uid: &str, version: &str| ObjectMeta {
+            uid: Some(uid.into()),
+            resource_version: Some(version.into()),
+            ..Default::default()
+        };
+        let echoes = Echoes::default();
+        echoes.expect(&meta("a", "7"));
+        // Someone else's write, older or newer, is news; so is another object's.
+        assert!(!echoes.take(&meta("a", "6")));
+        assert!(!echoes.take(&meta("b", "7")));
+        assert!(echoes.take(&meta("a", "7")));
+        assert!(!echoes.take(&meta("a", "7")), "the same event again (a relist) is news");
+        // A newer write replaces the one expected before it.
+        echoes.expect(&meta("a", "8"));
+        echoes.expect(&meta("a", "9"));
+        assert!(!echoes.take(&meta("a", "8")));
+        assert!(echoes.take(&meta("a", "9")));
+        // Without a uid or a version there is nothing to match.
+        echoes.expect(&ObjectMeta::default());
+        assert!(!echoes.take(&ObjectMeta::default()));
+    }
+
+    #[test]
+    fn echoes_never_piling_up_are_forgotten() {
+        let echoes = Echoes::default();
+        for i in 0..=MAX_ECHOES {
+            echoes.expect(&ObjectMeta {
+                uid: Some(i.to_string()),
+                resource_version: Some("1".into()),
+                ..Default::default()
+            });
+        }
+        assert_eq!(echoes.0.lock().unwrap().len(), 1);
     }
 
     #[test]

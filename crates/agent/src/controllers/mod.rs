@@ -67,7 +67,7 @@ pub const DEFAULT_CONCURRENCY: u16 = 16;
 pub(crate) fn controller<K>(
     api: kube::Api<kube::core::DeserializeGuard<K>>,
     config: kube::runtime::watcher::Config,
-    ctx: &Context,
+    ctx: &Arc<Context>,
 ) -> kube::runtime::Controller<kube::core::DeserializeGuard<K>>
 where
     K: kube::Resource<DynamicType = ()>
@@ -78,9 +78,17 @@ where
         + Sync
         + 'static,
 {
+    use futures::StreamExt;
     use kube::runtime::{WatchStreamExt, reflector, watcher};
     let (reader, writer) = reflector::store();
-    let objects = reflector(writer, watcher(api, config).modify(slim)).applied_objects();
+    // The store takes every event; only the echoes of the agent's own writes (which it went
+    // on from already, see `Context::expect_echo`) trigger nothing.
+    let echoes = ctx.clone();
+    let objects = reflector(writer, watcher(api, config).modify(slim))
+        .applied_objects()
+        .filter(move |object| {
+            std::future::ready(!object.as_ref().is_ok_and(|object| echoes.is_echo(object)))
+        });
     kube::runtime::Controller::for_stream(objects, reader)
         .with_config(kube::runtime::controller::Config::default().concurrency(ctx.config.concurrency))
 }
@@ -227,7 +235,7 @@ pub(crate) async fn apply_status_at_version<K>(
     ctx: &Context,
     object: &K,
     status: &impl serde::Serialize,
-) -> Result<()>
+) -> Result<K>
 where
     K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
@@ -255,8 +263,7 @@ where
                 K::kind(&())
             )),
             err => err.into(),
-        })?;
-    Ok(())
+        })
 }
 
 /// Marks a controller synced once its store has its initial list, for `/readyz`.

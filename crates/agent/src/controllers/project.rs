@@ -716,13 +716,15 @@ async fn write_status(
         "kind": KIND,
         "status": status,
     });
-    Api::<Project>::all(ctx.client.clone())
+    let written = Api::<Project>::all(ctx.client.clone())
         .patch_status(
             &project.name_any(),
             &PatchParams::apply(FIELD_MANAGER).force(),
             &Patch::Apply(patch),
         )
         .await?;
+    // The status is the last thing a reconcile writes: its watch event would find nothing to do.
+    ctx.expect_echo(&written);
     Ok(())
 }
 

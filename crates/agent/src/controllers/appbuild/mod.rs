@@ -46,6 +46,8 @@ pub use crate::api::CANCEL_ANNOTATION;
 /// Field manager for the App status fields that builds own (`latestBuild`, images).
 const BUILD_STATUS_MANAGER: &str = "shapeblock-agent-builds";
 const POLL: Duration = Duration::from_secs(3);
+/// How often a deploy looks again when nothing woke it (see `run` for what does).
+const DEPLOY_POLL: Duration = Duration::from_secs(10);
 /// How often a build waiting for the HelmChart kind looks again.
 const HELM_CONTROLLER_RECHECK: Duration = Duration::from_secs(10);
 
@@ -59,23 +61,28 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
     )
     .touched_objects();
     let managed = format!("{MANAGED_BY_LABEL}={MANAGED_BY},{APP_LABEL}");
-    // Rollouts of App Deployments wake the build that deploys them (the chart labels them).
+    // A rollout of an App Deployment that ended wakes the build that deploys it (the chart
+    // labels them). Whole objects, kept nowhere: the deployment controller writes a
+    // Deployment's status several times in a rollout, and only the end of it decides anything.
     let deployments = watcher(
-        Api::<PartialObjectMeta<Deployment>>::all(client.clone()),
+        Api::<Deployment>::all(client.clone()),
         watcher::Config::default().labels(APP_LABEL),
+    )
+    .touched_objects();
+    // So does the helm-controller's install Job ending: the release record is written by then.
+    let installs = watcher(
+        Api::<Job>::namespaced(client.clone(), &ctx.config.agent_namespace),
+        watcher::Config::default().labels(HELM_CHART_JOB_LABEL),
     )
     .touched_objects();
     let controller = super::controller(builds, watcher::Config::default(), &ctx).owns_stream(build_jobs);
     let store = controller.store();
     let by_deployment = store.clone();
+    let by_install = store.clone();
     let by_chart = store.clone();
-    let mut controller = controller.watches_stream(deployments, move |d: PartialObjectMeta<Deployment>| {
-        deploying_builds(
-            &by_deployment,
-            d.namespace().as_deref(),
-            d.labels().get(APP_LABEL).map(String::as_str),
-        )
-    });
+    let mut controller = controller
+        .watches_stream(deployments, move |d: Deployment| rollout_ended(&by_deployment, &d))
+        .watches_stream(installs, move |job: Job| install_ended(&by_install, &job));
     // Without the kind, a watch would fail and retry without end; deploys poll instead and
     // say what is missing (see `deploy`).
     if ctx.helm_charts_served() {
@@ -88,12 +95,18 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
             watcher::Config::default().labels(&managed),
         )
         .touched_objects();
+        // Only the helm-controller giving up on a chart: its other writes (the Job it made,
+        // and this agent's own applies) change nothing a deploy waits for.
         controller = controller.watches_stream_with(
             charts,
             move |chart: DynamicObject| {
+                if !helm_controller_gave_up(&chart) {
+                    return Vec::new();
+                }
                 let project = chart.labels().get(super::PROJECT_LABEL).cloned();
                 let app = chart.labels().get(APP_LABEL).cloned();
-                deploying_builds(&by_chart, project.as_deref(), app.as_deref())
+                let state = by_chart.state();
+                wake(deploying(&state, project.as_deref(), app.as_deref()))
             },
             helmchart::resource(),
         );
@@ -123,24 +136,80 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         .await;
 }
 
-fn deploying_builds(
+/// The label the helm-controller puts on its install Jobs: the HelmChart's name.
+const HELM_CHART_JOB_LABEL: &str = "helmcharts.helm.cattle.io/chart";
+
+/// The builds of `app` in `namespace` that are deploying, from the controller's store.
+fn deploying<'s>(
+    state: &'s [Arc<DeserializeGuard<AppBuild>>],
+    namespace: Option<&'s str>,
+    app: Option<&'s str>,
+) -> impl Iterator<Item = &'s AppBuild> {
+    state
+        .iter()
+        .filter_map(|guard| guard.0.as_ref().ok())
+        .filter(move |build| {
+            namespace.is_some()
+                && build.namespace().as_deref() == namespace
+                && Some(build.spec.app_name.as_str()) == app
+                && phase(build) == Some(AppBuildPhase::Deploying)
+        })
+}
+
+fn wake(builds: impl Iterator<Item = impl std::borrow::Borrow<AppBuild>>) -> Vec<ObjectRef<DeserializeGuard<AppBuild>>> {
+    builds
+        .map(|build| {
+            let build = build.borrow();
+            ObjectRef::new(&build.name_any()).within(&build.namespace().unwrap_or_default())
+        })
+        .collect()
+}
+
+/// The deploying builds whose rollout `deployment` ended: it runs the build's image rolled
+/// out, or gave up.
+fn rollout_ended(
     store: &Store<DeserializeGuard<AppBuild>>,
-    namespace: Option<&str>,
-    app: Option<&str>,
+    deployment: &Deployment,
 ) -> Vec<ObjectRef<DeserializeGuard<AppBuild>>> {
-    let (Some(namespace), Some(app)) = (namespace, app) else {
+    let state = store.state();
+    let namespace = deployment.namespace();
+    let ended = deploying(
+        &state,
+        namespace.as_deref(),
+        deployment.labels().get(APP_LABEL).map(String::as_str),
+    )
+    .filter(|build| {
+        let image = build.status.as_ref().and_then(|s| s.image.as_deref()).unwrap_or_default();
+        !matches!(rollout(Some(deployment), &build.name_any(), image), Rollout::Progressing)
+    });
+    wake(ended)
+}
+
+/// The deploying builds whose release the helm-controller's install Job `job` ended on.
+fn install_ended(store: &Store<DeserializeGuard<AppBuild>>, job: &Job) -> Vec<ObjectRef<DeserializeGuard<AppBuild>>> {
+    if matches!(job_state::of(job, None), JobState::Running(_)) {
+        return Vec::new();
+    }
+    let Some(chart) = job.labels().get(HELM_CHART_JOB_LABEL) else {
         return Vec::new();
     };
-    store
-        .state()
+    let state = store.state();
+    let ended = state
         .iter()
-        .filter(|guard| guard.namespace().as_deref() == Some(namespace))
-        .filter(|guard| match &guard.0 {
-            Ok(build) => build.spec.app_name == app && phase(build) == Some(AppBuildPhase::Deploying),
-            Err(_) => false,
-        })
-        .map(|guard| ObjectRef::from_obj(guard.as_ref()))
-        .collect()
+        .filter_map(|guard| guard.0.as_ref().ok())
+        .filter(|build| phase(build) == Some(AppBuildPhase::Deploying))
+        .filter(|build| chart_name(&build.namespace().unwrap_or_default(), &build.spec.app_name) == *chart);
+    wake(ended)
+}
+
+/// Whether the helm-controller marked `chart` failed (its Job ran out of retries, or it could
+/// not make one).
+fn helm_controller_gave_up(chart: &DynamicObject) -> bool {
+    chart.data["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| c["type"] == "Failed" && c["status"] == "True")
 }
 
 fn key(build: &impl ResourceExt) -> String {
@@ -157,10 +226,31 @@ async fn reconcile(guard: Arc<DeserializeGuard<AppBuild>>, ctx: Arc<Context>) ->
     if let Some(action) = super::refuse_outside_projects(&ctx, build).await? {
         return Ok(action);
     }
-    let action = Pipeline { ctx: &ctx, build }.step().await?;
+    // A step that wrote a status goes on from what it wrote, in the same reconcile, rather
+    // than from that write's watch event (which `Context::expect_echo` then drops): a build
+    // from created to its HelmChart applied is one reconcile instead of three.
+    let mut current: Option<AppBuild> = None;
+    for _ in 0..MAX_STEPS {
+        let pipeline = Pipeline::new(&ctx, current.as_ref().unwrap_or(build));
+        let action = pipeline.step().await?;
+        let (written, advance) = pipeline.into_written();
+        if let Some(written) = &written {
+            ctx.expect_echo(written);
+        }
+        match written {
+            Some(written) if advance => current = Some(written),
+            _ => {
+                ctx.reset_retries(&key(build));
+                return Ok(action);
+            }
+        }
+    }
     ctx.reset_retries(&key(build));
-    Ok(action)
+    Ok(Action::requeue(POLL))
 }
+
+/// Steps one reconcile goes through at most (a build takes five from created to deployed).
+const MAX_STEPS: usize = 8;
 
 fn error_policy(guard: Arc<DeserializeGuard<AppBuild>>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.error_action(&key(guard.as_ref()), KIND, error)
@@ -170,10 +260,14 @@ fn phase(build: &AppBuild) -> Option<AppBuildPhase> {
     build.status.as_ref().and_then(|s| s.phase)
 }
 
-/// One reconcile of one AppBuild: advances it by as many steps as are ready.
+/// One step of one AppBuild, from the state in `build`.
 struct Pipeline<'a> {
     ctx: &'a Context,
     build: &'a AppBuild,
+    /// The build as this step's last status write left it.
+    written: std::sync::Mutex<Option<AppBuild>>,
+    /// The step moved the build on: the next one can start from `written` at once.
+    advance: std::sync::atomic::AtomicBool,
 }
 
 /// Where a step left the build.
@@ -184,7 +278,31 @@ enum Step {
     Status(Box<AppBuildStatus>),
 }
 
-impl Pipeline<'_> {
+impl<'a> Pipeline<'a> {
+    fn new(ctx: &'a Context, build: &'a AppBuild) -> Self {
+        Self {
+            ctx,
+            build,
+            written: Default::default(),
+            advance: Default::default(),
+        }
+    }
+
+    fn into_written(self) -> (Option<AppBuild>, bool) {
+        (
+            self.written.into_inner().unwrap(),
+            self.advance.into_inner(),
+        )
+    }
+
+    /// Ends a step that moved the build on: the next step starts now, from the status just
+    /// written (the poll is only for a reconcile that went through [`MAX_STEPS`]).
+    fn advanced(&self) -> Result<Action> {
+        self.advance
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(Action::requeue(POLL))
+    }
+
     fn namespace(&self) -> String {
         self.build.namespace().unwrap_or_default()
     }
@@ -297,8 +415,7 @@ impl Pipeline<'_> {
                     )
                     .await;
                 }
-                // The write's own watch event brings the next step, with fresh state.
-                Ok(Action::requeue(POLL))
+                self.advanced()
             }
         }
     }
@@ -310,6 +427,89 @@ mod tests {
     use super::record::history_to_prune;
     use super::rollout::{install_failed_without_release, install_job_progress};
     use super::*;
+
+    /// A store of `web`'s builds in `shop`: `b1` deploying `img:1`, `b0` completed.
+    fn builds() -> Store<DeserializeGuard<AppBuild>> {
+        let (reader, mut writer) = kube::runtime::reflector::store();
+        for (name, phase) in [("b0", "Completed"), ("b1", "Deploying")] {
+            let build: AppBuild = serde_json::from_value(json!({
+                "apiVersion": "apps.shapeblock.io/v1alpha1", "kind": "AppBuild",
+                "metadata": {"name": name, "namespace": "shop", "uid": name},
+                "spec": {"appName": "web"},
+                "status": {"phase": phase, "image": "img:1"},
+            }))
+            .unwrap();
+            writer.apply_watcher_event(&watcher::Event::Apply(DeserializeGuard(Ok(build))));
+        }
+        reader
+    }
+
+    fn names(refs: Vec<ObjectRef<DeserializeGuard<AppBuild>>>) -> Vec<String> {
+        refs.into_iter().map(|r| format!("{}/{}", r.namespace.unwrap_or_default(), r.name)).collect()
+    }
+
+    #[test]
+    fn only_a_rollout_that_ended_wakes_the_build_deploying_it() {
+        let deployment = |build: &str, available: i32, deadline_exceeded: bool| -> Deployment {
+            let conditions = if deadline_exceeded {
+                json!([{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded", "message": "timed out"}])
+            } else {
+                json!([])
+            };
+            serde_json::from_value(json!({
+                "metadata": {"name": "web", "namespace": "shop", "generation": 2, "labels": {APP_LABEL: "web"}},
+                "spec": {"replicas": 1, "selector": {}, "template": {
+                    "metadata": {"annotations": {"apps.shapeblock.io/build": build}},
+                    "spec": {"containers": [{"name": "web", "image": "img:1"}]},
+                }},
+                "status": {"observedGeneration": 2, "replicas": 1, "updatedReplicas": 1,
+                    "availableReplicas": available, "conditions": conditions},
+            }))
+            .unwrap()
+        };
+        let store = builds();
+        assert_eq!(names(rollout_ended(&store, &deployment("b1", 1, false))), ["shop/b1"]);
+        assert_eq!(names(rollout_ended(&store, &deployment("b1", 0, true))), ["shop/b1"]);
+        // On the way, or still the previous build's template: nothing to decide yet.
+        assert!(rollout_ended(&store, &deployment("b1", 0, false)).is_empty());
+        assert!(rollout_ended(&store, &deployment("b0", 1, false)).is_empty());
+    }
+
+    #[test]
+    fn only_an_install_job_that_ended_wakes_the_builds_of_its_chart() {
+        let job = |chart: &str, condition: Option<&str>| -> Job {
+            let conditions = condition.map_or(json!([]), |c| json!([{"type": c, "status": "True"}]));
+            serde_json::from_value(json!({
+                "metadata": {"name": format!("helm-install-{chart}"), "labels": {HELM_CHART_JOB_LABEL: chart}},
+                "status": {"conditions": conditions},
+            }))
+            .unwrap()
+        };
+        let store = builds();
+        let ours = chart_name("shop", "web");
+        assert_eq!(names(install_ended(&store, &job(&ours, Some("Complete")))), ["shop/b1"]);
+        assert_eq!(names(install_ended(&store, &job(&ours, Some("Failed")))), ["shop/b1"]);
+        assert!(install_ended(&store, &job(&ours, None)).is_empty());
+        assert!(install_ended(&store, &job(&chart_name("shop", "api"), Some("Complete"))).is_empty());
+    }
+
+    #[test]
+    fn a_chart_wakes_builds_only_once_the_helm_controller_gave_up_on_it() {
+        let chart = |conditions: serde_json::Value| -> DynamicObject {
+            serde_json::from_value(json!({
+                "apiVersion": "helm.cattle.io/v1", "kind": "HelmChart", "metadata": {"name": "web"},
+                "status": {"conditions": conditions},
+            }))
+            .unwrap()
+        };
+        assert!(helm_controller_gave_up(&chart(json!([
+            {"type": "JobCreated", "status": "True"}, {"type": "Failed", "status": "True", "reason": "Job failed"}
+        ]))));
+        assert!(!helm_controller_gave_up(&chart(json!([
+            {"type": "JobCreated", "status": "True"}, {"type": "Failed", "status": "False"}
+        ]))));
+        assert!(!helm_controller_gave_up(&chart(json!(null))));
+    }
 
     #[test]
     fn a_deploy_past_its_deadline_says_what_the_install_job_does() {

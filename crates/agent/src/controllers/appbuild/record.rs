@@ -137,7 +137,9 @@ impl Pipeline<'_> {
             logs: Vec::new(),
             ..status
         };
-        crate::controllers::apply_status_at_version(self.ctx, self.build, &status).await
+        let written = crate::controllers::apply_status_at_version(self.ctx, self.build, &status).await?;
+        *self.written.lock().unwrap() = Some(written);
+        Ok(())
     }
 
     /// With the log relay: deletes each step's Job once its result is recorded (or the build
@@ -196,10 +198,7 @@ impl Pipeline<'_> {
             if older.metadata.creation_timestamp > created {
                 continue;
             }
-            let pipeline = Pipeline {
-                ctx: self.ctx,
-                build: &older,
-            };
+            let pipeline = Pipeline::new(self.ctx, &older);
             pipeline
                 .finish(
                     AppBuildPhase::Cancelled,

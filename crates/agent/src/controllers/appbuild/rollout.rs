@@ -59,6 +59,7 @@ impl Pipeline<'_> {
             let message = format!("deploying {image}");
             self.write(self.with(AppBuildPhase::Deploying, "Deploying", &message))
                 .await?;
+            return self.advanced();
         }
         let project = self.namespace();
         let release = chart_name(&project, &self.build.spec.app_name);
@@ -77,7 +78,7 @@ impl Pipeline<'_> {
             );
             status.conditions = conditions.conditions;
             self.write(status).await?;
-            return Ok(Action::requeue(POLL));
+            return self.advanced();
         };
         // The App controller sets up the App's config Secret first thing; a release rendered
         // before that would be made again, with the Secret, right after.
@@ -256,7 +257,11 @@ impl Pipeline<'_> {
                 )
                 .await;
         }
-        Ok(Action::requeue(POLL))
+        // A rollout that ends, the helm-controller's Job ending and its giving up wake the
+        // build (see `run`); this looks again for what has no event (a release record) and at
+        // the deadline.
+        let left = Duration::from_secs(deadline.saturating_sub(waited) + 1);
+        Ok(Action::requeue(DEPLOY_POLL.min(left)))
     }
 
     /// When the deploy's clock started, and how many seconds it may take: the App's rollout
@@ -377,7 +382,7 @@ impl Pipeline<'_> {
                 if !self.ctx.config.builds.relay_logs {
                     self.delete_job(&jobs_api, &name).await;
                 }
-                Ok(Action::requeue(POLL))
+                self.advanced()
             }
             JobOutcome::Failed { reason, message } => {
                 let said = self.release_command_output(&name).await.unwrap_or(message);
