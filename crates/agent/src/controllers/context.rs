@@ -367,7 +367,10 @@ mod tests {
         assert!(!echoes.take(&meta("a", "6")));
         assert!(!echoes.take(&meta("b", "7")));
         assert!(echoes.take(&meta("a", "7")));
-        assert!(!echoes.take(&meta("a", "7")), "the same event again (a relist) is news");
+        assert!(
+            !echoes.take(&meta("a", "7")),
+            "the same event again (a relist) is news"
+        );
         // A newer write replaces the one expected before it.
         echoes.expect(&meta("a", "8"));
         echoes.expect(&meta("a", "9"));

@@ -81,7 +81,9 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
     let by_install = store.clone();
     let by_chart = store.clone();
     let mut controller = controller
-        .watches_stream(deployments, move |d: Deployment| rollout_ended(&by_deployment, &d))
+        .watches_stream(deployments, move |d: Deployment| {
+            rollout_ended(&by_deployment, &d)
+        })
         .watches_stream(installs, move |job: Job| install_ended(&by_install, &job));
     // Without the kind, a watch would fail and retry without end; deploys poll instead and
     // say what is missing (see `deploy`).
@@ -156,7 +158,9 @@ fn deploying<'s>(
         })
 }
 
-fn wake(builds: impl Iterator<Item = impl std::borrow::Borrow<AppBuild>>) -> Vec<ObjectRef<DeserializeGuard<AppBuild>>> {
+fn wake(
+    builds: impl Iterator<Item = impl std::borrow::Borrow<AppBuild>>,
+) -> Vec<ObjectRef<DeserializeGuard<AppBuild>>> {
     builds
         .map(|build| {
             let build = build.borrow();
@@ -179,14 +183,24 @@ fn rollout_ended(
         deployment.labels().get(APP_LABEL).map(String::as_str),
     )
     .filter(|build| {
-        let image = build.status.as_ref().and_then(|s| s.image.as_deref()).unwrap_or_default();
-        !matches!(rollout(Some(deployment), &build.name_any(), image), Rollout::Progressing)
+        let image = build
+            .status
+            .as_ref()
+            .and_then(|s| s.image.as_deref())
+            .unwrap_or_default();
+        !matches!(
+            rollout(Some(deployment), &build.name_any(), image),
+            Rollout::Progressing
+        )
     });
     wake(ended)
 }
 
 /// The deploying builds whose release the helm-controller's install Job `job` ended on.
-fn install_ended(store: &Store<DeserializeGuard<AppBuild>>, job: &Job) -> Vec<ObjectRef<DeserializeGuard<AppBuild>>> {
+fn install_ended(
+    store: &Store<DeserializeGuard<AppBuild>>,
+    job: &Job,
+) -> Vec<ObjectRef<DeserializeGuard<AppBuild>>> {
     if matches!(job_state::of(job, None), JobState::Running(_)) {
         return Vec::new();
     }
@@ -289,17 +303,13 @@ impl<'a> Pipeline<'a> {
     }
 
     fn into_written(self) -> (Option<AppBuild>, bool) {
-        (
-            self.written.into_inner().unwrap(),
-            self.advance.into_inner(),
-        )
+        (self.written.into_inner().unwrap(), self.advance.into_inner())
     }
 
     /// Ends a step that moved the build on: the next step starts now, from the status just
     /// written (the poll is only for a reconcile that went through [`MAX_STEPS`]).
     fn advanced(&self) -> Result<Action> {
-        self.advance
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.advance.store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(Action::requeue(POLL))
     }
 
@@ -445,7 +455,9 @@ mod tests {
     }
 
     fn names(refs: Vec<ObjectRef<DeserializeGuard<AppBuild>>>) -> Vec<String> {
-        refs.into_iter().map(|r| format!("{}/{}", r.namespace.unwrap_or_default(), r.name)).collect()
+        refs.into_iter()
+            .map(|r| format!("{}/{}", r.namespace.unwrap_or_default(), r.name))
+            .collect()
     }
 
     #[test]
@@ -468,8 +480,14 @@ mod tests {
             .unwrap()
         };
         let store = builds();
-        assert_eq!(names(rollout_ended(&store, &deployment("b1", 1, false))), ["shop/b1"]);
-        assert_eq!(names(rollout_ended(&store, &deployment("b1", 0, true))), ["shop/b1"]);
+        assert_eq!(
+            names(rollout_ended(&store, &deployment("b1", 1, false))),
+            ["shop/b1"]
+        );
+        assert_eq!(
+            names(rollout_ended(&store, &deployment("b1", 0, true))),
+            ["shop/b1"]
+        );
         // On the way, or still the previous build's template: nothing to decide yet.
         assert!(rollout_ended(&store, &deployment("b1", 0, false)).is_empty());
         assert!(rollout_ended(&store, &deployment("b0", 1, false)).is_empty());
@@ -487,8 +505,14 @@ mod tests {
         };
         let store = builds();
         let ours = chart_name("shop", "web");
-        assert_eq!(names(install_ended(&store, &job(&ours, Some("Complete")))), ["shop/b1"]);
-        assert_eq!(names(install_ended(&store, &job(&ours, Some("Failed")))), ["shop/b1"]);
+        assert_eq!(
+            names(install_ended(&store, &job(&ours, Some("Complete")))),
+            ["shop/b1"]
+        );
+        assert_eq!(
+            names(install_ended(&store, &job(&ours, Some("Failed")))),
+            ["shop/b1"]
+        );
         assert!(install_ended(&store, &job(&ours, None)).is_empty());
         assert!(install_ended(&store, &job(&chart_name("shop", "api"), Some("Complete"))).is_empty());
     }
