@@ -1003,12 +1003,14 @@ async fn send_log_chunks(
     }
 }
 
-#[tokio::test]
-async fn logs_are_listed_read_from_an_offset_and_followed_to_their_end() {
+/// A new cluster and the identity an agent enrolled with its token (pinning the hub's CA by the
+/// hash in the install line).
+async fn enrolled_cluster(
+    hub: &HubProcess,
+    client: &mut Client,
+) -> (String, shapeblock_agent::tunnel::Identity) {
     use shapeblock_agent::tunnel::enroll;
-    let hub = HubProcess::start(&[]).await;
-    let mut client = hub.client().await;
-    let (cluster, token) = cluster_with_token(&mut client).await;
+    let (cluster, token) = cluster_with_token(client).await;
     let key = enroll::new_key().unwrap();
     let pin = token
         .install_line
@@ -1019,6 +1021,14 @@ async fn logs_are_listed_read_from_an_offset_and_followed_to_their_end() {
     let identity = enroll::enroll(&hub.agent_url, &token.secret, &pin, &key)
         .await
         .expect("enroll");
+    (cluster, identity)
+}
+
+#[tokio::test]
+async fn logs_are_listed_read_from_an_offset_and_followed_to_their_end() {
+    let hub = HubProcess::start(&[]).await;
+    let mut client = hub.client().await;
+    let (cluster, identity) = enrolled_cluster(&hub, &mut client).await;
     let stream = "shop/web-1/build";
     send_log_chunks(
         &hub,
@@ -1119,7 +1129,6 @@ fn resume_from(status: &Status) -> u64 {
 /// read what is kept, and the hub says which replica answered.
 #[tokio::test]
 async fn retention_prunes_in_the_background_and_a_reader_of_what_went_is_told_where_to_resume() {
-    use shapeblock_agent::tunnel::enroll;
     let hub = HubProcess::start(&[
         "--retention-interval-seconds",
         "1",
@@ -1130,17 +1139,7 @@ async fn retention_prunes_in_the_background_and_a_reader_of_what_went_is_told_wh
     ])
     .await;
     let mut client = hub.client().await;
-    let (cluster, token) = cluster_with_token(&mut client).await;
-    let key = enroll::new_key().unwrap();
-    let pin = token
-        .install_line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("hub.caHash="))
-        .unwrap()
-        .to_string();
-    let identity = enroll::enroll(&hub.agent_url, &token.secret, &pin, &key)
-        .await
-        .expect("enroll");
+    let (cluster, identity) = enrolled_cluster(&hub, &mut client).await;
     // The cluster's first event: its first command queued (one event is under the cap).
     apply(&mut client, &cluster, &project("p0"), "").await.unwrap();
     let first_event = events(&mut client, &cluster, 0).await[0].id;

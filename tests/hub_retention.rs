@@ -10,54 +10,13 @@ use shapeblock_hub::store::{
     FeedEvent, Location, LogChunk, ObjectStatus, Pruned, RETENTION_LOCK, Retention, Store, StoreError, Write,
     feed,
 };
-use shapeblock_testenv::postgres::Postgres;
 
-struct Place {
-    location: Location,
-    _dir: Option<tempfile::TempDir>,
-}
+#[path = "support/backends.rs"]
+mod backends;
+use backends::{Place, on_both};
 
-impl Place {
-    fn sqlite() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        Self {
-            location: Location::Sqlite(dir.path().join("hub.sqlite")),
-            _dir: Some(dir),
-        }
-    }
-
-    async fn postgres() -> Self {
-        let url =
-            tokio::task::spawn_blocking(|| Postgres::shared().unwrap().database("hub_retention").unwrap())
-                .await
-                .unwrap();
-        Self {
-            location: Location::Postgres { url, pool_size: 4 },
-            _dir: None,
-        }
-    }
-
-    async fn open(&self) -> Store {
-        Store::open(&self.location).await.unwrap()
-    }
-}
-
-/// Each body as two tests, one per backend.
-macro_rules! on_both {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                super::$name(super::Place::sqlite()).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() {
-                super::$name(super::Place::postgres().await).await;
-            }
-        }
-    )*};
-}
+/// Each test's Postgres database name starts with this.
+const DATABASE: &str = "hub_retention";
 
 on_both!(
     events_older_than_the_age_go_as_a_prefix_and_a_cursor_before_it_is_told_where_to_resume,
@@ -475,7 +434,7 @@ async fn a_cluster_over_its_log_cap_loses_its_oldest_bytes_and_a_live_stream_kee
 /// let go after each (a later pass runs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_never_prune_at_once_and_nothing_is_deleted_twice() {
-    let place = Place::postgres().await;
+    let place = Place::postgres(DATABASE).await;
     let Location::Postgres { url, .. } = &place.location else {
         unreachable!()
     };

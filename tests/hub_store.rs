@@ -15,52 +15,12 @@ use shapeblock_proto::v1::server_message::Body as Down;
 use shapeblock_proto::v1::{Hello, Inventory, ServerMessage, SetConfig};
 use shapeblock_testenv::postgres::Postgres;
 
-/// Where a test's store lives; `fresh` opens another store at the same place.
-struct Place {
-    location: Location,
-    _dir: Option<tempfile::TempDir>,
-}
+#[path = "support/backends.rs"]
+mod backends;
+use backends::{Place, on_both};
 
-impl Place {
-    fn sqlite() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        Self {
-            location: Location::Sqlite(dir.path().join("hub.sqlite")),
-            _dir: Some(dir),
-        }
-    }
-
-    async fn postgres() -> Self {
-        let url = tokio::task::spawn_blocking(|| Postgres::shared().unwrap().database("hub_store").unwrap())
-            .await
-            .unwrap();
-        Self {
-            location: Location::Postgres { url, pool_size: 4 },
-            _dir: None,
-        }
-    }
-
-    async fn open(&self) -> Store {
-        Store::open(&self.location).await.unwrap()
-    }
-}
-
-/// Each body as two tests, one per backend.
-macro_rules! on_both {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                super::$name(super::Place::sqlite()).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() {
-                super::$name(super::Place::postgres().await).await;
-            }
-        }
-    )*};
-}
+/// Each test's Postgres database name starts with this.
+const DATABASE: &str = "hub_store";
 
 on_both!(
     a_store_keeps_its_id_across_opens_and_a_new_one_has_another,
@@ -122,7 +82,7 @@ async fn a_store_keeps_its_id_across_opens_and_a_new_one_has_another(place: Plac
     );
     let other = match &place.location {
         Location::Sqlite(_) => Place::sqlite(),
-        Location::Postgres { .. } => Place::postgres().await,
+        Location::Postgres { .. } => Place::postgres(DATABASE).await,
     };
     assert_ne!(
         other.open().await.id().await.unwrap(),
