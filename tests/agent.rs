@@ -16,7 +16,7 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 use shapeblock_agent::api::{App, AppPhase, Project, ProjectPhase, Team, TeamPhase};
 
-use support::{events_for, eventually, unique_name};
+use support::{events_for, eventually, unique_name, wait_event};
 
 use support::agent::*;
 
@@ -110,11 +110,10 @@ async fn a_project_gets_its_namespace_pull_secret_quota_and_defaults() {
             .then_some(())
     })
     .await;
-    let events = events_for(&env.client, "default", &name).await;
-    assert!(
-        events.iter().any(|e| e.reason.as_deref() == Some("Ready")),
-        "a Ready event: {events:?}"
-    );
+    wait_event(&env.client, "default", &name, |e| {
+        e.reason.as_deref() == Some("Ready")
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -200,12 +199,10 @@ async fn a_foreign_namespace_is_refused_and_never_deleted() {
         "{}",
         ready.message
     );
-    let events = events_for(&env.client, "default", &name).await;
-    assert!(
-        events.iter().any(
-            |e| e.reason.as_deref() == Some("NamespaceConflict") && e.type_.as_deref() == Some("Warning")
-        )
-    );
+    wait_event(&env.client, "default", &name, |e| {
+        e.reason.as_deref() == Some("NamespaceConflict") && e.type_.as_deref() == Some("Warning")
+    })
+    .await;
     let labels = Api::<Namespace>::all(env.client.clone())
         .get(&name)
         .await
@@ -248,11 +245,10 @@ async fn an_invalid_app_gets_a_condition_and_an_event_and_no_hot_loop() {
     let ready = condition(&app.status.as_ref().unwrap().conditions, "Ready").clone();
     assert_eq!(ready.reason, "InvalidSpec");
     assert!(ready.message.contains("link-local"), "{}", ready.message);
-    let events = events_for(&env.client, &project, "meta").await;
-    assert!(
-        events.iter().any(|e| e.reason.as_deref() == Some("InvalidSpec")),
-        "{events:?}"
-    );
+    wait_event(&env.client, &project, "meta", |e| {
+        e.reason.as_deref() == Some("InvalidSpec")
+    })
+    .await;
 
     tokio::time::sleep(Duration::from_secs(30)).await;
     let key = format!("object={project}/meta");
@@ -626,12 +622,10 @@ async fn an_undecodable_object_does_not_stall_the_others() {
         status["message"].as_str().unwrap().contains("nixpacks"),
         "{status}"
     );
-    let events = events_for(&env.client, &project, "future").await;
-    assert!(
-        events
-            .iter()
-            .any(|e| e.reason.as_deref() == Some("InvalidObject"))
-    );
+    wait_event(&env.client, &project, "future", |e| {
+        e.reason.as_deref() == Some("InvalidObject")
+    })
+    .await;
 
     dynamic.delete("future", &DeleteParams::default()).await.unwrap();
     let mut restored = original.clone();

@@ -18,7 +18,7 @@ use serde_json::json;
 use shapeblock_agent::api::{App, AppBuild, AppBuildPhase, AppPhase, BackingService, BackingServicePhase};
 use shapeblock_agent::controllers::deploy::{chart_name, service_chart_name};
 use support::agent::*;
-use support::{events_for, eventually, wait_event};
+use support::{eventually, wait_event};
 
 /// Generous: 2 shared cores run the whole simulated cluster and one helm process per install.
 const INSTALL_TIMEOUT: Duration = Duration::from_secs(240);
@@ -230,11 +230,10 @@ async fn every_catalog_entry_installs_with_real_helm_rolls_out_and_turns_ready_w
             .await
             .unwrap();
         assert_eq!(claim.status.unwrap().phase.as_deref(), Some("Bound"));
-        let events = events_for(&env.client, &project, &name).await;
-        assert!(
-            events.iter().any(|e| e.reason.as_deref() == Some("Ready")),
-            "{kind}"
-        );
+        wait_event(&env.client, &project, &name, |e| {
+            e.reason.as_deref() == Some("Ready")
+        })
+        .await;
     }
     for (kind, elapsed) in &ready_after {
         eprintln!(
@@ -425,12 +424,10 @@ async fn binding_puts_secret_key_refs_into_the_running_release_and_redeploys_whe
         .unwrap();
     assert_eq!(bound.status, "False");
     assert!(bound.message.contains("ghost"), "{}", bound.message);
-    let events = events_for(&env.client, &project, "web").await;
-    assert!(
-        events
-            .iter()
-            .any(|e| e.reason.as_deref() == Some("BindingsChanged"))
-    );
+    wait_event(&env.client, &project, "web", |e| {
+        e.reason.as_deref() == Some("BindingsChanged")
+    })
+    .await;
     let values = values_content(&env.client, &chart_name(&project, "web")).await;
     assert!(
         !values.contains("GHOST_"),
@@ -592,11 +589,10 @@ async fn deletion_policy_delete_removes_the_data_and_retain_keeps_and_reattaches
         .await
         .unwrap();
     assert!(secret.owner_references().is_empty());
-    let events = events_for(&env.client, &project, "kept").await;
-    let retained = events
-        .iter()
-        .find(|e| e.reason.as_deref() == Some("Retained"))
-        .expect("a Retained event");
+    let retained = wait_event(&env.client, &project, "kept", |e| {
+        e.reason.as_deref() == Some("Retained")
+    })
+    .await;
     assert!(retained.note.as_deref().unwrap().contains("data-kept-redis-0"));
     // A new service of the same name reattaches the data with the same credentials.
     backing_service(&env.client, &project, "kept", json!({"type": "redis"})).await;
