@@ -160,6 +160,7 @@ async fn postgres_from_a_secret_renders_and_applies_and_the_url_stays_in_the_sec
         "networkPolicy.enabled=true",
         "replicas=3",
         "hub.replicaHeartbeatMs=1000",
+        "hub.replicaDeadAfterMs=20000",
         "retention.eventsDays=0",
         "retention.logsDays=7",
         "retention.logBytesPerCluster=512MiB",
@@ -198,6 +199,7 @@ async fn postgres_from_a_secret_renders_and_applies_and_the_url_stays_in_the_sec
     for flag in [
         "--health-addr=0.0.0.0:7445",
         "--replica-heartbeat-ms=1000",
+        "--replica-dead-after-ms=20000",
         "--database-pool=8",
         "--name=hub.example.com",
         "--app-log-followers=4",

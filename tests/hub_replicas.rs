@@ -29,8 +29,10 @@ use support::{eventually, unique_name};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 const TIMEOUT: Duration = Duration::from_secs(45);
-/// The replicas' heartbeat in these tests: dead after 3 beats, 1.5 s.
+/// The replicas' heartbeat in these tests ...
 const REPLICA_HEARTBEAT_MS: u64 = 500;
+/// ... and their dead-after: 3 beats.
+const REPLICA_DEAD_AFTER_MS: u64 = 1500;
 
 fn provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -140,6 +142,8 @@ async fn start_replica(database: &str, ca_dir: &Path) -> Replica {
             "2",
             "--replica-heartbeat-ms",
             &REPLICA_HEARTBEAT_MS.to_string(),
+            "--replica-dead-after-ms",
+            &REPLICA_DEAD_AFTER_MS.to_string(),
         ])
         .env("RUST_LOG", "info")
         .stdout(log.try_clone().unwrap())

@@ -25,6 +25,7 @@ const DATABASE: &str = "hub_store";
 on_both!(
     a_store_keeps_its_id_across_opens_and_a_new_one_has_another,
     a_message_is_recorded_once_and_never_for_an_old_epoch,
+    a_batch_records_its_new_messages_once_and_nothing_for_an_old_epoch,
     a_log_reads_from_any_offset_jumps_a_gap_after_its_marker_and_says_where_it_ends,
     commands_are_queued_once_per_idempotency_key_delivered_and_answered,
     a_token_binds_one_key_and_only_an_unused_one_is_revoked,
@@ -155,6 +156,70 @@ async fn a_message_is_recorded_once_and_never_for_an_old_epoch(place: Place) {
     assert!(
         store.record("c", new, 3, &[]).await.unwrap(),
         "seq 3 is still to come"
+    );
+}
+
+async fn a_batch_records_its_new_messages_once_and_nothing_for_an_old_epoch(place: Place) {
+    let store = place.open().await;
+    let (old, _) = store.begin_session("c", &hello("1.0.0")).await.unwrap();
+    let chunk = |offset: u64, data: &str| {
+        vec![Write::Log(LogChunk {
+            stream: "ns/b/build".into(),
+            offset,
+            data: data.as_bytes().to_vec(),
+            truncated: false,
+            eof: false,
+            kind: "AppBuild".into(),
+        })]
+    };
+    let (a, b, c, d) = (
+        chunk(0, "one "),
+        chunk(4, "two "),
+        chunk(8, "three "),
+        chunk(14, "four"),
+    );
+    assert_eq!(
+        store.record_batch("c", old, &[(1, &a), (2, &b)]).await.unwrap(),
+        Recorded::New
+    );
+    // A resend of 2 with what follows it: 2 is skipped, 3 recorded.
+    assert_eq!(
+        store
+            .record_batch("c", old, &[(2, &chunk(4, "TWO ")), (3, &c)])
+            .await
+            .unwrap(),
+        Recorded::New
+    );
+    assert_eq!(
+        store.record_batch("c", old, &[(1, &a), (3, &c)]).await.unwrap(),
+        Recorded::Duplicate,
+        "all resends"
+    );
+    assert_eq!(store.cluster("c").await.unwrap().unwrap().last_agent_seq, 3);
+    let (new, last) = store.begin_session("c", &hello("1.0.1")).await.unwrap();
+    assert_eq!(last, 3);
+    assert_eq!(
+        store.record_batch("c", old, &[(4, &d), (5, &d)]).await.unwrap(),
+        Recorded::Fenced,
+        "the old session's batch"
+    );
+    assert_eq!(store.log("c", "ns/b/build").await.unwrap().0, b"one two three ");
+    // A batch whose second write fails is not recorded at all (seq 4 stays to come).
+    let failing = vec![event("phase", "x", "1"), event("phase", "x", "2")];
+    assert!(
+        store
+            .record_batch("c", new, &[(4, &d), (5, &failing)])
+            .await
+            .is_err()
+    );
+    assert_eq!(store.cluster("c").await.unwrap().unwrap().last_agent_seq, 3);
+    assert_eq!(
+        store.record_batch("c", new, &[(4, &d)]).await.unwrap(),
+        Recorded::New
+    );
+    assert_eq!(
+        store.log("c", "ns/b/build").await.unwrap().0,
+        b"one two three four"
     );
 }
 
@@ -309,6 +374,20 @@ async fn commands_are_queued_once_per_idempotency_key_delivered_and_answered(pla
     assert_eq!(kept.set["TOKEN"], "", "a done set-config keeps the names only");
     assert_eq!(seqs(store.pending_commands("c", 0, 32).await.unwrap()), [2, 3]);
     assert!(store.command("c", 9).await.unwrap().is_none());
+    // Which sessions to wake, for every cluster at once: only those with a command not done.
+    store.add_command("d", b"one").await.unwrap();
+    let (epoch_d, _) = store.begin_session("d", &Default::default()).await.unwrap();
+    let wanted = ["c".to_string(), "d".into(), "none".into()];
+    let mut pending = store.with_pending_commands(&wanted).await.unwrap();
+    pending.sort();
+    assert_eq!(pending, ["c", "d"]);
+    let answer = Write::Result {
+        command_seq: 1,
+        ok: false,
+        message: "no".into(),
+    };
+    assert!(store.record("d", epoch_d, 1, &[answer]).await.unwrap());
+    assert_eq!(store.with_pending_commands(&wanted).await.unwrap(), ["c"]);
     let queued_events: Vec<(u64, String)> = store
         .feed_after(Some("c"), 0, 100)
         .await
@@ -437,9 +516,15 @@ async fn a_revoked_cluster_refuses_its_certificates_until_it_enrolls_again(place
 async fn a_session_keeps_what_the_agent_said_and_ends_only_its_own_epoch(place: Place) {
     let store = place.open().await;
     let (first, _) = store.begin_session("c", &hello("1.2.3")).await.unwrap();
-    store.set_clock_skew("c", -250).await.unwrap();
     store.set_session_certificate("c", 4242).await.unwrap();
-    store.touch("c").await.unwrap();
+    // Seen in one batch with a cluster the store does not know (nothing is made of it).
+    store
+        .seen(&[("c".into(), Some(-250)), ("unknown".into(), Some(1))])
+        .await
+        .unwrap();
+    assert!(store.cluster("unknown").await.unwrap().is_none());
+    // Seen again without a heartbeat's measurement: the last skew stays.
+    store.seen(&[("c".into(), None)]).await.unwrap();
     let row = store.cluster("c").await.unwrap().unwrap();
     assert_eq!(row.agent_version.as_deref(), Some("1.2.3"));
     assert_eq!(row.capabilities[0], "apply");
@@ -804,9 +889,9 @@ async fn a_postgres_schema_is_versioned_and_one_newer_than_the_hub_is_refused() 
             .psql(&url, "SELECT version FROM schema_migrations ORDER BY version")
             .unwrap()
     };
-    assert_eq!(versions(server), "1\n2\n3");
+    assert_eq!(versions(server), "1\n2\n3\n4");
     assert_eq!(Store::open(&location).await.unwrap().id().await.unwrap(), id);
-    assert_eq!(versions(server), "1\n2\n3", "nothing applied twice");
+    assert_eq!(versions(server), "1\n2\n3\n4", "nothing applied twice");
     server
         .psql(
             &url,

@@ -82,10 +82,13 @@ enum Command {
         #[arg(long, default_value_t = hub::store::DEFAULT_POOL_SIZE)]
         database_pool: usize,
         /// With --database-url this hub is one of possibly several replicas: it refreshes
-        /// its heartbeat row this often, and one silent for 3 beats is declared dead and the
-        /// clusters it held handed on.
+        /// its heartbeat row this often ...
         #[arg(long, default_value_t = hub::replicas::DEFAULT_HEARTBEAT.as_millis() as u64)]
         replica_heartbeat_ms: u64,
+        /// ... and a replica whose row is older than this (at least 2 beats) is declared dead
+        /// and only the clusters it held are handed on.
+        #[arg(long, default_value_t = hub::replicas::DEFAULT_DEAD_AFTER.as_millis() as u64)]
+        replica_dead_after_ms: u64,
         /// Serve `/livez` and `/readyz` (plain HTTP) here: ready while the database takes
         /// this replica's heartbeat and its LISTEN connection is up; live while it answers.
         #[arg(long, env = "SHAPEBLOCK_HUB_HEALTH_ADDR")]
@@ -389,6 +392,7 @@ impl Cli {
                 app_log_followers,
                 database_pool,
                 replica_heartbeat_ms,
+                replica_dead_after_ms,
                 health_addr,
                 retain_events_days,
                 retain_events_per_cluster,
@@ -412,6 +416,7 @@ impl Cli {
                         database_url: self.database_url,
                         database_pool,
                         replica_heartbeat: Duration::from_millis(replica_heartbeat_ms.max(50)),
+                        replica_dead_after: Duration::from_millis(replica_dead_after_ms),
                         health_listen: health_addr,
                         retention: hub::store::Retention::from_flags(
                             retain_events_days,

@@ -18,6 +18,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use prost::Message;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -29,9 +30,9 @@ use shapeblock_proto::v1::agent_message::Body as Up;
 use shapeblock_proto::v1::agent_tunnel_server::{AgentTunnel, AgentTunnelServer};
 use shapeblock_proto::v1::server_message::Body as Down;
 use shapeblock_proto::v1::{
-    Ack, AgentMessage, Apply, CancelBuild, Delete, EnrollRequest, EnrollResponse, Heartbeat, HelloAck,
-    ObjectRef, PhaseChange, PruneScope, RenewRequest, ServerMessage, SetConfig, StatusSnapshot, StopAppLogs,
-    Sync,
+    Ack, AgentMessage, AppLogChunk, Apply, CancelBuild, Delete, EnrollRequest, EnrollResponse, Heartbeat,
+    HelloAck, ObjectRef, PhaseChange, PruneScope, RenewRequest, ServerMessage, SetConfig, StatusSnapshot,
+    StopAppLogs, Sync,
 };
 use shapeblock_proto::{self as proto, MAX_MESSAGE_BYTES, ca_hash, hex, now_unix, object_key};
 use store::{FeedEvent, LogChunk, ObjectStatus, Recorded, Store, Write, feed};
@@ -67,9 +68,11 @@ pub struct HubConfig {
     /// Live App log callers the hub serves at once for one cluster (the agent has its own
     /// bound, which this may exceed: then the agent's refusal reaches the caller).
     pub app_log_followers: usize,
-    /// How often a replica (a hub on Postgres) refreshes its heartbeat row; it is declared
-    /// dead after [`replicas::DEAD_AFTER_BEATS`] missed beats.
+    /// How often a replica (a hub on Postgres) refreshes its heartbeat row ...
     pub replica_heartbeat: Duration,
+    /// ... and how old that row may grow before the replica is declared dead (at least
+    /// [`replicas::MIN_DEAD_AFTER_BEATS`] beats).
+    pub replica_dead_after: Duration,
     /// `/livez` and `/readyz` over plain HTTP here; `None`: not served.
     pub health_listen: Option<SocketAddr>,
     /// What the store keeps of events and logs ([`store::retention`]) ...
@@ -95,6 +98,7 @@ impl HubConfig {
             watch_stall: api::DEFAULT_WATCH_STALL,
             app_log_followers: api::DEFAULT_APP_LOG_FOLLOWERS,
             replica_heartbeat: replicas::DEFAULT_HEARTBEAT,
+            replica_dead_after: replicas::DEFAULT_DEAD_AFTER,
             health_listen: None,
             retention: store::Retention::defaults(),
             retention_interval: store::retention::DEFAULT_INTERVAL,
@@ -143,6 +147,9 @@ struct Inner {
     ca: pki::Ca,
     sessions: Mutex<HashMap<String, Session>>,
     wake: Mutex<HashMap<String, Arc<Notify>>>,
+    /// Clusters heard from since [`keep_up`] last wrote them, with the clock skew of their
+    /// last heartbeat if one measured it.
+    seen: Mutex<HashMap<String, Option<i64>>>,
     stopping: watch::Sender<bool>,
     /// What agents dial (the default address in install lines).
     agent_url: String,
@@ -207,12 +214,14 @@ impl Inner {
             .cloned()
     }
 
-    /// How often a session looks for commands on its own, the fallback for a wake-up missed:
-    /// on Postgres a notification wakes it, on SQLite [`watch_queued`] does for commands
-    /// the CLI queued from another process. A look per session every 500 ms was 20,000
-    /// queries/s with 10,000 agents, 65 % of a core at rest (`benches/hub_scale.rs`).
-    fn command_poll(&self) -> Duration {
-        Duration::from_secs(5)
+    /// Notes that `cluster`'s agent was heard from (and its clock skew, if a heartbeat
+    /// measured it), for [`keep_up`] to write with the others.
+    fn saw(&self, cluster: &str, skew_ms: Option<i64>) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = seen.entry(cluster.to_string()).or_default();
+        if skew_ms.is_some() {
+            *entry = skew_ms;
+        }
     }
 
     fn wake(&self, cluster: &str) -> Arc<Notify> {
@@ -497,7 +506,10 @@ impl Hub {
         // the store says. On Postgres other replicas may hold sessions; a previous process's
         // are handed on once its heartbeat is stale, by whichever replica notices.
         let replica = if store.replicated() {
-            Some(replicas::Replica::new(config.replica_heartbeat)?)
+            Some(replicas::Replica::new(
+                config.replica_heartbeat,
+                config.replica_dead_after,
+            )?)
         } else {
             store.mark_disconnected_all().await?;
             None
@@ -551,6 +563,7 @@ impl Hub {
             store_id,
             sessions: Mutex::default(),
             wake: Mutex::default(),
+            seen: Mutex::default(),
             stopping,
             config: config.clone(),
             ca,
@@ -563,6 +576,7 @@ impl Hub {
         if inner.replica.is_none() {
             tokio::spawn(watch_queued(inner.clone()));
         }
+        tokio::spawn(keep_up(inner.clone()));
         start_retention(&inner);
         let health = health_listener.map(|listener| {
             let addr = listener.local_addr().ok();
@@ -712,6 +726,60 @@ impl Hub {
 
 /// How often a hub on SQLite reads what was queued since it last looked.
 const QUEUED_POLL: Duration = Duration::from_millis(500);
+
+/// How often the hub looks for commands its sessions may have missed a wake-up for (a
+/// replica's notification lost while its LISTEN connection was down, a wake-up raced): one
+/// query for all its sessions. A look per session every 500 ms was 20,000 queries/s with
+/// 10,000 agents, 65 % of a core at rest; every 5 s it was still 2,000 (`benches/hub_scale.rs`).
+const COMMAND_POLL: Duration = Duration::from_secs(5);
+
+/// What the hub does for all its sessions at once rather than each on its own: writes who was
+/// heard from (every heartbeat), and wakes the sessions with commands not done (the fallback
+/// for a missed wake-up, every [`COMMAND_POLL`]). Per session, both were a statement per agent
+/// per interval: the database's whole load at rest with 10,000 agents.
+async fn keep_up(inner: Arc<Inner>) {
+    let mut stopping = inner.stopping.subscribe();
+    let mut beat = tokio::time::interval(inner.config.heartbeat);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut poll = tokio::time::interval(COMMAND_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = beat.tick() => {
+                let seen: Vec<(String, Option<i64>)> =
+                    std::mem::take(&mut *inner.seen.lock().unwrap_or_else(|e| e.into_inner()))
+                        .into_iter()
+                        .collect();
+                if let Err(e) = inner.store.seen(&seen).await {
+                    tracing::warn!(%e, clusters = seen.len(), "writing when agents were last seen");
+                }
+            }
+            _ = poll.tick() => wake_pending(&inner).await,
+            _ = stopping.changed() => return,
+        }
+    }
+}
+
+/// Wakes the senders of this hub's sessions that have commands not done.
+pub(crate) async fn wake_pending(inner: &Inner) {
+    let held: Vec<String> = inner
+        .sessions
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .keys()
+        .cloned()
+        .collect();
+    match inner.store.with_pending_commands(&held).await {
+        Ok(pending) => {
+            for cluster in pending {
+                if let Some(wake) = inner.held_wake(&cluster) {
+                    wake.notify_one();
+                }
+            }
+        }
+        Err(e) => tracing::warn!(%e, "looking for commands sessions may have missed"),
+    }
+}
 
 /// On SQLite the CLI queues commands from another process, and nothing tells this one: it
 /// reads the feed's `queued` entries every [`QUEUED_POLL`] and wakes the sessions of those
@@ -974,6 +1042,18 @@ impl Service {
 
 use rustls::pki_types::pem::PemObject;
 
+/// Hands a live App log chunk to the caller waiting for it; one nobody here waits for (its
+/// caller went, or a stop was lost) is stopped again. At most one stop per chunk, and the
+/// agent's budget bounds the chunks.
+fn relay_app_log(inner: &Inner, cluster: &str, epoch: u64, chunk: AppLogChunk) {
+    let stall = (inner.config.watch_stall, Instant::now());
+    if let Some(id) = inner.app_logs.relay(cluster, epoch, chunk, stall)
+        && let Some(stopper) = inner.control(cluster, epoch)
+    {
+        let _ = stopper.try_send(Down::StopAppLogs(StopAppLogs { id }));
+    }
+}
+
 fn internal(e: impl std::fmt::Display) -> Status {
     tracing::error!(%e, "hub store failed");
     Status::internal("hub store failed; see the hub's log")
@@ -992,14 +1072,12 @@ async fn session(
     let mut stopping = inner.stopping.subscribe();
     let heartbeat = inner.config.heartbeat;
     let mut beat = tokio::time::interval(heartbeat);
-    // Commands are also polled, slowly: the fallback for a wake-up missed (a command the CLI
-    // queued is seen by `watch_queued` on SQLite and notified on Postgres, and a replica's
-    // notification may be missed while its LISTEN connection is down).
-    let mut poll = tokio::time::interval(inner.command_poll());
+    // Woken for commands only: on Postgres by a notification, on SQLite by `watch_queued`
+    // for commands the CLI queued, and on both by `keep_up`'s look for what a wake-up missed.
     let mut last_heard = Instant::now();
     let mut sent_upto = 0u64;
     let mut pending_ack: Option<ServerMessage> = None;
-    // Whether commands may be waiting: at the start, on a wake-up or a poll, and while the
+    // Whether commands may be waiting: at the start, on a wake-up, and while the
     // last look found more than the outbound queue took. Not on every message from the agent:
     // a look per heartbeat was a query per agent per heartbeat for nothing.
     let mut look = true;
@@ -1020,31 +1098,47 @@ async fn session(
             message = inbound.message() => match message {
                 Ok(Some(AgentMessage { body: Some(Up::AppLog(chunk)), .. })) => {
                     last_heard = Instant::now();
-                    // A chunk nobody here waits for (its caller went, or a stop was lost):
-                    // stop it again. At most one stop per chunk, and the agent's budget
-                    // bounds the chunks.
-                    let stall = (inner.config.watch_stall, Instant::now());
-                    if let Some(id) = inner.app_logs.relay(&cluster, epoch, chunk, stall)
-                        && let Some(stopper) = inner.control(&cluster, epoch)
-                    {
-                        let _ = stopper.try_send(Down::StopAppLogs(StopAppLogs { id }));
-                    }
+                    relay_app_log(&inner, &cluster, epoch, chunk);
                 }
                 Ok(Some(message)) => {
                     last_heard = Instant::now();
-                    match handle(&inner, &cluster, epoch, message).await {
+                    // Log chunks that have already arrived behind this one are recorded with
+                    // it, up to the first message of another kind (included); the stream's
+                    // end, if it came among them, is seen after they are recorded.
+                    let mut messages = vec![message];
+                    let mut ended = None;
+                    while messages.len() < LOG_BATCH && messages.last().is_some_and(batches) {
+                        match inbound.message().now_or_never() {
+                            Some(Ok(Some(AgentMessage { body: Some(Up::AppLog(chunk)), .. }))) => {
+                                relay_app_log(&inner, &cluster, epoch, chunk);
+                            }
+                            Some(Ok(Some(next))) => messages.push(next),
+                            Some(Ok(None)) => {
+                                ended = Some(Status::cancelled("agent closed the stream"));
+                                break;
+                            }
+                            Some(Err(status)) => {
+                                ended = Some(status);
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                    match handle(&inner, &cluster, epoch, messages).await {
                         // Acks are cumulative: never wait to send one (waiting could deadlock
                         // with an agent that waits for us to read); keep the latest instead.
                         Ok(Some(reply)) => pending_ack = Some(reply),
                         Ok(None) => {}
                         Err(status) => break status,
                     }
+                    if let Some(status) = ended {
+                        break status;
+                    }
                 }
                 Ok(None) => break Status::cancelled("agent closed the stream"),
                 Err(status) => break status,
             },
             _ = wake.notified() => look = true,
-            _ = poll.tick() => look = true,
             // The permit goes back at once: the room is taken below.
             Ok(_room) = tx.reserve(), if full => full = false,
             _ = beat.tick() => {
@@ -1054,7 +1148,7 @@ async fn session(
                 }
                 let hb = ServerMessage { seq: 0, body: Some(Down::Heartbeat(Heartbeat { sent_at_ms: now_ms() })) };
                 if tx.try_send(Ok(hb)).is_err() { /* full: the stream is busy, which is liveness enough */ }
-                if let Err(e) = inner.store.touch(&cluster).await { tracing::warn!(%e, "touch"); }
+                inner.saw(&cluster, None);
             }
         }
         if let Some(ack) = pending_ack.take()
@@ -1261,24 +1355,81 @@ fn writes_of(
     Ok(writes)
 }
 
-/// Records one agent message; the reply (an ack) if any. An error ends the session.
+/// Most log chunks recorded in one transaction (32 KiB each at most: 2 MiB).
+const LOG_BATCH: usize = 64;
+
+/// Whether `message` is one that may be recorded together with others that arrived with it:
+/// a log chunk. Not a phase change or snapshot: each of those is compared with what the
+/// previous one recorded.
+fn batches(message: &AgentMessage) -> bool {
+    matches!(message.body, Some(Up::Log(_)))
+}
+
+/// Records agent messages (one, or several log chunks that arrived together, in one
+/// transaction); the reply (an ack of the last) if any. An error ends the session, after what
+/// came before the message it is about was recorded.
 async fn handle(
     inner: &Inner,
     cluster: &str,
     epoch: u64,
-    message: AgentMessage,
+    messages: Vec<AgentMessage>,
 ) -> Result<Option<ServerMessage>, Status> {
+    let mut batch = Vec::with_capacity(messages.len());
+    let mut refused = None;
+    for message in messages {
+        match prepare(inner, cluster, epoch, message).await {
+            Ok(Some(sequenced)) => batch.push(sequenced),
+            Ok(None) => {}
+            Err(status) => {
+                refused = Some(status);
+                break;
+            }
+        }
+    }
+    if !batch.is_empty() {
+        let messages: Vec<(u64, &[Write])> = batch
+            .iter()
+            .map(|(seq, writes)| (*seq, writes.as_slice()))
+            .collect();
+        let recorded = inner
+            .store
+            .record_batch(cluster, epoch, &messages)
+            .await
+            .map_err(|e| match e {
+                store::StoreError::Invalid(m) => Status::invalid_argument(m),
+                other => internal(other),
+            })?;
+        if recorded == Recorded::Fenced {
+            // A stale session's message (a newer session began, here or on another replica):
+            // dropped unacked, and the session ends.
+            tracing::info!(%cluster, epoch, seq = messages[0].0, "a fenced session's message was refused");
+            return Err(Status::aborted("superseded by a newer session of this cluster"));
+        }
+    }
+    if let Some(status) = refused {
+        return Err(status);
+    }
+    Ok(batch.last().map(|(seq, _)| ServerMessage {
+        seq: 0,
+        body: Some(Down::Ack(Ack { seq: *seq })),
+    }))
+}
+
+/// Checks one agent message and deals with it if it is not sequenced; a sequenced one's seq
+/// and the writes recording it will make.
+async fn prepare(
+    inner: &Inner,
+    cluster: &str,
+    epoch: u64,
+    message: AgentMessage,
+) -> Result<Option<(u64, Vec<Write>)>, Status> {
     let seq = message.seq;
     let Some(body) = message.body else {
         return Err(Status::invalid_argument("message without a body"));
     };
     match &body {
         Up::Heartbeat(Heartbeat { sent_at_ms }) => {
-            if *sent_at_ms > 0
-                && let Err(e) = inner.store.set_clock_skew(cluster, now_ms() - sent_at_ms).await
-            {
-                tracing::warn!(%e, "clock skew");
-            }
+            inner.saw(cluster, (*sent_at_ms > 0).then(|| now_ms() - sent_at_ms));
             return Ok(None);
         }
         Up::Inventory(inventory) => {
@@ -1322,23 +1473,7 @@ async fn handle(
         store::StoreError::Invalid(m) => Status::invalid_argument(m),
         other => internal(other),
     })?;
-    let recorded = store
-        .record_outcome(cluster, epoch, seq, &writes)
-        .await
-        .map_err(|e| match e {
-            store::StoreError::Invalid(m) => Status::invalid_argument(m),
-            other => internal(other),
-        })?;
-    if recorded == Recorded::Fenced {
-        // A stale session's message (a newer session began, here or on another replica):
-        // dropped unacked, and the session ends.
-        tracing::info!(%cluster, epoch, seq, "a fenced session's message was refused");
-        return Err(Status::aborted("superseded by a newer session of this cluster"));
-    }
-    Ok(Some(ServerMessage {
-        seq: 0,
-        body: Some(Down::Ack(Ack { seq })),
-    }))
+    Ok(Some((seq, writes)))
 }
 
 #[cfg(test)]
@@ -1521,6 +1656,7 @@ mod fuzz {
                 },
             )])),
             wake: Mutex::default(),
+            seen: Mutex::default(),
             stopping,
             agent_url: "https://127.0.0.1:7443".into(),
             streams: api::Streams::default(),
@@ -1542,7 +1678,7 @@ mod fuzz {
 
     fn deliver(message: AgentMessage) -> Result<(), Status> {
         let f = &*FIXTURE;
-        block_on(handle(&f.inner, CLUSTER, f.epoch, message)).map(drop)
+        block_on(handle(&f.inner, CLUSTER, f.epoch, vec![message])).map(drop)
     }
 
     fn clean(outcome: Result<(), Status>) -> Result<(), TestCaseError> {

@@ -4,8 +4,9 @@
 //! ([`crate::store::notify`]), never through a connection between replicas; slow polls
 //! are only the fallback for notifications missed while the LISTEN connection was down.
 //!
-//! A replica whose heartbeat is older than [`DEAD_AFTER_BEATS`] beats is declared dead by
-//! whichever live replica notices first, and only the clusters it held are handed on. A
+//! A replica whose heartbeat is older than its dead-after ([`DEFAULT_DEAD_AFTER`], never
+//! under [`MIN_DEAD_AFTER_BEATS`] beats) is declared dead by whichever live replica notices
+//! first, and only the clusters it held are handed on. A
 //! replica that finds its own row gone (it was stalled that long) ends its sessions: they
 //! were handed on, and their writes are refused anyway.
 //!
@@ -24,10 +25,15 @@ use tokio::sync::{mpsc, watch};
 use crate::store::notify::{self, Notice};
 use crate::{Close, HubError, Inner};
 
-/// A replica is dead once its heartbeat is this many beats old.
-pub const DEAD_AFTER_BEATS: u32 = 3;
 /// The default heartbeat of a replica's row.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(2);
+/// A replica is dead once its heartbeat is this old. Generous against the beat because a
+/// false death costs a reconnect of every agent the replica held, while a real one costs
+/// only this long before they are handed on (their agents usually reconnect sooner anyway:
+/// the load balancer sees the replica's port close).
+pub const DEFAULT_DEAD_AFTER: Duration = Duration::from_secs(15);
+/// ... and never less than this many beats, so one slow heartbeat write is not a death.
+pub const MIN_DEAD_AFTER_BEATS: u32 = 2;
 /// Every this many beats a replica compares its sessions with the database (a newer epoch
 /// or a revocation whose notification it missed) and wakes its senders and watchers.
 const RESYNC_BEATS: u32 = 5;
@@ -36,6 +42,7 @@ const RESYNC_BEATS: u32 = 5;
 pub(crate) struct Replica {
     pub(crate) id: String,
     heartbeat: Duration,
+    dead_after: Duration,
     /// The last heartbeat reached the database.
     database: AtomicBool,
     /// The LISTEN connection is listening.
@@ -43,20 +50,21 @@ pub(crate) struct Replica {
 }
 
 impl Replica {
-    pub(crate) fn new(heartbeat: Duration) -> Result<Self, HubError> {
+    pub(crate) fn new(heartbeat: Duration, dead_after: Duration) -> Result<Self, HubError> {
         let mut id = [0u8; 8];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
             .map_err(|_| HubError::Invalid("no system randomness".into()))?;
         Ok(Self {
             id: shapeblock_proto::hex(&id),
             heartbeat,
+            dead_after: dead_after.max(heartbeat * MIN_DEAD_AFTER_BEATS),
             database: AtomicBool::new(true),
             listening: watch::channel(false).0,
         })
     }
 
     pub(crate) fn dead_after(&self) -> Duration {
-        self.heartbeat * DEAD_AFTER_BEATS
+        self.dead_after
     }
 }
 
@@ -143,11 +151,7 @@ pub(crate) async fn resync(inner: &Inner) {
         }
         Err(e) => tracing::warn!(%e, "comparing sessions with the database"),
     }
-    for (cluster, _) in &held {
-        if let Some(wake) = inner.held_wake(cluster) {
-            wake.notify_one();
-        }
-    }
+    crate::wake_pending(inner).await;
     inner.store.wake_watchers();
 }
 

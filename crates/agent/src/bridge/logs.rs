@@ -22,7 +22,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::{AsyncReadExt, StreamExt};
+use futures::{AsyncReadExt, FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use kube::api::{Api, DynamicObject, LogParams, Patch, PatchParams};
 use kube::discovery::ApiResource;
@@ -468,7 +468,7 @@ impl Follower<'_> {
         let mut buffer = vec![0u8; CHUNK_BYTES];
         let mut out = Vec::with_capacity(CHUNK_BYTES);
         loop {
-            let read = match stream.read(&mut buffer).await {
+            let mut read = match stream.read(&mut buffer).await {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(err) => {
@@ -476,9 +476,29 @@ impl Follower<'_> {
                     return Ok(false);
                 }
             };
+            // A read returns one HTTP/2 frame or one kubelet write, often a few KiB: take what
+            // has already arrived too, so a backlog travels in full chunks (each chunk is a
+            // message, an ack and a transaction at the hub). Never waits for more: what is
+            // written slowly still goes out as it comes.
+            let mut broke = false;
+            while read < buffer.len() {
+                match stream.read(&mut buffer[read..]).now_or_never() {
+                    Some(Ok(n)) if n > 0 => read += n,
+                    // The end (seen again by the next read) or nothing ready yet.
+                    Some(Ok(_)) | None => break,
+                    Some(Err(err)) => {
+                        tracing::debug!(pod = %self.pod, container = %self.chunk.container, %err, "log stream broke");
+                        broke = true;
+                        break;
+                    }
+                }
+            }
             out.clear();
             scrubber.push(&buffer[..read], &mut out);
             produced = self.send_new(produced, &out).await?;
+            if broke {
+                return Ok(false);
+            }
         }
         // The stream ended: complete only if the container has stopped (its last lines were
         // written before the kubelet closed the stream).

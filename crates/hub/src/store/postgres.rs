@@ -134,6 +134,14 @@ CREATE INDEX events_by_at ON events (at);
 CREATE TABLE feed_pruned (cluster TEXT PRIMARY KEY, through BIGINT NOT NULL);
 "#,
     ),
+    // The commands not yet done, which the replicas' fallback for a missed notification
+    // looks up for all their sessions at once.
+    (
+        4,
+        r#"
+CREATE INDEX commands_pending ON commands (cluster) WHERE NOT done;
+"#,
+    ),
 ];
 
 /// The newest schema version this hub knows.
@@ -710,15 +718,6 @@ impl Postgres {
         Ok(())
     }
 
-    pub(super) async fn set_clock_skew(&self, cluster: &str, skew_ms: i64) -> Result<()> {
-        self.exec(
-            "UPDATE clusters SET clock_skew_ms = $2 WHERE id = $1",
-            &[&cluster, &skew_ms],
-        )
-        .await?;
-        Ok(())
-    }
-
     pub(super) async fn end_session(&self, cluster: &str, epoch: u64, reason: &str) -> Result<()> {
         let mut client = self.client().await?;
         let mut tx = Tx::new(client.transaction().await?);
@@ -872,33 +871,61 @@ impl Postgres {
         Ok(())
     }
 
-    pub(super) async fn touch(&self, cluster: &str) -> Result<()> {
+    pub(super) async fn seen(&self, seen: &[(String, Option<i64>)]) -> Result<()> {
+        let (clusters, skews): (Vec<&str>, Vec<Option<i64>>) =
+            seen.iter().map(|(c, s)| (c.as_str(), *s)).unzip();
         self.exec(
-            "UPDATE clusters SET last_seen = $2 WHERE id = $1",
-            &[&cluster, &now_unix()],
+            "UPDATE clusters SET last_seen = $3, clock_skew_ms = COALESCE(x.skew, clusters.clock_skew_ms)
+             FROM unnest($1::text[], $2::bigint[]) AS x(id, skew) WHERE clusters.id = x.id",
+            &[&clusters, &skews, &now_unix()],
         )
         .await?;
         Ok(())
+    }
+
+    pub(super) async fn with_pending_commands(&self, clusters: &[String]) -> Result<Vec<String>> {
+        let rows = self
+            .rows(
+                "SELECT DISTINCT cluster FROM commands WHERE cluster = ANY($1) AND NOT done",
+                &[&clusters],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
     pub(super) async fn record(
         &self,
         cluster: &str,
         epoch: u64,
-        seq: u64,
-        writes: &[Write],
+        messages: &[(u64, &[Write])],
     ) -> Result<Recorded> {
         let mut client = self.client().await?;
         let mut tx = Tx::new(client.transaction().await?);
-        // First, in one statement: the message's seq is taken if its session is current and
-        // the seq is new. The row stays locked until the commit, so a new session's epoch bump
-        // waits for this transaction (or this one finds the bumped epoch and changes
-        // nothing): a fenced session never records after the new one began.
+        let top = messages.iter().map(|&(seq, _)| seq).max().unwrap_or(0);
+        // Below this the seqs were recorded before: resends, skipped. One message (the common
+        // case) needs no read: the update below refuses it if it is one.
+        let mut last = 0;
+        if messages.len() > 1 {
+            match tx
+                .opt(
+                    "SELECT last_agent_seq FROM clusters WHERE id = $1 AND epoch = $2 FOR UPDATE",
+                    &[&cluster, &big(epoch)],
+                )
+                .await?
+            {
+                Some(row) => last = unbig(row.get(0)),
+                None => return Ok(Recorded::Fenced),
+            }
+        }
+        // The seq is taken if the session is current and the seq new, in one statement. The
+        // row stays locked until the commit, so a new session's epoch bump waits for this
+        // transaction (or this one finds the bumped epoch and changes nothing): a fenced
+        // session never records after the new one began.
         let taken = tx
             .opt(
                 "UPDATE clusters SET last_agent_seq = $3, last_seen = $4
                  WHERE id = $1 AND epoch = $2 AND last_agent_seq < $3 RETURNING 1",
-                &[&cluster, &big(epoch), &big(seq), &now_unix()],
+                &[&cluster, &big(epoch), &big(top), &now_unix()],
             )
             .await?;
         if taken.is_none() {
@@ -913,8 +940,14 @@ impl Postgres {
                 Recorded::Fenced
             });
         }
-        for write in writes {
-            tx.apply(cluster, epoch, seq, write).await?;
+        for &(seq, writes) in messages {
+            if seq <= last {
+                continue;
+            }
+            for write in writes {
+                tx.apply(cluster, epoch, seq, write).await?;
+            }
+            last = seq;
         }
         tx.commit().await?;
         Ok(Recorded::New)

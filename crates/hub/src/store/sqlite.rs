@@ -58,6 +58,7 @@ CREATE TABLE IF NOT EXISTS idempotency (
   PRIMARY KEY (cluster, key));
 CREATE TABLE IF NOT EXISTS feed_pruned (cluster TEXT PRIMARY KEY, through INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS events_by_at ON events (at);
+CREATE INDEX IF NOT EXISTS commands_pending ON commands (cluster) WHERE done = 0;
 ";
 
 /// Indexes on columns [`ADDED_COLUMNS`] may have just added.
@@ -315,17 +316,6 @@ impl Sqlite {
         })
     }
 
-    /// Keeps the clock skew measured from a heartbeat.
-    pub fn set_clock_skew(&self, cluster: &str, skew_ms: i64) -> Result<()> {
-        self.with(|c| {
-            c.execute(
-                "UPDATE clusters SET clock_skew_ms = ?2 WHERE id = ?1",
-                params![cluster, skew_ms],
-            )?;
-            Ok(())
-        })
-    }
-
     /// Ends a session (a `session-down` event with `reason`); marks the cluster
     /// disconnected if it is still the current epoch.
     pub fn end_session(&self, cluster: &str, epoch: u64, reason: &str) -> Result<()> {
@@ -373,20 +363,42 @@ impl Sqlite {
         })
     }
 
-    pub fn touch(&self, cluster: &str) -> Result<()> {
+    pub fn seen(&self, seen: &[(String, Option<i64>)]) -> Result<()> {
         self.with(|c| {
-            c.execute(
-                "UPDATE clusters SET last_seen = ?2 WHERE id = ?1",
-                params![cluster, now_unix()],
-            )?;
+            let tx = c.transaction()?;
+            {
+                let mut update = tx.prepare_cached(
+                    "UPDATE clusters SET last_seen = ?2, clock_skew_ms = COALESCE(?3, clock_skew_ms) WHERE id = ?1",
+                )?;
+                let now = now_unix();
+                for (cluster, skew) in seen {
+                    update.execute(params![cluster, now, skew])?;
+                }
+            }
+            tx.commit()?;
             Ok(())
         })
     }
 
-    pub fn record(&self, cluster: &str, epoch: u64, seq: u64, writes: &[Write]) -> Result<Recorded> {
+    pub fn with_pending_commands(&self, clusters: &[String]) -> Result<Vec<String>> {
+        self.with(|c| {
+            // `done = 0` as the partial index `commands_pending` says it, so SQLite uses it.
+            let mut pending =
+                c.prepare_cached("SELECT 1 FROM commands WHERE cluster = ?1 AND done = 0 LIMIT 1")?;
+            let mut out = Vec::new();
+            for cluster in clusters {
+                if pending.exists(params![cluster])? {
+                    out.push(cluster.clone());
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    pub fn record(&self, cluster: &str, epoch: u64, messages: &[(u64, &[Write])]) -> Result<Recorded> {
         self.with(|c| {
             let tx = c.transaction()?;
-            let (current, last): (u64, u64) = tx.query_row(
+            let (current, mut last): (u64, u64) = tx.query_row(
                 "SELECT epoch, last_agent_seq FROM clusters WHERE id = ?1",
                 params![cluster],
                 |r| Ok((r.get(0)?, r.get(1)?)),
@@ -394,18 +406,25 @@ impl Sqlite {
             if current != epoch {
                 return Ok(Recorded::Fenced);
             }
-            if seq <= last {
-                return Ok(Recorded::Duplicate);
+            let mut recorded = Recorded::Duplicate;
+            for &(seq, writes) in messages {
+                if seq <= last {
+                    continue;
+                }
+                for write in writes {
+                    apply(&tx, cluster, epoch, seq, write)?;
+                }
+                last = seq;
+                recorded = Recorded::New;
             }
-            for write in writes {
-                apply(&tx, cluster, epoch, seq, write)?;
+            if recorded == Recorded::New {
+                tx.execute(
+                    "UPDATE clusters SET last_agent_seq = ?2, last_seen = ?3 WHERE id = ?1",
+                    params![cluster, last, now_unix()],
+                )?;
+                tx.commit()?;
             }
-            tx.execute(
-                "UPDATE clusters SET last_agent_seq = ?2, last_seen = ?3 WHERE id = ?1",
-                params![cluster, seq, now_unix()],
-            )?;
-            tx.commit()?;
-            Ok(Recorded::New)
+            Ok(recorded)
         })
     }
 
@@ -1277,7 +1296,7 @@ mod tests {
             }),
         };
         store.begin_session("old", &hello).unwrap();
-        store.set_clock_skew("old", -250).unwrap();
+        store.seen(&[("old".into(), Some(-250))]).unwrap();
         let row = store.cluster("old").unwrap().unwrap();
         assert_eq!(row.agent_version.as_deref(), Some("1.2.3"));
         assert_eq!(row.capabilities[0], "apply");
