@@ -825,14 +825,18 @@ async fn build_logs_reach_the_hub_once_through_restarts_and_jobs_wait_for_them()
     })
     .await;
     hub.cancel(&cluster, &ns, "api-2").await.unwrap();
-    let (bytes, _, eof) = eventually(TIMEOUT, "the cancelled build's log to end", || async {
+    let (bytes, truncated, eof) = eventually(TIMEOUT, "the cancelled build's log to end", || async {
         let log = hub_log(&hub, &cluster, &format!("{ns}/api-2/build")).await;
         (log.1 || log.2).then_some(log)
     })
     .await
     .0;
     // Its pod stopped and its log was read to that point: complete, not truncated.
-    assert!(eof && bytes == b"building layer 1\n");
+    assert!(
+        eof && !truncated && bytes == b"building layer 1\n",
+        "eof {eof}, truncated {truncated}, {:?}",
+        String::from_utf8_lossy(&bytes)
+    );
     let cancelled = builds.get("api-2").await.unwrap();
     assert_eq!(cancelled.status.unwrap().phase, Some(AppBuildPhase::Cancelled));
 

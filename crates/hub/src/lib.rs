@@ -214,6 +214,16 @@ impl Inner {
             .cloned()
     }
 
+    /// The clusters this process holds a session of now.
+    fn held(&self) -> Vec<String> {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
     /// Notes that `cluster`'s agent was heard from (and its clock skew, if a heartbeat
     /// measured it), for [`keep_up`] to write with the others.
     fn saw(&self, cluster: &str, skew_ms: Option<i64>) {
@@ -762,14 +772,7 @@ async fn keep_up(inner: Arc<Inner>) {
 
 /// Wakes the senders of this hub's sessions that have commands not done.
 pub(crate) async fn wake_pending(inner: &Inner) {
-    let held: Vec<String> = inner
-        .sessions
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .keys()
-        .cloned()
-        .collect();
-    match inner.store.with_pending_commands(&held).await {
+    match inner.store.with_pending_commands(&inner.held()).await {
         Ok(pending) => {
             for cluster in pending {
                 if let Some(wake) = inner.held_wake(&cluster) {

@@ -187,14 +187,7 @@ async fn beat(inner: Arc<Inner>) {
             Ok(Ok(false)) => {
                 // Stalled long enough to be declared dead: what it held is handed on already.
                 tracing::warn!(replica = %replica.id, "this replica was declared dead (its heartbeat stalled): ending its sessions and registering again");
-                let closing: Vec<String> = inner
-                    .sessions
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .keys()
-                    .cloned()
-                    .collect();
-                for cluster in closing {
+                for cluster in inner.held() {
                     inner.close_session(&cluster, Close::Superseded);
                 }
                 let registered = inner.store.register_replica(&replica.id, &inner.agent_url).await;

@@ -47,6 +47,10 @@ const CHANNEL: usize = 8;
 pub const PERSIST_EVERY: Duration = Duration::from_secs(5);
 /// How often a follower looks at its pod while waiting for a container to start.
 const POD_POLL: Duration = Duration::from_secs(1);
+/// After a log stream ends, how many times and how often the container's state is looked at
+/// before the end is taken as early (the kubelet restarted) rather than the container's.
+const STATUS_LAG_LOOKS: u32 = 10;
+const STATUS_LAG_POLL: Duration = Duration::from_millis(200);
 /// Field manager of `status.logs`, apart from the controller's status fields.
 pub const LOG_FIELD_MANAGER: &str = "shapeblock-agent-logs";
 
@@ -501,11 +505,22 @@ impl Follower<'_> {
             }
         }
         // The stream ended: complete only if the container has stopped (its last lines were
-        // written before the kubelet closed the stream).
-        let finished = matches!(
-            self.state().await,
-            State::Readable { finished: true } | State::Gone
-        );
+        // written before the kubelet closed the stream). Its status may say so a moment after
+        // the stream ends: looked at for a while before taking the end as early, or a pod
+        // deleted in that moment (a cancelled build) would be told as truncated.
+        let mut finished = false;
+        for look in 0..STATUS_LAG_LOOKS {
+            if look > 0 {
+                tokio::time::sleep(STATUS_LAG_POLL).await;
+            }
+            if matches!(
+                self.state().await,
+                State::Readable { finished: true } | State::Gone
+            ) {
+                finished = true;
+                break;
+            }
+        }
         if finished {
             out.clear();
             scrubber.finish(&mut out);
