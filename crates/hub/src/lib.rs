@@ -1057,6 +1057,15 @@ fn relay_app_log(inner: &Inner, cluster: &str, epoch: u64, chunk: AppLogChunk) {
     }
 }
 
+/// What recording an agent message failed with, as the session's end: the agent's error if
+/// the store found the message invalid, else the hub's.
+fn recording_status(e: store::StoreError) -> Status {
+    match e {
+        store::StoreError::Invalid(m) => Status::invalid_argument(m),
+        other => internal(other),
+    }
+}
+
 fn internal(e: impl std::fmt::Display) -> Status {
     tracing::error!(%e, "hub store failed");
     Status::internal("hub store failed; see the hub's log")
@@ -1398,10 +1407,7 @@ async fn handle(
             .store
             .record_batch(cluster, epoch, &messages)
             .await
-            .map_err(|e| match e {
-                store::StoreError::Invalid(m) => Status::invalid_argument(m),
-                other => internal(other),
-            })?;
+            .map_err(recording_status)?;
         if recorded == Recorded::Fenced {
             // A stale session's message (a newer session began, here or on another replica):
             // dropped unacked, and the session ends.
@@ -1472,10 +1478,7 @@ async fn prepare(
         Up::Phase(_) | Up::Snapshot(_) => store.objects(cluster).await.map_err(internal)?,
         _ => Vec::new(),
     };
-    let writes = writes_of(cluster, epoch, &known, &body).map_err(|e| match e {
-        store::StoreError::Invalid(m) => Status::invalid_argument(m),
-        other => internal(other),
-    })?;
+    let writes = writes_of(cluster, epoch, &known, &body).map_err(recording_status)?;
     Ok(Some((seq, writes)))
 }
 
