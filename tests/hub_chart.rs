@@ -151,6 +151,7 @@ async fn postgres_from_a_secret_renders_and_applies_and_the_url_stays_in_the_sec
     let values = [
         "database.existingSecret=hub-db",
         "database.pool=8",
+        "database.caSecret=hub-db-ca",
         "ca.existingSecret=hub-ca",
         "serverNames[0]=hub.example.com",
         "service.agents.type=NodePort",
@@ -201,6 +202,7 @@ async fn postgres_from_a_secret_renders_and_applies_and_the_url_stays_in_the_sec
         "--replica-heartbeat-ms=1000",
         "--replica-dead-after-ms=20000",
         "--database-pool=8",
+        "--database-ca=/etc/shapeblock-hub/database/ca.crt",
         "--name=hub.example.com",
         "--app-log-followers=4",
         "--watch-stall-ms=5000",
@@ -230,6 +232,27 @@ async fn postgres_from_a_secret_renders_and_applies_and_the_url_stays_in_the_sec
     assert!(data.empty_dir.is_some() && data.persistent_volume_claim.is_none());
     let ca = volumes.iter().find(|v| v.name == "ca").unwrap();
     assert_eq!(ca.secret.as_ref().unwrap().secret_name.as_deref(), Some("hub-ca"));
+    // The database's CA is its own Secret, mounted where --database-ca looks, read-only.
+    let database_ca = volumes
+        .iter()
+        .find(|v| v.name == "database-ca")
+        .unwrap()
+        .secret
+        .as_ref()
+        .unwrap();
+    assert_eq!(database_ca.secret_name.as_deref(), Some("hub-db-ca"));
+    assert_eq!(database_ca.items.as_ref().unwrap()[0].key, "ca.crt");
+    let mount = pod.containers[0]
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|m| m.name == "database-ca")
+        .expect("the database CA mounted");
+    assert_eq!(
+        (mount.mount_path.as_str(), mount.read_only),
+        ("/etc/shapeblock-hub/database", Some(true))
+    );
     // Ready on the database and the LISTEN connection, live on the process alone.
     let container = &pod.containers[0];
     let http = |probe: &Option<k8s_openapi::api::core::v1::Probe>| {

@@ -1151,3 +1151,143 @@ async fn a_replicas_listen_connection_hears_sessions_commands_the_feed_and_revoc
     stop.send(true).unwrap();
     listener.await.unwrap();
 }
+
+/// TLS to the database, by libpq's words in the URL, against a Postgres that refuses every
+/// connection without TLS: the pool's and the LISTEN connection's are encrypted; `verify-full`
+/// checks the chain and the name, `verify-ca` the chain only, and a refusal says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_speaks_tls_to_postgres_as_its_url_says_and_checks_the_server_it_is_told_to() {
+    use shapeblock_testenv::CertificateAuthority;
+    let ca = CertificateAuthority::new("hub database CA").unwrap();
+    let serving = ca
+        .serving_cert("postgres", &["db.test"], &[std::net::Ipv4Addr::LOCALHOST.into()])
+        .unwrap();
+    // Started on this (the test's) thread: the server lives as long as it does.
+    let postgres = tokio::task::block_in_place(|| Postgres::start_tls(&serving)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.cert_pem()).unwrap();
+    let other_ca = dir.path().join("other-ca.pem");
+    std::fs::write(
+        &other_ca,
+        CertificateAuthority::new("another CA").unwrap().cert_pem(),
+    )
+    .unwrap();
+    let port = postgres.port();
+    let url = |host: &str, query: String| format!("postgres://postgres@{host}:{port}/postgres?{query}");
+    let open = async |url: String| Store::open(&Location::Postgres { url, pool_size: 2 }).await;
+    // Plain is refused by the server, and the error says so in the server's words.
+    let refused = open(url("127.0.0.1", "sslmode=disable".into()))
+        .await
+        .err()
+        .unwrap();
+    assert!(refused.to_string().contains("no encryption"), "{refused}");
+    // The right CA and the name in the certificate.
+    let store = open(url(
+        "127.0.0.1",
+        format!(
+            "sslmode=verify-full&sslrootcert={}&application_name=hub-tls",
+            ca_file.display()
+        ),
+    ))
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    store.add_command("c", b"x").await.unwrap();
+    let encrypted = |name: &str| {
+        postgres
+            .psql(
+                &postgres.url(),
+                &format!(
+                    "SELECT count(*), bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.application_name = '{name}'"
+                ),
+            )
+            .unwrap()
+    };
+    let pooled = encrypted("hub-tls");
+    assert!(pooled.ends_with("|t") && !pooled.starts_with("0|"), "{pooled}");
+    // The LISTEN connection dials the same way.
+    let (notices, _heard) = tokio::sync::mpsc::channel(16);
+    let (up, mut listening) = tokio::sync::watch::channel(false);
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let listener = tokio::spawn(shapeblock_hub::store::notify::listen(
+        store.listen_config().unwrap(),
+        notices,
+        up,
+        stopping,
+        Duration::from_secs(1),
+    ));
+    tokio::time::timeout(Duration::from_secs(10), listening.wait_for(|up| *up))
+        .await
+        .expect("listening over TLS")
+        .unwrap();
+    assert_eq!(encrypted("shapeblock-hub-listen"), "1|t");
+    stop.send(true).unwrap();
+    listener.await.unwrap();
+    // A name the certificate does not hold: verify-full refuses, verify-ca does not look.
+    let misnamed = open(url(
+        "localhost",
+        format!("sslmode=verify-full&sslrootcert={}", ca_file.display()),
+    ))
+    .await
+    .err()
+    .unwrap();
+    assert!(misnamed.to_string().contains("TLS handshake"), "{misnamed}");
+    assert!(misnamed.to_string().to_lowercase().contains("name"), "{misnamed}");
+    open(url(
+        "localhost",
+        format!("sslmode=verify-ca&sslrootcert={}", ca_file.display()),
+    ))
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    // Another CA: refused, whichever verifying mode.
+    for mode in ["verify-ca", "verify-full", "require"] {
+        let unknown = open(url(
+            "127.0.0.1",
+            format!("sslmode={mode}&sslrootcert={}", other_ca.display()),
+        ))
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("{mode} trusted another CA's server"));
+        assert!(unknown.to_string().contains("UnknownIssuer"), "{mode}: {unknown}");
+    }
+    // libpq's require without a root: encrypted, unchecked.
+    open(url("127.0.0.1", "sslmode=require".into()))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // A password role over SCRAM with channel binding required: the binding is the server
+    // certificate's hash as this connection saw it, so a man in the middle could not relay
+    // it. The CA given apart, as --database-ca does (verify-full by default).
+    postgres
+        .psql(
+            &postgres.url(),
+            "CREATE ROLE scram LOGIN SUPERUSER PASSWORD 'pw-scram'",
+        )
+        .unwrap();
+    let scram = |binding: &str| {
+        shapeblock_hub::store::tls::with_root_cert(
+            &format!("postgres://scram:pw-scram@127.0.0.1:{port}/postgres?channel_binding={binding}"),
+            &ca_file,
+        )
+        .unwrap()
+    };
+    let bound = open(scram("require")).await.unwrap_or_else(|e| panic!("{e}"));
+    bound.add_command("c", b"y").await.unwrap();
+    let wrong = open(
+        shapeblock_hub::store::tls::with_root_cert(
+            &format!("postgres://scram:wrong@127.0.0.1:{port}/postgres"),
+            &ca_file,
+        )
+        .unwrap(),
+    )
+    .await
+    .err()
+    .unwrap();
+    assert!(
+        wrong.to_string().contains("password authentication failed"),
+        "{wrong}"
+    );
+    assert!(
+        !wrong.to_string().contains("wrong"),
+        "the password in an error: {wrong}"
+    );
+}

@@ -29,7 +29,9 @@ pub struct Cli {
     data_dir: PathBuf,
     /// Keep the store in this Postgres database (`postgres://user:password@host:port/db`)
     /// instead of `hub.sqlite` in --data-dir: what several hub replicas share. Its schema is
-    /// created and migrated at start-up. Without it, SQLite.
+    /// created and migrated at start-up. Without it, SQLite. TLS as libpq's URL words say:
+    /// `sslmode` (disable, prefer (the default), require, verify-ca, verify-full),
+    /// `sslrootcert` (a PEM file or `system`), `sslcert` and `sslkey`.
     #[arg(
         long,
         env = "SHAPEBLOCK_HUB_DATABASE_URL",
@@ -37,6 +39,15 @@ pub struct Cli {
         hide_env_values = true
     )]
     database_url: Option<String>,
+    /// The CA (PEM) that signed the database's certificate: --database-url gets
+    /// `sslrootcert` set to it, and `sslmode=verify-full` unless the URL names a mode.
+    #[arg(
+        long,
+        env = "SHAPEBLOCK_HUB_DATABASE_CA",
+        global = true,
+        requires = "database_url"
+    )]
+    database_ca: Option<PathBuf>,
     /// The hub's API (`https://host:port`, what `serve --api-addr` listens on).
     #[arg(long, env = "SHAPEBLOCK_HUB_API", global = true)]
     hub: Option<String>,
@@ -378,8 +389,11 @@ impl Cli {
         }
     }
 
-    fn execute(self) -> Result<(), Box<dyn std::error::Error>> {
+    fn execute(mut self) -> Result<(), Box<dyn std::error::Error>> {
         let data = self.data_dir.clone();
+        if let (Some(url), Some(ca)) = (self.database_url.as_deref(), self.database_ca.as_deref()) {
+            self.database_url = Some(hub::store::tls::with_root_cert(url, ca)?);
+        }
         match self.command {
             Command::Serve {
                 listen,

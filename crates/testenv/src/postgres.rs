@@ -87,6 +87,19 @@ impl Postgres {
     /// Runs `initdb` in a new directory on tmpfs and starts the server on a free port; waits
     /// until it accepts connections. The server dies with the calling thread.
     pub fn start() -> Result<Self> {
+        Self::start_with(None)
+    }
+
+    /// [`Postgres::start`] serving TLS with `serving` (its certificate and key), and refusing
+    /// every TCP connection that is not TLS (`hostnossl ... reject`): a client that connects
+    /// at all spoke TLS. The role `scram`, if a test creates it, signs in by SCRAM-SHA-256
+    /// (with channel binding when the client offers it); every other role is trusted. Tools of this module (`psql`, `createdb`) connect with
+    /// `sslmode=require`.
+    pub fn start_tls(serving: &super::pki::CertifiedKey) -> Result<Self> {
+        Self::start_with(Some(serving))
+    }
+
+    fn start_with(serving: Option<&super::pki::CertifiedKey>) -> Result<Self> {
         let bin_dir = bin_dir()?;
         let user = server_user()?;
         let root = super::default_work_root();
@@ -99,6 +112,29 @@ impl Postgres {
         make_dir(&work_dir, user)?;
         let data_dir = work_dir.join("data");
         initdb(&bin_dir, &data_dir, &work_dir, user)?;
+        let mut tls_args = Vec::new();
+        if let Some(serving) = serving {
+            let cert = work_dir.join("server.crt");
+            let key = work_dir.join("server.key");
+            let hba = work_dir.join("pg_hba.conf");
+            write_owned(&cert, serving.cert_pem.as_bytes(), user)?;
+            // Postgres refuses a key others may read.
+            write_owned(&key, serving.key_pem.as_bytes(), user)?;
+            write_owned(
+                &hba,
+                b"local all all trust\nhostnossl all all 127.0.0.1/32 reject\nhostssl all scram 127.0.0.1/32 scram-sha-256\nhostssl all all 127.0.0.1/32 trust\n",
+                user,
+            )?;
+            for (name, path) in [
+                ("ssl_cert_file", &cert),
+                ("ssl_key_file", &key),
+                ("hba_file", &hba),
+            ] {
+                tls_args.push("-c".to_string());
+                tls_args.push(format!("{name}={}", path.display()));
+            }
+            tls_args.extend(["-c".to_string(), "ssl=on".to_string()]);
+        }
         let mut last_error = None;
         for _ in 0..super::PORT_ATTEMPTS {
             let port = process::free_port()?;
@@ -129,6 +165,7 @@ impl Postgres {
             ]
             .iter()
             .map(|a| a.to_string())
+            .chain(tls_args.iter().cloned())
             .collect();
             let log = work_dir.join("postgres.log");
             let server = match user {
@@ -376,6 +413,19 @@ fn server_user() -> Result<Option<User>> {
     // SAFETY: non-null entry from getpwnam.
     let (uid, gid) = unsafe { ((*entry).pw_uid, (*entry).pw_gid) };
     Ok(Some((uid, gid)))
+}
+
+/// A file only its owner (the server's user) may read.
+fn write_owned(path: &Path, data: &[u8], user: Option<User>) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, data).map_err(|e| Error::io(format!("write {}", path.display()), e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::io(format!("chmod {}", path.display()), e))?;
+    if let Some((uid, gid)) = user {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid))
+            .map_err(|e| Error::io(format!("chown {}", path.display()), e))?;
+    }
+    Ok(())
 }
 
 fn make_dir(dir: &Path, user: Option<User>) -> Result<()> {

@@ -11,6 +11,9 @@ pub mod notify;
 mod postgres;
 pub mod retention;
 mod sqlite;
+pub mod tls;
+
+pub use tls::Database;
 
 use std::path::Path;
 use std::time::Duration;
@@ -24,9 +27,9 @@ pub use retention::{PRUNE_BATCH, Pruned, RETENTION_LOCK, Retention};
 pub enum StoreError {
     #[error("hub store: {0}")]
     Sql(#[from] rusqlite::Error),
-    #[error("hub store (Postgres): {0}")]
+    #[error("hub store (Postgres): {}", with_causes(.0))]
     Postgres(#[from] tokio_postgres::Error),
-    #[error("hub store (Postgres pool): {0}")]
+    #[error("hub store (Postgres pool): {}", with_causes(.0))]
     Pool(#[from] deadpool_postgres::PoolError),
     /// The database URL or the pool cannot be used as given.
     #[error("hub store: {0}")]
@@ -43,6 +46,22 @@ pub enum StoreError {
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// An error with what caused it: tokio-postgres' own words are only its kind ("db error",
+/// "error performing TLS handshake"); the server's message or the certificate's fault is in
+/// the causes. A cause already in the words is not said twice.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        let said = e.to_string();
+        if !text.contains(&said) {
+            text = format!("{text}: {said}");
+        }
+        cause = e.source();
+    }
+    text
+}
 
 /// Where a hub keeps its store.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,7 +82,7 @@ pub struct Store {
 
 enum Backend {
     Sqlite(sqlite::Sqlite),
-    Postgres(postgres::Postgres),
+    Postgres(Box<postgres::Postgres>),
 }
 
 /// Calls the same method on whichever backend the store has.
@@ -232,7 +251,7 @@ impl Store {
         let backend = match location {
             Location::Sqlite(path) => Backend::Sqlite(sqlite::Sqlite::open(path)?),
             Location::Postgres { url, pool_size } => {
-                Backend::Postgres(postgres::Postgres::connect(url, *pool_size).await?)
+                Backend::Postgres(Box::new(postgres::Postgres::connect(url, *pool_size).await?))
             }
         };
         Ok(Self {
@@ -278,10 +297,10 @@ impl Store {
     }
 
     /// What a LISTEN connection of this store dials (Postgres only).
-    pub fn listen_config(&self) -> Option<tokio_postgres::Config> {
+    pub fn listen_config(&self) -> Option<Database> {
         match &self.backend {
             Backend::Sqlite(_) => None,
-            Backend::Postgres(b) => Some(b.config()),
+            Backend::Postgres(b) => Some(b.database()),
         }
     }
 

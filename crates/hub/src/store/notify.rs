@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
+
+use super::Database;
 
 use super::postgres::channel;
 
@@ -72,7 +74,7 @@ impl Notice {
 /// whether the connection is listening (the hub's readiness). Reconnects with backoff; a
 /// connection that does not answer a ping every `ping` is dropped and made again.
 pub async fn listen(
-    config: tokio_postgres::Config,
+    database: Database,
     notices: mpsc::Sender<Notice>,
     up: watch::Sender<bool>,
     mut stop: watch::Receiver<bool>,
@@ -80,7 +82,7 @@ pub async fn listen(
 ) {
     let mut backoff = BACKOFF.0;
     loop {
-        let result = listen_once(&config, &notices, &up, &mut stop, ping).await;
+        let result = listen_once(&database, &notices, &up, &mut stop, ping).await;
         // A connection that listened for a while starts the backoff over.
         if up.send_replace(false) {
             backoff = BACKOFF.0;
@@ -102,16 +104,16 @@ pub async fn listen(
 
 /// One connection, for as long as it works; `Ok` only when stopping.
 async fn listen_once(
-    config: &tokio_postgres::Config,
+    database: &Database,
     notices: &mpsc::Sender<Notice>,
     up: &watch::Sender<bool>,
     stop: &mut watch::Receiver<bool>,
     ping: Duration,
 ) -> Result<(), NotifyError> {
     // Named, so an operator (or a test) can tell it from the pool's connections.
-    let mut config = config.clone();
+    let mut config = database.config.clone();
     config.application_name("shapeblock-hub-listen");
-    let (client, mut connection) = tokio::time::timeout(DEADLINE, config.connect(NoTls))
+    let (client, mut connection) = tokio::time::timeout(DEADLINE, config.connect(database.tls.clone()))
         .await
         .map_err(|_| NotifyError::Timeout(DEADLINE))??;
     // The connection delivers notifications only while it is polled: a task of its own,

@@ -10,7 +10,6 @@
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Transaction};
-use tokio_postgres::NoTls;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
@@ -30,7 +29,7 @@ pub(super) struct Postgres {
     /// its clusters (`benches/hub_scale.rs` found it: thousands of reconnects).
     control: Pool,
     /// What the pool dials, for the hub's LISTEN connection.
-    config: tokio_postgres::Config,
+    database: Database,
     /// The replica this process registered as: the owner of the sessions it begins.
     replica: std::sync::OnceLock<String>,
 }
@@ -398,12 +397,6 @@ impl<'a> Tx<'a> {
     }
 }
 
-/// The URL's own words are not repeated in the error: it may hold a password.
-fn config_of(url: &str) -> Result<tokio_postgres::Config> {
-    url.parse()
-        .map_err(|e| StoreError::Config(format!("the database URL cannot be read: {e}")))
-}
-
 /// Bounded waits: a database that is down or a pool that is exhausted becomes an error the
 /// session and the API report, not a call that hangs.
 fn bounded_pool(manager: Manager, size: usize) -> Result<Pool> {
@@ -420,24 +413,25 @@ fn bounded_pool(manager: Manager, size: usize) -> Result<Pool> {
 impl Postgres {
     /// Connects a pool of at most `pool_size` connections to `url` and migrates the schema.
     pub(super) async fn connect(url: &str, pool_size: usize) -> Result<Self> {
-        let config = config_of(url)?;
-        let manager = |config: &tokio_postgres::Config| {
+        // The URL's own words are not repeated in its errors: it may hold a password.
+        let database = Database::from_url(url)?;
+        let manager = |database: &Database| {
             Manager::from_config(
-                config.clone(),
-                NoTls,
+                database.config.clone(),
+                database.tls.clone(),
                 ManagerConfig {
                     recycling_method: RecyclingMethod::Fast,
                 },
             )
         };
-        let pool = bounded_pool(manager(&config), pool_size.max(1))?;
+        let pool = bounded_pool(manager(&database), pool_size.max(1))?;
         // Its connection is made on first use: only a replica (a hub serving) uses it, never
         // the CLI.
-        let control = bounded_pool(manager(&config), 1)?;
+        let control = bounded_pool(manager(&database), 1)?;
         let store = Self {
             pool,
             control,
-            config,
+            database,
             replica: std::sync::OnceLock::new(),
         };
         store.migrate().await?;
@@ -737,8 +731,8 @@ impl Postgres {
         tx.commit().await
     }
 
-    pub(super) fn config(&self) -> tokio_postgres::Config {
-        self.config.clone()
+    pub(super) fn database(&self) -> Database {
+        self.database.clone()
     }
 
     /// A statement on the replica's own connection ([`Postgres::control`]).
