@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 
 use shapeblock_agent::proto::v1::agent_message::Body as Up;
 use shapeblock_agent::proto::v1::server_message::Body as Down;
-use shapeblock_agent::proto::v1::{AgentMessage, CommandResult, Heartbeat, ObjectRef, PhaseChange};
+use shapeblock_agent::proto::v1::{
+    AgentMessage, AppLogChunk, CommandResult, Heartbeat, Hello, ObjectRef, PhaseChange,
+};
 use shapeblock_agent::tunnel::{Identity, enroll};
 use shapeblock_hub::api::v1 as api;
 use shapeblock_hub::api::v1::hub_client::HubClient;
@@ -736,30 +738,292 @@ async fn a_command_queued_on_one_replica_reaches_a_session_on_another_at_once_an
     assert_eq!(d.epochs.len(), 1, "one session throughout: {d:?}");
 }
 
+/// The next message down that `pick` takes, skipping the others.
+async fn next_down<T>(
+    down: &mut tonic::Streaming<shapeblock_agent::proto::v1::ServerMessage>,
+    pick: impl Fn(Down) -> Option<T>,
+) -> T {
+    loop {
+        let message = down.message().await.unwrap().expect("the session is open");
+        if let Some(picked) = message.body.and_then(&pick) {
+            return picked;
+        }
+    }
+}
+
+fn app_log(id: u64, pod: &str, offset: u64, data: Vec<u8>) -> AgentMessage {
+    AgentMessage {
+        seq: 0,
+        body: Some(Up::AppLog(AppLogChunk {
+            id,
+            pod: pod.into(),
+            container: "web".into(),
+            process: "web".into(),
+            offset,
+            data,
+            ..Default::default()
+        })),
+    }
+}
+
+/// Bytes of one substream as a caller reassembles them: data at its offsets, and the runs
+/// markers say were dropped; (data, dropped bytes).
+fn reassemble(got: &[api::AppLogData], pod: &str) -> (Vec<u8>, u64) {
+    let mut data = Vec::new();
+    let mut dropped = 0;
+    for m in got.iter().filter(|m| m.pod == pod) {
+        assert_eq!(m.offset, data.len() as u64 + dropped, "{pod}: no gap, no overlap");
+        if m.truncated {
+            dropped += m.dropped;
+        }
+        data.extend_from_slice(&m.data);
+    }
+    (data, dropped)
+}
+
+/// Sends `chunks` chunks over `pods` up `up`, never more than `window` ahead of what the
+/// caller has taken (`taken`); what was sent per pod.
+async fn send_windowed(
+    up: &tokio::sync::mpsc::Sender<AgentMessage>,
+    id: u64,
+    pods: &[&str],
+    chunks: usize,
+    window: usize,
+    taken: &mut tokio::sync::watch::Receiver<usize>,
+) -> BTreeMap<String, Vec<u8>> {
+    let mut sent: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    for i in 0..chunks {
+        taken.wait_for(|n| i < n + window).await.unwrap();
+        let pod = pods[i % pods.len()];
+        let line = format!("{pod} line {i:06} ").into_bytes();
+        let data: Vec<u8> = line.iter().copied().cycle().take(1024 + 97 * (i % 31)).collect();
+        let stream = sent.entry(pod.to_string()).or_default();
+        up.send(app_log(id, pod, stream.len() as u64, data.clone()))
+            .await
+            .unwrap();
+        stream.extend_from_slice(&data);
+    }
+    sent
+}
+
+/// Reads `stream` into a shared list, counting messages in `taken`, until it ends; its end.
+fn read_follow(
+    mut stream: tonic::Streaming<api::AppLogData>,
+) -> (
+    tokio::sync::watch::Receiver<usize>,
+    Arc<Mutex<Vec<api::AppLogData>>>,
+    tokio::task::JoinHandle<tonic::Status>,
+) {
+    let (count, taken) = tokio::sync::watch::channel(0usize);
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let into = got.clone();
+    let reader = tokio::spawn(async move {
+        loop {
+            match stream.message().await {
+                Ok(Some(m)) => {
+                    into.lock().unwrap().push(m);
+                    count.send_modify(|n| *n += 1);
+                }
+                Ok(None) => return tonic::Status::ok("ended"),
+                Err(status) => return status,
+            }
+        }
+    });
+    (taken, got, reader)
+}
+
 #[tokio::test]
-async fn revocation_and_live_logs_across_replicas() {
+async fn live_app_logs_are_routed_to_the_replica_holding_the_session_and_revocation_reaches_it() {
     let set = Set::start(2).await;
     let id = set.enroll(0, "revoked").await;
-    let mut session = dial(&set.replicas[1].agent_url(), &id).await;
+    let hello = Hello {
+        agent_version: "stand-in".into(),
+        capabilities: vec![shapeblock_proto::APP_LOGS_CAPABILITY.into()],
+        ..Default::default()
+    };
+    let mut session = StandIn::dial_with(
+        &set.replicas[1].agent_url(),
+        &id.ca_pem,
+        (&id.cert_pem, &id.key_pem),
+        hello,
+        64,
+    )
+    .await
+    .unwrap();
     hello_ack(&mut session.down).await;
+    let beats = session.up.clone();
+    let heartbeat = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let hb = AgentMessage {
+                seq: 0,
+                body: Some(Up::Heartbeat(Heartbeat { sent_at_ms: 0 })),
+            };
+            if beats.send(hb).await.is_err() {
+                return;
+            }
+        }
+    });
+    let request = || api::FollowAppLogsRequest {
+        cluster_id: "revoked".into(),
+        namespace: "shop".into(),
+        app: "web".into(),
+        ..Default::default()
+    };
+    let start_of = |b| match b {
+        Down::StartAppLogs(s) => Some(s),
+        _ => None,
+    };
+    let pods = ["web-1", "web-2", "worker-1"];
+    const CHUNKS: usize = 600;
+    const WINDOW: usize = 32;
+
+    // The same follow through the replica holding the session and through the other, the
+    // stand-in keeping WINDOW chunks ahead of the caller: routed through the database, every
+    // byte arrives once and in order, as it does locally.
+    let mut rates = Vec::new();
+    for (through, name) in [(1, "local"), (0, "routed")] {
+        let asked = Instant::now();
+        let stream = set
+            .client(through)
+            .await
+            .follow_app_logs(request())
+            .await
+            .unwrap()
+            .into_inner();
+        let start = tokio::time::timeout(Duration::from_secs(5), next_down(&mut session.down, start_of))
+            .await
+            .expect("the agent is asked to follow");
+        let reached = asked.elapsed();
+        assert_eq!((start.namespace.as_str(), start.app.as_str()), ("shop", "web"));
+        let (mut taken, got, reader) = read_follow(stream);
+        let began = Instant::now();
+        let sent = send_windowed(&session.up, start.id, &pods, CHUNKS, WINDOW, &mut taken).await;
+        tokio::time::timeout(Duration::from_secs(30), taken.wait_for(|n| *n >= CHUNKS))
+            .await
+            .expect("every chunk reaches the caller")
+            .unwrap();
+        let took = began.elapsed();
+        let bytes: usize = sent.values().map(Vec::len).sum();
+        {
+            let got = got.lock().unwrap();
+            assert_eq!(got.len(), CHUNKS, "no chunk twice, no marker");
+            for (pod, data) in &sent {
+                let (back, dropped) = reassemble(&got, pod);
+                assert_eq!(dropped, 0, "{name}: nothing dropped within the window");
+                assert!(back == *data, "{name}: {pod}'s bytes as sent");
+            }
+        }
+        let rate = bytes as f64 / took.as_secs_f64() / 1e6;
+        println!(
+            "{name} follow (API call on replica {through}, session on replica 1): agent asked after {reached:?}; \
+             {CHUNKS} chunks, {bytes} bytes in {took:?} ({rate:.1} MB/s, {WINDOW}-chunk window), 0 lost, 0 duplicated"
+        );
+        rates.push(rate);
+        // The caller goes: the agent is told to stop.
+        let gone = Instant::now();
+        reader.abort();
+        let stop = tokio::time::timeout(
+            Duration::from_secs(5),
+            next_down(&mut session.down, |b| match b {
+                Down::StopAppLogs(s) => Some(s),
+                _ => None,
+            }),
+        )
+        .await
+        .expect("the agent is told to stop");
+        assert_eq!(stop.id, start.id);
+        println!(
+            "{name}: the caller went, the agent was told to stop {:?} later",
+            gone.elapsed()
+        );
+    }
+    println!("routed / local: {:.2}", rates[1] / rates[0]);
+
+    // A caller that does not read: what cannot wait is dropped behind a marker, never lost
+    // unsaid, and nothing beyond the bounds waits in the database.
     let mut on_a = set.client(0).await;
-    // Live App logs go over the live session, which replica 1 has: replica 0 says so.
-    let refused = on_a
-        .follow_app_logs(api::FollowAppLogsRequest {
-            cluster_id: "revoked".into(),
-            namespace: "shop".into(),
-            app: "web".into(),
-            ..Default::default()
+    let mut stalled = on_a.follow_app_logs(request()).await.unwrap().into_inner();
+    let start = tokio::time::timeout(Duration::from_secs(5), next_down(&mut session.down, start_of))
+        .await
+        .unwrap();
+    let mut sent = Vec::new();
+    for i in 0..400u64 {
+        let data = format!("unread {i:05}\n").repeat(2300).into_bytes();
+        session
+            .up
+            .send(app_log(start.id, "web-1", sent.len() as u64, data.clone()))
+            .await
+            .unwrap();
+        sent.extend_from_slice(&data);
+    }
+    let (waiting, _) = eventually(Duration::from_secs(10), "chunks waiting in the database", || {
+        let n: u64 = set
+            .sql("SELECT count(*) FROM live_chunks")
+            .trim()
+            .parse()
+            .unwrap();
+        async move { (n > 0).then_some(n) }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let waiting_later: u64 = set
+        .sql("SELECT count(*) FROM live_chunks")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        waiting_later <= shapeblock_hub::api::ROUTED_LOG_ROOM as u64 + 16,
+        "{waiting} then {waiting_later} chunks wait in the database"
+    );
+    // An end from the agent after them: the caller gets all, then the end.
+    session
+        .up
+        .send(AgentMessage {
+            seq: 0,
+            body: Some(Up::AppLog(AppLogChunk {
+                id: start.id,
+                ended: "no App web in namespace shop".into(),
+                ..Default::default()
+            })),
         })
         .await
-        .expect_err("not served across replicas");
-    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
-    assert!(
-        refused.message().contains("another hub replica"),
-        "{}",
-        refused.message()
+        .unwrap();
+    let mut got = Vec::new();
+    let end = loop {
+        match tokio::time::timeout(Duration::from_secs(10), stalled.message())
+            .await
+            .unwrap()
+        {
+            Ok(Some(m)) => got.push(m),
+            Ok(None) => panic!("ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    let (back, dropped) = reassemble(&got, "web-1");
+    assert_eq!(
+        back.len() as u64 + dropped,
+        sent.len() as u64,
+        "every byte delivered or said dropped"
     );
-    // Revoked through replica 0: the session on replica 1 ends, woken by the notification.
+    assert!(
+        dropped > 0,
+        "the caller read nothing for 400 chunks: some were dropped"
+    );
+    assert_eq!(end.code(), tonic::Code::FailedPrecondition, "{end:?}");
+    assert!(end.message().contains("no App web"), "{}", end.message());
+    println!(
+        "unread follow: {} of {} bytes delivered, {dropped} said dropped; at most {waiting_later} chunks waited in the database",
+        back.len(),
+        sent.len()
+    );
+
+    // Revoked through replica 0: the session on replica 1 ends, woken by the notification,
+    // and with it a follow routed to it.
+    let mut open = on_a.follow_app_logs(request()).await.unwrap().into_inner();
+    tokio::time::timeout(Duration::from_secs(5), next_down(&mut session.down, start_of))
+        .await
+        .unwrap();
     let revoked = Instant::now();
     on_a.revoke_cluster(api::RevokeClusterRequest {
         cluster_id: "revoked".into(),
@@ -773,6 +1037,144 @@ async fn revocation_and_live_logs_across_replicas() {
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
     println!("revoked on replica 0, the session on replica 1 closed after {took:?}");
     assert!(took < Duration::from_secs(2), "{took:?}");
+    let end = tokio::time::timeout(Duration::from_secs(5), open.message())
+        .await
+        .expect("the routed follow ends with the session")
+        .expect_err("with a status");
+    assert_eq!(end.code(), tonic::Code::Unavailable, "{end:?}");
+    assert!(end.message().contains("ended"), "{}", end.message());
+    heartbeat.abort();
+    // Nothing of the follows is left in the database.
+    eventually(
+        Duration::from_secs(5),
+        "no routed follow left in the database",
+        || {
+            let left =
+                set.sql("SELECT (SELECT count(*) FROM live_follows) + (SELECT count(*) FROM live_chunks)");
+            async move { (left.trim() == "0").then_some(()) }
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_routed_follow_ends_at_one_end_when_the_replica_at_the_other_is_killed() {
+    let set = Set::start(3).await;
+    let id = set.enroll(0, "routed").await;
+    let hello = Hello {
+        agent_version: "stand-in".into(),
+        capabilities: vec![shapeblock_proto::APP_LOGS_CAPABILITY.into()],
+        ..Default::default()
+    };
+    let mut session = StandIn::dial_with(
+        &set.replicas[2].agent_url(),
+        &id.ca_pem,
+        (&id.cert_pem, &id.key_pem),
+        hello,
+        64,
+    )
+    .await
+    .unwrap();
+    hello_ack(&mut session.down).await;
+    let beats = session.up.clone();
+    let heartbeat = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let hb = AgentMessage {
+                seq: 0,
+                body: Some(Up::Heartbeat(Heartbeat { sent_at_ms: 0 })),
+            };
+            if beats.send(hb).await.is_err() {
+                return;
+            }
+        }
+    });
+    let request = || api::FollowAppLogsRequest {
+        cluster_id: "routed".into(),
+        namespace: "shop".into(),
+        app: "web".into(),
+        ..Default::default()
+    };
+    let start_of = |b| match b {
+        Down::StartAppLogs(s) => Some(s),
+        _ => None,
+    };
+    // A follow through replica 1 flows; replica 1 is killed: the holder (2) stops the
+    // agent's follow once 1 is declared dead, rather than serving nobody for ever.
+    let mut through_1 = set
+        .client(1)
+        .await
+        .follow_app_logs(request())
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(5), next_down(&mut session.down, start_of))
+        .await
+        .unwrap();
+    session
+        .up
+        .send(app_log(first.id, "web-1", 0, b"hello\n".to_vec()))
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), through_1.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.data, b"hello\n");
+    let killed = Instant::now();
+    set.replicas[1].signal(libc::SIGKILL);
+    let stop = tokio::time::timeout(
+        Duration::from_secs(15),
+        next_down(&mut session.down, |b| match b {
+            Down::StopAppLogs(s) => Some(s),
+            _ => None,
+        }),
+    )
+    .await
+    .expect("the holder stops the follow of a dead requester");
+    assert_eq!(stop.id, first.id);
+    println!(
+        "requester killed: the agent was told to stop {:?} later (dead after {REPLICA_DEAD_AFTER_MS} ms)",
+        killed.elapsed()
+    );
+    // A follow through replica 0; the holder (2) is killed: the caller is told, not left
+    // waiting on a follow nobody serves.
+    let mut through_0 = set
+        .client(0)
+        .await
+        .follow_app_logs(request())
+        .await
+        .unwrap()
+        .into_inner();
+    let second = tokio::time::timeout(Duration::from_secs(5), next_down(&mut session.down, start_of))
+        .await
+        .unwrap();
+    session
+        .up
+        .send(app_log(second.id, "web-1", 0, b"again\n".to_vec()))
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), through_0.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.data, b"again\n");
+    let killed = Instant::now();
+    set.replicas[2].signal(libc::SIGKILL);
+    let end = tokio::time::timeout(Duration::from_secs(15), through_0.message())
+        .await
+        .expect("the caller is told")
+        .expect_err("with a status");
+    assert_eq!(end.code(), tonic::Code::Unavailable, "{end:?}");
+    assert!(end.message().contains("follow again"), "{}", end.message());
+    println!(
+        "holder killed: the caller got {:?} {:?} later",
+        end.message(),
+        killed.elapsed()
+    );
+    heartbeat.abort();
 }
 
 #[tokio::test]

@@ -30,8 +30,11 @@ pub mod v1 {
 }
 
 pub(crate) mod app_logs;
+pub(crate) mod routed_logs;
 
 pub use app_logs::MAX_PER_CLUSTER as DEFAULT_APP_LOG_FOLLOWERS;
+/// Live log chunks that wait in the database at most for one routed follow's caller.
+pub use routed_logs::ROOM as ROUTED_LOG_ROOM;
 mod client;
 pub use client::{BearerKey, Client, ConnectError, connect};
 
@@ -827,23 +830,19 @@ impl HubApi for Api {
         // Checked before anything else: these names become a label selector at the agent.
         proto::check_app_logs(&start).map_err(ApiError::InvalidArgument)?;
         self.known(&r.cluster_id).await?;
-        // Live logs come over the live session, which only the replica holding it has; they
-        // are not routed between replicas (yet): say so rather than hang or say "not
-        // connected".
+        // Live logs come over the live session: if another replica holds it, the follow is
+        // routed to it through the database.
         if let Some(me) = self.inner.replica.as_ref()
             && self.inner.control(&r.cluster_id, 0).is_none()
-            && let Some(other) = self
+            && let Some(holder) = self
                 .store()
                 .session_replica(&r.cluster_id)
                 .await
                 .map_err(ApiError::from)?
-            && other != me.id
+            && holder != me.id
         {
-            return Err(Status::unavailable(format!(
-                "the session of cluster {} is on another hub replica ({other}): live App logs are served only by the replica \
-                 holding it, not routed between replicas; call this replica's peer directly or retry",
-                r.cluster_id
-            )));
+            let rx = routed_logs::follow(&self.inner, &r.cluster_id, start, deadline, &holder).await?;
+            return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
         }
         let rx = app_logs::start(&self.inner, &r.cluster_id, start, deadline)?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

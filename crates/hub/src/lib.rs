@@ -157,6 +157,8 @@ struct Inner {
     streams: api::Streams,
     /// Live App log followers, by cluster and follow id.
     app_logs: api::app_logs::Registry,
+    /// Live App log follows routed between this replica and others.
+    routes: api::routed_logs::Routes,
     /// This process as one of several replicas on a shared Postgres; `None` on SQLite.
     replica: Option<replicas::Replica>,
 }
@@ -580,6 +582,7 @@ impl Hub {
             agent_url: format!("https://{addr}"),
             streams: api::Streams::default(),
             app_logs: api::app_logs::Registry::default(),
+            routes: api::routed_logs::Routes::default(),
             replica,
         });
         replicas::start(&inner);
@@ -1667,6 +1670,7 @@ mod fuzz {
             agent_url: "https://127.0.0.1:7443".into(),
             streams: api::Streams::default(),
             app_logs: api::app_logs::Registry::default(),
+            routes: api::routed_logs::Routes::default(),
             replica: None,
         };
         Fixture {

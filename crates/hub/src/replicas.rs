@@ -112,6 +112,15 @@ async fn act_on_notices(inner: Arc<Inner>, mut received: mpsc::Receiver<Notice>)
             }
             Notice::Feed { .. } => inner.store.wake_watchers(),
             Notice::Revoked { cluster } => inner.close_session(&cluster, Close::Revoked),
+            Notice::Live {
+                kind,
+                follow,
+                replica,
+            } => {
+                if inner.replica.as_ref().is_some_and(|me| me.id == replica) {
+                    crate::api::routed_logs::notice(&inner, kind, follow);
+                }
+            }
             Notice::Resync => resync(&inner).await,
         }
     }
@@ -129,8 +138,9 @@ fn supersede(inner: &Inner, cluster: &str, epoch: u64) {
 }
 
 /// What notifications would have done, done from the database: sessions that are no longer
-/// current or are revoked end, senders look for commands, watchers read on.
-pub(crate) async fn resync(inner: &Inner) {
+/// current or are revoked end, senders look for commands, watchers read on, routed live log
+/// follows are looked at.
+pub(crate) async fn resync(inner: &Arc<Inner>) {
     let held: Vec<(String, u64)> = inner
         .sessions
         .lock()
@@ -153,6 +163,7 @@ pub(crate) async fn resync(inner: &Inner) {
     }
     crate::wake_pending(inner).await;
     inner.store.wake_watchers();
+    crate::api::routed_logs::resync(inner).await;
 }
 
 async fn beat(inner: Arc<Inner>) {

@@ -28,6 +28,21 @@ impl StandIn {
         version: &str,
         depth: usize,
     ) -> Result<Self, Status> {
+        let hello = Hello {
+            agent_version: version.into(),
+            ..Default::default()
+        };
+        Self::dial_with(url, ca_pem, (cert_pem, key_pem), hello, depth).await
+    }
+
+    /// [`StandIn::dial`] saying `hello` (capabilities, an inventory).
+    pub async fn dial_with(
+        url: &str,
+        ca_pem: &str,
+        (cert_pem, key_pem): (&str, &str),
+        hello: Hello,
+        depth: usize,
+    ) -> Result<Self, Status> {
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(ca_pem))
             .domain_name("127.0.0.1")
@@ -42,10 +57,7 @@ impl StandIn {
         let (up, rx) = mpsc::channel(depth.max(1));
         up.send(AgentMessage {
             seq: 0,
-            body: Some(Up::Hello(Hello {
-                agent_version: version.into(),
-                ..Default::default()
-            })),
+            body: Some(Up::Hello(hello)),
         })
         .await
         .map_err(|_| Status::internal("the stand-in's own channel closed"))?;

@@ -31,12 +31,21 @@ type Sender = mpsc::Sender<Result<v1::AppLogData, Status>>;
 struct Follower {
     epoch: u64,
     tx: Sender,
-    /// Tells the follower's task that the registry ended it (the status is sent already).
-    done: Option<oneshot::Sender<()>>,
+    /// Tells the follower's task that the registry ended it, and what the caller is owed.
+    done: Option<oneshot::Sender<Ending>>,
     /// Since when chunks find the buffer full.
     full_since: Option<Instant>,
     /// What was dropped for a full buffer, per (pod, container), not yet told to the caller.
     dropped: HashMap<(String, String), Dropped>,
+}
+
+/// How the registry ended a follow: the markers of what was dropped and not yet told (the
+/// buffer was full), then the status. The follower's task delivers them as the caller reads,
+/// so a follow never ends with a drop unsaid.
+#[derive(Debug)]
+pub(crate) struct Ending {
+    markers: Vec<v1::AppLogData>,
+    status: Status,
 }
 
 /// A run of bytes of one substream the hub dropped.
@@ -64,7 +73,7 @@ enum Pass {
 }
 
 impl Follower {
-    fn new(epoch: u64, tx: Sender, done: oneshot::Sender<()>) -> Self {
+    fn new(epoch: u64, tx: Sender, done: oneshot::Sender<Ending>) -> Self {
         Self {
             epoch,
             tx,
@@ -124,9 +133,19 @@ impl Follower {
     }
 
     fn end(mut self, status: Status) {
-        let _ = self.tx.try_send(Err(status));
-        if let Some(done) = self.done.take() {
-            let _ = done.send(());
+        let mut runs: Vec<((String, String), Dropped)> = self.dropped.drain().collect();
+        runs.sort_by(|a, b| a.0.cmp(&b.0));
+        let ending = Ending {
+            markers: runs.into_iter().map(|(k, r)| marker(&k, r)).collect(),
+            status,
+        };
+        let undelivered = match self.done.take() {
+            Some(done) => done.send(ending).err(),
+            None => Some(ending),
+        };
+        // No task to deliver it (it went meanwhile): the status, in the slot kept for it.
+        if let Some(ending) = undelivered {
+            let _ = self.tx.try_send(Err(ending.status));
         }
     }
 }
@@ -330,7 +349,7 @@ async fn watch_caller(
     inner: Arc<Inner>,
     (cluster, epoch, id): (String, u64, u64),
     tx: Sender,
-    done: oneshot::Receiver<()>,
+    done: oneshot::Receiver<Ending>,
     deadline: Option<Duration>,
 ) {
     let _counted = Counted::new(&inner.streams.app_log_followers);
@@ -342,7 +361,12 @@ async fn watch_caller(
         }
     };
     let status = tokio::select! {
-        _ = done => return,
+        ending = done => {
+            if let Ok(ending) = ending {
+                deliver(&tx, ending, inner.config.watch_stall).await;
+            }
+            return;
+        }
         _ = tx.closed() => None,
         _ = expired => Some(Status::deadline_exceeded("the caller's deadline passed")),
         _ = stopping.changed() => Some(Status::unavailable("hub shutting down: follow again")),
@@ -357,6 +381,24 @@ async fn watch_caller(
         let _ = control.try_send(Down::StopAppLogs(StopAppLogs { id }));
     }
     tracing::debug!(%cluster, id, "live log caller gone: follow stopped");
+}
+
+/// Sends an ending's markers as the caller makes room, always keeping a slot for the status;
+/// a caller that leaves them unread for `stall` gets the status without the rest.
+async fn deliver(tx: &Sender, ending: Ending, stall: Duration) {
+    let Ending { markers, status } = ending;
+    let _ = tokio::time::timeout(stall, async {
+        for marker in markers {
+            let Ok(mut permits) = tx.reserve_many(2).await else {
+                return;
+            };
+            if let Some(permit) = permits.next() {
+                permit.send(Ok(marker));
+            }
+        }
+    })
+    .await;
+    let _ = tx.try_send(Err(status));
 }
 
 #[cfg(test)]
@@ -435,14 +477,42 @@ mod tests {
         assert_eq!(registry.relay("c", 3, chunk(offset), at(300 + 4_999)), None);
         let cut = registry.relay("c", 3, chunk(offset + 5), at(300 + 5_001));
         assert_eq!(cut, Some(1));
-        let status = loop {
-            match rx.try_recv().unwrap() {
-                Ok(_) => continue,
-                Err(status) => break status,
-            }
+        // The status and the marker of what was dropped since go to the follower's task,
+        // which delivers them as the caller reads.
+        let ending = done_rx.try_recv().unwrap();
+        assert_eq!(
+            ending.status.code(),
+            tonic::Code::ResourceExhausted,
+            "{:?}",
+            ending.status
+        );
+        let [marker] = ending.markers.as_slice() else {
+            panic!("{:?}", ending.markers)
         };
-        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
-        assert!(done_rx.try_recv().is_ok());
+        assert!(marker.truncated && marker.dropped > 0, "{marker:?}");
+        let mut read = 0;
+        while let Ok(item) = rx.try_recv() {
+            assert!(item.is_ok(), "no status before the markers");
+            read += 1;
+        }
+        assert!(read > 0, "what was buffered is the caller's");
+        assert_eq!(
+            marker.offset + marker.dropped,
+            offset + 10,
+            "the run to the cut chunk, included"
+        );
+        // Delivered in order once the caller reads: the marker, then the status.
+        let (tx2, mut rx2) = mpsc::channel(BUFFER + 1);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(deliver(&tx2, ending, stall));
+        assert!(rx2.try_recv().unwrap().unwrap().truncated);
+        assert_eq!(
+            rx2.try_recv().unwrap().unwrap_err().code(),
+            tonic::Code::ResourceExhausted
+        );
         assert_eq!(
             registry.relay("c", 3, chunk(offset + 10), at(0)),
             Some(1),

@@ -63,6 +63,27 @@ fn with_causes(error: &dyn std::error::Error) -> String {
     text
 }
 
+/// A live App log follow one replica serves for another (see `api::routed_logs`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoutedFollow {
+    pub id: u64,
+    pub cluster: String,
+    pub requester: String,
+    pub holder: String,
+    /// The agent's `StartAppLogs`, encoded.
+    pub request: Vec<u8>,
+}
+
+/// What became of chunks handed to a routed follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Put {
+    Stored,
+    /// Its requester has not taken enough of what waits: try again later.
+    Full,
+    /// Its requester ended it.
+    Gone,
+}
+
 /// Where a hub keeps its store.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Location {
@@ -348,6 +369,56 @@ impl Store {
         match &self.backend {
             Backend::Sqlite(_) => Ok(None),
             Backend::Postgres(b) => b.session_replica(cluster).await,
+        }
+    }
+
+    /// Asks replica `holder` (which holds `cluster`'s session) to serve a live App log
+    /// follow for replica `requester`: the follow's id. Postgres only.
+    pub async fn route_follow(
+        &self,
+        requester: &str,
+        holder: &str,
+        cluster: &str,
+        request: &[u8],
+    ) -> Result<u64> {
+        self.postgres()?
+            .route_follow(requester, holder, cluster, request)
+            .await
+    }
+
+    /// A routed follow, if its requester has not ended it.
+    pub async fn routed_follow(&self, id: u64) -> Result<Option<RoutedFollow>> {
+        self.postgres()?.routed_follow(id).await
+    }
+
+    /// The routed follows `holder` is asked to serve.
+    pub async fn routed_follows_held_by(&self, holder: &str) -> Result<Vec<u64>> {
+        self.postgres()?.routed_follows_held_by(holder).await
+    }
+
+    /// Hands `bodies` on to a routed follow's requester, unless more than `room` would then
+    /// wait for it (a batch is always taken when nothing waits).
+    pub async fn put_routed(&self, id: u64, bodies: &[Vec<u8>], room: usize) -> Result<Put> {
+        self.postgres()?.put_routed(id, bodies, room).await
+    }
+
+    /// Takes (deletes and returns, in order) up to `most` chunks waiting for a routed follow's
+    /// requester; None: the follow is gone.
+    pub async fn take_routed(&self, id: u64, most: usize) -> Result<Option<Vec<Vec<u8>>>> {
+        self.postgres()?.take_routed(id, most).await
+    }
+
+    /// Ends a routed follow (with what waits for it); its holder is told.
+    pub async fn end_routed(&self, id: u64) -> Result<()> {
+        self.postgres()?.end_routed(id).await
+    }
+
+    fn postgres(&self) -> Result<&postgres::Postgres> {
+        match &self.backend {
+            Backend::Postgres(b) => Ok(b),
+            Backend::Sqlite(_) => Err(StoreError::Invalid(
+                "only a hub on Postgres has other replicas to route through".into(),
+            )),
         }
     }
 

@@ -27,8 +27,25 @@ pub enum Notice {
     Feed { id: u64 },
     /// `cluster` was revoked.
     Revoked { cluster: String },
+    /// About routed live log follow `follow`, to `replica`.
+    Live {
+        kind: Live,
+        follow: u64,
+        replica: String,
+    },
     /// The connection is (again) listening; notifications may have been missed before.
     Resync,
+}
+
+/// What a [`Notice::Live`] says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Live {
+    /// To its holder: serve it.
+    Start,
+    /// To its requester: chunks wait.
+    Data,
+    /// To its holder: its requester ended it.
+    Stop,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +82,20 @@ impl Notice {
             channel::REVOKE => Notice::Revoked {
                 cluster: payload.into(),
             },
+            channel::LIVE => {
+                let mut parts = payload.splitn(3, '\t');
+                let kind = match parts.next()? {
+                    "start" => Live::Start,
+                    "data" => Live::Data,
+                    "stop" => Live::Stop,
+                    _ => return None,
+                };
+                Notice::Live {
+                    kind,
+                    follow: parts.next()?.parse().ok()?,
+                    replica: parts.next()?.into(),
+                }
+            }
             _ => return None,
         })
     }
@@ -144,11 +175,12 @@ async fn listen_once(
         Err::<(), NotifyError>(NotifyError::Closed)
     });
     let listening = format!(
-        "LISTEN {}; LISTEN {}; LISTEN {}; LISTEN {}",
+        "LISTEN {}; LISTEN {}; LISTEN {}; LISTEN {}; LISTEN {}",
         channel::SESSION,
         channel::COMMAND,
         channel::FEED,
-        channel::REVOKE
+        channel::REVOKE,
+        channel::LIVE
     );
     let result = async {
         tokio::time::timeout(DEADLINE, client.batch_execute(&listening))
@@ -209,6 +241,16 @@ mod tests {
             Notice::parse("sb_revoke", "c"),
             Some(Notice::Revoked { cluster: "c".into() })
         );
+        assert_eq!(
+            Notice::parse("sb_live", "data\t12\tab01"),
+            Some(Notice::Live {
+                kind: Live::Data,
+                follow: 12,
+                replica: "ab01".into()
+            })
+        );
+        assert_eq!(Notice::parse("sb_live", "go\t12\tab01"), None);
+        assert_eq!(Notice::parse("sb_live", "stop\t12"), None);
         assert_eq!(Notice::parse("other", "c"), None);
     }
 }

@@ -46,6 +46,9 @@ pub mod channel {
     pub const FEED: &str = "sb_feed";
     /// `cluster`: revoked; its live session ends wherever it is.
     pub const REVOKE: &str = "sb_revoke";
+    /// `kind \t follow \t replica`: to `replica`, about routed live log follow `follow`:
+    /// `start` (serve it), `data` (chunks wait), `stop` (its requester ended it).
+    pub const LIVE: &str = "sb_live";
 }
 
 /// The database's clock in ms: replicas' heartbeats are compared on one clock, whatever
@@ -139,6 +142,21 @@ CREATE TABLE feed_pruned (cluster TEXT PRIMARY KEY, through BIGINT NOT NULL);
         4,
         r#"
 CREATE INDEX commands_pending ON commands (cluster) WHERE NOT done;
+"#,
+    ),
+    // Live App logs followed through one replica from a session on another: the follow, and
+    // its chunks in flight (a few per follow; the requester deletes what it takes). Unlogged:
+    // live logs are never kept, and a crash of the database ends every follow anyway.
+    (
+        5,
+        r#"
+CREATE UNLOGGED TABLE live_follows (
+  id BIGSERIAL PRIMARY KEY, cluster TEXT NOT NULL, requester TEXT NOT NULL, holder TEXT NOT NULL,
+  request BYTEA NOT NULL, created_at BIGINT NOT NULL);
+CREATE INDEX live_follows_by_holder ON live_follows (holder);
+CREATE UNLOGGED TABLE live_chunks (
+  follow BIGINT NOT NULL REFERENCES live_follows (id) ON DELETE CASCADE, seq BIGSERIAL,
+  body BYTEA NOT NULL, PRIMARY KEY (follow, seq));
 "#,
     ),
 ];
@@ -804,6 +822,14 @@ impl Postgres {
             )
             .await?;
         let handed: Vec<(String, u64)> = handed.iter().map(|r| (r.get(0), unbig(r.get(1)))).collect();
+        // Live log follows either end of which was on a dead replica: the other end finds
+        // them gone at its next look.
+        tx.exec(
+            "DELETE FROM live_follows f WHERE NOT EXISTS (SELECT 1 FROM replicas r WHERE r.id = f.requester)
+                OR NOT EXISTS (SELECT 1 FROM replicas r WHERE r.id = f.holder)",
+            &[],
+        )
+        .await?;
         for (cluster, epoch) in &handed {
             tx.exec(
                 "SELECT pg_notify('sb_session', $1)",
@@ -821,6 +847,144 @@ impl Postgres {
         }
         tx.commit().await?;
         Ok(handed)
+    }
+
+    pub(super) async fn route_follow(
+        &self,
+        requester: &str,
+        holder: &str,
+        cluster: &str,
+        request: &[u8],
+    ) -> Result<u64> {
+        let mut client = self.client().await?;
+        let tx = Tx::new(client.transaction().await?);
+        let id: i64 = tx
+            .one(
+                &format!(
+                    "INSERT INTO live_follows (cluster, requester, holder, request, created_at)
+                     VALUES ($1, $2, $3, $4, {DB_NOW_MS}) RETURNING id"
+                ),
+                &[&cluster, &requester, &holder, &request],
+            )
+            .await?
+            .get(0);
+        tx.exec(
+            "SELECT pg_notify('sb_live', $1)",
+            &[&format!("start\t{id}\t{holder}")],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(unbig(id))
+    }
+
+    pub(super) async fn routed_follow(&self, id: u64) -> Result<Option<RoutedFollow>> {
+        Ok(self
+            .opt(
+                "SELECT cluster, requester, holder, request FROM live_follows WHERE id = $1",
+                &[&big(id)],
+            )
+            .await?
+            .map(|r| RoutedFollow {
+                id,
+                cluster: r.get(0),
+                requester: r.get(1),
+                holder: r.get(2),
+                request: r.get(3),
+            }))
+    }
+
+    pub(super) async fn routed_follows_held_by(&self, holder: &str) -> Result<Vec<u64>> {
+        let rows = self
+            .rows("SELECT id FROM live_follows WHERE holder = $1", &[&holder])
+            .await?;
+        Ok(rows.iter().map(|r| unbig(r.get(0))).collect())
+    }
+
+    pub(super) async fn put_routed(&self, id: u64, bodies: &[Vec<u8>], room: usize) -> Result<Put> {
+        let id = big(id);
+        let mut client = self.client().await?;
+        let tx = Tx::new(client.transaction().await?);
+        let Some(row) = tx
+            .opt(
+                "SELECT requester, (SELECT count(*) FROM live_chunks WHERE follow = $1)
+                 FROM live_follows WHERE id = $1",
+                &[&id],
+            )
+            .await?
+        else {
+            return Ok(Put::Gone);
+        };
+        let requester: String = row.get(0);
+        let waiting: i64 = row.get(1);
+        if waiting as usize + bodies.len() > room.max(bodies.len()) && waiting > 0 {
+            return Ok(Put::Full);
+        }
+        let inserted = tx
+            .exec(
+                "INSERT INTO live_chunks (follow, body)
+                 SELECT $1, b FROM unnest($2::BYTEA[]) WITH ORDINALITY AS u (b, n) ORDER BY n",
+                &[&id, &bodies],
+            )
+            .await;
+        match inserted {
+            Ok(_) => {}
+            // Its requester ended it since the look.
+            Err(StoreError::Postgres(e))
+                if e.code() == Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION) =>
+            {
+                return Ok(Put::Gone);
+            }
+            Err(e) => return Err(e),
+        }
+        tx.exec(
+            "SELECT pg_notify('sb_live', $1)",
+            &[&format!("data\t{id}\t{requester}")],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Put::Stored)
+    }
+
+    pub(super) async fn take_routed(&self, id: u64, most: usize) -> Result<Option<Vec<Vec<u8>>>> {
+        let id = big(id);
+        let most = i64::try_from(most).unwrap_or(i64::MAX);
+        let rows = self
+            .rows(
+                "DELETE FROM live_chunks WHERE follow = $1 AND seq IN
+                   (SELECT seq FROM live_chunks WHERE follow = $1 ORDER BY seq LIMIT $2)
+                 RETURNING seq, body",
+                &[&id, &most],
+            )
+            .await?;
+        if rows.is_empty() {
+            let exists = self
+                .opt("SELECT 1 FROM live_follows WHERE id = $1", &[&id])
+                .await?
+                .is_some();
+            return Ok(exists.then(Vec::new));
+        }
+        let mut taken: Vec<(i64, Vec<u8>)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        taken.sort_by_key(|(seq, _)| *seq);
+        Ok(Some(taken.into_iter().map(|(_, body)| body).collect()))
+    }
+
+    pub(super) async fn end_routed(&self, id: u64) -> Result<()> {
+        let id = big(id);
+        let mut client = self.client().await?;
+        let tx = Tx::new(client.transaction().await?);
+        if let Some(row) = tx
+            .opt("DELETE FROM live_follows WHERE id = $1 RETURNING holder", &[&id])
+            .await?
+        {
+            let holder: String = row.get(0);
+            tx.exec(
+                "SELECT pg_notify('sb_live', $1)",
+                &[&format!("stop\t{id}\t{holder}")],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     pub(super) async fn session_epochs(&self, clusters: &[String]) -> Result<Vec<(String, u64, bool)>> {
