@@ -1025,6 +1025,77 @@ async fn enrolled_cluster(
 }
 
 #[tokio::test]
+async fn a_hub_stopped_between_two_writes_of_who_was_heard_from_still_writes_the_last() {
+    use shapeblock_proto::v1::agent_message::Body as Up;
+    use shapeblock_proto::v1::{AgentMessage, Heartbeat};
+    let mut hub = HubProcess::start(&[]).await;
+    let mut client = hub.client().await;
+    let (cluster, identity) = enrolled_cluster(&hub, &mut client).await;
+    let StandIn { up, down: _down } = StandIn::dial(
+        &hub.agent_url,
+        &hub.ca_pem,
+        &identity.cert_pem,
+        &identity.key_pem,
+        "seen-stand-in",
+        16,
+    )
+    .await
+    .unwrap();
+    let beats = tokio::spawn(async move {
+        loop {
+            let hb = AgentMessage {
+                seq: 0,
+                body: Some(Up::Heartbeat(Heartbeat { sent_at_ms: 0 })),
+            };
+            if up.send(hb).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let heard = async |client: &mut Client| {
+        client
+            .get_cluster(api::GetClusterRequest {
+                cluster_id: cluster.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .last_heartbeat
+    };
+    // Just after a write (the hub writes who was heard from once per 2 s heartbeat): the
+    // next is 2 s away, and the agent goes on being heard.
+    let before = heard(&mut client).await;
+    let written = loop {
+        let now = heard(&mut client).await;
+        if now != before {
+            break now;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(hub.child.id() as libc::pid_t, libc::SIGTERM) };
+    let status = hub.child.wait().unwrap();
+    assert!(status.success(), "{status:?}: {}", hub.log());
+    beats.abort();
+    let database = support::hub::database_for_tests(hub.dir.path());
+    let store = shapeblock_hub::open_store_at(&shapeblock_hub::store_location(
+        hub.dir.path(),
+        database.as_deref(),
+        2,
+    ))
+    .await
+    .unwrap();
+    let row = store.cluster(&cluster).await.unwrap().unwrap();
+    assert!(
+        row.last_seen > written,
+        "heard from until the hub stopped, 1.2 s after the write at {written}: last seen {}",
+        row.last_seen
+    );
+}
+
+#[tokio::test]
 async fn logs_are_listed_read_from_an_offset_and_followed_to_their_end() {
     let hub = HubProcess::start(&[]).await;
     let mut client = hub.client().await;

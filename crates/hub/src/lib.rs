@@ -734,6 +734,9 @@ impl Hub {
                 server.abort();
             }
         }
+        // Who was heard from in the last interval, with the sessions ended: else a cluster's
+        // last_seen would be up to an interval older than its agent's last message.
+        let _ = tokio::time::timeout(Duration::from_secs(5), flush_seen(&self.inner)).await;
     }
 }
 
@@ -758,17 +761,28 @@ async fn keep_up(inner: Arc<Inner>) {
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = beat.tick() => {
-                let seen: Vec<(String, Option<i64>)> =
-                    std::mem::take(&mut *inner.seen.lock().unwrap_or_else(|e| e.into_inner()))
-                        .into_iter()
-                        .collect();
-                if let Err(e) = inner.store.seen(&seen).await {
-                    tracing::warn!(%e, clusters = seen.len(), "writing when agents were last seen");
-                }
-            }
+            _ = beat.tick() => flush_seen(&inner).await,
             _ = poll.tick() => wake_pending(&inner).await,
             _ = stopping.changed() => return,
+        }
+    }
+}
+
+/// Writes who was heard from since the last write. What cannot be written (the database is
+/// down) is kept for the next, unless a newer look at the same cluster came meanwhile.
+async fn flush_seen(inner: &Inner) {
+    let seen: Vec<(String, Option<i64>)> =
+        std::mem::take(&mut *inner.seen.lock().unwrap_or_else(|e| e.into_inner()))
+            .into_iter()
+            .collect();
+    if seen.is_empty() {
+        return;
+    }
+    if let Err(e) = inner.store.seen(&seen).await {
+        tracing::warn!(%e, clusters = seen.len(), "writing when agents were last seen; kept for the next write");
+        let mut pending = inner.seen.lock().unwrap_or_else(|e| e.into_inner());
+        for (cluster, skew) in seen {
+            pending.entry(cluster).or_insert(skew);
         }
     }
 }

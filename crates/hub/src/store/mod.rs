@@ -110,7 +110,13 @@ enum Backend {
 macro_rules! on_backend {
     ($self:ident . $method:ident ( $($arg:expr),* $(,)? )) => {
         match &$self.backend {
-            Backend::Sqlite(b) => b.$method($($arg),*),
+            // Its calls are synchronous: a caller waits for its turn without holding a
+            // runtime worker, so one worker at most is ever inside SQLite and the others go
+            // on serving sessions (under a dial storm both used to wait on its mutex).
+            Backend::Sqlite(b) => {
+                let _turn = b.turn.lock().await;
+                b.$method($($arg),*)
+            }
             Backend::Postgres(b) => b.$method($($arg),*).await,
         }
     };

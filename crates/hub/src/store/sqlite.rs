@@ -16,6 +16,8 @@ use super::*;
 
 pub(super) struct Sqlite {
     conn: Mutex<Connection>,
+    /// Taken (asynchronously) around every call from the async store: see `on_backend!`.
+    pub(super) turn: tokio::sync::Mutex<()>,
 }
 
 const SCHEMA: &str = "
@@ -84,6 +86,7 @@ impl Sqlite {
         )?;
         Ok(Self {
             conn: Mutex::new(conn),
+            turn: tokio::sync::Mutex::new(()),
         })
     }
 
