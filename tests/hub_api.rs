@@ -1053,21 +1053,11 @@ async fn a_hub_stopped_between_two_writes_of_who_was_heard_from_still_writes_the
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     });
-    let heard = async |client: &mut Client| {
-        client
-            .get_cluster(api::GetClusterRequest {
-                cluster_id: cluster.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .last_heartbeat
-    };
     // Just after a write (the hub writes who was heard from once per 2 s heartbeat): the
     // next is 2 s away, and the agent goes on being heard.
-    let before = heard(&mut client).await;
+    let before = cluster_state(&mut client, &cluster).await.last_heartbeat;
     let written = loop {
-        let now = heard(&mut client).await;
+        let now = cluster_state(&mut client, &cluster).await.last_heartbeat;
         if now != before {
             break now;
         }
