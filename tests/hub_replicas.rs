@@ -491,13 +491,21 @@ async fn ended(down: &mut tonic::Streaming<shapeblock_agent::proto::v1::ServerMe
 }
 
 async fn dial(url: &str, id: &Identity) -> StandIn {
-    StandIn::dial(url, &id.ca_pem, &id.cert_pem, &id.key_pem, "stand-in", 16)
-        .await
-        .unwrap()
+    tokio::time::timeout(
+        TIMEOUT,
+        StandIn::dial(url, &id.ca_pem, &id.cert_pem, &id.key_pem, "stand-in", 16),
+    )
+    .await
+    .expect("the hub accepts the stream in time")
+    .unwrap()
 }
 
 async fn hello_ack(down: &mut tonic::Streaming<shapeblock_agent::proto::v1::ServerMessage>) -> (u64, u64) {
-    let first = down.message().await.unwrap().unwrap();
+    let first = tokio::time::timeout(TIMEOUT, down.message())
+        .await
+        .expect("the hello is answered in time")
+        .unwrap()
+        .unwrap();
     let Some(Down::HelloAck(ack)) = first.body else {
         panic!("{first:?}")
     };
@@ -626,6 +634,147 @@ async fn a_newer_session_on_another_replica_closes_the_older_at_once_and_a_stall
     // B's session is still the live one.
     assert_eq!(set.holder("stall"), Some(1));
     assert_eq!(set.epoch("stall"), e4);
+}
+
+/// The hub's pooled connections of this test's database that sit idle inside a transaction
+/// that has written (so holds the locks of what it wrote), longer than any of a running hub's
+/// would.
+fn stalled_transactions(set: &Set) -> u32 {
+    set.sql(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+           AND application_name = 'shapeblock-hub' AND state = 'idle in transaction'
+           AND backend_xid IS NOT NULL
+           AND clock_timestamp() - state_change > interval '200 milliseconds'",
+    )
+    .parse()
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_replica_stopped_inside_a_transaction_holds_up_no_other_replica_and_records_nothing_after() {
+    use shapeblock_hub::store::IDLE_IN_TRANSACTION;
+    let set = Set::start(2).await;
+    let id = set.enroll(0, "frozen").await;
+    let (a, b) = (set.replicas[0].agent_url(), set.replicas[1].agent_url());
+
+    // A records phase changes back to back, so it is inside a transaction most of the time.
+    let StandIn { up, mut down } = dial(&a, &id).await;
+    let (_, first) = hello_ack(&mut down).await;
+    let sender = tokio::spawn(async move {
+        for seq in first + 1.. {
+            let body = Some(phase("frozen", &format!("FromA{seq}")));
+            if up.send(AgentMessage { seq, body }).await.is_err() {
+                return;
+            }
+        }
+    });
+    let acks = tokio::spawn(async move {
+        let mut acked = 0;
+        loop {
+            match down.message().await {
+                Ok(Some(m)) => {
+                    if let Some(Down::Ack(a)) = m.body {
+                        acked = a.seq;
+                    }
+                }
+                Ok(None) => return (acked, tonic::Status::ok("ended")),
+                Err(status) => return (acked, status),
+            }
+        }
+    });
+    eventually(TIMEOUT, "A records", || async {
+        (set.sql("SELECT count(*) FROM events WHERE cluster = 'frozen'") != "0").then_some(())
+    })
+    .await;
+
+    // Stop A until it is caught between two statements of one of its transactions after a
+    // write (the server shows its connection idle in it): the first write of recording is
+    // the cluster's row, so B's new session has to wait for that row.
+    let mut attempts = 0;
+    let stopped = loop {
+        attempts += 1;
+        assert!(attempts <= 50, "A was never caught inside a transaction");
+        set.replicas[0].signal(libc::SIGSTOP);
+        let stopped = Instant::now();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if stalled_transactions(&set) > 0 {
+            break stopped;
+        }
+        set.replicas[0].signal(libc::SIGCONT);
+        tokio::time::sleep(Duration::from_millis(20 + 7 * (attempts % 7))).await;
+    };
+    println!("A stopped inside a transaction at attempt {attempts}");
+
+    // B begins the cluster's next session, and records, while A is still stopped: the server
+    // ended A's transaction once it sat idle for IDLE_IN_TRANSACTION.
+    let mut on_b = tokio::time::timeout(IDLE_IN_TRANSACTION * 3, async {
+        let mut on_b = dial(&b, &id).await;
+        let hello = hello_ack(&mut on_b.down).await;
+        (on_b, hello)
+    })
+    .await;
+    let took = stopped.elapsed();
+    let Ok((ref mut on_b, (_, last_b))) = on_b else {
+        set.replicas[0].signal(libc::SIGCONT);
+        panic!(
+            "B could not begin a session while A was stopped inside a transaction ({took:?})\n{}",
+            set.dump_logs()
+        );
+    };
+    assert_eq!(stalled_transactions(&set), 0, "the server ended A's transaction");
+    on_b.up
+        .send(AgentMessage {
+            seq: last_b + 1,
+            body: Some(phase("frozen", "FromB")),
+        })
+        .await
+        .unwrap();
+    acked(&mut on_b.down, last_b + 1).await;
+    let recorded_for = stopped.elapsed();
+    println!(
+        "with A stopped inside a transaction, B's session began {took:?} after the stop and recorded \
+         {recorded_for:?} after it (the server ends an idle transaction after {IDLE_IN_TRANSACTION:?})"
+    );
+    assert!(
+        took >= IDLE_IN_TRANSACTION / 2,
+        "B did wait for A's transaction: {took:?}"
+    );
+
+    // A wakes: its session ends, and nothing it held when stopped is recorded.
+    set.replicas[0].signal(libc::SIGCONT);
+    let (acked_by_a, status) = tokio::time::timeout(TIMEOUT, acks)
+        .await
+        .expect("A's stale session ends")
+        .unwrap();
+    sender.abort();
+    assert_ne!(status.code(), tonic::Code::Ok, "{status:?}");
+    println!("A's stale session ended with {status:?}; A had acked up to seq {acked_by_a}");
+    assert!(
+        acked_by_a <= last_b,
+        "A acked {acked_by_a}, past what B resumed from ({last_b})"
+    );
+    let after: Vec<String> = set
+        .sql(&format!(
+            "SELECT agent_seq || ':' || detail FROM events WHERE cluster = 'frozen' AND agent_seq > {last_b} ORDER BY agent_seq"
+        ))
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(after, [format!("{}:FromB", last_b + 1)], "{}", set.dump_logs());
+    let recorded = set.sql(&format!(
+        "SELECT count(*) || ':' || coalesce(min(agent_seq), 0) || ':' || coalesce(max(agent_seq), 0)
+           FROM events WHERE cluster = 'frozen' AND agent_seq <= {last_b}"
+    ));
+    assert_eq!(
+        recorded,
+        format!("{}:{}:{last_b}", last_b - first, first + 1),
+        "every seq A recorded, once, up to where B resumed"
+    );
+    assert_eq!(
+        set.sql("SELECT phase FROM objects WHERE cluster = 'frozen' AND object = 'Project//frozen'"),
+        "FromB"
+    );
+    assert_eq!(set.holder("frozen"), Some(1));
 }
 
 #[tokio::test]

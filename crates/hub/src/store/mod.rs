@@ -13,6 +13,7 @@ pub mod retention;
 mod sqlite;
 pub mod tls;
 
+pub use postgres::IDLE_IN_TRANSACTION;
 pub use tls::Database;
 
 use std::path::Path;

@@ -62,6 +62,13 @@ const MIGRATION_LOCK: i64 = 0x5342_4842_0000_0001;
 /// 5, and a watcher that read 6 would never see 5. Taking turns keeps "a reader never sees
 /// id n+1 before id n", as SQLite's one writer does.
 const FEED_LOCK: i64 = 0x5342_4842_0000_0002;
+/// How long the server lets one of the hub's transactions sit idle before it ends the
+/// connection (and with it the transaction and its locks). A hub's transactions wait on
+/// nothing but the database, so an idle one is a stalled process (stopped, swapped out, a
+/// frozen VM): without this its row locks and the feed lock would hold every other replica's
+/// session of that cluster, and every replica's feed, until it woke, since Postgres does not
+/// notice a client that is stopped rather than gone.
+pub const IDLE_IN_TRANSACTION: Duration = Duration::from_secs(5);
 
 /// The schema, one migration per version, applied in order and never edited once released:
 /// a change is a new entry.
@@ -432,7 +439,17 @@ impl Postgres {
     /// Connects a pool of at most `pool_size` connections to `url` and migrates the schema.
     pub(super) async fn connect(url: &str, pool_size: usize) -> Result<Self> {
         // The URL's own words are not repeated in its errors: it may hold a password.
-        let database = Database::from_url(url)?;
+        let mut database = Database::from_url(url)?;
+        let options = format!(
+            "{} -c idle_in_transaction_session_timeout={}",
+            database.config.get_options().unwrap_or_default(),
+            IDLE_IN_TRANSACTION.as_millis()
+        );
+        database.config.options(options.trim_start());
+        // So an operator (or a test) can tell the hub's connections in pg_stat_activity.
+        if database.config.get_application_name().is_none() {
+            database.config.application_name("shapeblock-hub");
+        }
         let manager = |database: &Database| {
             Manager::from_config(
                 database.config.clone(),
